@@ -1,0 +1,105 @@
+"""Corpus, tokenizer and packing: everything between raw text and the model's micro-batches.
+
+`build_data(cfg, ...)` reads the `data` config group (configs/data/*.yaml):
+    builtin: source, tokenizer, max_bytes, val_percent, val_batches, shuffle, document_mask,
+             cache_dir
+    hf:      source, tokenizer, path, name, data_files, builder, split, val_split,
+             val_fraction, text_field, streaming, max_docs, val_batches, shuffle,
+             document_mask, cache_dir
+and returns (tokenizer, train PackedBatches, validation micro-batches for this rank).
+Tokenized corpora are cached under `cache_dir`; concurrent builders (every rank at once) are
+safe because cache files are written atomically.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+from data.builtin import builtin_corpus
+from data.hf import HFSource, hf_corpus
+from data.loader import PackedBatches, val_batches
+from data.packing import cu_seqlens, num_rows, positions
+from data.token_cache import TokenizedCorpus
+from data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
+
+__all__ = ["ByteTokenizer", "HFTokenizer", "build_tokenizer", "PackedBatches", "val_batches",
+           "build_data", "builtin_corpus", "hf_corpus", "HFSource", "TokenizedCorpus",
+           "num_rows", "positions", "cu_seqlens", "SOURCES", "default_cache_dir"]
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("builtin", "hf")
+_COMMON_KEYS = {"source", "tokenizer", "val_batches", "shuffle", "document_mask", "cache_dir"}
+_KEYS = {
+    "builtin": _COMMON_KEYS | {"max_bytes", "val_percent"},
+    "hf": _COMMON_KEYS | {"path", "name", "data_files", "builder", "split", "val_split",
+                          "val_fraction", "text_field", "streaming", "max_docs"},
+}
+
+
+def default_cache_dir() -> str:
+    return os.path.expanduser(os.environ.get("LONGCTX_CACHE", "~/.cache/longctx"))
+
+
+def _get(cfg, key: str, default=None):
+    """cfg[key] as plain Python (a DictConfig's lists/dicts converted); a missing key or an
+    unset mandatory value (`???`) gives `default`."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # plain dicts still work without omegaconf
+        DictConfig = None
+    if DictConfig is not None and isinstance(cfg, DictConfig):
+        if key not in cfg or OmegaConf.is_missing(cfg, key):
+            return default
+        value = cfg[key]
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+        return value
+    value = cfg.get(key, default)
+    return default if isinstance(value, str) and value == "???" else value
+
+
+def _keys(cfg) -> set[str]:
+    return {str(k) for k in cfg.keys()}
+
+
+def build_data(cfg, seq_len: int, micro_batch: int, grad_accum: int, dp_rank: int = 0,
+               dp_world: int = 1, seed: int = 0):
+    """-> (tokenizer, train: PackedBatches, val: list of this rank's micro-batch dicts)."""
+    source = _get(cfg, "source")
+    if source not in SOURCES:
+        raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
+    unknown = _keys(cfg) - _KEYS[source]
+    if unknown:
+        warnings.warn(f"data: ignoring unknown keys {sorted(unknown)} for data.source={source} "
+                      f"(known: {sorted(_KEYS[source])})")
+    tokenizer = build_tokenizer(str(_get(cfg, "tokenizer", "bytes")))
+    cache_dir = os.path.expanduser(str(_get(cfg, "cache_dir") or default_cache_dir()))
+
+    if source == "builtin":
+        caps = {"max_bytes": int(_get(cfg, "max_bytes", 4_000_000)),
+                "val_percent": int(_get(cfg, "val_percent", 5))}
+        train = builtin_corpus("train", tokenizer, cache_dir, **caps)
+        val = builtin_corpus("validation", tokenizer, cache_dir, **caps)
+    else:
+        src = HFSource(
+            path=_get(cfg, "path"), name=_get(cfg, "name"), data_files=_get(cfg, "data_files"),
+            builder=_get(cfg, "builder"), split=_get(cfg, "split", "train"),
+            val_split=_get(cfg, "val_split", "validation"),
+            val_fraction=float(_get(cfg, "val_fraction", 0.01)),
+            text_field=_get(cfg, "text_field", "text"), streaming=bool(_get(cfg, "streaming", False)),
+            max_docs=_get(cfg, "max_docs"))
+        train = hf_corpus("train", tokenizer, cache_dir, src)
+        val = hf_corpus("validation", tokenizer, cache_dir, src)
+
+    document_mask = bool(_get(cfg, "document_mask", True))
+    loader = PackedBatches(train.tokens, seq_len, micro_batch, grad_accum, dp_rank, dp_world,
+                           shuffle=bool(_get(cfg, "shuffle", True)), seed=seed,
+                           document_mask=document_mask, bos_id=tokenizer.bos_id)
+    val_list = val_batches(val.tokens, seq_len, micro_batch, int(_get(cfg, "val_batches", 8)),
+                           dp_rank, dp_world, document_mask, bos_id=tokenizer.bos_id)
+    log.info("data: %s/%s, train %d tokens (%d docs, %d rows, %d steps/epoch), val %d tokens",
+             source, tokenizer.name, len(train.tokens), len(train.doc_starts), loader.rows,
+             loader.steps_per_epoch, len(val.tokens))
+    return tokenizer, loader, val_list

@@ -1,0 +1,115 @@
+"""train.py end to end on CPU: steps, resume bit-exactness, DDP under torchrun, bad settings."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from run_configs import SMALL_RUN
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def losses(out_dir: Path, key="loss"):
+    rows = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def test_a_few_steps_end_to_end(compose, tmp_path):
+    cfg = compose("trainer.steps=6")
+    val = train.run(cfg, tmp_path / "run")
+    assert math.isfinite(val)
+    got = losses(tmp_path / "run")
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    assert got[6] < got[1]  # learning something already
+    rows = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert {"lr", "grad_norm", "tokens_per_s", "tgs", "peak_mem_gb"} <= rows[0].keys()
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6]
+    ckpts = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    assert ckpts == ["step_00000003", "step_00000006"]
+
+
+def test_resume_is_bit_exact(compose, tmp_path):
+    """10 steps, stop, resume, 10 more == 20 uninterrupted (same schedule), bit for bit."""
+    common = ["trainer.steps=20", "trainer.ckpt_every=5", "trainer.val_every=0"]
+    train.run(compose(*common), tmp_path / "full")
+    train.run(compose(*common, "trainer.run_steps=10"), tmp_path / "split")
+    assert max(losses(tmp_path / "split")) == 10
+    train.run(compose(*common), tmp_path / "split")  # resume=auto picks step 10
+    full, split = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert sorted(split) == list(range(1, 21))
+    assert [full[s] for s in range(1, 21)] == [split[s] for s in range(1, 21)]
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(compose, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    forward = train.Transformer.forward
+
+    def poisoned(self, *a, **k):
+        out = forward(self, *a, **k)
+        calls["n"] += 1
+        if self.training and calls["n"] > 8:  # 2 micro-batches per step: step 5 goes bad
+            return out[0] * float("nan"), out[1]
+        return out
+
+    monkeypatch.setattr(train.Transformer, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss .* step 5"):
+        train.run(compose("trainer.steps=8", "trainer.ckpt_every=2", "trainer.val_every=0"),
+                  tmp_path / "run")
+    names = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())
+    assert names == ["step_00000002", "step_00000004"]
+    state = torch.load(tmp_path / "run/checkpoints/step_00000004/model.pt")
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+@pytest.mark.parametrize("override,message", [
+    (["trainer.global_batch=5"], "trainer.global_batch=5 must be a positive multiple"),
+    (["trainer.seq_len=8192"], "trainer.seq_len=8192 exceeds model.max_seq_len=4096"),
+    (["trainer.device=cuda"], "trainer.device=cuda but no CUDA"),
+    (["data=hf", "data.tokenizer=bytes", "data.path=/nonexistent/corpus"], "data.path"),
+])
+def test_bad_settings_name_the_key(compose, tmp_path, override, message):
+    if "cuda" in message and torch.cuda.is_available():
+        pytest.skip("machine has CUDA")
+    with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("=", "=")):
+        train.run(compose(*override), tmp_path / "run")
+
+
+def _cli(args, tmp_path, launcher=(sys.executable,), env_extra=None):
+    env = dict(os.environ, LONGCTX_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    env.update(env_extra or {})
+    return subprocess.run([*launcher, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = _cli(["trainer.global_batch=3", "trainer.micro_batch=2"], tmp_path)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1].startswith("error: trainer.global_batch=3"), r.stderr
+    r = _cli(["attn=nope"], tmp_path)
+    assert r.returncode != 0 and "Available options in 'attn'" in r.stderr and "sdpa" in r.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tmp_path):
+    """DDP over gloo with 2 ranks × grad_accum 1 == 1 process × grad_accum 2 (same global batch)."""
+    args = [a for a in SMALL_RUN if not a.startswith(("trainer.steps", "trainer.ckpt_every"))]
+    args += ["trainer.steps=4", "trainer.ckpt_every=0", "trainer.val_every=4"]
+    one = _cli(args + [f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _cli(args + [f"hydra.run.dir={tmp_path / 'two'}"], tmp_path,
+               launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                         "--nproc_per_node", "2"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for s in a:
+        assert math.isclose(a[s], b[s], rel_tol=1e-5), (s, a[s], b[s])
+    va, vb = losses(tmp_path / "one", "val_loss"), losses(tmp_path / "two", "val_loss")
+    assert math.isclose(va[4], vb[4], rel_tol=1e-5)

@@ -1,0 +1,315 @@
+"""Train a decoder-only LM: `python train.py [group=option ...] [key=value ...]`.
+
+Compose the config, set up distribution, build data and model, parallelize, loop, log,
+checkpoint. `run()` returns the final validation loss (Hydra sweepers minimise it).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from models import ModelConfig, Transformer
+from parallel import init_distributed, parallelize
+from parallel.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from parallel.dist import all_reduce_sum, shutdown
+
+KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the key and the rule."""
+
+
+# ----------------------------------------------------------------------------- setup helpers
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA device is available; use cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"trainer.device={name!r} must be auto, cpu or cuda")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for plain fp32."""
+    table = {"bf16": torch.bfloat16, "fp32": None}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if name not in table:
+        raise ConfigError(f"trainer.dtype={name!r} must be auto, bf16 or fp32")
+    return table[name]
+
+
+def grad_accum_steps(tr: DictConfig, dp_world: int) -> int:
+    per_step = tr.micro_batch * dp_world
+    if tr.micro_batch <= 0 or tr.global_batch <= 0 or tr.global_batch % per_step:
+        raise ConfigError(f"trainer.global_batch={tr.global_batch} must be a positive multiple of "
+                          f"trainer.micro_batch × data-parallel ranks = {tr.micro_batch} × {dp_world}")
+    return tr.global_batch // per_step
+
+
+def build_model_config(cfg: DictConfig, vocab: int) -> ModelConfig:
+    m = cfg.model
+    if cfg.trainer.seq_len > m.max_seq_len:
+        raise ConfigError(f"trainer.seq_len={cfg.trainer.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if m.vocab_size is None:
+        vocab = m.vocab_multiple * math.ceil(vocab / m.vocab_multiple)
+    elif m.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's {vocab}")
+    else:
+        vocab = m.vocab_size
+    attn_options = {k: v for k, v in OmegaConf.to_container(cfg.attn).items() if k != "name"}
+    return ModelConfig(vocab_size=vocab, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads,
+                       n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, ffn_dim=m.ffn_dim,
+                       ffn_multiple=m.ffn_multiple, max_seq_len=m.max_seq_len,
+                       rope_theta=m.rope_theta, norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings,
+                       init_std=m.init_std, loss_chunk=m.loss_chunk, attn=cfg.attn.name,
+                       attn_options=attn_options,
+                       layer_pattern=list(m.layer_pattern) if m.layer_pattern else None)
+
+
+def build_optimizer(model: torch.nn.Module, o: DictConfig, device: torch.device):
+    """AdamW with decay on matrices only, and the warmup + cosine LambdaLR."""
+    decay = [p for p in model.parameters() if p.dim() >= 2 and p is not getattr(model, "embed").weight]
+    no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
+    fused = device.type == "cuda" if o.fused == "auto" else bool(o.fused)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+    return opt
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:  # multiplier of optim.lr at scheduler step `step`
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def peak_flops(cfg_value, device: torch.device) -> float | None:
+    if cfg_value:
+        return float(cfg_value) * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tf in KNOWN_PEAK_TFLOPS.items():
+            if key in name:
+                return tf * 1e12
+    return None
+
+
+class MetricsLog:
+    """metrics.jsonl always (rank 0), plus W&B and console lines as configured."""
+
+    def __init__(self, out_dir: Path, lcfg: DictConfig, full_cfg: DictConfig, is_main: bool):
+        self.is_main, self.console, self.wandb = is_main, bool(lcfg.get("console", True)), None
+        if not is_main:
+            return
+        self.file = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        if lcfg.kind == "wandb":
+            import wandb
+            self.wandb = wandb.init(project=lcfg.project, entity=lcfg.entity, mode=lcfg.mode,
+                                    tags=list(lcfg.tags), name=full_cfg.run_name, dir=str(out_dir),
+                                    config=OmegaConf.to_container(full_cfg, resolve=True),
+                                    resume="allow", id=_wandb_id(out_dir))
+        elif lcfg.kind not in ("jsonl", "none"):
+            raise ConfigError(f"logger.kind={lcfg.kind!r} must be wandb, jsonl or none")
+
+    def log(self, metrics: dict, bar=None):
+        if not self.is_main:
+            return
+        self.file.write(json.dumps(metrics) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if v is not None}, step=metrics["step"])
+        if self.console:
+            line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in metrics.items() if v is not None)
+            (bar.write if bar is not None else print)(line)
+
+    def close(self):
+        if self.is_main:
+            self.file.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def _wandb_id(out_dir: Path) -> str:
+    """One W&B run id per output folder, so a resumed job continues the same run."""
+    f = out_dir / "wandb_id.txt"
+    if not f.exists():
+        f.write_text(os.urandom(6).hex())
+    return f.read_text().strip()
+
+
+# ----------------------------------------------------------------------------- the loop
+def evaluate(model, batches, device, autocast) -> float:
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad(), autocast():
+        for mb in batches:
+            loss_sum, n = model(*_inputs(mb, device))
+            sums += torch.stack([loss_sum.double(), n.double()])
+    model.train()
+    all_reduce_sum(sums)
+    return (sums[0] / sums[1]).item()
+
+
+def _inputs(mb: dict, device):
+    cu = mb.get("cu_seqlens")
+    return (mb["input_ids"].to(device), mb["positions"].to(device), mb["labels"].to(device),
+            None if cu is None else cu.to(device))
+
+
+def run(cfg: DictConfig, out_dir: str | Path) -> float:
+    from data import build_data
+
+    out_dir = Path(out_dir)
+    tr = cfg.trainer
+    device = resolve_device(tr.device)
+    info = init_distributed(device.type, cfg.parallel.backend)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    amp_dtype = resolve_dtype(tr.dtype, device)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    dp_world = info.world  # every rank is a data-parallel rank until context parallelism lands
+    accum = grad_accum_steps(tr, dp_world)
+    if tr.run_steps is not None and tr.run_steps <= 0:
+        raise ConfigError(f"trainer.run_steps={tr.run_steps} must be positive or null")
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(tr.seed)
+    tokenizer, train_batches, val_batches = build_data(
+        cfg.data, seq_len=tr.seq_len, micro_batch=tr.micro_batch, grad_accum=accum,
+        dp_rank=info.rank, dp_world=dp_world, seed=tr.seed)
+    model = Transformer(build_model_config(cfg, tokenizer.vocab_size)).to(device)
+    par = parallelize(model, info, cfg.parallel)
+    optimizer = build_optimizer(model, cfg.optim, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.optim.warmup_steps, tr.steps, cfg.optim.min_lr_ratio))
+
+    ckpt_dir = out_dir / tr.ckpt_dir
+    step = 0
+    resume_from = resolve_resume(tr.resume, ckpt_dir, info)
+    if resume_from is not None:
+        step, data_state = load_checkpoint(resume_from, info, model, optimizer, scheduler)
+        train_batches.load_state_dict(data_state)
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+
+    def checkpoint(at: int):
+        save_checkpoint(ckpt_dir, at, info, model, optimizer, scheduler,
+                        train_batches.state_dict(), plain_cfg, keep=tr.ckpt_keep)
+
+    log = MetricsLog(out_dir, cfg.logger, cfg, info.is_main)
+    flops_tok = model.flops_per_token(tr.seq_len)
+    peak = peak_flops(tr.peak_tflops, device)
+    tokens_per_step = tr.global_batch * tr.seq_len
+    stop = tr.steps if tr.run_steps is None else min(tr.steps, step + tr.run_steps)
+    if info.is_main:
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters, {len(model.layers)} layers "
+              f"({', '.join(sorted(set(model.cfg.layer_families())))}); device {device}, "
+              f"{info.world} process(es), grad_accum {accum}, {tokens_per_step} tokens/step; "
+              + (f"resumed from {resume_from} at step {step}" if resume_from else "fresh start"))
+    bar = None
+    if tr.progress and info.is_main and step < stop:
+        from tqdm import tqdm
+        bar = tqdm(total=stop, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout)
+
+    val_loss = float("nan")
+    t_last, steps_since, loss_acc = time.perf_counter(), 0, 0.0
+    while step < stop:
+        micro_batches = train_batches.next_step()
+        n_local = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
+        n_global = all_reduce_sum(torch.tensor([n_local], dtype=torch.float64, device=device)).item()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for i, mb in enumerate(micro_batches):
+            with par.no_sync(i == len(micro_batches) - 1), autocast():
+                part, _ = par.module(*_inputs(mb, device))
+            # DDP averages gradients over dp ranks: scale by dp_world so the result is the
+            # gradient of (global loss sum / global token count)
+            (part * (dp_world / n_global)).backward()
+            loss_sum += part.detach().double()
+        loss = all_reduce_sum(loss_sum).item() / n_global
+        clip = tr.grad_clip if tr.grad_clip else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            log.close()
+            raise FloatingPointError(
+                f"non-finite loss {loss} / grad norm {grad_norm} at step {step + 1}; stopped "
+                f"without updating (last good checkpoint: {resolve_resume('auto', ckpt_dir, info)})")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        steps_since += 1
+        loss_acc += loss
+        if bar is not None:
+            bar.update(1)
+        if step % tr.log_every == 0 or step == stop:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            dt = (time.perf_counter() - t_last) / steps_since
+            tok_s = tokens_per_step / dt
+            log.log({"step": step, "loss": loss_acc / steps_since, "lr": lr, "grad_norm": grad_norm,
+                     "tokens_per_s": tok_s, "tgs": tok_s / info.world, "step_time_s": dt,
+                     "mfu": flops_tok * tok_s / info.world / peak if peak else None,
+                     "peak_mem_gb": peak_memory_gb(device)}, bar)
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_acc / steps_since:.3f}", tok_s=f"{tok_s:.3g}")
+            t_last, steps_since, loss_acc = time.perf_counter(), 0, 0.0
+        if (tr.val_every and step % tr.val_every == 0) or step == stop:
+            val_loss = evaluate(model, val_batches, device, autocast)
+            log.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, bar)
+        if (tr.ckpt_every and step % tr.ckpt_every == 0) or (step == stop and tr.ckpt_every):
+            checkpoint(step)
+    if bar is not None:
+        bar.close()
+    if math.isnan(val_loss):  # nothing left to train (already finished): still report
+        val_loss = evaluate(model, val_batches, device, autocast)
+        if info.is_main:
+            print(f"nothing to train: already at step {step} of {tr.steps}")
+    if info.is_main:
+        print(f"final validation loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f}) "
+              f"at step {step}")
+    log.close()
+    return val_loss
+
+
+def _hydra_main():
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    @hydra.main(config_path="configs", config_name="train", version_base="1.3")
+    def main(cfg: DictConfig) -> float:
+        try:
+            return run(cfg, HydraConfig.get().runtime.output_dir)
+        except (ValueError, FloatingPointError) as err:  # config, input or divergence
+            if os.environ.get("LONGCTX_TRACEBACK"):
+                raise
+            sys.exit(f"error: {err}")
+        finally:
+            shutdown()
+
+    main()
+
+
+if __name__ == "__main__":
+    _hydra_main()
