@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from models import ModelConfig, Transformer
-from parallel import init_distributed, parallelize
+from parallel import build_mesh, init_distributed, parallelize
 from parallel.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from parallel.dist import all_reduce_sum, shutdown
 
@@ -56,6 +56,18 @@ def grad_accum_steps(tr: DictConfig, dp_world: int) -> int:
         raise ConfigError(f"trainer.global_batch={tr.global_batch} must be a positive multiple of "
                           f"trainer.micro_batch × data-parallel ranks = {tr.micro_batch} × {dp_world}")
     return tr.global_batch // per_step
+
+
+def check_context_parallel(cfg: DictConfig, cp: int) -> None:
+    if cp == 1:
+        return
+    if cfg.parallel.engine == "single":
+        raise ConfigError(f"parallel.cp={cp} needs several processes; use parallel=ddp under torchrun")
+    chunks = 2 * cp if cfg.parallel.cp_layout == "zigzag" else cp
+    tokens = cfg.trainer.micro_batch * cfg.trainer.seq_len
+    if tokens % chunks:
+        raise ConfigError(f"trainer.micro_batch × trainer.seq_len = {tokens} must be divisible by "
+                          f"{chunks} ({cfg.parallel.cp_layout} layout over parallel.cp={cp})")
 
 
 def build_model_config(cfg: DictConfig, vocab: int) -> ModelConfig:
@@ -188,8 +200,9 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
         device = torch.device("cuda", info.local_rank)
     amp_dtype = resolve_dtype(tr.dtype, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    dp_world = info.world  # every rank is a data-parallel rank until context parallelism lands
-    accum = grad_accum_steps(tr, dp_world)
+    mesh = build_mesh(info, int(cfg.parallel.cp))
+    check_context_parallel(cfg, mesh.cp)
+    accum = grad_accum_steps(tr, mesh.dp)
     if tr.run_steps is not None and tr.run_steps <= 0:
         raise ConfigError(f"trainer.run_steps={tr.run_steps} must be positive or null")
     if info.is_main:
@@ -198,9 +211,10 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
     torch.manual_seed(tr.seed)
     tokenizer, train_batches, val_batches = build_data(
         cfg.data, seq_len=tr.seq_len, micro_batch=tr.micro_batch, grad_accum=accum,
-        dp_rank=info.rank, dp_world=dp_world, seed=tr.seed)
+        dp_rank=mesh.dp_rank, dp_world=mesh.dp, seed=tr.seed)
     model = Transformer(build_model_config(cfg, tokenizer.vocab_size)).to(device)
-    par = parallelize(model, info, cfg.parallel)
+    par = parallelize(model, info, cfg.parallel, mesh)
+    val_batches = [par.shard(mb) for mb in val_batches]
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim.warmup_steps, tr.steps, cfg.optim.min_lr_ratio))
@@ -235,16 +249,16 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
     val_loss = float("nan")
     t_last, steps_since, loss_acc = time.perf_counter(), 0, 0.0
     while step < stop:
-        micro_batches = train_batches.next_step()
+        micro_batches = [par.shard(mb) for mb in train_batches.next_step()]
         n_local = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
         n_global = all_reduce_sum(torch.tensor([n_local], dtype=torch.float64, device=device)).item()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for i, mb in enumerate(micro_batches):
             with par.no_sync(i == len(micro_batches) - 1), autocast():
                 part, _ = par.module(*_inputs(mb, device))
-            # DDP averages gradients over dp ranks: scale by dp_world so the result is the
-            # gradient of (global loss sum / global token count)
-            (part * (dp_world / n_global)).backward()
+            # DDP averages gradients over all ranks (dp and cp): scale by the world size so the
+            # result is the gradient of (global loss sum / global token count)
+            (part * (info.world / n_global)).backward()
             loss_sum += part.detach().double()
         loss = all_reduce_sum(loss_sum).item() / n_global
         clip = tr.grad_clip if tr.grad_clip else float("inf")

@@ -12,8 +12,13 @@ forward(x, rope, cu_seqlens) -> y
     cu_seqlens int32 [N+1]     document boundaries over the flattened B*T tokens, or None
     y          [B, T, dim]
 
-attend(q, k, v, cu_seqlens) -> o   with q [B, T, Hq, D], k/v [B, T, Hkv, D], o like q.
-When cu_seqlens is given the tensors arrive flattened to B == 1 (flash-attn convention).
+attend(q, k, v, cu_seqlens=None, *, q_offset=0, heads=None) -> o
+    q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D], o like q. When cu_seqlens is given the tensors arrive
+    flattened to B == 1 (flash-attn convention). Context parallelism calls it with
+    - q_offset: the queries sit at absolute positions q_offset.. of the key sequence (all-gather
+      strategies; families whose op takes q_offset honour it);
+    - heads: the slice of the layer's query heads that q holds (Ulysses); cores with per-head
+      parameters (e.g. decay slopes) select theirs, others ignore it.
 """
 from __future__ import annotations
 
@@ -54,7 +59,7 @@ class AttentionCore(nn.Module):
         self.layer_idx = layer_idx
         self.n_layers = n_layers
 
-    def attend(self, q, k, v, cu_seqlens=None):  # pragma: no cover - abstract
+    def attend(self, q, k, v, cu_seqlens=None, *, q_offset=0, heads=None):  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__} must implement attend()")
 
     def attention_flops_per_token(self, seq_len: int) -> float:

@@ -1,57 +1,77 @@
-"""Distribution applied from outside the model: process groups and data-parallel engines.
+"""Distribution applied from outside the model: the dp × cp mesh, context parallelism and the
+data-parallel engines.
 
-`parallel.engine` (configs/parallel/) picks an entry of ENGINES; each takes the built model
-and returns the module to train plus the data-parallel layout.
+`parallel.engine` (configs/parallel/) picks an entry of ENGINES; `parallelize` builds the mesh,
+wraps every attention core for context parallelism when parallel.cp > 1, then hands the model
+to the engine, which returns the module the train loop calls.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 
 from torch import nn
 
+from parallel.context import apply_context_parallel
 from parallel.dist import DistInfo, init_distributed
+from parallel.mesh import Mesh, build_mesh
+from parallel.sharding import shard_batch
 
 
 @dataclass
 class Parallelized:
     module: nn.Module          # what the train loop calls (possibly a DDP wrapper)
     model: nn.Module           # the bare model (state dicts, FLOPs)
-    dp_rank: int
-    dp_world: int
+    mesh: Mesh
+    layout: str = "zigzag"     # context-parallel token layout
+    cp_strategies: dict = field(default_factory=dict)  # layer index -> strategy (cp > 1)
 
     def no_sync(self, sync: bool):
         """Context: skip the gradient all-reduce on accumulation micro-steps."""
-        import contextlib
         if sync or not hasattr(self.module, "no_sync"):
             return contextlib.nullcontext()
         return self.module.no_sync()
 
+    def shard(self, mb: dict) -> dict:
+        """This rank's part of a micro-batch (identity without context parallelism)."""
+        if self.mesh.cp == 1:
+            return mb
+        return shard_batch(mb, self.mesh.cp, self.mesh.cp_rank, self.layout)
 
-def _single(model, info: DistInfo, cfg) -> Parallelized:
+
+def _single(model, info: DistInfo):
     if info.world > 1:
         raise ValueError(f"parallel=single but {info.world} processes were launched; "
                          "use parallel=ddp under torchrun")
-    return Parallelized(model, model, 0, 1)
+    return model
 
 
-def _ddp(model, info: DistInfo, cfg) -> Parallelized:
+def _ddp(model, info: DistInfo, bucket_cap_mb: int = 25):
     if info.world == 1:
-        return Parallelized(model, model, 0, 1)
+        return model
     from torch.nn.parallel import DistributedDataParallel
+    # gradients average over every rank: data-parallel peers and context-parallel peers (whose
+    # parameters are replicated too); the train loop scales the loss to undo the averaging
     device_ids = [info.local_rank] if next(model.parameters()).is_cuda else None
-    wrapped = DistributedDataParallel(model, device_ids=device_ids,
-                                      bucket_cap_mb=cfg.get("bucket_cap_mb", 25))
-    return Parallelized(wrapped, model, info.rank, info.world)
+    return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=bucket_cap_mb)
 
 
-ENGINES = {"single": _single, "ddp": _ddp}
+ENGINES = {"single": lambda model, info, cfg: _single(model, info),
+           "ddp": lambda model, info, cfg: _ddp(model, info, cfg.get("bucket_cap_mb", 25))}
 
 
-def parallelize(model: nn.Module, info: DistInfo, cfg) -> Parallelized:
+def parallelize(model: nn.Module, info: DistInfo, cfg, mesh: Mesh | None = None) -> Parallelized:
     engine = cfg.engine
     if engine not in ENGINES:
         raise ValueError(f"parallel.engine={engine!r} is unknown; valid: {', '.join(ENGINES)}")
-    return ENGINES[engine](model, info, cfg)
+    if mesh is None:
+        mesh = build_mesh(info, int(cfg.get("cp", 1)))
+    layout = cfg.get("cp_layout", "zigzag")
+    chosen = {}
+    if mesh.cp > 1:
+        chosen = apply_context_parallel(model, mesh, cfg.get("cp_strategy", "auto"), layout)
+    return Parallelized(ENGINES[engine](model, info, cfg), model, mesh, layout, chosen)
 
 
-__all__ = ["DistInfo", "ENGINES", "Parallelized", "init_distributed", "parallelize"]
+__all__ = ["DistInfo", "ENGINES", "Mesh", "Parallelized", "build_mesh", "init_distributed",
+           "parallelize"]

@@ -72,12 +72,25 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(compose, tmp_path, monke
     (["trainer.seq_len=8192"], "trainer.seq_len=8192 exceeds model.max_seq_len=4096"),
     (["trainer.device=cuda"], "trainer.device=cuda but no CUDA"),
     (["data=hf", "data.tokenizer=bytes", "data.path=/nonexistent/corpus"], "data.path"),
+    (["parallel.cp=2"], "parallel.cp=2 must be >= 1 and divide the number of processes"),
 ])
 def test_bad_settings_name_the_key(compose, tmp_path, override, message):
     if "cuda" in message and torch.cuda.is_available():
         pytest.skip("machine has CUDA")
     with pytest.raises(ValueError, match=message.replace(".", r"\.").replace("=", "=")):
         train.run(compose(*override), tmp_path / "run")
+
+
+def test_context_parallel_settings_are_checked(compose):
+    with pytest.raises(ValueError, match=r"trainer.micro_batch × trainer.seq_len = 126 must be divisible by 4"):
+        train.check_context_parallel(compose("trainer.seq_len=63"), 2)
+    with pytest.raises(ValueError, match="parallel.cp=2 needs several processes"):
+        train.check_context_parallel(compose("parallel=single"), 2)
+    from parallel.context import strategy_for
+    with pytest.raises(ValueError, match="cp_strategy=lasp does not support attn family 'sdpa'"):
+        strategy_for("sdpa", "lasp")
+    with pytest.raises(ValueError, match="must be auto or one of"):
+        strategy_for("sdpa", "rings")
 
 
 def _cli(args, tmp_path, launcher=(sys.executable,), env_extra=None):
@@ -97,13 +110,17 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one(tmp_path):
-    """DDP over gloo with 2 ranks × grad_accum 1 == 1 process × grad_accum 2 (same global batch)."""
+@pytest.mark.parametrize("extra", [[], ["parallel.cp=2"], ["parallel.cp=2", "parallel.cp_strategy=ulysses",
+                                                           "parallel.cp_layout=contiguous"]],
+                         ids=["ddp", "cp2-allgather-zigzag", "cp2-ulysses-contiguous"])
+def test_torchrun_two_processes_match_one(tmp_path, extra):
+    """2 gloo ranks (DDP with grad_accum 1, or one sequence split by context parallelism) ==
+    1 process with the same global batch."""
     args = [a for a in SMALL_RUN if not a.startswith(("trainer.steps", "trainer.ckpt_every"))]
     args += ["trainer.steps=4", "trainer.ckpt_every=0", "trainer.val_every=4"]
     one = _cli(args + [f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _cli(args + [f"hydra.run.dir={tmp_path / 'two'}"], tmp_path,
+    two = _cli(args + extra + [f"hydra.run.dir={tmp_path / 'two'}"], tmp_path,
                launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
                          "--nproc_per_node", "2"))
     assert two.returncode == 0, two.stderr[-3000:]

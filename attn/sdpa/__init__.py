@@ -50,8 +50,8 @@ class SDPACore(SoftmaxAttention):
 
     family = "sdpa"
 
-    def attend(self, q, k, v, cu_seqlens=None):
-        return sdpa_attn(q, k, v, scale=self.scale, cu_seqlens=cu_seqlens)
+    def attend(self, q, k, v, cu_seqlens=None, *, q_offset=0, heads=None):
+        return sdpa_attn(q, k, v, scale=self.scale, cu_seqlens=cu_seqlens, q_offset=q_offset)
 
 
 __all__ = ["sdpa_attn", "SDPACore"]

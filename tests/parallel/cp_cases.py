@@ -1,0 +1,129 @@
+"""Worker side of the context-parallel tests: each spawned rank runs every case and asserts
+that its outputs and gradients equal the single-process run (computed in the same process
+from the same seed). Imported by test_context_parallel.py; run under gloo on CPU."""
+from __future__ import annotations
+
+import copy
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from attn import get_core
+from models import ModelConfig, Transformer
+from models.rope import Rotary
+from parallel import parallelize
+from parallel.context import apply_context_parallel
+from parallel.dist import DistInfo
+from parallel.mesh import build_mesh
+from parallel.sharding import flatten_rows, local_indices, shard_batch
+
+RTOL = 1e-5  # fp32: CP reorders sums (all-gather/reduce-scatter, state prefix), nothing else
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, core):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Module()])
+        self.layers[0].attn = core
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def doc_positions(cu, total):
+    pos = torch.arange(total)
+    starts = torch.zeros(total, dtype=torch.long)
+    starts[cu[:-1].long()] = 1
+    doc = torch.cumsum(starts, 0) - 1
+    return pos - cu[doc].long()
+
+
+def core_case(mesh, family, strategy, layout, docs, seed, opts=None):
+    """One attention layer: output, dx and every parameter gradient, CP vs single process."""
+    torch.manual_seed(seed)
+    dim, hq, total = 64, 8, 48
+    hkv = hq if family in ("linear", "lightning") else hq // 2  # GQA groups of 2 where supported
+    core = get_core(family)(dim, hq, hkv, layer_idx=1, n_layers=3, **(opts or {}))
+    x = torch.randn(1, total, dim)
+    w = torch.randn(1, total, dim)
+    cu = (torch.tensor([0, 5, 6, 29, 48], dtype=torch.int32) if docs
+          else torch.tensor([0, 48], dtype=torch.int32))
+    pos = doc_positions(cu, total)[None]
+    rotary = Rotary(core.head_dim)
+
+    ref_core = copy.deepcopy(core)
+    xr = x.clone().requires_grad_()
+    y = ref_core(xr, rotary.bind(pos), cu)
+    (y * w).sum().backward()
+
+    apply_context_parallel(_Holder(core), mesh, strategy, layout)
+    idx = local_indices(total, mesh.cp, mesh.cp_rank, layout)
+    xl = x[:, idx].clone().requires_grad_()
+    yl = core(xl, rotary.bind(pos[:, idx]), cu)
+    (yl * w[:, idx]).sum().backward()
+
+    tag = f"{family}/{strategy}/{layout}/docs={docs} rank {mesh.cp_rank}"
+    assert rel_err(yl, y[:, idx]) < RTOL, (tag, "out", rel_err(yl, y[:, idx]))
+    assert rel_err(xl.grad, xr.grad[:, idx]) < RTOL, (tag, "dx", rel_err(xl.grad, xr.grad[:, idx]))
+    for (name, p), pr in zip(core.named_parameters(), ref_core.parameters()):
+        g = p.grad.clone()
+        dist.all_reduce(g, group=mesh.cp_group)  # each rank holds its tokens' share
+        assert rel_err(g, pr.grad) < RTOL, (tag, name, rel_err(g, pr.grad))
+
+
+def model_case(mesh, info, pattern, layout, seed):
+    """A whole (hybrid) model: loss and all parameter gradients, cp ranks vs one process."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=len(pattern), n_heads=4, n_kv_heads=4,
+                      layer_pattern=pattern, loss_chunk=16)
+    model = Transformer(cfg)
+    ref = copy.deepcopy(model)
+    B, T = 2, 24
+    ids = torch.randint(0, 64, (B, T + 1))
+    mb = {"input_ids": ids[:, :-1], "labels": ids[:, 1:],
+          "positions": torch.tensor([list(range(10)) + list(range(14)), list(range(24))]),
+          "cu_seqlens": torch.tensor([0, 10, 24, 48], dtype=torch.int32)}
+    flat = flatten_rows(mb)
+    s, n = ref(flat["input_ids"], flat["positions"], flat["labels"], flat["cu_seqlens"])
+    (s / n).backward()
+
+    class P:  # parallel config stand-in
+        engine, cp_strategy, cp_layout = "single", "auto", layout
+
+        @staticmethod
+        def get(k, d=None):
+            return getattr(P, k, d)
+
+    par = parallelize(model, DistInfo(), P, mesh)
+    loc = shard_batch(mb, mesh.cp, mesh.cp_rank, layout)
+    sl, nl = par.module(loc["input_ids"], loc["positions"], loc["labels"], loc["cu_seqlens"])
+    (sl / n).backward()
+    tot = sl.detach().clone()
+    dist.all_reduce(tot, group=mesh.cp_group)
+    assert abs(tot.item() / n.item() - (s / n).item()) < RTOL * abs((s / n).item()), (pattern, "loss")
+    for (name, p), pr in zip(model.named_parameters(), ref.parameters()):
+        g = p.grad.clone()
+        dist.all_reduce(g, group=mesh.cp_group)
+        assert rel_err(g, pr.grad) < RTOL, (pattern, layout, name, rel_err(g, pr.grad))
+
+
+def worker(rank, world, init_file, cases, err_file):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mesh = build_mesh(DistInfo(rank, world, rank), world)
+        for kind, *args in cases:
+            if kind == "core":
+                core_case(mesh, *args)
+            else:
+                model_case(mesh, DistInfo(rank, world, rank), *args)
+    except BaseException:
+        with open(f"{err_file}.{rank}", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
