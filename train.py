@@ -21,6 +21,7 @@ from models import ModelConfig, Transformer
 from parallel import build_mesh, init_distributed, parallelize
 from parallel.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from parallel.dist import all_reduce_sum, shutdown
+from parallel.wrappers import apply_block_wrappers
 
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0}
 
@@ -214,6 +215,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
         dp_rank=mesh.dp_rank, dp_world=mesh.dp, seed=tr.seed)
     model = Transformer(build_model_config(cfg, tokenizer.vocab_size)).to(device)
     par = parallelize(model, info, cfg.parallel, mesh)
+    apply_block_wrappers(model, bool(tr.activation_checkpointing), bool(tr.compile))
     val_batches = [par.shard(mb) for mb in val_batches]
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
