@@ -42,7 +42,7 @@ def test_parallel_options_instantiate(compose, option):
     cfg = compose(f"parallel={option}")
     model = Transformer(train.build_model_config(cfg, vocab=257))
     par = parallelize(model, DistInfo(), cfg.parallel)
-    assert par.model is model and par.dp_world == 1
+    assert par.model is model and par.mesh.dp == 1 and par.mesh.cp == 1
 
 
 @pytest.mark.parametrize("option", GROUPS["data"])
