@@ -214,8 +214,9 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
         cfg.data, seq_len=tr.seq_len, micro_batch=tr.micro_batch, grad_accum=accum,
         dp_rank=mesh.dp_rank, dp_world=mesh.dp, seed=tr.seed)
     model = Transformer(build_model_config(cfg, tokenizer.vocab_size)).to(device)
-    par = parallelize(model, info, cfg.parallel, mesh)
+    # block wrappers first: FSDP2 then shards the wrapped blocks (torchtitan's order)
     apply_block_wrappers(model, bool(tr.activation_checkpointing), bool(tr.compile))
+    par = parallelize(model, info, cfg.parallel, mesh)
     val_batches = [par.shard(mb) for mb in val_batches]
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -264,7 +265,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
             loss_sum += part.detach().double()
         loss = all_reduce_sum(loss_sum).item() / n_global
         clip = tr.grad_clip if tr.grad_clip else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             log.close()
             raise FloatingPointError(

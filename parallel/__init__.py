@@ -28,6 +28,9 @@ class Parallelized:
 
     def no_sync(self, sync: bool):
         """Context: skip the gradient all-reduce on accumulation micro-steps."""
+        if hasattr(self.module, "set_requires_gradient_sync"):  # FSDP2
+            self.module.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
         if sync or not hasattr(self.module, "no_sync"):
             return contextlib.nullcontext()
         return self.module.no_sync()
@@ -56,8 +59,29 @@ def _ddp(model, info: DistInfo, bucket_cap_mb: int = 25):
     return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=bucket_cap_mb)
 
 
+def _fsdp(model, info: DistInfo, param_dtype: str = "auto"):
+    """FSDP2: parameters, gradients and optimizer state sharded over every rank, one unit per
+    block plus the root (embedding, final norm, head). Gathers run in `param_dtype`
+    (auto: bf16 on CUDA, fp32 on CPU); gradients reduce in fp32."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if info.world == 1:
+        return model
+    on_cuda = next(model.parameters()).is_cuda
+    table = {"auto": torch.bfloat16 if on_cuda else torch.float32, "bf16": torch.bfloat16,
+             "fp32": torch.float32}
+    if param_dtype not in table:
+        raise ValueError(f"parallel.param_dtype={param_dtype!r} must be auto, bf16 or fp32")
+    mp = MixedPrecisionPolicy(param_dtype=table[param_dtype], reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)  # root is needed right after
+    return model
+
+
 ENGINES = {"single": lambda model, info, cfg: _single(model, info),
-           "ddp": lambda model, info, cfg: _ddp(model, info, cfg.get("bucket_cap_mb", 25))}
+           "ddp": lambda model, info, cfg: _ddp(model, info, cfg.get("bucket_cap_mb", 25)),
+           "fsdp": lambda model, info, cfg: _fsdp(model, info, cfg.get("param_dtype", "auto"))}
 
 
 def parallelize(model: nn.Module, info: DistInfo, cfg, mesh: Mesh | None = None) -> Parallelized:

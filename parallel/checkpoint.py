@@ -1,7 +1,8 @@
 """Atomic, resumable checkpoints.
 
-Layout: <ckpt_dir>/step_00000100/ holding model.pt, optim.pt (rank 0; replicated under DDP),
-rank_<r>.pt (each rank's data-iterator state and RNG states) and meta.json (written last).
+Layout: <ckpt_dir>/step_00000100/ holding model.pt, optim.pt (full, unsharded state dicts
+written by rank 0, whatever the engine: plain, DDP or FSDP2, so a checkpoint loads under any
+engine and world size), rank_<r>.pt (each rank's data-iterator state and RNG states) and meta.json (written last).
 Every rank writes into a hidden temporary folder; once all are done, rank 0 renames it into
 place. A crash at any point leaves either the old set of complete checkpoints or the new one:
 a folder without meta.json, or a leftover temporary, is never picked up by resume.
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 
 from parallel.dist import DistInfo, barrier, broadcast_object
 
@@ -57,10 +61,13 @@ def save_checkpoint(ckpt_dir: Path, step: int, info: DistInfo, model, optimizer,
         tmp.mkdir()
     barrier()
     torch.save({"data": data_state, "rng": rng_state()}, tmp / f"rank_{info.rank}.pt")
+    # collective under FSDP2 (gathers shards); rank 0 receives the full tensors on CPU
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd = get_model_state_dict(model, options=full)
+    optim_sd = get_optimizer_state_dict(model, optimizer, options=full)
     if info.is_main:
-        torch.save(model.state_dict(), tmp / "model.pt")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                   tmp / "optim.pt")
+        torch.save(model_sd, tmp / "model.pt")
+        torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
     barrier()
     if info.is_main:
         meta = {"step": step, "world": info.world, "config": config}
@@ -95,10 +102,16 @@ def resolve_resume(resume: str | None, ckpt_dir: Path, info: DistInfo) -> Path |
 def load_checkpoint(path: Path, info: DistInfo, model, optimizer, scheduler) -> tuple[int, dict]:
     """Restore model, optimizer, scheduler and this rank's RNG; return (step, data_state)."""
     meta = json.loads((path / "meta.json").read_text())
-    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
-    opt = torch.load(path / "optim.pt", map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
+    multi = info.world > 1
+    # rank 0 reads the files and broadcasts (FSDP2 then keeps each rank's shard)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=multi)
+    read = info.is_main or not multi
+    model_sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True) if read else {}
+    opt = torch.load(path / "optim.pt", map_location="cpu", weights_only=False) if read else None
+    set_model_state_dict(model, model_sd, options=opts)
+    set_optimizer_state_dict(model, optimizer, opt["optimizer"] if read else {}, options=opts)
+    sched = opt["scheduler"] if read else None
+    scheduler.load_state_dict(broadcast_object(sched) if multi else sched)
     rank_file = path / f"rank_{info.rank}.pt"
     same_layout = meta["world"] == info.world and rank_file.is_file()
     # a different world size keeps the global data position (identical on every rank) and

@@ -110,9 +110,10 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["parallel.cp=2"], ["parallel.cp=2", "parallel.cp_strategy=ulysses",
-                                                           "parallel.cp_layout=contiguous"]],
-                         ids=["ddp", "cp2-allgather-zigzag", "cp2-ulysses-contiguous"])
+@pytest.mark.parametrize("extra", [[], ["parallel=fsdp"], ["parallel.cp=2"],
+                                   ["parallel.cp=2", "parallel.cp_strategy=ulysses",
+                                    "parallel.cp_layout=contiguous"]],
+                         ids=["ddp", "fsdp", "cp2-allgather-zigzag", "cp2-ulysses-contiguous"])
 def test_torchrun_two_processes_match_one(tmp_path, extra):
     """2 gloo ranks (DDP with grad_accum 1, or one sequence split by context parallelism) ==
     1 process with the same global batch."""
@@ -130,3 +131,24 @@ def test_torchrun_two_processes_match_one(tmp_path, extra):
         assert math.isclose(a[s], b[s], rel_tol=1e-5), (s, a[s], b[s])
     va, vb = losses(tmp_path / "one", "val_loss"), losses(tmp_path / "two", "val_loss")
     assert math.isclose(va[4], vb[4], rel_tol=1e-5)
+
+
+def _torchrun(args, tmp_path, name):
+    r = _cli(args + [f"hydra.run.dir={tmp_path / name}"], tmp_path,
+             launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       "--nproc_per_node", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_fsdp_resume_under_torchrun_is_exact(tmp_path):
+    """FSDP2 on 2 ranks with activation checkpointing: 3 steps + resume + 3 == 6 in one go."""
+    args = [a for a in SMALL_RUN if not a.startswith(("trainer.steps", "trainer.ckpt_every"))]
+    args += ["parallel=fsdp", "trainer.activation_checkpointing=true", "trainer.steps=6",
+             "trainer.ckpt_every=3", "trainer.val_every=0", "trainer.micro_batch=1"]
+    _torchrun(args, tmp_path, "full")
+    _torchrun(args + ["trainer.run_steps=3"], tmp_path, "split")
+    _torchrun(args, tmp_path, "split")
+    full, split = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert sorted(split) == list(range(1, 7))
+    assert [full[s] for s in range(1, 7)] == [split[s] for s in range(1, 7)]
