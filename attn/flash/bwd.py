@@ -1,0 +1,388 @@
+"""Backward kernels: delta preprocess, dK/dV (one program per key block and KV head, looping
+over the query heads of its GQA group) and dQ (one program per query block and query head).
+
+Deterministic: every output element is written by exactly one program, no atomics. The price is
+that the score tile is recomputed in both kernels (7 block products instead of 5).
+
+Memory plan
+  preprocess : reads O, dO once; writes delta = rowsum(O * dO) fp32 [B, Hq, Tq]
+  dK/dV      : registers K, V tiles [BLOCK_N, D] and fp32 accumulators dK, dV [BLOCK_N, D];
+               streams Q, dO tiles [BLOCK_M, D] plus lse, delta [BLOCK_M] of each query head of
+               the group; writes dK, dV once (KV dtype), so GQA costs no atomics and no copies
+  dQ         : registers Q, dO tiles, fp32 accumulator dQ [BLOCK_M, D]; streams K, V tiles;
+               writes dQ once
+With P = exp2(s2 - lse2) recomputed from the saved lse (log2 domain): dV = P^T dO,
+dP = dO V^T, dS = P * (dP - delta), dK = scale * dS^T Q, dQ = scale * dS K.
+Masking as in the forward (common.py); dK/dV walks query blocks with hi(s) per key.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from attn.flash import common
+from attn.flash.common import LOG2E, LOG2E_F, cvt, key_hi, mma, row_lo, row_lo_scalar
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA, Tq, H: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ok = offs_m < Tq
+    base = b.to(tl.int64) * Tq * H * HEAD_DIM + h * HEAD_DIM
+    ptrs = base + offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
+    o = tl.load(O + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=ok)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, start, end, kpos,
+                SEG_START, q_offset, window, Tq, qk_scale,
+                STRIDE_QT: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+                HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        q_ptrs = q_base + rows[:, None] * STRIDE_QT + offs_d[None, :]
+        do_ptrs = do_base + rows[:, None] * STRIDE_QT + offs_d[None, :]
+        if MASKED:
+            r_ok = rows < Tq
+            q = tl.load(q_ptrs, mask=r_ok[:, None], other=0.0)
+            lse2 = tl.load(lse_ptr + rows, mask=r_ok, other=0.0) * LOG2E
+        else:
+            q = tl.load(q_ptrs)
+            lse2 = tl.load(lse_ptr + rows) * LOG2E
+        # transposed scores [BLOCK_N, BLOCK_M]: P^T comes out ready for dV = P^T dO
+        s_t = mma(k, tl.trans(q), None, DOT_PREC) * qk_scale
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if MASKED:
+            qpos = q_offset + rows
+            lo = row_lo(qpos, r_ok, SEG_START, window, HAS_SEG, HAS_WINDOW)
+            ok = (kpos[:, None] <= qpos[None, :]) & (kpos[:, None] >= lo[None, :]) \
+                & r_ok[None, :]
+            p_t = tl.where(ok, p_t, 0.0)
+            do = tl.load(do_ptrs, mask=r_ok[:, None], other=0.0)
+            delta = tl.load(delta_ptr + rows, mask=r_ok, other=0.0)
+        else:
+            do = tl.load(do_ptrs)
+            delta = tl.load(delta_ptr + rows)
+        dv = mma(cvt(p_t, do.dtype), do, dv, DOT_PREC)
+        dp_t = mma(v, tl.trans(do), None, DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = mma(cvt(ds_t, q.dtype), q, dk, DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_program(start_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, SEG_END, scale,
+                  qk_scale, q_offset, window, Tq, Tk,
+                  HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dK, dV of keys start_n.. of (batch, KV head) pid_bh."""
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    GROUP: tl.constexpr = HQ // HKV
+    STRIDE_QT: tl.constexpr = HQ * HEAD_DIM
+    STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_ok = offs_n < Tk
+    kv_off = b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM \
+        + offs_n[:, None] * STRIDE_KT + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=n_ok[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=n_ok[:, None], other=0.0)
+
+    # query-row ranges (row index i = position - q_offset): [m_lo, f_lo) masked,
+    # [f_lo, f_hi) unmasked (every pair visible), [f_hi, m_hi) masked
+    k_last = tl.minimum(start_n + BLOCK_N, Tk) - 1
+    BIG = Tq + q_offset  # past every query position
+    hi_first = key_hi(start_n, SEG_END, window, BIG, HAS_SEG, HAS_WINDOW)
+    hi_last = key_hi(k_last, SEG_END, window, BIG, HAS_SEG, HAS_WINDOW)
+    m_lo = (tl.maximum(start_n - q_offset, 0) // BLOCK_M) * BLOCK_M
+    m_hi = tl.minimum(hi_last - q_offset + 1, Tq)
+    f_lo = tl.maximum(tl.cdiv(tl.maximum(k_last - q_offset, 0), BLOCK_M) * BLOCK_M, m_lo)
+    f_hi = (tl.minimum(hi_first - q_offset + 1, Tq) // BLOCK_M) * BLOCK_M
+    if f_hi <= f_lo:
+        f_lo = m_lo
+        f_hi = m_lo
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for g in range(GROUP):
+        h = hkv * GROUP + g
+        q_base = Q + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
+        do_base = DO + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
+        row_base = (b * HQ + h).to(tl.int64) * Tq
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+                             m_lo, f_lo, offs_n, SEG_START, q_offset, window, Tq, qk_scale,
+                             STRIDE_QT, BLOCK_M, HEAD_DIM, HAS_SEG, HAS_WINDOW, True, DOT_PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+                             f_lo, f_hi, offs_n, SEG_START, q_offset, window, Tq, qk_scale,
+                             STRIDE_QT, BLOCK_M, HEAD_DIM, HAS_SEG, HAS_WINDOW, False, DOT_PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+                             f_hi, m_hi, offs_n, SEG_START, q_offset, window, Tq, qk_scale,
+                             STRIDE_QT, BLOCK_M, HEAD_DIM, HAS_SEG, HAS_WINDOW, True, DOT_PREC)
+    tl.store(DK + kv_off, cvt(dk * scale, DK.dtype.element_ty), mask=n_ok[:, None])
+    tl.store(DV + kv_off, cvt(dv, DV.dtype.element_ty), mask=n_ok[:, None])
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, SEG_END, scale, qk_scale,
+                 q_offset, window, Tq, Tk,
+                 HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+    # key block 0 sees every query: program 0 is the heaviest, the grid runs heaviest first
+    _dkdv_program(tl.program_id(0) * BLOCK_N, tl.program_id(1), Q, K, V, DO, LSE, DELTA, DK, DV,
+                  SEG_START, SEG_END, scale, qk_scale, q_offset, window, Tq, Tk, HQ, HKV,
+                  HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SEG, HAS_WINDOW, DOT_PREC)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, start, end, qpos, lo, Tk, qk_scale,
+              STRIDE_KT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(start, end, BLOCK_N):
+        kpos = start_n + offs_n
+        k_ptrs = k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :]
+        v_ptrs = v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(kpos < Tk)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(kpos < Tk)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            ok = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= lo[:, None]) \
+                & (kpos < Tk)[None, :]
+            p = tl.where(ok, p, 0.0)
+        dp = mma(do, tl.trans(v), None, DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = mma(cvt(ds, k.dtype), k, dq, DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _dq_program(start_m, pid_bh, Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale, qk_scale,
+                q_offset, window, Tq, Tk,
+                HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dQ of query rows start_m.. of (batch, query head) pid_bh."""
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hkv = h // (HQ // HKV)
+    STRIDE_QT: tl.constexpr = HQ * HEAD_DIM
+    STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
+    k_base = K + b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
+    v_base = V + b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < Tq
+    q_off = b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM \
+        + offs_m[:, None] * STRIDE_QT + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + q_off, mask=m_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * Tq + offs_m, mask=m_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, mask=m_ok, other=0.0)
+    qpos = q_offset + offs_m
+    lo = row_lo(qpos, m_ok, SEG_START, window, HAS_SEG, HAS_WINDOW)
+
+    q_first = q_offset + start_m
+    q_last = q_offset + tl.minimum(start_m + BLOCK_M, Tq) - 1
+    lo_first = row_lo_scalar(q_first, SEG_START, window, HAS_SEG, HAS_WINDOW)
+    lo_last = row_lo_scalar(q_last, SEG_START, window, HAS_SEG, HAS_WINDOW)
+    kv_lo = (lo_first // BLOCK_N) * BLOCK_N
+    kv_hi = tl.minimum(q_last + 1, Tk)
+    f_lo = tl.maximum(tl.cdiv(lo_last, BLOCK_N) * BLOCK_N, kv_lo)
+    f_hi = tl.minimum((q_first + 1) // BLOCK_N, Tk // BLOCK_N) * BLOCK_N
+    if f_hi <= f_lo:
+        f_lo = kv_lo
+        f_hi = kv_lo
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kv_lo, f_lo, qpos, lo, Tk, qk_scale,
+                   STRIDE_KT, BLOCK_N, HEAD_DIM, True, DOT_PREC)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, f_lo, f_hi, qpos, lo, Tk, qk_scale,
+                   STRIDE_KT, BLOCK_N, HEAD_DIM, False, DOT_PREC)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, f_hi, kv_hi, qpos, lo, Tk, qk_scale,
+                   STRIDE_KT, BLOCK_N, HEAD_DIM, True, DOT_PREC)
+    tl.store(DQ + q_off, cvt(dq * scale, DQ.dtype.element_ty), mask=m_ok[:, None])
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale, qk_scale, q_offset, window, Tq, Tk,
+               HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest (last) first
+    _dq_program(start_m, tl.program_id(1), Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale,
+                qk_scale, q_offset, window, Tq, Tk, HQ, HKV, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SEG,
+                HAS_WINDOW, DOT_PREC)
+
+
+@triton.jit
+def _bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, SEG_START, SEG_END, scale, qk_scale,
+                      q_offset, window, Tq, Tk,
+                      HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
+                      BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+                      HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Both backward kernels in one launch (grid x: key blocks, then query blocks; y: B*Hq):
+    dQ programs fill the SMs while the dK/dV launch would drain, one launch tail instead of two.
+    Still deterministic: each output element has exactly one writer."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_kv = tl.cdiv(Tk, BLOCK_N1)
+    if pid < n_kv:
+        if pid_bh < tl.num_programs(1) // (HQ // HKV):  # rows B*Hkv.. of the grid: no dK/dV work
+            _dkdv_program(pid * BLOCK_N1, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START,
+                          SEG_END, scale, qk_scale, q_offset, window, Tq, Tk, HQ, HKV, HEAD_DIM,
+                          BLOCK_M1, BLOCK_N1, HAS_SEG, HAS_WINDOW, DOT_PREC)
+    else:
+        n_q = tl.cdiv(Tq, BLOCK_M2)
+        _dq_program((n_q - 1 - (pid - n_kv)) * BLOCK_M2, pid_bh, Q, K, V, DO, LSE, DELTA, DQ,
+                    SEG_START, scale, qk_scale, q_offset, window, Tq, Tk, HQ, HKV, HEAD_DIM,
+                    BLOCK_M2, BLOCK_N2, HAS_SEG, HAS_WINDOW, DOT_PREC)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch
+
+# (BLOCK_M, BLOCK_N, warps, stages) per head dim, first = FLASH_AUTOTUNE=0 choice; checked with
+# ptxas for sm_90 (scripts/flash_aot_check.py). At D=128 the fastest dK/dV config on the H100,
+# (64, 128, 8, 2), spills 116 bytes (K, V, dK, dV tiles of 128 keys live all along) and still
+# beats the spill-free ones (sweep in docs/flash_notes.md); at D = 256 every dK/dV config that
+# fits shared memory spills a few dozen bytes.
+# dK/dV: key block resident (BLOCK_N), query blocks streamed (BLOCK_M)
+DKDV_CFGS = {
+    64: [(32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 8, 3), (32, 64, 4, 3)],
+    128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3)],
+    256: [(32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 4, 2)],
+    512: [(16, 32, 4, 2), (16, 16, 4, 2)],  # fp32 at D = 256 (tests only: slow, spills)
+}
+# dQ: query block resident (BLOCK_M), key blocks streamed (BLOCK_N)
+DQ_CFGS = {
+    64: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3)],
+    256: [(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2)],
+    512: [(32, 32, 4, 2), (32, 16, 4, 2)],  # fp32 at D = 256 (tests only: slow, spills)
+}
+INTERP_DKDV = {"BLOCK_M": 16, "BLOCK_N": 32}
+INTERP_DQ = {"BLOCK_M": 32, "BLOCK_N": 16}
+
+# one launch for both (FLASH_BWD=fused): (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, warps, stages),
+# the dK/dV blocks (1) and the dQ blocks (2) share warps and stages
+FUSED_CFGS = {
+    64: [(32, 128, 128, 64, 8, 3), (64, 64, 128, 64, 8, 3)],
+    128: [(64, 128, 128, 64, 8, 3), (64, 128, 128, 64, 8, 2), (32, 128, 128, 64, 8, 3)],
+    256: [(32, 64, 128, 32, 8, 2)],
+    512: [(16, 32, 32, 32, 4, 2)],
+}
+INTERP_FUSED = (16, 32, 32, 16)
+BWD_MODE = "split"  # default of FLASH_BWD (split | fused)
+
+_KEY = ["Tq", "Tk", "HEAD_DIM", "HQ", "HKV", "HAS_SEG", "HAS_WINDOW"]
+_c, _p = common.tuned_configs(DKDV_CFGS)
+_dkdv_tuned = triton.autotune(_c, key=_KEY, prune_configs_by={"early_config_prune": _p})(
+    _dkdv_kernel)
+_c, _p = common.tuned_configs(DQ_CFGS)
+_dq_tuned = triton.autotune(_c, key=_KEY, prune_configs_by={"early_config_prune": _p})(_dq_kernel)
+
+
+def _fused_configs():
+    rows = sorted({r for v in FUSED_CFGS.values() for r in v})
+    cfgs = [triton.Config(dict(BLOCK_M1=a, BLOCK_N1=b, BLOCK_M2=c, BLOCK_N2=d), num_warps=w,
+                          num_stages=s) for a, b, c, d, w, s in rows]
+
+    def prune(configs, named_args, **kwargs):
+        keep = set(FUSED_CFGS[common.pick_dim(FUSED_CFGS, kwargs["HEAD_DIM"],
+                                              named_args["Q"].dtype)])
+        return [c for c in configs if (c.kwargs["BLOCK_M1"], c.kwargs["BLOCK_N1"],
+                                       c.kwargs["BLOCK_M2"], c.kwargs["BLOCK_N2"], c.num_warps,
+                                       c.num_stages) in keep]
+    return cfgs, prune
+
+
+_c, _p = _fused_configs()
+_fused_tuned = triton.autotune(_c, key=_KEY, prune_configs_by={"early_config_prune": _p})(
+    _bwd_fused_kernel)
+
+
+def _fused_grid(tq, tk, bh):
+    return lambda m: (triton.cdiv(tk, m["BLOCK_N1"]) + triton.cdiv(tq, m["BLOCK_M2"]), bh)
+
+
+def _launch(kind, tuned, plain, fixed, interp, n_rows, n_progs, args, meta, blk):
+    if common.use_autotune(kind):
+        tuned[lambda m: (triton.cdiv(n_rows, m[blk]), n_progs)](*args, **meta)
+        return
+    if kind in common.OVERRIDE:
+        bm, bn, w, s = common.OVERRIDE[kind]
+    elif common.INTERPRET:
+        bm, bn, w, s = interp["BLOCK_M"], interp["BLOCK_N"], 4, 1
+    else:
+        bm, bn, w, s = fixed[common.pick_dim(fixed, meta["HEAD_DIM"], args[0].dtype)][0]
+    n_blk = bm if blk == "BLOCK_M" else bn
+    plain[(triton.cdiv(n_rows, n_blk), n_progs)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
+                                                 num_warps=w, num_stages=s)
+
+
+def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window):
+    """Launch the backward kernels on checked arguments (see op.py); returns (dq, dk, dv)."""
+    B, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    delta = common.empty((B, hq, tq), torch.float32, q.device)
+    pre_bm = 64 if d <= 128 else 32
+    _bwd_preprocess[(triton.cdiv(tq, pre_bm), B * hq)](o, do, delta, tq, H=hq, HEAD_DIM=d,
+                                                        BLOCK_M=pre_bm)
+    dq = common.empty(q.shape, q.dtype, q.device)
+    dk = common.empty(k.shape, k.dtype, k.device)
+    dv = common.empty(v.shape, v.dtype, v.device)
+    has_seg = seg is not None
+    seg_start, seg_end = seg if has_seg else (delta, delta)  # dummies, never read
+    meta = dict(HQ=hq, HKV=hkv, HEAD_DIM=d, HAS_SEG=has_seg, HAS_WINDOW=window is not None,
+                DOT_PREC=common.dot_precision(q.dtype))
+    w = window or 0
+    mode = os.environ.get("FLASH_BWD", BWD_MODE)
+    if mode not in ("split", "fused"):
+        raise ValueError(f"FLASH_BWD={mode!r}: must be 'split' or 'fused'")
+    if mode == "fused":
+        args = (q, k, v, do, lse, delta, dq, dk, dv, seg_start, seg_end, scale, scale * LOG2E_F,
+                q_offset, w, tq, tk)
+        if common.use_autotune("fused"):
+            _fused_tuned[_fused_grid(tq, tk, B * hq)](*args, **meta)
+        else:
+            if "fused" in common.OVERRIDE:
+                m1, n1, m2, n2, nw, ns = common.OVERRIDE["fused"]
+            elif common.INTERPRET:
+                (m1, n1, m2, n2), nw, ns = INTERP_FUSED, 4, 1
+            else:
+                m1, n1, m2, n2, nw, ns = FUSED_CFGS[common.pick_dim(FUSED_CFGS, d, q.dtype)][0]
+            blocks = dict(BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2)
+            _bwd_fused_kernel[_fused_grid(tq, tk, B * hq)(blocks)](
+                *args, **meta, **blocks, num_warps=nw, num_stages=ns)
+        return dq, dk, dv
+    _launch("dkdv", _dkdv_tuned, _dkdv_kernel, DKDV_CFGS, INTERP_DKDV, tk, B * hkv,
+            (q, k, v, do, lse, delta, dk, dv, seg_start, seg_end, scale, scale * LOG2E_F,
+             q_offset, w, tq, tk), meta, "BLOCK_N")
+    _launch("dq", _dq_tuned, _dq_kernel, DQ_CFGS, INTERP_DQ, tq, B * hq,
+            (q, k, v, do, lse, delta, dq, seg_start, scale, scale * LOG2E_F, q_offset, w, tq, tk),
+            meta, "BLOCK_M")
+    return dq, dk, dv

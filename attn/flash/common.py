@@ -1,0 +1,138 @@
+"""Pieces shared by the forward and backward kernels: constants, the row bounds of the mask,
+document arrays, configs and the output allocator.
+
+Masking, in one sentence: query row i sits at absolute position p = q_offset + i and may see key
+s when  lo(p) <= s <= p,  where lo(p) = max(doc_start(p), p - window + 1) (each term only when
+documents / a window are given). lo is non-decreasing in p, so a query block's visible keys are
+[lo(first row), last row] and the keys visible to *every* row are [lo(last row), first row]; the
+kernels loop over key blocks in three ranges: masked / unmasked (all pairs visible) / masked,
+and skip every other block. The backward dK/dV kernel does the same over query blocks with the
+per-key upper bound hi(s) = min(doc_end(s), s + window - 1).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# set before any kernel is defined: the interpreter runs the kernels on CPU tensors (tests)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+LOG2E_F = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2_F = 0.6931471805599453  # ln(2): natural-log lse = log2-domain lse * LN2
+LOG2E = tl.constexpr(LOG2E_F)  # the same, usable inside kernels
+LN2 = tl.constexpr(LN2_F)
+
+
+def empty(shape, dtype, device):
+    """Allocator of every kernel output (tests swap it for a NaN-filled one: unwritten elements
+    then show up as NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def seg_arrays(cu_seqlens: torch.Tensor, tk: int):
+    """Per key position: first and last position of its document (int32 [Tk] each)."""
+    pos = torch.arange(tk, device=cu_seqlens.device, dtype=torch.int32)
+    cu = cu_seqlens.to(torch.int32)
+    doc = torch.searchsorted(cu[1:], pos, right=True)
+    return cu[doc].contiguous(), (cu[doc + 1] - 1).contiguous()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get true fp32 products (the contract: as accurate as the fp32 reference);
+    # 16-bit inputs ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def tuned_configs(table):
+    """(autotune configs, prune function) from {head_dim: [(BLOCK_M, BLOCK_N, warps, stages)]}:
+    each head dim is tuned over its own list (the first entry is the FLASH_AUTOTUNE=0 choice)."""
+    rows = sorted({r for v in table.values() for r in v})
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in rows]
+
+    def prune(configs, named_args, **kwargs):
+        d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        keep = set(table[pick_dim(table, d, named_args["V"].dtype)])
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                       c.num_stages) in keep]
+    return configs, prune
+
+
+def pick_dim(table, d, dtype):
+    """The table entry for head dim d: the smallest listed head dim >= d; fp32 tiles take twice
+    the bytes of 16-bit ones, so fp32 uses the entry of 2*d (512: fp32 at D = 256)."""
+    d = d * 2 if dtype == torch.float32 else d
+    return min(k for k in table if k >= d)
+
+
+# kernel name ("fwd", "dkdv", "dq") -> (BLOCK_M, BLOCK_N, warps, stages): bypasses autotuning
+# (scripts/flash_tune.py sweeps configs through it)
+OVERRIDE: dict = {}
+
+
+def use_autotune(kind: str = "") -> bool:
+    off = os.environ.get("FLASH_AUTOTUNE", "1") == "0"
+    return not INTERPRET and kind not in OVERRIDE and not off
+
+
+# triton's interpreter (3.9) returns garbage for tl.dot on bfloat16 operands: there, the dot
+# operands are upcast to fp32 first (exact: bf16 values are fp32 values, and the GPU's bf16 MMA
+# also forms exact products accumulated in fp32), after any rounding the GPU path does.
+_UPCAST_DOT = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PREC: tl.constexpr):
+    """acc + a @ b (acc may be None), fp32 result."""
+    if _UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
+
+
+@triton.jit
+def cvt(x, DTYPE: tl.constexpr):
+    """x.to(DTYPE), rounding to nearest even. The interpreter truncates fp32 -> bf16 (a biased
+    error the GPU does not have), so there the rounding is done on the bits first."""
+    if _UPCAST_DOT:
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+@triton.jit
+def row_lo(qpos, q_ok, SEG_START, window, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Smallest visible key position for queries at absolute positions `qpos` (tensor or scalar)."""
+    lo = qpos * 0
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, qpos - window + 1)
+    if HAS_SEG:
+        lo = tl.maximum(lo, tl.load(SEG_START + qpos, mask=q_ok, other=0))
+    return lo
+
+
+@triton.jit
+def row_lo_scalar(qpos, SEG_START, window, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """row_lo for one (valid) query position."""
+    lo = qpos * 0
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, qpos - window + 1)
+    if HAS_SEG:
+        lo = tl.maximum(lo, tl.load(SEG_START + qpos))
+    return lo
+
+
+@triton.jit
+def key_hi(kpos, SEG_END, window, BIG, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Largest query position that sees key `kpos` (scalar), BIG when unbounded."""
+    hi = kpos * 0 + BIG
+    if HAS_WINDOW:
+        hi = tl.minimum(hi, kpos + window - 1)
+    if HAS_SEG:
+        hi = tl.minimum(hi, tl.load(SEG_END + kpos))
+    return hi

@@ -1,0 +1,209 @@
+"""Public op: argument checks, implementation dispatch, the CP primitives and the autograd op.
+
+    flash_fwd(q, k, v, *, scale, causal, cu_seqlens, q_offset, window) -> (o, lse)
+    flash_bwd(do, q, k, v, o, lse, *, scale, causal, cu_seqlens, q_offset, window) -> (dq, dk, dv)
+    flash_attn(q, k, v, *, scale, cu_seqlens, q_offset, window, return_lse) -> o | (o, lse)
+
+Layout [B, T, H, D] contiguous; causal with absolute positions (query i at q_offset + i, keys at
+0..Tk-1, Tk >= q_offset + Tq); cu_seqlens (int32 [N+1], B == 1) describes the KEY sequence;
+window w keeps keys t-w < s <= t. lse: natural log, fp32, [B, Hq, Tq].
+The primitives also take causal=False (ring attention's off-diagonal blocks: every query sees
+every key; then no documents, window or q_offset), and copy non-contiguous inputs (ring passes
+slices); flash_attn is always causal and rejects non-contiguous inputs.
+Implementation: Triton on CUDA tensors, ref.py on CPU tensors; ATTN_IMPL=triton|ref forces one
+(TRITON_INTERPRET=1 with ATTN_IMPL=triton runs the kernels on CPU tensors).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from attn.flash import common
+from attn.flash.ref import flash_attn_ref, flash_bwd_ref
+from attn.masks import check_cu_seqlens
+
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def _impl(q: torch.Tensor) -> str:
+    forced = os.environ.get("ATTN_IMPL", "").strip().lower()
+    if forced not in ("", "triton", "ref"):
+        raise ValueError(f"ATTN_IMPL={forced!r}: must be 'triton' or 'ref' (or unset)")
+    is_cuda = getattr(q, "is_cuda", False)
+    impl = forced or ("triton" if is_cuda else "ref")
+    if impl == "triton" and not is_cuda and not common.INTERPRET:
+        where = getattr(q, "device", type(q))
+        raise ValueError("ATTN_IMPL=triton needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         f"import to run the kernels on CPU); q is on {where}")
+    return impl
+
+
+def _check(q, k, v, scale, cu_seqlens, q_offset, window, impl, causal=True):
+    """Validate the contract; return the scale as a float (raises ValueError naming the rule)."""
+    if not causal and (cu_seqlens is not None or window is not None or q_offset != 0):
+        raise ValueError("causal=False (every query sees every key) takes no cu_seqlens, window "
+                         f"or q_offset, got cu_seqlens={'set' if cu_seqlens is not None else None}"
+                         f", window={window}, q_offset={q_offset}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, T, H, D], got "
+                             f"{getattr(t, 'shape', type(t))}")
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    B, tq, hq, d = q.shape
+    if k.shape[0] != B or k.shape[3] != d:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch (dim 0) "
+                         "and head dim (dim 3)")
+    hkv = k.shape[2]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"GQA: Hq={hq} (q dim 2) must be a multiple of Hkv={hkv} (k dim 2)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    tk = k.shape[1]
+    if causal and (not isinstance(q_offset, int) or q_offset < 0 or q_offset + tq > tk):
+        raise ValueError(f"q_offset={q_offset!r} must be an int with 0 <= q_offset and "
+                         f"q_offset + Tq <= Tk (Tq={tq}, Tk={tk})")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window={window!r} must be None or an int >= 1")
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens must be a tensor on q's device ({q.device})")
+        check_cu_seqlens(cu_seqlens, B, tk)
+        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+    if impl == "triton":
+        if q.dtype not in _TRITON_DTYPES:
+            raise ValueError(f"dtype {q.dtype} not supported by the Triton kernels: use "
+                             "bfloat16, float16 or float32")
+        if d not in _HEAD_DIMS:
+            raise ValueError(f"head dim D={d} not supported by the Triton kernels: "
+                             f"D must be one of {_HEAD_DIMS}")
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous in the [B, T, H, D] layout "
+                                 f"(strides {t.stride()}); call .contiguous() first")
+        if max(tq * hq, tk * hkv) * d >= 2 ** 31:
+            raise ValueError(f"T*H*D must be < 2**31 per sequence (int32 offsets), got "
+                             f"Tq*Hq*D={tq * hq * d}, Tk*Hkv*D={tk * hkv * d}")
+    elif not q.is_floating_point():
+        raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
+    return float(d ** -0.5 if scale is None else scale)
+
+
+def _seg(cu_seqlens, tk):
+    return None if cu_seqlens is None else common.seg_arrays(cu_seqlens, tk)
+
+
+def _kernel_offset(causal, q_offset, tk):
+    # non-causal = causal with every query at or past the last key (the kernels clamp to Tk)
+    return q_offset if causal else tk - 1
+
+
+def flash_fwd(q, k, v, *, scale=None, causal: bool = True, cu_seqlens=None, q_offset: int = 0,
+              window=None):
+    """Forward primitive (no autograd): (o [B, Tq, Hq, D] q.dtype, lse [B, Hq, Tq] fp32)."""
+    impl = _impl(q)
+    q, k, v = (t.contiguous() if isinstance(t, torch.Tensor) else t for t in (q, k, v))
+    scale = _check(q, k, v, scale, cu_seqlens, q_offset, window, impl, causal)
+    if impl == "ref":
+        with torch.no_grad():
+            return flash_attn_ref(q, k, v, scale=scale, cu_seqlens=cu_seqlens,
+                                  q_offset=q_offset, window=window, causal=causal)
+    from attn.flash.fwd import fwd_triton
+    seg = _seg(cu_seqlens, k.shape[1])
+    return fwd_triton(q, k, v, scale, None if seg is None else seg[0],
+                      _kernel_offset(causal, q_offset, k.shape[1]), window)
+
+
+def flash_bwd(do, q, k, v, o, lse, *, scale=None, causal: bool = True, cu_seqlens=None,
+              q_offset: int = 0, window=None):
+    """Backward primitive: (dq, dk, dv) shaped like q, k, v, given dO and the forward's o, lse."""
+    impl = _impl(q)
+    q, k, v = (t.contiguous() if isinstance(t, torch.Tensor) else t for t in (q, k, v))
+    scale = _check(q, k, v, scale, cu_seqlens, q_offset, window, impl, causal)
+    if do.shape != q.shape or o.shape != q.shape:
+        raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must have q's shape "
+                         f"{tuple(q.shape)}")
+    B, tq, hq, _ = q.shape
+    if lse.shape != (B, hq, tq):
+        raise ValueError(f"lse must be [B, Hq, Tq] = {(B, hq, tq)}, got {tuple(lse.shape)}")
+    if impl == "ref":  # uses the given o, lse: ring attention passes the merged ones
+        return flash_bwd_ref(do, q, k, v, o, lse, scale=scale, cu_seqlens=cu_seqlens,
+                             q_offset=q_offset, window=window, causal=causal)
+    if lse.dtype != torch.float32 or do.dtype != q.dtype or o.dtype != q.dtype:
+        raise ValueError(f"lse must be float32 and do, o in q's dtype {q.dtype}, got lse "
+                         f"{lse.dtype}, do {do.dtype}, o {o.dtype}")
+    return _bwd(do, q, k, v, o, lse, scale, _seg(cu_seqlens, k.shape[1]),
+                _kernel_offset(causal, q_offset, k.shape[1]), window)
+
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_fp8(x: torch.Tensor):
+    """(x8, scale): float8_e4m3fn values, fp32 scales per (batch, token, head); x ~ x8 * scale."""
+    amax = x.abs().amax(dim=-1).float().clamp_min(1e-12)
+    s = amax / FP8_MAX
+    return (x.float() / s[..., None]).to(torch.float8_e4m3fn), s.contiguous()
+
+
+def flash_fwd_fp8(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, window=None):
+    """Forward primitive with Q K^T in FP8 (e4m3 operands, fp32 scale per token and head, fp32
+    accumulation); softmax, P V and the output stay in v's dtype (bf16/fp16). No backward:
+    an inference / evaluation option. Needs CUDA (sm_89+). Returns (o, lse) like flash_fwd."""
+    if not q.is_cuda:
+        raise ValueError(f"flash_fwd_fp8 needs CUDA tensors (FP8 tensor cores), q is on {q.device}")
+    scale = _check(q, k, v, scale, cu_seqlens, q_offset, window, "triton")
+    if q.dtype == torch.float32:
+        raise ValueError("flash_fwd_fp8: q, k, v must be bfloat16 or float16")
+    from attn.flash.fwd import fwd_triton
+    q8, qs = quantize_fp8(q)
+    k8, ks = quantize_fp8(k)
+    seg = _seg(cu_seqlens, k.shape[1])
+    return fwd_triton(q8, k8, v, scale, None if seg is None else seg[0], q_offset, window,
+                      q_scale=qs, k_scale=ks)
+
+
+def _bwd(do, q, k, v, o, lse, scale, seg, q_offset, window):
+    from attn.flash.bwd import bwd_triton
+    return bwd_triton(do.contiguous(), q, k, v, o.contiguous(), lse.contiguous(), scale, seg,
+                      q_offset, window)
+
+
+class FlashAttnFunction(torch.autograd.Function):
+    """Triton forward/backward; lse is returned as a non-differentiable output."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, cu_seqlens, q_offset, window):
+        from attn.flash.fwd import fwd_triton
+        seg = _seg(cu_seqlens, k.shape[1])
+        o, lse = fwd_triton(q, k, v, scale, None if seg is None else seg[0], q_offset, window)
+        ctx.save_for_backward(q, k, v, o, lse, *(seg or ()))
+        ctx.args = (scale, q_offset, window, seg is not None)
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, o, lse, *seg = ctx.saved_tensors
+        scale, q_offset, window, has_seg = ctx.args
+        dq, dk, dv = _bwd(do, q, k, v, o, lse, scale, tuple(seg) if has_seg else None,
+                          q_offset, window)
+        return dq, dk, dv, None, None, None, None
+
+
+def flash_attn(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, window=None,
+               return_lse: bool = False):
+    """Causal softmax attention ([B, T, H, D]); returns o, or (o, lse) with return_lse."""
+    impl = _impl(q)
+    scale = _check(q, k, v, scale, cu_seqlens, q_offset, window, impl)
+    if impl == "ref":
+        o, lse = flash_attn_ref(q, k, v, scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset,
+                                window=window)
+    else:
+        o, lse = FlashAttnFunction.apply(q, k, v, scale, cu_seqlens, q_offset, window)
+    return (o, lse) if return_lse else o
