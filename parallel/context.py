@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from parallel.allgather import make_allgather_attend
 from parallel.lasp import make_lasp_attend
+from parallel.ring import make_ring_attend
 from parallel.sharding import LAYOUTS
 from parallel.ulysses import check_ulysses_heads, make_ulysses_attend
 
 # strategy -> families it serves
 SUPPORTS = {
+    "ring": {"sdpa", "flash"},
     "allgather": {"sdpa", "flash", "moba", "nsa"},
     "lasp": {"linear", "lightning"},
     "ulysses": {"sdpa", "flash", "linear", "lightning", "moba", "nsa"},
@@ -42,6 +44,8 @@ def apply_context_parallel(model, mesh, strategy: str = "auto", layout: str = "z
         name = strategy_for(core.family, strategy)
         if name == "allgather":
             core.attend = make_allgather_attend(core.attend, mesh, layout)
+        elif name == "ring":
+            core.attend = make_ring_attend(mesh, layout, core.scale)
         elif name == "lasp":
             core.attend = make_lasp_attend(core, mesh, layout)
         else:

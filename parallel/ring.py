@@ -1,0 +1,117 @@
+"""`ring` context parallelism for softmax attention (sdpa, flash): K/V travel around the ring.
+
+Each of the cp steps computes this rank's queries against the K/V block it holds, while the
+block moves on to the next rank (`batch_isend_irecv`, asynchronous on NCCL's own stream, so the
+transfer overlaps the block's compute). Partial outputs merge through their log-sum-exps in
+fp32 with the stable sigmoid form
+    o ← o − σ(lse_b − lse)·(o − o_b),   lse ← lse − log σ(lse − lse_b).
+With zigzag (rank r holds chunks r and 2cp−1−r) every step after the first costs every rank
+the same N × N/2 block: from an earlier rank both query halves see the first key half; from a
+later rank the second query half sees both key halves. Backward sends the blocks around again,
+each with its fp32 dK/dV accumulator, which arrives home after the last hop.
+
+Needs one document per micro-batch (rows would need document masks across blocks): packed
+documents use `allgather`. Block primitives: attn.flash.flash_fwd / flash_bwd with `causal`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _blocks(rank: int, src: int, t_local: int, layout: str):
+    """(query slice, key slice, causal) of this rank's work against the block of rank `src`."""
+    every, h = slice(0, t_local), t_local // 2
+    if src == rank:
+        return [(every, every, True)]  # zigzag halves in local order are causal as one sequence
+    if layout == "zigzag":
+        return [(every, slice(0, h), False)] if src < rank else [(slice(h, t_local), every, False)]
+    return [(every, every, False)] if src < rank else []
+
+
+def _pass_on(tensor: torch.Tensor, group, cp: int, rank: int):
+    """Start sending `tensor` to the next rank and receiving the previous rank's; returns
+    (requests, receive buffer)."""
+    buf = torch.empty_like(tensor)
+    nxt = dist.get_global_rank(group, (rank + 1) % cp)
+    prv = dist.get_global_rank(group, (rank - 1) % cp)
+    ops = [dist.P2POp(dist.isend, tensor.contiguous(), nxt, group),
+           dist.P2POp(dist.irecv, buf, prv, group)]
+    return dist.batch_isend_irecv(ops), buf
+
+
+def _merge(o, lse, rows, o_b, lse_b):
+    """Fold a partial (o_b [B, n, H, D], lse_b [B, H, n]) into rows of the accumulators."""
+    lse_r = lse[:, :, rows]
+    weight = torch.sigmoid(lse_b - lse_r).transpose(1, 2)[..., None]     # [B, n, H, 1]
+    o[:, rows] = o[:, rows] - weight * (o[:, rows] - o_b.float())
+    lse[:, :, rows] = lse_r - F.logsigmoid(lse_r - lse_b)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, mesh, layout):
+        from attn.flash import flash_fwd
+        cp, rank, group = mesh.cp, mesh.cp_rank, mesh.cp_group
+        B, t, hq, _ = q.shape
+        o = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full((B, hq, t), float("-inf"), dtype=torch.float32, device=q.device)
+        kv = torch.stack([k, v])
+        for step in range(cp):
+            src = (rank - step) % cp
+            reqs, nxt = _pass_on(kv, group, cp, rank) if step < cp - 1 else ([], None)
+            for rows, cols, causal in _blocks(rank, src, t, layout):
+                o_b, lse_b = flash_fwd(q[:, rows], kv[0][:, cols], kv[1][:, cols], scale=scale,
+                                       causal=causal)
+                if step == 0:   # the diagonal block covers every row: initialise
+                    o[:, rows], lse[:, :, rows] = o_b.float(), lse_b
+                else:
+                    _merge(o, lse, rows, o_b, lse_b)
+            for r in reqs:
+                r.wait()
+            kv = nxt if nxt is not None else kv
+        o = o.to(q.dtype)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale, ctx.mesh, ctx.layout = scale, mesh, layout
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from attn.flash import flash_bwd
+        q, k, v, o, lse = ctx.saved_tensors
+        mesh, layout = ctx.mesh, ctx.layout
+        cp, rank, group = mesh.cp, mesh.cp_rank, mesh.cp_group
+        t = q.shape[1]
+        do = do.contiguous()
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        kv = torch.stack([k, v])
+        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+        for step in range(cp):
+            src = (rank - step) % cp
+            reqs, nxt = _pass_on(kv, group, cp, rank) if step < cp - 1 else ([], None)
+            for rows, cols, causal in _blocks(rank, src, t, layout):
+                dq_b, dk_b, dv_b = flash_bwd(do[:, rows], q[:, rows], kv[0][:, cols], kv[1][:, cols],
+                                             o[:, rows], lse[:, :, rows].contiguous(),
+                                             scale=ctx.scale, causal=causal)
+                dq[:, rows] += dq_b.float()
+                dkv[0][:, cols] += dk_b.float()
+                dkv[1][:, cols] += dv_b.float()
+            # the accumulator travels with its block; after the last hop it is home
+            dreqs, dnxt = _pass_on(dkv, group, cp, rank)
+            for r in reqs + dreqs:
+                r.wait()
+            kv = nxt if nxt is not None else kv
+            dkv = dnxt
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+
+
+def make_ring_attend(mesh, layout: str, scale: float):
+    def cp_attend(q, k, v, cu_seqlens=None, **kwargs):
+        if cu_seqlens is not None and cu_seqlens.numel() > 2:
+            raise ValueError("parallel.cp_strategy=ring needs one document per micro-batch "
+                             "(trainer.micro_batch=1, data.document_mask=false); packed documents "
+                             "use parallel.cp_strategy=allgather")
+        return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, mesh, layout)
+
+    return cp_attend
