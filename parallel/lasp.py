@@ -3,7 +3,8 @@
 A chunk of the sequence maps an incoming state S to  S_out = A·S + B  with A = exp(−slope·n)
 per head (n tokens; 1 for plain linear attention; 0 when a document starts inside the chunk,
 since the state resets) and B its own final state from a zero start. So:
-1. each rank runs its chunks from a zero state to get B (the op's final state);
+1. each rank computes its chunks' B from a zero state (the op's state-only pass, about a fifth
+   of a forward);
 2. one all-gather of the B's (H·Dk·Dv fp32 per chunk); every rank forms the prefix
    S_in[c] = A_{c−1}·S_in[c−1] + B_{c−1} over chunks in sequence order;
 3. each rank reruns its chunks from S_in (the op's `initial_state`) for the outputs.
@@ -11,8 +12,9 @@ The all-gather's backward reduce-scatters the state gradients: the suffix combin
 backward pass comes from autograd. Zigzag works unchanged (chunks are combined in sequence
 order, wherever they live). Bytes per layer and rank: cp·chunks·H·Dk·Dv·4, independent of T.
 
-Cores provide `attend_with_state(q, k, v, cu_seqlens, initial_state, heads=None) -> (o, S)`
-(S: fp32 [N_docs, H, Dk, Dv]) and `log_decay() -> [H]` (per-token log decay, ≤ 0).
+Cores provide `attend_with_state(q, k, v, cu_seqlens, initial_state, heads=None) -> (o, S)`,
+`final_state(k, v, cu_seqlens, initial_state, heads=None) -> S` (S: fp32 [N_docs, H, Dk, Dv])
+and `log_decay() -> [H]` (per-token log decay, ≤ 0).
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def make_lasp_attend(core, mesh, layout: str):
         # 1. own contribution of every local chunk, from a zero state
         finals = []
         for s, e, sl, cu_loc in pieces:
-            _, state = core.attend_with_state(q[:, sl], k[:, sl], v[:, sl], cu_loc, None, **kwargs)
+            state = core.final_state(k[:, sl], v[:, sl], cu_loc, None, **kwargs)
             finals.append(state[-1])                       # the last document carries on
         # 2. all-gather the chunk states (rank order) and put them in sequence order
         local = torch.stack(finals)[None]                  # [1, chunks_per_rank, H, Dk, Dv]
@@ -67,7 +69,10 @@ def make_lasp_attend(core, mesh, layout: str):
                 init = torch.cat([s_in[s // size][None], init[1:]])
             o, _ = core.attend_with_state(q[:, sl], k[:, sl], v[:, sl], cu_loc, init, **kwargs)
             outs.append(o)
-        return torch.cat(outs, dim=1)
+        out = torch.cat(outs, dim=1)
+        # every rank must run the gather's backward (a collective), also one whose outputs use
+        # no gathered state (rank 0 of the contiguous layout): tie the gather into the graph
+        return out + 0.0 * gathered.sum().to(out.dtype)
 
     return cp_attend
 

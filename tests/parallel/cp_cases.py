@@ -127,5 +127,7 @@ def worker(rank, world, init_file, cases, err_file):
         with open(f"{err_file}.{rank}", "w") as f:
             f.write(traceback.format_exc())
         raise
+    else:
+        dist.barrier()  # no rank tears gloo down while a peer still has sends in flight
     finally:
         dist.destroy_process_group()

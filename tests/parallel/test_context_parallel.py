@@ -10,7 +10,7 @@ from parallel.context import SUPPORTS
 
 import cp_cases
 
-FAMILIES = [f for f in available() if f in ("sdpa", "flash")]
+FAMILIES = [f for f in available() if f in ("sdpa", "flash", "linear", "lightning")]
 
 
 def cases(seed):

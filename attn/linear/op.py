@@ -1,0 +1,478 @@
+"""Public ops of the linear-attention families: checks, dispatch, CP primitives, autograd.
+
+    linear_attn(q, k, v, *, scale=None, initial_state=None, output_final_state=False,
+                cu_seqlens=None) -> (o, final_state | None)
+    linear_fwd(q, k, v, initial_state=None, *, scale=None, cu_seqlens=None) -> (o, final_state)
+    linear_bwd(do, q, k, v, initial_state=None, d_final_state=None, *, scale=None,
+               cu_seqlens=None) -> (dq, dk, dv, d_initial_state)
+    linear_state(k, v, *, initial_state=None, cu_seqlens=None) -> final_state
+        (differentiable; no outputs computed: LASP's first pass, about a third of a forward)
+(`fwd` / `bwd` are aliases; the `lightning` family's op.py has the same three with `slopes`
+after v; both call `scan_attn` / `scan_fwd` / `scan_bwd` here with slopes None or a tensor.)
+
+Semantics (DESIGN.md): S_t = lam_h S_{t-1} + k_t^T v_t, o_t = scale q_t S_t, lam_h = exp(-slopes[h])
+(1 for `linear`), S_{-1} = initial_state or 0, restarted per document with cu_seqlens.
+Shapes: q, k, v [B, T, H, D] (one head count: GQA callers repeat k/v heads first), states fp32
+[B or N, H, D, D] (N documents with cu_seqlens, which needs B == 1), slopes fp32 [H] >= 0, not
+differentiated (constants of the layer). o in q's dtype. final_state is always fp32 (float64 on
+the float64 reference path).
+The fwd/bwd pair is what LASP context parallelism chains across ranks: bwd recomputes the
+segment states from initial_state (cheap: two of the forward's three passes) and returns the
+gradient of initial_state given that of the final state (None = 0).
+Implementation: Triton (kernels.py) on CUDA tensors, ref.chunked on CPU tensors; ATTN_IMPL=
+triton|ref forces one (TRITON_INTERPRET=1 with ATTN_IMPL=triton runs the kernels on CPU).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from attn.linear import kernels as K
+from attn.linear import ref as R
+
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_HEAD_DIMS = (16, 32, 64, 128, 256)  # powers of two: tl.arange / tl.dot tile sizes
+
+
+def empty(shape, dtype, device):
+    """Allocator of every kernel output (tests swap it for a NaN-filled one: rows a kernel
+    forgets to write then show up)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _impl(q: torch.Tensor) -> str:
+    forced = os.environ.get("ATTN_IMPL", "").strip().lower()
+    if forced not in ("", "triton", "ref"):
+        raise ValueError(f"ATTN_IMPL={forced!r}: must be 'triton' or 'ref' (or unset)")
+    impl = forced or ("triton" if q.is_cuda else "ref")
+    if impl == "triton" and not q.is_cuda and not K.INTERPRET:
+        raise ValueError("ATTN_IMPL=triton needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         f"import to run the kernels on CPU); q is on {q.device}")
+    return impl
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check(fn, q, k, v, slopes, scale, initial_state, cu_seqlens, impl, decay: bool):
+    """Validate the contract (ValueError naming the argument); return (scale as a float,
+    slopes as fp32 or None, cu_seqlens as a host list or None)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{fn}: {name} must be a 4-D tensor [B, T, H, D], got "
+                             f"{getattr(t, 'shape', type(t))}")
+    if not (q.shape == k.shape == v.shape):
+        if q.shape[:2] == k.shape[:2] and k.shape == v.shape and q.shape[3] == k.shape[3]:
+            raise ValueError(f"{fn}: q has {q.shape[2]} heads and k/v {k.shape[2]}: linear "
+                             "attention needs one head count (repeat k/v heads for GQA)")
+        raise ValueError(f"{fn}: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} must "
+                         "have the same shape [B, T, H, D]")
+    B, T, H, D = q.shape
+    if min(B, T, H, D) < 1:
+        raise ValueError(f"{fn}: q {tuple(q.shape)}: B, T, H and D must all be >= 1")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"{fn}: q, k, v must share one floating dtype, got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{fn}: q, k, v must be on one device, got {q.device}, {k.device}, "
+                         f"{v.device}")
+    if scale is None:
+        scale = D ** -0.5
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{fn}: scale={scale!r} must be None or a finite number")
+    if decay:
+        if not isinstance(slopes, torch.Tensor) or slopes.shape != (H,):
+            raise ValueError(f"{fn}: slopes must be a tensor [H={H}] (one decay rate per head), "
+                             f"got {getattr(slopes, 'shape', type(slopes))}")
+        if slopes.device != q.device or not slopes.dtype.is_floating_point:
+            raise ValueError(f"{fn}: slopes must be a floating tensor on q's device ({q.device})")
+        slopes = _checked_slopes(fn, slopes)
+    n_states, cu_list = B, None
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.device != q.device:
+            raise ValueError(f"{fn}: cu_seqlens must be a tensor on q's device ({q.device})")
+        if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"{fn}: cu_seqlens must be a 1-D int32 tensor [N+1] (flash-attn "
+                             f"convention), got {cu_seqlens.dtype} of shape "
+                             f"{tuple(cu_seqlens.shape)}")
+        if B != 1:
+            raise ValueError(f"{fn}: cu_seqlens requires batch size 1 (flatten the batch), "
+                             f"got B={B}")
+        cu_list = cu_seqlens.tolist()  # the one host sync of a call with documents
+        if cu_list[0] != 0 or cu_list[-1] != T:
+            raise ValueError(f"{fn}: cu_seqlens must start at 0 and end at T={T}, got "
+                             f"{cu_list[0]}..{cu_list[-1]}")
+        if any(b < a for a, b in zip(cu_list[:-1], cu_list[1:])):
+            raise ValueError(f"{fn}: cu_seqlens must be non-decreasing")
+        n_states = len(cu_list) - 1
+    if initial_state is not None:
+        want = (n_states, H, D, D)
+        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
+            raise ValueError(f"{fn}: initial_state must be a tensor {list(want)} ([B or N "
+                             f"documents, H, Dk, Dv]), got {getattr(initial_state, 'shape', None)}")
+        if initial_state.device != q.device or not initial_state.dtype.is_floating_point:
+            raise ValueError(f"{fn}: initial_state must be a floating tensor on q's device")
+    if impl == "triton":
+        if q.dtype not in _TRITON_DTYPES:
+            raise ValueError(f"{fn}: dtype {q.dtype} is not supported by the Triton kernels: use "
+                             "bfloat16, float16 or float32 (or ATTN_IMPL=ref)")
+        if D not in _HEAD_DIMS:
+            raise ValueError(f"{fn}: head dim D={D} is not supported by the Triton kernels: "
+                             f"D must be one of {_HEAD_DIMS}")
+        if K.SEG_LEN * H * D >= 2 ** 31:  # int32 row offsets inside a segment
+            raise ValueError(f"{fn}: H*D={H * D} too large for the Triton kernels "
+                             f"(needs SEG_LEN*H*D < 2^31)")
+    return float(scale), (slopes if decay else None), cu_list
+
+
+_SLOPES_OK = {}  # (data_ptr, version, device) -> fp32 slopes already validated (no sync per call)
+
+
+def _checked_slopes(fn, slopes):
+    key = (slopes.data_ptr(), slopes._version, str(slopes.device), slopes.dtype)
+    hit = _SLOPES_OK.get(key)
+    if hit is not None and hit[0] is slopes:
+        return hit[1]
+    s32 = slopes.detach().float()
+    if not bool(torch.isfinite(s32).all()) or bool((s32 < 0).any()):
+        raise ValueError(f"{fn}: slopes must be finite and >= 0 (decay exp(-slope) <= 1)")
+    if len(_SLOPES_OK) > 64:
+        _SLOPES_OK.clear()
+    _SLOPES_OK[key] = (slopes, s32)
+    return s32
+
+
+# ----------------------------------------------------------------------------- launches
+
+class _Layout:
+    """Segments of SEG_LEN tokens that never cross a document (see kernels.py, passes)."""
+
+    def __init__(self, B, T, cu, device):
+        if cu is None:
+            self.varlen, self.n = False, B
+            self.nseg = triton.cdiv(T, K.SEG_LEN)
+            self.ns = B * self.nseg
+            self.seg_tab = self.doc_seg = None
+        else:
+            rows, offs = [], [0]
+            for n in range(len(cu) - 1):
+                rows += [(n, s, min(s + K.SEG_LEN, cu[n + 1]))
+                         for s in range(cu[n], cu[n + 1], K.SEG_LEN)]
+                offs.append(len(rows))
+            self.varlen, self.n, self.nseg, self.ns = True, len(cu) - 1, 1, len(rows)
+            self.seg_tab = torch.tensor(rows, dtype=torch.int32).reshape(-1).to(device)
+            self.doc_seg = torch.tensor(offs, dtype=torch.int32).to(device)
+
+
+def _autotune() -> bool:
+    return not K.INTERPRET and os.environ.get("LINEAR_AUTOTUNE", "1") != "0"
+
+
+def _dot_prec(dtype):
+    # fp32 inputs get true fp32 products (as accurate as the fp32 reference, which does not use
+    # TF32); 16-bit operands ignore the setting
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _clamped(configs, names, dims):
+    """Configs with each tile clamped to its dimension, duplicates dropped."""
+    out, seen = [], set()
+    for c in configs:
+        kw = dict(c.kwargs)
+        for n, d in zip(names, dims):
+            kw[n] = min(kw[n], d)
+        key = (tuple(sorted(kw.items())), c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+    return out
+
+
+# (BT, BV, warps, stages) of pass 3; the first is the LINEAR_AUTOTUNE=0 / interpreter choice.
+# BT = 64: the chunk (intra tile) of Lightning Attention-2. At D = 128, BV = 64 the [128, 64] fp32
+# state, the [64, 64] fp32 scores and the [64, 64] fp32 output live in registers: compiled for
+# sm_90 (tests/attn/linear/aot_compile.py) 8 warps take ~215 registers/thread without spills,
+# 4 warps ~230 with small spills in the reverse variant; the autotuner picks on the GPU.
+# BV = D (one DV tile) computes each score tile once; BT = 32 halves the intra-chunk work and the
+# register tiles (no spills at BV = 128) but issues smaller MMAs.
+_OUT_CFGS = [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2),
+             (32, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2)]
+# (BA, BV, BT, warps, stages) of pass 1 (a plain decayed B^T V accumulation)
+_STATE_CFGS = [(64, 64, 64, 4, 2), (64, 64, 128, 4, 3), (128, 64, 64, 8, 2),
+               (128, 128, 64, 8, 2), (64, 64, 64, 4, 3), (32, 64, 64, 4, 2)]
+_SCAN_TILE = 32  # pass 2 tile edge: (D/32)^2 * N * H programs, 4 KB of fp32 state per step
+
+_out_cfgs = [triton.Config({"BT": bt, "BV": bv}, num_warps=w, num_stages=s)
+             for bt, bv, w, s in _OUT_CFGS]
+_state_cfgs = [triton.Config({"BA": ba, "BV": bv, "BT": bt}, num_warps=w, num_stages=s)
+               for ba, bv, bt, w, s in _STATE_CFGS]
+
+
+def _prune_out(configs, named_args, **kw):
+    dv = kw.get("DV", named_args.get("DV"))
+    return _clamped(configs, ["BV"], [dv])
+
+
+def _prune_state(configs, named_args, **kw):
+    da = kw.get("DA", named_args.get("DA"))
+    dv = kw.get("DV", named_args.get("DV"))
+    return _clamped(configs, ["BA", "BV"], [da, dv])
+
+
+_KEY = ["DA", "DV", "REVERSE", "HAS_DECAY", "VARLEN"]
+_out_tuned = triton.autotune(_out_cfgs, key=_KEY, prune_configs_by={
+    "early_config_prune": _prune_out})(K.chunk_out_kernel)
+_state_tuned = triton.autotune(_state_cfgs, key=_KEY, prune_configs_by={
+    "early_config_prune": _prune_state})(K.seg_state_kernel)
+
+
+def _seg_args(lay, x):
+    # without documents the segment tables are never read: any pointer will do
+    return (lay.seg_tab if lay.varlen else x), (lay.doc_seg if lay.varlen else x)
+
+
+def _seg_states(Bm, V, slopes, lay, reverse, s_upd):
+    """Pass 1: [NS, H, DA, DV] fp32 local sums."""
+    _, _, H, DA = Bm.shape
+    DV = V.shape[-1]
+    T = Bm.shape[1]
+    out = empty((lay.ns, H, DA, DV), torch.float32, Bm.device)
+    seg_tab, _ = _seg_args(lay, Bm)
+    sl = Bm if slopes is None else slopes
+    common = dict(H=H, DA=DA, DV=DV, SEG=K.SEG_LEN, REVERSE=reverse, HAS_DECAY=slopes is not None,
+                  VARLEN=lay.varlen, DOT_PREC=_dot_prec(Bm.dtype))
+    if _autotune():
+        grid = lambda m: (lay.ns * H * (DA // m["BA"]) * (DV // m["BV"]),)  # noqa: E731
+        _state_tuned[grid](Bm, V, sl, out, seg_tab, T, lay.nseg, s_upd, **common)
+    else:
+        ba, bv, bt, w, s = _STATE_CFGS[0]
+        ba, bv = min(ba, DA), min(bv, DV)
+        K.seg_state_kernel[(lay.ns * H * (DA // ba) * (DV // bv),)](
+            Bm, V, sl, out, seg_tab, T, lay.nseg, s_upd, BA=ba, BV=bv, BT=bt, num_warps=w,
+            num_stages=s, **common)
+    return out
+
+
+def _scan(st, init, slopes, lay, reverse, T):
+    """Pass 2 (in place on st); returns the carried value at the end ([N, H, DA, DV] fp32)."""
+    _, H, DA, DV = st.shape
+    final = empty((lay.n, H, DA, DV), torch.float32, st.device)
+    seg_tab, doc_seg = _seg_args(lay, st)
+    ba, bv = min(_SCAN_TILE, DA), min(_SCAN_TILE, DV)
+    init = None if init is None else init.float().contiguous()
+    K.state_scan_kernel[(lay.n * H, DA // ba, DV // bv)](
+        st, st if init is None else init, final, st if slopes is None else slopes, seg_tab,
+        doc_seg, T, lay.nseg, H=H, DA=DA, DV=DV, BA=ba, BV=bv, SEG=K.SEG_LEN, REVERSE=reverse,
+        HAS_DECAY=slopes is not None, VARLEN=lay.varlen, HAS_INIT=init is not None,
+        num_warps=4)
+    return final
+
+
+def _chunk_out(A, Bm, V, st, transposed, slopes, lay, reverse, s_intra, s_inter, s_upd):
+    """Pass 3: the output rows [B, T, H, DV] in A's dtype."""
+    _, T, H, DA = A.shape
+    DV = V.shape[-1]
+    o = empty(V.shape, A.dtype, A.device)
+    sa, sv = (1, DA) if transposed else (DV, 1)
+    seg_tab, _ = _seg_args(lay, A)
+    sl = A if slopes is None else slopes
+    common = dict(H=H, DA=DA, DV=DV, SEG=K.SEG_LEN, REVERSE=reverse, HAS_DECAY=slopes is not None,
+                  VARLEN=lay.varlen, DOT_PREC=_dot_prec(A.dtype))
+    args = (A, Bm, V, st, sa, sv, o, sl, seg_tab, T, lay.nseg, s_intra, s_inter, s_upd)
+    if _autotune():
+        _out_tuned[lambda m: (lay.ns * H * (DV // m["BV"]),)](*args, **common)
+    else:
+        bt, bv, w, s = _OUT_CFGS[0]
+        bv = min(bv, DV)
+        K.chunk_out_kernel[(lay.ns * H * (DV // bv),)](*args, BT=bt, BV=bv, num_warps=w,
+                                                       num_stages=s, **common)
+    return o
+
+
+def _fwd_triton(q, k, v, slopes, scale, initial_state, lay):
+    """(o, final_state, segment states) with q, k, v contiguous."""
+    T = q.shape[1]
+    st = _seg_states(k, v, slopes, lay, False, 1.0)
+    final = _scan(st, initial_state, slopes, lay, False, T)
+    o = _chunk_out(q, k, v, st, False, slopes, lay, False, scale, scale, 1.0)
+    return o, final, st
+
+
+def _bwd_triton(do, q, k, v, slopes, scale, st, d_final, lay):
+    """(dq, dk, dv, d_initial_state) given the forward's segment states st."""
+    T = q.shape[1]
+    dst = _seg_states(q, do, slopes, lay, True, scale)
+    d_init = _scan(dst, d_final, slopes, lay, True, T)
+    dq = _chunk_out(do, v, k, st, True, slopes, lay, False, scale, scale, 1.0)
+    dv = _chunk_out(k, q, do, dst, False, slopes, lay, True, scale, 1.0, scale)
+    dk = _chunk_out(v, do, q, dst, True, slopes, lay, True, scale, 1.0, scale)
+    return dq, dk, dv, d_init
+
+
+class _ScanAttn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, initial_state, slopes, scale, lay):
+        ctx.set_materialize_grads(False)  # an unused final state brings None, not zeros
+        o, final, st = _fwd_triton(q, k, v, slopes, scale, initial_state, lay)
+        ctx.save_for_backward(q, k, v, st, slopes)
+        ctx.scale, ctx.lay = scale, lay
+        ctx.init_dtype = None if initial_state is None else initial_state.dtype
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, d_final):
+        q, k, v, st, slopes = ctx.saved_tensors
+        do = torch.zeros_like(q) if do is None else do.contiguous()
+        dq, dk, dv, d_init = _bwd_triton(do, q, k, v, slopes, ctx.scale, st, d_final, ctx.lay)
+        d_init = None if ctx.init_dtype is None else d_init.to(ctx.init_dtype)
+        return dq, dk, dv, d_init, None, None, None
+
+
+class _ScanState(torch.autograd.Function):
+    """Final state only: passes 1 + 2 forward (no outputs); the backward is closed-form,
+    dk_t = w_t v_t dS^T, dv_t = w_t k_t dS, d initial_state = lam^L dS with w_t = lam^(L-1-t) of
+    the token's document (torch matmuls in the input dtype, fp32 accumulation)."""
+
+    @staticmethod
+    def forward(ctx, k, v, initial_state, slopes, lay, cu_list):
+        st = _seg_states(k, v, slopes, lay, False, 1.0)
+        final = _scan(st, initial_state, slopes, lay, False, k.shape[1])
+        ctx.save_for_backward(k, v, slopes)
+        ctx.lay, ctx.cu_list = lay, cu_list
+        ctx.init_dtype = None if initial_state is None else initial_state.dtype
+        return final
+
+    @staticmethod
+    def backward(ctx, d_final):
+        k, v, slopes = ctx.saved_tensors
+        B, T, H, D = k.shape
+        cu = ctx.cu_list or [0, T]
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        d_init = torch.empty_like(d_final)
+        neg = (torch.zeros(H, device=k.device) if slopes is None else -slopes)
+        for n in range(len(cu) - 1):
+            s, e = cu[n], cu[n + 1]
+            # without documents every batch row is one document; with them B == 1
+            docs = slice(None) if ctx.cu_list is None else slice(n, n + 1)
+            dS = d_final[docs]                                               # [b, H, D, D]
+            dist = torch.arange(e - s - 1, -1, -1, device=k.device, dtype=torch.float32)
+            w = torch.exp(neg[None, :] * dist[:, None])[None, :, :, None]    # [1, L, H, 1]
+            dSc = dS.to(k.dtype)
+            dk[:, s:e] = (torch.einsum("bthe,bhde->bthd", v[:, s:e], dSc).float()
+                          * w).to(k.dtype)
+            dv[:, s:e] = (torch.einsum("bthd,bhde->bthe", k[:, s:e], dSc).float()
+                          * w).to(v.dtype)
+            d_init[docs] = torch.exp(neg * (e - s))[None, :, None, None] * dS
+        d_init = None if ctx.init_dtype is None else d_init.to(ctx.init_dtype)
+        return dk, dv, d_init, None, None, None
+
+
+# ----------------------------------------------------------------------------- public
+
+@torch.compiler.disable  # host-side checks and launches: torch.compile runs this part eagerly
+def scan_attn(fn, q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens):
+    """The public ops' body (fn names the caller in error messages)."""
+    impl = _impl(q) if isinstance(q, torch.Tensor) else "ref"
+    scale, slopes, cu_list = _check(fn, q, k, v, slopes, scale, initial_state, cu_seqlens, impl,
+                                    decay=slopes is not None or fn.startswith("lightning"))
+    if impl == "ref":
+        o, final = R.chunked(q, k, v, slopes, scale=scale, initial_state=initial_state,
+                             cu_seqlens=cu_seqlens)
+    else:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        lay = _Layout(q.shape[0], q.shape[1], cu_list, q.device)
+        o, final = _ScanAttn.apply(q, k, v, initial_state, slopes, scale, lay)
+    return o, (final if output_final_state else None)
+
+
+def scan_fwd(fn, q, k, v, slopes, initial_state, scale, cu_seqlens):
+    """(o, final_state) without autograd (Triton, or the reference under ATTN_IMPL=ref/CPU)."""
+    impl = _impl(q)
+    scale, slopes, cu_list = _check(fn, q, k, v, slopes, scale, initial_state, cu_seqlens, impl,
+                                    decay=slopes is not None or fn.startswith("lightning"))
+    with torch.no_grad():
+        if impl == "ref":
+            return R.chunked(q, k, v, slopes, scale=scale, initial_state=initial_state,
+                             cu_seqlens=cu_seqlens)
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        lay = _Layout(q.shape[0], q.shape[1], cu_list, q.device)
+        o, final, _ = _fwd_triton(q, k, v, slopes, scale, initial_state, lay)
+        return o, final
+
+
+def scan_bwd(fn, do, q, k, v, slopes, initial_state, d_final_state, scale, cu_seqlens):
+    """(dq, dk, dv, d_initial_state); the segment states are recomputed from initial_state."""
+    impl = _impl(q)
+    scale, slopes, cu_list = _check(fn, q, k, v, slopes, scale, initial_state, cu_seqlens, impl,
+                                    decay=slopes is not None or fn.startswith("lightning"))
+    if do is None or do.shape != q.shape:
+        raise ValueError(f"{fn}: do must have q's shape {tuple(q.shape)}")
+    n_states = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    want = (n_states, q.shape[2], q.shape[3], q.shape[3])
+    if d_final_state is not None and tuple(d_final_state.shape) != want:
+        raise ValueError(f"{fn}: d_final_state must be [{n_states}, H, D, D] like the final state")
+    if impl == "ref":
+        with torch.enable_grad():
+            xs = [t.detach().requires_grad_() for t in (q, k, v)]
+            init = (torch.zeros(n_states, q.shape[2], q.shape[3], q.shape[3], device=q.device,
+                                dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+                    if initial_state is None else initial_state.detach().clone())
+            init.requires_grad_()
+            o, final = R.chunked(*xs, slopes, scale=scale, initial_state=init,
+                                 cu_seqlens=cu_seqlens)
+            outs, grads = [o], [do]
+            if d_final_state is not None:
+                outs.append(final)
+                grads.append(d_final_state.to(final.dtype))
+            g = torch.autograd.grad(outs, [*xs, init], grads, allow_unused=True)
+        return tuple(g)
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    lay = _Layout(q.shape[0], q.shape[1], cu_list, q.device)
+    with torch.no_grad():
+        T = q.shape[1]
+        st = _seg_states(k, v, slopes, lay, False, 1.0)
+        _scan(st, initial_state, slopes, lay, False, T)
+        return _bwd_triton(do, q, k, v, slopes, scale, st, d_final_state, lay)
+
+
+@torch.compiler.disable
+def scan_state(fn, k, v, slopes, initial_state, cu_seqlens):
+    """The final state alone, differentiable (LASP's first pass needs no outputs)."""
+    impl = _impl(k) if isinstance(k, torch.Tensor) else "ref"
+    _, slopes, cu_list = _check(fn, k, k, v, slopes, None, initial_state, cu_seqlens, impl,
+                                decay=slopes is not None or fn.startswith("lightning"))
+    if impl == "ref":
+        return R.final_state(k, v, slopes, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    k, v = k.contiguous(), v.contiguous()
+    lay = _Layout(k.shape[0], k.shape[1], cu_list, k.device)
+    return _ScanState.apply(k, v, initial_state, slopes, lay, cu_list)
+
+
+def linear_state(k, v, *, initial_state=None, cu_seqlens=None):
+    """Final state [B or N, H, Dk, Dv] fp32 of linear_attn without computing the outputs."""
+    return scan_state("linear_state", k, v, None, initial_state, cu_seqlens)
+
+
+def linear_attn(q, k, v, *, scale=None, initial_state=None, output_final_state=False,
+                cu_seqlens=None):
+    """Causal linear attention o_t = scale * q_t S_t, S_t = S_{t-1} + k_t^T v_t (no feature map:
+    the layer applies it). Returns (o, final_state or None); see the module docstring."""
+    return scan_attn("linear_attn", q, k, v, None, scale, initial_state, output_final_state,
+                     cu_seqlens)
+
+
+def linear_fwd(q, k, v, initial_state=None, *, scale=None, cu_seqlens=None):
+    """CP primitive: (o, final_state fp32), no autograd."""
+    return scan_fwd("linear_fwd", q, k, v, None, initial_state, scale, cu_seqlens)
+
+
+def linear_bwd(do, q, k, v, initial_state=None, d_final_state=None, *, scale=None,
+               cu_seqlens=None):
+    """CP primitive: (dq, dk, dv, d_initial_state) of linear_fwd given do and d final_state."""
+    return scan_bwd("linear_bwd", do, q, k, v, None, initial_state, d_final_state, scale,
+                    cu_seqlens)
+
+
+fwd, bwd = linear_fwd, linear_bwd

@@ -1,0 +1,166 @@
+"""Causal linear attention (`attn=linear`): Triton kernels (no-decay variant; interpreter on CPU)
+against the float64 recurrence, states in/out, documents, dtypes, CP primitives, bad input, the
+layer core. Rules and error measure: scan_testlib.py."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from attn import get_core
+from attn.linear import LinearCore, linear_attn, linear_bwd, linear_fwd, op
+from attn.linear import ref as R
+from scan_testlib import check_case, nan_empty, random_docs, rel
+
+
+@pytest.mark.parametrize("B,T,H,D,seg", [(2, 130, 2, 16, 128), (1, 1, 1, 16, None),
+                                         (1, 100, 2, 32, 64), (3, 77, 1, 32, None)])
+def test_matches_recurrence_fp32(monkeypatch, B, T, H, D, seg):
+    """Outputs, final state and all gradients (incl. d initial_state, with d final_state != 0);
+    T not a multiple of the 64-token chunk, T = 1, several segments (seg) or one."""
+    check_case(monkeypatch, slopes=None, B=B, T=T, H=H, D=D, seg_len=seg)
+
+
+@pytest.mark.parametrize("seg", [64, 1024])
+def test_documents(monkeypatch, seg):
+    """cu_seqlens: uneven lengths incl. 1 and an empty document, one state per document."""
+    check_case(monkeypatch, slopes=None, T=130, H=2, D=16, cu=random_docs(130, 5).tolist(),
+               seg_len=seg)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(monkeypatch, dtype):
+    check_case(monkeypatch, slopes=None, T=130, H=2, D=32, dtype=dtype, seg_len=128)
+
+
+def test_chunks_carrying_state_equal_one_call(monkeypatch):
+    monkeypatch.setenv("ATTN_IMPL", "triton")
+    monkeypatch.setattr(op, "empty", nan_empty)
+    q, k, v = (torch.randn(2, 130, 2, 16, requires_grad=True) for _ in range(3))
+    o, fin = linear_attn(q, k, v, output_final_state=True)
+    do, dfin = torch.randn_like(o), torch.randn_like(fin)
+    g_one = torch.autograd.grad((o * do).sum() + (fin * dfin).sum(), (q, k, v))
+    state, outs = None, []
+    for s, e in [(0, 64), (64, 65), (65, 130)]:
+        oi, state = linear_attn(q[:, s:e], k[:, s:e], v[:, s:e], initial_state=state,
+                                output_final_state=True)
+        outs.append(oi)
+    o2 = torch.cat(outs, 1)
+    g_split = torch.autograd.grad((o2 * do).sum() + (state * dfin).sum(), (q, k, v))
+    assert rel(o2, o) < 1e-6 and rel(state, fin) < 1e-6
+    for a, b in zip(g_split, g_one):
+        assert rel(a, b) < 1e-6
+
+
+def test_cp_primitives_match_autograd(monkeypatch):
+    monkeypatch.setenv("ATTN_IMPL", "triton")
+    monkeypatch.setattr(op, "empty", nan_empty)
+    cu = torch.tensor([0, 30, 31, 90], dtype=torch.int32)
+    q, k, v = (torch.randn(1, 90, 2, 16) for _ in range(3))
+    init, dfin = torch.randn(3, 2, 16, 16), torch.randn(3, 2, 16, 16)
+    do = torch.randn(1, 90, 2, 16)
+    o, fin = linear_fwd(q, k, v, init, cu_seqlens=cu)
+    grads = linear_bwd(do, q, k, v, init, dfin, cu_seqlens=cu)
+    xs = [t.clone().requires_grad_() for t in (q, k, v, init)]
+    o2, fin2 = linear_attn(*xs[:3], initial_state=xs[3], output_final_state=True, cu_seqlens=cu)
+    g2 = torch.autograd.grad((o2 * do).sum() + (fin2 * dfin).sum(), xs)
+    assert rel(o, o2) < 1e-6 and rel(fin, fin2) < 1e-6
+    for a, b in zip(grads, g2):
+        assert rel(a, b) < 1e-6
+    assert op.fwd is linear_fwd and op.bwd is linear_bwd
+    grads0 = linear_bwd(do, q, k, v)  # no states: d_initial_state is still returned
+    assert grads0[3].shape == (1, 2, 16, 16)
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_state_only_primitive(monkeypatch, impl):
+    from attn.linear import linear_state
+    monkeypatch.setenv("ATTN_IMPL", impl)
+    monkeypatch.setattr(op, "empty", nan_empty)
+    cu = torch.tensor([0, 64, 65, 100], dtype=torch.int32)
+    k, v = (torch.randn(1, 100, 2, 32, requires_grad=True) for _ in range(2))
+    dfin = torch.randn(3, 2, 32, 32)
+    st = linear_state(k, v, cu_seqlens=cu)
+    g = torch.autograd.grad((st * dfin).sum(), (k, v))
+    x64 = [t.detach().double().requires_grad_() for t in (k, v)]
+    _, st64 = R.recurrent(torch.zeros_like(x64[0]), *x64, cu_seqlens=cu)
+    g64 = torch.autograd.grad((st64 * dfin.double()).sum(), x64)
+    assert rel(st, st64) < 2e-5
+    for a, b in zip(g, g64):
+        assert rel(a, b) < 2e-5
+    core = LinearCore(64, 2, 2)
+    assert rel(core.final_state(k, v, cu), st) < 1e-6 and not core.log_decay().any()
+
+
+def test_long_sequence_no_drift(monkeypatch):
+    """8k tokens, fp32, no decay (the state only grows): no drift from the float64 recurrence."""
+    monkeypatch.setenv("ATTN_IMPL", "triton")
+    q, k, v = (torch.randn(1, 8192, 1, 16) for _ in range(3))
+    o, fin = linear_attn(q, k, v, output_final_state=True)
+    o64, fin64 = R.recurrent(q.double(), k.double(), v.double())
+    oc, finc = R.chunked(q, k, v)
+    assert rel(o, o64) < 2e-5 and rel(fin, fin64) < 2e-5
+    assert rel(oc, o64) < 2e-5 and rel(finc, fin64) < 2e-5
+    assert rel(o[:, -512:], o64[:, -512:]) < 2e-5
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(k=torch.randn(1, 8, 1, 16), v=torch.randn(1, 8, 1, 16)), "one head count"),
+    (dict(initial_state=torch.zeros(2, 2, 16, 16)), "initial_state must be a tensor"),
+    (dict(cu_seqlens=torch.tensor([0, 8], dtype=torch.int32), q=torch.randn(2, 8, 2, 16),
+          k=torch.randn(2, 8, 2, 16), v=torch.randn(2, 8, 2, 16)), "batch size 1"),
+    (dict(q=torch.randn(1, 0, 2, 16), k=torch.randn(1, 0, 2, 16), v=torch.randn(1, 0, 2, 16)),
+     "must all be >= 1"),
+    (dict(v=torch.randn(1, 8, 2, 16, dtype=torch.float16)), "one floating dtype"),
+])
+def test_bad_input_names_the_argument(monkeypatch, kw, match):
+    monkeypatch.setenv("ATTN_IMPL", "triton")
+    x = torch.randn(1, 8, 2, 16)
+    args = dict(q=x, k=x.clone(), v=x.clone())
+    args.update(kw)
+    with pytest.raises(ValueError, match=match):
+        linear_attn(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+@pytest.mark.parametrize("fmap", ["identity", "elu1", "relu"])
+def test_core_triton_matches_reference(monkeypatch, fmap):
+    core = get_core("linear")(64, 4, 4, feature_map=fmap, norm="full" if fmap == "relu" else "head",
+                              gate="silu" if fmap == "identity" else "none")
+    assert isinstance(core, LinearCore)
+    x = torch.randn(1, 70, 64)
+    res = {}
+    for impl in ("ref", "triton"):
+        monkeypatch.setenv("ATTN_IMPL", impl)
+        core.zero_grad()
+        y = core(x, None, None)
+        y.square().sum().backward()
+        res[impl] = (y.detach(), [p.grad.clone() for p in core.parameters()])
+    assert rel(res["triton"][0], res["ref"][0]) < 1e-5
+    for a, b in zip(res["triton"][1], res["ref"][1]):
+        assert rel(a, b) < 1e-4
+
+
+def test_core_options_are_checked():
+    with pytest.raises(ValueError, match="attn.feature_map='softmax'"):
+        LinearCore(64, 4, 4, feature_map="softmax")
+    with pytest.raises(ValueError, match="attn.norm='layer'"):
+        LinearCore(64, 4, 4, norm="layer")
+    with pytest.raises(ValueError, match="attn.gate='tanh'"):
+        LinearCore(64, 4, 4, gate="tanh")
+
+
+def test_flops_count():
+    core = LinearCore(512, 4, 4)  # D = 128
+    assert core.attention_flops_per_token(8192) == 4 * (4 * 128 * 128 + 2 * 64 * 128)
+    assert core.attention_flops_per_token(16) == 4 * (4 * 128 * 128 + 2 * 16 * 128)
+
+
+def test_model_trains(compose, tmp_path):
+    import train
+    val = train.run(compose("attn=linear", "trainer.steps=6"), tmp_path / "run")
+    assert math.isfinite(val)
+    rows = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0]
