@@ -15,7 +15,7 @@ SEQ=${SEQ:-8192}
 for attn in ${FAMILIES:-sdpa flash lightning}; do
   [ -f "configs/attn/$attn.yaml" ] || continue
   for ac in false; do
-    python3 train.py model=125m attn=$attn logger=jsonl trainer.progress=false \
+    timeout ${RUN_TIMEOUT:-90} python3 train.py model=125m attn=$attn logger=jsonl trainer.progress=false \
       trainer.seq_len=$SEQ trainer.global_batch=4 trainer.micro_batch=4 trainer.steps=${STEPS:-30} \
       trainer.log_every=10 trainer.val_every=0 trainer.ckpt_every=0 \
       trainer.activation_checkpointing=$ac data.val_batches=2 \
