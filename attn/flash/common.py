@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 # set before any kernel is defined: the interpreter runs the kernels on CPU tensors (tests)
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from attn.dispatch import INTERPRET  # noqa: E402
 
 LOG2E_F = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 LN2_F = 0.6931471805599453  # ln(2): natural-log lse = log2-domain lse * LN2
@@ -78,31 +78,8 @@ def use_autotune(kind: str = "") -> bool:
     return not INTERPRET and kind not in OVERRIDE and not off
 
 
-# triton's interpreter (3.9) returns garbage for tl.dot on bfloat16 operands: there, the dot
-# operands are upcast to fp32 first (exact: bf16 values are fp32 values, and the GPU's bf16 MMA
-# also forms exact products accumulated in fp32), after any rounding the GPU path does.
-_UPCAST_DOT = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def mma(a, b, acc, DOT_PREC: tl.constexpr):
-    """acc + a @ b (acc may be None), fp32 result."""
-    if _UPCAST_DOT:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PREC)
-
-
-@triton.jit
-def cvt(x, DTYPE: tl.constexpr):
-    """x.to(DTYPE), rounding to nearest even. The interpreter truncates fp32 -> bf16 (a biased
-    error the GPU does not have), so there the rounding is done on the bits first."""
-    if _UPCAST_DOT:
-        if DTYPE == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(DTYPE)
+# interpreter-safe dot and cast (mma, cvt) are shared by every family
+from attn.triton_common import cvt, mma  # noqa: E402,F401
 
 
 @triton.jit

@@ -19,6 +19,8 @@ import os
 
 import torch
 
+from attn.dispatch import impl_for
+
 from attn.flash import common
 from attn.flash.ref import flash_attn_ref, flash_bwd_ref
 from attn.masks import check_cu_seqlens
@@ -27,17 +29,7 @@ _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
-def _impl(q: torch.Tensor) -> str:
-    forced = os.environ.get("ATTN_IMPL", "").strip().lower()
-    if forced not in ("", "triton", "ref"):
-        raise ValueError(f"ATTN_IMPL={forced!r}: must be 'triton' or 'ref' (or unset)")
-    is_cuda = getattr(q, "is_cuda", False)
-    impl = forced or ("triton" if is_cuda else "ref")
-    if impl == "triton" and not is_cuda and not common.INTERPRET:
-        where = getattr(q, "device", type(q))
-        raise ValueError("ATTN_IMPL=triton needs CUDA tensors (or TRITON_INTERPRET=1 set before "
-                         f"import to run the kernels on CPU); q is on {where}")
-    return impl
+_impl = impl_for  # see attn/dispatch.py
 
 
 def _check(q, k, v, scale, cu_seqlens, q_offset, window, impl, causal=True):

@@ -40,13 +40,12 @@ per program) and streams A, B, V chunks through shared memory (2-stage cp.async 
 """
 from __future__ import annotations
 
-import os
 
 import triton
 import triton.language as tl
 
 # set before any kernel is defined (tests/conftest.py does it): kernels then run on CPU tensors
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from attn.dispatch import INTERPRET  # noqa: E402
 
 # Tokens per segment, the unit of parallelism of passes 1 and 3 and the step of the sequential
 # pass 2. 1024 = 16 chunks of 64: a 32k-token batch at H=16 gives 32*16 = 512 (segment, head)
@@ -54,30 +53,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Must be a multiple of every BT below.
 SEG_LEN = 1024
 
-# interpreter quirks (3.9): tl.dot on bfloat16 operands is wrong there and fp32 -> bf16 casts
-# truncate; with INTERPRET the dot operands are upcast (exact: bf16 products are exact in fp32,
-# as on the GPU's MMA) and casts round to nearest even by hand.
-_INTERP = tl.constexpr(INTERPRET)
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_PREC: tl.constexpr):
-    """acc + a @ b in fp32 (acc may be None)."""
-    if _INTERP:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _cvt(x, DTYPE: tl.constexpr):
-    """x.to(DTYPE) with round-to-nearest-even also under the interpreter."""
-    if _INTERP:
-        if DTYPE == tl.bfloat16:
-            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
-    return x.to(DTYPE)
+# interpreter-safe dot and cast, shared with the other families (attn/triton_common.py)
+from attn.triton_common import cvt as _cvt, mma as _dot  # noqa: E402
 
 
 @triton.jit

@@ -28,6 +28,8 @@ import math
 import os
 
 import torch
+
+from attn.dispatch import impl_for
 import triton
 
 from attn.linear import kernels as K
@@ -43,15 +45,7 @@ def empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _impl(q: torch.Tensor) -> str:
-    forced = os.environ.get("ATTN_IMPL", "").strip().lower()
-    if forced not in ("", "triton", "ref"):
-        raise ValueError(f"ATTN_IMPL={forced!r}: must be 'triton' or 'ref' (or unset)")
-    impl = forced or ("triton" if q.is_cuda else "ref")
-    if impl == "triton" and not q.is_cuda and not K.INTERPRET:
-        raise ValueError("ATTN_IMPL=triton needs CUDA tensors (or TRITON_INTERPRET=1 set before "
-                         f"import to run the kernels on CPU); q is on {q.device}")
-    return impl
+_impl = impl_for  # see attn/dispatch.py
 
 
 # ----------------------------------------------------------------------------- checks

@@ -185,7 +185,8 @@ def test_bad_bwd_inputs(monkeypatch):
 
 def test_impl_needs_interpreter_or_cuda(monkeypatch):
     monkeypatch.setenv("ATTN_IMPL", "triton")
-    monkeypatch.setattr(common, "INTERPRET", False)
+    import attn.dispatch
+    monkeypatch.setattr(attn.dispatch, "INTERPRET", False)
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")
     with pytest.raises(ValueError, match="CUDA"):
