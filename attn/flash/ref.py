@@ -10,6 +10,13 @@ import torch
 from attn.masks import causal_mask, check_cu_seqlens
 
 
+def _visible(tq, tk, q_offset, cu_seqlens, window, causal, device):
+    """[tq, tk] bool: the contract's mask, or everything for a non-causal (off-diagonal) block."""
+    if causal:
+        return causal_mask(tq, tk, q_offset, cu_seqlens, window, device=device)
+    return torch.ones(tq, tk, dtype=torch.bool, device=device)
+
+
 def flash_attn_ref(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, window=None,
                    causal: bool = True):
     """(o, lse): o [B, Tq, Hq, D] in q's dtype, lse [B, Hq, Tq] natural log, fp32 (float64 for
@@ -21,10 +28,7 @@ def flash_attn_ref(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, w
     scale = d ** -0.5 if scale is None else scale
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, tk)
-    if causal:
-        mask = causal_mask(tq, tk, q_offset, cu_seqlens, window, device=q.device)
-    else:
-        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device)
+    mask = _visible(tq, tk, q_offset, cu_seqlens, window, causal, q.device)
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     g = hq // hkv
     qf = q.to(ct).transpose(1, 2)                                   # [B, Hq, Tq, D]
@@ -48,10 +52,7 @@ def flash_bwd_ref(do, q, k, v, o, lse, *, scale=None, cu_seqlens=None, q_offset:
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     scale = d ** -0.5 if scale is None else scale
-    if causal:
-        mask = causal_mask(tq, tk, q_offset, cu_seqlens, window, device=q.device)
-    else:
-        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device)
+    mask = _visible(tq, tk, q_offset, cu_seqlens, window, causal, q.device)
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     g = hq // hkv
     qf, dof, of = (t.to(ct).transpose(1, 2) for t in (q, do, o))    # [B, Hq, Tq, D]
