@@ -23,6 +23,7 @@ attend(q, k, v, cu_seqlens=None, *, q_offset=0, heads=None) -> o
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ def check_heads(n_heads: int, n_kv_heads: int, dim: int, head_dim: int | None) -
     return head_dim
 
 
-class AttentionCore(nn.Module):
+class AttentionCore(nn.Module, ABC):
     """Base class: registry entries subclass this and implement `forward` and `attend`."""
 
     #: name under which the registry knows the family (set by subclasses)
@@ -59,8 +60,9 @@ class AttentionCore(nn.Module):
         self.layer_idx = layer_idx
         self.n_layers = n_layers
 
-    def attend(self, q, k, v, cu_seqlens=None, *, q_offset=0, heads=None):  # pragma: no cover
-        raise NotImplementedError(f"{type(self).__name__} must implement attend()")
+    @abstractmethod
+    def attend(self, q, k, v, cu_seqlens=None, *, q_offset=0, heads=None):
+        """The family's op on projected q, k, v (see the module docstring)."""
 
     def attention_flops_per_token(self, seq_len: int) -> float:
         """Forward matmul FLOPs per token of the token-mixing part (projections excluded).

@@ -11,6 +11,8 @@ it before the op, which needs one head count (its state is per head).
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -88,8 +90,9 @@ class ScanCore(AttentionCore):
 
 
     # --- the op, and the hooks context parallelism uses (parallel/lasp.py, parallel/ulysses.py)
+    @abstractmethod
     def _op(self, q, k, v, cu_seqlens, initial_state, want_state, heads):
-        raise NotImplementedError
+        """(o, final_state or None) of the family's op."""
 
     def attend(self, q, k, v, cu_seqlens=None, heads=None):
         """o = op(q, k, v) from a zero state; `heads` (a slice of this layer's heads, given by
@@ -105,8 +108,9 @@ class ScanCore(AttentionCore):
         """Only the final state (differentiable), no outputs: LASP's first pass."""
         return self._state_op(k, v, cu_seqlens, initial_state, heads)
 
+    @abstractmethod
     def _state_op(self, k, v, cu_seqlens, initial_state, heads):
-        raise NotImplementedError
+        """The final state alone (differentiable)."""
 
     def log_decay(self) -> torch.Tensor:
         """Per-token log decay of the state per head, [H] fp32 <= 0 (0: no decay)."""
