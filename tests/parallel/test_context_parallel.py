@@ -10,7 +10,8 @@ from parallel.context import SUPPORTS
 
 import cp_cases
 
-FAMILIES = [f for f in available() if f in ("sdpa", "flash", "linear", "lightning")]
+FAMILIES = [f for f in available() if f in ("sdpa", "flash", "linear", "lightning", "moba")]
+OPTIONS = {"moba": {"block_size": 4, "topk": 3}}  # several blocks per shard at T = 48
 
 
 def cases(seed):
@@ -21,7 +22,7 @@ def cases(seed):
                 continue
             for layout in ("zigzag", "contiguous"):
                 for docs in (False, True):
-                    out.append(("core", family, strategy, layout, docs, seed))
+                    out.append(("core", family, strategy, layout, docs, seed, OPTIONS.get(family)))
     pattern = [f for f in ("lightning", "sdpa") if f in FAMILIES] + ["sdpa"]
     for layout in ("zigzag", "contiguous"):
         out.append(("model", pattern, layout, seed + 1))
