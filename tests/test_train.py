@@ -133,6 +133,24 @@ def test_torchrun_two_processes_match_one(tmp_path, extra):
     assert math.isclose(va[4], vb[4], rel_tol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("attn", ["flash", "linear", "lightning", "moba"])
+def test_context_parallel_training_matches_one_process(tmp_path, attn):
+    """`torchrun --nproc_per_node 2 train.py attn=<family> parallel.cp=2` (auto strategy: allgather
+    for flash and moba, lasp for the linear families) == one process, loss for loss."""
+    args = [a for a in SMALL_RUN if not a.startswith(("trainer.steps", "trainer.ckpt_every"))]
+    args += [f"attn={attn}", "trainer.steps=3", "trainer.ckpt_every=0", "trainer.val_every=3"]
+    if attn == "moba":
+        args += ["attn.block_size=8"]  # several blocks per 64-token row
+    one = _cli(args + [f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    _torchrun(args + ["parallel.cp=2"], tmp_path, "two")
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for s in a:
+        assert math.isclose(a[s], b[s], rel_tol=1e-5), (attn, s, a[s], b[s])
+
+
 def _torchrun(args, tmp_path, name):
     r = _cli(args + [f"hydra.run.dir={tmp_path / name}"], tmp_path,
              launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
