@@ -134,7 +134,7 @@ def test_torchrun_two_processes_match_one(tmp_path, extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attn", ["flash", "linear", "lightning", "moba"])
+@pytest.mark.parametrize("attn", ["flash", "linear", "lightning", "moba", "nsa"])
 def test_context_parallel_training_matches_one_process(tmp_path, attn):
     """`torchrun --nproc_per_node 2 train.py attn=<family> parallel.cp=2` (auto strategy: allgather
     for flash and moba, lasp for the linear families) == one process, loss for loss."""
@@ -142,6 +142,9 @@ def test_context_parallel_training_matches_one_process(tmp_path, attn):
     args += [f"attn={attn}", "trainer.steps=3", "trainer.ckpt_every=0", "trainer.val_every=3"]
     if attn == "moba":
         args += ["attn.block_size=8"]  # several blocks per 64-token row
+    if attn == "nsa":
+        args += ["attn.cmp_block=8", "attn.cmp_stride=4", "attn.sel_block=8", "attn.topk=3",
+                 "attn.window=16"]
     one = _cli(args + [f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     _torchrun(args + ["parallel.cp=2"], tmp_path, "two")

@@ -10,8 +10,10 @@ from parallel.context import SUPPORTS
 
 import cp_cases
 
-FAMILIES = [f for f in available() if f in ("sdpa", "flash", "linear", "lightning", "moba")]
-OPTIONS = {"moba": {"block_size": 4, "topk": 3}}  # several blocks per shard at T = 48
+FAMILIES = [f for f in available() if f in ("sdpa", "flash", "linear", "lightning", "moba", "nsa")]
+# several blocks per shard at T = 48
+OPTIONS = {"moba": {"block_size": 4, "topk": 3},
+           "nsa": {"cmp_block": 4, "cmp_stride": 2, "sel_block": 8, "topk": 3, "window": 6}}
 
 
 def cases(seed):

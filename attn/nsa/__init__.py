@@ -1,0 +1,138 @@
+"""`attn=nsa`: Native Sparse Attention (compressed, selected and sliding-window branches, gated).
+
+Public `nsa_attn`, the compression helper `compress`, and the layer core `NSACore`. Only the
+dense reference path exists yet (see op.py); context parallelism works through `allgather`
+(per-shard selection with q_offset) and `ulysses`.
+
+How the core meets the CP wrappers without changes to parallel/: the branch gates are per query
+and per head, exactly like q, so `forward` packs them into q as three extra channels
+(q [B, T, Hq, D+3]). Both wrappers then carry them correctly for free: allgather slices q per
+query chunk, ulysses all-to-alls q to head shards. The compressed K/V are computed inside
+`attend` from the k, v it receives (the whole sequence under ulysses, the gathered prefix
+[0, end) under allgather, whose complete blocks are exactly those its queries can see), so the
+compression MLP's gradients also come out right on every rank.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attn.base import SoftmaxAttention
+from attn.nsa.op import compress, nsa_attn
+from attn.nsa.ref import cmp_cu_seqlens, nsa_attn_ref
+
+N_GATES = 3  # cmp, slc, swa
+
+
+class BlockCompressor(nn.Module):
+    """φ of the paper: one block of cmp_block keys (or values) [.., cmp_block, H, D] -> [.., H, D].
+
+    `mlp`: mean of the block plus an MLP over the flattened block with a learned intra-block
+    position embedding (the mean keeps the compressed keys on the scale of the keys at init;
+    the MLP learns the rest). Shared by all heads (so Ulysses' head sharding needs nothing).
+    `mean`: mean pooling, no parameters."""
+
+    def __init__(self, cmp_block: int, head_dim: int, kind: str = "mlp"):
+        super().__init__()
+        if kind not in ("mlp", "mean"):
+            raise ValueError(f"attn.compress={kind!r} must be 'mlp' or 'mean'")
+        self.kind = kind
+        if kind == "mlp":
+            self.pos = nn.Parameter(torch.zeros(cmp_block, head_dim))
+            self.fc1 = nn.Linear(cmp_block * head_dim, head_dim, bias=False)
+            self.fc2 = nn.Linear(head_dim, head_dim, bias=False)
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        mean = blocks.mean(-3)
+        if self.kind == "mean":
+            return mean
+        x = blocks + self.pos[:, None, :].to(blocks.dtype)             # [.., cb, H, D]
+        x = x.movedim(-3, -2).flatten(-2)                               # [.., H, cb·D]
+        return mean + self.fc2(nn.functional.silu(self.fc1(x)))
+
+    def flops_per_block(self) -> float:
+        return 0.0 if self.kind == "mean" else 2.0 * (self.fc1.weight.numel()
+                                                      + self.fc2.weight.numel())
+
+
+class NSACore(SoftmaxAttention):
+    """Softmax-attention layer with the three NSA branches and sigmoid gates from the input."""
+
+    family = "nsa"
+
+    def __init__(self, dim, n_heads, n_kv_heads, head_dim=None, layer_idx=0, n_layers=1, *,
+                 cmp_block: int = 32, cmp_stride: int = 16, sel_block: int = 64, topk: int = 16,
+                 window: int = 512, compress: str = "mlp", qk_norm: bool = False):
+        super().__init__(dim, n_heads, n_kv_heads, head_dim, layer_idx, n_layers, qk_norm=qk_norm)
+        if not 1 <= cmp_stride <= cmp_block:
+            raise ValueError(f"attn.cmp_block={cmp_block}, attn.cmp_stride={cmp_stride}: need "
+                             "1 <= cmp_stride <= cmp_block")
+        if topk < 3:
+            raise ValueError(f"attn.topk={topk} must be >= 3 (block 0 and the two most recent "
+                             "blocks are always selected)")
+        if sel_block < 1 or window < 1:
+            raise ValueError(f"attn.sel_block={sel_block} and attn.window={window} must be >= 1")
+        self.cmp_block, self.cmp_stride, self.sel_block = cmp_block, cmp_stride, sel_block
+        self.topk, self.window = topk, window
+        self.compress_k = BlockCompressor(cmp_block, self.head_dim, compress)
+        self.compress_v = BlockCompressor(cmp_block, self.head_dim, compress)
+        self.w_gate = nn.Linear(dim, N_GATES * n_heads, bias=False)
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, Hq, 3] in (0, 1): sigmoid gates for the cmp, slc and swa branches."""
+        B, T, _ = x.shape
+        return torch.sigmoid(self.w_gate(x)).view(B, T, self.n_heads, N_GATES)
+
+    def forward(self, x: torch.Tensor, rope=None, cu_seqlens=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        hd = self.head_dim
+        q = self.wq(x).view(B, T, self.n_heads, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rope(q), rope(k)
+        q = torch.cat([q, self.gates(x).to(q.dtype)], dim=-1)          # gates ride with q
+        if cu_seqlens is not None and B > 1:
+            q, k, v = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v))
+        o = self.attend(q, k, v, cu_seqlens)
+        return self.wo(o.reshape(B, T, self.n_heads * hd))
+
+    def compress_kv(self, k, v, cu_seqlens=None):
+        """(k_cmp, v_cmp) of k, v [B, T, Hkv, D] in the layout of attn/nsa/ref.py."""
+        fns = {"k": self.compress_k, "v": self.compress_v}
+        return compress(k, v, self.cmp_block, self.cmp_stride, cu_seqlens=cu_seqlens,
+                        fn=lambda blocks, which: fns[which](blocks))
+
+    def attend(self, q, k, v, cu_seqlens=None, *, q_offset=0, heads=None, gates=None):
+        """q [B, Tq, Hq, D+3] with the gates packed as its last three channels (what forward
+        passes; the CP wrappers slice it like any q), or q [B, Tq, Hq, D] with
+        gates=[B, Tq, Hq, 3]. Compressed K/V come from the k, v given here. `heads` is ignored:
+        the compressor is shared by all heads and the gates travel with q."""
+        if gates is None:
+            if q.shape[-1] != k.shape[-1] + N_GATES:
+                raise ValueError(f"q {tuple(q.shape)}: NSACore.attend needs the gates packed as "
+                                 f"q's last {N_GATES} channels (D+{N_GATES} = "
+                                 f"{k.shape[-1] + N_GATES}) or gates=[B, Tq, Hq, {N_GATES}]")
+            q, gates = q[..., :-N_GATES], q[..., -N_GATES:]
+        k_cmp, v_cmp = self.compress_kv(k, v, cu_seqlens)
+        return nsa_attn(q, k, v, k_cmp, v_cmp, gates[..., 0], gates[..., 1], gates[..., 2],
+                        cmp_block=self.cmp_block, cmp_stride=self.cmp_stride,
+                        sel_block=self.sel_block, topk=self.topk, window=self.window,
+                        scale=self.scale, cu_seqlens=cu_seqlens, q_offset=q_offset)
+
+    def attention_flops_per_token(self, seq_len: int) -> float:
+        """Keys per query, 4·D FLOPs each per query head: compressed (T/cmp_stride/2 on average),
+        selected (topk·sel_block, at most the causal T/2) and window (at most T/2); plus the
+        compression MLPs, per compressed block (one every cmp_stride tokens) per KV head, for k
+        and v. (The model's dense term also counts those weights once per token.)"""
+        t = float(seq_len)
+        keys = (t / self.cmp_stride / 2 + min(t / 2, self.topk * self.sel_block)
+                + min(t / 2, self.window))
+        mlp = (self.compress_k.flops_per_block() + self.compress_v.flops_per_block()) \
+            * self.n_kv_heads / self.cmp_stride
+        return 4.0 * self.head_dim * self.n_heads * keys + mlp
+
+
+__all__ = ["nsa_attn", "nsa_attn_ref", "compress", "cmp_cu_seqlens", "NSACore"]

@@ -1,0 +1,106 @@
+"""Public NSA op and the block compression helper.
+
+Only the reference path exists so far: the Triton kernels (compressed attention with lse,
+on-chip top-n selection, selected-block attention per GQA group) are issue 6's remaining work,
+so on any device `nsa_attn` runs attn/nsa/ref.py with dense O(Tq·Tk) masks — fine on CPU and
+for short sequences; at long context on a GPU it is the memory of full attention scores, and a
+warning says so once.
+
+Compressed layout (see ref.py): without cu_seqlens k_cmp/v_cmp are [B, Tc(T), Hkv, D]; with
+cu_seqlens (B == 1) they are each document's complete blocks concatenated in document order,
+[1, Σ_d Tc(L_d), Hkv, D], and `cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)` gives the
+boundaries on the compressed axis. `compress` produces exactly that layout.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from attn.masks import check_cu_seqlens
+from attn.nsa.ref import cmp_block_starts, cmp_cu_seqlens, nsa_attn_ref, num_cmp_blocks
+
+_warned = False
+
+
+def compress(k, v, cmp_block: int, cmp_stride: int, *, cu_seqlens=None, fn=None):
+    """(k_cmp, v_cmp): each document's complete blocks of `cmp_block` keys every `cmp_stride`,
+    reduced by `fn` (default: mean over the block's keys).
+
+    k, v [B, T, Hkv, D]; fn(blocks, which) maps blocks [B, Tc, cmp_block, Hkv, D] to
+    [B, Tc, Hkv, D], with which = "k" or "v" (so a layer can use one MLP for each).
+    Blocks never cross a document boundary; the result is in the layout above."""
+    if k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)}: expected k, v [B, T, Hkv, D]")
+    _check_blocks(cmp_block, cmp_stride)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, k.shape[0], k.shape[1])
+    starts, _ = cmp_block_starts(k.shape[1], cmp_block, cmp_stride, cu_seqlens, k.device)
+    idx = starts[:, None] + torch.arange(cmp_block, device=k.device)    # [Tc, cmp_block]
+    out = []
+    for t, which in ((k, "k"), (v, "v")):
+        blocks = t[:, idx]                                               # [B, Tc, cb, Hkv, D]
+        out.append(blocks.mean(2) if fn is None else fn(blocks, which))
+    return out[0], out[1]
+
+
+def _check_blocks(cmp_block, cmp_stride):
+    if cmp_block < 1 or cmp_stride < 1 or cmp_stride > cmp_block:
+        raise ValueError(f"cmp_block={cmp_block}, cmp_stride={cmp_stride}: need "
+                         "1 <= cmp_stride <= cmp_block (blocks cover every key)")
+
+
+def _check(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block, cmp_stride, sel_block, topk,
+           window, cu_seqlens, q_offset):
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] \
+            or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
+                         "q [B, Tq, Hq, D] and k, v [B, Tk, Hkv, D]")
+    B, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"Hq={hq} must be a multiple of Hkv={hkv} (GQA groups)")
+    _check_blocks(cmp_block, cmp_stride)
+    if sel_block < 1:
+        raise ValueError(f"sel_block={sel_block} must be >= 1")
+    if topk < 3:
+        raise ValueError(f"topk={topk} must be >= 3 (block 0 and the two most recent blocks "
+                         "are always selected)")
+    if window < 1:
+        raise ValueError(f"window={window} must be >= 1")
+    if q_offset < 0 or q_offset + tq > tk:
+        raise ValueError(f"q_offset={q_offset} with Tq={tq} needs 0 <= q_offset and "
+                         f"q_offset+Tq <= Tk={tk}")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, B, tk)
+        tc = int(cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)[-1])
+        rule = "Σ over documents of ⌊(L−cmp_block)/cmp_stride⌋+1 (complete blocks)"
+    else:
+        tc = num_cmp_blocks(tk, cmp_block, cmp_stride)
+        rule = "⌊(Tk−cmp_block)/cmp_stride⌋+1, 0 when Tk < cmp_block"
+    for name, t in (("k_cmp", k_cmp), ("v_cmp", v_cmp)):
+        if tuple(t.shape) != (B, tc, hkv, d):
+            raise ValueError(f"{name} {tuple(t.shape)} must be [B, Tc, Hkv, D] = "
+                             f"{(B, tc, hkv, d)}: Tc = {rule} with cmp_block={cmp_block}, "
+                             f"cmp_stride={cmp_stride}")
+    for name, t in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
+        if tuple(t.shape) != (B, tq, hq):
+            raise ValueError(f"{name} {tuple(t.shape)} must be [B, Tq, Hq] = {(B, tq, hq)} "
+                             "(one gate per query and head)")
+
+
+def nsa_attn(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block: int = 32,
+             cmp_stride: int = 16, sel_block: int = 64, topk: int = 16, window: int = 512,
+             scale=None, cu_seqlens=None, q_offset: int = 0):
+    """Native Sparse Attention, [B, T, H, D] layout (see ref.py for the definition);
+    differentiable w.r.t. q, k, v, k_cmp, v_cmp and the gates."""
+    global _warned
+    _check(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block, cmp_stride, sel_block, topk,
+           window, cu_seqlens, q_offset)
+    if q.is_cuda and not _warned:
+        _warned = True
+        warnings.warn("attn=nsa runs its dense reference path (no Triton kernel yet): "
+                      "O(T^2) memory per head")
+    return nsa_attn_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block=cmp_block,
+                        cmp_stride=cmp_stride, sel_block=sel_block, topk=topk, window=window,
+                        scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset)

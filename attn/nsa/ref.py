@@ -1,0 +1,150 @@
+"""Native Sparse Attention (NSA): the definition, the test oracle and the CPU path.
+
+Three branches over the same queries, mixed by per-query, per-head gates:
+
+- compressed: compressed block i covers keys [i·cmp_stride, i·cmp_stride + cmp_block) of its
+  document and is visible to a query at position t when i·cmp_stride + cmp_block − 1 ≤ t.
+  `o_cmp` is softmax attention over the visible compressed keys k_cmp/v_cmp; a query that sees
+  none gets o_cmp = 0.
+- selected: keys are cut into blocks of `sel_block` from each document's start. Block j scores
+  the sum of the compressed attention probabilities of the compressed blocks overlapping it,
+  summed over the query heads of the GQA group (the group shares one selection). The group
+  attends its `topk` best causal blocks (block start ≤ t), always including block 0 and the
+  two most recent (the block holding t and the one before); ties go to the earlier block.
+  `o_slc` is softmax attention over those blocks' keys s ≤ t. With fewer causal blocks than
+  topk, all are taken (full causal attention).
+- sliding window: `flash_attn_ref(window=window)`, keys t − window < s ≤ t.
+
+o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa, gates [B, T, Hq].
+
+Compressed layout. Without cu_seqlens, k_cmp/v_cmp are [B, Tc, Hkv, D] with
+Tc = ⌊(T − cmp_block)/cmp_stride⌋ + 1 (0 when T < cmp_block). With cu_seqlens (B == 1) each
+document d of length L_d contributes its own Tc(L_d) blocks (never crossing a boundary) and
+k_cmp/v_cmp are the per-document blocks concatenated in document order: [1, Σ_d Tc(L_d), Hkv, D].
+`cmp_cu_seqlens` gives the matching boundaries over the compressed axis. With q_offset the
+queries are a shard at absolute positions q_offset.. against the full keys and the full
+compressed keys described by cu_seqlens (for a key prefix [0, end), as all-gather CP passes,
+that is the compressed blocks complete inside the prefix: exactly those visible to its queries).
+
+Dense masks: O(Tq·Tk) memory, for tests and short CPU runs only. The selection (indices) carries
+no gradient; everything else is differentiable w.r.t. q, k, v, k_cmp, v_cmp and the gates.
+"""
+from __future__ import annotations
+
+import torch
+
+from attn.flash.ref import flash_attn_ref
+from attn.masks import check_cu_seqlens, document_ids
+
+
+def num_cmp_blocks(length: int, cmp_block: int, cmp_stride: int) -> int:
+    """Complete compressed blocks in a document of `length` keys."""
+    return 0 if length < cmp_block else (length - cmp_block) // cmp_stride + 1
+
+
+def cmp_cu_seqlens(cu_seqlens: torch.Tensor, cmp_block: int, cmp_stride: int) -> torch.Tensor:
+    """int32 [N+1]: boundaries of each document's compressed blocks in the concatenated
+    k_cmp/v_cmp (document d owns compressed rows cu_cmp[d] .. cu_cmp[d+1]-1)."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    n = torch.where(lens >= cmp_block, (lens - cmp_block).div(cmp_stride, rounding_mode="floor") + 1,
+                    torch.zeros_like(lens))
+    return torch.cat([n.new_zeros(1), n.cumsum(0)]).to(torch.int32)
+
+
+def cmp_block_starts(tk: int, cmp_block: int, cmp_stride: int, cu_seqlens=None, device=None):
+    """(absolute start position, document start) of every compressed block, int64 [Tc] each,
+    in the layout above."""
+    cu = (torch.tensor([0, tk], dtype=torch.int32, device=device) if cu_seqlens is None
+          else cu_seqlens.to(device))
+    cu_c = cmp_cu_seqlens(cu, cmp_block, cmp_stride).long()
+    tc = int(cu_c[-1])
+    c = torch.arange(tc, device=device)
+    doc = torch.searchsorted(cu_c[1:], c, right=True)
+    dstart = cu.long()[doc]
+    return dstart + (c - cu_c[doc]) * cmp_stride, dstart
+
+
+def _doc_starts(cu_seqlens, tk: int, device) -> torch.Tensor:
+    if cu_seqlens is None:
+        return torch.zeros(tk, dtype=torch.long, device=device)
+    cu = cu_seqlens.to(device).long()
+    return cu[document_ids(cu_seqlens.to(device), tk)]
+
+
+def _masked_softmax(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis restricted to `mask`; rows with nothing visible give zeros
+    (and zero gradient), never NaN."""
+    s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+    return s.softmax(-1) * mask
+
+
+def nsa_branches(q, k, v, k_cmp, v_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64, topk=16,
+                 window=512, scale=None, cu_seqlens=None, q_offset=0):
+    """(o_cmp, o_slc, o_swa, selected): each o [B, Tq, Hq, D] in the compute dtype (fp32, or
+    float64 for float64 inputs); selected bool [B, Hkv, Tq, Tk] (the selected-branch key mask)."""
+    B, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    dev = q.device
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, B, tk)
+    scale = d ** -0.5 if scale is None else scale
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf = q.to(ct).transpose(1, 2)                                        # [B, Hq, Tq, D]
+
+    kstart = _doc_starts(cu_seqlens, tk, dev)                            # [Tk] doc start of key
+    qpos = torch.arange(tq, device=dev) + q_offset
+    qstart = kstart[qpos]                                                # [Tq]
+
+    # ---- compressed branch
+    cstart, cdoc = cmp_block_starts(tk, cmp_block, cmp_stride, cu_seqlens, dev)   # [Tc]
+    cmask = (cdoc[None, :] == qstart[:, None]) & (cstart[None, :] + cmp_block - 1 <= qpos[:, None])
+    kc = k_cmp.to(ct).transpose(1, 2).repeat_interleave(g, dim=1)       # [B, Hq, Tc, D]
+    vc = v_cmp.to(ct).transpose(1, 2).repeat_interleave(g, dim=1)
+    p_cmp = _masked_softmax((qf @ kc.transpose(-1, -2)) * scale, cmask)  # [B, Hq, Tq, Tc]
+    o_cmp = (p_cmp @ vc).transpose(1, 2)
+
+    # ---- selection: block ids global over the sequence, (doc start, doc-relative block)
+    kpos = torch.arange(tk, device=dev)
+    krel = (kpos - kstart) // sel_block
+    gid = torch.unique(kstart * (tk + 1) + krel, return_inverse=True)[1]  # [Tk]
+    nb = int(gid.max()) + 1
+    bfirst = torch.full((nb,), tk, dtype=torch.long, device=dev).scatter_reduce(
+        0, gid, kpos, reduce="amin")
+    bdoc, brel = kstart[bfirst], krel[bfirst]                            # [nb]
+    qrel = (qpos - qstart) // sel_block                                  # [Tq]
+    cand = (bdoc[None, :] == qstart[:, None]) & (brel[None, :] <= qrel[:, None])
+    forced = cand & ((brel[None, :] == 0) | (brel[None, :] >= qrel[:, None] - 1))
+    # compressed block c overlaps selection block j (same document, doc-relative ranges)
+    c_rel = cstart - cdoc
+    overlap = ((cdoc[:, None] == bdoc[None, :])
+               & (c_rel[:, None] < (brel[None, :] + 1) * sel_block)
+               & (c_rel[:, None] + cmp_block > brel[None, :] * sel_block)).to(ct)  # [Tc, nb]
+    with torch.no_grad():
+        score = p_cmp.detach().reshape(B, hkv, g, tq, p_cmp.shape[-1]).sum(2) @ overlap  # [B, Hkv, Tq, nb]
+        score = score.masked_fill(forced, float("inf")).masked_fill(~cand, float("-inf"))
+        order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :topk]
+        chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, order, True) & cand
+        sel = chosen.gather(-1, gid[None, None, None, :].expand(B, hkv, tq, tk))
+        sel &= kpos[None, None, None, :] <= qpos[None, None, :, None]    # [B, Hkv, Tq, Tk]
+    kf = k.to(ct).transpose(1, 2).repeat_interleave(g, dim=1)           # [B, Hq, Tk, D]
+    vf = v.to(ct).transpose(1, 2).repeat_interleave(g, dim=1)
+    p_slc = _masked_softmax((qf @ kf.transpose(-1, -2)) * scale, sel.repeat_interleave(g, dim=1))
+    o_slc = (p_slc @ vf).transpose(1, 2)
+
+    # ---- sliding window
+    o_swa = flash_attn_ref(q.to(ct), k.to(ct), v.to(ct), scale=scale, cu_seqlens=cu_seqlens,
+                           q_offset=q_offset, window=window)[0]
+    return o_cmp, o_slc, o_swa, sel
+
+
+def nsa_attn_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block=32, cmp_stride=16,
+                 sel_block=64, topk=16, window=512, scale=None, cu_seqlens=None, q_offset=0):
+    """NSA output [B, Tq, Hq, D] in q's dtype (fp32 math, float64 for float64 inputs)."""
+    o_cmp, o_slc, o_swa, _ = nsa_branches(
+        q, k, v, k_cmp, v_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
+        topk=topk, window=window, scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset)
+    ct = o_cmp.dtype
+    o = (g_cmp.to(ct)[..., None] * o_cmp + g_slc.to(ct)[..., None] * o_slc
+         + g_swa.to(ct)[..., None] * o_swa)
+    return o.to(q.dtype)
