@@ -85,8 +85,18 @@ def test_logger_options_instantiate(compose, option, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("option", GROUPS["experiment"])
 def test_experiments_compose(compose, option):
+    """Each recipe composes, and its batch arithmetic holds on the world its launch line names."""
+    import re
+    text = (Path(CONFIG_DIR) / "experiment" / f"{option}.yaml").read_text()
+    assert text.splitlines()[1].startswith("# Launch: "), "experiments start with their launch command"
+    world = int(m.group(1)) if (m := re.search(r"--nproc_per_node (\d+)", text)) else 1
     cfg = compose(f"experiment={option}", small=False)
-    assert cfg.trainer.global_batch % cfg.trainer.micro_batch == 0
+    cp = cfg.parallel.cp
+    assert world % cp == 0
+    accum = train.grad_accum_steps(cfg.trainer, world // cp)
+    if cp > 1:
+        train.check_context_parallel(cfg, cp)
+    assert cfg.trainer.seq_len <= cfg.model.max_seq_len and accum >= 1
 
 
 def test_slurm_launcher_composes(compose):
