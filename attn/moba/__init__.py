@@ -1,7 +1,9 @@
 """`attn=moba`: Mixture of Block Attention (block gating, top-k routing per query head).
 
-Public `moba_attn` and the layer core `MoBACore`. Only the dense reference path exists yet
-(see op.py); context parallelism works through `allgather` (per-shard gating with q_offset).
+Public `moba_attn` and the layer core `MoBACore`. Triton kernels on CUDA (gate.py: mean-pooled
+block keys and a streaming top-(k−1) per query head; fwd.py / bwd.py: block-sparse attention
+forward and backward, never T × T), the dense reference ref.py on CPU (see op.py for the
+dispatch); context parallelism works through `allgather` (per-shard gating with q_offset).
 """
 from __future__ import annotations
 

@@ -1,42 +1,137 @@
-"""Public MoBA op. Only the reference path exists so far: the Triton kernels (gating, top-k and
-block-sparse attention without T×T masks) are issue 5's remaining work, so on any device this
-runs attn/moba/ref.py with dense O(Tq·Tk) masks — fine on CPU and for short sequences; at long
-context on a GPU it is the memory of full attention scores, and a warning says so once."""
-from __future__ import annotations
+"""Public MoBA op: argument checks, implementation dispatch and the autograd Function.
 
-import warnings
+    moba_attn(q, k, v, *, block_size, topk, scale, cu_seqlens, q_offset) -> o
+
+Layout [B, T, H, D] contiguous; causal with absolute positions (query i at q_offset + i against
+keys 0..Tk-1: a CP shard's queries against gathered keys); cu_seqlens (int32 [N+1], B == 1)
+describes the key sequence, blocks restart at every document. Definition: ref.py.
+Implementation (attn.dispatch.impl_for): Triton on CUDA tensors, ref.py (dense masks, autograd)
+on CPU tensors; ATTN_IMPL=triton|ref forces one (TRITON_INTERPRET=1 with ATTN_IMPL=triton runs
+the kernels on CPU tensors). The Triton path, never materialising T × T:
+  gate.py    block table, mean-pooled keys per block, streaming top-(k−1) selection per head
+  routed.py  inverse index block -> routed queries; per block, gathered rows attend it in full
+             (partial output + lse, partial dQ per (row, slot))
+  fwd.py     per query tile: own block (causal) merged with the row's routed partials (forward
+             through the lse, dQ by summation)
+  bwd.py     delta, dK/dV per key tile over own-block rows and the routed rows of its blocks
+No gradient flows through the gate (the selection is piecewise constant; ref.py likewise).
+"""
+from __future__ import annotations
 
 import torch
 
+from attn.dispatch import impl_for
+from attn.masks import check_cu_seqlens
 from attn.moba.ref import moba_attn_ref
 
-_warned = False
+_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_HEAD_DIMS = (16, 32, 64, 128)
+MAX_TOPK = 16  # the gate keeps its running top-(k−1) in registers
 
 
-def _check(q, k, v, block_size, topk, q_offset):
-    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[0] != k.shape[0] \
-            or q.shape[3] != k.shape[3]:
+def _check(q, k, v, block_size, topk, q_offset, scale=None, cu_seqlens=None, impl="ref"):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, T, H, D], got "
+                             f"{getattr(t, 'shape', type(t))}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
                          "q [B, Tq, Hq, D] and k, v [B, Tk, Hkv, D]")
-    if q.shape[2] % k.shape[2]:
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
         raise ValueError(f"Hq={q.shape[2]} must be a multiple of Hkv={k.shape[2]}")
-    if not 1 <= block_size:
-        raise ValueError(f"block_size={block_size} must be >= 1")
-    if not 1 <= topk:
-        raise ValueError(f"topk={topk} must be >= 1 (it counts the query's own block)")
-    if q_offset < 0 or q_offset + q.shape[1] > k.shape[1]:
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} must be an int >= 1")
+    if not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk={topk!r} must be an int >= 1 (it counts the query's own block)")
+    if not isinstance(q_offset, int) or q_offset < 0 or q_offset + q.shape[1] > k.shape[1]:
         raise ValueError(f"q_offset={q_offset} with Tq={q.shape[1]} needs 0 <= q_offset and "
                          f"q_offset+Tq <= Tk={k.shape[1]}")
+    if scale is not None and not float(scale) > 0:
+        raise ValueError(f"scale={scale!r} must be > 0")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens must be a tensor on q's device ({q.device})")
+        check_cu_seqlens(cu_seqlens, q.shape[0], k.shape[1])
+        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+    if impl != "triton":
+        return
+    if q.dtype not in _TRITON_DTYPES:
+        raise ValueError(f"dtype {q.dtype} not supported by the Triton kernels: use bfloat16, "
+                         "float16 or float32")
+    if q.shape[3] not in _HEAD_DIMS:
+        raise ValueError(f"head dim D={q.shape[3]} not supported by the Triton kernels: D must "
+                         f"be one of {_HEAD_DIMS}")
+    if topk > MAX_TOPK:
+        raise ValueError(f"topk={topk} must be <= {MAX_TOPK} for the Triton kernels")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous in the [B, T, H, D] layout "
+                             f"(strides {t.stride()}); call .contiguous() first")
+    B, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    if max(tq * hq, tk * hkv) * d >= 2 ** 31 or B * hq * tq * max(topk - 1, 1) >= 2 ** 31:
+        raise ValueError(f"T*H*D and B*Hq*Tq*(topk-1) must be < 2**31 (int32 offsets), got "
+                         f"Tq*Hq*D={tq * hq * d}, Tk*Hkv*D={tk * hkv * d}")
+
+
+def moba_fwd(q, k, v, *, block_size: int = 512, topk: int = 3, scale=None, cu_seqlens=None,
+             q_offset: int = 0):
+    """Triton forward primitive (no autograd): (o, lse [B, Hq, Tq] fp32, sel, table, index);
+    sel (chosen blocks), table (block table) and index (their inverse, None for topk == 1) are
+    what moba_bwd needs besides o and lse."""
+    from attn.moba.fwd import fwd_triton
+    from attn.moba.gate import block_table, select_blocks
+    from attn.moba.routed import routed_entries
+    scale = float(q.shape[3] ** -0.5 if scale is None else scale)
+    table = block_table(cu_seqlens, k.shape[1], block_size, q.device)
+    sel = select_blocks(q, k, table, topk, q_offset)
+    index = routed_entries(sel, table[2].numel()) if topk > 1 else None
+    o, lse = fwd_triton(q, k, v, sel, table, scale, q_offset, index)
+    return o, lse, sel, table, index
+
+
+def moba_bwd(do, q, k, v, o, lse, sel, table, index, *, scale=None, q_offset: int = 0):
+    """Triton backward primitive: (dq, dk, dv) from dO and moba_fwd's o, lse, sel, table, index."""
+    from attn.moba.bwd import bwd_triton
+    scale = float(q.shape[3] ** -0.5 if scale is None else scale)
+    return bwd_triton(do.contiguous(), q, k, v, o, lse, sel, table, scale, q_offset, index)
+
+
+class MoBAFunction(torch.autograd.Function):
+    """Triton forward/backward; the selection is saved (int32 [B, Hq, Tq, topk−1]) and not
+    differentiated."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, block_size, topk, cu_seqlens, q_offset):
+        o, lse, sel, table, index = moba_fwd(q, k, v, block_size=block_size, topk=topk,
+                                             scale=scale, cu_seqlens=cu_seqlens,
+                                             q_offset=q_offset)
+        ctx.save_for_backward(q, k, v, o, lse, sel, *table, *(index or ()))
+        ctx.args = (scale, q_offset)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, sel, *rest = ctx.saved_tensors
+        scale, q_offset = ctx.args
+        table, index = tuple(rest[:4]), (tuple(rest[4:]) or None)
+        dq, dk, dv = moba_bwd(do, q, k, v, o, lse, sel, table, index, scale=scale,
+                              q_offset=q_offset)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def moba_attn(q, k, v, *, block_size: int = 512, topk: int = 3, scale=None, cu_seqlens=None,
               q_offset: int = 0):
     """MoBA attention, [B, T, H, D] layout (see ref.py for the definition); differentiable."""
-    global _warned
-    _check(q, k, v, block_size, topk, q_offset)
-    if q.is_cuda and not _warned:
-        _warned = True
-        warnings.warn("attn=moba runs its dense reference path (no Triton kernel yet): "
-                      "O(T^2) memory per head")
-    return moba_attn_ref(q, k, v, block_size=block_size, topk=topk, scale=scale,
-                         cu_seqlens=cu_seqlens, q_offset=q_offset)
+    impl = impl_for(q)
+    _check(q, k, v, block_size, topk, q_offset, scale, cu_seqlens, impl)
+    if impl == "ref":
+        return moba_attn_ref(q, k, v, block_size=block_size, topk=topk, scale=scale,
+                             cu_seqlens=cu_seqlens, q_offset=q_offset)
+    scale = float(q.shape[3] ** -0.5 if scale is None else scale)
+    return MoBAFunction.apply(q, k, v, scale, block_size, topk, cu_seqlens, q_offset)

@@ -1,0 +1,149 @@
+"""MoBA backward: delta, dQ (per query tile, attn/moba/fwd.py) and dK/dV (per key tile).
+
+dK/dV needs, for every key, the queries that attend it: (a) the rows of its own block at or
+after it (a contiguous row range), (b) the rows that routed to its block, per query head. (b) is
+the forward's inverse index (routed.py: for each (batch, query head, block) the entries
+row·NSEL + slot that chose it, rows ascending; CSR ROWPTR [B·Hq·NB + 1], ENTRIES int32).
+
+Memory plan (_dkdv_kernel): one program = BLOCK_N keys of one (batch, KV head); K, V tiles and
+fp32 dK, dV accumulators [BLOCK_N, D] stay in registers; for each query head of the GQA group
+(shared K/V read once, no repeat_interleave) it streams (a) the own-block query rows and (b) the
+gathered routed rows of every block the key tile touches, BLOCK_M rows at a time (Q, dO
+[BLOCK_M, D] plus lse, delta [BLOCK_M]); writes dK, dV once. Deterministic: every output element
+has exactly one writer, no atomics anywhere in the backward.
+With P = exp2(s2 − lse2) from the saved lse: dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − delta),
+dK = scale · dSᵀ Q, dQ = scale · dS K. No gradient flows through the gate (the selection is
+piecewise constant), as in the paper and in ref.py (its top-k indices carry no gradient).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attn.flash import common
+from attn.flash.bwd import _bwd_preprocess
+from attn.flash.common import LOG2E, LOG2E_F, cvt, mma
+from attn.moba.fwd import dq_triton
+
+
+@triton.jit
+def _dkdv_rows(dk, dv, k, v, kpos, rows, r_ok, qpos, lo, hi, q_base, do_base, lse_ptr, delta_ptr,
+               qk_scale, STRIDE_QT: tl.constexpr, HEAD_DIM: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    """Accumulate one chunk of query rows (any rows: gathered or contiguous) into dK, dV of the
+    key tile; key s and row r pair up when lo[s] <= qpos[r] <= hi[s] and r_ok[r]."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_base + rows[:, None] * STRIDE_QT + offs_d[None, :], mask=r_ok[:, None],
+                other=0.0)
+    do = tl.load(do_base + rows[:, None] * STRIDE_QT + offs_d[None, :], mask=r_ok[:, None],
+                 other=0.0)
+    lse2 = tl.load(lse_ptr + rows, mask=r_ok, other=0.0) * LOG2E
+    delta = tl.load(delta_ptr + rows, mask=r_ok, other=0.0)
+    # transposed scores [BLOCK_N, BLOCK_M]: Pᵀ comes out ready for dV = Pᵀ dO
+    s_t = mma(k, tl.trans(q), None, DOT_PREC) * qk_scale
+    ok = (qpos[None, :] >= lo[:, None]) & (qpos[None, :] <= hi[:, None]) & r_ok[None, :]
+    p_t = tl.where(ok, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+    dv = mma(cvt(p_t, do.dtype), do, dv, DOT_PREC)
+    dp_t = mma(v, tl.trans(do), None, DOT_PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = mma(cvt(ds_t, q.dtype), q, dk, DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KBLK, BLK_END, ROWPTR, ENTRIES, scale,
+                 qk_scale, q_offset, Tq, Tk, NB,
+                 HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSEL: tl.constexpr,
+                 ROUTED: tl.constexpr, DOT_PREC: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    GROUP: tl.constexpr = HQ // HKV
+    STRIDE_QT: tl.constexpr = HQ * HEAD_DIM
+    STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    n_ok = offs_n < Tk
+    kv_off = b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM \
+        + offs_n[:, None] * STRIDE_KT + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=n_ok[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=n_ok[:, None], other=0.0)
+    kblk = tl.load(KBLK + offs_n, mask=n_ok, other=-1)
+    kend = tl.load(BLK_END + kblk, mask=n_ok, other=0)     # exclusive end of the key's block
+    # (a) own block: rows at positions kpos .. kend-1 (a padding key gets the empty [BIG, -1])
+    own_lo = tl.where(n_ok, offs_n, 2 ** 30)
+    own_hi = tl.where(n_ok, kend - 1, -1)
+    r_lo = tl.maximum(start_n - q_offset, 0)
+    r_hi = tl.minimum(tl.max(kend, 0) - q_offset, Tq)       # exclusive
+    # (b) routed rows: blocks touched by this key tile
+    j_lo = tl.min(tl.where(n_ok, kblk, NB), 0)
+    j_hi = tl.max(kblk, 0) + 1
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for g in range(GROUP):
+        h = hkv * GROUP + g
+        bh = (b * HQ + h).to(tl.int64)
+        q_base = Q + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
+        do_base = DO + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
+        lse_ptr = LSE + bh * Tq
+        delta_ptr = DELTA + bh * Tq
+        for m0 in range(r_lo, r_hi, BLOCK_M):
+            rows = m0 + offs_m
+            r_ok = rows < r_hi
+            dk, dv = _dkdv_rows(dk, dv, k, v, offs_n, rows, r_ok, q_offset + rows, own_lo,
+                                own_hi, q_base, do_base, lse_ptr, delta_ptr, qk_scale,
+                                STRIDE_QT, HEAD_DIM, DOT_PREC)
+        if ROUTED:
+            for j in range(j_lo, j_hi):
+                beg = tl.load(ROWPTR + bh * NB + j)
+                cnt = tl.load(ROWPTR + bh * NB + j + 1) - beg
+                in_j = kblk == j
+                # a routed row sees the whole (earlier, complete) block: window [0, BIG)
+                lo = tl.where(in_j, 0, 2 ** 30)
+                hi = tl.where(in_j, 2 ** 30, -1)
+                for i0 in range(0, cnt, BLOCK_M):
+                    r_ok = i0 + offs_m < cnt
+                    rows = tl.load(ENTRIES + beg + i0 + offs_m, mask=r_ok, other=0) // NSEL
+                    dk, dv = _dkdv_rows(dk, dv, k, v, offs_n, rows, r_ok, rows, lo, hi, q_base,
+                                        do_base, lse_ptr, delta_ptr, qk_scale, STRIDE_QT,
+                                        HEAD_DIM, DOT_PREC)
+    tl.store(DK + kv_off, cvt(dk * scale, DK.dtype.element_ty), mask=n_ok[:, None])
+    tl.store(DV + kv_off, cvt(dv, DV.dtype.element_ty), mask=n_ok[:, None])
+
+
+# (BLOCK_M, BLOCK_N, warps, stages), not yet timed on the H100; sm_90a ptxas (triton 3.9, no GPU):
+# bf16 D=64 254 regs no spill, D=128 120 bytes spilled (4 warps: 504), like flash's dK/dV
+GPU_DKDV = (64, 64, 8, 2)
+INTERP_DKDV = (16, 16, 4, 1)
+
+
+def bwd_triton(do, q, k, v, o, lse, sel, table, scale, q_offset, index=None):
+    """(dq, dk, dv) for MoBA given the forward's o, lse, selection and its inverse index
+    (routed.routed_entries; None when nothing is routed, topk == 1)."""
+    B, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    kblk, _, blk_start, blk_end = table
+    nb = blk_start.numel()
+    delta = common.empty((B, hq, tq), torch.float32, q.device)
+    pre_bm = 16 if common.INTERPRET else 64
+    _bwd_preprocess[(triton.cdiv(tq, pre_bm), B * hq)](o, do, delta, tq, H=hq, HEAD_DIM=d,
+                                                        BLOCK_M=pre_bm)
+    dq = dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index)
+    routed = index is not None
+    rowptr, entries = index if routed else (blk_start, blk_start)  # dummies, never read
+    dk = common.empty(k.shape, k.dtype, k.device)
+    dv = common.empty(v.shape, v.dtype, v.device)
+    bm, bn, w, s = INTERP_DKDV if common.INTERPRET else GPU_DKDV
+    if not common.INTERPRET and q.dtype == torch.float32 and d == 128:
+        bm = 32
+    _dkdv_kernel[(triton.cdiv(tk, bn), B * hkv)](
+        q, k, v, do, lse, delta, dk, dv, kblk, blk_end, rowptr, entries, scale, scale * LOG2E_F,
+        q_offset, tq, tk, nb, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
+        NSEL=sel.shape[-1], ROUTED=routed, DOT_PREC=common.dot_precision(q.dtype),
+        num_warps=w, num_stages=s)
+    return dq, dk, dv

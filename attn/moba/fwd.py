@@ -1,0 +1,203 @@
+"""MoBA per-query-tile kernels: the own block (causal) merged with the routed partials, for the
+forward (o, lse) and for dQ.
+
+Strategy: per-token routing is split in two so that no key is loaded for a row that does not
+attend it. The routed blocks are done block-centric (routed.py: for each chosen block, the
+gathered rows that chose it attend it in full, writing a normalised partial output and its lse
+per (row, slot), or a partial dQ); this file does the rest per tile of BLOCK_M consecutive query
+rows of one (batch, query head): the tile's own-block keys [min own-block start, last row] with
+the causal mask of each row ([own block start, row position]; a tile may span several blocks
+and documents), then the NSEL partials of each row (slots with SEL = −1 are skipped). The
+forward merges the partials into the online softmax through their lse (the key sets are
+disjoint: chosen blocks lie strictly before the row's own block), so the result is exactly one
+softmax over the union; dQ adds the partial sums before the single scale and cast.
+
+Memory plan (forward): registers Q tile [BLOCK_M, D] (input dtype), fp32 accumulator
+[BLOCK_M, D], running max / sum [BLOCK_M]; streams K, V chunks [BLOCK_N, D] of the row's KV head
+(GQA: shared K/V, no copies), then the NSEL partial rows [BLOCK_M, D] fp32; writes O once and
+lse once (fp32, natural log). dQ: Q, dO, lse, delta rows resident, fp32 dQ accumulator, writes
+dQ once. Scores in the log2 domain (s2 = q·k · scale · log2 e), so every exponential is exp2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attn.flash import common
+from attn.flash.common import LN2, LOG2E, LOG2E_F, cvt, mma
+
+BIG = tl.constexpr(2 ** 30)  # a key position past every key: empty windows
+
+
+@triton.jit
+def _fwd_chunks(acc, l_i, m_i, q, k_base, v_base, start, end, lo, hi, qk_scale,
+                STRIDE_KT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(start, end, BLOCK_N):
+        kpos = start_n + offs_n
+        k_ok = (kpos < end)[:, None]
+        k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :], mask=k_ok, other=0.0)
+        v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :], mask=k_ok, other=0.0)
+        s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+        ok = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = mma(cvt(p, v.dtype), v, acc * alpha[:, None], DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _dq_chunks(dq, q, do, lse2, delta, k_base, v_base, start, end, lo, hi, qk_scale,
+               STRIDE_KT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(start, end, BLOCK_N):
+        kpos = start_n + offs_n
+        k_ok = (kpos < end)[:, None]
+        k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :], mask=k_ok, other=0.0)
+        v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :], mask=k_ok, other=0.0)
+        s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+        ok = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
+        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = mma(do, tl.trans(v), None, DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = mma(cvt(ds, k.dtype), k, dq, DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _tile_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SEL, OP, LP, KBLK, BLK_START, scale, qk_scale,
+                 q_offset, Tq, Tk,
+                 HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSEL: tl.constexpr,
+                 ROUTED: tl.constexpr, DQ_MODE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Own block of BLOCK_M query rows, merged with the rows' routed partials (routed.py).
+    DQ_MODE=False: forward, OP/LP = normalised partial outputs and their log2 lse; writes O, LSE.
+    DQ_MODE=True: dQ, OP = partial dQ sums (LP unused); reads LSE, DELTA, DO; writes DQ."""
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # long rows first
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hkv = h // (HQ // HKV)
+    STRIDE_QT: tl.constexpr = HQ * HEAD_DIM
+    STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
+    k_base = K + b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
+    v_base = V + b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < Tq
+    qpos = q_offset + offs_m
+    q_off = b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM \
+        + offs_m[:, None] * STRIDE_QT + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=m_ok[:, None], other=0.0)
+    own_start = tl.load(BLK_START + tl.load(KBLK + qpos, mask=m_ok, other=0), mask=m_ok,
+                        other=BIG)
+    own_start = tl.where(m_ok, own_start, BIG)
+    own_lo = tl.min(own_start, 0)
+    own_hi = q_offset + tl.minimum(start_m + BLOCK_M, Tq)  # exclusive
+    ent = (pid_bh.to(tl.int64) * Tq + offs_m) * NSEL       # entry of (row, slot 0)
+
+    if DQ_MODE:
+        do = tl.load(DO + q_off, mask=m_ok[:, None], other=0.0)
+        lse2 = tl.load(LSE + pid_bh.to(tl.int64) * Tq + offs_m, mask=m_ok, other=0.0) * LOG2E
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, mask=m_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        dq = _dq_chunks(dq, q, do, lse2, delta, k_base, v_base, own_lo, own_hi, own_start, qpos,
+                        qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, DOT_PREC)
+        if ROUTED:
+            for slot in tl.static_range(NSEL):
+                ok = m_ok & (tl.load(SEL + ent + slot, mask=m_ok, other=-1) >= 0)
+                dq += tl.load(OP + (ent + slot)[:, None] * HEAD_DIM + offs_d[None, :],
+                              mask=ok[:, None], other=0.0)
+        tl.store(DQ + q_off, cvt(dq * scale, DQ.dtype.element_ty), mask=m_ok[:, None])
+    else:
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30  # finite: masked chunks give p = 0
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        acc, l_i, m_i = _fwd_chunks(acc, l_i, m_i, q, k_base, v_base, own_lo, own_hi, own_start,
+                                    qpos, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, DOT_PREC)
+        if ROUTED:
+            # merge each chosen block's normalised partial o_p with weight 2^lp (log2 domain)
+            for slot in tl.static_range(NSEL):
+                ok = m_ok & (tl.load(SEL + ent + slot, mask=m_ok, other=-1) >= 0)
+                lp = tl.load(LP + ent + slot, mask=ok, other=0.0)
+                lp = tl.where(ok, lp, -1.0e30)
+                m_new = tl.maximum(m_i, lp)
+                alpha = tl.math.exp2(m_i - m_new)
+                w = tl.where(ok, tl.math.exp2(lp - m_new), 0.0)
+                o_p = tl.load(OP + (ent + slot)[:, None] * HEAD_DIM + offs_d[None, :],
+                              mask=ok[:, None], other=0.0)
+                acc = acc * alpha[:, None] + w[:, None] * o_p
+                l_i = l_i * alpha + w
+                m_i = m_new
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # only padding rows (never stored) have l == 0
+        tl.store(O + q_off, cvt(acc / l_safe[:, None], O.dtype.element_ty), mask=m_ok[:, None])
+        tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, (m_i + tl.math.log2(l_safe)) * LN2,
+                 mask=m_ok)
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) on the GPU, not yet timed on the H100. Compiled for sm_90a
+# with triton 3.9's ptxas (no GPU): bf16 D=128 fwd 188 regs, dq 197 regs, no spills (4 warps:
+# 252 regs).
+GPU_CFG = {"fwd": (64, 64, 8, 2), "dq": (64, 64, 8, 2)}
+INTERP_CFG = (16, 16, 4, 1)
+
+
+def _cfg(kind, dtype, d):
+    if common.INTERPRET:
+        return INTERP_CFG
+    bm, bn, w, s = GPU_CFG[kind]
+    if dtype == torch.float32 and d == 128:
+        bn = 32  # fp32 tiles take twice the bytes
+    return bm, bn, w, s
+
+
+def fwd_triton(q, k, v, sel, table, scale, q_offset, index=None):
+    """o [B, Tq, Hq, D] (q.dtype), lse [B, Hq, Tq] fp32, given the selection SEL and its inverse
+    index (routed.routed_entries; None when nothing is routed, topk == 1)."""
+    from attn.moba.routed import routed_fwd
+    B, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    kblk, _, blk_start, _ = table
+    nsel = sel.shape[-1]
+    routed = index is not None
+    if routed:
+        op, lp = routed_fwd(q, k, v, index, table, scale * LOG2E_F, nsel)
+    o = common.empty(q.shape, q.dtype, q.device)
+    lse = common.empty((B, hq, tq), torch.float32, q.device)
+    if not routed:
+        op, lp = lse, lse  # dummies, never read
+    bm, bn, w, s = _cfg("fwd", q.dtype, d)
+    _tile_kernel[(triton.cdiv(tq, bm), B * hq)](
+        q, k, v, o, lse, q, lse, q, sel, op, lp, kblk, blk_start, scale, scale * LOG2E_F,
+        q_offset, tq, tk, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel,
+        ROUTED=routed, DQ_MODE=False, DOT_PREC=common.dot_precision(q.dtype),
+        num_warps=w, num_stages=s)
+    return o, lse
+
+
+def dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index=None):
+    from attn.moba.routed import routed_dq
+    B, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    kblk, _, blk_start, _ = table
+    nsel = sel.shape[-1]
+    routed = index is not None
+    dqp = routed_dq(do, q, k, v, lse, delta, index, table, scale * LOG2E_F, nsel) if routed \
+        else lse  # dummy, never read
+    dq = common.empty(q.shape, q.dtype, q.device)
+    bm, bn, w, s = _cfg("dq", q.dtype, d)
+    _tile_kernel[(triton.cdiv(tq, bm), B * hq)](
+        q, k, v, q, lse, do, delta, dq, sel, dqp, lse, kblk, blk_start, scale, scale * LOG2E_F,
+        q_offset, tq, tk, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel,
+        ROUTED=routed, DQ_MODE=True, DOT_PREC=common.dot_precision(q.dtype),
+        num_warps=w, num_stages=s)
+    return dq

@@ -1,0 +1,145 @@
+"""MoBA gating: the block table, mean-pooled keys per block and the top-(k−1) block selection.
+
+Blocks are numbered globally over the key sequence: document after document, block j of a
+document covering keys [doc_start + j·bs, min(doc_start + (j+1)·bs, doc_end)). The candidates of
+a query at position p are the earlier blocks of its own document, a contiguous global range
+[FIRSTB[p], KBLK[p]) (first block of p's document .. p's own block, exclusive): no scores
+outside that range are ever computed, and nothing of size T × T or T × n_blocks is stored.
+
+Memory plan
+  block table (torch, on the device): KBLK, FIRSTB int32 [Tk]; BLK_START, BLK_END int32 [NB]
+  _pool_kernel : one program per (block, batch·KV head); streams the block's keys in BLOCK_N
+                 rows, fp32 sum in registers [D]; writes MK fp32 [B, NB, Hkv, D] (the block
+                 mean; incomplete last blocks are pooled too but are never candidates)
+  _topk_kernel : one program per (BLOCK_M queries, batch·query head); the query tile [BLOCK_M, D]
+                 in fp32 registers, a running top-(k−1) per row in registers ([BLOCK_M, KP] values
+                 and block ids, KP = next power of 2 ≥ k−1, ≤ 16); streams the block means of the
+                 tile's candidate range one block at a time (a [D] vector, read once per tile);
+                 writes SEL int32 [B, Hq, Tq, k−1] once (−1: no block in that slot).
+Gate scores are q·mean(K_block) in fp32 without the softmax scale (a positive factor does not
+change the ranking; the ref scores in float64). Ties keep the earlier block (strict >).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attn.flash import common
+
+
+def block_table(cu_seqlens, tk: int, block_size: int, device):
+    """(kblk [Tk], firstb [Tk], blk_start [NB], blk_end [NB]) int32, global block numbering."""
+    pos = torch.arange(tk, device=device, dtype=torch.int64)
+    if cu_seqlens is None:
+        start = torch.zeros_like(pos)
+        end = torch.full_like(pos, tk)
+        firstb = torch.zeros_like(pos)
+        kblk = pos // block_size
+    else:
+        cu = cu_seqlens.to(device).long()
+        doc = torch.searchsorted(cu[1:], pos, right=True)
+        start, end = cu[doc], cu[doc + 1]
+        nb_doc = (cu[1:] - cu[:-1] + block_size - 1) // block_size
+        first_doc = torch.cumsum(nb_doc, 0) - nb_doc
+        firstb = first_doc[doc]
+        kblk = firstb + (pos - start) // block_size
+    # number of blocks: host arithmetic without documents, one device read with them
+    nb = -(-tk // block_size) if cu_seqlens is None else (int(kblk[-1]) + 1 if tk else 0)
+    heads = (pos - start) % block_size == 0                   # first key of every block
+    blk_start = torch.empty(nb, dtype=torch.int64, device=device)
+    blk_end = torch.empty(nb, dtype=torch.int64, device=device)
+    blk_start[kblk[heads]] = pos[heads]
+    blk_end[kblk[heads]] = torch.minimum(pos[heads] + block_size, end[heads])
+    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    return i32(kblk), i32(firstb), i32(blk_start), i32(blk_end)
+
+
+@triton.jit
+def _pool_kernel(K, MK, BLK_START, BLK_END, Tk, NB,
+                 HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    j = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
+    k_base = K + b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
+    start = tl.load(BLK_START + j)
+    end = tl.load(BLK_END + j)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for s0 in range(start, end, BLOCK_N):
+        kpos = s0 + offs_n
+        acc += tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
+                       mask=(kpos < end)[:, None], other=0.0).to(tl.float32)
+    mean = tl.sum(acc, 0) / (end - start).to(tl.float32)
+    tl.store(MK + ((b.to(tl.int64) * NB + j) * HKV + hkv) * HEAD_DIM + offs_d, mean)
+
+
+@triton.jit
+def _topk_kernel(Q, MK, SEL, KBLK, FIRSTB, q_offset, Tq, NB,
+                 HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, NSEL: tl.constexpr, KP: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hkv = h // (HQ // HKV)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    m_ok = offs_m < Tq
+    qpos = q_offset + offs_m
+    q = tl.load(Q + b.to(tl.int64) * Tq * HQ * HEAD_DIM + h * HEAD_DIM
+                + offs_m[:, None] * (HQ * HEAD_DIM) + offs_d[None, :],
+                mask=m_ok[:, None], other=0.0).to(tl.float32)
+    # candidate range per row: [c_lo, c_hi); padding rows get an empty range
+    c_lo = tl.load(FIRSTB + qpos, mask=m_ok, other=0)
+    c_hi = tl.load(KBLK + qpos, mask=m_ok, other=0)
+    slot = tl.arange(0, KP)
+    # slots >= NSEL (power-of-2 padding) hold +inf: never the minimum, never replaced
+    vals = tl.where(slot[None, :] < NSEL, float("-inf"), float("inf")) + tl.zeros(
+        [BLOCK_M, KP], dtype=tl.float32)
+    idx = tl.zeros([BLOCK_M, KP], dtype=tl.int32) - 1
+    j_lo = tl.min(tl.where(m_ok, c_lo, NB), 0)
+    j_hi = tl.max(tl.where(m_ok, c_hi, 0), 0)
+    mk_base = MK + (b.to(tl.int64) * NB * HKV + hkv) * HEAD_DIM
+    for j in range(j_lo, j_hi):
+        mk = tl.load(mk_base + j * (HKV * HEAD_DIM) + offs_d)
+        s = tl.sum(q * mk[None, :], 1)
+        valid = (j >= c_lo) & (j < c_hi)
+        mn = tl.min(vals, 1)
+        # the first slot holding the minimum is replaced when the new score beats it
+        at = tl.min(tl.where(vals == mn[:, None], slot[None, :], KP), 1)
+        rep = (valid & (s > mn))[:, None] & (slot[None, :] == at[:, None])
+        vals = tl.where(rep, s[:, None], vals)
+        idx = tl.where(rep, j, idx)
+    tl.store(SEL + (pid_bh.to(tl.int64) * Tq + offs_m[:, None]) * NSEL + slot[None, :], idx,
+             mask=m_ok[:, None] & (slot[None, :] < NSEL))
+
+
+INTERP_POOL_N = 16
+INTERP_TOPK_M = 16
+
+
+def select_blocks(q, k, table, topk: int, q_offset: int):
+    """SEL int32 [B, Hq, Tq, max(topk−1, 1)]: global ids of each row's chosen earlier blocks,
+    −1 in unused slots (all −1 when topk == 1: the query's own block only)."""
+    B, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    kblk, firstb, blk_start, blk_end = table
+    nb = blk_start.numel()
+    nsel = topk - 1
+    if nsel == 0:
+        return torch.full((B, hq, tq, 1), -1, dtype=torch.int32, device=q.device)
+    mk = common.empty((B, nb, hkv, d), torch.float32, q.device)
+    pool_n = INTERP_POOL_N if common.INTERPRET else 64
+    _pool_kernel[(nb, B * hkv)](k, mk, blk_start, blk_end, tk, nb, HKV=hkv, HEAD_DIM=d,
+                                BLOCK_N=pool_n, num_warps=4)
+    sel = common.empty((B, hq, tq, nsel), torch.int32, q.device)
+    bm = INTERP_TOPK_M if common.INTERPRET else 64
+    _topk_kernel[(triton.cdiv(tq, bm), B * hq)](q, mk, sel, kblk, firstb, q_offset, tq, nb,
+                                                 HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm,
+                                                 NSEL=nsel, KP=triton.next_power_of_2(nsel),
+                                                 num_warps=4)
+    return sel

@@ -1,0 +1,206 @@
+"""MoBA's routed part, block-centric: for every (block, batch·query head), the queries that chose
+the block are gathered and attend the whole block (it lies strictly before them, so no mask).
+
+Per-token routing makes the rows of a query tile choose different blocks; walking blocks
+instead, the gathered rows of one block share its keys, so every key tile loaded serves only
+rows that need it (no union of the tile's choices, no wasted rows beyond the last chunk).
+
+Inverse index (torch, once per forward, stable sort, deterministic): ENTRIES int32 lists, per
+(batch·head, block), the entries e = row·NSEL + slot with SEL[row, slot] == block, rows
+ascending; ROWPTR [B·Hq·NB + 1] int32 offsets. The backward's dK/dV kernel reuses it.
+
+Memory plan
+  _routed_fwd_kernel : SPLIT programs per (block, batch·head), interleaving its entries BLOCK_M at
+      a time (gathered Q rows [BLOCK_M, D]); streams the block's K, V in BLOCK_N chunks with an
+      online softmax (fp32 acc [BLOCK_M, D]); writes the normalised partial output
+      OP fp32 [B·Hq, Tq·NSEL, D] and its log2-domain lse LP fp32 [B·Hq, Tq·NSEL] per entry.
+  _routed_dq_kernel  : same walk with dO, lse, delta rows gathered; writes the partial
+      DQP fp32 [B·Hq, Tq·NSEL, D] (unscaled Σ dS·K) per entry.
+The per-query-tile kernels (fwd.py) then add the own block and merge the NSEL partials of each
+row: output through their lse, dQ by summation; every element has one writer, no atomics.
+Transient memory: NSEL fp32 rows of D per query and head (OP in the forward, DQP in the backward).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attn.flash import common
+from attn.flash.common import LOG2E, cvt, mma
+
+
+def routed_entries(sel, nb: int):
+    """Inverse of SEL [B, Hq, Tq, NSEL]: (ROWPTR int32 [B·Hq·NB + 1], ENTRIES int32): the entries
+    e = row·NSEL + slot of (batch·head bh) that chose block j are
+    ENTRIES[ROWPTR[bh·NB + j] : ROWPTR[bh·NB + j + 1]]."""
+    B, hq, tq, nsel = sel.shape
+    dev = sel.device
+    flat = sel.reshape(B * hq, tq * nsel).long()
+    key = torch.arange(B * hq, device=dev)[:, None] * nb + flat
+    key = torch.where(flat >= 0, key, B * hq * nb).flatten()  # unused slots sort last
+    order = torch.sort(key, stable=True).indices
+    ent = torch.arange(tq * nsel, device=dev, dtype=torch.int32).expand(B * hq, -1).flatten()
+    counts = torch.bincount(key, minlength=B * hq * nb + 1)[: B * hq * nb]
+    rowptr = torch.zeros(B * hq * nb + 1, dtype=torch.int64, device=dev)
+    rowptr[1:] = torch.cumsum(counts, 0)
+    # entries past rowptr[-1] (unused slots) are valid ids that no range reaches
+    return rowptr.to(torch.int32), ent[order].contiguous()
+
+
+@triton.jit
+def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_scale, Tq, Tk, NB,
+                       HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSEL: tl.constexpr,
+                       SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+    j = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hkv = h // (HQ // HKV)
+    STRIDE_QT: tl.constexpr = HQ * HEAD_DIM
+    STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
+    q_base = Q + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
+    k_base = K + b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
+    v_base = V + b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
+    ent_base = pid_bh.to(tl.int64) * Tq * NSEL
+    beg = tl.load(ROWPTR + pid_bh.to(tl.int64) * NB + j)
+    cnt = tl.load(ROWPTR + pid_bh.to(tl.int64) * NB + j + 1) - beg
+    bs = tl.load(BLK_START + j)
+    be = tl.load(BLK_END + j)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for i0 in range(tl.program_id(2) * BLOCK_M, cnt, BLOCK_M * SPLIT):
+        e_ok = i0 + offs_m < cnt
+        ent = tl.load(ENTRIES + beg + i0 + offs_m, mask=e_ok, other=0)
+        rows = ent // NSEL
+        q = tl.load(q_base + rows[:, None] * STRIDE_QT + offs_d[None, :], mask=e_ok[:, None],
+                    other=0.0)
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for start_n in range(bs, be, BLOCK_N):
+            kpos = start_n + offs_n
+            k_ok = kpos < be
+            k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
+                        mask=k_ok[:, None], other=0.0)
+            v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
+                        mask=k_ok[:, None], other=0.0)
+            s = tl.where(k_ok[None, :], mma(q, tl.trans(k), None, DOT_PREC) * qk_scale,
+                         float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = mma(cvt(p, v.dtype), v, acc * alpha[:, None], DOT_PREC)
+            m_i = m_new
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        tl.store(OP + (ent_base + ent[:, None]) * HEAD_DIM + offs_d[None, :],
+                 acc / l_safe[:, None], mask=e_ok[:, None])
+        tl.store(LP + ent_base + ent, m_i + tl.math.log2(l_safe), mask=e_ok)
+
+
+@triton.jit
+def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, BLK_END,
+                      qk_scale, Tq, Tk, NB,
+                      HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSEL: tl.constexpr,
+                      SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+    j = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hkv = h // (HQ // HKV)
+    STRIDE_QT: tl.constexpr = HQ * HEAD_DIM
+    STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
+    q_base = Q + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
+    do_base = DO + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
+    k_base = K + b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
+    v_base = V + b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
+    row_base = pid_bh.to(tl.int64) * Tq
+    ent_base = row_base * NSEL
+    beg = tl.load(ROWPTR + pid_bh.to(tl.int64) * NB + j)
+    cnt = tl.load(ROWPTR + pid_bh.to(tl.int64) * NB + j + 1) - beg
+    bs = tl.load(BLK_START + j)
+    be = tl.load(BLK_END + j)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for i0 in range(tl.program_id(2) * BLOCK_M, cnt, BLOCK_M * SPLIT):
+        e_ok = i0 + offs_m < cnt
+        ent = tl.load(ENTRIES + beg + i0 + offs_m, mask=e_ok, other=0)
+        rows = ent // NSEL
+        r_ptrs = rows[:, None] * STRIDE_QT + offs_d[None, :]
+        q = tl.load(q_base + r_ptrs, mask=e_ok[:, None], other=0.0)
+        do = tl.load(do_base + r_ptrs, mask=e_ok[:, None], other=0.0)
+        lse2 = tl.load(LSE + row_base + rows, mask=e_ok, other=0.0) * LOG2E
+        delta = tl.load(DELTA + row_base + rows, mask=e_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for start_n in range(bs, be, BLOCK_N):
+            kpos = start_n + offs_n
+            k_ok = kpos < be
+            k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
+                        mask=k_ok[:, None], other=0.0)
+            v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
+                        mask=k_ok[:, None], other=0.0)
+            s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+            p = tl.where(k_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
+            dp = mma(do, tl.trans(v), None, DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq = mma(cvt(ds, k.dtype), k, dq, DOT_PREC)
+        tl.store(DQP + (ent_base + ent[:, None]) * HEAD_DIM + offs_d[None, :], dq,
+                 mask=e_ok[:, None])
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) on the GPU, not yet timed on the H100; sm_90a ptxas (triton
+# 3.9, no GPU): bf16 D=128 198 / 196 regs (fwd / dq), no spills
+GPU_ROUTED = (64, 64, 8, 2)
+INTERP_ROUTED = (16, 16, 4, 1)
+# programs per (block, head): program z takes row chunks z, z + SPLIT, ... Early blocks are
+# candidates for more queries (block 0 for all of them), so their row lists are the longest;
+# splitting evens out the grid (programs without work exit at once)
+GPU_SPLIT = 4
+INTERP_SPLIT = 2  # exercises the split in the tests
+
+
+def _cfg(dtype, d):
+    if common.INTERPRET:
+        return INTERP_ROUTED
+    bm, bn, w, s = GPU_ROUTED
+    return (bm, 32, w, s) if dtype == torch.float32 and d == 128 else (bm, bn, w, s)
+
+
+def routed_fwd(q, k, v, index, table, scale_log2, nsel: int):
+    """(OP, LP): normalised partial output and log2 lse of every (row, slot) entry."""
+    B, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    _, _, blk_start, blk_end = table
+    nb = blk_start.numel()
+    rowptr, entries = index
+    op = common.empty((B * hq, tq * nsel, d), torch.float32, q.device)
+    lp = common.empty((B * hq, tq * nsel), torch.float32, q.device)
+    bm, bn, w, s = _cfg(q.dtype, d)
+    split = INTERP_SPLIT if common.INTERPRET else GPU_SPLIT
+    _routed_fwd_kernel[(nb, B * hq, split)](
+        q, k, v, op, lp, rowptr, entries, blk_start, blk_end, scale_log2, tq, tk, nb, HQ=hq,
+        HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel, SPLIT=split,
+        DOT_PREC=common.dot_precision(q.dtype), num_warps=w, num_stages=s)
+    return op, lp
+
+
+def routed_dq(do, q, k, v, lse, delta, index, table, scale_log2, nsel: int):
+    """DQP: the unscaled dQ share (Σ dS·K) of every (row, slot) entry's routed block."""
+    B, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    _, _, blk_start, blk_end = table
+    nb = blk_start.numel()
+    rowptr, entries = index
+    dqp = common.empty((B * hq, tq * nsel, d), torch.float32, q.device)
+    bm, bn, w, s = _cfg(q.dtype, d)
+    split = INTERP_SPLIT if common.INTERPRET else GPU_SPLIT
+    _routed_dq_kernel[(nb, B * hq, split)](
+        q, k, v, do, lse, delta, dqp, rowptr, entries, blk_start, blk_end, scale_log2, tq, tk,
+        nb, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel, SPLIT=split,
+        DOT_PREC=common.dot_precision(q.dtype), num_warps=w, num_stages=s)
+    return dqp

@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""MoBA benchmark: our Triton MoBA (gating and top-k included) against full causal attention
+and FlexAttention at MoBA's density.
+
+    python scripts/bench_moba.py --out OUT [--seqlens 8192,...,131072] [--block 512 --topk 3]
+
+Shapes: B = 1, H = 16 (Hkv = --kv-heads, default 16), D = 128, bf16, T in {8k, 16k, 32k, 64k,
+128k}. Backends:
+  moba        attn.moba.moba_attn (ATTN_IMPL unset: Triton on CUDA), per-token routing per head,
+              gate (mean pooling + top-(k−1)) inside the timed region
+  flash       attn.flash.flash_attn, full causal attention (our kernel)
+  sdpa_cudnn  torch SDPA with the cuDNN backend, full causal attention
+  flex        torch FlexAttention (compiled) with a block mask at MoBA's density: block
+              `--block`, top-k including the own block, routed per 128-query tile (random
+              earlier blocks per (head, tile)), mask built once outside the timed region
+Times: medians of triton.testing.do_bench in ms, fwd and fwd+bwd; peak memory: the
+torch.cuda.max_memory_allocated increase over the inputs during one fwd+bwd. Writes
+bench_moba.json and bench_moba.md into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _inputs(T, H, Hkv, D, dtype, layout):
+    torch.manual_seed(1234)
+    q = torch.randn(1, T, H, D, device="cuda", dtype=dtype)
+    k = torch.randn(1, T, Hkv, D, device="cuda", dtype=dtype)
+    v = torch.randn(1, T, Hkv, D, device="cuda", dtype=dtype)
+    if layout == "bhtd":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    return [t.requires_grad_() for t in (q, k, v)]
+
+
+def make_moba(T, H, Hkv, D, dtype, block, topk):
+    from attn.moba import moba_attn
+    return (lambda q, k, v: moba_attn(q, k, v, block_size=block, topk=topk)), \
+        _inputs(T, H, Hkv, D, dtype, "bthd")
+
+
+def make_flash(T, H, Hkv, D, dtype, block, topk):
+    from attn.flash import flash_attn
+    return flash_attn, _inputs(T, H, Hkv, D, dtype, "bthd")
+
+
+def make_sdpa_cudnn(T, H, Hkv, D, dtype, block, topk):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def fn(q, k, v):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != Hkv)
+    return fn, _inputs(T, H, Hkv, D, dtype, "bhtd")
+
+
+def make_flex(T, H, Hkv, D, dtype, block, topk, tile=128):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    nblk, ntile = -(-T // block), -(-T // tile)
+    # per (head, 128-query tile): topk−1 random earlier blocks (−1: none), as dense as MoBA
+    g = torch.Generator(device="cuda").manual_seed(0)
+    score = torch.rand(H, ntile, nblk, device="cuda", generator=g)
+    tile_blk = (torch.arange(ntile, device="cuda") * tile) // block
+    earlier = torch.arange(nblk, device="cuda")[None, :] < tile_blk[:, None]
+    score = score.masked_fill(~earlier[None], -1.0)
+    n = max(min(topk - 1, nblk), 0)
+    top = score.topk(n, -1) if n else None
+    sel = torch.where(top.values >= 0, top.indices, -1) if n else \
+        torch.full((H, ntile, 1), -1, device="cuda", dtype=torch.long)
+
+    def mask_mod(b, h, qi, ki):
+        kb = ki // block
+        own = (kb == qi // block) & (qi >= ki)
+        picked = kb < 0  # False, as a tensor
+        for s in range(sel.shape[-1]):
+            picked = picked | (sel[h, qi // tile, s] == kb)
+        return own | picked
+    # _compile: the mask is built block by block (a dense [H, T, T] bool is 256 GB at 128k)
+    mask = create_block_mask(mask_mod, B=None, H=H, Q_LEN=T, KV_LEN=T, device="cuda",
+                             BLOCK_SIZE=tile, _compile=True)
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return (lambda q, k, v: compiled(q, k, v, block_mask=mask, enable_gqa=H != Hkv)), \
+        _inputs(T, H, Hkv, D, dtype, "bhtd")
+
+
+BACKENDS = {"moba": make_moba, "flash": make_flash, "sdpa_cudnn": make_sdpa_cudnn,
+            "flex": make_flex}
+
+
+def bench_one(name, T, H, Hkv, D, dtype, block, topk, warmup, rep):
+    from triton.testing import do_bench
+    fn, inputs = BACKENDS[name](T, H, Hkv, D, dtype, block, topk)
+    do = torch.randn_like(fn(*inputs))
+    with torch.no_grad():
+        fwd = do_bench(lambda: fn(*inputs), warmup=warmup, rep=rep, return_mode="median")
+
+    def step():
+        fn(*inputs).backward(do)
+    fwdbwd = do_bench(step, warmup=warmup, rep=rep, grad_to_none=inputs, return_mode="median")
+    for t in inputs:
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    return dict(backend=name, T=T, H=H, Hkv=Hkv, D=D, block=block, topk=topk,
+                fwd_ms=fwd, fwdbwd_ms=fwdbwd, peak_mib=peak)
+
+
+def write_outputs(out, records, meta, quiet=False):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench_moba.json"), "w") as f:
+        json.dump(dict(meta=meta, results=records), f, indent=1)
+    seqlens = sorted({r["T"] for r in records})
+    names = list(dict.fromkeys(r["backend"] for r in records))
+    lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; "
+             f"B=1, H={meta['H']}, Hkv={meta['Hkv']}, D={meta['D']}, bf16; MoBA block "
+             f"{meta['block']}, top-{meta['topk']} (own block included), gating included; "
+             "flex: same density routed per 128-query tile, mask precomputed.", ""]
+    for key, title in (("fwd_ms", "forward, ms"), ("fwdbwd_ms", "forward+backward, ms"),
+                       ("peak_mib", "peak memory of one fwd+bwd over the inputs, MiB")):
+        lines += [f"| {title} | " + " | ".join(f"T={t // 1024}k" for t in seqlens) + " |",
+                  "|---|" + "---:|" * len(seqlens)]
+        for n in names:
+            cells = []
+            for t in seqlens:
+                r = [x for x in records if x["backend"] == n and x["T"] == t]
+                cells.append(f"{r[0][key]:.2f}" if r else "-")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if meta["skipped"]:
+        lines.append("Skipped: " + "; ".join(f"{k}: {v}" for k, v in meta["skipped"].items()))
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "bench_moba.md"), "w") as f:
+        f.write(md)
+    if not quiet:
+        print(md)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backends", default="moba,flash,sdpa_cudnn,flex")
+    ap.add_argument("--seqlens", default="8192,16384,32768,65536,131072")
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=None)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--block", type=int, default=512)
+    ap.add_argument("--topk", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=25, help="ms")
+    ap.add_argument("--rep", type=int, default=100, help="ms")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_moba.py needs a CUDA GPU")
+    import triton
+    H, D, Hkv = a.heads, a.head_dim, a.kv_heads or a.heads
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, date=datetime.date.today().isoformat(), H=H,
+                Hkv=Hkv, D=D, block=a.block, topk=a.topk, skipped={})
+    records = []
+    for T in [int(t) for t in a.seqlens.split(",")]:
+        for name in a.backends.split(","):
+            try:
+                r = bench_one(name, T, H, Hkv, D, torch.bfloat16, a.block, a.topk, a.warmup,
+                              a.rep)
+            except Exception as e:  # one backend failing (OOM, missing) must not sink the table
+                meta["skipped"][f"{name}@T={T}"] = f"{type(e).__name__}: {e}"[:300]
+                traceback.print_exc()
+                continue
+            finally:
+                torch.cuda.empty_cache()
+            records.append(r)
+            print(f"{name:10s} T={T:6d} fwd {r['fwd_ms']:8.3f} ms  fwd+bwd {r['fwdbwd_ms']:8.3f} "
+                  f"ms  peak {r['peak_mib']:8.1f} MiB", flush=True)
+            write_outputs(a.out, records, meta, quiet=True)  # partial results survive a crash
+    write_outputs(a.out, records, meta)
+
+
+if __name__ == "__main__":
+    main()
