@@ -95,7 +95,7 @@ def resolve_resume(resume: str | None, ckpt_dir: Path, info: DistInfo) -> Path |
     path = Path(resume)
     if not (path / "meta.json").is_file():
         raise ValueError(f"trainer.resume={resume!r} is not a complete checkpoint folder "
-                         "(expected meta.json inside); use auto, none or a step_XXXXXXXX folder")
+                         "(expected meta.json inside); use auto, none or a step_<8 digits> folder")
     return path
 
 
