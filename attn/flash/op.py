@@ -15,17 +15,15 @@ Implementation: Triton on CUDA tensors, ref.py on CPU tensors; ATTN_IMPL=triton|
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
-from attn.dispatch import impl_for
+from attn.dispatch import check_triton_inputs, impl_for
 
 from attn.flash import common
 from attn.flash.ref import flash_attn_ref, flash_bwd_ref
 from attn.masks import check_cu_seqlens
 
-_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _HEAD_DIMS = (16, 32, 64, 128, 256)
 
 
@@ -68,12 +66,7 @@ def _check(q, k, v, scale, cu_seqlens, q_offset, window, impl, causal=True):
         if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
             raise ValueError("cu_seqlens must be non-decreasing")
     if impl == "triton":
-        if q.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"dtype {q.dtype} not supported by the Triton kernels: use "
-                             "bfloat16, float16 or float32")
-        if d not in _HEAD_DIMS:
-            raise ValueError(f"head dim D={d} not supported by the Triton kernels: "
-                             f"D must be one of {_HEAD_DIMS}")
+        check_triton_inputs(q, _HEAD_DIMS)
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous in the [B, T, H, D] layout "

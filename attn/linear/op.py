@@ -29,13 +29,12 @@ import os
 
 import torch
 
-from attn.dispatch import impl_for
+from attn.dispatch import check_triton_inputs, impl_for
 import triton
 
 from attn.linear import kernels as K
 from attn.linear import ref as R
 
-_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _HEAD_DIMS = (16, 32, 64, 128, 256)  # powers of two: tl.arange / tl.dot tile sizes
 
 
@@ -109,12 +108,7 @@ def _check(fn, q, k, v, slopes, scale, initial_state, cu_seqlens, impl, decay: b
         if initial_state.device != q.device or not initial_state.dtype.is_floating_point:
             raise ValueError(f"{fn}: initial_state must be a floating tensor on q's device")
     if impl == "triton":
-        if q.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"{fn}: dtype {q.dtype} is not supported by the Triton kernels: use "
-                             "bfloat16, float16 or float32 (or ATTN_IMPL=ref)")
-        if D not in _HEAD_DIMS:
-            raise ValueError(f"{fn}: head dim D={D} is not supported by the Triton kernels: "
-                             f"D must be one of {_HEAD_DIMS}")
+        check_triton_inputs(q, _HEAD_DIMS, f"{fn}: ")
         if K.SEG_LEN * H * D >= 2 ** 31:  # int32 row offsets inside a segment
             raise ValueError(f"{fn}: H*D={H * D} too large for the Triton kernels "
                              f"(needs SEG_LEN*H*D < 2^31)")

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from attn.dispatch import impl_for
+from attn.dispatch import check_triton_inputs, impl_for
 from attn.masks import check_cu_seqlens
 from attn.moba.ref import moba_attn_ref
 
-_TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _HEAD_DIMS = (16, 32, 64, 128)
 MAX_TOPK = 16  # the gate keeps its running top-(k−1) in registers
 
@@ -60,12 +59,7 @@ def _check(q, k, v, block_size, topk, q_offset, scale=None, cu_seqlens=None, imp
             raise ValueError("cu_seqlens must be non-decreasing")
     if impl != "triton":
         return
-    if q.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"dtype {q.dtype} not supported by the Triton kernels: use bfloat16, "
-                         "float16 or float32")
-    if q.shape[3] not in _HEAD_DIMS:
-        raise ValueError(f"head dim D={q.shape[3]} not supported by the Triton kernels: D must "
-                         f"be one of {_HEAD_DIMS}")
+    check_triton_inputs(q, _HEAD_DIMS)
     if topk > MAX_TOPK:
         raise ValueError(f"topk={topk} must be <= {MAX_TOPK} for the Triton kernels")
     for name, t in (("q", q), ("k", k), ("v", v)):

@@ -17,7 +17,8 @@ from attn.lightning import (LightningCore, alibi_slopes, lightning_attn,  # noqa
 from attn.lightning import op as lop  # noqa: E402
 from attn.lightning.ref import lightning_chunked, lightning_recurrent  # noqa: E402
 from attn.linear import op  # noqa: E402
-from scan_testlib import check_case, nan_empty, random_docs, rel  # noqa: E402
+from scan_testlib import (assert_chunks_carrying_state_equal_one_call, check_case,  # noqa: E402
+                          nan_empty, random_docs, rel)
 
 
 @pytest.mark.parametrize("slopes", ["zero", "mixed", "large"])
@@ -52,22 +53,8 @@ def test_chunks_carrying_state_equal_one_call(monkeypatch):
     gives the one-call output and gradients."""
     monkeypatch.setenv("ATTN_IMPL", "triton")
     monkeypatch.setattr(op, "empty", nan_empty)
-    B, T, H, D = 1, 130, 2, 16
-    sl = torch.tensor([0.05, 0.5])
-    q, k, v = (torch.randn(B, T, H, D, requires_grad=True) for _ in range(3))
-    o, fin = lightning_attn(q, k, v, sl, output_final_state=True)
-    do, dfin = torch.randn_like(o), torch.randn_like(fin)
-    g_one = torch.autograd.grad((o * do).sum() + (fin * dfin).sum(), (q, k, v))
-    state, outs = None, []
-    for s, e in [(0, 37), (37, 38), (38, 130)]:
-        oi, state = lightning_attn(q[:, s:e], k[:, s:e], v[:, s:e], sl, initial_state=state,
-                                   output_final_state=True)
-        outs.append(oi)
-    o2 = torch.cat(outs, 1)
-    g_split = torch.autograd.grad((o2 * do).sum() + (state * dfin).sum(), (q, k, v))
-    assert rel(o2, o) < 1e-6 and rel(state, fin) < 1e-6
-    for a, b in zip(g_split, g_one):
-        assert rel(a, b) < 1e-6
+    assert_chunks_carrying_state_equal_one_call(torch.tensor([0.05, 0.5]), (1, 130, 2, 16),
+                                                [(0, 37), (37, 38), (38, 130)])
 
 
 def test_cp_primitives_match_autograd(monkeypatch):

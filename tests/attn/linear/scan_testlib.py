@@ -129,3 +129,22 @@ def check_case(monkeypatch, *, slopes="mixed", B=1, T=64, H=2, D=16, dtype=torch
 
 def interpreter_or_cuda():
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def assert_chunks_carrying_state_equal_one_call(slopes, shape, splits, tol=1e-6):
+    """Splitting the sequence at `splits` and passing the final state on (what LASP does across
+    ranks) gives the one-call output, final state and q/k/v gradients."""
+    q, k, v = (torch.randn(*shape, requires_grad=True) for _ in range(3))
+    o, fin = call(slopes, q, k, v, output_final_state=True)
+    do, dfin = torch.randn_like(o), torch.randn_like(fin)
+    g_one = torch.autograd.grad((o * do).sum() + (fin * dfin).sum(), (q, k, v))
+    state, outs = None, []
+    for s, e in splits:
+        oi, state = call(slopes, q[:, s:e], k[:, s:e], v[:, s:e], initial_state=state,
+                         output_final_state=True)
+        outs.append(oi)
+    o2 = torch.cat(outs, 1)
+    g_split = torch.autograd.grad((o2 * do).sum() + (state * dfin).sum(), (q, k, v))
+    assert rel(o2, o) < tol and rel(state, fin) < tol
+    for a, b in zip(g_split, g_one):
+        assert rel(a, b) < tol

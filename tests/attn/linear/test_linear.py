@@ -12,7 +12,8 @@ import torch
 from attn import get_core
 from attn.linear import LinearCore, linear_attn, linear_bwd, linear_fwd, op
 from attn.linear import ref as R
-from scan_testlib import check_case, nan_empty, random_docs, rel
+from scan_testlib import (assert_chunks_carrying_state_equal_one_call, check_case, nan_empty,
+                          random_docs, rel)
 
 
 @pytest.mark.parametrize("B,T,H,D,seg", [(2, 130, 2, 16, 128), (1, 1, 1, 16, None),
@@ -38,20 +39,7 @@ def test_half_precision(monkeypatch, dtype):
 def test_chunks_carrying_state_equal_one_call(monkeypatch):
     monkeypatch.setenv("ATTN_IMPL", "triton")
     monkeypatch.setattr(op, "empty", nan_empty)
-    q, k, v = (torch.randn(2, 130, 2, 16, requires_grad=True) for _ in range(3))
-    o, fin = linear_attn(q, k, v, output_final_state=True)
-    do, dfin = torch.randn_like(o), torch.randn_like(fin)
-    g_one = torch.autograd.grad((o * do).sum() + (fin * dfin).sum(), (q, k, v))
-    state, outs = None, []
-    for s, e in [(0, 64), (64, 65), (65, 130)]:
-        oi, state = linear_attn(q[:, s:e], k[:, s:e], v[:, s:e], initial_state=state,
-                                output_final_state=True)
-        outs.append(oi)
-    o2 = torch.cat(outs, 1)
-    g_split = torch.autograd.grad((o2 * do).sum() + (state * dfin).sum(), (q, k, v))
-    assert rel(o2, o) < 1e-6 and rel(state, fin) < 1e-6
-    for a, b in zip(g_split, g_one):
-        assert rel(a, b) < 1e-6
+    assert_chunks_carrying_state_equal_one_call(None, (2, 130, 2, 16), [(0, 64), (64, 65), (65, 130)])
 
 
 def test_cp_primitives_match_autograd(monkeypatch):
