@@ -148,3 +148,67 @@ def nsa_attn_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block=32, cm
     o = (g_cmp.to(ct)[..., None] * o_cmp + g_slc.to(ct)[..., None] * o_slc
          + g_swa.to(ct)[..., None] * o_swa)
     return o.to(q.dtype)
+
+
+# ---- branch oracles for the Triton kernels (attn/nsa/cmp.py, attn/nsa/slc.py)
+
+def cmp_attn_ref(q, k_cmp, v_cmp, *, cmp_block=32, cmp_stride=16, scale=None, cu_seqlens=None,
+                 q_offset=0, tk=None):
+    """Compressed-branch attention alone: (o [B, Tq, Hq, D] in q's dtype, lse [B, Hq, Tq] fp32,
+    natural log). Query i (absolute position p = q_offset + i) sees the compressed rows of its
+    document whose block ends at or before p (see the module docstring); a row that sees none gets
+    o = 0 and lse = +inf (so exp(s − lse) = 0 for every key in the backward and in selection).
+    `tk` is the length of the key sequence the compressed rows came from (default: covers the
+    queries, q_offset + Tq; with cu_seqlens, cu_seqlens[-1])."""
+    B, tq, hq, d = q.shape
+    hkv = k_cmp.shape[2]
+    g = hq // hkv
+    tk = (int(cu_seqlens[-1]) if cu_seqlens is not None else q_offset + tq) if tk is None else tk
+    dev = q.device
+    scale = d ** -0.5 if scale is None else scale
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kstart = _doc_starts(cu_seqlens, tk, dev)
+    qpos = torch.arange(tq, device=dev) + q_offset
+    cstart, cdoc = cmp_block_starts(tk, cmp_block, cmp_stride, cu_seqlens, dev)
+    cmask = (cdoc[None, :] == kstart[qpos][:, None]) \
+        & (cstart[None, :] + cmp_block - 1 <= qpos[:, None])             # [Tq, Tc]
+    qf = q.to(ct).transpose(1, 2)
+    kc = k_cmp.to(ct).transpose(1, 2).repeat_interleave(g, dim=1)
+    vc = v_cmp.to(ct).transpose(1, 2).repeat_interleave(g, dim=1)
+    s = (qf @ kc.transpose(-1, -2)) * scale
+    lse = s.masked_fill(~cmask, float("-inf")).logsumexp(-1)            # [B, Hq, Tq]
+    lse = torch.where(cmask.any(-1), lse, torch.full_like(lse, float("inf")))
+    o = _masked_softmax(s, cmask) @ vc
+    return o.transpose(1, 2).to(q.dtype), lse.float()
+
+
+def slc_attn_ref(q, k, v, sel, blk_start, blk_end, *, scale=None, q_offset=0):
+    """Selected-branch attention for a given selection: (o [B, Tq, Hq, D] in q's dtype,
+    lse [B, Hq, Tq] fp32). sel int32 [B, Tq, Hkv, NSEL]: global block ids chosen by the query's
+    GQA group (−1: empty slot; a block listed twice counts once); block j covers keys
+    [blk_start[j], blk_end[j]); query i at p = q_offset + i sees the keys s ≤ p of its blocks.
+    Every row must see at least one key (NSA always selects the block holding p)."""
+    B, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    dev = q.device
+    scale = d ** -0.5 if scale is None else scale
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    nb = blk_start.numel()
+    kpos = torch.arange(tk, device=dev)
+    blk_of_key = torch.full((tk,), -1, dtype=torch.long, device=dev)
+    for j in range(nb):
+        blk_of_key[int(blk_start[j]):int(blk_end[j])] = j
+    chosen = torch.zeros(B, tq, hkv, nb + 1, dtype=torch.bool, device=dev)
+    chosen.scatter_(-1, torch.where(sel >= 0, sel.long(), nb), True)
+    mask = chosen[..., :nb].gather(-1, blk_of_key.clamp_min(0).expand(B, tq, hkv, tk)) \
+        & (blk_of_key >= 0)                                              # [B, Tq, Hkv, Tk]
+    mask &= kpos <= (torch.arange(tq, device=dev) + q_offset)[None, :, None, None]
+    mask = mask.permute(0, 2, 1, 3).repeat_interleave(g, dim=1)          # [B, Hq, Tq, Tk]
+    qf = q.to(ct).transpose(1, 2)
+    kf = k.to(ct).transpose(1, 2).repeat_interleave(g, dim=1)
+    vf = v.to(ct).transpose(1, 2).repeat_interleave(g, dim=1)
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    lse = s.masked_fill(~mask, float("-inf")).logsumexp(-1)
+    o = _masked_softmax(s, mask) @ vf
+    return o.transpose(1, 2).to(q.dtype), lse.float()
