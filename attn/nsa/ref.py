@@ -78,6 +78,41 @@ def _masked_softmax(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return s.softmax(-1) * mask
 
 
+def selection_scores(p_cmp, tk: int, *, cmp_block, cmp_stride, sel_block, cu_seqlens=None,
+                     q_offset=0, hkv=1):
+    """(score [B, Hkv, Tq, NB], gid [Tk]): the selection score of every block (global numbering
+    over the documents, as attn.moba.gate.block_table) for every query and KV head, from the
+    compressed probabilities p_cmp [B, Hq, Tq, Tc]: the sum over compressed blocks overlapping
+    the block and over the group's heads; +inf for the forced blocks (block 0, the query's block
+    and the one before), −inf for blocks that are not candidates (later, or another document).
+    gid: the block of every key."""
+    B, hq, tq, tc = p_cmp.shape
+    dev, ct = p_cmp.device, p_cmp.dtype
+    kstart = _doc_starts(cu_seqlens, tk, dev)
+    qpos = torch.arange(tq, device=dev) + q_offset
+    qstart = kstart[qpos]
+    cstart, cdoc = cmp_block_starts(tk, cmp_block, cmp_stride, cu_seqlens, dev)
+    kpos = torch.arange(tk, device=dev)
+    krel = (kpos - kstart) // sel_block
+    gid = torch.unique(kstart * (tk + 1) + krel, return_inverse=True)[1]  # [Tk]
+    nb = int(gid.max()) + 1
+    bfirst = torch.full((nb,), tk, dtype=torch.long, device=dev).scatter_reduce(
+        0, gid, kpos, reduce="amin")
+    bdoc, brel = kstart[bfirst], krel[bfirst]                            # [nb]
+    qrel = (qpos - qstart) // sel_block                                  # [Tq]
+    cand = (bdoc[None, :] == qstart[:, None]) & (brel[None, :] <= qrel[:, None])
+    forced = cand & ((brel[None, :] == 0) | (brel[None, :] >= qrel[:, None] - 1))
+    # compressed block c overlaps selection block j (same document, doc-relative ranges)
+    c_rel = cstart - cdoc
+    overlap = ((cdoc[:, None] == bdoc[None, :])
+               & (c_rel[:, None] < (brel[None, :] + 1) * sel_block)
+               & (c_rel[:, None] + cmp_block > brel[None, :] * sel_block)).to(ct)  # [Tc, nb]
+    with torch.no_grad():
+        score = p_cmp.detach().reshape(B, hkv, hq // hkv, tq, tc).sum(2) @ overlap
+        score = score.masked_fill(forced, float("inf")).masked_fill(~cand, float("-inf"))
+    return score, gid
+
+
 def nsa_branches(q, k, v, k_cmp, v_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64, topk=16,
                  window=512, scale=None, cu_seqlens=None, q_offset=0):
     """(o_cmp, o_slc, o_swa, selected): each o [B, Tq, Hq, D] in the compute dtype (fp32, or
@@ -104,27 +139,15 @@ def nsa_branches(q, k, v, k_cmp, v_cmp, *, cmp_block=32, cmp_stride=16, sel_bloc
     p_cmp = _masked_softmax((qf @ kc.transpose(-1, -2)) * scale, cmask)  # [B, Hq, Tq, Tc]
     o_cmp = (p_cmp @ vc).transpose(1, 2)
 
-    # ---- selection: block ids global over the sequence, (doc start, doc-relative block)
+    # ---- selection
+    score, gid = selection_scores(p_cmp, tk, cmp_block=cmp_block, cmp_stride=cmp_stride,
+                                  sel_block=sel_block, cu_seqlens=cu_seqlens, q_offset=q_offset,
+                                  hkv=hkv)
     kpos = torch.arange(tk, device=dev)
-    krel = (kpos - kstart) // sel_block
-    gid = torch.unique(kstart * (tk + 1) + krel, return_inverse=True)[1]  # [Tk]
-    nb = int(gid.max()) + 1
-    bfirst = torch.full((nb,), tk, dtype=torch.long, device=dev).scatter_reduce(
-        0, gid, kpos, reduce="amin")
-    bdoc, brel = kstart[bfirst], krel[bfirst]                            # [nb]
-    qrel = (qpos - qstart) // sel_block                                  # [Tq]
-    cand = (bdoc[None, :] == qstart[:, None]) & (brel[None, :] <= qrel[:, None])
-    forced = cand & ((brel[None, :] == 0) | (brel[None, :] >= qrel[:, None] - 1))
-    # compressed block c overlaps selection block j (same document, doc-relative ranges)
-    c_rel = cstart - cdoc
-    overlap = ((cdoc[:, None] == bdoc[None, :])
-               & (c_rel[:, None] < (brel[None, :] + 1) * sel_block)
-               & (c_rel[:, None] + cmp_block > brel[None, :] * sel_block)).to(ct)  # [Tc, nb]
     with torch.no_grad():
-        score = p_cmp.detach().reshape(B, hkv, g, tq, p_cmp.shape[-1]).sum(2) @ overlap  # [B, Hkv, Tq, nb]
-        score = score.masked_fill(forced, float("inf")).masked_fill(~cand, float("-inf"))
         order = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :topk]
-        chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, order, True) & cand
+        chosen = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, order, True) \
+            & (score > float("-inf"))
         sel = chosen.gather(-1, gid[None, None, None, :].expand(B, hkv, tq, tk))
         sel &= kpos[None, None, None, :] <= qpos[None, None, :, None]    # [B, Hkv, Tq, Tk]
     kf = k.to(ct).transpose(1, 2).repeat_interleave(g, dim=1)           # [B, Hq, Tk, D]

@@ -1,0 +1,229 @@
+"""NSA's top-n block selection on chip: selection scores from the compressed attention
+probabilities, summed over compressed blocks and GQA heads, and the top-n per query and group.
+
+For query p (document-relative position r, block qrel = r // sel_block) and KV head h, the score
+of selection block j of its document is
+
+    score[j] = Σ_{g in group(h)} Σ_{c overlaps j} exp(q_g·k_cmp[c]·scale − lse_cmp[g, p])
+
+(the compressed branch's probabilities, recomputed from its lse: nothing of size T × T/stride
+or T × n_blocks is ever stored). The group takes its `topk` best blocks among 0 .. qrel, always
+including block 0 and the two most recent (qrel, qrel − 1); ties go to the earlier block
+(ref.py's stable sort). Output: SEL int32 [B, Tq, Hkv, topk], global block ids of
+attn.moba.gate.block_table(cu_seqlens, Tk, sel_block) in rank order, −1 in unused slots.
+
+Geometry (the Triton path's rules, checked by the wrapper): R = sel_block / cmp_stride is a
+power of 2 and cmp_block ≤ sel_block + cmp_stride. Then compressed row c (document-relative)
+overlaps its primary block c // R and, when (c mod R)·stride + cmp_block > sel_block, also the
+next one ("spill"); it never reaches further.
+
+Memory plan (_select_kernel): one program per (query tile, batch·KV head). A query tile holds
+BQ consecutive queries of ONE document (tiles are cut at document starts: work items built on
+the device, no host sync); its rows are the BQ × G (query, head) pairs, M = BQ·GP rows
+(GP = G rounded up to a power of 2, padding heads masked). Registers: Q [M, D], lse [M], per
+chunk the scores [M, CB] for CB = J·R compressed rows (J selection blocks, read from HBM once per
+tile); a segment [BQ, NS, J] of block scores (NS·J blocks, bounded so BQ·NS·J ≤ MAX_SEG_ELEMS)
+and the running top-n [BQ, TP] (values, block ids). Per chunk: P [M, CB] → sum over the R rows of
+each primary block ([M, J, R] reshape), spill rows shifted to the next block (a [J, J] 0/1
+matrix product in fp32), the last block's spill carried to the next chunk, then summed over the
+G heads ([BQ, GP, J] reshape) and placed into the segment. When a segment is full it is merged
+into the running top-n (topk rounds of max / smallest id over segment and running list).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attn.flash import common
+from attn.flash.common import LOG2E, LOG2E_F, mma
+
+NEG_INF = float("-inf")
+MAX_SEG_ELEMS = 4096  # block scores a program keeps in registers (BQ × NS × J fp32)
+
+
+@triton.jit
+def _select_kernel(Q, KC, LSE, SEL, ITEM_START, ITEM_END, DSTART, CMP0, FIRSTB,
+                   qk_scale, q_offset, Tq, Tc,
+                   HQ: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                   BQ: tl.constexpr, HEAD_DIM: tl.constexpr, J: tl.constexpr, R: tl.constexpr,
+                   NS: tl.constexpr, TOPK: tl.constexpr, TP: tl.constexpr,
+                   CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
+                   HAS_DOCS: tl.constexpr, DOT_PREC: tl.constexpr):
+    start = tl.load(ITEM_START + tl.program_id(0))
+    if start < 0:                       # spare work item (documents give fewer tiles)
+        return
+    end = tl.load(ITEM_END + tl.program_id(0))
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    M: tl.constexpr = BQ * GP
+    CB: tl.constexpr = J * R
+    SEG: tl.constexpr = NS * J
+    if HAS_DOCS:
+        dstart = tl.load(DSTART + start)
+        cmp0 = tl.load(CMP0 + start)
+        fb = tl.load(FIRSTB + start)
+    else:
+        dstart = 0
+        cmp0 = 0
+        fb = 0
+
+    # rows r = (query qi, head g): r = qi·GP + g
+    offs_r = tl.arange(0, M)
+    qi_r = offs_r // GP
+    g_r = offs_r % GP
+    pos_r = start + qi_r
+    row_ok = (pos_r < end) & (g_r < G)
+    h_r = hkv * G + g_r
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_rows = (b.to(tl.int64) * Tq + (pos_r - q_offset)) * HQ + h_r
+    q = tl.load(Q + q_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    # lse in the log2 domain; +inf (a row that sees no compressed block) makes P = 0
+    lse2 = tl.load(LSE + (b.to(tl.int64) * HQ + h_r) * Tq + (pos_r - q_offset), mask=row_ok,
+                   other=float("inf")) * LOG2E
+    rel_r = pos_r - dstart
+    # compressed rows visible to a row: c < n_vis = ⌊(rel − cmp_block + 1)/stride⌋ + 1
+    n_vis = tl.where(rel_r >= CMP_BLOCK - 1, (rel_r - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0)
+    n_vis = tl.where(row_ok, n_vis, 0)
+
+    # per query of the tile
+    offs_q = tl.arange(0, BQ)
+    pos_q = start + offs_q
+    q_ok = pos_q < end
+    qrel = tl.where(q_ok, (pos_q - dstart) // SEL_BLOCK, -1)    # block holding the query
+    n_blocks = (end - 1 - dstart) // SEL_BLOCK + 1             # blocks 0 .. qrel of the last row
+
+    offs_c = tl.arange(0, CB)
+    offs_j = tl.arange(0, J)
+    spill_c = (offs_c % R) * CMP_STRIDE + CMP_BLOCK > SEL_BLOCK  # row also overlaps block + 1
+    shift = (offs_j[None, :] == offs_j[:, None] + 1).to(tl.float32)   # [J, J]: j -> j + 1
+    slot_s = tl.arange(0, NS)
+    slot_t = tl.arange(0, TP)
+    kc_base = KC + (b.to(tl.int64) * Tc + cmp0) * (HKV * HEAD_DIM) + hkv * HEAD_DIM
+
+    run_v = tl.full([BQ, TP], NEG_INF, tl.float32)
+    run_i = tl.full([BQ, TP], -1, tl.int32)
+    carry = tl.zeros([M], dtype=tl.float32)
+    for seg0 in range(0, n_blocks, SEG):
+        seg_v = tl.full([BQ, NS, J], NEG_INF, tl.float32)
+        for s in range(0, NS):
+            j0 = seg0 + s * J
+            if j0 < n_blocks:
+                c_rel = j0 * R + offs_c
+                kc = tl.load(kc_base + c_rel[:, None] * (HKV * HEAD_DIM) + offs_d[None, :],
+                             mask=(c_rel < tl.max(n_vis, 0))[:, None], other=0.0)
+                s2 = mma(q, tl.trans(kc), None, DOT_PREC) * qk_scale
+                p = tl.where(c_rel[None, :] < n_vis[:, None], tl.math.exp2(s2 - lse2[:, None]),
+                             0.0)                                          # [M, CB]
+                prim = tl.sum(tl.reshape(p, [M, J, R]), axis=2)           # [M, J]
+                spill = tl.sum(tl.reshape(tl.where(spill_c[None, :], p, 0.0), [M, J, R]), axis=2)
+                # fp32 products by 0/1 weights: exact with "ieee"
+                score = prim + tl.dot(spill, shift, input_precision="ieee") \
+                    + tl.where(offs_j[None, :] == 0, carry[:, None], 0.0)
+                carry = tl.sum(tl.where(offs_j[None, :] == J - 1, spill, 0.0), axis=1)
+                blk = tl.sum(tl.reshape(score, [BQ, GP, J]), axis=1)     # [BQ, J]
+                j_abs = j0 + offs_j
+                cand = j_abs[None, :] <= qrel[:, None]
+                forced = cand & ((j_abs[None, :] == 0) | (j_abs[None, :] >= qrel[:, None] - 1))
+                blk = tl.where(forced, float("inf"), tl.where(cand, blk, NEG_INF))
+                seg_v = tl.where(slot_s[None, :, None] == s, blk[:, None, :], seg_v)
+        # merge the segment into the running top-n: TOPK rounds of (max, smallest block id)
+        seg_i = seg0 + slot_s[None, :, None] * J + offs_j[None, None, :]   # [1, NS, J]
+        new_v = tl.full([BQ, TP], NEG_INF, tl.float32)
+        new_i = tl.full([BQ, TP], -1, tl.int32)
+        for k in tl.static_range(TOPK):
+            m = tl.maximum(tl.max(tl.max(seg_v, 2), 1), tl.max(run_v, 1))            # [BQ]
+            ids = tl.minimum(
+                tl.min(tl.min(tl.where(seg_v == m[:, None, None], seg_i, 2 ** 30), 2), 1),
+                tl.min(tl.where(run_v == m[:, None], run_i, 2 ** 30), 1))
+            ids = tl.where(m > NEG_INF, ids, -1)
+            new_v = tl.where(slot_t[None, :] == k, m[:, None], new_v)
+            new_i = tl.where(slot_t[None, :] == k, ids[:, None], new_i)
+            seg_v = tl.where(seg_i == ids[:, None, None], NEG_INF, seg_v)
+            run_v = tl.where(run_i == ids[:, None], NEG_INF, run_v)
+        run_v = new_v
+        run_i = new_i
+    out = tl.where(run_i >= 0, fb + run_i, -1)
+    sel_ptr = SEL + ((b.to(tl.int64) * Tq + (pos_q - q_offset)) * HKV + hkv)[:, None] * TOPK \
+        + slot_t[None, :]
+    tl.store(sel_ptr, out, mask=q_ok[:, None] & (slot_t[None, :] < TOPK))
+
+
+def check_geometry(cmp_block: int, cmp_stride: int, sel_block: int, topk: int):
+    """The Triton path's rules on the block sizes (see the module docstring)."""
+    r = sel_block // cmp_stride
+    if sel_block % cmp_stride or r & (r - 1):
+        raise ValueError(f"attn.sel_block={sel_block} must be a power-of-2 multiple of "
+                         f"attn.cmp_stride={cmp_stride} for the Triton kernels (ATTN_IMPL=ref "
+                         "takes any)")
+    if cmp_block > sel_block + cmp_stride:
+        raise ValueError(f"attn.cmp_block={cmp_block} must be <= attn.sel_block + "
+                         f"attn.cmp_stride = {sel_block + cmp_stride} for the Triton kernels (a "
+                         "compressed block overlaps at most two selection blocks)")
+    if topk > 32:
+        raise ValueError(f"attn.topk={topk} must be <= 32 for the Triton kernels")
+
+
+def work_items(tq: int, q_offset: int, bq: int, cu_seqlens, device):
+    """(ITEM_START, ITEM_END) int32: query tiles of at most bq positions inside one document,
+    covering q_offset .. q_offset+tq−1; spare items (start −1) pad the list to a size known
+    without reading cu_seqlens on the host."""
+    q0, q1 = q_offset, q_offset + tq
+    if cu_seqlens is None:
+        start = q0 + torch.arange(triton.cdiv(tq, bq), device=device, dtype=torch.int64) * bq
+        return start.to(torch.int32), start.clamp(max=q1).add(bq).clamp(max=q1).to(torch.int32)
+    cu = cu_seqlens.to(device).long()
+    n = cu.numel() - 1
+    a, e = cu[:-1].clamp(q0, q1), cu[1:].clamp(q0, q1)
+    tiles = (e - a + bq - 1) // bq
+    cum = torch.cumsum(tiles, 0)
+    k = torch.arange(triton.cdiv(tq, bq) + n, device=device)
+    d = torch.searchsorted(cum, k, right=True)
+    dc = d.clamp(max=n - 1)
+    start = a[dc] + (k - (cum[dc] - tiles[dc])) * bq
+    end = torch.minimum(start + bq, e[dc])
+    start = torch.where(d < n, start, torch.full_like(start, -1))
+    return start.to(torch.int32), end.to(torch.int32)
+
+
+def select_blocks(q, k_cmp, lse, table, *, scale: float, cmp_block: int, cmp_stride: int,
+                  sel_block: int, topk: int, cu_seqlens=None, cu_cmp=None, q_offset: int = 0):
+    """SEL int32 [B, Tq, Hkv, topk] (see the module docstring). q [B, Tq, Hq, D]; k_cmp
+    [B, Tc, Hkv, D] and lse [B, Hq, Tq] (natural log, +inf for rows without a visible compressed
+    block) from the compressed branch; table = block_table(cu_seqlens, Tk, sel_block);
+    cu_cmp = cmp_cu_seqlens(cu_seqlens, ...) with documents."""
+    check_geometry(cmp_block, cmp_stride, sel_block, topk)
+    B, tq, hq, d = q.shape
+    tc, hkv = k_cmp.shape[1], k_cmp.shape[2]
+    g = hq // hkv
+    gp = triton.next_power_of_2(g)
+    rows = 16 if common.INTERPRET else 64                         # target M = BQ·GP
+    bq = max(1, rows // gp)
+    r = sel_block // cmp_stride
+    j = max(16, 64 // r) if not common.INTERPRET else 16          # blocks per chunk (dot: ≥ 16)
+    kblk, firstb, _, _ = table
+    tk = kblk.numel()
+    doc_blocks = triton.next_power_of_2(triton.cdiv(tk, sel_block))
+    ns = max(1, min(MAX_SEG_ELEMS // (bq * j), triton.cdiv(doc_blocks, j)))
+    ns = triton.next_power_of_2(ns)
+    if ns * j * bq > MAX_SEG_ELEMS:
+        ns = max(1, ns // 2)
+    start, end = work_items(tq, q_offset, bq, cu_seqlens, q.device)
+    has_docs = cu_seqlens is not None
+    if has_docs:
+        dstart, _ = common.seg_arrays(cu_seqlens, tk)
+        # first compressed row of each key position's document
+        doc = torch.searchsorted(cu_seqlens.long()[1:], torch.arange(tk, device=q.device),
+                                 right=True)
+        cmp0 = cu_cmp.long()[doc].to(torch.int32).contiguous()
+    else:
+        dstart = cmp0 = firstb
+    sel = common.empty((B, tq, hkv, topk), torch.int32, q.device)
+    _select_kernel[(start.numel(), B * hkv)](
+        q, k_cmp, lse, sel, start, end, dstart, cmp0, firstb, scale * LOG2E_F, q_offset, tq, tc,
+        HQ=hq, HKV=hkv, G=g, GP=gp, BQ=bq, HEAD_DIM=d, J=j, R=r, NS=ns, TOPK=topk,
+        TP=triton.next_power_of_2(topk), CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
+        SEL_BLOCK=sel_block, HAS_DOCS=has_docs, DOT_PREC=common.dot_precision(q.dtype),
+        num_warps=4)
+    return sel
