@@ -1,8 +1,8 @@
 """`attn=nsa`: Native Sparse Attention (compressed, selected and sliding-window branches, gated).
 
-Public `nsa_attn`, the compression helper `compress`, and the layer core `NSACore`. Only the
-dense reference path exists yet (see op.py); context parallelism works through `allgather`
-(per-shard selection with q_offset) and `ulysses`.
+Public `nsa_attn` (Triton kernels on CUDA tensors, the dense reference on CPU: see op.py), the
+compression helper `compress`, and the layer core `NSACore`; context parallelism works through
+`allgather` (per-shard selection with q_offset) and `ulysses`.
 
 How the core meets the CP wrappers without changes to parallel/: the branch gates are per query
 and per head, exactly like q, so `forward` packs them into q as three extra channels

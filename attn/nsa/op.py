@@ -1,10 +1,17 @@
 """Public NSA op and the block compression helper.
 
-Only the reference path exists so far: the Triton kernels (compressed attention with lse,
-on-chip top-n selection, selected-block attention per GQA group) are issue 6's remaining work,
-so on any device `nsa_attn` runs attn/nsa/ref.py with dense O(Tq·Tk) masks — fine on CPU and
-for short sequences; at long context on a GPU it is the memory of full attention scores, and a
-warning says so once.
+    nsa_attn(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block, cmp_stride, sel_block,
+             topk, window, scale, cu_seqlens, q_offset) -> o
+
+Implementation (attn.dispatch.impl_for): Triton on CUDA tensors, ref.py (dense masks, autograd)
+on CPU tensors; ATTN_IMPL=triton|ref forces one. The Triton path, never materialising T × T:
+  cmp.py       compressed attention over the visible compressed keys (o_cmp and its lse)
+  select.py    selection scores from the compressed probabilities (recomputed from that lse),
+               summed over the GQA group, top-n per query and group on chip
+  slc.py       attention over the selected blocks, each block loaded once for the group's heads
+  flash        the sliding window (attn.flash.flash_attn with window=)
+  gate_mix.py  o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa, fused, fp32
+Each branch is its own autograd Function; the selection carries no gradient (as in ref.py).
 
 Compressed layout (see ref.py): without cu_seqlens k_cmp/v_cmp are [B, Tc(T), Hkv, D]; with
 cu_seqlens (B == 1) they are each document's complete blocks concatenated in document order,
@@ -13,14 +20,13 @@ boundaries on the compressed axis. `compress` produces exactly that layout.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
+from attn.dispatch import check_triton_inputs, impl_for
 from attn.masks import check_cu_seqlens
 from attn.nsa.ref import cmp_block_starts, cmp_cu_seqlens, nsa_attn_ref, num_cmp_blocks
 
-_warned = False
+_HEAD_DIMS = (16, 32, 64, 128)
 
 
 def compress(k, v, cmp_block: int, cmp_stride: int, *, cu_seqlens=None, fn=None):
@@ -94,13 +100,38 @@ def nsa_attn(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block: int = 32,
              scale=None, cu_seqlens=None, q_offset: int = 0):
     """Native Sparse Attention, [B, T, H, D] layout (see ref.py for the definition);
     differentiable w.r.t. q, k, v, k_cmp, v_cmp and the gates."""
-    global _warned
     _check(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block, cmp_stride, sel_block, topk,
            window, cu_seqlens, q_offset)
-    if q.is_cuda and not _warned:
-        _warned = True
-        warnings.warn("attn=nsa runs its dense reference path (no Triton kernel yet): "
-                      "O(T^2) memory per head")
-    return nsa_attn_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block=cmp_block,
-                        cmp_stride=cmp_stride, sel_block=sel_block, topk=topk, window=window,
-                        scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset)
+    if impl_for(q) == "ref":
+        return nsa_attn_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block=cmp_block,
+                            cmp_stride=cmp_stride, sel_block=sel_block, topk=topk, window=window,
+                            scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset)
+    from attn.flash import flash_attn
+    from attn.moba.gate import block_table
+    from attn.nsa.cmp import cmp_attn
+    from attn.nsa.gate_mix import gate_mix
+    from attn.nsa.select import check_geometry, select_blocks
+    from attn.nsa.slc import slc_attn
+    check_triton_inputs(q, _HEAD_DIMS, "nsa_attn: ")
+    check_geometry(cmp_block, cmp_stride, sel_block, topk)
+    if not (q.dtype == k.dtype == v.dtype == k_cmp.dtype == v_cmp.dtype):
+        raise ValueError(f"q, k, v, k_cmp, v_cmp must share one dtype, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}, {k_cmp.dtype}, {v_cmp.dtype}")
+    q, k, v, k_cmp, v_cmp = (t.contiguous() for t in (q, k, v, k_cmp, v_cmp))
+    scale = float(q.shape[3] ** -0.5 if scale is None else scale)
+    tk = k.shape[1]
+    o_cmp, lse_cmp = cmp_attn(q, k_cmp, v_cmp, scale=scale, cmp_block=cmp_block,
+                              cmp_stride=cmp_stride, cu_seqlens=cu_seqlens, q_offset=q_offset,
+                              tk=tk)
+    with torch.no_grad():
+        table = block_table(cu_seqlens, tk, sel_block, q.device)
+        cu_cmp = None if cu_seqlens is None else cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)
+        sel = select_blocks(q.detach(), k_cmp.detach(), lse_cmp, table, scale=scale,
+                            cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
+                            topk=topk, cu_seqlens=cu_seqlens, cu_cmp=cu_cmp, q_offset=q_offset)
+    o_slc = slc_attn(q, k, v, sel, table[2], table[3], scale=scale, sel_block=sel_block,
+                     q_offset=q_offset)
+    o_swa = flash_attn(q, k, v, scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset,
+                       window=window)
+    gates = torch.stack([g_cmp, g_slc, g_swa], dim=-1).to(q.dtype)
+    return gate_mix(o_cmp.contiguous(), o_slc.contiguous(), o_swa.contiguous(), gates)

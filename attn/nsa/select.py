@@ -38,7 +38,7 @@ import triton.language as tl
 from attn.flash import common
 from attn.flash.common import LOG2E, LOG2E_F, mma
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
 MAX_SEG_ELEMS = 4096  # block scores a program keeps in registers (BQ × NS × J fp32)
 
 
@@ -225,5 +225,5 @@ def select_blocks(q, k_cmp, lse, table, *, scale: float, cmp_block: int, cmp_str
         HQ=hq, HKV=hkv, G=g, GP=gp, BQ=bq, HEAD_DIM=d, J=j, R=r, NS=ns, TOPK=topk,
         TP=triton.next_power_of_2(topk), CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
         SEL_BLOCK=sel_block, HAS_DOCS=has_docs, DOT_PREC=common.dot_precision(q.dtype),
-        num_warps=4)
+        num_warps=8 if bq >= 16 else 4)      # small groups: many queries per tile (ptxas: no spill)
     return sel

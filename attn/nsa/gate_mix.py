@@ -1,0 +1,104 @@
+"""NSA's gated sum of the three branch outputs, fused: o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa.
+
+Forward and backward are one pass each over the rows (token, head), in fp32 registers, so the
+sum is rounded once (as ref.py's fp32 math) and no fp32 [T, H, D] temporaries exist.
+
+Memory plan: one program per BLOCK_R rows of [B·T·H, D]; it loads the three branch rows
+[BLOCK_R, D] and the gates [BLOCK_R, 3] (G [.., 3] with the branches on the last axis), writes
+o [BLOCK_R, D]. Backward: dO_i = g_i·dO (three [BLOCK_R, D] stores in the input dtype) and
+dg_i = Σ_d dO·O_i (fp32, stored in the gates' dtype).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attn.flash import common
+from attn.flash.common import cvt
+
+
+@triton.jit
+def _mix_fwd_kernel(O1, O2, O3, G, OUT, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < n_rows
+    offs_d = tl.arange(0, HEAD_DIM)
+    off = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    g1 = tl.load(G + rows.to(tl.int64) * 3, mask=ok, other=0.0).to(tl.float32)
+    g2 = tl.load(G + rows.to(tl.int64) * 3 + 1, mask=ok, other=0.0).to(tl.float32)
+    g3 = tl.load(G + rows.to(tl.int64) * 3 + 2, mask=ok, other=0.0).to(tl.float32)
+    o = g1[:, None] * tl.load(O1 + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    o += g2[:, None] * tl.load(O2 + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    o += g3[:, None] * tl.load(O3 + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(OUT + off, cvt(o, OUT.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def _mix_bwd_branch(do, O, DO_I, G, I: tl.constexpr, rows, ok, off, DG):
+    g = tl.load(G + rows.to(tl.int64) * 3 + I, mask=ok, other=0.0).to(tl.float32)
+    o = tl.load(O + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DO_I + off, cvt(g[:, None] * do, DO_I.dtype.element_ty), mask=ok[:, None])
+    tl.store(DG + rows.to(tl.int64) * 3 + I, cvt(tl.sum(do * o, 1), DG.dtype.element_ty),
+             mask=ok)
+
+
+@triton.jit
+def _mix_bwd_kernel(DO, O1, O2, O3, G, DO1, DO2, DO3, DG, n_rows, HEAD_DIM: tl.constexpr,
+                    BLOCK_R: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < n_rows
+    offs_d = tl.arange(0, HEAD_DIM)
+    off = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    do = tl.load(DO + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    _mix_bwd_branch(do, O1, DO1, G, 0, rows, ok, off, DG)
+    _mix_bwd_branch(do, O2, DO2, G, 1, rows, ok, off, DG)
+    _mix_bwd_branch(do, O3, DO3, G, 2, rows, ok, off, DG)
+
+
+def _block_rows(d: int) -> int:
+    return 16 if common.INTERPRET else max(1, 4096 // d)
+
+
+def gate_mix_fwd(o1, o2, o3, gates):
+    """o [.., D] in o1's dtype; o1, o2, o3 [B, T, H, D] contiguous, gates [B, T, H, 3]."""
+    n, d = o1.numel() // o1.shape[-1], o1.shape[-1]
+    out = common.empty(o1.shape, o1.dtype, o1.device)
+    br = _block_rows(d)
+    _mix_fwd_kernel[(triton.cdiv(n, br),)](o1, o2, o3, gates, out, n, HEAD_DIM=d, BLOCK_R=br,
+                                           num_warps=4)
+    return out
+
+
+def gate_mix_bwd(do, o1, o2, o3, gates):
+    """(do1, do2, do3, dgates) for gate_mix_fwd."""
+    n, d = o1.numel() // o1.shape[-1], o1.shape[-1]
+    dos = [common.empty(o1.shape, o1.dtype, o1.device) for _ in range(3)]
+    dg = common.empty(gates.shape, gates.dtype, gates.device)
+    br = _block_rows(d)
+    _mix_bwd_kernel[(triton.cdiv(n, br),)](do, o1, o2, o3, gates, *dos, dg, n, HEAD_DIM=d,
+                                           BLOCK_R=br, num_warps=4)
+    return (*dos, dg)
+
+
+class GateMixFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, o1, o2, o3, gates):
+        ctx.save_for_backward(o1, o2, o3, gates)
+        return gate_mix_fwd(o1, o2, o3, gates)
+
+    @staticmethod
+    def backward(ctx, do):
+        return gate_mix_bwd(do.contiguous(), *ctx.saved_tensors)
+
+
+def gate_mix(o_cmp, o_slc, o_swa, gates):
+    """Σ_i gates[..., i]·o_i (cmp, slc, swa), differentiable; every tensor contiguous
+    [B, T, H, D] and gates [B, T, H, 3] (the layout NSACore packs)."""
+    for name, t in (("o_cmp", o_cmp), ("o_slc", o_slc), ("o_swa", o_swa)):
+        if t.shape != o_cmp.shape or not t.is_contiguous() or t.dtype != o_cmp.dtype:
+            raise ValueError(f"{name} {tuple(t.shape)} must be contiguous {tuple(o_cmp.shape)} "
+                             f"{o_cmp.dtype}")
+    if gates.shape != (*o_cmp.shape[:-1], 3) or not gates.is_contiguous():
+        raise ValueError(f"gates {tuple(gates.shape)} must be contiguous "
+                         f"{(*o_cmp.shape[:-1], 3)}")
+    return GateMixFunction.apply(o_cmp, o_slc, o_swa, gates)

@@ -1,0 +1,480 @@
+"""NSA's selected-block branch in Triton: forward (o, lse) and backward (dq, dk, dv).
+
+Definition (attn/nsa/ref.py `slc_attn_ref`): query i at absolute position p = q_offset + i
+attends, with one softmax, the keys s <= p of the blocks its GQA group selected,
+SEL[b, i, hkv, :] (global block ids, −1 = empty slot); block j covers keys
+[BLK_START[j], BLK_END[j]) (attn.moba.gate.block_table). All G = Hq/Hkv query heads of a group
+share the selection, so every selected K/V block is loaded once for the whole group.
+
+Memory plan
+  _rows_kernel (forward, and dQ with DQ=True): one program = QPP consecutive query positions of
+      one (batch, KV head); its tile rows are (position, head) pairs, M = QPP·GP rows (GP = G
+      padded to a power of 2, QPP = max(1, FWD_ROWS // GP): 64 rows up to G = 64; tl.dot needs
+      M >= 16, and M = 64 feeds the H100's wgmma). Registers: Q tile [M, D] (input dtype), the
+      selection tile [M, NSEL_P] int32, fp32 accumulator [M, D] (o; or dQ, with dO [M, D] and
+      lse, delta [M]), running max / sum [M]. Loop over the union of the tile's selected blocks
+      in ascending id order (a row takes part in a block only if its position selected it): the
+      block's K, V tile [BLOCK_N, D] (BLOCK_N >= sel_block) is loaded once for all heads of the
+      group and all positions of the tile that chose it (neighbouring queries mostly share
+      blocks, so K/V traffic drops up to QPP-fold). Writes O, LSE (fp32, natural log) or dQ once.
+  inverse index (torch, stable sort, bincount, cumsum; deterministic): ENTRIES int32 = the query
+      rows that selected block j of (batch, KV head) bh, ascending, at
+      ENTRIES[ROWPTR[bh·NB + j] : ROWPTR[bh·NB + j + 1]].
+  _dkdv_kernel: one program = one work item (a block of one (batch, KV head), or one split of
+      it); K, V tile [BLOCK_N, D] and fp32 dK, dV [BLOCK_N, D] in registers; streams the gathered
+      rows RB at a time, stacking (row, head) pairs as M = RB·GP: Q, dO [M, D] (the G heads of a
+      row are contiguous in memory), lse, delta [M]. Writes dK, dV once, or an fp32 partial.
+  _reduce_kernel: for split blocks, sums their partials in split order and writes dK, dV.
+Load balance of dK/dV: block 0 of a document is selected by every query of the document (the
+two most recent blocks by ~2·sel_block queries each), so its row list is the longest. A block
+with cnt rows is cut into n = max(1, cnt // SPLIT) splits (SPLIT = max(SPLIT_MIN_ROWS,
+SPLIT_FACTOR · Tq·NSEL/NB), i.e. a few times the mean list length), each program doing at most
+2·SPLIT rows × G heads; work items are sorted by size, largest first, so the heavy ones start
+first. The fp32 partials take at most B·Hkv·⌊Tq·NSEL/SPLIT⌋ ≤ B·Hkv·NB/SPLIT_FACTOR tiles
+[BLOCK_N, D] each for dK and dV (the grid and this buffer are sized from that bound on the host:
+no device sync). What still limits balance: the largest split (2·SPLIT rows) against the mean.
+Deterministic: no atomics, every output element has one writer, partials summed in order.
+
+Masking: key s of block j pairs with row i when i selected j, BLK_START[j] <= s < BLK_END[j] and
+s <= q_offset + i. Scores live in the log2 domain (s2 = q·k · scale·log2 e, every exponential is
+exp2). With P = exp2(s2 − lse2) from the saved lse: dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − delta),
+dK = scale · dSᵀ Q, dQ = scale · dS K, delta = rowsum(O ⊙ dO).
+Contract: the blocks tile [0, Tk) in order, each at most sel_block long (block_table's do: dK/dV
+of a key outside every block is never written; a longer block makes the rows / keys it touches
+NaN). Checked with a ValueError on CPU tensors; on CUDA a check would cost a host sync. Ids
+outside [0, NB) count as empty slots (ValueError on CPU); ids must not repeat within a row (the
+forward would count such a block once, dK/dV twice). A row must see at least one key; one that
+sees none gets o = 0, lse = +inf and zero gradients.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attn.dispatch import INTERPRET, check_triton_inputs
+from attn.flash import common
+from attn.flash.bwd import _bwd_preprocess
+from attn.flash.common import LN2, LOG2E, LOG2E_F, cvt, mma
+
+
+@triton.jit
+def _rows_kernel(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, scale, qk_scale,
+                 q_offset, Tq, Tk, NB,
+                 HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 NSEL: tl.constexpr, NSEL_P: tl.constexpr, GROUP_P: tl.constexpr,
+                 QPP: tl.constexpr, BLOCK_N: tl.constexpr, DQ: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    """DQ=False: forward, writes O and LSE. DQ=True: reads LSE, DO, DELTA, writes dQ into O."""
+    t0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * QPP  # latest positions first
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    GROUP: tl.constexpr = HQ // HKV
+    M: tl.constexpr = QPP * GROUP_P
+    STRIDE_QT: tl.constexpr = HQ * HEAD_DIM
+    STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
+    offs_m = tl.arange(0, M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_s = tl.arange(0, NSEL_P)
+    rows = t0 + offs_m // GROUP_P
+    g = offs_m % GROUP_P
+    m_ok = (rows < Tq) & (g < GROUP)
+    h = hkv * GROUP + g
+    qpos = q_offset + rows
+    q_off = (b.to(tl.int64) * Tq + rows) * STRIDE_QT + h * HEAD_DIM
+    q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    r_off = (b * HQ + h).to(tl.int64) * Tq + rows            # lse / delta [B, Hq, Tq]
+    kv_base = b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
+    # the tile's selection; empty slots, bad ids and padding rows hold NB ("none")
+    sel_off = ((b.to(tl.int64) * Tq + rows) * HKV + hkv) * NSEL
+    selt = tl.load(SEL + sel_off[:, None] + offs_s[None, :],
+                   mask=m_ok[:, None] & (offs_s < NSEL)[None, :], other=-1)
+    selt = tl.where((selt >= 0) & (selt < NB), selt, NB)
+
+    acc = tl.zeros([M, HEAD_DIM], dtype=tl.float32)
+    bad = offs_m < 0                                         # rows that met a too-long block
+    if DQ:
+        do = tl.load(DO + q_off[:, None] + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        lse2 = tl.load(LSE + r_off, mask=m_ok, other=0.0) * LOG2E
+        delta = tl.load(DELTA + r_off, mask=m_ok, other=0.0)
+    else:
+        m_i = tl.zeros([M], dtype=tl.float32) - 1.0e30     # finite: a skipped block gives p = 0
+        l_i = tl.zeros([M], dtype=tl.float32)
+    j = tl.min(tl.min(selt, 1), 0)
+    while j < NB:  # the union of the rows' blocks, ascending
+        hit = tl.max(tl.where(selt == j, 1, 0), 1) > 0
+        bs = tl.load(BLK_START + j)
+        be = tl.load(BLK_END + j)
+        kpos = bs + offs_n
+        k_ok = kpos < be
+        kv_off = kv_base + kpos[:, None] * STRIDE_KT + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=k_ok[:, None], other=0.0)
+        v = tl.load(V + kv_off, mask=k_ok[:, None], other=0.0)
+        ok = hit[:, None] & k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
+        s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+        if DQ:
+            p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+            dp = mma(do, tl.trans(v), None, DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            acc = mma(cvt(ds, k.dtype), k, acc, DOT_PREC)
+        else:
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = mma(cvt(p, v.dtype), v, acc * alpha[:, None], DOT_PREC)
+            m_i = m_new
+        bad = bad | (hit & (be - bs > BLOCK_N))
+        j = tl.min(tl.min(tl.where(selt > j, selt, NB), 1), 0)
+
+    o_ptrs = O + q_off[:, None] + offs_d[None, :]
+    if DQ:
+        acc = tl.where(bad[:, None], float("nan"), acc * scale)
+        tl.store(o_ptrs, cvt(acc, O.dtype.element_ty), mask=m_ok[:, None])
+    else:
+        seen = l_i > 0.0
+        l_safe = tl.where(seen, l_i, 1.0)
+        acc = tl.where(bad[:, None], float("nan"), acc / l_safe[:, None])
+        lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
+        tl.store(o_ptrs, cvt(acc, O.dtype.element_ty), mask=m_ok[:, None])
+        tl.store(LSE + r_off, tl.where(bad, float("nan"), lse), mask=m_ok)
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PDK, PDV, ROWPTR, ENTRIES, ITEM, ISPLIT,
+                 NSPLIT, PSLOT, BLK_START, BLK_END, scale, qk_scale, q_offset, Tq, Tk, NB, NBH,
+                 HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 GROUP_P: tl.constexpr, RB: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    item = tl.load(ITEM + tl.program_id(0))                 # bh·NB + j, or NBH: no work
+    if item < NBH:
+        bh = item // NB
+        j = item % NB
+        b = bh // HKV
+        hkv = bh % HKV
+        GROUP: tl.constexpr = HQ // HKV
+        M: tl.constexpr = RB * GROUP_P
+        STRIDE_QT: tl.constexpr = HQ * HEAD_DIM
+        STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        offs_m = tl.arange(0, M)
+        r = offs_m // GROUP_P
+        g = offs_m % GROUP_P
+        h = hkv * GROUP + g
+        # this program's share [lo, hi) of the block's row list, RB-aligned
+        split = tl.load(ISPLIT + tl.program_id(0))
+        n_split = tl.load(NSPLIT + item)
+        beg = tl.load(ROWPTR + item)
+        cnt = tl.load(ROWPTR + item + 1) - beg
+        step = tl.cdiv(tl.cdiv(cnt, n_split), RB) * RB
+        lo = split * step
+        hi = tl.minimum(lo + step, cnt)
+        bs = tl.load(BLK_START + j)
+        be = tl.load(BLK_END + j)
+        kpos = bs + offs_n
+        k_ok = kpos < be
+        kv_off = (b.to(tl.int64) * Tk + kpos[:, None]) * STRIDE_KT + hkv * HEAD_DIM \
+            + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=k_ok[:, None], other=0.0)
+        v = tl.load(V + kv_off, mask=k_ok[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        for i0 in range(lo, hi, RB):
+            e_ok = (i0 + r < hi) & (g < GROUP)
+            rows = tl.load(ENTRIES + beg + i0 + r, mask=e_ok, other=0)
+            q_off = (b.to(tl.int64) * Tq + rows) * STRIDE_QT + h * HEAD_DIM
+            q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=e_ok[:, None], other=0.0)
+            do = tl.load(DO + q_off[:, None] + offs_d[None, :], mask=e_ok[:, None], other=0.0)
+            r_off = (b * HQ + h).to(tl.int64) * Tq + rows
+            lse2 = tl.load(LSE + r_off, mask=e_ok, other=0.0) * LOG2E
+            delta = tl.load(DELTA + r_off, mask=e_ok, other=0.0)
+            # transposed scores [BLOCK_N, M]: Pᵀ comes out ready for dV = Pᵀ dO
+            s_t = mma(k, tl.trans(q), None, DOT_PREC) * qk_scale
+            ok = k_ok[:, None] & e_ok[None, :] & (kpos[:, None] <= (q_offset + rows)[None, :])
+            p_t = tl.where(ok, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+            dv = mma(cvt(p_t, do.dtype), do, dv, DOT_PREC)
+            dp_t = mma(v, tl.trans(do), None, DOT_PREC)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = mma(cvt(ds_t, q.dtype), q, dk, DOT_PREC)
+        if be - bs > BLOCK_N:  # broken contract (block longer than the tile): loud, not silent
+            dk = dk + float("nan")
+            dv = dv + float("nan")
+        if n_split == 1:
+            tl.store(DK + kv_off, cvt(dk * scale, DK.dtype.element_ty), mask=k_ok[:, None])
+            tl.store(DV + kv_off, cvt(dv, DV.dtype.element_ty), mask=k_ok[:, None])
+        else:
+            p_off = ((tl.load(PSLOT + item) + split).to(tl.int64) * BLOCK_N
+                     + offs_n[:, None]) * HEAD_DIM + offs_d[None, :]
+            tl.store(PDK + p_off, dk)
+            tl.store(PDV + p_off, dv)
+
+
+@triton.jit
+def _reduce_kernel(PDK, PDV, DK, DV, NSPLIT, PSLOT, BLK_START, BLK_END, scale, Tk, NB,
+                   HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    item = tl.program_id(0)
+    n_split = tl.load(NSPLIT + item)
+    if n_split > 1:
+        bh = item // NB
+        j = item % NB
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        slot0 = tl.load(PSLOT + item)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        for i in range(n_split):  # in split order: deterministic
+            p_off = ((slot0 + i).to(tl.int64) * BLOCK_N + offs_n[:, None]) * HEAD_DIM \
+                + offs_d[None, :]
+            dk += tl.load(PDK + p_off)
+            dv += tl.load(PDV + p_off)
+        bs = tl.load(BLK_START + j)
+        kpos = bs + offs_n
+        k_ok = kpos < tl.load(BLK_END + j)
+        kv_off = ((bh // HKV).to(tl.int64) * Tk + kpos[:, None]) * (HKV * HEAD_DIM) \
+            + (bh % HKV) * HEAD_DIM + offs_d[None, :]
+        tl.store(DK + kv_off, cvt(dk * scale, DK.dtype.element_ty), mask=k_ok[:, None])
+        tl.store(DV + kv_off, cvt(dv, DV.dtype.element_ty), mask=k_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# launch
+
+_HEAD_DIMS = (16, 32, 64, 128)
+MAX_NSEL = 32
+MAX_GROUP = 64
+MAX_SEL_BLOCK = 128
+# Tile rows: forward / dQ FWD_ROWS (position, head) rows, dK/dV DKDV_ROWS (row, head) pairs
+# (halved, one stage, for tiles past bf16 64 x 128: fp32 or sel_block > 64). H100, triton 3.6,
+# B=1, T=64k, D=128, bf16, NSEL=16, sel_block=64; "random": iid selections, "shared": the 64
+# queries of a block share their extra blocks (block 0, own and previous block always in):
+#   Hq/Hkv=64/4  fwd: FWD_ROWS=16 33.2 / 33.5 ms (random / shared), 64: 29.5 / 10.0 (128, 8 warps
+#                55.6 / 11.0); fwd+bwd at 64: 88 / 47 ms
+#   Hq/Hkv=16/4  fwd: 16: 24.5 / 8.1 ms, 64: 22.6 / 2.6; fwd+bwd at 64: 56 / 14.5 ms
+# (random selections are bound by L2 / HBM traffic: T·Hkv·NSEL K/V blocks of 32 KB.) dK/dV
+# DKDV_ROWS 32 / 64 / 128: bwd 65.2 / 58.5 / 65.6 ms (64/4, random). ptxas sm_90a (bf16, D=128):
+# fwd 174-201 regs, dQ 202-203, dK/dV 224-254 (8 warps), no spills.
+FWD_ROWS, DKDV_ROWS = 64, 64
+FWD_WARPS, DKDV_WARPS, DKDV_STAGES = 4, 8, 2
+# dK/dV split threshold SPLIT = max(SPLIT_MIN_ROWS, SPLIT_FACTOR · mean rows per block). H100, as
+# above, 64/4 random: bwd 58.5 ms split (factor 1, 4, 16: 59.6, 58.5, 60.4) vs 81.7 unsplit;
+# 16/4: 34.1 vs 39.7. The interpreter splits much more, to exercise the path.
+SPLIT_MIN_ROWS = 4 if INTERPRET else 256
+SPLIT_FACTOR = 1 if INTERPRET else 4
+
+
+def _check(q, k, v, sel, blk_start, blk_end, scale, sel_block, q_offset):
+    """Validate the inputs (ValueError naming the rule); returns the scale as a float."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("sel", sel)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor, got {getattr(t, 'shape', type(t))}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
+                         "q [B, Tq, Hq, D] and k, v [B, Tk, Hkv, D]")
+    B, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    if hkv == 0 or hq % hkv or not 1 <= hq // hkv <= MAX_GROUP:
+        raise ValueError(f"Hq={hq} must be a multiple of Hkv={hkv} with group size "
+                         f"Hq/Hkv <= {MAX_GROUP}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_triton_inputs(q, _HEAD_DIMS, "slc_attn: ")
+    nsel = sel.shape[-1]
+    if sel.dtype != torch.int32 or tuple(sel.shape[:3]) != (B, tq, hkv) \
+            or not 1 <= nsel <= MAX_NSEL:
+        raise ValueError(f"sel ({sel.dtype}, {tuple(sel.shape)}) must be int32 [B, Tq, Hkv, NSEL]"
+                         f" = [{B}, {tq}, {hkv}, NSEL] with 1 <= NSEL <= {MAX_NSEL}")
+    for name, t in (("blk_start", blk_start), ("blk_end", blk_end)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1 \
+                or t.numel() == 0 or t.shape != blk_start.shape:
+            raise ValueError(f"{name} must be a non-empty int32 [NB] tensor like blk_start, got "
+                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("sel", sel), ("blk_start", blk_start),
+                    ("blk_end", blk_end)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}: one device")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (strides {t.stride()}); call "
+                             ".contiguous() first")
+    if not q.is_cuda and not INTERPRET:
+        raise ValueError("slc_attn's Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set "
+                         f"before import), got {q.device}")
+    if not isinstance(q_offset, int) or q_offset < 0 or q_offset + tq > tk:
+        raise ValueError(f"q_offset={q_offset!r} must be an int with 0 <= q_offset and "
+                         f"q_offset + Tq <= Tk (Tq={tq}, Tk={tk})")
+    if not isinstance(sel_block, int) or not 1 <= sel_block <= MAX_SEL_BLOCK:
+        raise ValueError(f"sel_block={sel_block!r} must be an int in [1, {MAX_SEL_BLOCK}]")
+    if max(tq * hq, tk * hkv) * d >= 2 ** 31 or B * tq * hkv * nsel >= 2 ** 31:
+        raise ValueError(f"T*H*D and B*Tq*Hkv*NSEL must be < 2**31 (int32 offsets), got "
+                         f"Tq*Hq*D={tq * hq * d}, Tk*Hkv*D={tk * hkv * d}")
+    scale = float(d ** -0.5 if scale is None else scale)
+    if not scale > 0:
+        raise ValueError(f"scale={scale!r} must be > 0")
+    if not q.is_cuda:  # value checks: free on CPU, a host sync on CUDA (see the docstring)
+        nb = blk_start.numel()
+        if bool(((sel < -1) | (sel >= nb)).any()):
+            raise ValueError(f"sel holds ids outside [-1, NB) with NB={nb} blocks")
+        if int(blk_start[0]) != 0 or int(blk_end[-1]) != tk \
+                or not torch.equal(blk_start[1:], blk_end[:-1]) \
+                or bool(((blk_end - blk_start) > sel_block).any() | (blk_end <= blk_start).any()):
+            raise ValueError(f"blocks [blk_start, blk_end) must tile [0, Tk={tk}) in order (as "
+                             f"block_table's do), each of 1 to sel_block={sel_block} keys")
+    return scale
+
+
+def _block_n(sel_block):
+    return max(16, triton.next_power_of_2(sel_block))
+
+
+def _meta(q, k, sel):
+    hq, hkv = q.shape[2], k.shape[2]
+    nsel = sel.shape[-1]
+    gp = triton.next_power_of_2(hq // hkv)
+    return dict(HQ=hq, HKV=hkv, HEAD_DIM=q.shape[3], NSEL=nsel,
+                NSEL_P=max(2, triton.next_power_of_2(nsel)), GROUP_P=gp,
+                QPP=max(1, FWD_ROWS // gp), DOT_PREC=common.dot_precision(q.dtype))
+
+
+def _launch_rows(q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale, sel_block,
+                 q_offset, dq_mode):
+    B, tq = q.shape[:2]
+    meta = _meta(q, k, sel)
+    grid = (triton.cdiv(tq, meta["QPP"]), B * k.shape[2])
+    _rows_kernel[grid](q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale,
+                       scale * LOG2E_F, q_offset, tq, k.shape[1], blk_start.numel(), **meta,
+                       BLOCK_N=_block_n(sel_block), DQ=dq_mode, num_warps=FWD_WARPS,
+                       num_stages=1)
+
+
+def slc_attn_fwd(q, k, v, sel, blk_start, blk_end, *, scale, sel_block, q_offset=0):
+    """Forward primitive (no autograd): (o [B, Tq, Hq, D] in q's dtype, lse [B, Hq, Tq] fp32,
+    natural log)."""
+    scale = _check(q, k, v, sel, blk_start, blk_end, scale, sel_block, q_offset)
+    B, tq, hq, _ = q.shape
+    o = common.empty(q.shape, q.dtype, q.device)
+    lse = common.empty((B, hq, tq), torch.float32, q.device)
+    _launch_rows(q, k, v, o, lse, q, lse, sel, blk_start, blk_end, scale, sel_block, q_offset,
+                 False)
+    return o, lse
+
+
+def inverse_index(sel, nb: int):
+    """(ROWPTR int32 [B·Hkv·NB + 1], ENTRIES int32, counts int64 [B·Hkv·NB]): the query rows of
+    (batch, KV head) bh that selected block j, ascending, are
+    ENTRIES[ROWPTR[bh·NB + j] : ROWPTR[bh·NB + j + 1]]. Stable sort: deterministic."""
+    B, tq, hkv, _ = sel.shape
+    dev = sel.device
+    nbh = B * hkv * nb
+    bh = torch.arange(B, device=dev)[:, None] * hkv + torch.arange(hkv, device=dev)
+    bh = bh[:, None, :, None]                                # [B, 1, Hkv, 1]
+    ok = (sel >= 0) & (sel < nb)
+    key = torch.where(ok, bh.to(torch.int32) * nb + sel, nbh).flatten()  # empty slots sort last
+    order = torch.sort(key, stable=True).indices
+    rows = torch.arange(tq, device=dev, dtype=torch.int32)[None, :, None, None].expand(sel.shape)
+    counts = torch.bincount(key, minlength=nbh + 1)[:nbh]
+    rowptr = torch.zeros(nbh + 1, dtype=torch.int64, device=dev)
+    rowptr[1:] = torch.cumsum(counts, 0)
+    return rowptr.to(torch.int32), rows.flatten()[order].contiguous(), counts
+
+
+def split_rows(tq: int, nsel: int, nb: int) -> int:
+    """Row-list length beyond which a block's dK/dV is split over several programs."""
+    return max(SPLIT_MIN_ROWS, SPLIT_FACTOR * triton.cdiv(tq * nsel, nb))
+
+
+def work_items(counts, split: int, n_items: int):
+    """The dK/dV work list, sized n_items (host bound, no sync): (ITEM, ISPLIT) int32 [n_items]
+    (global block bh·NB + j and split index per program, largest splits first, unused programs
+    ITEM = B·Hkv·NB last), NSPLIT, PSLOT int32 [B·Hkv·NB] (splits per block; first partial tile
+    of a split block)."""
+    nbh = counts.numel()
+    n = torch.clamp(counts // split, min=1)
+    ncum = torch.cumsum(n, 0)
+    idx = torch.arange(n_items, device=counts.device)
+    owner = torch.searchsorted(ncum, idx, right=True)        # == nbh past the last split
+    own = owner.clamp(max=nbh - 1)
+    sub = idx - (ncum[own] - n[own])
+    size = torch.where(owner < nbh, counts[own] // n[own], -1)
+    order = torch.sort(size, descending=True, stable=True).indices
+    multi = torch.where(n > 1, n, 0)
+    pslot = torch.cumsum(multi, 0) - multi
+    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    return i32(owner[order]), i32(sub[order]), i32(n), i32(pslot)
+
+
+def slc_attn_bwd(do, q, k, v, o, lse, sel, blk_start, blk_end, *, scale, sel_block, q_offset=0):
+    """Backward primitive: (dq, dk, dv) shaped like q, k, v, given dO and the forward's o, lse."""
+    scale = _check(q, k, v, sel, blk_start, blk_end, scale, sel_block, q_offset)
+    B, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    for name, t in (("do", do), ("o", o)):
+        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype \
+                or t.device != q.device or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous tensor like q ({tuple(q.shape)}, "
+                             f"{q.dtype}), got {getattr(t, 'dtype', type(t))} "
+                             f"{tuple(getattr(t, 'shape', ()))}")
+    if not isinstance(lse, torch.Tensor) or lse.shape != (B, hq, tq) \
+            or lse.dtype != torch.float32 or not lse.is_contiguous() or lse.device != q.device:
+        raise ValueError(f"lse must be contiguous fp32 [B, Hq, Tq] = {(B, hq, tq)}, got "
+                         f"{getattr(lse, 'dtype', type(lse))} {tuple(getattr(lse, 'shape', ()))}")
+    delta = common.empty((B, hq, tq), torch.float32, q.device)
+    pre_bm = 16 if INTERPRET else 64
+    _bwd_preprocess[(triton.cdiv(tq, pre_bm), B * hq)](o, do, delta, tq, H=hq, HEAD_DIM=d,
+                                                        BLOCK_M=pre_bm)
+    dq = common.empty(q.shape, q.dtype, q.device)
+    _launch_rows(q, k, v, dq, lse, do, delta, sel, blk_start, blk_end, scale, sel_block,
+                 q_offset, True)
+
+    nb, nsel = blk_start.numel(), sel.shape[-1]
+    rowptr, entries, counts = inverse_index(sel, nb)
+    split = split_rows(tq, nsel, nb)
+    n_part = B * hkv * (tq * nsel // split)                  # bound on partial tiles
+    item, isplit, nsplit, pslot = work_items(counts, split, B * hkv * nb + n_part)
+    bn = _block_n(sel_block)
+    pdk = common.empty((max(n_part, 1), bn, d), torch.float32, q.device)
+    pdv = common.empty((max(n_part, 1), bn, d), torch.float32, q.device)
+    dk = common.empty(k.shape, k.dtype, k.device)
+    dv = common.empty(v.shape, v.dtype, v.device)
+    gp = triton.next_power_of_2(hq // hkv)
+    big = bn * d * q.element_size() > 64 * 128 * 2                 # tiles past bf16 64 x 128
+    rows, stages = (DKDV_ROWS // 2, 1) if big else (DKDV_ROWS, DKDV_STAGES)
+    _dkdv_kernel[(item.numel(),)](
+        q, k, v, do, lse, delta, dk, dv, pdk, pdv, rowptr, entries, item, isplit, nsplit, pslot,
+        blk_start, blk_end, scale, scale * LOG2E_F, q_offset, tq, tk, nb, B * hkv * nb, HQ=hq,
+        HKV=hkv,
+        HEAD_DIM=d, GROUP_P=gp, RB=max(1, rows // gp), BLOCK_N=bn,
+        DOT_PREC=common.dot_precision(q.dtype), num_warps=DKDV_WARPS, num_stages=stages)
+    _reduce_kernel[(B * hkv * nb,)](pdk, pdv, dk, dv, nsplit, pslot, blk_start, blk_end, scale,
+                                    tk, nb, HKV=hkv, HEAD_DIM=d, BLOCK_N=bn, num_warps=4)
+    return dq, dk, dv
+
+
+class SlcAttnFunction(torch.autograd.Function):
+    """Triton forward / backward of the selected branch; sel and the block table are inputs
+    (not differentiated)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sel, blk_start, blk_end, scale, sel_block, q_offset):
+        o, lse = slc_attn_fwd(q, k, v, sel, blk_start, blk_end, scale=scale,
+                              sel_block=sel_block, q_offset=q_offset)
+        ctx.save_for_backward(q, k, v, o, lse, sel, blk_start, blk_end)
+        ctx.args = (scale, sel_block, q_offset)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, sel, blk_start, blk_end = ctx.saved_tensors
+        scale, sel_block, q_offset = ctx.args
+        dq, dk, dv = slc_attn_bwd(do.contiguous(), q, k, v, o, lse, sel, blk_start, blk_end,
+                                  scale=scale, sel_block=sel_block, q_offset=q_offset)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def slc_attn(q, k, v, sel, blk_start, blk_end, *, scale=None, sel_block: int = 64,
+             q_offset: int = 0):
+    """Selected-block attention (Triton), differentiable w.r.t. q, k, v: o [B, Tq, Hq, D]."""
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return SlcAttnFunction.apply(q, k, v, sel, blk_start, blk_end, scale, sel_block, q_offset)

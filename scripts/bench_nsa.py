@@ -1,0 +1,191 @@
+#!/usr/bin/env python
+"""NSA benchmark: our three-branch Triton NSA against fla's two-branch NSA and full attention.
+
+    python scripts/bench_nsa.py --out OUT [--seqlens 16384,65536] [--heads 64 --kv-heads 4]
+
+Shapes: B = 1, Hq = --heads, Hkv = --kv-heads, D = 128, bf16. Backends:
+  nsa         attn.nsa.nsa_attn, the paper's layer: compression blocks 32 every 16 keys (mean
+              pooling, inside the timed region), top-16 selection blocks of 64, window 512,
+              three gates; selection (scores + top-n) inside the timed region
+  nsa_b64     the same with fla's geometry for the compressed branch (blocks of 64 every 64)
+  fla_nsa     fla 0.6 parallel_nsa, compression + selection (its window branch needs flash-attn):
+              mean pooling blocks of 64, top-16 blocks of 64; needs Hq/Hkv >= 16
+  flash       attn.flash.flash_attn, full causal attention (our kernel)
+  sdpa_cudnn, sdpa_flash   torch SDPA full causal attention (cuDNN, FlashAttention-2), GQA
+Times: medians of triton.testing.do_bench in ms, fwd and fwd+bwd; peak memory: the
+torch.cuda.max_memory_allocated increase over the inputs during one fwd+bwd. Writes
+bench_nsa.json and bench_nsa.md into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def _qkv(T, H, Hkv, D, layout="bthd"):
+    torch.manual_seed(1234)
+    dt = torch.bfloat16
+    q = torch.randn(1, T, H, D, device="cuda", dtype=dt)
+    k = torch.randn(1, T, Hkv, D, device="cuda", dtype=dt)
+    v = torch.randn(1, T, Hkv, D, device="cuda", dtype=dt)
+    if layout == "bhtd":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    return [q, k, v]
+
+
+def _gates(T, H):
+    return [torch.rand(1, T, H, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+
+
+def make_nsa(T, H, Hkv, D, cmp_block=32, cmp_stride=16):
+    from attn.nsa import compress, nsa_attn
+
+    def fn(q, k, v, g1, g2, g3):
+        kc, vc = compress(k, v, cmp_block, cmp_stride)
+        return nsa_attn(q, k, v, kc, vc, g1, g2, g3, cmp_block=cmp_block, cmp_stride=cmp_stride,
+                        sel_block=64, topk=16, window=512)
+    return fn, _qkv(T, H, Hkv, D) + _gates(T, H)
+
+
+def make_nsa_b64(T, H, Hkv, D):
+    return make_nsa(T, H, Hkv, D, 64, 64)
+
+
+def make_fla_nsa(T, H, Hkv, D):
+    from fla.ops.nsa import parallel_nsa
+    g = _gates(T, H)
+
+    def fn(q, k, v, g1, g2):
+        return parallel_nsa(q, k, v, g1, g2, None, block_counts=16, block_size=64,
+                            window_size=0)
+    return fn, _qkv(T, H, Hkv, D) + g[:2]
+
+
+def make_flash(T, H, Hkv, D):
+    from attn.flash import flash_attn
+    return flash_attn, _qkv(T, H, Hkv, D)
+
+
+def _sdpa(backend_name):
+    def make(T, H, Hkv, D):
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = getattr(SDPBackend, backend_name)
+
+        def fn(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                      enable_gqa=H != Hkv)
+        return fn, _qkv(T, H, Hkv, D, "bhtd")
+    return make
+
+
+BACKENDS = {"nsa": make_nsa, "nsa_b64": make_nsa_b64, "fla_nsa": make_fla_nsa,
+            "flash": make_flash, "sdpa_cudnn": _sdpa("CUDNN_ATTENTION"),
+            "sdpa_flash": _sdpa("FLASH_ATTENTION")}
+
+
+def bench_one(name, T, H, Hkv, D, warmup, rep):
+    from triton.testing import do_bench
+    fn, inputs = BACKENDS[name](T, H, Hkv, D)
+    inputs = [t.requires_grad_() for t in inputs]
+    do = torch.randn_like(fn(*inputs))
+    with torch.no_grad():
+        fwd = do_bench(lambda: fn(*inputs), warmup=warmup, rep=rep, return_mode="median")
+
+    def step():
+        fn(*inputs).backward(do)
+    fwdbwd = do_bench(step, warmup=warmup, rep=rep, grad_to_none=inputs, return_mode="median")
+    for t in inputs:
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    return dict(backend=name, T=T, H=H, Hkv=Hkv, D=D, fwd_ms=fwd, fwdbwd_ms=fwdbwd,
+                peak_mib=peak)
+
+
+def write_outputs(out, records, meta, quiet=False):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench_nsa.json"), "w") as f:
+        json.dump(dict(meta=meta, results=records), f, indent=1)
+    shapes = list(dict.fromkeys((r["H"], r["Hkv"]) for r in records))
+    lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; "
+             "B=1, D=128, bf16; nsa: compression 32/16 (mean), top-16 of 64-key blocks, window "
+             "512, gates; nsa_b64: compression 64/64; fla_nsa: compression + selection only "
+             "(blocks of 64, top-16).", ""]
+    for hq, hkv in shapes:
+        rs = [r for r in records if (r["H"], r["Hkv"]) == (hq, hkv)]
+        seqlens = sorted({r["T"] for r in rs})
+        names = list(dict.fromkeys(r["backend"] for r in rs))
+        for key, title in (("fwd_ms", "forward, ms"), ("fwdbwd_ms", "forward+backward, ms"),
+                           ("peak_mib", "peak memory of one fwd+bwd, MiB")):
+            lines += [f"| Hq={hq}, Hkv={hkv}: {title} | "
+                      + " | ".join(f"T={t // 1024}k" for t in seqlens) + " |",
+                      "|---|" + "---:|" * len(seqlens)]
+            for n in names:
+                cells = []
+                for t in seqlens:
+                    r = [x for x in rs if x["backend"] == n and x["T"] == t]
+                    cells.append(f"{r[0][key]:.2f}" if r else "-")
+                lines.append(f"| {n} | " + " | ".join(cells) + " |")
+            lines.append("")
+    if meta["skipped"]:
+        lines.append("Skipped: " + "; ".join(f"{k}: {v}" for k, v in meta["skipped"].items()))
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "bench_nsa.md"), "w") as f:
+        f.write(md)
+    if not quiet:
+        print(md)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backends", default="nsa,nsa_b64,fla_nsa,flash,sdpa_cudnn,sdpa_flash")
+    ap.add_argument("--seqlens", default="16384,65536")
+    ap.add_argument("--heads", default="64", help="comma list, paired with --kv-heads")
+    ap.add_argument("--kv-heads", default="4")
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=25, help="ms")
+    ap.add_argument("--rep", type=int, default=100, help="ms")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_nsa.py needs a CUDA GPU")
+    import triton
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, date=datetime.date.today().isoformat(), skipped={})
+    records = []
+    pairs = list(zip([int(h) for h in a.heads.split(",")], [int(h) for h in a.kv_heads.split(",")]))
+    for H, Hkv in pairs:
+        for T in [int(t) for t in a.seqlens.split(",")]:
+            for name in a.backends.split(","):
+                try:
+                    r = bench_one(name, T, H, Hkv, a.head_dim, a.warmup, a.rep)
+                except Exception as e:  # one backend failing (OOM, missing) must not sink it
+                    meta["skipped"][f"{name}@T={T},Hq={H}"] = f"{type(e).__name__}: {e}"[:300]
+                    traceback.print_exc()
+                    continue
+                finally:
+                    torch.cuda.empty_cache()
+                records.append(r)
+                print(f"{name:10s} Hq={H:3d} Hkv={Hkv:3d} T={T:6d} fwd {r['fwd_ms']:8.3f} ms  "
+                      f"fwd+bwd {r['fwdbwd_ms']:8.3f} ms  peak {r['peak_mib']:8.1f} MiB",
+                      flush=True)
+                write_outputs(a.out, records, meta, quiet=True)  # partial results survive
+    write_outputs(a.out, records, meta)
+
+
+if __name__ == "__main__":
+    main()

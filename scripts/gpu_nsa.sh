@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One GPU session for attn/nsa: environment, GPU tests (kernels and end to end), benchmark;
+# everything under $OUT.   STAGES="env tests bench" BENCH_ARGS="..." scripts/gpu_nsa.sh
+# Carry [".whl"] (fla-core wheel for the fla_nsa baseline).
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"env tests bench"}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+if ls .whl/fla_core*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/fla_core*.whl && export PYTHONPATH=/tmp/site:$PWD
+fi
+for s in $STAGES; do
+  case $s in
+    env)
+      { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+        python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+      } 2>&1 | tee "$OUT/env.txt" ;;
+    tests)
+      timeout ${TEST_TIMEOUT:-300} python3 -m pytest -m gpu tests/attn/nsa/test_nsa_gpu.py tests/attn/nsa/test_nsa_cmp.py tests/attn/nsa/test_nsa_slc.py -q -rA -s \
+        -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | grep -v "^PASSED\|^$" | tail -40 ;;
+    bench)
+      timeout ${BENCH_TIMEOUT:-400} python3 scripts/bench_nsa.py --out "$OUT" ${BENCH_ARGS:-} \
+        2>&1 | tee "$OUT/bench.log" | grep -v "^\s*$" ;;
+    *)
+      eval "$s" ;;
+  esac
+done

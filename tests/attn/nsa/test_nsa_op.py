@@ -1,0 +1,138 @@
+"""NSA end to end through the Triton path (compressed attention, on-chip selection, selected
+blocks, window via flash, fused gate mix) against the dense definition ref.py, under the Triton
+interpreter (ATTN_IMPL=triton): output and the gradients of q, k, v, k_cmp, v_cmp and the three
+gates; GQA group sizes 1, 3, 4, 16; documents (uneven, one of length 1); q_offset shards; short
+sequences with fewer blocks than topk (and none compressed); bf16.
+
+Error measure: relative norm ||x − x64|| / ||x64|| (floored at an rms of 0.05) against ref.py in
+float64. fp32: kernel error <= max(4 · ref.py's own fp32 error, 2e-5); bf16: <= 2 · ref.py's
+bf16 error + 2e-3 and < 2e-2. Selection is discrete: inputs whose float64 selection scores have
+a near-tie at the top-n boundary (relative gap < 1e-4) are redrawn, so rounding cannot flip a
+block. Outputs of every kernel are NaN-poisoned (unwritten elements fail)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attn.flash import common
+from attn.nsa import nsa_attn
+from attn.nsa.gate_mix import gate_mix
+from attn.nsa.op import compress
+from attn.nsa.ref import (_doc_starts, _masked_softmax, cmp_block_starts, nsa_attn_ref,
+                          selection_scores)
+
+bf16 = torch.bfloat16
+
+
+def poisoned(shape, dtype, device):
+    return torch.full(shape, -7 if dtype == torch.int32 else float("nan"), dtype=dtype,
+                      device=device)
+
+
+def rel(a, b):
+    if b.numel() == 0:                                 # no compressed block at all
+        return 0.0 if a.shape == b.shape else float("inf")
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(0.05 * b.numel() ** 0.5)).item()
+
+
+def docs(total, n):
+    cuts = torch.randperm(total - 1)[: max(n - 2, 0)] + 1
+    cuts = torch.cat([cuts, torch.tensor([1])]).unique().sort().values
+    return torch.cat([torch.tensor([0]), cuts, torch.tensor([total])]).to(torch.int32)
+
+
+def min_gap(q, kc, T, kw, cu, off):
+    """Smallest relative gap between the topk-th and the next finite float64 selection score."""
+    hq, hkv, d = q.shape[2], kc.shape[2], q.shape[3]
+    kstart = _doc_starts(cu, T, "cpu")
+    qpos = torch.arange(q.shape[1]) + off
+    cstart, cdoc = cmp_block_starts(T, kw["cmp_block"], kw["cmp_stride"], cu, "cpu")
+    cmask = (cdoc[None, :] == kstart[qpos][:, None]) \
+        & (cstart[None, :] + kw["cmp_block"] - 1 <= qpos[:, None])
+    kd = kc.double().transpose(1, 2).repeat_interleave(hq // hkv, 1)
+    p = _masked_softmax((q.double().transpose(1, 2) @ kd.transpose(-1, -2)) * d ** -0.5, cmask)
+    score, _ = selection_scores(p, T, cmp_block=kw["cmp_block"], cmp_stride=kw["cmp_stride"],
+                                sel_block=kw["sel_block"], cu_seqlens=cu, q_offset=off, hkv=hkv)
+    v = score.sort(-1, descending=True).values
+    n = kw["topk"]
+    if v.shape[-1] <= n:
+        return float("inf")
+    a, b = v[..., n - 1], v[..., n]
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    return float(((a - b) / a.abs().clamp_min(1e-30))[ok].min()) if ok.any() else float("inf")
+
+
+def make(B, T, hq, hkv, d, dtype, kw, cu, off):
+    for _ in range(10):
+        tq = T - off
+        q = torch.randn(B, tq, hq, d)
+        k, v = torch.randn(B, T, hkv, d), torch.randn(B, T, hkv, d)
+        kc, vc = compress(k, v, kw["cmp_block"], kw["cmp_stride"], cu_seqlens=cu)
+        kc, vc = kc + 0.5 * torch.randn_like(kc), vc + 0.5 * torch.randn_like(vc)
+        if min_gap(q, kc.to(dtype), T, kw, cu, off) > 1e-4:
+            gates = torch.rand(3, B, tq, hq)
+            return [t.to(dtype) for t in (q, k, v, kc, vc, *gates)]
+    raise AssertionError("could not draw inputs without a near-tie in the selection")
+
+
+CASES = [
+    dict(T=100, hq=4, hkv=2, kw=dict(cmp_block=4, cmp_stride=2, sel_block=8, topk=4, window=6)),
+    dict(B=2, T=90, hq=3, hkv=1, kw=dict(cmp_block=8, cmp_stride=4, sel_block=16, topk=3,
+                                         window=20)),
+    dict(T=130, hq=4, hkv=1, cu=5, kw=dict(cmp_block=4, cmp_stride=2, sel_block=8, topk=5,
+                                           window=9)),
+    dict(T=140, hq=2, hkv=2, cu=4, off=60, kw=dict(cmp_block=4, cmp_stride=2, sel_block=8,
+                                                   topk=4, window=16)),
+    dict(T=150, hq=16, hkv=1, kw=dict(cmp_block=32, cmp_stride=16, sel_block=64, topk=3,
+                                      window=40)),
+    dict(T=7, hq=2, hkv=1, kw=dict(cmp_block=8, cmp_stride=4, sel_block=4, topk=16,
+                                   window=512)),                      # nothing compressed
+    dict(T=96, hq=4, hkv=2, cu=3, dtype=bf16, kw=dict(cmp_block=8, cmp_stride=4, sel_block=16,
+                                                      topk=3, window=24)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(
+    f"{k}{v}" for k, v in c.items() if k != "kw").replace("torch.", ""))
+def test_nsa_matches_ref(monkeypatch, case):
+    monkeypatch.setattr(common, "empty", poisoned)
+    B, T, hq, hkv, kw = case.get("B", 1), case["T"], case["hq"], case["hkv"], case["kw"]
+    dtype, off, d = case.get("dtype", torch.float32), case.get("off", 0), 16
+    cu = docs(T, case["cu"]) if "cu" in case else None
+    inputs = make(B, T, hq, hkv, d, dtype, kw, cu, off)
+    do = torch.randn(B, T - off, hq, d).to(dtype)
+
+    def run(impl, ts):
+        monkeypatch.setenv("ATTN_IMPL", impl)
+        ts = [t.detach().clone().requires_grad_(True) for t in ts]
+        fn = nsa_attn if impl == "triton" else nsa_attn_ref
+        o = fn(*ts, **kw, cu_seqlens=cu, q_offset=off)
+        o.backward(do.to(o.dtype))
+        return [o.detach()] + [t.grad for t in ts]
+
+    got = run("triton", inputs)
+    ref = run("ref", inputs)
+    exact = run("ref", [t.double() for t in inputs])
+    names = ["o", "dq", "dk", "dv", "dk_cmp", "dv_cmp", "dg_cmp", "dg_slc", "dg_swa"]
+    for name, a, r, x in zip(names, got, ref, exact):
+        assert not torch.isnan(a).any(), name
+        ea, er = rel(a, x), rel(r, x)
+        if dtype == torch.float32:
+            assert ea <= max(4 * er, 2e-5), (name, ea, er)
+        else:
+            assert ea <= 2 * er + 2e-3 and ea < 2e-2, (name, ea, er)
+
+
+def test_gate_mix_matches_torch(monkeypatch):
+    monkeypatch.setattr(common, "empty", poisoned)
+    os_ = [torch.randn(2, 5, 3, 16, dtype=torch.float64).float().requires_grad_() for _ in range(3)]
+    g = torch.rand(2, 5, 3, 3).requires_grad_()
+    o = gate_mix(*os_, g)
+    do = torch.randn_like(o)
+    o.backward(do)
+    want = sum(g[..., i, None] * os_[i] for i in range(3))
+    assert torch.allclose(o, want, atol=1e-6)
+    grads = torch.autograd.grad(want, [*os_, g], do)
+    for a, b in zip([t.grad for t in os_] + [g.grad], grads):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -1,0 +1,242 @@
+"""NSA selected-block kernels (attn/nsa/slc.py) against the dense definition `slc_attn_ref`,
+under the Triton interpreter on CPU; GPU sizes are marked `gpu`.
+
+Selections are random but valid: for each (b, query i, KV head) the query's own block plus
+distinct random causal blocks of its document (optionally NSA's forced ones: the document's
+first block and the previous block), a random number of them (−1 in the other slots), slot order
+shuffled. Outputs, lse, dq, dk, dv are compared with slc_attn_ref computed in float64 on the same
+inputs (upstream gradient random); kernel outputs are NaN-poisoned (common.empty swapped for
+a NaN-filled allocator) so unwritten elements fail.
+
+Error measure: relative norm ||x − x64|| / ||x64|| (denominator floored at an rms of 0.05).
+Rules: fp32 inputs: error <= 1e-5. bf16 / fp16 inputs: error <= 2 · (ref.py's own error in that
+dtype) + 1e-4 and < 1e-2 (ref.py computes in fp32 and rounds its result: "at most twice the
+output's own rounding"). lse (fp32 in every case): error <= 1e-5.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attn.flash import common
+from attn.moba.gate import block_table
+from attn.nsa import slc
+from attn.nsa.ref import slc_attn_ref
+from attn.nsa.slc import inverse_index, slc_attn, slc_attn_bwd, slc_attn_fwd, work_items
+
+bf16, fp16 = torch.bfloat16, torch.float16
+
+
+def nan_empty(shape, dtype, device):
+    """Poisoned outputs: every element the kernels fail to write stays NaN (int32: −7)."""
+    if dtype == torch.int32:
+        return torch.full(shape, -7, dtype=dtype, device=device)
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(0.05 * b.numel() ** 0.5)).item()
+
+
+def random_docs(total, n_docs):
+    """Uneven document lengths summing to `total`, with at least one document of length 1."""
+    cuts = torch.randperm(total - 1)[: max(n_docs - 2, 0)] + 1
+    cuts = torch.cat([cuts, torch.tensor([1])]).unique().sort().values
+    return torch.cat([torch.tensor([0]), cuts, torch.tensor([total])]).to(torch.int32)
+
+
+def random_sel(table, B, tq, hkv, nsel, q_offset=0, nsa=False, partial=True, device="cpu"):
+    """int32 [B, Tq, Hkv, NSEL]: own block + distinct random causal blocks of the document
+    (nsa: also the document's first and the previous block), −1 padding, shuffled slots."""
+    kblk, firstb, _, _ = (t.long().to(device) for t in table)
+    nb = table[2].numel()
+    pos = torch.arange(tq, device=device) + q_offset
+    j = torch.arange(nb, device=device)
+    own, first = kblk[pos][:, None], firstb[pos][:, None]
+    score = torch.rand(B, tq, hkv, nb, device=device)
+    score = score.masked_fill(((j < first) | (j > own))[None, :, None, :], -1.0)
+    forced = (j == own) | ((j == first) | (j == own - 1)) & (j >= first) if nsa else j == own
+    score = score.masked_fill(forced[None, :, None, :], 2.0)
+    top, idx = score.topk(min(nsel, nb), dim=-1)
+    sel = torch.where(top >= 0, idx, -1)
+    if partial:  # keep a random number of blocks per row (at least the forced ones)
+        keep = torch.randint(1, nsel + 1, sel.shape[:3] + (1,), device=device)
+        sel = torch.where((torch.arange(sel.shape[-1], device=device) < keep) | (top > 1.5),
+                          sel, -1)
+    sel = torch.cat([sel, sel.new_full(sel.shape[:3] + (nsel - sel.shape[-1],), -1)], -1)
+    perm = torch.rand(sel.shape, device=device).argsort(-1)
+    return sel.gather(-1, perm).to(torch.int32).contiguous()
+
+
+def check_case(monkeypatch, *, B=1, Tq=64, Tk=None, Hq=2, Hkv=None, D=16, sel_block=8, nsel=4,
+               dtype=torch.float32, q_offset=0, cu=None, nsa=False, partial=True,
+               device="cpu", exact_dtype=torch.float64):
+    Tk = Tq if Tk is None else Tk
+    Hkv = Hq if Hkv is None else Hkv
+    monkeypatch.setattr(common, "empty", nan_empty)
+    cu_t = None if cu is None else torch.as_tensor(cu, dtype=torch.int32, device=device)
+    table = block_table(cu_t, Tk, sel_block, device)
+    sel = random_sel(table, B, Tq, Hkv, nsel, q_offset, nsa, partial, device)
+    _, _, bs, be = table
+    q = torch.randn(B, Tq, Hq, D, device=device).to(dtype)
+    k = torch.randn(B, Tk, Hkv, D, device=device).to(dtype)
+    v = torch.randn(B, Tk, Hkv, D, device=device).to(dtype)
+    do = torch.randn(B, Tq, Hq, D, device=device).to(dtype)
+
+    def run(dt):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        o, lse = slc_attn_ref(*leaves, sel, bs, be, q_offset=q_offset)
+        return (o, lse, *torch.autograd.grad(o, leaves, do.to(o.dtype)))
+
+    kw = dict(scale=D ** -0.5, sel_block=sel_block, q_offset=q_offset)
+    o, lse = slc_attn_fwd(q, k, v, sel, bs, be, **kw)
+    got = (o, lse, *slc_attn_bwd(do, q, k, v, o, lse, sel, bs, be, **kw))
+    exact, mine = run(exact_dtype), run(dtype)
+    report = {}
+    for name, g, x, r in zip(["o", "lse", "dq", "dk", "dv"], got, exact, mine):
+        assert g.shape == x.shape and g.dtype == (torch.float32 if name == "lse" else dtype)
+        assert torch.isfinite(g).all(), f"{name}: NaN/inf (unwritten or broken elements)"
+        e_k, e_r = rel(g, x), rel(r, x)
+        report[name] = (e_k, e_r)
+        if dtype == torch.float32 or name == "lse":
+            assert e_k <= 1e-5, (name, e_k, e_r)
+        else:
+            assert e_k < 1e-2, (name, e_k)
+            assert e_k <= 2 * e_r + 1e-4, (name, "kernel", e_k, "ref.py", e_r)
+    return report, sel, table
+
+
+@pytest.mark.parametrize("case", [
+    dict(Tq=64, Hq=2, D=16, sel_block=8, nsel=4),                                 # G 1
+    dict(Tq=84, Hq=4, Hkv=2, D=32, sel_block=16, nsel=3),                         # G 2, T % 16
+    dict(Tq=100, Hq=4, Hkv=1, D=16, sel_block=8, nsel=5, cu="docs", nsa=True),    # G 4, documents
+    dict(B=2, Tq=48, Hq=32, Hkv=2, D=16, sel_block=8, nsel=4, nsa=True),          # G 16, batch
+    dict(Tq=40, Hq=64, Hkv=1, D=16, sel_block=8, nsel=3),                         # G 64
+    dict(Tq=60, Hq=6, Hkv=2, D=16, sel_block=12, nsel=6),                         # G 3, odd block
+    dict(Tq=48, Tk=130, q_offset=70, Hq=4, Hkv=2, D=16, sel_block=8, nsel=6, cu="docs"),
+    dict(B=2, Tq=60, Hq=2, Hkv=1, D=16, sel_block=16, nsel=16, partial=False),   # −1 slots
+    dict(Tq=100, Hq=2, Hkv=1, D=16, sel_block=4, nsel=32, nsa=True),              # NSEL 32
+    dict(Tq=90, Hq=8, Hkv=2, D=16, sel_block=32, nsel=3, nsa=True),               # block > 16
+    dict(Tq=96, Hq=8, Hkv=2, D=32, sel_block=16, nsel=4, cu="docs", nsa=True, dtype=bf16),
+    dict(Tq=40, Tk=112, q_offset=60, Hq=16, Hkv=1, D=16, sel_block=8, nsel=4, dtype=fp16),
+    dict(Tq=50, Hq=4, Hkv=4, D=16, sel_block=8, nsel=4, dtype=bf16),              # G 1 bf16
+], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()).replace("torch.", ""))
+def test_matches_ref(monkeypatch, case):
+    case = dict(case)
+    if case.get("cu") == "docs":
+        case["cu"] = random_docs(case.get("Tk", case["Tq"]), 6)
+    rep, _, _ = check_case(monkeypatch, **case)
+    print({k: f"{a:.2e} (ref {b:.2e})" for k, (a, b) in rep.items()})
+
+
+def test_heavy_blocks_are_split_and_backward_is_deterministic(monkeypatch):
+    """Block 0 (selected by every query) is split over several programs; two backward passes
+    give identical bits; the unsplit run agrees to rounding."""
+    monkeypatch.setattr(common, "empty", nan_empty)
+    T, hq, hkv, sb, nsel = 96, 4, 2, 8, 4
+    table = block_table(None, T, sb, "cpu")
+    sel = random_sel(table, 1, T, hkv, nsel, nsa=True)
+    _, _, counts = inverse_index(sel, table[2].numel())
+    split = slc.split_rows(T, nsel, table[2].numel())
+    assert int(counts.max()) >= 2 * split                        # something is split
+    q = torch.randn(1, T, hq, 16, requires_grad=True)
+    k, v = (torch.randn(1, T, hkv, 16, requires_grad=True) for _ in range(2))
+    do = torch.randn(1, T, hq, 16)
+
+    def grads():
+        return torch.autograd.grad(slc_attn(q, k, v, sel, table[2], table[3], sel_block=sb),
+                                   (q, k, v), do)
+    g1, g2 = grads(), grads()
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    monkeypatch.setattr(slc, "SPLIT_MIN_ROWS", 10 ** 6)         # one program per block
+    for a, b in zip(g1, grads()):
+        assert rel(a, b) < 1e-6
+
+
+def test_inverse_index_and_work_items():
+    table = block_table(random_docs(120, 5), 120, 8, "cpu")
+    nb = table[2].numel()
+    sel = random_sel(table, 2, 120, 3, 5, nsa=True)
+    rowptr, entries, counts = inverse_index(sel, nb)
+    for b in range(2):
+        for h in range(3):
+            for j in range(nb):
+                at = (b * 3 + h) * nb + j
+                want = (sel[b, :, h] == j).any(-1).nonzero().flatten()
+                assert torch.equal(entries[rowptr[at]:rowptr[at + 1]].long(), want)
+    split = 7
+    bound = 2 * 3 * (120 * 5 // split)
+    item, isplit, nsplit, pslot = work_items(counts, split, 2 * 3 * nb + bound)
+    real = item < 2 * 3 * nb
+    pairs = sorted(zip(item[real].tolist(), isplit[real].tolist()))
+    assert pairs == [(i, s) for i in range(2 * 3 * nb) for s in range(int(nsplit[i]))]
+    assert bool((item[~real] == 2 * 3 * nb).all()) and bool(real[: int(real.sum())].all())
+    size = (counts[item[real].long()] // nsplit[item[real].long()]).tolist()
+    assert size == sorted(size, reverse=True)                    # largest first
+    multi = nsplit > 1
+    assert int((pslot[multi] + nsplit[multi]).max()) <= bound    # partial tiles fit the bound
+
+
+def test_bad_arguments():
+    T, nb = 16, 2
+    q, k = torch.randn(1, T, 2, 16), torch.randn(1, T, 1, 16)
+    table = block_table(None, T, 8, "cpu")
+    bs, be = table[2], table[3]
+    sel = random_sel(table, 1, T, 1, 2)
+    ok = dict(sel_block=8)
+    with pytest.raises(ValueError, match="head dim D=24"):
+        slc_attn(torch.randn(1, T, 2, 24), torch.randn(1, T, 1, 24), torch.randn(1, T, 1, 24),
+                 sel, bs, be, **ok)
+    with pytest.raises(ValueError, match="dtype torch.float64"):
+        slc_attn(q.double(), k.double(), k.double(), sel, bs, be, **ok)
+    with pytest.raises(ValueError, match="share one dtype"):
+        slc_attn(q, k.half(), k, sel, bs, be, **ok)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        slc_attn(torch.randn(1, T, 3, 16), torch.randn(1, T, 2, 16), torch.randn(1, T, 2, 16),
+                 sel, bs, be, **ok)
+    with pytest.raises(ValueError, match="sel"):
+        slc_attn(q, k, k, sel.long(), bs, be, **ok)
+    with pytest.raises(ValueError, match="sel"):
+        slc_attn(q, k, k, sel[:, :8].contiguous(), bs, be, **ok)
+    with pytest.raises(ValueError, match="NSEL <= 32"):
+        slc_attn(q, k, k, torch.full((1, T, 1, 33), -1, dtype=torch.int32), bs, be, **ok)
+    with pytest.raises(ValueError, match="outside"):
+        slc_attn(q, k, k, torch.full((1, T, 1, 2), nb, dtype=torch.int32), bs, be, **ok)
+    with pytest.raises(ValueError, match="sel_block=4"):
+        slc_attn(q, k, k, sel, bs, be, sel_block=4)              # blocks of 8 keys
+    with pytest.raises(ValueError, match="tile"):
+        slc_attn(q, k, k, sel, bs, be - 1, **ok)                 # keys left out
+    with pytest.raises(ValueError, match="blk_end"):
+        slc_attn(q, k, k, sel, bs, be.long(), **ok)
+    with pytest.raises(ValueError, match="q_offset=3"):
+        slc_attn(q, k, k, sel, bs, be, q_offset=3, **ok)
+    with pytest.raises(ValueError, match="q must be contiguous"):
+        slc_attn(torch.randn(1, 2, T, 16).transpose(1, 2), k, k, sel, bs, be, **ok)
+    with pytest.raises(ValueError, match="group size"):
+        slc_attn(torch.randn(1, T, 128, 16), k, k, sel, bs, be, **ok)
+    with pytest.raises(ValueError, match="scale"):
+        slc_attn(q, k, k, sel, bs, be, scale=-1.0, **ok)
+
+
+# ---- GPU sizes (pytest -m gpu): bf16, D = 128, NSEL = 16, sel_block = 64, NSA-like selections
+# (own, previous and first block forced), vs slc_attn_ref in fp32 (its dense [B, Hq, T, T]
+# scores bound T).
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [
+    dict(Tq=4096, Hq=16, Hkv=4),
+    dict(Tq=2048, Hq=64, Hkv=4),
+    dict(Tq=4096, Hq=16, Hkv=4, cu="docs"),
+    dict(Tq=1024, Tk=4096, q_offset=3072, Hq=16, Hkv=4, split=True),
+    dict(Tq=4096, Hq=4, Hkv=4, split=True),                     # G 1
+], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_gpu_cases(monkeypatch, case):
+    case = dict(case)
+    if case.pop("split", False):  # force the split path for the heavy first blocks
+        monkeypatch.setattr(slc, "SPLIT_FACTOR", 1)
+    if case.get("cu") == "docs":
+        case["cu"] = random_docs(case.get("Tk", case["Tq"]), 8)
+    rep, _, _ = check_case(monkeypatch, D=128, sel_block=64, nsel=16, dtype=bf16, nsa=True,
+                           device="cuda", exact_dtype=torch.float32, **case)
+    print({k: f"{a:.2e} (ref {b:.2e})" for k, (a, b) in rep.items()})
