@@ -15,7 +15,8 @@ attn.moba.gate.block_table(cu_seqlens, Tk, sel_block) in rank order, −1 in unu
 Geometry (the Triton path's rules, checked by the wrapper): R = sel_block / cmp_stride is a
 power of 2 and cmp_block ≤ sel_block + cmp_stride. Then compressed row c (document-relative)
 overlaps its primary block c // R and, when (c mod R)·stride + cmp_block > sel_block, also the
-next one ("spill"); it never reaches further.
+next one ("spill"); it never reaches further. With cmp_block + (R−1)·stride ≤ sel_block (e.g.
+compression blocks equal to the selection blocks) no row spills and that step is compiled out.
 
 Memory plan (_select_kernel): one program per (query tile, batch·KV head). A query tile holds
 BQ consecutive queries of ONE document (tiles are cut at document starts: work items built on
@@ -49,7 +50,7 @@ def _select_kernel(Q, KC, LSE, SEL, ITEM_START, ITEM_END, DSTART, CMP0, FIRSTB,
                    BQ: tl.constexpr, HEAD_DIM: tl.constexpr, J: tl.constexpr, R: tl.constexpr,
                    NS: tl.constexpr, TOPK: tl.constexpr, TP: tl.constexpr,
                    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
-                   HAS_DOCS: tl.constexpr, DOT_PREC: tl.constexpr):
+                   HAS_SPILL: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PREC: tl.constexpr):
     start = tl.load(ITEM_START + tl.program_id(0))
     if start < 0:                       # spare work item (documents give fewer tiles)
         return
@@ -116,12 +117,14 @@ def _select_kernel(Q, KC, LSE, SEL, ITEM_START, ITEM_END, DSTART, CMP0, FIRSTB,
                 s2 = mma(q, tl.trans(kc), None, DOT_PREC) * qk_scale
                 p = tl.where(c_rel[None, :] < n_vis[:, None], tl.math.exp2(s2 - lse2[:, None]),
                              0.0)                                          # [M, CB]
-                prim = tl.sum(tl.reshape(p, [M, J, R]), axis=2)           # [M, J]
-                spill = tl.sum(tl.reshape(tl.where(spill_c[None, :], p, 0.0), [M, J, R]), axis=2)
-                # fp32 products by 0/1 weights: exact with "ieee"
-                score = prim + tl.dot(spill, shift, input_precision="ieee") \
-                    + tl.where(offs_j[None, :] == 0, carry[:, None], 0.0)
-                carry = tl.sum(tl.where(offs_j[None, :] == J - 1, spill, 0.0), axis=1)
+                score = tl.sum(tl.reshape(p, [M, J, R]), axis=2)          # primary [M, J]
+                if HAS_SPILL:
+                    spill = tl.sum(tl.reshape(tl.where(spill_c[None, :], p, 0.0), [M, J, R]),
+                                   axis=2)
+                    # fp32 products by 0/1 weights: exact with "ieee"
+                    score += tl.dot(spill, shift, input_precision="ieee") \
+                        + tl.where(offs_j[None, :] == 0, carry[:, None], 0.0)
+                    carry = tl.sum(tl.where(offs_j[None, :] == J - 1, spill, 0.0), axis=1)
                 blk = tl.sum(tl.reshape(score, [BQ, GP, J]), axis=1)     # [BQ, J]
                 j_abs = j0 + offs_j
                 cand = j_abs[None, :] <= qrel[:, None]
@@ -224,6 +227,7 @@ def select_blocks(q, k_cmp, lse, table, *, scale: float, cmp_block: int, cmp_str
         q, k_cmp, lse, sel, start, end, dstart, cmp0, firstb, scale * LOG2E_F, q_offset, tq, tc,
         HQ=hq, HKV=hkv, G=g, GP=gp, BQ=bq, HEAD_DIM=d, J=j, R=r, NS=ns, TOPK=topk,
         TP=triton.next_power_of_2(topk), CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
-        SEL_BLOCK=sel_block, HAS_DOCS=has_docs, DOT_PREC=common.dot_precision(q.dtype),
+        SEL_BLOCK=sel_block, HAS_SPILL=(r - 1) * cmp_stride + cmp_block > sel_block,
+        HAS_DOCS=has_docs, DOT_PREC=common.dot_precision(q.dtype),
         num_warps=8 if bq >= 16 else 4)      # small groups: many queries per tile (ptxas: no spill)
     return sel

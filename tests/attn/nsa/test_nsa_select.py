@@ -56,6 +56,7 @@ def ref_sets(q, kc, T, cb, cs, sb, topk, cu, q_offset):
     dict(T=300, hq=1, hkv=1, cb=4, cs=2, sb=8, topk=16),                 # 38 blocks, topk 16
     dict(T=260, hq=2, hkv=1, cb=6, cs=2, sb=4, topk=6, cu=3),            # cmp > sel, spills
     dict(T=50, hq=2, hkv=1, cb=4, cs=4, sb=8, topk=8),                   # fewer blocks than topk
+    dict(T=120, hq=4, hkv=2, cb=8, cs=8, sb=8, topk=5, cu=4),            # fla geometry: no spill
 ], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_selection_matches_ref(monkeypatch, case):
     monkeypatch.setattr(common, "empty", poisoned)
