@@ -6,15 +6,20 @@ keys up to the chunk's end (later keys are masked by causality anyway). Sparse f
 gate and select blocks for their own queries only ("sparsity per shard"). The gather's backward
 reduce-scatters dK/dV. Documents come for free: cu_seqlens are global and the op masks them.
 
-Bytes per layer and rank: all-gather of K and V, 2·(cp−1)/cp·T·Hkv·D elements in forward, the
-same reduce-scattered in backward.
+It runs over a sequence group (parallel/sharding.py `SeqGroup`): the cp group, or under a
+Ulysses degree u the outer group of cp/u members, each holding the chunks of u cp ranks for
+Hkv/u heads.
+
+Bytes per layer and rank: all-gather of K and V, 2·(n−1)/n·T·Hkv·D elements in forward (n the
+group's size: cp, or cp/u with T·Hkv/u per rank under Ulysses), the same reduce-scattered in
+backward.
 """
 from __future__ import annotations
 
 import torch
 
 from parallel.comm import gather_seq
-from parallel.sharding import chunk_bounds, gather_order
+from parallel.sharding import Placement, SeqGroup
 
 
 def clip_cu_seqlens(cu: torch.Tensor, end: int) -> torch.Tensor:
@@ -23,21 +28,21 @@ def clip_cu_seqlens(cu: torch.Tensor, end: int) -> torch.Tensor:
     return torch.cat([inside, inside.new_tensor([end])])
 
 
-def gather_sequence(x: torch.Tensor, group, total: int, cp: int, layout: str) -> torch.Tensor:
+def gather_sequence(x: torch.Tensor, group, total: int, placement: Placement) -> torch.Tensor:
     """Differentiable all-gather of a [1, T_loc, ...] shard, returned in sequence order."""
-    restore = torch.argsort(gather_order(total, cp, layout, device=x.device))
+    restore = torch.argsort(placement.order(total, device=x.device))
     return gather_seq(x, group).index_select(1, restore)
 
 
-def make_allgather_attend(attend, mesh, layout: str):
-    """Wrap a core's `attend(q, k, v, cu_seqlens, q_offset=...)` for the cp group of `mesh`."""
+def make_allgather_attend(attend, seq: SeqGroup):
+    """Wrap a core's `attend(q, k, v, cu_seqlens, q_offset=...)` for the sequence group `seq`."""
 
     def cp_attend(q, k, v, cu_seqlens=None, **kwargs):
         total = int(cu_seqlens[-1])
-        k_all = gather_sequence(k, mesh.cp_group, total, mesh.cp, layout)
-        v_all = gather_sequence(v, mesh.cp_group, total, mesh.cp, layout)
+        k_all = gather_sequence(k, seq.group, total, seq.placement)
+        v_all = gather_sequence(v, seq.group, total, seq.placement)
         outs, at = [], 0
-        for start, end in chunk_bounds(total, mesh.cp, mesh.cp_rank, layout):
+        for start, end in seq.bounds(total):
             n = end - start
             outs.append(attend(q[:, at:at + n], k_all[:, :end], v_all[:, :end],
                                clip_cu_seqlens(cu_seqlens, end), q_offset=start, **kwargs))

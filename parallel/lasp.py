@@ -10,7 +10,10 @@ since the state resets) and B its own final state from a zero start. So:
 3. each rank reruns its chunks from S_in (the op's `initial_state`) for the outputs.
 The all-gather's backward reduce-scatters the state gradients: the suffix combination of the
 backward pass comes from autograd. Zigzag works unchanged (chunks are combined in sequence
-order, wherever they live). Bytes per layer and rank: cp·chunks·H·Dk·Dv·4, independent of T.
+order, wherever they live), and so does any placement (parallel/sharding.py): under a Ulysses
+degree u the group is the outer group of cp/u members, each holding 2u (zigzag) or u chunks
+for H/u heads (`heads=` selects the decays). Bytes per layer and rank: n_chunks·H·Dk·Dv·4
+(H/u heads under Ulysses), independent of T.
 
 Cores provide `attend_with_state(q, k, v, cu_seqlens, initial_state, heads=None) -> (o, S)`,
 `final_state(k, v, cu_seqlens, initial_state, heads=None) -> S` (S: fp32 [N_docs, H, Dk, Dv])
@@ -21,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from parallel.comm import gather_seq
-from parallel.sharding import chunk_bounds, chunk_ids
+from parallel.sharding import SeqGroup
 
 
 def local_cu_seqlens(cu: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -30,13 +33,14 @@ def local_cu_seqlens(cu: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return torch.cat([inner.new_tensor([0]), inner, inner.new_tensor([end - start])]).to(torch.int32)
 
 
-def make_lasp_attend(core, mesh, layout: str):
-    n_chunks = 2 * mesh.cp if layout == "zigzag" else mesh.cp
+def make_lasp_attend(core, seq: SeqGroup):
+    n_chunks = seq.placement.n_chunks
+    chunk_of = [c for member in seq.placement.members for c in member]  # all-gather order
 
     def cp_attend(q, k, v, cu_seqlens=None, **kwargs):
         total = int(cu_seqlens[-1])
         starts = set(cu_seqlens.tolist())
-        mine = chunk_bounds(total, mesh.cp, mesh.cp_rank, layout)
+        mine = seq.bounds(total)
         pieces, at = [], 0
         for s, e in mine:
             pieces.append((s, e, slice(at, at + e - s), local_cu_seqlens(cu_seqlens, s, e)))
@@ -46,15 +50,16 @@ def make_lasp_attend(core, mesh, layout: str):
         for s, e, sl, cu_loc in pieces:
             state = core.final_state(k[:, sl], v[:, sl], cu_loc, None, **kwargs)
             finals.append(state[-1])                       # the last document carries on
-        # 2. all-gather the chunk states (rank order) and put them in sequence order
-        local = torch.stack(finals)[None]                  # [1, chunks_per_rank, H, Dk, Dv]
-        gathered = gather_seq(local, mesh.cp_group)[0]     # [n_chunks, H, Dk, Dv]
-        chunk_of = [i for r in range(mesh.cp) for i in chunk_ids(r, mesh.cp, layout)]
+        # 2. all-gather the chunk states (member order) and put them in sequence order
+        local = torch.stack(finals)[None]                  # [1, chunks_per_member, H, Dk, Dv]
+        gathered = gather_seq(local, seq.group)[0]         # [n_chunks, H, Dk, Dv]
         b = [None] * n_chunks
         for pos, cid in enumerate(chunk_of):
             b[cid] = gathered[pos]
         size = total // n_chunks
         log_decay = core.log_decay().to(torch.float32)     # [H]
+        if kwargs.get("heads") is not None:                # Ulysses: this rank's heads
+            log_decay = log_decay[kwargs["heads"]]
         s_in = [torch.zeros_like(b[0])]
         for c in range(n_chunks - 1):
             inside = any(c * size <= p < (c + 1) * size for p in starts)  # reset in chunk c
@@ -71,7 +76,7 @@ def make_lasp_attend(core, mesh, layout: str):
             outs.append(o)
         out = torch.cat(outs, dim=1)
         # every rank must run the gather's backward (a collective), also one whose outputs use
-        # no gathered state (rank 0 of the contiguous layout): tie the gather into the graph
+        # no gathered state (member 0 of the contiguous layout): tie the gather into the graph
         return out + 0.0 * gathered.sum().to(out.dtype)
 
     return cp_attend

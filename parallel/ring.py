@@ -10,6 +10,13 @@ the same N × N/2 block: from an earlier rank both query halves see the first ke
 later rank the second query half sees both key halves. Backward sends the blocks around again,
 each with its fp32 dK/dV accumulator, which arrives home after the last hop.
 
+The schedule is derived from the group's placement (parallel/sharding.py: each member holds
+increasing chunk ids), so it also runs over the outer group of a Ulysses degree u (member o
+holds the 2u chunks of cp ranks o·u … o·u+u−1, H/u heads): per (query chunk, key chunk) an
+earlier key chunk is a full block, the same chunk a causal one, a later one is skipped; query
+chunks seeing the same prefix of the visiting block's chunks share one call. Bytes per layer
+and rank: (n−1) hops of the local K and V (n the group's size), twice that in backward.
+
 Needs one document per micro-batch (rows would need document masks across blocks): packed
 documents use `allgather`. Block primitives: attn.flash.flash_fwd / flash_bwd with `causal`.
 """
@@ -20,18 +27,28 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
-def _blocks(rank: int, src: int, t_local: int, layout: str):
-    """(query slice, key slice, causal) of this rank's work against the block of rank `src`."""
-    every, h = slice(0, t_local), t_local // 2
-    if src == rank:
-        return [(every, every, True)]  # zigzag halves in local order are causal as one sequence
-    if layout == "zigzag":
-        return [(every, slice(0, h), False)] if src < rank else [(slice(h, t_local), every, False)]
-    return [(every, every, False)] if src < rank else []
+def _blocks(placement, me: int, src: int, size: int):
+    """(query slice, key slice, causal) of member `me`'s work against the block of member `src`,
+    for chunks of `size` tokens. Member ids increase, so the own block is causal as one sequence,
+    and each query chunk sees a prefix of `src`'s chunks (those before it)."""
+    mine, theirs = placement.members[me], placement.members[src]
+    if src == me:
+        every = slice(0, len(mine) * size)
+        return [(every, every, True)]
+    seen = [sum(c < q for c in theirs) for q in mine]       # nondecreasing along `mine`
+    out, i = [], 0
+    while i < len(mine):
+        j = i
+        while j + 1 < len(mine) and seen[j + 1] == seen[i]:
+            j += 1
+        if seen[i]:
+            out.append((slice(i * size, (j + 1) * size), slice(0, seen[i] * size), False))
+        i = j + 1
+    return out
 
 
 def _pass_on(tensor: torch.Tensor, group, cp: int, rank: int):
-    """Start sending `tensor` to the next rank and receiving the previous rank's; returns
+    """Start sending `tensor` to the next member and receiving the previous member's; returns
     (requests, receive buffer)."""
     buf = torch.empty_like(tensor)
     nxt = dist.get_global_rank(group, (rank + 1) % cp)
@@ -51,17 +68,18 @@ def _merge(o, lse, rows, o_b, lse_b):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, mesh, layout):
+    def forward(ctx, q, k, v, scale, seq):
         from attn.flash import flash_fwd
-        cp, rank, group = mesh.cp, mesh.cp_rank, mesh.cp_group
+        cp, rank, group = seq.size, seq.rank, seq.group
         B, t, hq, _ = q.shape
+        size = t // len(seq.placement.members[rank])
         o = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full((B, hq, t), float("-inf"), dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
         for step in range(cp):
             src = (rank - step) % cp
             reqs, nxt = _pass_on(kv, group, cp, rank) if step < cp - 1 else ([], None)
-            for rows, cols, causal in _blocks(rank, src, t, layout):
+            for rows, cols, causal in _blocks(seq.placement, rank, src, size):
                 o_b, lse_b = flash_fwd(q[:, rows], kv[0][:, cols], kv[1][:, cols], scale=scale,
                                        causal=causal)
                 if step == 0:   # the diagonal block covers every row: initialise
@@ -73,16 +91,16 @@ class _RingAttention(torch.autograd.Function):
             kv = nxt if nxt is not None else kv
         o = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale, ctx.mesh, ctx.layout = scale, mesh, layout
+        ctx.scale, ctx.seq = scale, seq
         return o
 
     @staticmethod
     def backward(ctx, do):
         from attn.flash import flash_bwd
         q, k, v, o, lse = ctx.saved_tensors
-        mesh, layout = ctx.mesh, ctx.layout
-        cp, rank, group = mesh.cp, mesh.cp_rank, mesh.cp_group
-        t = q.shape[1]
+        seq = ctx.seq
+        cp, rank, group = seq.size, seq.rank, seq.group
+        size = q.shape[1] // len(seq.placement.members[rank])
         do = do.contiguous()
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])
@@ -90,7 +108,7 @@ class _RingAttention(torch.autograd.Function):
         for step in range(cp):
             src = (rank - step) % cp
             reqs, nxt = _pass_on(kv, group, cp, rank) if step < cp - 1 else ([], None)
-            for rows, cols, causal in _blocks(rank, src, t, layout):
+            for rows, cols, causal in _blocks(seq.placement, rank, src, size):
                 dq_b, dk_b, dv_b = flash_bwd(do[:, rows], q[:, rows], kv[0][:, cols], kv[1][:, cols],
                                              o[:, rows], lse[:, :, rows].contiguous(),
                                              scale=ctx.scale, causal=causal)
@@ -103,15 +121,16 @@ class _RingAttention(torch.autograd.Function):
                 r.wait()
             kv = nxt if nxt is not None else kv
             dkv = dnxt
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
 
 
-def make_ring_attend(mesh, layout: str, scale: float):
+def make_ring_attend(seq, scale: float):
+    """Ring attention over the sequence group `seq` (parallel/sharding.py SeqGroup)."""
     def cp_attend(q, k, v, cu_seqlens=None, **kwargs):
         if cu_seqlens is not None and cu_seqlens.numel() > 2:
             raise ValueError("parallel.cp_strategy=ring needs one document per micro-batch "
                              "(trainer.micro_batch=1, data.document_mask=false); packed documents "
                              "use parallel.cp_strategy=allgather")
-        return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, mesh, layout)
+        return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, seq)
 
     return cp_attend

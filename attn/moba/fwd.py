@@ -116,7 +116,7 @@ def _tile_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SEL, OP, LP, KBLK, BLK_START, s
             for slot in tl.static_range(NSEL):
                 ok = m_ok & (tl.load(SEL + ent + slot, mask=m_ok, other=-1) >= 0)
                 dq += tl.load(OP + (ent + slot)[:, None] * HEAD_DIM + offs_d[None, :],
-                              mask=ok[:, None], other=0.0)
+                              mask=ok[:, None], other=0.0).to(tl.float32)
         tl.store(DQ + q_off, cvt(dq * scale, DQ.dtype.element_ty), mask=m_ok[:, None])
     else:
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30  # finite: masked chunks give p = 0
@@ -134,7 +134,7 @@ def _tile_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SEL, OP, LP, KBLK, BLK_START, s
                 alpha = tl.math.exp2(m_i - m_new)
                 w = tl.where(ok, tl.math.exp2(lp - m_new), 0.0)
                 o_p = tl.load(OP + (ent + slot)[:, None] * HEAD_DIM + offs_d[None, :],
-                              mask=ok[:, None], other=0.0)
+                              mask=ok[:, None], other=0.0).to(tl.float32)
                 acc = acc * alpha[:, None] + w[:, None] * o_p
                 l_i = l_i * alpha + w
                 m_i = m_new

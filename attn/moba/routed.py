@@ -13,12 +13,14 @@ Memory plan
   _routed_fwd_kernel : SPLIT programs per (block, batch·head), interleaving its entries BLOCK_M at
       a time (gathered Q rows [BLOCK_M, D]); streams the block's K, V in BLOCK_N chunks with an
       online softmax (fp32 acc [BLOCK_M, D]); writes the normalised partial output
-      OP fp32 [B·Hq, Tq·NSEL, D] and its log2-domain lse LP fp32 [B·Hq, Tq·NSEL] per entry.
+      OP [B·Hq, Tq·NSEL, D] (in the input dtype: partial_dtype) and its log2-domain
+      lse LP fp32 [B·Hq, Tq·NSEL] per entry.
   _routed_dq_kernel  : same walk with dO, lse, delta rows gathered; writes the partial
-      DQP fp32 [B·Hq, Tq·NSEL, D] (unscaled Σ dS·K) per entry.
+      DQP [B·Hq, Tq·NSEL, D] (unscaled Σ dS·K, partial_dtype) per entry.
 The per-query-tile kernels (fwd.py) then add the own block and merge the NSEL partials of each
 row: output through their lse, dQ by summation; every element has one writer, no atomics.
-Transient memory: NSEL fp32 rows of D per query and head (OP in the forward, DQP in the backward).
+Transient memory: NSEL rows of D per query and head (OP in the forward, DQP in the backward), 2 bytes
+per element for 16-bit inputs: at 64k, H = 16, top-3 that is 512 MiB instead of the 1 GiB of fp32.
 """
 from __future__ import annotations
 
@@ -28,6 +30,13 @@ import triton.language as tl
 
 from attn.flash import common
 from attn.flash.common import LOG2E, cvt, mma
+
+
+def partial_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage of the per-(row, slot) partials: the input dtype (fp32 stays exact; 16-bit inputs
+    halve the transient memory, and the input's own mantissa keeps the merged error within twice
+    the reference's rounding). The merge reads them back into fp32 accumulators."""
+    return dtype
 
 
 def routed_entries(sel, nb: int):
@@ -97,7 +106,7 @@ def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_
             m_i = m_new
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         tl.store(OP + (ent_base + ent[:, None]) * HEAD_DIM + offs_d[None, :],
-                 acc / l_safe[:, None], mask=e_ok[:, None])
+                 cvt(acc / l_safe[:, None], OP.dtype.element_ty), mask=e_ok[:, None])
         tl.store(LP + ent_base + ent, m_i + tl.math.log2(l_safe), mask=e_ok)
 
 
@@ -149,8 +158,8 @@ def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, 
             dp = mma(do, tl.trans(v), None, DOT_PREC)
             ds = p * (dp - delta[:, None])
             dq = mma(cvt(ds, k.dtype), k, dq, DOT_PREC)
-        tl.store(DQP + (ent_base + ent[:, None]) * HEAD_DIM + offs_d[None, :], dq,
-                 mask=e_ok[:, None])
+        tl.store(DQP + (ent_base + ent[:, None]) * HEAD_DIM + offs_d[None, :],
+                 cvt(dq, DQP.dtype.element_ty), mask=e_ok[:, None])
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) on the GPU, not yet timed on the H100; sm_90a ptxas (triton
@@ -178,7 +187,7 @@ def routed_fwd(q, k, v, index, table, scale_log2, nsel: int):
     _, _, blk_start, blk_end = table
     nb = blk_start.numel()
     rowptr, entries = index
-    op = common.empty((B * hq, tq * nsel, d), torch.float32, q.device)
+    op = common.empty((B * hq, tq * nsel, d), partial_dtype(q.dtype), q.device)
     lp = common.empty((B * hq, tq * nsel), torch.float32, q.device)
     bm, bn, w, s = _cfg(q.dtype, d)
     split = INTERP_SPLIT if common.INTERPRET else GPU_SPLIT
@@ -196,7 +205,7 @@ def routed_dq(do, q, k, v, lse, delta, index, table, scale_log2, nsel: int):
     _, _, blk_start, blk_end = table
     nb = blk_start.numel()
     rowptr, entries = index
-    dqp = common.empty((B * hq, tq * nsel, d), torch.float32, q.device)
+    dqp = common.empty((B * hq, tq * nsel, d), partial_dtype(q.dtype), q.device)
     bm, bn, w, s = _cfg(q.dtype, d)
     split = INTERP_SPLIT if common.INTERPRET else GPU_SPLIT
     _routed_dq_kernel[(nb, B * hq, split)](
