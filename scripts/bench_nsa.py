@@ -15,6 +15,10 @@ Shapes: B = 1, Hq = --heads, Hkv = --kv-heads, D = 128, bf16. Backends:
 Times: medians of triton.testing.do_bench in ms, fwd and fwd+bwd; peak memory: the
 torch.cuda.max_memory_allocated increase over the inputs during one fwd+bwd. Writes
 bench_nsa.json and bench_nsa.md into --out.
+
+`--parts` times our layer's stages one by one instead (same shapes, paper geometry and the 64/64
+one): compress, compressed attention, selection, selected-block attention, window, gate mix;
+fwd and fwd+bwd where differentiable. Writes bench_nsa_parts.json / .md.
 """
 from __future__ import annotations
 
@@ -116,6 +120,86 @@ def bench_one(name, T, H, Hkv, D, warmup, rep):
                 peak_mib=peak)
 
 
+def bench_parts(T, H, Hkv, D, cmp_block, cmp_stride, warmup, rep):
+    """{stage: (fwd_ms, fwdbwd_ms or None)} for one shape and compression geometry."""
+    from triton.testing import do_bench
+
+    from attn.flash import flash_attn
+    from attn.moba.gate import block_table
+    from attn.nsa import compress
+    from attn.nsa.cmp import cmp_attn
+    from attn.nsa.gate_mix import gate_mix
+    from attn.nsa.select import select_blocks
+    from attn.nsa.slc import slc_attn
+    q, k, v = [t.requires_grad_() for t in _qkv(T, H, Hkv, D)]
+    scale = D ** -0.5
+    kc, vc = (t.detach().requires_grad_() for t in compress(k, v, cmp_block, cmp_stride))
+    o_c, lse = cmp_attn(q, kc, vc, scale=scale, cmp_block=cmp_block, cmp_stride=cmp_stride)
+    table = block_table(None, T, 64, q.device)
+    sel = select_blocks(q.detach(), kc.detach(), lse, table, scale=scale, cmp_block=cmp_block,
+                        cmp_stride=cmp_stride, sel_block=64, topk=16)
+    os_ = [torch.randn_like(q).requires_grad_() for _ in range(3)]
+    gates = torch.rand(1, T, H, 3, device="cuda", dtype=q.dtype).requires_grad_()
+    stages = {
+        "compress": (lambda: compress(k, v, cmp_block, cmp_stride)[0], None),
+        "cmp_attn": (lambda: cmp_attn(q, kc, vc, scale=scale, cmp_block=cmp_block,
+                                      cmp_stride=cmp_stride)[0], [q, kc, vc]),
+        "select": (lambda: select_blocks(q, kc, lse, table, scale=scale, cmp_block=cmp_block,
+                                         cmp_stride=cmp_stride, sel_block=64, topk=16), None),
+        "slc_attn": (lambda: slc_attn(q, k, v, sel, table[2], table[3], scale=scale,
+                                      sel_block=64), [q, k, v]),
+        "window": (lambda: flash_attn(q, k, v, scale=scale, window=512), [q, k, v]),
+        "gate_mix": (lambda: gate_mix(*os_, gates), [*os_, gates]),
+    }
+    res = {}
+    for name, (fn, grads) in stages.items():
+        with torch.no_grad():
+            fwd = do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+        both = None
+        if grads is not None:
+            do = torch.randn_like(fn())
+            both = do_bench(lambda: fn().backward(do), warmup=warmup, rep=rep, grad_to_none=grads,
+                            return_mode="median")
+        res[name] = (fwd, both)
+        print(f"  {name:9s} fwd {fwd:8.3f} ms" + ("" if both is None else
+                                                    f"  fwd+bwd {both:8.3f} ms"), flush=True)
+    return res
+
+
+def main_parts(a, meta):
+    rows = []
+    pairs = list(zip([int(h) for h in a.heads.split(",")], [int(h) for h in a.kv_heads.split(",")]))
+    for H, Hkv in pairs:
+        for T in [int(t) for t in a.seqlens.split(",")]:
+            for cb, cs in ((32, 16), (64, 64)):
+                print(f"Hq={H} Hkv={Hkv} T={T} compression {cb}/{cs}", flush=True)
+                try:
+                    res = bench_parts(T, H, Hkv, a.head_dim, cb, cs, a.warmup, a.rep)
+                except Exception as e:  # keep the other shapes
+                    meta["skipped"][f"parts@T={T},Hq={H},{cb}/{cs}"] = f"{type(e).__name__}: {e}"[:300]
+                    traceback.print_exc()
+                    continue
+                finally:
+                    torch.cuda.empty_cache()
+                rows.append(dict(H=H, Hkv=Hkv, T=T, cmp=f"{cb}/{cs}", stages=res))
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "bench_nsa_parts.json"), "w") as f:
+        json.dump(dict(meta=meta, results=rows), f, indent=1)
+    names = ["compress", "cmp_attn", "select", "slc_attn", "window", "gate_mix"]
+    lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; "
+             "ms, fwd / fwd+bwd", "", "| shape | " + " | ".join(names) + " |",
+             "|---|" + "---:|" * len(names)]
+    for r in rows:
+        cells = [f"{r['stages'][n][0]:.2f}" + ("" if r["stages"][n][1] is None
+                                               else f" / {r['stages'][n][1]:.2f}") for n in names]
+        lines.append(f"| Hq={r['H']} Hkv={r['Hkv']} T={r['T'] // 1024}k {r['cmp']} | "
+                     + " | ".join(cells) + " |")
+    md = "\n".join(lines) + "\n"
+    with open(os.path.join(a.out, "bench_nsa_parts.md"), "w") as f:
+        f.write(md)
+    print(md)
+
+
 def write_outputs(out, records, meta, quiet=False):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "bench_nsa.json"), "w") as f:
@@ -160,12 +244,15 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=25, help="ms")
     ap.add_argument("--rep", type=int, default=100, help="ms")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--parts", action="store_true", help="time the layer's stages one by one")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_nsa.py needs a CUDA GPU")
     import triton
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, date=datetime.date.today().isoformat(), skipped={})
+    if a.parts:
+        return main_parts(a, meta)
     records = []
     pairs = list(zip([int(h) for h in a.heads.split(",")], [int(h) for h in a.kv_heads.split(",")]))
     for H, Hkv in pairs:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session for attn/nsa: environment, GPU tests (kernels and end to end), benchmark;
-# everything under $OUT.   STAGES="env tests bench" BENCH_ARGS="..." scripts/gpu_nsa.sh
+# everything under $OUT.   STAGES="env tests bench parts" BENCH_ARGS="..." scripts/gpu_nsa.sh
+# (parts: per-stage times of our layer, scripts/bench_nsa.py --parts)
 # Carry [".whl"] (fla-core wheel for the fla_nsa baseline).
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -23,6 +24,9 @@ for s in $STAGES; do
     bench)
       timeout ${BENCH_TIMEOUT:-400} python3 scripts/bench_nsa.py --out "$OUT" ${BENCH_ARGS:-} \
         2>&1 | tee "$OUT/bench.log" | grep -v "^\s*$" ;;
+    parts)
+      timeout ${BENCH_TIMEOUT:-400} python3 scripts/bench_nsa.py --parts --out "$OUT" \
+        ${PARTS_ARGS:---seqlens 65536 --heads 64 --kv-heads 4} 2>&1 | tee "$OUT/parts.log" ;;
     *)
       eval "$s" ;;
   esac
