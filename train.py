@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from models import ModelConfig, Transformer
 from parallel import build_mesh, init_distributed, parallelize
 from parallel.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from parallel.context import check_ulysses_degree
 from parallel.dist import all_reduce_sum, shutdown
 from parallel.wrappers import apply_block_wrappers
 
@@ -64,6 +65,7 @@ def check_context_parallel(cfg: DictConfig, cp: int) -> None:
         return
     if cfg.parallel.engine == "single":
         raise ConfigError(f"parallel.cp={cp} needs several processes; use parallel=ddp under torchrun")
+    check_ulysses_degree(cfg.parallel.cp_strategy, cp, int(cfg.parallel.get("ulysses", 1)))
     chunks = 2 * cp if cfg.parallel.cp_layout == "zigzag" else cp
     tokens = cfg.trainer.micro_batch * cfg.trainer.seq_len
     if tokens % chunks:
@@ -201,7 +203,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
         device = torch.device("cuda", info.local_rank)
     amp_dtype = resolve_dtype(tr.dtype, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    mesh = build_mesh(info, int(cfg.parallel.cp))
+    mesh = build_mesh(info, int(cfg.parallel.cp), int(cfg.parallel.get("ulysses", 1)))
     check_context_parallel(cfg, mesh.cp)
     accum = grad_accum_steps(tr, mesh.dp)
     if tr.run_steps is not None and tr.run_steps <= 0:
@@ -219,6 +221,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
     par = parallelize(model, info, cfg.parallel, mesh)
     val_batches = [par.shard(mb) for mb in val_batches]
     optimizer = build_optimizer(model, cfg.optim, device)
+    clip = tr.grad_clip if tr.grad_clip else float("inf")
+    par.attach_optimizer(optimizer, max_norm=clip, grad_accum=accum, micro_batch=tr.micro_batch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(cfg.optim.warmup_steps, tr.steps, cfg.optim.min_lr_ratio))
 
@@ -226,12 +230,12 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
     step = 0
     resume_from = resolve_resume(tr.resume, ckpt_dir, info)
     if resume_from is not None:
-        step, data_state = load_checkpoint(resume_from, info, model, optimizer, scheduler)
+        step, data_state = load_checkpoint(resume_from, info, par, optimizer, scheduler)
         train_batches.load_state_dict(data_state)
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
 
     def checkpoint(at: int):
-        save_checkpoint(ckpt_dir, at, info, model, optimizer, scheduler,
+        save_checkpoint(ckpt_dir, at, info, par, optimizer, scheduler,
                         train_batches.state_dict(), plain_cfg, keep=tr.ckpt_keep)
 
     log = MetricsLog(out_dir, cfg.logger, cfg, info.is_main)
@@ -259,21 +263,18 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
         for i, mb in enumerate(micro_batches):
             with par.no_sync(i == len(micro_batches) - 1), autocast():
                 part, _ = par.module(*_inputs(mb, device))
-            # DDP averages gradients over all ranks (dp and cp): scale by the world size so the
-            # result is the gradient of (global loss sum / global token count)
-            (part * (info.world / n_global)).backward()
+            # DDP, FSDP2 and ZeRO average gradients over all ranks (dp and cp): scale by the world
+            # size so the result is the gradient of (global loss sum / global token count)
+            par.backward(part * (info.world / n_global))
             loss_sum += part.detach().double()
         loss = all_reduce_sum(loss_sum).item() / n_global
-        clip = tr.grad_clip if tr.grad_clip else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        # clip, update, clear gradients; no update when the loss or the gradient norm isn't finite
+        grad_norm = par.clip_and_step(optimizer, clip) if math.isfinite(loss) else float("nan")
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             log.close()
             raise FloatingPointError(
                 f"non-finite loss {loss} / grad norm {grad_norm} at step {step + 1}; stopped "
                 f"without updating (last good checkpoint: {resolve_resume('auto', ckpt_dir, info)})")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1

@@ -1,15 +1,24 @@
-"""Distribution applied from outside the model: the dp × cp mesh, context parallelism and the
-data-parallel engines.
+"""Distribution applied from outside the model: the dp × cp mesh (with an optional Ulysses
+degree inside cp), context parallelism and the data-parallel engines.
 
-`parallel.engine` (configs/parallel/) picks an entry of ENGINES; `parallelize` builds the mesh,
-wraps every attention core for context parallelism when parallel.cp > 1, then hands the model
-to the engine, which returns the module the train loop calls.
+`parallel.engine` (configs/parallel/) picks an entry of ENGINES (single, ddp, fsdp, deepspeed);
+`parallelize` builds the mesh, wraps every attention core for context parallelism when
+parallel.cp > 1, then hands the model to the engine, which returns the module the train loop
+calls, or a `Parallelized` of its own when it also owns backward, the optimizer step and the
+checkpointed state (DeepSpeed ZeRO: parallel/deepspeed_engine.py).
+
+The train loop drives every engine through `Parallelized`: `attach_optimizer` once the
+optimizer exists, `no_sync` + `backward` per micro-batch, `clip_and_step` per step, and
+`full_state_dicts` / `load_full_state_dicts` for checkpoints (full, unsharded state dicts, so a
+checkpoint written under one engine loads under any other).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from parallel.context import apply_context_parallel
@@ -20,7 +29,7 @@ from parallel.sharding import shard_batch
 
 @dataclass
 class Parallelized:
-    module: nn.Module          # what the train loop calls (possibly a DDP wrapper)
+    module: nn.Module          # what the train loop calls (the model, DDP wrapper or DeepSpeed engine)
     model: nn.Module           # the bare model (state dicts, FLOPs)
     mesh: Mesh
     layout: str = "zigzag"     # context-parallel token layout
@@ -40,6 +49,43 @@ class Parallelized:
         if self.mesh.cp == 1:
             return mb
         return shard_batch(mb, self.mesh.cp, self.mesh.cp_rank, self.layout)
+
+    # ------------------------------------------------------------------ the train loop's seam
+    # Defaults: plain autograd and the torch optimizer (single, DDP, FSDP2). DeepSpeed
+    # overrides them (parallel/deepspeed_engine.py).
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, *, max_norm: float,
+                         grad_accum: int, micro_batch: int) -> None:
+        """Called once, after the optimizer is built and before any step or checkpoint load:
+        engines that wrap the optimizer build themselves here. `max_norm` is the clipping
+        norm (inf: none), `grad_accum` the micro-batches per step, `micro_batch` rows each."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of `loss` (already scaled by the loop; never rescaled here)."""
+        loss.backward()
+
+    def clip_and_step(self, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
+        """Clip the accumulated gradients to `max_norm` (inf: no clipping), update, clear the
+        gradients; return the global gradient norm before clipping. A non-finite norm leaves
+        the parameters and optimizer state untouched (the loop then stops)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()  # FSDP2: DTensor
+        if math.isfinite(norm):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def full_state_dicts(self, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+        """Collective: (model, optimizer) full state dicts keyed by parameter name, on CPU;
+        complete on rank 0 at least."""
+        from parallel.checkpoint import full_state_dicts
+        return full_state_dicts(self.model, optimizer)
+
+    def load_full_state_dicts(self, optimizer: torch.optim.Optimizer, model_sd: dict,
+                              optim_sd: dict, from_rank0: bool) -> None:
+        """Collective: restore what `full_state_dicts` returned (under any engine); with
+        `from_rank0` only rank 0 passes the dicts (others pass empty ones)."""
+        from parallel.checkpoint import load_full_state_dicts
+        load_full_state_dicts(self.model, optimizer, model_sd, optim_sd, from_rank0)
 
 
 def _single(model, info: DistInfo):
@@ -79,9 +125,16 @@ def _fsdp(model, info: DistInfo, param_dtype: str = "auto"):
     return model
 
 
+def _deepspeed(model, info: DistInfo, cfg):
+    from parallel.deepspeed_engine import deepspeed_engine
+    return deepspeed_engine(model, info, cfg)
+
+
+# engine(model, info, parallel cfg) -> the module the loop calls, or a Parallelized subclass
 ENGINES = {"single": lambda model, info, cfg: _single(model, info),
            "ddp": lambda model, info, cfg: _ddp(model, info, cfg.get("bucket_cap_mb", 25)),
-           "fsdp": lambda model, info, cfg: _fsdp(model, info, cfg.get("param_dtype", "auto"))}
+           "fsdp": lambda model, info, cfg: _fsdp(model, info, cfg.get("param_dtype", "auto")),
+           "deepspeed": _deepspeed}
 
 
 def parallelize(model: nn.Module, info: DistInfo, cfg, mesh: Mesh | None = None) -> Parallelized:
@@ -89,12 +142,16 @@ def parallelize(model: nn.Module, info: DistInfo, cfg, mesh: Mesh | None = None)
     if engine not in ENGINES:
         raise ValueError(f"parallel.engine={engine!r} is unknown; valid: {', '.join(ENGINES)}")
     if mesh is None:
-        mesh = build_mesh(info, int(cfg.get("cp", 1)))
+        mesh = build_mesh(info, int(cfg.get("cp", 1)), int(cfg.get("ulysses", 1)))
     layout = cfg.get("cp_layout", "zigzag")
     chosen = {}
     if mesh.cp > 1:
         chosen = apply_context_parallel(model, mesh, cfg.get("cp_strategy", "auto"), layout)
-    return Parallelized(ENGINES[engine](model, info, cfg), model, mesh, layout, chosen)
+    built = ENGINES[engine](model, info, cfg)
+    if isinstance(built, Parallelized):  # an engine with its own step and state (DeepSpeed)
+        built.mesh, built.layout, built.cp_strategies = mesh, layout, chosen
+        return built
+    return Parallelized(built, model, mesh, layout, chosen)
 
 
 __all__ = ["DistInfo", "ENGINES", "Mesh", "Parallelized", "build_mesh", "init_distributed",

@@ -1,8 +1,10 @@
 """Atomic, resumable checkpoints.
 
 Layout: <ckpt_dir>/step_00000100/ holding model.pt, optim.pt (full, unsharded state dicts
-written by rank 0, whatever the engine: plain, DDP or FSDP2, so a checkpoint loads under any
-engine and world size), rank_<r>.pt (each rank's data-iterator state and RNG states) and meta.json (written last).
+written by rank 0, whatever the engine: plain, DDP, FSDP2 or DeepSpeed ZeRO, gathered and
+scattered by the engine's `Parallelized.full_state_dicts` / `load_full_state_dicts`, so a
+checkpoint loads under any engine and world size), rank_<r>.pt (each rank's data-iterator state
+and RNG states) and meta.json (written last).
 Every rank writes into a hidden temporary folder; once all are done, rank 0 renames it into
 place. A crash at any point leaves either the old set of complete checkpoints or the new one:
 a folder without meta.json, or a leftover temporary, is never picked up by resume.
@@ -50,9 +52,25 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, info: DistInfo, model, optimizer, scheduler,
+def full_state_dicts(model, optimizer) -> tuple[dict, dict]:
+    """Collective under FSDP2 (gathers shards): full model and optimizer state dicts keyed by
+    parameter name, on CPU (rank 0 receives the full tensors)."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=full), get_optimizer_state_dict(model, optimizer, options=full)
+
+
+def load_full_state_dicts(model, optimizer, model_sd: dict, optim_sd: dict, from_rank0: bool) -> None:
+    """Inverse of `full_state_dicts`; with `from_rank0` rank 0 broadcasts (FSDP2 then keeps
+    each rank's shard)."""
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=from_rank0)
+    set_model_state_dict(model, model_sd, options=opts)
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, info: DistInfo, par, optimizer, scheduler,
                     data_state: dict, config: dict, keep: int = 2) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
+    """Collective: every rank calls it. `par` is the `parallel.Parallelized` of the run (its
+    engine gathers the full state). Returns the final folder."""
     final = ckpt_dir / f"step_{step:08d}"
     tmp = ckpt_dir / f".tmp-step_{step:08d}"
     if info.is_main:
@@ -61,10 +79,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, info: DistInfo, model, optimizer,
         tmp.mkdir()
     barrier()
     torch.save({"data": data_state, "rng": rng_state()}, tmp / f"rank_{info.rank}.pt")
-    # collective under FSDP2 (gathers shards); rank 0 receives the full tensors on CPU
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd = get_model_state_dict(model, options=full)
-    optim_sd = get_optimizer_state_dict(model, optimizer, options=full)
+    model_sd, optim_sd = par.full_state_dicts(optimizer)  # collective; full tensors on rank 0
     if info.is_main:
         torch.save(model_sd, tmp / "model.pt")
         torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
@@ -99,17 +114,16 @@ def resolve_resume(resume: str | None, ckpt_dir: Path, info: DistInfo) -> Path |
     return path
 
 
-def load_checkpoint(path: Path, info: DistInfo, model, optimizer, scheduler) -> tuple[int, dict]:
-    """Restore model, optimizer, scheduler and this rank's RNG; return (step, data_state)."""
+def load_checkpoint(path: Path, info: DistInfo, par, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore model, optimizer (through `par`, the run's `parallel.Parallelized`), scheduler and
+    this rank's RNG; return (step, data_state)."""
     meta = json.loads((path / "meta.json").read_text())
     multi = info.world > 1
-    # rank 0 reads the files and broadcasts (FSDP2 then keeps each rank's shard)
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=multi)
+    # rank 0 reads the files and broadcasts (FSDP2 and ZeRO then keep each rank's shard)
     read = info.is_main or not multi
     model_sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True) if read else {}
     opt = torch.load(path / "optim.pt", map_location="cpu", weights_only=False) if read else None
-    set_model_state_dict(model, model_sd, options=opts)
-    set_optimizer_state_dict(model, optimizer, opt["optimizer"] if read else {}, options=opts)
+    par.load_full_state_dicts(optimizer, model_sd, opt["optimizer"] if read else {}, multi)
     sched = opt["scheduler"] if read else None
     scheduler.load_state_dict(broadcast_object(sched) if multi else sched)
     rank_file = path / f"rank_{info.rank}.pt"

@@ -69,8 +69,9 @@ def apply_context_parallel(model, mesh, strategy: str = "auto", layout: str = "z
         core = layer.attn
         name = strategy_for(core.family, strategy)
         if name == "ulysses" or u == mesh.cp:  # pure Ulysses: the op runs on the whole sequence
-            key = "parallel.cp" if name == "ulysses" and u == 1 else "parallel.ulysses"
-            check_ulysses_heads(core.n_heads, core.n_kv_heads, mesh.cp, key, f"layer {i}")
+            asks = (f"parallel.cp_strategy=ulysses with parallel.cp={mesh.cp}" if u == 1
+                    else f"parallel.ulysses={u}")
+            check_ulysses_heads(core.n_heads, core.n_kv_heads, mesh.cp, asks, f"layer {i}")
             group = mesh.cp_group if u == 1 else mesh.uly_group  # the same group when u == cp
             core.attend = make_ulysses_attend(core.attend, group, mesh.cp, mesh.cp_rank, 0, base,
                                               core.n_heads)
@@ -79,7 +80,8 @@ def apply_context_parallel(model, mesh, strategy: str = "auto", layout: str = "z
             core.attend = _outer_attend(core, name, SeqGroup(base, mesh.cp_rank, mesh.cp_group))
             chosen[i] = name
         else:
-            check_ulysses_heads(core.n_heads, core.n_kv_heads, u, "parallel.ulysses", f"layer {i}")
+            check_ulysses_heads(core.n_heads, core.n_kv_heads, u, f"parallel.ulysses={u}",
+                                f"layer {i}")
             outer = SeqGroup(base.grouped(u), mesh.outer_rank, mesh.outer_group)
             core.attend = make_ulysses_attend(_outer_attend(core, name, outer), mesh.uly_group, u,
                                               mesh.uly_rank, mesh.outer_rank, base, core.n_heads)

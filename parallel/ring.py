@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 def _blocks(placement, me: int, src: int, size: int):
     """(query slice, key slice, causal) of member `me`'s work against the block of member `src`,
-    for chunks of `size` tokens. Member ids increase, so the own block is causal as one sequence,
-    and each query chunk sees a prefix of `src`'s chunks (those before it)."""
+    for chunks of `size` tokens. Each member's chunk ids increase, so its own block is causal as
+    one sequence, and each query chunk sees a prefix of `src`'s chunks (those before it)."""
     mine, theirs = placement.members[me], placement.members[src]
     if src == me:
         every = slice(0, len(mine) * size)

@@ -28,12 +28,11 @@ from parallel.comm import heads_to_seq, seq_to_heads
 from parallel.sharding import Placement
 
 
-def check_ulysses_heads(n_heads: int, n_kv_heads: int, degree: int, key: str, where: str) -> None:
-    """`key` names the setting that asks for the degree (parallel.cp for cp_strategy=ulysses,
-    parallel.ulysses for USP)."""
+def check_ulysses_heads(n_heads: int, n_kv_heads: int, degree: int, asks: str, where: str) -> None:
+    """`asks` names the settings that ask for the degree."""
     if n_heads % degree or n_kv_heads % degree:
-        raise ValueError(f"{key}={degree} needs model.n_heads={n_heads} and "
-                         f"model.n_kv_heads={n_kv_heads} divisible by {degree} ({where})")
+        raise ValueError(f"{asks} needs model.n_heads={n_heads} and model.n_kv_heads={n_kv_heads} "
+                         f"divisible by the Ulysses degree {degree} ({where})")
 
 
 def make_ulysses_attend(attend, group, degree: int, uly_rank: int, outer_rank: int,

@@ -73,6 +73,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(compose, tmp_path, monke
     (["trainer.device=cuda"], "trainer.device=cuda but no CUDA"),
     (["data=hf", "data.tokenizer=bytes", "data.path=/nonexistent/corpus"], "data.path"),
     (["parallel.cp=2"], "parallel.cp=2 must be >= 1 and divide the number of processes"),
+    (["parallel.ulysses=2"], "parallel.ulysses=2 must be >= 1 and divide parallel.cp=1"),
 ])
 def test_bad_settings_name_the_key(compose, tmp_path, override, message):
     if "cuda" in message and torch.cuda.is_available():
@@ -86,6 +87,10 @@ def test_context_parallel_settings_are_checked(compose):
         train.check_context_parallel(compose("trainer.seq_len=63"), 2)
     with pytest.raises(ValueError, match="parallel.cp=2 needs several processes"):
         train.check_context_parallel(compose("parallel=single"), 2)
+    with pytest.raises(ValueError, match="parallel.cp_strategy=ulysses is Ulysses over the whole cp "
+                                         "group; with parallel.ulysses=2 < parallel.cp=4"):
+        train.check_context_parallel(compose("parallel.cp_strategy=ulysses", "parallel.ulysses=2"), 4)
+    train.check_context_parallel(compose("parallel.cp_strategy=ulysses", "parallel.ulysses=4"), 4)
     from parallel.context import strategy_for
     with pytest.raises(ValueError, match="cp_strategy=lasp does not support attn family 'sdpa'"):
         strategy_for("sdpa", "lasp")
@@ -154,10 +159,10 @@ def test_context_parallel_training_matches_one_process(tmp_path, attn):
         assert math.isclose(a[s], b[s], rel_tol=1e-5), (attn, s, a[s], b[s])
 
 
-def _torchrun(args, tmp_path, name):
+def _torchrun(args, tmp_path, name, nproc=2):
     r = _cli(args + [f"hydra.run.dir={tmp_path / name}"], tmp_path,
              launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       "--nproc_per_node", "2"))
+                       "--nproc_per_node", str(nproc)))
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -173,3 +178,20 @@ def test_fsdp_resume_under_torchrun_is_exact(tmp_path):
     full, split = losses(tmp_path / "full"), losses(tmp_path / "split")
     assert sorted(split) == list(range(1, 7))
     assert [full[s] for s in range(1, 7)] == [split[s] for s in range(1, 7)]
+
+
+@pytest.mark.slow
+def test_torchrun_ulysses_inside_context_parallel_matches_one_process(tmp_path):
+    """`torchrun --nproc_per_node 4 train.py parallel.cp=4 parallel.ulysses=2` on a hybrid
+    lightning/sdpa model (Ulysses pairs around lasp and allgather over the outer pair) == one
+    process, loss for loss."""
+    args = [a for a in SMALL_RUN if not a.startswith(("trainer.steps", "trainer.ckpt_every"))]
+    args += ["model.layer_pattern=[lightning,sdpa]", "trainer.steps=2", "trainer.ckpt_every=0",
+             "trainer.val_every=0"]
+    one = _cli(args + [f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    _torchrun(args + ["parallel.cp=4", "parallel.ulysses=2"], tmp_path, "four", nproc=4)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "four")
+    assert sorted(a) == sorted(b) == [1, 2]
+    for s in a:
+        assert math.isclose(a[s], b[s], rel_tol=1e-5), (s, a[s], b[s])

@@ -14,7 +14,7 @@ from attn import get_core
 from models import ModelConfig, Transformer
 from models.rope import Rotary
 from parallel import parallelize
-from parallel.context import apply_context_parallel
+from parallel.context import apply_context_parallel, strategy_for
 from parallel.dist import DistInfo
 from parallel.mesh import build_mesh
 from parallel.sharding import flatten_rows, local_indices, shard_batch
@@ -61,13 +61,17 @@ def core_case(mesh, family, strategy, layout, docs, seed, opts=None):
     y = ref_core(xr, rotary.bind(pos), cu)
     (y * w).sum().backward()
 
-    apply_context_parallel(_Holder(core), mesh, strategy, layout)
+    chosen = apply_context_parallel(_Holder(core), mesh, strategy, layout)[0]
+    picked, u = strategy_for(family, strategy), mesh.ulysses
+    want = ("ulysses" if picked == "ulysses" or u == mesh.cp else
+            picked if u == 1 else f"ulysses+{picked}")
+    assert chosen == want, (chosen, want)
     idx = local_indices(total, mesh.cp, mesh.cp_rank, layout)
     xl = x[:, idx].clone().requires_grad_()
     yl = core(xl, rotary.bind(pos[:, idx]), cu)
     (yl * w[:, idx]).sum().backward()
 
-    tag = f"{family}/{strategy}/{layout}/docs={docs} rank {mesh.cp_rank}"
+    tag = f"{family}/{strategy}/{layout}/docs={docs}/ulysses={mesh.ulysses} rank {mesh.cp_rank}"
     assert rel_err(yl, y[:, idx]) < RTOL, (tag, "out", rel_err(yl, y[:, idx]))
     assert rel_err(xl.grad, xr.grad[:, idx]) < RTOL, (tag, "dx", rel_err(xl.grad, xr.grad[:, idx]))
     for (name, p), pr in zip(core.named_parameters(), ref_core.parameters()):
@@ -109,16 +113,21 @@ def model_case(mesh, info, pattern, layout, seed):
     for (name, p), pr in zip(model.named_parameters(), ref.parameters()):
         g = p.grad.clone()
         dist.all_reduce(g, group=mesh.cp_group)
-        assert rel_err(g, pr.grad) < RTOL, (pattern, layout, name, rel_err(g, pr.grad))
+        assert rel_err(g, pr.grad) < RTOL, (pattern, layout, mesh.ulysses, name, rel_err(g, pr.grad))
 
 
 def worker(rank, world, init_file, cases, err_file):
+    """Cases are (kind, ulysses degree, *args) with kind "core" (core_case) or "model"; every
+    case splits one sequence over all `world` ranks (cp = world)."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        mesh = build_mesh(DistInfo(rank, world, rank), world)
-        for kind, *args in cases:
+        # every rank builds the same meshes in the same order (new_group is collective)
+        meshes = {u: build_mesh(DistInfo(rank, world, rank), world, u)
+                  for u in sorted({case[1] for case in cases})}
+        for kind, u, *args in cases:
+            mesh = meshes[u]
             if kind == "core":
                 core_case(mesh, *args)
             else:
@@ -131,3 +140,16 @@ def worker(rank, world, init_file, cases, err_file):
         dist.barrier()  # no rank tears gloo down while a peer still has sends in flight
     finally:
         dist.destroy_process_group()
+
+
+def run_workers(world, cases, tmp_path):
+    """Spawn `world` gloo ranks running `cases`; fail with the ranks' tracebacks."""
+    import pytest
+    import torch.multiprocessing as mp
+    err = tmp_path / "err"
+    try:
+        mp.start_processes(worker, args=(world, str(tmp_path / "init"), cases, str(err)),
+                           nprocs=world, start_method="spawn")
+    except Exception as e:
+        msgs = [open(f"{err}.{r}").read() for r in range(world) if os.path.exists(f"{err}.{r}")]
+        pytest.fail("\n".join(msgs) or str(e))

@@ -1,9 +1,6 @@
 """Context parallelism under gloo (2 and 4 CPU ranks): every family × strategy × layout, with
 and without documents, equals the single-process result (fp32, relative error < 1e-5)."""
-import os
-
 import pytest
-import torch.multiprocessing as mp
 
 from attn import available
 from parallel.context import SUPPORTS
@@ -24,19 +21,13 @@ def cases(seed):
                 continue
             for layout in ("zigzag", "contiguous"):
                 for docs in (False, True):
-                    out.append(("core", family, strategy, layout, docs, seed, OPTIONS.get(family)))
+                    out.append(("core", 1, family, strategy, layout, docs, seed, OPTIONS.get(family)))
     pattern = [f for f in ("lightning", "sdpa") if f in FAMILIES] + ["sdpa"]
     for layout in ("zigzag", "contiguous"):
-        out.append(("model", pattern, layout, seed + 1))
+        out.append(("model", 1, pattern, layout, seed + 1))
     return out
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_context_parallel_matches_single_process(world, tmp_path, fresh_seed):
-    err = tmp_path / "err"
-    try:
-        mp.start_processes(cp_cases.worker, args=(world, str(tmp_path / "init"), cases(fresh_seed),
-                                                  str(err)), nprocs=world, start_method="spawn")
-    except Exception as e:
-        msgs = [open(f"{err}.{r}").read() for r in range(world) if os.path.exists(f"{err}.{r}")]
-        pytest.fail("\n".join(msgs) or str(e))
+    cp_cases.run_workers(world, cases(fresh_seed), tmp_path)
