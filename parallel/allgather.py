@@ -13,12 +13,25 @@ Hkv/u heads.
 Bytes per layer and rank: all-gather of K and V, 2·(n−1)/n·T·Hkv·D elements in forward (n the
 group's size: cp, or cp/u with T·Hkv/u per rank under Ulysses), the same reduce-scattered in
 backward.
+
+Softmax families (sdpa, flash) overlap the collectives with compute (`_OverlappedAllGather`):
+the K/V all-gather is started asynchronously and each local query chunk [s, e) first attends
+its own keys [s, e) (causal, documents from cu_seqlens shifted to the chunk: no gathered key is
+needed); after the wait it attends the earlier keys of the document holding s, [doc_start(s), s),
+for its rows up to the next document start (the only rows that can see keys before s), and the
+two partials merge through their lse (parallel/ring.py's stable form). Backward computes the
+gathered-key part first, starts the reduce-scatter of its dK/dV asynchronously, then the
+local part (whose dK/dV stays on the rank). Overlap condition per layer: the own-chunk block,
+T²/(2n²)·Hq·D·4 FLOPs per chunk, against 2·(n−1)/n·T·Hkv·D·bytes moved (docs/context_parallel.md).
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
-from parallel.comm import gather_seq
+from parallel.comm import _all_gather, _reduce_scatter, gather_seq
+from parallel.lasp import local_cu_seqlens
+from parallel.ring import _merge
 from parallel.sharding import Placement, SeqGroup
 
 
@@ -48,5 +61,110 @@ def make_allgather_attend(attend, seq: SeqGroup):
                                clip_cu_seqlens(cu_seqlens, end), q_offset=start, **kwargs))
             at += n
         return torch.cat(outs, dim=1)
+
+    return cp_attend
+
+
+def _pieces(cu: torch.Tensor, bounds):
+    """Per local chunk (s, e) at local rows [at, at+n): (s, e, at, n, cu_local, d0, b): keys
+    [s, e) with the chunk's own document boundaries, and the earlier keys [d0, s) of the
+    document holding s that its rows [s, b) see (d0 == s: none)."""
+    cu_list = cu.tolist()
+    out, at = [], 0
+    for s, e in bounds:
+        d0 = max(c for c in cu_list if c <= s)
+        b = min([c for c in cu_list if c > s] + [e])
+        out.append((s, e, at, e - s, local_cu_seqlens(cu, s, e), d0, b))
+        at += e - s
+    return out
+
+
+class _OverlappedAllGather(torch.autograd.Function):
+    """Softmax attention of the local query chunks against the all-gathered K/V, the gather
+    overlapped with each chunk's own block and the dK/dV reduce-scatter with the local backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, scale, seq):
+        from attn.flash import flash_fwd
+        total = int(cu[-1])
+        n = seq.size
+        kv = torch.stack([k, v])[:, 0].contiguous()                 # [2, T_loc, Hkv, D]
+        gathered = kv.new_empty((2, n * kv.shape[1], *kv.shape[2:]))
+        work = [_all_gather(gathered[i], kv[i], group=seq.group, async_op=True)
+                for i in range(2)]
+        pieces = _pieces(cu, seq.bounds(total))
+        o = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lse = torch.empty((1, q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+        for s, e, at, m, cu_loc, _, _ in pieces:                    # own blocks, no comm needed
+            rows = slice(at, at + m)
+            o_b, lse_b = flash_fwd(q[:, rows], k[:, rows], v[:, rows], scale=scale,
+                                   cu_seqlens=cu_loc)
+            o[:, rows], lse[:, :, rows] = o_b.float(), lse_b
+        for w in work:
+            w.wait()
+        restore = torch.argsort(seq.placement.order(total, device=q.device))
+        kv_all = gathered.index_select(1, restore)[:, None]         # [2, 1, T, Hkv, D]
+        for s, e, at, m, _, d0, b in pieces:                        # earlier keys of s's document
+            if d0 < s:
+                rows = slice(at, at + b - s)
+                o_b, lse_b = flash_fwd(q[:, rows], kv_all[0][:, d0:s], kv_all[1][:, d0:s],
+                                       scale=scale, causal=False)
+                _merge(o, lse, rows, o_b, lse_b)
+        o = o.to(q.dtype)
+        ctx.save_for_backward(q, k, v, kv_all, o, lse, restore)
+        ctx.scale, ctx.seq, ctx.pieces = scale, seq, pieces
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from attn.flash import flash_bwd
+        q, k, v, kv_all, o, lse, restore = ctx.saved_tensors
+        seq, scale = ctx.seq, ctx.scale
+        do = do.contiguous()
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dkv_all = torch.zeros(kv_all.shape, dtype=torch.float32, device=q.device)
+        for s, e, at, m, _, d0, b in ctx.pieces:                    # gathered keys first
+            if d0 < s:
+                rows = slice(at, at + b - s)
+                dq_b, dk_b, dv_b = flash_bwd(do[:, rows], q[:, rows], kv_all[0][:, d0:s],
+                                             kv_all[1][:, d0:s], o[:, rows],
+                                             lse[:, :, rows].contiguous(), scale=scale,
+                                             causal=False)
+                dq[:, rows] += dq_b.float()
+                dkv_all[0][:, d0:s] += dk_b.float()
+                dkv_all[1][:, d0:s] += dv_b.float()
+        # back to the gather's member order, then each member receives the sum of its rows
+        send = torch.empty_like(dkv_all[:, 0])
+        send[:, restore] = dkv_all[:, 0]
+        recv = send.new_empty((2, k.shape[1], *k.shape[2:]))
+        work = [_reduce_scatter(recv[i], send[i].contiguous(), group=seq.group, async_op=True)
+                for i in range(2)]
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+        dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+        for s, e, at, m, cu_loc, _, _ in ctx.pieces:                # own blocks meanwhile
+            rows = slice(at, at + m)
+            dq_b, dk_b, dv_b = flash_bwd(do[:, rows], q[:, rows], k[:, rows], v[:, rows],
+                                         o[:, rows], lse[:, :, rows].contiguous(), scale=scale,
+                                         cu_seqlens=cu_loc)
+            dq[:, rows] += dq_b.float()
+            dk[:, rows] += dk_b.float()
+            dv[:, rows] += dv_b.float()
+        for w in work:
+            w.wait()
+        dk += recv[0][None]
+        dv += recv[1][None]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def make_softmax_allgather_attend(seq: SeqGroup, scale: float):
+    """`allgather` for the softmax families with the gather overlapped (see the module
+    docstring); flash primitives (Triton on CUDA, ref.py on CPU) with the layer's scale."""
+
+    def cp_attend(q, k, v, cu_seqlens=None, **kwargs):
+        if seq.group is None:           # one member (Ulysses over the whole cp group)
+            from attn.flash import flash_attn
+            return flash_attn(q, k, v, scale=scale, cu_seqlens=cu_seqlens)
+        return _OverlappedAllGather.apply(q.contiguous(), k.contiguous(), v.contiguous(),
+                                          cu_seqlens, scale, seq)
 
     return cp_attend

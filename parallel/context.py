@@ -11,7 +11,7 @@ runs directly (pure Ulysses). With u = 1 the strategy runs over the cp group as 
 """
 from __future__ import annotations
 
-from parallel.allgather import make_allgather_attend
+from parallel.allgather import make_allgather_attend, make_softmax_allgather_attend
 from parallel.lasp import make_lasp_attend
 from parallel.ring import make_ring_attend
 from parallel.sharding import LAYOUTS, SeqGroup, layout_placement
@@ -50,6 +50,8 @@ def check_ulysses_degree(strategy: str, cp: int, u: int) -> None:
 
 def _outer_attend(core, name: str, seq: SeqGroup):
     if name == "allgather":
+        if core.family in ("sdpa", "flash"):      # gather overlapped with the own blocks
+            return make_softmax_allgather_attend(seq, core.scale)
         return make_allgather_attend(core.attend, seq)
     if name == "ring":
         return make_ring_attend(seq, core.scale)
