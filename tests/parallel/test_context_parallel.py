@@ -31,3 +31,15 @@ def cases(seed):
 @pytest.mark.parametrize("world", [2, 4])
 def test_context_parallel_matches_single_process(world, tmp_path, fresh_seed):
     cp_cases.run_workers(world, cases(fresh_seed), tmp_path)
+
+
+def test_triton_kernels_under_context_parallel(monkeypatch, tmp_path, fresh_seed):
+    """The kernels' own CP paths (flash's overlapped allgather, moba's and nsa's q_offset against
+    gathered keys, lightning's state in/out under lasp) through the Triton interpreter, zigzag with
+    documents: CP equals the single-process run of the same kernels (2 ranks)."""
+    monkeypatch.setenv("ATTN_IMPL", "triton")          # inherited by the spawned ranks
+    kernels = {"flash": ("allgather", {}), "lightning": ("lasp", {}),
+               "moba": ("allgather", OPTIONS["moba"]), "nsa": ("allgather", OPTIONS["nsa"])}
+    run = [("core", 1, f, s, "zigzag", True, fresh_seed, {**opts, "head_dim": 16})
+           for f, (s, opts) in kernels.items() if f in FAMILIES]
+    cp_cases.run_workers(2, run, tmp_path)
