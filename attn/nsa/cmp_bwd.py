@@ -1,0 +1,230 @@
+"""NSA compressed branch, backward kernels and their launch: dQ (with the exact delta) and
+dK/dV (split over query rows, fp32 partials summed in a fixed order). Masking, memory plan and
+the exact-delta correction: attn/nsa/cmp.py's module docstring; the public functions and the
+autograd Function live there too.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attn.flash import common
+from attn.flash.bwd import _bwd_preprocess
+from attn.flash.common import LOG2E, LOG2E_F, cvt, mma
+from attn.nsa.cmp import _BIG, _cfg, _ld, _q_tile
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, start, end, pf, pl,
+                q_offset, Tq, qk_scale, STRIDE_QT: tl.constexpr, BLOCK_M: tl.constexpr,
+                HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_m in range(start, end, BLOCK_M):
+        rows = start_m + offs_m
+        q_ptrs = rows[:, None] * STRIDE_QT + offs_d[None, :]
+        r_ok = rows < Tq
+        q = _ld(q_base + q_ptrs, r_ok[:, None], MASKED)
+        lse2 = _ld(lse_ptr + rows, r_ok, MASKED, float("inf")) * LOG2E
+        # transposed scores [BLOCK_N, BLOCK_M]: P^T comes out ready for dV = P^T dO
+        s_t = mma(k, tl.trans(q), None, DOT_PREC) * qk_scale
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if MASKED:
+            qpos = q_offset + rows
+            ok = (qpos[None, :] >= pf[:, None]) & (qpos[None, :] <= pl[:, None]) & r_ok[None, :]
+            p_t = tl.where(ok, p_t, 0.0)
+        do = _ld(do_base + q_ptrs, r_ok[:, None], MASKED)
+        delta = _ld(delta_ptr + rows, r_ok, MASKED)
+        dv = mma(cvt(p_t, do.dtype), do, dv, DOT_PREC)
+        dp_t = mma(v, tl.trans(do), None, DOT_PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = mma(cvt(ds_t, q.dtype), q, dk, DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PF, PL, scale, qk_scale, q_offset, cmp_block,
+                 cmp_stride, Tq, Tc, chunk,
+                 HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    # compressed tile 0 is seen by the most queries: program 0 is the heaviest, it runs first.
+    # Axis 2 splits the query rows (see _dkdv_chunk).
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HKV
+    hkv = pid_bh % HKV
+    GROUP: tl.constexpr = HQ // HKV
+    STRIDE_QT: tl.constexpr = HQ * HEAD_DIM
+    STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
+    c = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    c_ok = c < Tc
+    kv_off = b.to(tl.int64) * Tc * STRIDE_KT + hkv * HEAD_DIM \
+        + c[:, None] * STRIDE_KT + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=c_ok[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=c_ok[:, None], other=0.0)
+    # positions [pf, pl] that see each compressed row; padding rows: the empty [BIG, -1]
+    if HAS_DOCS:
+        pf = tl.load(PF + c, mask=c_ok, other=_BIG)
+        pl = tl.load(PL + c, mask=c_ok, other=-1)
+    else:
+        pf = tl.where(c_ok, c * cmp_stride + cmp_block - 1, _BIG)
+        pl = tl.where(c_ok, _BIG, -1)
+
+    # query rows (row = position - q_offset) inside this program's split [r0, r1) (chunk: a
+    # multiple of BLOCK_M): [m_lo, f_lo) masked, [f_lo, f_hi) unmasked (every row sees every
+    # key of the tile), [f_hi, m_hi) masked
+    r0 = tl.program_id(2) * chunk
+    r1 = tl.minimum(r0 + chunk, Tq)
+    m_lo = tl.maximum((tl.maximum(tl.min(pf, 0) - q_offset, 0) // BLOCK_M) * BLOCK_M, r0)
+    m_hi = tl.minimum(tl.max(pl, 0) - q_offset + 1, r1)
+    pf_last = tl.max(tl.where(c_ok, pf, 0), 0)
+    f_lo = tl.maximum(tl.cdiv(tl.maximum(pf_last - q_offset, 0), BLOCK_M) * BLOCK_M, m_lo)
+    pl_first = tl.min(tl.where(c_ok, pl, _BIG), 0)
+    f_hi = (tl.maximum(tl.minimum(pl_first - q_offset + 1, r1), 0) // BLOCK_M) * BLOCK_M
+    if f_hi <= f_lo:
+        f_lo = m_lo
+        f_hi = m_lo
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for g in range(GROUP):
+        h = hkv * GROUP + g
+        q_base = Q + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
+        do_base = DO + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
+        row_base = (b * HQ + h).to(tl.int64) * Tq
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+                             m_lo, f_lo, pf, pl, q_offset, Tq, qk_scale, STRIDE_QT, BLOCK_M,
+                             HEAD_DIM, True, DOT_PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+                             f_lo, f_hi, pf, pl, q_offset, Tq, qk_scale, STRIDE_QT, BLOCK_M,
+                             HEAD_DIM, False, DOT_PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+                             f_hi, m_hi, pf, pl, q_offset, Tq, qk_scale, STRIDE_QT, BLOCK_M,
+                             HEAD_DIM, True, DOT_PREC)
+    # one split: dK, dV in the KV dtype; several: fp32 partials [splits, B, Tc, Hkv, D]
+    out = kv_off + tl.program_id(2).to(tl.int64) * tl.num_programs(1) * Tc * HEAD_DIM
+    tl.store(DK + out, cvt(dk * scale, DK.dtype.element_ty), mask=c_ok[:, None])
+    tl.store(DV + out, cvt(dv, DV.dtype.element_ty), mask=c_ok[:, None])
+
+
+@triton.jit
+def _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, start, end, lo, hi, Tc, qk_scale,
+              STRIDE_KT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start_n in range(start, end, BLOCK_N):
+        c = start_n + offs_n
+        kv_ptrs = c[:, None] * STRIDE_KT + offs_d[None, :]
+        k = _ld(k_base + kv_ptrs, (c < Tc)[:, None], MASKED)
+        v = _ld(v_base + kv_ptrs, (c < Tc)[:, None], MASKED)
+        s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            ok = (c[None, :] >= lo[:, None]) & (c[None, :] < hi[:, None])
+            p = tl.where(ok, p, 0.0)
+        dp = mma(do, tl.trans(v), None, DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = mma(cvt(ds, k.dtype), k, dq, DOT_PREC)
+        pk = mma(cvt(p, k.dtype), k, pk, DOT_PREC)
+        dsum += tl.sum(p * dp, 1)
+    return dq, pk, dsum
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLO, CHI, scale, qk_scale, q_offset, cmp_block,
+               cmp_stride, Tq, Tc,
+               HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    pid_bh = tl.program_id(1)  # heaviest (last) query tiles first
+    rows, r_ok, q_off, kv_base, lo, hi, kv_lo, f_lo, f_hi, kv_hi = _q_tile(
+        tl.num_programs(0) - 1 - tl.program_id(0), pid_bh, q_offset, CLO, CHI, cmp_block,
+        cmp_stride, Tq, Tc, HQ, HKV, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_DOCS)
+    STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
+    k_base = K + kv_base
+    v_base = V + kv_base
+    q = tl.load(Q + q_off, mask=r_ok[:, None], other=0.0)
+    do = tl.load(DO + q_off, mask=r_ok[:, None], other=0.0)
+    # lse = +inf (empty or padding row) makes every P of the row 0
+    lse2 = tl.load(LSE + pid_bh.to(tl.int64) * Tq + rows, mask=r_ok, other=float("inf")) * LOG2E
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * Tq + rows, mask=r_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    pk = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    dq, pk, dsum = _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, kv_lo, f_lo, lo,
+                             hi, Tc, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, True, DOT_PREC)
+    dq, pk, dsum = _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, f_lo, f_hi, lo,
+                             hi, Tc, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, False, DOT_PREC)
+    dq, pk, dsum = _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, f_hi, kv_hi, lo,
+                             hi, Tc, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, True, DOT_PREC)
+    # delta correction (see the module docstring): dsum is the exact delta
+    dq = dq - (dsum - delta)[:, None] * pk
+    tl.store(DQ + q_off, cvt(dq * scale, DQ.dtype.element_ty), mask=r_ok[:, None])
+    tl.store(DELTA + pid_bh.to(tl.int64) * Tq + rows, dsum, mask=r_ok)  # for the dK/dV kernel
+
+
+# ---------------------------------------------------------------------------------------------
+# launch
+
+# dK/dV: BLOCK_N compressed rows resident, BLOCK_M query rows streamed
+DKDV_CFGS = {64: (64, 64, 4, 3), 128: (64, 128, 8, 3), 256: (32, 64, 4, 2)}
+# (BLOCK_M, BLOCK_N, warps, stages) by head dim; timings in cmp.py's FWD_CFGS comment
+DQ_CFGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
+
+# dK/dV row splits: the first compressed tiles are seen by nearly every query row, so one
+# program per key tile leaves the heaviest program G * Tq rows of work. The rows are cut into
+# chunks (fp32 partials, summed in a fixed order) until the grid has about DKDV_PROGRAMS
+# programs, each chunk at least DKDV_MIN_ROWS rows (interpreter: INTERP_CHUNK rows, so the
+# tests cover several splits).
+DKDV_PROGRAMS = 2048
+DKDV_MIN_ROWS = 1024
+INTERP_CHUNK = 64
+
+
+def _dkdv_chunk(tq, n_progs, bm):
+    """Query rows per dK/dV split (a multiple of bm)."""
+    if common.INTERPRET:
+        return INTERP_CHUNK
+    splits = max(1, min(triton.cdiv(DKDV_PROGRAMS, n_progs), tq // DKDV_MIN_ROWS))
+    return triton.cdiv(triton.cdiv(tq, splits), bm) * bm
+
+
+def _bwd(do, q, k_cmp, v_cmp, o, lse, plan):
+    B, tq, hq, d, tc, hkv = plan.shape
+    dq = common.empty(q.shape, q.dtype, q.device)
+    if tc == 0 or tq == 0:
+        return dq.zero_(), torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
+    delta = common.empty((B, hq, tq), torch.float32, q.device)
+    pre_bm = 16 if common.INTERPRET else 64
+    _bwd_preprocess[(triton.cdiv(tq, pre_bm), B * hq)](o, do, delta, tq, H=hq, HEAD_DIM=d,
+                                                        BLOCK_M=pre_bm)
+    has_docs = plan.bounds is not None
+    c_lo, c_hi, pf, pl = plan.bounds if has_docs else (delta,) * 4  # dummies, never read
+    args = (plan.scale, plan.scale * LOG2E_F, plan.q_offset, plan.cmp_block, plan.cmp_stride,
+            tq, tc)
+    meta = dict(HQ=hq, HKV=hkv, HEAD_DIM=d, HAS_DOCS=has_docs,
+                DOT_PREC=common.dot_precision(q.dtype))
+    bm, bn, w, s = _cfg(DQ_CFGS, d, q.dtype)  # first: it replaces delta by the exact one
+    _dq_kernel[(triton.cdiv(tq, bm), B * hq)](
+        q, k_cmp, v_cmp, do, lse, delta, dq, c_lo, c_hi, *args, **meta, BLOCK_M=bm,
+        BLOCK_N=bn, num_warps=w, num_stages=s)
+    bm, bn, w, s = _cfg(DKDV_CFGS, d, q.dtype)
+    grid = (triton.cdiv(tc, bn), B * hkv)
+    chunk = _dkdv_chunk(tq, grid[0] * grid[1], bm)
+    splits = triton.cdiv(tq, chunk)
+    if splits > 1:
+        dk_out = common.empty((splits, *k_cmp.shape), torch.float32, q.device)
+        dv_out = common.empty((splits, *v_cmp.shape), torch.float32, q.device)
+    else:
+        dk_out = dk = common.empty(k_cmp.shape, k_cmp.dtype, q.device)
+        dv_out = dv = common.empty(v_cmp.shape, v_cmp.dtype, q.device)
+    _dkdv_kernel[(*grid, splits)](
+        q, k_cmp, v_cmp, do, lse, delta, dk_out, dv_out, pf, pl, *args, chunk, **meta,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+    if splits > 1:  # fixed-order sum: deterministic
+        dk, dv = dk_out.sum(0).to(k_cmp.dtype), dv_out.sum(0).to(v_cmp.dtype)
+    return dq, dk, dv
