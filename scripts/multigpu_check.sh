@@ -12,6 +12,7 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/multigpu}; RUNS=$OUT/runs; mkdir -p "$RUNS"
 STAGES=${STAGES:-"equiv scaling longest ddpcp"}
+FAMILIES=${FAMILIES:-"flash sdpa linear lightning moba nsa"}   # equiv stage
 export PYTHONUNBUFFERED=1 LONGCTX_CACHE=${LONGCTX_CACHE:-/tmp/longctx-cache} PYTHONPATH=$PWD
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -43,20 +44,33 @@ launch() {  # launch NPROC NAME ARGS...: one process without torchrun, else torc
   local rc=$?
   echo "$name rc=$rc"; [ $rc -eq 0 ] || tail -3 "$RUNS/$name.log"
 }
+launch_refs() {  # launch_refs NAME ARGS... per line on stdin: one-GPU runs, NGPU at a time, one per GPU
+  local i=0 line
+  while read -r line; do
+    [ -n "$line" ] || continue
+    ( export CUDA_VISIBLE_DEVICES=$((i % NGPU)); launch 1 $line ) &
+    i=$((i + 1)); [ $((i % NGPU)) -eq 0 ] && wait
+  done
+  wait
+}
 lin_heads() { case $1 in linear|lightning) echo "model.n_kv_heads=$2";; *) echo "";; esac; }
 
 for stage in $STAGES; do
   case $stage in
     equiv)
       EQ="$EQ_MODEL trainer.seq_len=$EQ_SEQ trainer.global_batch=2 trainer.micro_batch=1 trainer.steps=$STEPS trainer.log_every=1"
-      for attn in flash sdpa linear lightning moba nsa; do
-        H="$(lin_heads $attn 8) $(sparse $attn)"   # the linear families: n_kv_heads = n_heads
-        [ "${SMOKE:-0}" = 1 ] && H="$(lin_heads $attn 4) $(sparse $attn)"
-        launch 1 eq-$attn-1gpu attn=$attn $EQ $H
-        launch 1 eq-$attn-1gpu-nodoc attn=$attn $EQ $H data.document_mask=false
-        for s in $(python3 -c "from parallel.context import SUPPORTS as S; print(' '.join(k for k, v in S.items() if '$attn' in v))"); do
+      H() {  # the linear families: n_kv_heads = n_heads
+        if [ "${SMOKE:-0}" = 1 ]; then echo "$(lin_heads $1 4) $(sparse $1)"; else echo "$(lin_heads $1 8) $(sparse $1)"; fi
+      }
+      strategies() { python3 -c "from parallel.context import SUPPORTS as S; print(' '.join(sorted(k for k, v in S.items() if '$1' in v)))"; }
+      for attn in $FAMILIES; do   # one-GPU references first, one per GPU at a time
+        echo "eq-$attn-1gpu attn=$attn $EQ $(H $attn)"
+        case " $(strategies $attn) " in *" ring "*) echo "eq-$attn-1gpu-nodoc attn=$attn $EQ $(H $attn) data.document_mask=false";; esac
+      done | launch_refs
+      for attn in $FAMILIES; do
+        for s in $(strategies $attn); do
           doc="" ; [ "$s" = ring ] && doc="data.document_mask=false"
-          launch "$NGPU" eq-$attn-$s-cp$NGPU attn=$attn $EQ $H $doc parallel.cp=$NGPU parallel.cp_strategy=$s
+          launch "$NGPU" eq-$attn-$s-cp$NGPU attn=$attn $EQ $(H $attn) $doc parallel.cp=$NGPU parallel.cp_strategy=$s
         done
       done ;;
     scaling)
@@ -73,8 +87,9 @@ for stage in $STAGES; do
       done ;;
     longest)
       for attn in flash lightning moba nsa; do
-        for T in $LADDER; do
-          launch "$NGPU" long-$attn-$T $BIG_MODEL attn=$attn $(sparse $attn) trainer.seq_len=$T trainer.global_batch=1 \
+        eval "ladder=\${LADDER_$attn:-\$LADDER}"   # LADDER_flash=... overrides per family
+        for T in $ladder; do
+          RUN_TIMEOUT=${LONG_TIMEOUT:-${RUN_TIMEOUT:-300}} launch "$NGPU" long-$attn-$T $BIG_MODEL attn=$attn $(sparse $attn) trainer.seq_len=$T trainer.global_batch=1 \
             trainer.micro_batch=1 trainer.steps=2 trainer.log_every=1 trainer.activation_checkpointing=true \
             parallel.cp=$NGPU || true
           [ -s "$RUNS/long-$attn-$T/metrics.jsonl" ] || break
@@ -100,7 +115,7 @@ def rows(name):
 res = {"ngpu": ngpu, "equiv": [], "scaling": [], "longest": {}, "ddpcp": None}
 try:
     import torch
-    res["card"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    res["card"] = os.environ.get("CARD") or (torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 except Exception:
     res["card"] = "?"
 def runs(pattern):
@@ -111,7 +126,9 @@ for d in runs("eq-*-cp*"):
     ref = rows(f"eq-{attn}-1gpu-nodoc" if strat == "ring" else f"eq-{attn}-1gpu")
     got = rows(name)
     diff = max((abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(got, ref)), default=None)
-    res["equiv"].append(dict(attn=attn, strategy=strat, steps=len(got), max_rel_loss_diff=diff))
+    gdiff = max((abs(a["grad_norm"] - b["grad_norm"]) / abs(b["grad_norm"]) for a, b in zip(got, ref)), default=None)
+    res["equiv"].append(dict(attn=attn, strategy=strat, steps=len(got), max_rel_loss_diff=diff,
+                             max_rel_grad_norm_diff=gdiff))
 for d in runs("ws-*"):
     name = os.path.basename(d)
     r = rows(name)
@@ -131,9 +148,11 @@ if a and b:
     res["ddpcp"] = dict(max_rel_loss_diff=max(abs(x["loss"] - y["loss"]) / abs(y["loss"]) for x, y in zip(b, a)),
                         tokens_per_s=b[-1]["tokens_per_s"], tokens_per_s_1gpu=a[-1]["tokens_per_s"])
 json.dump(res, open(os.path.join(out, "multigpu.json"), "w"), indent=1)
-md = [f"{res['card']} × {ngpu}", "", "| equivalence | strategy | steps | max rel. loss diff |", "|---|---|---:|---:|"]
-md += [f"| {e['attn']} | {e['strategy']} | {e['steps']} | "
-       + ("-" if e["max_rel_loss_diff"] is None else f"{e['max_rel_loss_diff']:.2e}") + " |" for e in res["equiv"]]
+fmt = lambda x: "-" if x is None else f"{x:.2e}"
+md = [f"{res['card']} × {ngpu}", "", "| equivalence | strategy | steps | max rel. loss diff | max rel. grad-norm diff |",
+      "|---|---|---:|---:|---:|"]
+md += [f"| {e['attn']} | {e['strategy']} | {e['steps']} | {fmt(e['max_rel_loss_diff'])} | {fmt(e['max_rel_grad_norm_diff'])} |"
+       for e in res["equiv"]]
 md += ["", "| weak scaling | strategy | cp | s/step | efficiency | peak GB |", "|---|---|---:|---:|---:|---:|"]
 md += [f"| {s['attn']} | {s['strategy']} | {s['cp']} | {s['step_time_s']:.3f} | "
        + ("-" if s["efficiency"] is None else f"{s['efficiency']:.2f}") + f" | {s['peak_mem_gb'] or 0:.1f} |"
