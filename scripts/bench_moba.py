@@ -62,30 +62,44 @@ def make_sdpa_cudnn(T, H, Hkv, D, dtype, block, topk):
     return fn, _inputs(T, H, Hkv, D, dtype, "bhtd")
 
 
-def make_flex(T, H, Hkv, D, dtype, block, topk, tile=128):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def flex_block_mask(T, H, block, topk, tile=128, device="cuda"):
+    """FlexAttention BlockMask at MoBA's density, built from tile indices (no [H, T, T] mask is
+    ever formed, so it scales to 128k+): per (head, 128-query tile) the tiles of its own MoBA
+    block up to the diagonal (earlier ones full, the diagonal one causal) and every tile of
+    topk−1 random earlier blocks (full)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    assert block % tile == 0, "flex baseline: block must be a multiple of the 128-token tile"
+    per = block // tile                                   # tiles per MoBA block
     nblk, ntile = -(-T // block), -(-T // tile)
-    # per (head, 128-query tile): topk−1 random earlier blocks (−1: none), as dense as MoBA
-    g = torch.Generator(device="cuda").manual_seed(0)
-    score = torch.rand(H, ntile, nblk, device="cuda", generator=g)
-    tile_blk = (torch.arange(ntile, device="cuda") * tile) // block
-    earlier = torch.arange(nblk, device="cuda")[None, :] < tile_blk[:, None]
+    g = torch.Generator(device=device).manual_seed(0)
+    score = torch.rand(H, ntile, nblk, device=device, generator=g)
+    tiles = torch.arange(ntile, device=device)
+    own = tiles // per                                    # each query tile's own MoBA block
+    earlier = torch.arange(nblk, device=device)[None, :] < own[:, None]
     score = score.masked_fill(~earlier[None], -1.0)
     n = max(min(topk - 1, nblk), 0)
-    top = score.topk(n, -1) if n else None
-    sel = torch.where(top.values >= 0, top.indices, -1) if n else \
-        torch.full((H, ntile, 1), -1, device="cuda", dtype=torch.long)
+    chosen = torch.zeros(H, ntile, nblk, dtype=torch.bool, device=device)
+    if n:
+        top = score.topk(n, -1)
+        chosen.scatter_(-1, top.indices, top.values >= 0)
+    kv_tile = tiles[None, :]                              # [1, ntile] kv tile ids
+    full = chosen.repeat_interleave(per, -1)[..., :ntile]  # [H, q tile, kv tile]
+    full |= ((kv_tile < tiles[:, None]) & (kv_tile >= own[:, None] * per))[None]
+    full_num = full.sum(-1, dtype=torch.int32)
+    full_idx = torch.argsort((~full).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    diag_num = torch.ones(H, ntile, dtype=torch.int32, device=device)
+    diag_idx = torch.zeros(H, ntile, ntile, dtype=torch.int32, device=device)
+    diag_idx[..., 0] = tiles.to(torch.int32)
 
-    def mask_mod(b, h, qi, ki):
-        kb = ki // block
-        own = (kb == qi // block) & (qi >= ki)
-        picked = kb < 0  # False, as a tensor
-        for s in range(sel.shape[-1]):
-            picked = picked | (sel[h, qi // tile, s] == kb)
-        return own | picked
-    # _compile: the mask is built block by block (a dense [H, T, T] bool is 256 GB at 128k)
-    mask = create_block_mask(mask_mod, B=None, H=H, Q_LEN=T, KV_LEN=T, device="cuda",
-                             BLOCK_SIZE=tile, _compile=True)
+    def moba_mask(b, h, qi, ki):  # exact everywhere; the fused kernel evaluates it on the diagonal
+        return ((qi // block == ki // block) & (qi >= ki)) | chosen[h, qi // tile, ki // block]
+    return BlockMask.from_kv_blocks(diag_num[None], diag_idx[None], full_num[None], full_idx[None],
+                                    BLOCK_SIZE=tile, mask_mod=moba_mask, seq_lengths=(T, T))
+
+
+def make_flex(T, H, Hkv, D, dtype, block, topk, tile=128):
+    from torch.nn.attention.flex_attention import flex_attention
+    mask = flex_block_mask(T, H, block, topk, tile)
     compiled = torch.compile(flex_attention, dynamic=False)
     return (lambda q, k, v: compiled(q, k, v, block_mask=mask, enable_gqa=H != Hkv)), \
         _inputs(T, H, Hkv, D, dtype, "bhtd")
