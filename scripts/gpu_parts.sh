@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One GPU session of per-stage profiles: MoBA stages (+ launch-config sweep at 64k) and the linear
+# scan's passes; everything under $OUT.   STAGES="env moba sweep linear" scripts/gpu_parts.sh
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"env moba sweep linear"}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+for s in $STAGES; do
+  case $s in
+    env)
+      { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+        python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+      } 2>&1 | tee "$OUT/env.txt" ;;
+    moba)
+      timeout ${MOBA_TIMEOUT:-200} python3 scripts/moba_parts.py --out "$OUT/moba" \
+        --seqlens ${MOBA_SEQLENS:-8192,16384,65536} > "$OUT/moba_parts.log" 2>&1
+      tail -5 "$OUT/moba_parts.log" ;;
+    sweep)
+      timeout ${SWEEP_TIMEOUT:-300} python3 scripts/moba_parts.py --out "$OUT/moba_sweep" \
+        --seqlens 65536 --sweep > "$OUT/moba_sweep.log" 2>&1
+      tail -3 "$OUT/moba_sweep.log" ;;
+    linear)
+      timeout ${LINEAR_TIMEOUT:-150} python3 scripts/linear_parts.py --out "$OUT/linear" \
+        > "$OUT/linear_parts.log" 2>&1
+      timeout ${LINEAR_TIMEOUT:-150} python3 scripts/linear_parts.py --decay --out "$OUT/linear" \
+        >> "$OUT/linear_parts.log" 2>&1
+      tail -8 "$OUT/linear_parts.log" ;;
+    *)
+      eval "$s" ;;
+  esac
+done
