@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session of per-stage profiles: MoBA stages (+ launch-config sweep at 64k) and the linear
-# scan's passes; everything under $OUT.   STAGES="env moba sweep linear" scripts/gpu_parts.sh
+# scan's passes, and the GPU tests of both families; everything under $OUT.
+#   STAGES="env tests moba sweep linear" scripts/gpu_parts.sh
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
@@ -12,6 +13,12 @@ for s in $STAGES; do
       { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
         python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
       } 2>&1 | tee "$OUT/env.txt" ;;
+    tests)
+      timeout ${TEST_TIMEOUT:-240} python3 -m pytest -m gpu tests/attn/moba -q -p no:cacheprovider \
+        > "$OUT/pytest_moba_gpu.log" 2>&1; tail -2 "$OUT/pytest_moba_gpu.log"
+      LINEAR_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-240} python3 -m pytest -m gpu tests/attn/linear \
+        tests/attn/lightning -q -p no:cacheprovider > "$OUT/pytest_linear_gpu.log" 2>&1
+      tail -2 "$OUT/pytest_linear_gpu.log" ;;
     moba)
       timeout ${MOBA_TIMEOUT:-200} python3 scripts/moba_parts.py --out "$OUT/moba" \
         --seqlens ${MOBA_SEQLENS:-8192,16384,65536} > "$OUT/moba_parts.log" 2>&1

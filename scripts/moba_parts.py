@@ -84,9 +84,9 @@ def sweep(args_pack, warmup, rep):
         print(kind, cfg, ms, flush=True)
 
     keep = (routed.GPU_ROUTED, routed.GPU_SPLIT, dict(mf.GPU_CFG), mb.GPU_DKDV)
-    for bm, bn, w, s in [(64, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2),
-                         (128, 128, 8, 2), (128, 64, 8, 3)]:
-        for split in (2, 4, 8):
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 64, 4, 3),
+                         (128, 32, 8, 3), (64, 64, 4, 3)]:
+        for split in (4, 8):
             routed.GPU_ROUTED, routed.GPU_SPLIT = (bm, bn, w, s), split
             run("routed_fwd", (bm, bn, w, s, split), lambda: routed.routed_fwd(
                 q, k, v, index, table, scale * LOG2E_F, nsel))
@@ -94,15 +94,15 @@ def sweep(args_pack, warmup, rep):
                 do, q, k, v, lse, delta, index, table, scale * LOG2E_F, nsel))
     routed.GPU_ROUTED, routed.GPU_SPLIT = keep[0], keep[1]
     op_, lp = routed.routed_fwd(q, k, v, index, table, scale * LOG2E_F, nsel)
-    for cfg in [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 2),
-                (128, 32, 8, 2), (64, 128, 8, 2)]:
+    for cfg in [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 4, 2), (32, 32, 2, 2),
+                (64, 32, 4, 3)]:
         mf.GPU_CFG["fwd"] = mf.GPU_CFG["dq"] = cfg
         run("fwd_after_gate", cfg, lambda: mf.fwd_triton(q, k, v, sel, table, scale, 0, index))
         run("dq", cfg, lambda: mf.dq_triton(do, q, k, v, lse, delta, sel, table, scale, 0,
                                             index))
     mf.GPU_CFG.update(keep[2])
-    for cfg in [(64, 64, 8, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2),
-                (64, 64, 8, 3), (128, 64, 8, 2), (32, 128, 8, 3)]:
+    for cfg in [(32, 64, 4, 2), (32, 64, 4, 3), (16, 64, 4, 2), (32, 128, 4, 2), (32, 64, 8, 2),
+                (16, 128, 4, 2), (64, 64, 4, 3), (32, 32, 4, 2), (16, 64, 2, 2)]:
         mb.GPU_DKDV = cfg
         run("bwd", cfg, lambda: mb.bwd_triton(do, q, k, v, o, lse, sel, table, scale, 0, index))
     mb.GPU_DKDV = keep[3]

@@ -28,7 +28,8 @@ only a swap of the two state strides.
 Passes (a chunkwise-parallel scan over *segments* of SEG_LEN tokens, never across documents):
   1. seg_state: every (segment, head, tile) sums its own decayed B^T V   -> states [NS, H, DA, DV]
   2. state_scan: per (document, head, tile), a sequential pass over the document's segments turns
-     the local sums into the state entering each segment (in place) and the final state.
+     the local sums into the state entering each segment (in place) and the final state
+     (U segments per load, so that the chain of steps does not wait on one load at a time).
   3. chunk_out: every (segment, head, DV tile) starts from its segment's state and walks its
      chunks in order, keeping S on chip (Lightning Attention-2 within the segment).
 Memory plan: HBM holds only q/k/v/o (and do/dq/dk/dv) and one fp32 state per (segment, head):
@@ -125,12 +126,14 @@ def seg_state_kernel(B_ptr, V_ptr, slopes_ptr, out_ptr, seg_tab, T, NSEG, s_upd,
 @triton.jit
 def state_scan_kernel(st_ptr, init_ptr, final_ptr, slopes_ptr, seg_tab, doc_seg, T, NSEG,
                       H: tl.constexpr, DA: tl.constexpr, DV: tl.constexpr,
-                      BA: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr,
+                      BA: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, U: tl.constexpr,
                       REVERSE: tl.constexpr, HAS_DECAY: tl.constexpr, VARLEN: tl.constexpr,
                       HAS_INIT: tl.constexpr):
     """In place over st [NS, H, DA, DV]: local sums -> the state entering each segment (in the
     scan's direction). The carried value starts at init[doc] (or 0) and ends in final[doc].
-    Grid (N*H, DA/BA, DV/BV)."""
+    Grid (N*H, DA/BA, DV/BV). The walk is a chain of dependent steps, so it goes U segments at
+    a time: one [U, BA, BV] load and one store per group (U loads in flight instead of one),
+    the U steps in registers."""
     inh = tl.program_id(0)
     ia = tl.program_id(1)
     iv = tl.program_id(2)
@@ -144,6 +147,7 @@ def state_scan_kernel(st_ptr, init_ptr, final_ptr, slopes_ptr, seg_tab, doc_seg,
         s1 = s0 + NSEG
     offs_a = ia * BA + tl.arange(0, BA)
     offs_v = iv * BV + tl.arange(0, BV)
+    offs_u = tl.arange(0, U)
     tile = offs_a[:, None] * DV + offs_v[None, :]
     doc_base = (n * H + h).to(tl.int64) * (DA * DV)
     if HAS_INIT:
@@ -153,18 +157,26 @@ def state_scan_kernel(st_ptr, init_ptr, final_ptr, slopes_ptr, seg_tab, doc_seg,
     slope = 0.0
     if HAS_DECAY:
         slope = tl.load(slopes_ptr + h)
-    for i in range(0, s1 - s0):
+    for i0 in range(0, s1 - s0, U):
+        u_ok = i0 + offs_u < s1 - s0
         if REVERSE:
-            seg = s1 - 1 - i
+            seg = s1 - 1 - i0 - offs_u
         else:
-            seg = s0 + i
-        ptr = st_ptr + (seg * H + h).to(tl.int64) * (DA * DV) + tile
-        d = tl.load(ptr)
-        tl.store(ptr, run)
+            seg = s0 + i0 + offs_u
+        seg = tl.where(u_ok, seg, s0)
+        ptrs = st_ptr + ((seg * H + h).to(tl.int64) * (DA * DV))[:, None, None] + tile[None, :, :]
+        d = tl.load(ptrs, mask=u_ok[:, None, None], other=0.0)          # [U, BA, BV]
         if HAS_DECAY:
             doc, start, end = _segment(seg, seg_tab, T, NSEG, SEG, VARLEN)
-            run = run * tl.exp(-slope * (end - start).to(tl.float32))
-        run = run + d
+            dec = tl.where(u_ok, tl.exp(-slope * (end - start).to(tl.float32)), 1.0)
+        outs = tl.zeros([U, BA, BV], dtype=tl.float32)
+        for u in tl.static_range(U):
+            pick = (offs_u == u)[:, None, None]
+            outs = tl.where(pick, run[None, :, :], outs)
+            if HAS_DECAY:
+                run = run * tl.sum(tl.where(offs_u == u, dec, 0.0), 0)
+            run = run + tl.sum(tl.where(pick, d, 0.0), 0)   # padding steps add 0
+        tl.store(ptrs, outs, mask=u_ok[:, None, None])
     tl.store(final_ptr + doc_base + tile, run)
 
 

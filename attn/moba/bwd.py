@@ -116,9 +116,10 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KBLK, BLK_END, ROWPTR, ENTRIES
     tl.store(DV + kv_off, cvt(dv, DV.dtype.element_ty), mask=n_ok[:, None])
 
 
-# (BLOCK_M, BLOCK_N, warps, stages), not yet timed on the H100; sm_90a ptxas (triton 3.9, no GPU):
-# bf16 D=64 254 regs no spill, D=128 120 bytes spilled (4 warps: 504), like flash's dK/dV
-GPU_DKDV = (64, 64, 8, 2)
+# (BLOCK_M, BLOCK_N, warps, stages). H100 sweep at 64k (scripts/moba_parts.py), dK/dV ms
+# (backward minus dQ): (64, 64, 8, 2) 8.42, (64, 128, 8, 2) 4.79, (64, 64, 4, 2) 4.86,
+# (32, 64, 4, 2) 4.36 (smaller row chunks: the gathered rows of a block are mostly few per tile)
+GPU_DKDV = (32, 64, 4, 2)
 INTERP_DKDV = (16, 16, 4, 1)
 
 

@@ -12,12 +12,14 @@ Memory plan
                  rows, fp32 sum in registers [D]; writes MK fp32 [B, NB, Hkv, D] (the block
                  mean; incomplete last blocks are pooled too but are never candidates)
   _topk_kernel : one program per (BLOCK_M queries, batch·query head); the query tile [BLOCK_M, D]
-                 in fp32 registers, a running top-(k−1) per row in registers ([BLOCK_M, KP] values
-                 and block ids, KP = next power of 2 ≥ k−1, ≤ 16); streams the block means of the
-                 tile's candidate range one block at a time (a [D] vector, read once per tile);
+                 in registers, a running top-(k−1) per row ([BLOCK_M, KP] values and block ids,
+                 KP = next power of 2 ≥ k−1, ≤ 16); streams the block means of the tile's
+                 candidate range BLOCK_J blocks at a time ([BLOCK_J, D], read once per tile),
+                 scores them with MMAs (16-bit inputs: the fp32 means split in three 16-bit
+                 parts, fp32-accurate) and merges the chunk in k−1 rounds of (max, argmax);
                  writes SEL int32 [B, Hq, Tq, k−1] once (−1: no block in that slot).
 Gate scores are q·mean(K_block) in fp32 without the softmax scale (a positive factor does not
-change the ranking; the ref scores in float64). Ties keep the earlier block (strict >).
+change the ranking; the ref scores in float64). Ties go to the earlier block.
 """
 from __future__ import annotations
 
@@ -26,10 +28,27 @@ import triton
 import triton.language as tl
 
 from attn.flash import common
+from attn.flash.common import cvt, mma
+
+
+_TABLES: dict = {}  # (tk, block_size, device) -> the table without documents (read-only reuse)
 
 
 def block_table(cu_seqlens, tk: int, block_size: int, device):
-    """(kblk [Tk], firstb [Tk], blk_start [NB], blk_end [NB]) int32, global block numbering."""
+    """(kblk [Tk], firstb [Tk], blk_start [NB], blk_end [NB]) int32, global block numbering.
+    Without documents the table depends on (Tk, block_size) only and is built once per device
+    (callers never write into it)."""
+    if cu_seqlens is None:
+        key = (tk, block_size, str(device))
+        if key not in _TABLES:
+            if len(_TABLES) > 32:
+                _TABLES.clear()
+            _TABLES[key] = _build_table(None, tk, block_size, device)
+        return _TABLES[key]
+    return _build_table(cu_seqlens, tk, block_size, device)
+
+
+def _build_table(cu_seqlens, tk: int, block_size: int, device):
     pos = torch.arange(tk, device=device, dtype=torch.int64)
     if cu_seqlens is None:
         start = torch.zeros_like(pos)
@@ -80,7 +99,8 @@ def _pool_kernel(K, MK, BLK_START, BLK_END, Tk, NB,
 @triton.jit
 def _topk_kernel(Q, MK, SEL, KBLK, FIRSTB, q_offset, Tq, NB,
                  HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_M: tl.constexpr, NSEL: tl.constexpr, KP: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, NSEL: tl.constexpr,
+                 KP: tl.constexpr, SPLIT3: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
@@ -92,28 +112,54 @@ def _topk_kernel(Q, MK, SEL, KBLK, FIRSTB, q_offset, Tq, NB,
     qpos = q_offset + offs_m
     q = tl.load(Q + b.to(tl.int64) * Tq * HQ * HEAD_DIM + h * HEAD_DIM
                 + offs_m[:, None] * (HQ * HEAD_DIM) + offs_d[None, :],
-                mask=m_ok[:, None], other=0.0).to(tl.float32)
+                mask=m_ok[:, None], other=0.0)
+    if not SPLIT3:
+        q = q.to(tl.float32)
     # candidate range per row: [c_lo, c_hi); padding rows get an empty range
     c_lo = tl.load(FIRSTB + qpos, mask=m_ok, other=0)
     c_hi = tl.load(KBLK + qpos, mask=m_ok, other=0)
     slot = tl.arange(0, KP)
-    # slots >= NSEL (power-of-2 padding) hold +inf: never the minimum, never replaced
+    # slots >= NSEL (power-of-2 padding) hold +inf: never the worst, never replaced
     vals = tl.where(slot[None, :] < NSEL, float("-inf"), float("inf")) + tl.zeros(
         [BLOCK_M, KP], dtype=tl.float32)
     idx = tl.zeros([BLOCK_M, KP], dtype=tl.int32) - 1
     j_lo = tl.min(tl.where(m_ok, c_lo, NB), 0)
     j_hi = tl.max(tl.where(m_ok, c_hi, 0), 0)
     mk_base = MK + (b.to(tl.int64) * NB * HKV + hkv) * HEAD_DIM
-    for j in range(j_lo, j_hi):
-        mk = tl.load(mk_base + j * (HKV * HEAD_DIM) + offs_d)
-        s = tl.sum(q * mk[None, :], 1)
-        valid = (j >= c_lo) & (j < c_hi)
-        mn = tl.min(vals, 1)
-        # the first slot holding the minimum is replaced when the new score beats it
-        at = tl.min(tl.where(vals == mn[:, None], slot[None, :], KP), 1)
-        rep = (valid & (s > mn))[:, None] & (slot[None, :] == at[:, None])
-        vals = tl.where(rep, s[:, None], vals)
-        idx = tl.where(rep, j, idx)
+    offs_j = tl.arange(0, BLOCK_J)
+    for j0 in range(j_lo, j_hi, BLOCK_J):
+        jj = j0 + offs_j
+        mk = tl.load(mk_base + jj[:, None] * (HKV * HEAD_DIM) + offs_d[None, :],
+                     mask=(jj < j_hi)[:, None], other=0.0)                  # [BLOCK_J, D] fp32
+        if SPLIT3:
+            # fp32 means as hi + mid + lo in q's 16-bit dtype (24 significant bits, like fp32);
+            # q is exact in its dtype, so three MMAs give fp32-accurate scores on tensor cores
+            hi = cvt(mk, q.dtype)
+            r1 = mk - hi.to(tl.float32)
+            mid = cvt(r1, q.dtype)
+            lo = cvt(r1 - mid.to(tl.float32), q.dtype)
+            s = mma(q, tl.trans(hi), None, "tf32")
+            s = mma(q, tl.trans(mid), s, "tf32")
+            s = mma(q, tl.trans(lo), s, "tf32")
+        else:
+            s = mma(q, tl.trans(mk), None, "ieee")                          # [BLOCK_M, BLOCK_J]
+        valid = (jj[None, :] >= c_lo[:, None]) & (jj[None, :] < c_hi[:, None])
+        s = tl.where(valid, s, float("-inf"))
+        # NSEL rounds: the chunk's best remaining block (value, then smallest id) replaces the
+        # running list's worst entry (smallest value, then largest id) when it ranks higher.
+        # The list ends as the top NSEL by (value desc, block id asc), whatever the order seen.
+        for _ in tl.static_range(NSEL):
+            cm = tl.max(s, 1)
+            ci = tl.min(tl.where(s == cm[:, None], jj[None, :], 2 ** 30), 1)
+            mn = tl.min(vals, 1)
+            wid = tl.max(tl.where(vals == mn[:, None], idx, -2), 1)
+            at = tl.min(tl.where((vals == mn[:, None]) & (idx == wid[:, None]), slot[None, :],
+                                 KP), 1)
+            better = (cm > float("-inf")) & ((cm > mn) | ((cm == mn) & (ci < wid)))
+            rep = better[:, None] & (slot[None, :] == at[:, None])
+            vals = tl.where(rep, cm[:, None], vals)
+            idx = tl.where(rep, ci[:, None], idx)
+            s = tl.where(jj[None, :] == ci[:, None], float("-inf"), s)
     tl.store(SEL + (pid_bh.to(tl.int64) * Tq + offs_m[:, None]) * NSEL + slot[None, :], idx,
              mask=m_ok[:, None] & (slot[None, :] < NSEL))
 
@@ -137,9 +183,11 @@ def select_blocks(q, k, table, topk: int, q_offset: int):
     _pool_kernel[(nb, B * hkv)](k, mk, blk_start, blk_end, tk, nb, HKV=hkv, HEAD_DIM=d,
                                 BLOCK_N=pool_n, num_warps=4)
     sel = common.empty((B, hq, tq, nsel), torch.int32, q.device)
-    bm = INTERP_TOPK_M if common.INTERPRET else 64
+    bm, bj = (INTERP_TOPK_M, 16) if common.INTERPRET else (64, 32)
     _topk_kernel[(triton.cdiv(tq, bm), B * hq)](q, mk, sel, kblk, firstb, q_offset, tq, nb,
                                                  HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm,
-                                                 NSEL=nsel, KP=triton.next_power_of_2(nsel),
+                                                 BLOCK_J=bj, NSEL=nsel,
+                                                 KP=triton.next_power_of_2(nsel),
+                                                 SPLIT3=q.dtype in (torch.bfloat16, torch.float16),
                                                  num_warps=4)
     return sel

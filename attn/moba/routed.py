@@ -42,19 +42,21 @@ def partial_dtype(dtype: torch.dtype) -> torch.dtype:
 def routed_entries(sel, nb: int):
     """Inverse of SEL [B, Hq, Tq, NSEL]: (ROWPTR int32 [B·Hq·NB + 1], ENTRIES int32): the entries
     e = row·NSEL + slot of (batch·head bh) that chose block j are
-    ENTRIES[ROWPTR[bh·NB + j] : ROWPTR[bh·NB + j + 1]]."""
+    ENTRIES[ROWPTR[bh·NB + j] : ROWPTR[bh·NB + j + 1]]. One stable radix sort of int32 keys
+    bh·NB + j (unused slots sort last), ROWPTR by binary search in the sorted keys."""
     B, hq, tq, nsel = sel.shape
     dev = sel.device
-    flat = sel.reshape(B * hq, tq * nsel).long()
-    key = torch.arange(B * hq, device=dev)[:, None] * nb + flat
-    key = torch.where(flat >= 0, key, B * hq * nb).flatten()  # unused slots sort last
-    order = torch.sort(key, stable=True).indices
-    ent = torch.arange(tq * nsel, device=dev, dtype=torch.int32).expand(B * hq, -1).flatten()
-    counts = torch.bincount(key, minlength=B * hq * nb + 1)[: B * hq * nb]
-    rowptr = torch.zeros(B * hq * nb + 1, dtype=torch.int64, device=dev)
-    rowptr[1:] = torch.cumsum(counts, 0)
+    n_keys = B * hq * nb
+    if n_keys + 1 >= 2 ** 31 or B * hq * tq * nsel >= 2 ** 31:
+        raise ValueError(f"B*Hq*n_blocks={n_keys} and B*Hq*Tq*(topk-1) must be < 2**31")
+    flat = sel.reshape(B * hq, tq * nsel)
+    key = torch.arange(B * hq, device=dev, dtype=torch.int32)[:, None] * nb + flat
+    key = torch.where(flat >= 0, key, n_keys).flatten()
+    sorted_key, order = torch.sort(key, stable=True)
+    bounds = torch.arange(n_keys + 1, device=dev, dtype=torch.int32)
+    rowptr = torch.searchsorted(sorted_key, bounds, out_int32=True)
     # entries past rowptr[-1] (unused slots) are valid ids that no range reaches
-    return rowptr.to(torch.int32), ent[order].contiguous()
+    return rowptr, (order % (tq * nsel)).to(torch.int32)
 
 
 @triton.jit
@@ -162,9 +164,11 @@ def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, 
                  cvt(dq, DQP.dtype.element_ty), mask=e_ok[:, None])
 
 
-# (BLOCK_M, BLOCK_N, warps, stages) on the GPU, not yet timed on the H100; sm_90a ptxas (triton
-# 3.9, no GPU): bf16 D=128 198 / 196 regs (fwd / dq), no spills
-GPU_ROUTED = (64, 64, 8, 2)
+# (BLOCK_M, BLOCK_N, warps, stages) on the GPU. H100 sweep at 64k, H = 16, block 512, top-3
+# (scripts/moba_parts.py --sweep, docs/bench/moba_parts_h100.json), routed fwd / dQ ms:
+# (64, 64, 8, 2) 4.69 / 5.18, (64, 64, 4, 2) 3.59 / 3.81, (128, 128, 8, 2) 2.59 / 2.74,
+# (128, 64, 8, 3) 2.16 / 2.43: 128 gathered rows per chunk halve the K/V reloads of a block
+GPU_ROUTED = (128, 64, 8, 3)
 INTERP_ROUTED = (16, 16, 4, 1)
 # programs per (block, head): program z takes row chunks z, z + SPLIT, ... Early blocks are
 # candidates for more queries (block 0 for all of them), so their row lists are the longest;
@@ -177,7 +181,8 @@ def _cfg(dtype, d):
     if common.INTERPRET:
         return INTERP_ROUTED
     bm, bn, w, s = GPU_ROUTED
-    return (bm, 32, w, s) if dtype == torch.float32 and d == 128 else (bm, bn, w, s)
+    # fp32 tiles take twice the bytes (GPU tests only)
+    return (64, 32, 8, 2) if dtype == torch.float32 and d == 128 else (bm, bn, w, s)
 
 
 def routed_fwd(q, k, v, index, table, scale_log2, nsel: int):

@@ -85,6 +85,29 @@ def test_selection_equals_ref_mask(monkeypatch):
                                                 q_offset=off))
 
 
+def test_selection_many_blocks_and_ties(monkeypatch):
+    """More candidate blocks than one gate chunk (BLOCK_J = 16 here): the chunked top-k equals the
+    ref's; equal scores (identical block means) go to the earliest blocks."""
+    from attn.moba.gate import block_table, select_blocks
+    from attn.moba.ref import moba_mask
+    monkeypatch.setattr("attn.flash.common.empty", nan_empty)
+    T, bs, topk = 200, 4, 6                                            # 50 blocks
+    for dtype in (torch.float32, bf16):
+        q, k, _, _ = make_inputs(1, T, T, 2, 1, 16, dtype, bs, topk, None, 0, "cpu")
+        table = block_table(None, T, bs, "cpu")
+        sel = select_blocks(q, k, table, topk, 0)
+        kblk = table[0].long()
+        mine = (kblk[None, :] == kblk[:, None]) & (torch.arange(T)[None, :] <= torch.arange(T)[:, None])
+        picked = (sel.long()[..., None] == kblk).any(-2)
+        assert torch.equal(picked | mine, moba_mask(q, k, block_size=bs, topk=topk))
+    k = torch.ones(1, T, 1, 16)                                        # every mean equal
+    sel = select_blocks(torch.randn(1, T, 2, 16), k, block_table(None, T, bs, "cpu"), topk, 0)
+    got = sel[0].long().masked_fill(sel[0] < 0, 99).sort(-1).values        # [2, T, topk-1]
+    slots = torch.arange(topk - 1)[None, :]
+    want = torch.where(slots < (torch.arange(T) // bs)[:, None], slots, 99)  # earliest blocks
+    assert torch.equal(got, want[None].expand_as(got))
+
+
 def test_backward_is_deterministic(monkeypatch):
     monkeypatch.setenv("ATTN_IMPL", "triton")
     q = torch.randn(1, 64, 4, 16, requires_grad=True)
