@@ -46,24 +46,30 @@ def stage_times(T, H, Hkv, D, block, topk, warmup, rep):
     r["gate"] = bench(lambda: gate.select_blocks(q, k, table, topk, 0))
     sel = gate.select_blocks(q, k, table, topk, 0)
     nb = table[2].numel()
+    mk = torch.empty(1, nb, Hkv, D, device="cuda", dtype=torch.float32)
+    r["gate_pool"] = bench(lambda: gate._pool_kernel[(nb, Hkv)](
+        k, mk, table[2], table[3], T, nb, HKV=Hkv, HEAD_DIM=D, BLOCK_N=64, num_warps=4))
     r["index"] = bench(lambda: routed.routed_entries(sel, nb))
     index = routed.routed_entries(sel, nb)
     nsel = sel.shape[-1]
     r["routed_fwd"] = bench(lambda: routed.routed_fwd(q, k, v, index, table, scale * LOG2E_F,
-                                                      nsel))
-    r["fwd_after_gate"] = bench(lambda: mf.fwd_triton(q, k, v, sel, table, scale, 0, index))
+                                                      nsel, block))
+    r["fwd_after_gate"] = bench(lambda: mf.fwd_triton(q, k, v, sel, table, scale, 0, index,
+                                                      block))
     r["tile_fwd"] = r["fwd_after_gate"] - r["routed_fwd"]
     r["fwd"] = bench(lambda: op.moba_fwd(q, k, v, block_size=block, topk=topk))
     o, lse, sel, table, index = op.moba_fwd(q, k, v, block_size=block, topk=topk)
     delta = torch.empty(1, H, T, device="cuda", dtype=torch.float32)
     _bwd_preprocess[(T // 64, H)](o, do, delta, T, H=H, HEAD_DIM=D, BLOCK_M=64)
     r["routed_dq"] = bench(lambda: routed.routed_dq(do, q, k, v, lse, delta, index, table,
-                                                    scale * LOG2E_F, nsel))
-    r["dq"] = bench(lambda: mf.dq_triton(do, q, k, v, lse, delta, sel, table, scale, 0, index))
+                                                    scale * LOG2E_F, nsel, block))
+    r["dq"] = bench(lambda: mf.dq_triton(do, q, k, v, lse, delta, sel, table, scale, 0, index,
+                                         block))
     r["tile_dq"] = r["dq"] - r["routed_dq"]
-    r["bwd"] = bench(lambda: op.moba_bwd(do, q, k, v, o, lse, sel, table, index, scale=scale))
+    r["bwd"] = bench(lambda: op.moba_bwd(do, q, k, v, o, lse, sel, table, index, scale=scale,
+                                         block_size=block))
     r["dkdv"] = r["bwd"] - r["dq"]
-    return r, (q, k, v, do, o, lse, delta, sel, table, index, scale, nsel)
+    return r, (q, k, v, do, o, lse, delta, sel, table, index, scale, nsel, block)
 
 
 def sweep(args_pack, warmup, rep):
@@ -71,7 +77,7 @@ def sweep(args_pack, warmup, rep):
     from triton.testing import do_bench
     from attn.flash.common import LOG2E_F
     from attn.moba import bwd as mb, fwd as mf, routed
-    q, k, v, do, o, lse, delta, sel, table, index, scale, nsel = args_pack
+    q, k, v, do, o, lse, delta, sel, table, index, scale, nsel, block = args_pack
     bench = lambda f: do_bench(f, warmup=warmup, rep=rep)  # noqa: E731
     out = []
 
@@ -84,27 +90,27 @@ def sweep(args_pack, warmup, rep):
         print(kind, cfg, ms, flush=True)
 
     keep = (routed.GPU_ROUTED, routed.GPU_SPLIT, dict(mf.GPU_CFG), mb.GPU_DKDV)
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 64, 4, 3),
-                         (128, 32, 8, 3), (64, 64, 4, 3)]:
-        for split in (4, 8):
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)]:
+        for split in (4,):
             routed.GPU_ROUTED, routed.GPU_SPLIT = (bm, bn, w, s), split
             run("routed_fwd", (bm, bn, w, s, split), lambda: routed.routed_fwd(
-                q, k, v, index, table, scale * LOG2E_F, nsel))
+                q, k, v, index, table, scale * LOG2E_F, nsel, block))
             run("routed_dq", (bm, bn, w, s, split), lambda: routed.routed_dq(
-                do, q, k, v, lse, delta, index, table, scale * LOG2E_F, nsel))
+                do, q, k, v, lse, delta, index, table, scale * LOG2E_F, nsel, block))
     routed.GPU_ROUTED, routed.GPU_SPLIT = keep[0], keep[1]
     op_, lp = routed.routed_fwd(q, k, v, index, table, scale * LOG2E_F, nsel)
-    for cfg in [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2), (64, 128, 4, 2), (32, 32, 2, 2),
-                (64, 32, 4, 3)]:
+    for cfg in [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)]:
         mf.GPU_CFG["fwd"] = mf.GPU_CFG["dq"] = cfg
-        run("fwd_after_gate", cfg, lambda: mf.fwd_triton(q, k, v, sel, table, scale, 0, index))
+        run("fwd_after_gate", cfg, lambda: mf.fwd_triton(q, k, v, sel, table, scale, 0, index,
+                                                         block))
         run("dq", cfg, lambda: mf.dq_triton(do, q, k, v, lse, delta, sel, table, scale, 0,
-                                            index))
+                                            index, block))
     mf.GPU_CFG.update(keep[2])
-    for cfg in [(32, 64, 4, 2), (32, 64, 4, 3), (16, 64, 4, 2), (32, 128, 4, 2), (32, 64, 8, 2),
-                (16, 128, 4, 2), (64, 64, 4, 3), (32, 32, 4, 2), (16, 64, 2, 2)]:
+    for cfg in [(32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2),
+                (64, 64, 8, 2)]:
         mb.GPU_DKDV = cfg
-        run("bwd", cfg, lambda: mb.bwd_triton(do, q, k, v, o, lse, sel, table, scale, 0, index))
+        run("bwd", cfg, lambda: mb.bwd_triton(do, q, k, v, o, lse, sel, table, scale, 0, index,
+                                              block, False))
     mb.GPU_DKDV = keep[3]
     return out
 

@@ -29,7 +29,7 @@ Passes (a chunkwise-parallel scan over *segments* of SEG_LEN tokens, never acros
   1. seg_state: every (segment, head, tile) sums its own decayed B^T V   -> states [NS, H, DA, DV]
   2. state_scan: per (document, head, tile), a sequential pass over the document's segments turns
      the local sums into the state entering each segment (in place) and the final state
-     (U segments per load, so that the chain of steps does not wait on one load at a time).
+     (four segments' loads in flight at a time: the chain of steps is latency-bound).
   3. chunk_out: every (segment, head, DV tile) starts from its segment's state and walks its
      chunks in order, keeping S on chip (Lightning Attention-2 within the segment).
 Memory plan: HBM holds only q/k/v/o (and do/dq/dk/dv) and one fp32 state per (segment, head):
@@ -124,16 +124,39 @@ def seg_state_kernel(B_ptr, V_ptr, slopes_ptr, out_ptr, seg_tab, T, NSEG, s_upd,
 
 # ----------------------------------------------------------------------------------- pass 2
 @triton.jit
+def _scan_seg(i, s0, s1, REVERSE: tl.constexpr):
+    """Segment id of step i of the walk over segments s0 .. s1-1 (a valid id past the end)."""
+    if REVERSE:
+        seg = s1 - 1 - i
+    else:
+        seg = s0 + i
+    return tl.where(i < s1 - s0, seg, s0)
+
+
+@triton.jit
+def _scan_step(run, d, seg, ok, st_ptr, tile, slope, seg_tab, T, NSEG,
+               H: tl.constexpr, DA: tl.constexpr, DV: tl.constexpr, SEG: tl.constexpr,
+               HAS_DECAY: tl.constexpr, VARLEN: tl.constexpr, h):
+    """Store the state entering segment seg, return the state leaving it (ok False: no-op)."""
+    tl.store(st_ptr + (seg * H + h).to(tl.int64) * (DA * DV) + tile, run, mask=ok)
+    nxt = run + d
+    if HAS_DECAY:
+        doc, start, end = _segment(seg, seg_tab, T, NSEG, SEG, VARLEN)
+        nxt = run * tl.exp(-slope * (end - start).to(tl.float32)) + d
+    return tl.where(ok, nxt, run)
+
+
+@triton.jit
 def state_scan_kernel(st_ptr, init_ptr, final_ptr, slopes_ptr, seg_tab, doc_seg, T, NSEG,
                       H: tl.constexpr, DA: tl.constexpr, DV: tl.constexpr,
-                      BA: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr, U: tl.constexpr,
+                      BA: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr,
                       REVERSE: tl.constexpr, HAS_DECAY: tl.constexpr, VARLEN: tl.constexpr,
                       HAS_INIT: tl.constexpr):
     """In place over st [NS, H, DA, DV]: local sums -> the state entering each segment (in the
     scan's direction). The carried value starts at init[doc] (or 0) and ends in final[doc].
-    Grid (N*H, DA/BA, DV/BV). The walk is a chain of dependent steps, so it goes U segments at
-    a time: one [U, BA, BV] load and one store per group (U loads in flight instead of one),
-    the U steps in registers."""
+    Grid (N*H, DA/BA, DV/BV). The walk is a chain of dependent steps whose loads do not depend on
+    the chain: four segments' tiles are loaded together before their four steps (four loads in
+    flight per program instead of one: the pass is bound by memory latency, not bandwidth)."""
     inh = tl.program_id(0)
     ia = tl.program_id(1)
     iv = tl.program_id(2)
@@ -147,7 +170,6 @@ def state_scan_kernel(st_ptr, init_ptr, final_ptr, slopes_ptr, seg_tab, doc_seg,
         s1 = s0 + NSEG
     offs_a = ia * BA + tl.arange(0, BA)
     offs_v = iv * BV + tl.arange(0, BV)
-    offs_u = tl.arange(0, U)
     tile = offs_a[:, None] * DV + offs_v[None, :]
     doc_base = (n * H + h).to(tl.int64) * (DA * DV)
     if HAS_INIT:
@@ -157,26 +179,29 @@ def state_scan_kernel(st_ptr, init_ptr, final_ptr, slopes_ptr, seg_tab, doc_seg,
     slope = 0.0
     if HAS_DECAY:
         slope = tl.load(slopes_ptr + h)
-    for i0 in range(0, s1 - s0, U):
-        u_ok = i0 + offs_u < s1 - s0
-        if REVERSE:
-            seg = s1 - 1 - i0 - offs_u
-        else:
-            seg = s0 + i0 + offs_u
-        seg = tl.where(u_ok, seg, s0)
-        ptrs = st_ptr + ((seg * H + h).to(tl.int64) * (DA * DV))[:, None, None] + tile[None, :, :]
-        d = tl.load(ptrs, mask=u_ok[:, None, None], other=0.0)          # [U, BA, BV]
-        if HAS_DECAY:
-            doc, start, end = _segment(seg, seg_tab, T, NSEG, SEG, VARLEN)
-            dec = tl.where(u_ok, tl.exp(-slope * (end - start).to(tl.float32)), 1.0)
-        outs = tl.zeros([U, BA, BV], dtype=tl.float32)
-        for u in tl.static_range(U):
-            pick = (offs_u == u)[:, None, None]
-            outs = tl.where(pick, run[None, :, :], outs)
-            if HAS_DECAY:
-                run = run * tl.sum(tl.where(offs_u == u, dec, 0.0), 0)
-            run = run + tl.sum(tl.where(pick, d, 0.0), 0)   # padding steps add 0
-        tl.store(ptrs, outs, mask=u_ok[:, None, None])
+    n_seg = s1 - s0
+    step = tl.zeros([BA, BV], dtype=tl.int32)  # masks as tiles (scalar masks: not everywhere)
+    for i in range(0, n_seg, 4):
+        g0 = _scan_seg(i, s0, s1, REVERSE)
+        g1 = _scan_seg(i + 1, s0, s1, REVERSE)
+        g2 = _scan_seg(i + 2, s0, s1, REVERSE)
+        g3 = _scan_seg(i + 3, s0, s1, REVERSE)
+        ok0 = step + i < n_seg
+        ok1 = step + i + 1 < n_seg
+        ok2 = step + i + 2 < n_seg
+        ok3 = step + i + 3 < n_seg
+        d0 = tl.load(st_ptr + (g0 * H + h).to(tl.int64) * (DA * DV) + tile)
+        d1 = tl.load(st_ptr + (g1 * H + h).to(tl.int64) * (DA * DV) + tile, mask=ok1, other=0.0)
+        d2 = tl.load(st_ptr + (g2 * H + h).to(tl.int64) * (DA * DV) + tile, mask=ok2, other=0.0)
+        d3 = tl.load(st_ptr + (g3 * H + h).to(tl.int64) * (DA * DV) + tile, mask=ok3, other=0.0)
+        run = _scan_step(run, d0, g0, ok0, st_ptr, tile, slope, seg_tab, T, NSEG, H, DA,
+                         DV, SEG, HAS_DECAY, VARLEN, h)
+        run = _scan_step(run, d1, g1, ok1, st_ptr, tile, slope, seg_tab, T, NSEG, H, DA, DV,
+                         SEG, HAS_DECAY, VARLEN, h)
+        run = _scan_step(run, d2, g2, ok2, st_ptr, tile, slope, seg_tab, T, NSEG, H, DA, DV,
+                         SEG, HAS_DECAY, VARLEN, h)
+        run = _scan_step(run, d3, g3, ok3, st_ptr, tile, slope, seg_tab, T, NSEG, H, DA, DV,
+                         SEG, HAS_DECAY, VARLEN, h)
     tl.store(final_ptr + doc_base + tile, run)
 
 

@@ -191,7 +191,6 @@ _OUT_CFGS = [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 128, 8, 2), (3
 _STATE_CFGS = [(64, 64, 64, 4, 2), (64, 64, 128, 4, 3), (128, 64, 64, 8, 2),
                (128, 128, 64, 8, 2), (64, 64, 64, 4, 3), (32, 64, 64, 4, 2)]
 _SCAN_TILE = 32  # pass 2 tile edge: (D/32)^2 * N * H programs, 4 KB of fp32 state per step
-_SCAN_UNROLL = 8  # pass 2 segments per load: 32 KB in flight per program (interpreter: 2)
 
 _out_cfgs = [triton.Config({"BT": bt, "BV": bv}, num_warps=w, num_stages=s)
              for bt, bv, w, s in _OUT_CFGS]
@@ -253,8 +252,7 @@ def _scan(st, init, slopes, lay, reverse, T):
     init = None if init is None else init.float().contiguous()
     K.state_scan_kernel[(lay.n * H, DA // ba, DV // bv)](
         st, st if init is None else init, final, st if slopes is None else slopes, seg_tab,
-        doc_seg, T, lay.nseg, H=H, DA=DA, DV=DV, BA=ba, BV=bv, SEG=K.SEG_LEN,
-        U=2 if K.INTERPRET else _SCAN_UNROLL, REVERSE=reverse,
+        doc_seg, T, lay.nseg, H=H, DA=DA, DV=DV, BA=ba, BV=bv, SEG=K.SEG_LEN, REVERSE=reverse,
         HAS_DECAY=slopes is not None, VARLEN=lay.varlen, HAS_INIT=init is not None,
         num_warps=4)
     return final

@@ -25,25 +25,31 @@ from attn.flash import common
 from attn.flash.bwd import _bwd_preprocess
 from attn.flash.common import LOG2E, LOG2E_F, cvt, mma
 from attn.moba.fwd import dq_triton
+from attn.moba.routed import even_blocks
 
 
 @triton.jit
 def _dkdv_rows(dk, dv, k, v, kpos, rows, r_ok, qpos, lo, hi, q_base, do_base, lse_ptr, delta_ptr,
                qk_scale, STRIDE_QT: tl.constexpr, HEAD_DIM: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               DOT_PREC: tl.constexpr, FULL: tl.constexpr = False):
     """Accumulate one chunk of query rows (any rows: gathered or contiguous) into dK, dV of the
-    key tile; key s and row r pair up when lo[s] <= qpos[r] <= hi[s] and r_ok[r]."""
+    key tile; key s and row r pair up when lo[s] <= qpos[r] <= hi[s] and r_ok[r]. FULL: every
+    key of the tile pairs with every valid row (lo, hi unused); padding rows get lse = +inf,
+    so their P is exactly 0 without a mask."""
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_base + rows[:, None] * STRIDE_QT + offs_d[None, :], mask=r_ok[:, None],
                 other=0.0)
     do = tl.load(do_base + rows[:, None] * STRIDE_QT + offs_d[None, :], mask=r_ok[:, None],
                  other=0.0)
-    lse2 = tl.load(lse_ptr + rows, mask=r_ok, other=0.0) * LOG2E
+    lse2 = tl.load(lse_ptr + rows, mask=r_ok, other=float("inf")) * LOG2E
     delta = tl.load(delta_ptr + rows, mask=r_ok, other=0.0)
     # transposed scores [BLOCK_N, BLOCK_M]: Pᵀ comes out ready for dV = Pᵀ dO
     s_t = mma(k, tl.trans(q), None, DOT_PREC) * qk_scale
-    ok = (qpos[None, :] >= lo[:, None]) & (qpos[None, :] <= hi[:, None]) & r_ok[None, :]
-    p_t = tl.where(ok, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+    if FULL:
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+    else:
+        ok = (qpos[None, :] >= lo[:, None]) & (qpos[None, :] <= hi[:, None]) & r_ok[None, :]
+        p_t = tl.where(ok, tl.math.exp2(s_t - lse2[None, :]), 0.0)
     dv = mma(cvt(p_t, do.dtype), do, dv, DOT_PREC)
     dp_t = mma(v, tl.trans(do), None, DOT_PREC)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -56,7 +62,9 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KBLK, BLK_END, ROWPTR, ENTRIES
                  qk_scale, q_offset, Tq, Tk, NB,
                  HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSEL: tl.constexpr,
-                 ROUTED: tl.constexpr, DOT_PREC: tl.constexpr):
+                 ROUTED: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """ALIGNED: every key tile lies inside one block (no documents, BLOCK_N divides the block
+    size), so a routed row pairs with every key of the tile."""
     start_n = tl.program_id(0) * BLOCK_N
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -111,7 +119,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KBLK, BLK_END, ROWPTR, ENTRIES
                     rows = tl.load(ENTRIES + beg + i0 + offs_m, mask=r_ok, other=0) // NSEL
                     dk, dv = _dkdv_rows(dk, dv, k, v, offs_n, rows, r_ok, rows, lo, hi, q_base,
                                         do_base, lse_ptr, delta_ptr, qk_scale, STRIDE_QT,
-                                        HEAD_DIM, DOT_PREC)
+                                        HEAD_DIM, DOT_PREC, ALIGNED)
     tl.store(DK + kv_off, cvt(dk * scale, DK.dtype.element_ty), mask=n_ok[:, None])
     tl.store(DV + kv_off, cvt(dv, DV.dtype.element_ty), mask=n_ok[:, None])
 
@@ -123,9 +131,11 @@ GPU_DKDV = (32, 64, 4, 2)
 INTERP_DKDV = (16, 16, 4, 1)
 
 
-def bwd_triton(do, q, k, v, o, lse, sel, table, scale, q_offset, index=None):
+def bwd_triton(do, q, k, v, o, lse, sel, table, scale, q_offset, index=None, block_size=None,
+               has_docs=True):
     """(dq, dk, dv) for MoBA given the forward's o, lse, selection and its inverse index
-    (routed.routed_entries; None when nothing is routed, topk == 1)."""
+    (routed.routed_entries; None when nothing is routed, topk == 1). block_size / has_docs
+    (unknown: None / True) only enable mask-free paths."""
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     kblk, _, blk_start, blk_end = table
@@ -134,7 +144,7 @@ def bwd_triton(do, q, k, v, o, lse, sel, table, scale, q_offset, index=None):
     pre_bm = 16 if common.INTERPRET else 64
     _bwd_preprocess[(triton.cdiv(tq, pre_bm), B * hq)](o, do, delta, tq, H=hq, HEAD_DIM=d,
                                                         BLOCK_M=pre_bm)
-    dq = dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index)
+    dq = dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index, block_size)
     routed = index is not None
     rowptr, entries = index if routed else (blk_start, blk_start)  # dummies, never read
     dk = common.empty(k.shape, k.dtype, k.device)
@@ -145,6 +155,8 @@ def bwd_triton(do, q, k, v, o, lse, sel, table, scale, q_offset, index=None):
     _dkdv_kernel[(triton.cdiv(tk, bn), B * hkv)](
         q, k, v, do, lse, delta, dk, dv, kblk, blk_end, rowptr, entries, scale, scale * LOG2E_F,
         q_offset, tq, tk, nb, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
-        NSEL=sel.shape[-1], ROUTED=routed, DOT_PREC=common.dot_precision(q.dtype),
+        NSEL=sel.shape[-1], ROUTED=routed,
+        ALIGNED=not has_docs and even_blocks(block_size, bn),
+        DOT_PREC=common.dot_precision(q.dtype),
         num_warps=w, num_stages=s)
     return dq, dk, dv

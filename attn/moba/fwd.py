@@ -160,7 +160,7 @@ def _cfg(kind, dtype, d):
     return bm, bn, w, s
 
 
-def fwd_triton(q, k, v, sel, table, scale, q_offset, index=None):
+def fwd_triton(q, k, v, sel, table, scale, q_offset, index=None, block_size=None):
     """o [B, Tq, Hq, D] (q.dtype), lse [B, Hq, Tq] fp32, given the selection SEL and its inverse
     index (routed.routed_entries; None when nothing is routed, topk == 1)."""
     from attn.moba.routed import routed_fwd
@@ -170,7 +170,7 @@ def fwd_triton(q, k, v, sel, table, scale, q_offset, index=None):
     nsel = sel.shape[-1]
     routed = index is not None
     if routed:
-        op, lp = routed_fwd(q, k, v, index, table, scale * LOG2E_F, nsel)
+        op, lp = routed_fwd(q, k, v, index, table, scale * LOG2E_F, nsel, block_size)
     o = common.empty(q.shape, q.dtype, q.device)
     lse = common.empty((B, hq, tq), torch.float32, q.device)
     if not routed:
@@ -184,14 +184,16 @@ def fwd_triton(q, k, v, sel, table, scale, q_offset, index=None):
     return o, lse
 
 
-def dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index=None):
+def dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index=None,
+              block_size=None):
     from attn.moba.routed import routed_dq
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     kblk, _, blk_start, _ = table
     nsel = sel.shape[-1]
     routed = index is not None
-    dqp = routed_dq(do, q, k, v, lse, delta, index, table, scale * LOG2E_F, nsel) if routed \
+    dqp = routed_dq(do, q, k, v, lse, delta, index, table, scale * LOG2E_F, nsel,
+                    block_size) if routed \
         else lse  # dummy, never read
     dq = common.empty(q.shape, q.dtype, q.device)
     bm, bn, w, s = _cfg("dq", q.dtype, d)

@@ -85,15 +85,18 @@ def moba_fwd(q, k, v, *, block_size: int = 512, topk: int = 3, scale=None, cu_se
     table = block_table(cu_seqlens, k.shape[1], block_size, q.device)
     sel = select_blocks(q, k, table, topk, q_offset)
     index = routed_entries(sel, table[2].numel()) if topk > 1 else None
-    o, lse = fwd_triton(q, k, v, sel, table, scale, q_offset, index)
+    o, lse = fwd_triton(q, k, v, sel, table, scale, q_offset, index, block_size)
     return o, lse, sel, table, index
 
 
-def moba_bwd(do, q, k, v, o, lse, sel, table, index, *, scale=None, q_offset: int = 0):
-    """Triton backward primitive: (dq, dk, dv) from dO and moba_fwd's o, lse, sel, table, index."""
+def moba_bwd(do, q, k, v, o, lse, sel, table, index, *, scale=None, q_offset: int = 0,
+             block_size=None, cu_seqlens=None):
+    """Triton backward primitive: (dq, dk, dv) from dO and moba_fwd's o, lse, sel, table, index
+    (block_size and cu_seqlens as given to moba_fwd; block_size None: masks kept everywhere)."""
     from attn.moba.bwd import bwd_triton
     scale = float(q.shape[3] ** -0.5 if scale is None else scale)
-    return bwd_triton(do.contiguous(), q, k, v, o, lse, sel, table, scale, q_offset, index)
+    return bwd_triton(do.contiguous(), q, k, v, o, lse, sel, table, scale, q_offset, index,
+                      block_size, cu_seqlens is not None)
 
 
 class MoBAFunction(torch.autograd.Function):
@@ -106,16 +109,16 @@ class MoBAFunction(torch.autograd.Function):
                                              scale=scale, cu_seqlens=cu_seqlens,
                                              q_offset=q_offset)
         ctx.save_for_backward(q, k, v, o, lse, sel, *table, *(index or ()))
-        ctx.args = (scale, q_offset)
+        ctx.args = (scale, q_offset, block_size, cu_seqlens)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, sel, *rest = ctx.saved_tensors
-        scale, q_offset = ctx.args
+        scale, q_offset, block_size, cu_seqlens = ctx.args
         table, index = tuple(rest[:4]), (tuple(rest[4:]) or None)
         dq, dk, dv = moba_bwd(do, q, k, v, o, lse, sel, table, index, scale=scale,
-                              q_offset=q_offset)
+                              q_offset=q_offset, block_size=block_size, cu_seqlens=cu_seqlens)
         return dq, dk, dv, None, None, None, None, None
 
 

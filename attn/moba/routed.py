@@ -63,7 +63,7 @@ def routed_entries(sel, nb: int):
 def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_scale, Tq, Tk, NB,
                        HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSEL: tl.constexpr,
-                       SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+                       SPLIT: tl.constexpr, EVEN: tl.constexpr, DOT_PREC: tl.constexpr):
     j = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
@@ -93,13 +93,18 @@ def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         for start_n in range(bs, be, BLOCK_N):
             kpos = start_n + offs_n
-            k_ok = kpos < be
-            k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
-                        mask=k_ok[:, None], other=0.0)
-            v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
-                        mask=k_ok[:, None], other=0.0)
-            s = tl.where(k_ok[None, :], mma(q, tl.trans(k), None, DOT_PREC) * qk_scale,
-                         float("-inf"))
+            if EVEN:  # BLOCK_N divides the (complete) block: no key mask
+                k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :])
+                v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :])
+                s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+            else:
+                k_ok = kpos < be
+                k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
+                            mask=k_ok[:, None], other=0.0)
+                v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
+                            mask=k_ok[:, None], other=0.0)
+                s = tl.where(k_ok[None, :], mma(q, tl.trans(k), None, DOT_PREC) * qk_scale,
+                             float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
@@ -117,7 +122,7 @@ def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, 
                       qk_scale, Tq, Tk, NB,
                       HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSEL: tl.constexpr,
-                      SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+                      SPLIT: tl.constexpr, EVEN: tl.constexpr, DOT_PREC: tl.constexpr):
     j = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
@@ -150,13 +155,18 @@ def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, 
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         for start_n in range(bs, be, BLOCK_N):
             kpos = start_n + offs_n
-            k_ok = kpos < be
-            k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
-                        mask=k_ok[:, None], other=0.0)
-            v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
-                        mask=k_ok[:, None], other=0.0)
-            s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
-            p = tl.where(k_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
+            if EVEN:
+                k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :])
+                v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :])
+                p = tl.math.exp2(mma(q, tl.trans(k), None, DOT_PREC) * qk_scale - lse2[:, None])
+            else:
+                k_ok = kpos < be
+                k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
+                            mask=k_ok[:, None], other=0.0)
+                v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
+                            mask=k_ok[:, None], other=0.0)
+                s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+                p = tl.where(k_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
             dp = mma(do, tl.trans(v), None, DOT_PREC)
             ds = p * (dp - delta[:, None])
             dq = mma(cvt(ds, k.dtype), k, dq, DOT_PREC)
@@ -185,8 +195,15 @@ def _cfg(dtype, d):
     return (64, 32, 8, 2) if dtype == torch.float32 and d == 128 else (bm, bn, w, s)
 
 
-def routed_fwd(q, k, v, index, table, scale_log2, nsel: int):
-    """(OP, LP): normalised partial output and log2 lse of every (row, slot) entry."""
+def even_blocks(block_size, block_n: int) -> bool:
+    """Routed blocks are always complete (an earlier block of the row's own document), so a key
+    chunk that divides block_size never reaches past the block's end."""
+    return block_size is not None and block_size % block_n == 0
+
+
+def routed_fwd(q, k, v, index, table, scale_log2, nsel: int, block_size=None):
+    """(OP, LP): normalised partial output and log2 lse of every (row, slot) entry. block_size
+    (None: unknown) lets the kernel drop the key mask when its key chunk divides the block."""
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     _, _, blk_start, blk_end = table
@@ -199,11 +216,12 @@ def routed_fwd(q, k, v, index, table, scale_log2, nsel: int):
     _routed_fwd_kernel[(nb, B * hq, split)](
         q, k, v, op, lp, rowptr, entries, blk_start, blk_end, scale_log2, tq, tk, nb, HQ=hq,
         HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel, SPLIT=split,
-        DOT_PREC=common.dot_precision(q.dtype), num_warps=w, num_stages=s)
+        EVEN=even_blocks(block_size, bn), DOT_PREC=common.dot_precision(q.dtype), num_warps=w,
+        num_stages=s)
     return op, lp
 
 
-def routed_dq(do, q, k, v, lse, delta, index, table, scale_log2, nsel: int):
+def routed_dq(do, q, k, v, lse, delta, index, table, scale_log2, nsel: int, block_size=None):
     """DQP: the unscaled dQ share (Σ dS·K) of every (row, slot) entry's routed block."""
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
@@ -216,5 +234,6 @@ def routed_dq(do, q, k, v, lse, delta, index, table, scale_log2, nsel: int):
     _routed_dq_kernel[(nb, B * hq, split)](
         q, k, v, do, lse, delta, dqp, rowptr, entries, blk_start, blk_end, scale_log2, tq, tk,
         nb, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel, SPLIT=split,
-        DOT_PREC=common.dot_precision(q.dtype), num_warps=w, num_stages=s)
+        EVEN=even_blocks(block_size, bn), DOT_PREC=common.dot_precision(q.dtype), num_warps=w,
+        num_stages=s)
     return dqp

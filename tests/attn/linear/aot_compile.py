@@ -64,7 +64,6 @@ def state_scan(D, rev, decay, varlen, init):
     sig = {"st_ptr": "*fp32", "init_ptr": "*fp32", "final_ptr": "*fp32", "slopes_ptr": "*fp32",
            "seg_tab": "*i32", "doc_seg": "*i32", "T": "i32", "NSEG": "i32"}
     consts = dict(H=16, DA=D, DV=D, BA=op._SCAN_TILE, BV=op._SCAN_TILE, SEG=K.SEG_LEN,
-                  U=op._SCAN_UNROLL,
                   REVERSE=rev, HAS_DECAY=decay, VARLEN=varlen, HAS_INIT=init)
     sig.update({k: "constexpr" for k in consts})
     return _compile(K.state_scan_kernel, sig, consts, 4, 1)
