@@ -48,7 +48,8 @@ def stage_times(T, H, Hkv, D, block, topk, warmup, rep):
     nb = table[2].numel()
     mk = torch.empty(1, nb, Hkv, D, device="cuda", dtype=torch.float32)
     r["gate_pool"] = bench(lambda: gate._pool_kernel[(nb, Hkv)](
-        k, mk, table[2], table[3], T, nb, HKV=Hkv, HEAD_DIM=D, BLOCK_N=64, num_warps=4))
+        k, mk, table[2], table[3], T, nb, HKV=Hkv, HEAD_DIM=D, BLOCK_N=64, DOT_PREC="tf32",
+        num_warps=4, num_stages=3))
     r["index"] = bench(lambda: routed.routed_entries(sel, nb))
     index = routed.routed_entries(sel, nb)
     nsel = sel.shape[-1]
@@ -89,6 +90,12 @@ def sweep(args_pack, warmup, rep):
         out.append({"kernel": kind, "cfg": list(cfg), "ms": ms})
         print(kind, cfg, ms, flush=True)
 
+    from attn.moba import gate
+    table_ = table
+    for cfg in [(64, 32, 4), (128, 32, 8), (128, 64, 8), (64, 64, 4), (32, 32, 4)]:
+        keep_gate, gate.GPU_TOPK = gate.GPU_TOPK, cfg
+        run("gate", cfg, lambda: gate.select_blocks(q, k, table_, nsel + 1, 0))
+        gate.GPU_TOPK = keep_gate
     keep = (routed.GPU_ROUTED, routed.GPU_SPLIT, dict(mf.GPU_CFG), mb.GPU_DKDV)
     for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)]:
         for split in (4,):

@@ -87,6 +87,12 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KBLK, BLK_END, ROWPTR, ENTRIES
     own_hi = tl.where(n_ok, kend - 1, -1)
     r_lo = tl.maximum(start_n - q_offset, 0)
     r_hi = tl.minimum(tl.max(kend, 0) - q_offset, Tq)       # exclusive
+    # ALIGNED (one block per tile): own rows from the tile's last key on see every key of the tile
+    # (same block, later position), so whole chunks of them from r_mid on need no mask
+    r_mid = r_hi
+    if ALIGNED:
+        r_mid = tl.minimum(tl.maximum(r_lo + tl.cdiv(start_n + BLOCK_N - 1 - q_offset - r_lo,
+                                                     BLOCK_M) * BLOCK_M, r_lo), r_hi)
     # (b) routed rows: blocks touched by this key tile
     j_lo = tl.min(tl.where(n_ok, kblk, NB), 0)
     j_hi = tl.max(kblk, 0) + 1
@@ -100,12 +106,18 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KBLK, BLK_END, ROWPTR, ENTRIES
         do_base = DO + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
         lse_ptr = LSE + bh * Tq
         delta_ptr = DELTA + bh * Tq
-        for m0 in range(r_lo, r_hi, BLOCK_M):
+        for m0 in range(r_lo, r_mid, BLOCK_M):
             rows = m0 + offs_m
             r_ok = rows < r_hi
             dk, dv = _dkdv_rows(dk, dv, k, v, offs_n, rows, r_ok, q_offset + rows, own_lo,
                                 own_hi, q_base, do_base, lse_ptr, delta_ptr, qk_scale,
                                 STRIDE_QT, HEAD_DIM, DOT_PREC)
+        for m0 in range(r_mid, r_hi, BLOCK_M):  # ALIGNED only: rows that see the whole tile
+            rows = m0 + offs_m
+            r_ok = rows < r_hi
+            dk, dv = _dkdv_rows(dk, dv, k, v, offs_n, rows, r_ok, q_offset + rows, own_lo,
+                                own_hi, q_base, do_base, lse_ptr, delta_ptr, qk_scale,
+                                STRIDE_QT, HEAD_DIM, DOT_PREC, True)
         if ROUTED:
             for j in range(j_lo, j_hi):
                 beg = tl.load(ROWPTR + bh * NB + j)

@@ -33,17 +33,25 @@ BIG = tl.constexpr(2 ** 30)  # a key position past every key: empty windows
 @triton.jit
 def _fwd_chunks(acc, l_i, m_i, q, k_base, v_base, start, end, lo, hi, qk_scale,
                 STRIDE_KT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
+    """Keys [start, end) in BLOCK_N chunks; MASKED=False: whole chunks every row sees."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, end, BLOCK_N):
         kpos = start_n + offs_n
-        k_ok = (kpos < end)[:, None]
-        k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :], mask=k_ok, other=0.0)
-        v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :], mask=k_ok, other=0.0)
-        s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
-        ok = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
-        s = tl.where(ok, s, float("-inf"))
+        if MASKED:
+            k_ok = (kpos < end)[:, None]
+            k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :], mask=k_ok,
+                        other=0.0)
+            v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :], mask=k_ok,
+                        other=0.0)
+            s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+            ok = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
+            s = tl.where(ok, s, float("-inf"))
+        else:
+            k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :])
+            v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :])
+            s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -56,17 +64,24 @@ def _fwd_chunks(acc, l_i, m_i, q, k_base, v_base, start, end, lo, hi, qk_scale,
 @triton.jit
 def _dq_chunks(dq, q, do, lse2, delta, k_base, v_base, start, end, lo, hi, qk_scale,
                STRIDE_KT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, end, BLOCK_N):
         kpos = start_n + offs_n
-        k_ok = (kpos < end)[:, None]
-        k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :], mask=k_ok, other=0.0)
-        v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :], mask=k_ok, other=0.0)
-        s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
-        ok = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
-        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+        if MASKED:
+            k_ok = (kpos < end)[:, None]
+            k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :], mask=k_ok,
+                        other=0.0)
+            v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :], mask=k_ok,
+                        other=0.0)
+            s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+            ok = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
+            p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+        else:
+            k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :])
+            v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :])
+            p = tl.math.exp2(mma(q, tl.trans(k), None, DOT_PREC) * qk_scale - lse2[:, None])
         dp = mma(do, tl.trans(v), None, DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = mma(cvt(ds, k.dtype), k, dq, DOT_PREC)
@@ -103,6 +118,11 @@ def _tile_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SEL, OP, LP, KBLK, BLK_START, s
     own_start = tl.where(m_ok, own_start, BIG)
     own_lo = tl.min(own_start, 0)
     own_hi = q_offset + tl.minimum(start_m + BLOCK_M, Tq)  # exclusive
+    # keys [own_lo, own_mid) in whole chunks are seen by every row when all rows share one own
+    # block (starting at own_lo) and the chunk ends at or before the first row: no mask there
+    first_row = q_offset + start_m
+    own_mid = tl.where(tl.max(tl.where(m_ok, own_start, -1), 0) == own_lo,
+                       own_lo + ((first_row + 1 - own_lo) // BLOCK_N) * BLOCK_N, own_lo)
     ent = (pid_bh.to(tl.int64) * Tq + offs_m) * NSEL       # entry of (row, slot 0)
 
     if DQ_MODE:
@@ -110,8 +130,10 @@ def _tile_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SEL, OP, LP, KBLK, BLK_START, s
         lse2 = tl.load(LSE + pid_bh.to(tl.int64) * Tq + offs_m, mask=m_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, mask=m_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        dq = _dq_chunks(dq, q, do, lse2, delta, k_base, v_base, own_lo, own_hi, own_start, qpos,
-                        qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, DOT_PREC)
+        dq = _dq_chunks(dq, q, do, lse2, delta, k_base, v_base, own_lo, own_mid, own_start, qpos,
+                        qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, DOT_PREC, False)
+        dq = _dq_chunks(dq, q, do, lse2, delta, k_base, v_base, own_mid, own_hi, own_start, qpos,
+                        qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, DOT_PREC, True)
         if ROUTED:
             for slot in tl.static_range(NSEL):
                 ok = m_ok & (tl.load(SEL + ent + slot, mask=m_ok, other=-1) >= 0)
@@ -122,8 +144,10 @@ def _tile_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SEL, OP, LP, KBLK, BLK_START, s
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30  # finite: masked chunks give p = 0
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        acc, l_i, m_i = _fwd_chunks(acc, l_i, m_i, q, k_base, v_base, own_lo, own_hi, own_start,
-                                    qpos, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, DOT_PREC)
+        acc, l_i, m_i = _fwd_chunks(acc, l_i, m_i, q, k_base, v_base, own_lo, own_mid, own_start,
+                                    qpos, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, DOT_PREC, False)
+        acc, l_i, m_i = _fwd_chunks(acc, l_i, m_i, q, k_base, v_base, own_mid, own_hi, own_start,
+                                    qpos, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, DOT_PREC, True)
         if ROUTED:
             # merge each chosen block's normalised partial o_p with weight 2^lp (log2 domain)
             for slot in tl.static_range(NSEL):

@@ -9,8 +9,9 @@ outside that range are ever computed, and nothing of size T × T or T × n_block
 Memory plan
   block table (torch, on the device): KBLK, FIRSTB int32 [Tk]; BLK_START, BLK_END int32 [NB]
   _pool_kernel : one program per (block, batch·KV head); streams the block's keys in BLOCK_N
-                 rows, fp32 sum in registers [D]; writes MK fp32 [B, NB, Hkv, D] (the block
-                 mean; incomplete last blocks are pooled too but are never candidates)
+                 rows, fp32 column sums by MMA with ones ([16, D] in registers); writes MK fp32
+                 [B, NB, Hkv, D] (the block mean; incomplete last blocks are pooled too but are
+                 never candidates)
   _topk_kernel : one program per (BLOCK_M queries, batch·query head); the query tile [BLOCK_M, D]
                  in registers, a running top-(k−1) per row ([BLOCK_M, KP] values and block ids,
                  KP = next power of 2 ≥ k−1, ≤ 16); streams the block means of the tile's
@@ -76,7 +77,8 @@ def _build_table(cu_seqlens, tk: int, block_size: int, device):
 
 @triton.jit
 def _pool_kernel(K, MK, BLK_START, BLK_END, Tk, NB,
-                 HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+                 HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
     j = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -87,12 +89,17 @@ def _pool_kernel(K, MK, BLK_START, BLK_END, Tk, NB,
     end = tl.load(BLK_END + j)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    acc = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    # column sums as an MMA with a matrix of ones (exact products, fp32 accumulation): the loop
+    # then has a dot, which the compiler software-pipelines (several key chunks in flight); every
+    # one of the 16 result rows holds the same sums
+    ones = tl.full([16, BLOCK_N], 1.0, K.dtype.element_ty)
+    acc = tl.zeros([16, HEAD_DIM], dtype=tl.float32)
     for s0 in range(start, end, BLOCK_N):
         kpos = s0 + offs_n
-        acc += tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
-                       mask=(kpos < end)[:, None], other=0.0).to(tl.float32)
-    mean = tl.sum(acc, 0) / (end - start).to(tl.float32)
+        kt = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
+                     mask=(kpos < end)[:, None], other=0.0)
+        acc = mma(ones, kt, acc, DOT_PREC)
+    mean = tl.max(acc, 0) / (end - start).to(tl.float32)
     tl.store(MK + ((b.to(tl.int64) * NB + j) * HKV + hkv) * HEAD_DIM + offs_d, mean)
 
 
@@ -166,6 +173,7 @@ def _topk_kernel(Q, MK, SEL, KBLK, FIRSTB, q_offset, Tq, NB,
 
 INTERP_POOL_N = 16
 INTERP_TOPK_M = 16
+GPU_TOPK = (64, 32, 4)  # (BLOCK_M, BLOCK_J, warps) of the top-k kernel
 
 
 def select_blocks(q, k, table, topk: int, q_offset: int):
@@ -181,13 +189,14 @@ def select_blocks(q, k, table, topk: int, q_offset: int):
     mk = common.empty((B, nb, hkv, d), torch.float32, q.device)
     pool_n = INTERP_POOL_N if common.INTERPRET else 64
     _pool_kernel[(nb, B * hkv)](k, mk, blk_start, blk_end, tk, nb, HKV=hkv, HEAD_DIM=d,
-                                BLOCK_N=pool_n, num_warps=4)
+                                BLOCK_N=pool_n, DOT_PREC=common.dot_precision(k.dtype),
+                                num_warps=4, num_stages=1 if common.INTERPRET else 3)
     sel = common.empty((B, hq, tq, nsel), torch.int32, q.device)
-    bm, bj = (INTERP_TOPK_M, 16) if common.INTERPRET else (64, 32)
+    bm, bj, w = (INTERP_TOPK_M, 16, 4) if common.INTERPRET else GPU_TOPK
     _topk_kernel[(triton.cdiv(tq, bm), B * hq)](q, mk, sel, kblk, firstb, q_offset, tq, nb,
                                                  HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm,
                                                  BLOCK_J=bj, NSEL=nsel,
                                                  KP=triton.next_power_of_2(nsel),
                                                  SPLIT3=q.dtype in (torch.bfloat16, torch.float16),
-                                                 num_warps=4)
+                                                 num_warps=w)
     return sel

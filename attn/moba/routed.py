@@ -178,7 +178,7 @@ def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, 
 # (scripts/moba_parts.py --sweep, docs/bench/moba_parts_h100.json), routed fwd / dQ ms:
 # (64, 64, 8, 2) 4.69 / 5.18, (64, 64, 4, 2) 3.59 / 3.81, (128, 128, 8, 2) 2.59 / 2.74,
 # (128, 64, 8, 3) 2.16 / 2.43: 128 gathered rows per chunk halve the K/V reloads of a block
-GPU_ROUTED = (128, 64, 8, 3)
+GPU_ROUTED = (128, 64, 8, 4)  # second sweep: 2.02 / 2.33 ms with 4 stages
 INTERP_ROUTED = (16, 16, 4, 1)
 # programs per (block, head): program z takes row chunks z, z + SPLIT, ... Early blocks are
 # candidates for more queries (block 0 for all of them), so their row lists are the longest;
