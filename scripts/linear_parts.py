@@ -47,19 +47,26 @@ def main(argv=None):
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--decay", action="store_true", help="lightning (slopes) instead of linear")
+    ap.add_argument("--seg-len", type=int, default=None,
+                    help="override attn.linear.kernels.SEG_LEN (tokens per segment)")
     ap.add_argument("--warmup", type=int, default=10, help="ms")
     ap.add_argument("--rep", type=int, default=50, help="ms")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
+    if a.seg_len:
+        from attn.linear import kernels as K
+        K.SEG_LEN = a.seg_len
+    from attn.linear import kernels as K
     res = {"meta": {"device": torch.cuda.get_device_name(), "H": a.heads, "D": a.head_dim,
-                    "decay": a.decay}, "passes": {}}
+                    "decay": a.decay, "seg_len": K.SEG_LEN}, "passes": {}}
     for shape in a.shapes.split(","):
         B, T = (int(x) for x in shape.split("x"))
         r = pass_times(B, T, a.heads, a.head_dim, a.decay, a.warmup, a.rep)
         res["passes"][shape] = r
         print(shape, json.dumps({k: round(v, 4) for k, v in r.items()}), flush=True)
-    name = "lightning_parts.json" if a.decay else "linear_parts.json"
+    name = ("lightning" if a.decay else "linear") + (f"_seg{a.seg_len}" if a.seg_len else "") \
+        + "_parts.json"
     with open(os.path.join(a.out, name), "w") as f:
         json.dump(res, f, indent=1)
 
