@@ -26,7 +26,7 @@ def pass_times(B, T, H, D, decay, warmup, rep):
     q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) * 0.1
                    for _ in range(4))
     slopes = torch.linspace(0.01, 0.5, H, device="cuda") if decay else None
-    lay = L._Layout(B, T, None, q.device)
+    lay = L._Layout(B, T, H, None, q.device)
     scale = D ** -0.5
     bench = lambda f: do_bench(f, warmup=warmup, rep=rep)  # noqa: E731
     r = {"pass1": bench(lambda: L._seg_states(k, v, slopes, lay, False, 1.0))}

@@ -33,8 +33,9 @@ Passes (a chunkwise-parallel scan over *segments* of SEG_LEN tokens, never acros
   3. chunk_out: every (segment, head, DV tile) starts from its segment's state and walks its
      chunks in order, keeping S on chip (Lightning Attention-2 within the segment).
 Memory plan: HBM holds only q/k/v/o (and do/dq/dk/dv) and one fp32 state per (segment, head):
-NS*H*D*D*4 bytes = H*D*D*4/SEG_LEN per token (64 B per token per head at D=128), far less than a
-per-chunk state (1/16 of it), so the passes are compute-bound; the forward's segment states are
+NS*H*D*D*4 bytes = H*D*D*4/SEG_LEN per token (32 B per token per head at D=128, SEG_LEN 2048),
+1/32 of a per-chunk state, so the traffic is essentially q/k/v/o (the forward is bound by HBM
+bandwidth: pass 1 reads k, v and pass 3 reads q, k, v and writes o); the segment states are
 saved for the backward (dq needs them), nothing else is. On chip, pass 3 keeps the [DA, BV] fp32
 state, the [BT, BT] scores and the [BT, BV] output in registers (DA=128, BT=BV=64: 32 + 16 + 16 KB
 per program) and streams A, B, V chunks through shared memory (2-stage cp.async pipeline, 90 KB).
@@ -49,10 +50,14 @@ import triton.language as tl
 from attn.dispatch import INTERPRET  # noqa: E402
 
 # Tokens per segment, the unit of parallelism of passes 1 and 3 and the step of the sequential
-# pass 2. 1024 = 16 chunks of 64: a 32k-token batch at H=16 gives 32*16 = 512 (segment, head)
-# programs per DV tile (about 4 waves on 132 SMs) and pass 2 walks T/1024 states per document.
-# Must be a multiple of every BT below.
-SEG_LEN = 1024
+# pass 2; the launch (op._Layout) halves it, down to 512, while a call has fewer than 256
+# (segment, head) pairs, so that small batches still fill the GPU. 2048 = 32 chunks of 64: a
+# 32k-token batch at H = 16 gives 256 (segment, head) pairs, 512 pass-3 programs at BV = 64.
+# H200, 32k tokens (docs/benchmarks.md): 2048 against 1024 cuts the forward by 7-12 % (fewer
+# segment states to write, scan and read) and the backward by ~6 %. Must be a multiple of every BT
+# below.
+SEG_LEN = 2048
+MIN_PAIRS = 256  # (segment, head) pairs below which the segment length is halved
 
 # interpreter-safe dot and cast, shared with the other families (attn/triton_common.py)
 from attn.triton_common import cvt as _cvt, mma as _dot  # noqa: E402

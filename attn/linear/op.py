@@ -134,20 +134,30 @@ def _checked_slopes(fn, slopes):
 
 # ----------------------------------------------------------------------------- launches
 
-class _Layout:
-    """Segments of SEG_LEN tokens that never cross a document (see kernels.py, passes)."""
+def seg_len(n_tokens: int, H: int) -> int:
+    """Segment length of a call with n_tokens (B*T) tokens: K.SEG_LEN, halved down to 512 while
+    there are fewer than K.MIN_PAIRS (segment, head) pairs."""
+    seg = K.SEG_LEN
+    while seg > 512 and triton.cdiv(n_tokens, seg) * H < K.MIN_PAIRS:
+        seg //= 2
+    return seg
 
-    def __init__(self, B, T, cu, device):
+
+class _Layout:
+    """Segments of `seg` tokens that never cross a document (see kernels.py, passes)."""
+
+    def __init__(self, B, T, H, cu, device):
+        self.seg = seg = seg_len(B * T, H)
         if cu is None:
             self.varlen, self.n = False, B
-            self.nseg = triton.cdiv(T, K.SEG_LEN)
+            self.nseg = triton.cdiv(T, seg)
             self.ns = B * self.nseg
             self.seg_tab = self.doc_seg = None
         else:
             rows, offs = [], [0]
             for n in range(len(cu) - 1):
-                rows += [(n, s, min(s + K.SEG_LEN, cu[n + 1]))
-                         for s in range(cu[n], cu[n + 1], K.SEG_LEN)]
+                rows += [(n, s, min(s + seg, cu[n + 1]))
+                         for s in range(cu[n], cu[n + 1], seg)]
                 offs.append(len(rows))
             self.varlen, self.n, self.nseg, self.ns = True, len(cu) - 1, 1, len(rows)
             self.seg_tab = torch.tensor(rows, dtype=torch.int32).reshape(-1).to(device)
@@ -229,7 +239,7 @@ def _seg_states(Bm, V, slopes, lay, reverse, s_upd):
     out = empty((lay.ns, H, DA, DV), torch.float32, Bm.device)
     seg_tab, _ = _seg_args(lay, Bm)
     sl = Bm if slopes is None else slopes
-    common = dict(H=H, DA=DA, DV=DV, SEG=K.SEG_LEN, REVERSE=reverse, HAS_DECAY=slopes is not None,
+    common = dict(H=H, DA=DA, DV=DV, SEG=lay.seg, REVERSE=reverse, HAS_DECAY=slopes is not None,
                   VARLEN=lay.varlen, DOT_PREC=_dot_prec(Bm.dtype))
     if _autotune():
         grid = lambda m: (lay.ns * H * (DA // m["BA"]) * (DV // m["BV"]),)  # noqa: E731
@@ -252,7 +262,7 @@ def _scan(st, init, slopes, lay, reverse, T):
     init = None if init is None else init.float().contiguous()
     K.state_scan_kernel[(lay.n * H, DA // ba, DV // bv)](
         st, st if init is None else init, final, st if slopes is None else slopes, seg_tab,
-        doc_seg, T, lay.nseg, H=H, DA=DA, DV=DV, BA=ba, BV=bv, SEG=K.SEG_LEN, REVERSE=reverse,
+        doc_seg, T, lay.nseg, H=H, DA=DA, DV=DV, BA=ba, BV=bv, SEG=lay.seg, REVERSE=reverse,
         HAS_DECAY=slopes is not None, VARLEN=lay.varlen, HAS_INIT=init is not None,
         num_warps=4)
     return final
@@ -266,7 +276,7 @@ def _chunk_out(A, Bm, V, st, transposed, slopes, lay, reverse, s_intra, s_inter,
     sa, sv = (1, DA) if transposed else (DV, 1)
     seg_tab, _ = _seg_args(lay, A)
     sl = A if slopes is None else slopes
-    common = dict(H=H, DA=DA, DV=DV, SEG=K.SEG_LEN, REVERSE=reverse, HAS_DECAY=slopes is not None,
+    common = dict(H=H, DA=DA, DV=DV, SEG=lay.seg, REVERSE=reverse, HAS_DECAY=slopes is not None,
                   VARLEN=lay.varlen, DOT_PREC=_dot_prec(A.dtype))
     args = (A, Bm, V, st, sa, sv, o, sl, seg_tab, T, lay.nseg, s_intra, s_inter, s_upd)
     if _autotune():
@@ -370,7 +380,7 @@ def scan_attn(fn, q, k, v, slopes, scale, initial_state, output_final_state, cu_
                              cu_seqlens=cu_seqlens)
     else:
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        lay = _Layout(q.shape[0], q.shape[1], cu_list, q.device)
+        lay = _Layout(q.shape[0], q.shape[1], q.shape[2], cu_list, q.device)
         o, final = _ScanAttn.apply(q, k, v, initial_state, slopes, scale, lay)
     return o, (final if output_final_state else None)
 
@@ -385,7 +395,7 @@ def scan_fwd(fn, q, k, v, slopes, initial_state, scale, cu_seqlens):
             return R.chunked(q, k, v, slopes, scale=scale, initial_state=initial_state,
                              cu_seqlens=cu_seqlens)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        lay = _Layout(q.shape[0], q.shape[1], cu_list, q.device)
+        lay = _Layout(q.shape[0], q.shape[1], q.shape[2], cu_list, q.device)
         o, final, _ = _fwd_triton(q, k, v, slopes, scale, initial_state, lay)
         return o, final
 
@@ -417,7 +427,7 @@ def scan_bwd(fn, do, q, k, v, slopes, initial_state, d_final_state, scale, cu_se
             g = torch.autograd.grad(outs, [*xs, init], grads, allow_unused=True)
         return tuple(g)
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
-    lay = _Layout(q.shape[0], q.shape[1], cu_list, q.device)
+    lay = _Layout(q.shape[0], q.shape[1], q.shape[2], cu_list, q.device)
     with torch.no_grad():
         T = q.shape[1]
         st = _seg_states(k, v, slopes, lay, False, 1.0)
@@ -434,7 +444,7 @@ def scan_state(fn, k, v, slopes, initial_state, cu_seqlens):
     if impl == "ref":
         return R.final_state(k, v, slopes, initial_state=initial_state, cu_seqlens=cu_seqlens)
     k, v = k.contiguous(), v.contiguous()
-    lay = _Layout(k.shape[0], k.shape[1], cu_list, k.device)
+    lay = _Layout(k.shape[0], k.shape[1], k.shape[2], cu_list, k.device)
     return _ScanState.apply(k, v, initial_state, slopes, lay, cu_list)
 
 
