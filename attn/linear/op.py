@@ -220,7 +220,9 @@ def _prune_state(configs, named_args, **kw):
 
 
 _KEY = ["DA", "DV", "REVERSE", "HAS_DECAY", "VARLEN"]
-_out_tuned = triton.autotune(_out_cfgs, key=_KEY, prune_configs_by={
+# pass 3 serves four roles (o and dq walk forward, dv and dk in reverse; dq and dk read the state
+# transposed): the state's stride tells the transposed roles apart, so each role is tuned on its own
+_out_tuned = triton.autotune(_out_cfgs, key=_KEY + ["stride_sa"], prune_configs_by={
     "early_config_prune": _prune_out})(K.chunk_out_kernel)
 _state_tuned = triton.autotune(_state_cfgs, key=_KEY, prune_configs_by={
     "early_config_prune": _prune_state})(K.seg_state_kernel)
