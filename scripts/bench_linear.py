@@ -227,7 +227,8 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--modes", default="fwd,fwdbwd")
-    ap.add_argument("--warmup", type=int, default=25, help="ms")
+    ap.add_argument("--warmup", type=int, default=250,
+                    help="ms (long: after a compile pause the GPU first has to clock up again)")
     ap.add_argument("--rep", type=int, default=100, help="ms")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--profile-T", type=int, default=16384,
