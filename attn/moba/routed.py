@@ -82,9 +82,14 @@ def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for i0 in range(tl.program_id(2) * BLOCK_M, cnt, BLOCK_M * SPLIT):
+    i_first = tl.program_id(2) * BLOCK_M
+    # entry ids one row chunk ahead (the gathered rows' loads then wait on one latency, not two)
+    nxt = tl.load(ENTRIES + beg + i_first + offs_m, mask=i_first + offs_m < cnt, other=0)
+    for i0 in range(i_first, cnt, BLOCK_M * SPLIT):
         e_ok = i0 + offs_m < cnt
-        ent = tl.load(ENTRIES + beg + i0 + offs_m, mask=e_ok, other=0)
+        ent = nxt
+        nxt = tl.load(ENTRIES + beg + i0 + BLOCK_M * SPLIT + offs_m,
+                      mask=i0 + BLOCK_M * SPLIT + offs_m < cnt, other=0)
         rows = ent // NSEL
         q = tl.load(q_base + rows[:, None] * STRIDE_QT + offs_d[None, :], mask=e_ok[:, None],
                     other=0.0)
@@ -143,9 +148,14 @@ def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    for i0 in range(tl.program_id(2) * BLOCK_M, cnt, BLOCK_M * SPLIT):
+    i_first = tl.program_id(2) * BLOCK_M
+    # entry ids one row chunk ahead (the gathered rows' loads then wait on one latency, not two)
+    nxt = tl.load(ENTRIES + beg + i_first + offs_m, mask=i_first + offs_m < cnt, other=0)
+    for i0 in range(i_first, cnt, BLOCK_M * SPLIT):
         e_ok = i0 + offs_m < cnt
-        ent = tl.load(ENTRIES + beg + i0 + offs_m, mask=e_ok, other=0)
+        ent = nxt
+        nxt = tl.load(ENTRIES + beg + i0 + BLOCK_M * SPLIT + offs_m,
+                      mask=i0 + BLOCK_M * SPLIT + offs_m < cnt, other=0)
         rows = ent // NSEL
         r_ptrs = rows[:, None] * STRIDE_QT + offs_d[None, :]
         q = tl.load(q_base + r_ptrs, mask=e_ok[:, None], other=0.0)
