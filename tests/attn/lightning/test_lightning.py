@@ -23,7 +23,8 @@ from scan_testlib import (assert_chunks_carrying_state_equal_one_call, check_cas
 
 @pytest.mark.parametrize("slopes", ["zero", "mixed", "large"])
 @pytest.mark.parametrize("B,T,H,D,seg", [(2, 130, 2, 16, 128), (1, 1, 1, 16, None),
-                                         (1, 100, 2, 32, 64), (3, 77, 1, 32, None)])
+                                         (1, 100, 2, 32, 64), (3, 77, 1, 32, None),
+                                         (1, 600, 1, 16, 64)])   # 10 segments: scan groups of 4
 def test_matches_recurrence_fp32(monkeypatch, slopes, B, T, H, D, seg):
     """Outputs, final state and all gradients (incl. d initial_state, with d final_state != 0);
     T not a multiple of the 64-token chunk, T = 1, several segments (seg) or one."""

@@ -24,6 +24,28 @@ def test_matches_recurrence_fp32(monkeypatch, B, T, H, D, seg):
     check_case(monkeypatch, slopes=None, B=B, T=T, H=H, D=D, seg_len=seg)
 
 
+def test_many_segments_scan_groups(monkeypatch):
+    """Ten segments per sequence: the state scan's groups of four with a tail of two, forward
+    (states entering each segment, final state) and reverse (d initial_state)."""
+    check_case(monkeypatch, slopes=None, B=2, T=600, H=2, D=16, seg_len=64)
+
+
+def test_segment_length_rule(monkeypatch):
+    """SEG_LEN tokens per segment, halved down to 512 while there are fewer than MIN_PAIRS
+    (segment, head) pairs; never below 512 unless SEG_LEN itself is smaller."""
+    from attn.linear import kernels
+    monkeypatch.setattr(kernels, "SEG_LEN", 2048)
+    monkeypatch.setattr(kernels, "MIN_PAIRS", 256)
+    assert op.seg_len(32768, 16) == 2048            # 16 segments x 16 heads
+    assert op.seg_len(16384, 16) == 1024            # 16 x 16 at half the length
+    assert op.seg_len(8192, 16) == 512 and op.seg_len(1024, 1) == 512
+    assert op.seg_len(1 << 20, 1) == 2048
+    monkeypatch.setattr(kernels, "SEG_LEN", 64)     # the tests' short segments stay as they are
+    assert op.seg_len(100, 2) == 64
+    lay = op._Layout(1, 300, 2, [0, 10, 300], "cpu")
+    assert lay.seg == 64 and lay.ns == 1 + 5 and lay.doc_seg.tolist() == [0, 1, 6]
+
+
 @pytest.mark.parametrize("seg", [64, 1024])
 def test_documents(monkeypatch, seg):
     """cu_seqlens: uneven lengths incl. 1 and an empty document, one state per document."""

@@ -108,6 +108,24 @@ def test_selection_many_blocks_and_ties(monkeypatch):
     assert torch.equal(got, want[None].expand_as(got))
 
 
+def test_block_table_cache_and_inverse_index():
+    """The table without documents is built once per (Tk, block, device) and equals a fresh build;
+    routed_entries lists, per (head, block), exactly the (row, slot) entries that chose it, rows
+    ascending (stable)."""
+    from attn.moba.gate import _build_table, block_table
+    from attn.moba.routed import routed_entries
+    t1, t2 = block_table(None, 70, 8, "cpu"), block_table(None, 70, 8, "cpu")
+    assert t1 is t2 and all(torch.equal(a, b) for a, b in zip(t1, _build_table(None, 70, 8, "cpu")))
+    nb, nsel = 9, 2
+    sel = torch.randint(-1, nb, (2, 3, 40, nsel), dtype=torch.int32)
+    rowptr, ent = routed_entries(sel, nb)
+    flat = sel.reshape(6, 40 * nsel)
+    for bh in range(6):
+        for j in range(nb):
+            got = ent[rowptr[bh * nb + j]:rowptr[bh * nb + j + 1]]
+            assert torch.equal(got.long(), (flat[bh] == j).nonzero().flatten())
+
+
 def test_backward_is_deterministic(monkeypatch):
     monkeypatch.setenv("ATTN_IMPL", "triton")
     q = torch.randn(1, 64, 4, 16, requires_grad=True)
