@@ -12,6 +12,7 @@ per-key upper bound hi(s) = min(doc_end(s), s + window - 1).
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -73,9 +74,20 @@ def pick_dim(table, d, dtype):
 OVERRIDE: dict = {}
 
 
+_TOLD = []  # the autotuning notice is given once per process
+
+
 def use_autotune(kind: str = "") -> bool:
     off = os.environ.get("FLASH_AUTOTUNE", "1") == "0"
-    return not INTERPRET and kind not in OVERRIDE and not off
+    on = not INTERPRET and kind not in OVERRIDE and not off
+    if on and not _TOLD:
+        _TOLD.append(True)
+        # a first step that compiles and times several configs per kernel and shape looks like a
+        # hang (context parallelism adds shapes: ring steps see Tq != Tk)
+        warnings.warn("flash kernels: autotuning on the first call of every new shape (compiles "
+                      "and times 3-4 configs per kernel, about a minute at first); "
+                      "FLASH_AUTOTUNE=0 takes the default configs", stacklevel=3)
+    return on
 
 
 # interpreter-safe dot and cast (mma, cvt) are shared by every family
