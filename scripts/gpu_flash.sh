@@ -16,9 +16,7 @@ export TRITON_CACHE_DIR=$PWD/.cache/triton TORCHINDUCTOR_CACHE_DIR=$PWD/.cache/i
 for s in $STAGES; do
   case $s in
     env)
-      { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-        python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-      } 2>&1 | tee "$OUT/env.txt" ;;
+      bash scripts/gpu_env.sh 2>&1 | tee "$OUT/env.txt" ;;
     tests)
       FLASH_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-300} python3 -m pytest -m gpu tests/attn/flash \
         -q -rA -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | grep -v "^PASSED\|^$" ;;

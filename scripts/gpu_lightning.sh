@@ -24,10 +24,7 @@ rc=0
 for s in $STAGES; do
   case $s in
     env)
-      { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-        python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-        python3 -c "import fla; print('fla', getattr(fla, '__version__', '?'))" 2>&1 | tail -1
-      } 2>&1 | tee "$OUT/env.txt" ;;
+      bash scripts/gpu_env.sh --fla 2>&1 | tee "$OUT/env.txt" ;;
     tests)
       # the default kernel config only (autotuning every test shape would compile for minutes);
       # test_gpu_every_config runs each autotune candidate on its own

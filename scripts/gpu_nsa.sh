@@ -15,9 +15,7 @@ fi
 for s in $STAGES; do
   case $s in
     env)
-      { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-        python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-      } 2>&1 | tee "$OUT/env.txt" ;;
+      bash scripts/gpu_env.sh 2>&1 | tee "$OUT/env.txt" ;;
     tests)
       timeout ${TEST_TIMEOUT:-300} python3 -m pytest -m gpu tests/attn/nsa/test_nsa_gpu.py tests/attn/nsa/test_nsa_cmp.py tests/attn/nsa/test_nsa_slc.py -q -rA -s \
         -p no:cacheprovider 2>&1 | tee "$OUT/pytest_gpu.log" | grep -v "^PASSED\|^$" | tail -40 ;;

@@ -10,9 +10,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 for s in $STAGES; do
   case $s in
     env)
-      { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-        python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-      } 2>&1 | tee "$OUT/env.txt" ;;
+      bash scripts/gpu_env.sh 2>&1 | tee "$OUT/env.txt" ;;
     tests)
       timeout ${TEST_TIMEOUT:-240} python3 -m pytest -m gpu tests/attn/moba -q -p no:cacheprovider \
         > "$OUT/pytest_moba_gpu.log" 2>&1; tail -2 "$OUT/pytest_moba_gpu.log"

@@ -54,10 +54,9 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     a = ap.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
-    if a.seg_len:
-        from attn.linear import kernels as K
-        K.SEG_LEN = a.seg_len
     from attn.linear import kernels as K
+    if a.seg_len:
+        K.SEG_LEN = a.seg_len
     res = {"meta": {"device": torch.cuda.get_device_name(), "H": a.heads, "D": a.head_dim,
                     "decay": a.decay, "seg_len": K.SEG_LEN}, "passes": {}}
     for shape in a.shapes.split(","):

@@ -32,7 +32,7 @@ def stage_times(T, H, Hkv, D, block, topk, warmup, rep):
     from triton.testing import do_bench
     from attn.flash.bwd import _bwd_preprocess
     from attn.flash.common import LOG2E_F
-    from attn.moba import bwd as mb, fwd as mf, gate, op, routed
+    from attn.moba import fwd as mf, gate, op, routed
     torch.manual_seed(0)
     q = torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, T, Hkv, D, device="cuda", dtype=torch.bfloat16)
@@ -77,7 +77,7 @@ def sweep(args_pack, warmup, rep):
     """Times of each kernel over launch configs (module constants rebound, then restored)."""
     from triton.testing import do_bench
     from attn.flash.common import LOG2E_F
-    from attn.moba import bwd as mb, fwd as mf, routed
+    from attn.moba import bwd as mb, fwd as mf, gate, routed
     q, k, v, do, o, lse, delta, sel, table, index, scale, nsel, block = args_pack
     bench = lambda f: do_bench(f, warmup=warmup, rep=rep)  # noqa: E731
     out = []
@@ -90,11 +90,9 @@ def sweep(args_pack, warmup, rep):
         out.append({"kernel": kind, "cfg": list(cfg), "ms": ms})
         print(kind, cfg, ms, flush=True)
 
-    from attn.moba import gate
-    table_ = table
     for cfg in [(64, 32, 4), (128, 32, 8), (128, 64, 8), (64, 64, 4), (32, 32, 4)]:
         keep_gate, gate.GPU_TOPK = gate.GPU_TOPK, cfg
-        run("gate", cfg, lambda: gate.select_blocks(q, k, table_, nsel + 1, 0))
+        run("gate", cfg, lambda: gate.select_blocks(q, k, table, nsel + 1, 0))
         gate.GPU_TOPK = keep_gate
     keep = (routed.GPU_ROUTED, routed.GPU_SPLIT, dict(mf.GPU_CFG), mb.GPU_DKDV)
     for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)]:

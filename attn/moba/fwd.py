@@ -26,8 +26,22 @@ import triton.language as tl
 
 from attn.flash import common
 from attn.flash.common import LN2, LOG2E, LOG2E_F, cvt, mma
+from attn.moba.routed import chunk_scores, routed_dq, routed_fwd
 
 BIG = tl.constexpr(2 ** 30)  # a key position past every key: empty windows
+
+
+@triton.jit
+def _own_scores(q, k_base, v_base, kpos, end, lo, hi, qk_scale, STRIDE_KT: tl.constexpr,
+                HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
+    """K, V and scores of one own-block key chunk; MASKED: row r sees keys lo[r] <= s <= hi[r]
+    (and s < end), the others score −inf."""
+    k, v, s = chunk_scores(q, k_base, v_base, kpos, end, qk_scale, STRIDE_KT, HEAD_DIM,
+                           DOT_PREC, MASKED)
+    if MASKED:
+        s = tl.where((kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None]), s,
+                     float("-inf"))
+    return k, v, s
 
 
 @triton.jit
@@ -36,22 +50,10 @@ def _fwd_chunks(acc, l_i, m_i, q, k_base, v_base, start, end, lo, hi, qk_scale,
                 DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
     """Keys [start, end) in BLOCK_N chunks; MASKED=False: whole chunks every row sees."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, end, BLOCK_N):
         kpos = start_n + offs_n
-        if MASKED:
-            k_ok = (kpos < end)[:, None]
-            k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :], mask=k_ok,
-                        other=0.0)
-            v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :], mask=k_ok,
-                        other=0.0)
-            s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
-            ok = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
-            s = tl.where(ok, s, float("-inf"))
-        else:
-            k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :])
-            v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :])
-            s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+        k, v, s = _own_scores(q, k_base, v_base, kpos, end, lo, hi, qk_scale, STRIDE_KT,
+                              HEAD_DIM, DOT_PREC, MASKED)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
@@ -66,22 +68,11 @@ def _dq_chunks(dq, q, do, lse2, delta, k_base, v_base, start, end, lo, hi, qk_sc
                STRIDE_KT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, end, BLOCK_N):
         kpos = start_n + offs_n
-        if MASKED:
-            k_ok = (kpos < end)[:, None]
-            k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :], mask=k_ok,
-                        other=0.0)
-            v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :], mask=k_ok,
-                        other=0.0)
-            s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
-            ok = (kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None])
-            p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
-        else:
-            k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :])
-            v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :])
-            p = tl.math.exp2(mma(q, tl.trans(k), None, DOT_PREC) * qk_scale - lse2[:, None])
+        k, v, s = _own_scores(q, k_base, v_base, kpos, end, lo, hi, qk_scale, STRIDE_KT,
+                              HEAD_DIM, DOT_PREC, MASKED)
+        p = tl.math.exp2(s - lse2[:, None])  # masked scores are −inf: p = 0 exactly
         dp = mma(do, tl.trans(v), None, DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = mma(cvt(ds, k.dtype), k, dq, DOT_PREC)
@@ -187,7 +178,6 @@ def _cfg(kind, dtype, d):
 def fwd_triton(q, k, v, sel, table, scale, q_offset, index=None, block_size=None):
     """o [B, Tq, Hq, D] (q.dtype), lse [B, Hq, Tq] fp32, given the selection SEL and its inverse
     index (routed.routed_entries; None when nothing is routed, topk == 1)."""
-    from attn.moba.routed import routed_fwd
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     kblk, _, blk_start, _ = table
@@ -210,7 +200,6 @@ def fwd_triton(q, k, v, sel, table, scale, q_offset, index=None, block_size=None
 
 def dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index=None,
               block_size=None):
-    from attn.moba.routed import routed_dq
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     kblk, _, blk_start, _ = table

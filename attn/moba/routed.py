@@ -47,8 +47,8 @@ def routed_entries(sel, nb: int):
     B, hq, tq, nsel = sel.shape
     dev = sel.device
     n_keys = B * hq * nb
-    if n_keys + 1 >= 2 ** 31 or B * hq * tq * nsel >= 2 ** 31:
-        raise ValueError(f"B*Hq*n_blocks={n_keys} and B*Hq*Tq*(topk-1) must be < 2**31")
+    if n_keys + 1 >= 2 ** 31:  # (B*Hq*Tq*(topk-1) < 2**31: checked by op._check)
+        raise ValueError(f"B*Hq*n_blocks={n_keys} must be < 2**31 (int32 sort keys)")
     flat = sel.reshape(B * hq, tq * nsel)
     key = torch.arange(B * hq, device=dev, dtype=torch.int32)[:, None] * nb + flat
     key = torch.where(flat >= 0, key, n_keys).flatten()
@@ -57,6 +57,26 @@ def routed_entries(sel, nb: int):
     rowptr = torch.searchsorted(sorted_key, bounds, out_int32=True)
     # entries past rowptr[-1] (unused slots) are valid ids that no range reaches
     return rowptr, (order % (tq * nsel)).to(torch.int32)
+
+
+@triton.jit
+def chunk_scores(q, k_base, v_base, kpos, end, qk_scale, STRIDE_KT: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
+    """K, V rows kpos of one KV head and the log2-domain scores q·kᵀ·qk_scale [M, BLOCK_N].
+    MASKED: keys at or past `end` load as 0 and score −inf (their exp2 is exactly 0); without it
+    every key of the chunk must exist (no mask instructions)."""
+    ptrs = kpos[:, None] * STRIDE_KT + tl.arange(0, HEAD_DIM)[None, :]
+    if MASKED:
+        k_ok = kpos < end
+        k = tl.load(k_base + ptrs, mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_base + ptrs, mask=k_ok[:, None], other=0.0)
+        s = tl.where(k_ok[None, :], mma(q, tl.trans(k), None, DOT_PREC) * qk_scale,
+                     float("-inf"))
+    else:
+        k = tl.load(k_base + ptrs)
+        v = tl.load(v_base + ptrs)
+        s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+    return k, v, s
 
 
 @triton.jit
@@ -97,19 +117,9 @@ def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         for start_n in range(bs, be, BLOCK_N):
-            kpos = start_n + offs_n
-            if EVEN:  # BLOCK_N divides the (complete) block: no key mask
-                k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :])
-                v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :])
-                s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
-            else:
-                k_ok = kpos < be
-                k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
-                            mask=k_ok[:, None], other=0.0)
-                v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
-                            mask=k_ok[:, None], other=0.0)
-                s = tl.where(k_ok[None, :], mma(q, tl.trans(k), None, DOT_PREC) * qk_scale,
-                             float("-inf"))
+            # EVEN: BLOCK_N divides the (complete) block, no key mask
+            k, v, s = chunk_scores(q, k_base, v_base, start_n + offs_n, be, qk_scale, STRIDE_KT,
+                                   HEAD_DIM, DOT_PREC, not EVEN)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             p = tl.math.exp2(s - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
@@ -164,19 +174,9 @@ def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, 
         delta = tl.load(DELTA + row_base + rows, mask=e_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         for start_n in range(bs, be, BLOCK_N):
-            kpos = start_n + offs_n
-            if EVEN:
-                k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :])
-                v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :])
-                p = tl.math.exp2(mma(q, tl.trans(k), None, DOT_PREC) * qk_scale - lse2[:, None])
-            else:
-                k_ok = kpos < be
-                k = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
-                            mask=k_ok[:, None], other=0.0)
-                v = tl.load(v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
-                            mask=k_ok[:, None], other=0.0)
-                s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
-                p = tl.where(k_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
+            k, v, s = chunk_scores(q, k_base, v_base, start_n + offs_n, be, qk_scale, STRIDE_KT,
+                                   HEAD_DIM, DOT_PREC, not EVEN)
+            p = tl.math.exp2(s - lse2[:, None])
             dp = mma(do, tl.trans(v), None, DOT_PREC)
             ds = p * (dp - delta[:, None])
             dq = mma(cvt(ds, k.dtype), k, dq, DOT_PREC)
