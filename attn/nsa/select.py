@@ -23,12 +23,16 @@ BQ consecutive queries of ONE document (tiles are cut at document starts: work i
 the device, no host sync); its rows are the BQ × G (query, head) pairs, M = BQ·GP rows
 (GP = G rounded up to a power of 2, padding heads masked). Registers: Q [M, D], lse [M], per
 chunk the scores [M, CB] for CB = J·R compressed rows (J selection blocks, read from HBM once per
-tile); a segment [BQ, NS, J] of block scores (NS·J blocks, bounded so BQ·NS·J ≤ MAX_SEG_ELEMS)
-and the running top-n [BQ, TP] (values, block ids). Per chunk: P [M, CB] → sum over the R rows of
-each primary block ([M, J, R] reshape), spill rows shifted to the next block (a [J, J] 0/1
-matrix product in fp32), the last block's spill carried to the next chunk, then summed over the
-G heads ([BQ, GP, J] reshape) and placed into the segment. When a segment is full it is merged
-into the running top-n (topk rounds of max / smallest id over segment and running list).
+tile, software-pipelined: the chunk loop is flat, with no condition around its loads); a segment
+[BQ, NS, J] of block scores (NS·J blocks, BQ·NS·J ≤ MAX_SEG_ELEMS) and the running top-n
+[BQ, TP] (values, block ids). Per chunk: P [M, CB] → block sums P·W by MMA with a 0/1 matrix
+W [CB, J] that holds both the primary block and the spill (P split into two fp16 parts: fp32
+accuracy, see the kernel), the last block's spill carried to the next chunk, then summed over
+the G heads ([BQ, GP, J] reshape) and placed into the segment. Every NS chunks the segment is
+merged into the running top-n (topk rounds of max / smallest id over segment and running list).
+Launch (H200 sweep, docs/benchmarks.md): 128 rows, 8 warps, 3 stages; the block sums by 3 bf16
+MMAs cost 12.2 ms at 64k (Hq 64, Hkv 4), by 2 fp16 MMAs 9.4; the first version (no MMA sums,
+loads under a condition) 26.
 """
 from __future__ import annotations
 
@@ -40,7 +44,11 @@ from attn.flash import common
 from attn.flash.common import LOG2E, LOG2E_F, mma
 
 NEG_INF = tl.constexpr(float("-inf"))
+P_SCALE = tl.constexpr(16384.0)  # 2^14: probabilities scaled into fp16's normal range (see kernel)
 MAX_SEG_ELEMS = 4096  # block scores a program keeps in registers (BQ × NS × J fp32)
+GPU_ROWS = 128        # (query, head) rows per program on the GPU (64: 8-160 % slower)
+GPU_WARPS = 8         # warps per program (4: 0-12 % slower)
+GPU_STAGES = 3        # software-pipeline depth of the compressed-key loads (2: 2-5 % slower)
 
 
 @triton.jit
@@ -60,7 +68,6 @@ def _select_kernel(Q, KC, LSE, SEL, ITEM_START, ITEM_END, DSTART, CMP0, FIRSTB,
     hkv = pid_bh % HKV
     M: tl.constexpr = BQ * GP
     CB: tl.constexpr = J * R
-    SEG: tl.constexpr = NS * J
     if HAS_DOCS:
         dstart = tl.load(DSTART + start)
         cmp0 = tl.load(CMP0 + start)
@@ -87,6 +94,7 @@ def _select_kernel(Q, KC, LSE, SEL, ITEM_START, ITEM_END, DSTART, CMP0, FIRSTB,
     # compressed rows visible to a row: c < n_vis = ⌊(rel − cmp_block + 1)/stride⌋ + 1
     n_vis = tl.where(rel_r >= CMP_BLOCK - 1, (rel_r - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0)
     n_vis = tl.where(row_ok, n_vis, 0)
+    vis_max = tl.max(n_vis, 0)
 
     # per query of the tile
     offs_q = tl.arange(0, BQ)
@@ -95,58 +103,72 @@ def _select_kernel(Q, KC, LSE, SEL, ITEM_START, ITEM_END, DSTART, CMP0, FIRSTB,
     qrel = tl.where(q_ok, (pos_q - dstart) // SEL_BLOCK, -1)    # block holding the query
     n_blocks = (end - 1 - dstart) // SEL_BLOCK + 1             # blocks 0 .. qrel of the last row
 
+    # W [CB, J] (0/1, exact in bf16): compressed row c of a chunk counts for its primary block
+    # c // R and, when it spills, for the next one; the last block's spill goes to the next chunk
     offs_c = tl.arange(0, CB)
     offs_j = tl.arange(0, J)
+    prim_c = offs_c // R
     spill_c = (offs_c % R) * CMP_STRIDE + CMP_BLOCK > SEL_BLOCK  # row also overlaps block + 1
-    shift = (offs_j[None, :] == offs_j[:, None] + 1).to(tl.float32)   # [J, J]: j -> j + 1
+    w = (prim_c[:, None] == offs_j[None, :])
+    if HAS_SPILL:
+        w = w | (spill_c[:, None] & (prim_c[:, None] + 1 == offs_j[None, :]))
+        out_c = spill_c & (prim_c == J - 1)                        # spills past the chunk
+    w = tl.where(w, 1.0, 0.0).to(tl.float16)      # (the interpreter casts bool to 16-bit as 0)
     slot_s = tl.arange(0, NS)
     slot_t = tl.arange(0, TP)
     kc_base = KC + (b.to(tl.int64) * Tc + cmp0) * (HKV * HEAD_DIM) + hkv * HEAD_DIM
 
     run_v = tl.full([BQ, TP], NEG_INF, tl.float32)
     run_i = tl.full([BQ, TP], -1, tl.int32)
+    seg_v = tl.full([BQ, NS, J], NEG_INF, tl.float32)
     carry = tl.zeros([M], dtype=tl.float32)
-    for seg0 in range(0, n_blocks, SEG):
-        seg_v = tl.full([BQ, NS, J], NEG_INF, tl.float32)
-        for s in range(0, NS):
-            j0 = seg0 + s * J
-            if j0 < n_blocks:
-                c_rel = j0 * R + offs_c
-                kc = tl.load(kc_base + c_rel[:, None] * (HKV * HEAD_DIM) + offs_d[None, :],
-                             mask=(c_rel < tl.max(n_vis, 0))[:, None], other=0.0)
-                s2 = mma(q, tl.trans(kc), None, DOT_PREC) * qk_scale
-                p = tl.where(c_rel[None, :] < n_vis[:, None], tl.math.exp2(s2 - lse2[:, None]),
-                             0.0)                                          # [M, CB]
-                score = tl.sum(tl.reshape(p, [M, J, R]), axis=2)          # primary [M, J]
-                if HAS_SPILL:
-                    spill = tl.sum(tl.reshape(tl.where(spill_c[None, :], p, 0.0), [M, J, R]),
-                                   axis=2)
-                    # fp32 products by 0/1 weights: exact with "ieee"
-                    score += tl.dot(spill, shift, input_precision="ieee") \
-                        + tl.where(offs_j[None, :] == 0, carry[:, None], 0.0)
-                    carry = tl.sum(tl.where(offs_j[None, :] == J - 1, spill, 0.0), axis=1)
-                blk = tl.sum(tl.reshape(score, [BQ, GP, J]), axis=1)     # [BQ, J]
-                j_abs = j0 + offs_j
-                cand = j_abs[None, :] <= qrel[:, None]
-                forced = cand & ((j_abs[None, :] == 0) | (j_abs[None, :] >= qrel[:, None] - 1))
-                blk = tl.where(forced, float("inf"), tl.where(cand, blk, NEG_INF))
-                seg_v = tl.where(slot_s[None, :, None] == s, blk[:, None, :], seg_v)
-        # merge the segment into the running top-n: TOPK rounds of (max, smallest block id)
-        seg_i = seg0 + slot_s[None, :, None] * J + offs_j[None, None, :]   # [1, NS, J]
-        new_v = tl.full([BQ, TP], NEG_INF, tl.float32)
-        new_i = tl.full([BQ, TP], -1, tl.int32)
-        for k in tl.static_range(TOPK):
-            m = tl.maximum(tl.max(tl.max(seg_v, 2), 1), tl.max(run_v, 1))            # [BQ]
-            ids = tl.minimum(
-                tl.min(tl.min(tl.where(seg_v == m[:, None, None], seg_i, 2 ** 30), 2), 1),
-                tl.min(tl.where(run_v == m[:, None], run_i, 2 ** 30), 1))
-            ids = tl.where(m > NEG_INF, ids, -1)
-            new_v = tl.where(slot_t[None, :] == k, m[:, None], new_v)
-            new_i = tl.where(slot_t[None, :] == k, ids[:, None], new_i)
-            seg_v = tl.where(seg_i == ids[:, None, None], NEG_INF, seg_v)
-            run_v = tl.where(run_i == ids[:, None], NEG_INF, run_v)
-        run_v = new_v
-        run_i = new_i
+    n_chunks = tl.cdiv(n_blocks, J)
+    # one flat loop over chunks of J blocks (its K loads have no condition around them, so they
+    # are software-pipelined); every NS chunks the segment is merged into the running top-n
+    for jc in range(0, n_chunks):
+        j0 = jc * J
+        c_rel = j0 * R + offs_c
+        kc = tl.load(kc_base + c_rel[:, None] * (HKV * HEAD_DIM) + offs_d[None, :],
+                     mask=(c_rel < vis_max)[:, None], other=0.0)
+        s2 = mma(q, tl.trans(kc), None, DOT_PREC) * qk_scale
+        p = tl.where(c_rel[None, :] < n_vis[:, None], tl.math.exp2(s2 - lse2[:, None]),
+                     0.0)                                              # [M, CB]
+        # block sums P·W by two fp16 MMAs, as accurate as fp32 sums: P·2^14 (≤ 16384, in
+        # fp16's range) = hi + lo in fp16 keeps 22 significant bits down to P ≈ 1.5e-5 and
+        # absolute steps of 2^-38 below; products by 0/1 weights are exact, sums in fp32
+        p_s = p * P_SCALE
+        p_hi = p_s.to(tl.float16)
+        p_lo = (p_s - p_hi.to(tl.float32)).to(tl.float16)
+        score = mma(p_hi, w, None, "tf32")
+        score = mma(p_lo, w, score, "tf32") * (1.0 / P_SCALE)         # [M, J] (exact rescale)
+        if HAS_SPILL:
+            score += tl.where(offs_j[None, :] == 0, carry[:, None], 0.0)
+            carry = tl.sum(tl.where(out_c[None, :], p, 0.0), axis=1)
+        blk = tl.sum(tl.reshape(score, [BQ, GP, J]), axis=1)          # [BQ, J]
+        j_abs = j0 + offs_j
+        cand = j_abs[None, :] <= qrel[:, None]
+        forced = cand & ((j_abs[None, :] == 0) | (j_abs[None, :] >= qrel[:, None] - 1))
+        blk = tl.where(forced, float("inf"), tl.where(cand, blk, NEG_INF))
+        s = jc % NS
+        seg_v = tl.where(slot_s[None, :, None] == s, blk[:, None, :], seg_v)
+        if (s == NS - 1) | (jc == n_chunks - 1):
+            # merge the segment into the running top-n: TOPK rounds of (max, smallest block id)
+            seg_i = (jc - s) * J + slot_s[None, :, None] * J + offs_j[None, None, :]  # [1, NS, J]
+            new_v = tl.full([BQ, TP], NEG_INF, tl.float32)
+            new_i = tl.full([BQ, TP], -1, tl.int32)
+            for k in tl.static_range(TOPK):
+                m = tl.maximum(tl.max(tl.max(seg_v, 2), 1), tl.max(run_v, 1))            # [BQ]
+                ids = tl.minimum(
+                    tl.min(tl.min(tl.where(seg_v == m[:, None, None], seg_i, 2 ** 30), 2), 1),
+                    tl.min(tl.where(run_v == m[:, None], run_i, 2 ** 30), 1))
+                ids = tl.where(m > NEG_INF, ids, -1)
+                new_v = tl.where(slot_t[None, :] == k, m[:, None], new_v)
+                new_i = tl.where(slot_t[None, :] == k, ids[:, None], new_i)
+                seg_v = tl.where(seg_i == ids[:, None, None], NEG_INF, seg_v)
+                run_v = tl.where(run_i == ids[:, None], NEG_INF, run_v)
+            run_v = new_v
+            run_i = new_i
+            seg_v = tl.full([BQ, NS, J], NEG_INF, tl.float32)
     out = tl.where(run_i >= 0, fb + run_i, -1)
     sel_ptr = SEL + ((b.to(tl.int64) * Tq + (pos_q - q_offset)) * HKV + hkv)[:, None] * TOPK \
         + slot_t[None, :]
@@ -201,7 +223,7 @@ def select_blocks(q, k_cmp, lse, table, *, scale: float, cmp_block: int, cmp_str
     tc, hkv = k_cmp.shape[1], k_cmp.shape[2]
     g = hq // hkv
     gp = triton.next_power_of_2(g)
-    rows = 16 if common.INTERPRET else 64                         # target M = BQ·GP
+    rows = 16 if common.INTERPRET else GPU_ROWS                   # target M = BQ·GP
     bq = max(1, rows // gp)
     r = sel_block // cmp_stride
     j = max(16, 64 // r) if not common.INTERPRET else 16          # blocks per chunk (dot: ≥ 16)
@@ -229,5 +251,5 @@ def select_blocks(q, k_cmp, lse, table, *, scale: float, cmp_block: int, cmp_str
         TP=triton.next_power_of_2(topk), CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
         SEL_BLOCK=sel_block, HAS_SPILL=(r - 1) * cmp_stride + cmp_block > sel_block,
         HAS_DOCS=has_docs, DOT_PREC=common.dot_precision(q.dtype),
-        num_warps=8 if bq >= 16 else 4)      # small groups: many queries per tile (ptxas: no spill)
+        num_warps=GPU_WARPS, num_stages=GPU_STAGES)
     return sel

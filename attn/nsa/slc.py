@@ -17,6 +17,9 @@ Memory plan
       block's K, V tile [BLOCK_N, D] (BLOCK_N >= sel_block) is loaded once for all heads of the
       group and all positions of the tile that chose it (neighbouring queries mostly share
       blocks, so K/V traffic drops up to QPP-fold). Writes O, LSE (fp32, natural log) or dQ once.
+      The union comes as a list (attn/nsa/union.py, U = QPP·NSEL_P <= MAX_UNION ids per tile):
+      a counted loop whose K/V loads are software-pipelined; larger tiles (groups of 1-2 heads)
+      search each next id over the tile's selection instead (every load then waits on it).
   inverse index (torch, stable sort, bincount, cumsum; deterministic): ENTRIES int32 = the query
       rows that selected block j of (batch, KV head) bh, ascending, at
       ENTRIES[ROWPTR[bh·NB + j] : ROWPTR[bh·NB + j + 1]].
@@ -56,17 +59,53 @@ from attn.dispatch import INTERPRET, check_triton_inputs
 from attn.flash import common
 from attn.flash.bwd import _bwd_preprocess
 from attn.flash.common import LN2, LOG2E, LOG2E_F, cvt, mma
+from attn.nsa.union import tile_unions
 
 
 @triton.jit
-def _rows_kernel(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, scale, qk_scale,
-                 q_offset, Tq, Tk, NB,
+def _block_step(q, do, lse2, delta, acc, m_i, l_i, bad, selt, j, bs, be, K, V, kv_base, qpos,
+                qk_scale, STRIDE_KT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_N: tl.constexpr, DQ: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One selected block [bs, be) with id j for the rows that chose it: the online-softmax
+    update of (acc, m_i, l_i) (forward) or the dQ accumulation (DQ); bad marks rows that met a
+    block longer than BLOCK_N."""
+    hit = tl.max(tl.where(selt == j, 1, 0), 1) > 0
+    kpos = bs + tl.arange(0, BLOCK_N)
+    k_ok = kpos < be
+    kv_off = kv_base + kpos[:, None] * STRIDE_KT + tl.arange(0, HEAD_DIM)[None, :]
+    k = tl.load(K + kv_off, mask=k_ok[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=k_ok[:, None], other=0.0)
+    ok = hit[:, None] & k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
+    s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
+    if DQ:
+        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = mma(do, tl.trans(v), None, DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        acc = mma(cvt(ds, k.dtype), k, acc, DOT_PREC)
+    else:
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = mma(cvt(p, v.dtype), v, acc * alpha[:, None], DOT_PREC)
+        m_i = m_new
+    bad = bad | (hit & (be - bs > BLOCK_N))
+    return acc, m_i, l_i, bad
+
+
+@triton.jit
+def _rows_kernel(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTART, UEND, UCNT,
+                 scale, qk_scale, q_offset, Tq, Tk, NB,
                  HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                  NSEL: tl.constexpr, NSEL_P: tl.constexpr, GROUP_P: tl.constexpr,
                  QPP: tl.constexpr, BLOCK_N: tl.constexpr, DQ: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
-    """DQ=False: forward, writes O and LSE. DQ=True: reads LSE, DO, DELTA, writes dQ into O."""
-    t0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * QPP  # latest positions first
+                 USE_UNION: tl.constexpr, DOT_PREC: tl.constexpr):
+    """DQ=False: forward, writes O and LSE. DQ=True: reads LSE, DO, DELTA, writes dQ into O.
+    USE_UNION: walk the tile's union list (tile_unions); else find each next block id by a
+    search over the tile's selection."""
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)        # latest positions first
+    t0 = tile * QPP
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     hkv = pid_bh % HKV
@@ -75,7 +114,6 @@ def _rows_kernel(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, scale, qk_
     STRIDE_QT: tl.constexpr = HQ * HEAD_DIM
     STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
     offs_m = tl.arange(0, M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_s = tl.arange(0, NSEL_P)
     rows = t0 + offs_m // GROUP_P
@@ -95,40 +133,38 @@ def _rows_kernel(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, scale, qk_
 
     acc = tl.zeros([M, HEAD_DIM], dtype=tl.float32)
     bad = offs_m < 0                                         # rows that met a too-long block
+    m_i = tl.zeros([M], dtype=tl.float32) - 1.0e30         # finite: a skipped block gives p = 0
+    l_i = tl.zeros([M], dtype=tl.float32)
     if DQ:
         do = tl.load(DO + q_off[:, None] + offs_d[None, :], mask=m_ok[:, None], other=0.0)
         lse2 = tl.load(LSE + r_off, mask=m_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + r_off, mask=m_ok, other=0.0)
+    else:                                                    # (unused by the forward)
+        do = q
+        lse2 = l_i
+        delta = l_i
+    if USE_UNION:
+        # the union of the tile's blocks, ascending: ids and key ranges by position u, so the
+        # K/V loads of later blocks are issued ahead (software pipeline) instead of each waiting
+        # on the search for the next id
+        u_row = pid_bh.to(tl.int64) * tl.num_programs(0) + tile
+        n_u = tl.load(UCNT + u_row)
+        for u in range(0, n_u):
+            j = tl.load(UNION + u_row * (QPP * NSEL_P) + u)
+            bs = tl.load(USTART + u_row * (QPP * NSEL_P) + u)
+            be = tl.load(UEND + u_row * (QPP * NSEL_P) + u)
+            acc, m_i, l_i, bad = _block_step(q, do, lse2, delta, acc, m_i, l_i, bad, selt, j, bs,
+                                             be, K, V, kv_base, qpos, qk_scale, STRIDE_KT,
+                                             HEAD_DIM, BLOCK_N, DQ, DOT_PREC)
     else:
-        m_i = tl.zeros([M], dtype=tl.float32) - 1.0e30     # finite: a skipped block gives p = 0
-        l_i = tl.zeros([M], dtype=tl.float32)
-    j = tl.min(tl.min(selt, 1), 0)
-    while j < NB:  # the union of the rows' blocks, ascending
-        hit = tl.max(tl.where(selt == j, 1, 0), 1) > 0
-        bs = tl.load(BLK_START + j)
-        be = tl.load(BLK_END + j)
-        kpos = bs + offs_n
-        k_ok = kpos < be
-        kv_off = kv_base + kpos[:, None] * STRIDE_KT + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=k_ok[:, None], other=0.0)
-        v = tl.load(V + kv_off, mask=k_ok[:, None], other=0.0)
-        ok = hit[:, None] & k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
-        s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
-        if DQ:
-            p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
-            dp = mma(do, tl.trans(v), None, DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            acc = mma(cvt(ds, k.dtype), k, acc, DOT_PREC)
-        else:
-            s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = mma(cvt(p, v.dtype), v, acc * alpha[:, None], DOT_PREC)
-            m_i = m_new
-        bad = bad | (hit & (be - bs > BLOCK_N))
-        j = tl.min(tl.min(tl.where(selt > j, selt, NB), 1), 0)
+        j = tl.min(tl.min(selt, 1), 0)
+        while j < NB:  # the union of the rows' blocks, ascending
+            bs = tl.load(BLK_START + j)
+            be = tl.load(BLK_END + j)
+            acc, m_i, l_i, bad = _block_step(q, do, lse2, delta, acc, m_i, l_i, bad, selt, j, bs,
+                                             be, K, V, kv_base, qpos, qk_scale, STRIDE_KT,
+                                             HEAD_DIM, BLOCK_N, DQ, DOT_PREC)
+            j = tl.min(tl.min(tl.where(selt > j, selt, NB), 1), 0)
 
     o_ptrs = O + q_off[:, None] + offs_d[None, :]
     if DQ:
@@ -259,6 +295,14 @@ MAX_SEL_BLOCK = 128
 # fwd 174-201 regs, dQ 202-203, dK/dV 224-254 (8 warps), no spills.
 FWD_ROWS, DKDV_ROWS = 64, 64
 FWD_WARPS, DKDV_WARPS, DKDV_STAGES = 4, 8, 2
+# pipeline depth of the union loop (H200, 64k, 64/4 random: fwd stages 1/2/3/4 27.3 / 25.4 /
+# 24.0 / 39.5 ms; dQ + dK/dV 54.9 / 57.7 / 75.2 / 75.0: the dQ tile with deeper pipelines loses
+# occupancy; the while loop over the next smallest id it replaces: 30.0 / 59.0)
+FWD_STAGES, DQ_STAGES = 3, 1
+# union lists (tile_unions) up to U = QPP·NSEL_P ids per tile: the O(U²) comparisons of
+# _union_kernel grow past the gain beyond (U = 1024, Hq = Hkv: 10 ms at 64k); larger tiles
+# (groups of 1-2 heads) search the next id instead
+MAX_UNION = 256
 # dK/dV split threshold SPLIT = max(SPLIT_MIN_ROWS, SPLIT_FACTOR · mean rows per block). H100, as
 # above, 64/4 random: bwd 58.5 ms split (factor 1, 4, 16: 59.6, 58.5, 60.4) vs 81.7 unsplit;
 # 16/4: 34.1 vs 39.7. The interpreter splits much more, to exercise the path.
@@ -342,11 +386,18 @@ def _launch_rows(q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale, s
                  q_offset, dq_mode):
     B, tq = q.shape[:2]
     meta = _meta(q, k, sel)
+    nb = blk_start.numel()
+    use_union = meta["QPP"] * meta["NSEL_P"] <= MAX_UNION
+    if use_union:
+        unions = tile_unions(sel, nb, meta, blk_start, blk_end)
+    else:
+        unions = (sel,) * 4                                   # (not read)
     grid = (triton.cdiv(tq, meta["QPP"]), B * k.shape[2])
-    _rows_kernel[grid](q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale,
-                       scale * LOG2E_F, q_offset, tq, k.shape[1], blk_start.numel(), **meta,
-                       BLOCK_N=_block_n(sel_block), DQ=dq_mode, num_warps=FWD_WARPS,
-                       num_stages=1)
+    _rows_kernel[grid](q, k, v, out, lse, do, delta, sel, blk_start, blk_end, *unions, scale,
+                       scale * LOG2E_F, q_offset, tq, k.shape[1], nb, **meta,
+                       BLOCK_N=_block_n(sel_block), DQ=dq_mode, USE_UNION=use_union,
+                       num_warps=FWD_WARPS,
+                       num_stages=1 if INTERPRET else (DQ_STAGES if dq_mode else FWD_STAGES))
 
 
 def slc_attn_fwd(q, k, v, sel, blk_start, blk_end, *, scale, sel_block, q_offset=0):

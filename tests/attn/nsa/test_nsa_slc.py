@@ -20,7 +20,7 @@ import torch
 
 from attn.flash import common
 from attn.moba.gate import block_table
-from attn.nsa import slc
+from attn.nsa import slc, union
 from attn.nsa.ref import slc_attn_ref
 from attn.nsa.slc import inverse_index, slc_attn, slc_attn_bwd, slc_attn_fwd, work_items
 
@@ -152,6 +152,32 @@ def test_heavy_blocks_are_split_and_backward_is_deterministic(monkeypatch):
     monkeypatch.setattr(slc, "SPLIT_MIN_ROWS", 10 ** 6)         # one program per block
     for a, b in zip(g1, grads()):
         assert rel(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_tile_unions_are_sorted_unique_sets(monkeypatch, chunk):
+    """_union_kernel against sorted(set(...)) per tile, with empty slots, bad ids, a last tile
+    past Tq, B = 2, Hkv = 2; chunk=4 takes the GPU's chunked comparisons (CH < U)."""
+    monkeypatch.setattr(common, "empty", nan_empty)
+    if chunk is not None:
+        monkeypatch.setattr(union, "_union_chunk", lambda u: chunk)
+    B, tq, hq, hkv, nsel, nb = 2, 37, 8, 2, 5, 9
+    table = block_table(None, nb * 4, 4, "cpu")
+    sel = torch.randint(-2, nb + 2, (B, tq, hkv, nsel), dtype=torch.int32)
+    sel[0, 3] = 7                                             # every slot the same block
+    q = torch.empty(B, tq, hq, 16)
+    meta = slc._meta(q, torch.empty(B, tq, hkv, 16), sel)
+    ids_u, ustart, uend, ucnt = union.tile_unions(sel, nb, meta, table[2], table[3])
+    qpp = meta["QPP"]
+    for b in range(B):
+        for h in range(hkv):
+            for t in range((tq + qpp - 1) // qpp):
+                ids = sel[b, t * qpp:(t + 1) * qpp, h].flatten().tolist()
+                want = sorted({i for i in ids if 0 <= i < nb})
+                n = int(ucnt[b * hkv + h, t])
+                assert ids_u[b * hkv + h, t, :n].tolist() == want, (b, h, t)
+                assert ustart[b * hkv + h, t, :n].tolist() == table[2][want].tolist()
+                assert uend[b * hkv + h, t, :n].tolist() == table[3][want].tolist()
 
 
 def test_inverse_index_and_work_items():
