@@ -299,6 +299,7 @@ FWD_WARPS, DKDV_WARPS, DKDV_STAGES = 4, 8, 2
 # 24.0 / 39.5 ms; dQ + dK/dV 54.9 / 57.7 / 75.2 / 75.0: the dQ tile with deeper pipelines loses
 # occupancy; the while loop over the next smallest id it replaces: 30.0 / 59.0)
 FWD_STAGES, DQ_STAGES = 3, 1
+DQ_WARPS = FWD_WARPS
 # union lists (tile_unions) up to U = QPP·NSEL_P ids per tile: the O(U²) comparisons of
 # _union_kernel grow past the gain beyond (U = 1024, Hq = Hkv: 10 ms at 64k); larger tiles
 # (groups of 1-2 heads) search the next id instead
@@ -396,7 +397,7 @@ def _launch_rows(q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale, s
     _rows_kernel[grid](q, k, v, out, lse, do, delta, sel, blk_start, blk_end, *unions, scale,
                        scale * LOG2E_F, q_offset, tq, k.shape[1], nb, **meta,
                        BLOCK_N=_block_n(sel_block), DQ=dq_mode, USE_UNION=use_union,
-                       num_warps=FWD_WARPS,
+                       num_warps=DQ_WARPS if dq_mode else FWD_WARPS,
                        num_stages=1 if INTERPRET else (DQ_STAGES if dq_mode else FWD_STAGES))
 
 
