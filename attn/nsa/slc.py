@@ -291,10 +291,13 @@ MAX_SEL_BLOCK = 128
 #                55.6 / 11.0); fwd+bwd at 64: 88 / 47 ms
 #   Hq/Hkv=16/4  fwd: 16: 24.5 / 8.1 ms, 64: 22.6 / 2.6; fwd+bwd at 64: 56 / 14.5 ms
 # (random selections are bound by L2 / HBM traffic: T·Hkv·NSEL K/V blocks of 32 KB.) dK/dV
-# DKDV_ROWS 32 / 64 / 128: bwd 65.2 / 58.5 / 65.6 ms (64/4, random). ptxas sm_90a (bf16, D=128):
-# fwd 174-201 regs, dQ 202-203, dK/dV 224-254 (8 warps), no spills.
+# DKDV_ROWS 32 / 64 / 128: bwd 65.2 / 58.5 / 65.6 ms (64/4, random; 8 warps). ptxas sm_90a (bf16,
+# D=128): fwd 174-201 regs, dQ 202-203, dK/dV 224-254 (8 warps), no spills. H200, 2026-11-26
+# (docs/bench/nsa_dkdv_sweep*_h200.json), slc bwd at 16k / 64k, 64/4 random: dK/dV with 8 warps
+# 13.0 / 54.2 ms, 4 warps 10.0 / 43.0 (3 stages 9.8 / 43.9; 32 rows 10.2 / 43.9; 128 rows, 8
+# warps 14.6 / 60.5).
 FWD_ROWS, DKDV_ROWS = 64, 64
-FWD_WARPS, DKDV_WARPS, DKDV_STAGES = 4, 8, 2
+FWD_WARPS, DKDV_WARPS, DKDV_STAGES = 4, 4, 2
 # pipeline depth of the union loop (H200, 64k, 64/4 random: fwd stages 1/2/3/4 27.3 / 25.4 /
 # 24.0 / 39.5 ms; dQ + dK/dV 54.9 / 57.7 / 75.2 / 75.0: the dQ tile with deeper pipelines loses
 # occupancy; the while loop over the next smallest id it replaces: 30.0 / 59.0)
