@@ -296,6 +296,13 @@ MAX_SEL_BLOCK = 128
 # (docs/bench/nsa_dkdv_sweep*_h200.json), slc bwd at 16k / 64k, 64/4 random: dK/dV with 8 warps
 # 13.0 / 54.2 ms, 4 warps 10.0 / 43.0 (3 stages 9.8 / 43.9; 32 rows 10.2 / 43.9; 128 rows, 8
 # warps 14.6 / 60.5).
+# H200, 2026-11-26, with the union lists (docs/bench/nsa_slc_rows_sweep_h200.json), 64k, 64/4
+# random: forward FWD_ROWS 64 / 32 / 16 (3 stages) 23.2 / 26.4 / 19.2 ms, dQ 64 (1 stage) 26.6,
+# 16 (2 stages) 20.7; 16/4: forward 18.4 → 14.8, dQ 21.6 → 18.3; 16k 64/4: 4.98 → 4.70, 5.59 →
+# 5.00: random selections share few blocks within a tile, so a 64-row tile mostly multiplies
+# masked rows. But when the 64 queries of a block share their picks (as a trained model's
+# neighbours mostly do; ..._shared_h200.json), 64 rows take 8.0 / 9.4 ms (fwd / dQ) and 16 rows
+# 19.1 / 20.4 (16/4: 2.9 / 3.3 against 5.1 / 6.2): 64 rows stay, for what training sees.
 FWD_ROWS, DKDV_ROWS = 64, 64
 FWD_WARPS, DKDV_WARPS, DKDV_STAGES = 4, 4, 2
 # pipeline depth of the union loop (H200, 64k, 64/4 random: fwd stages 1/2/3/4 27.3 / 25.4 /
