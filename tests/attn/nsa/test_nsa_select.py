@@ -93,6 +93,28 @@ def test_selection_matches_ref(monkeypatch, case):
     assert skipped <= 0.02 * B * hkv * tq
 
 
+def test_block_sums_resolve_relative_gaps_of_1e5():
+    """Every compressed key equal except those of block 5, whose scores are higher by 2e-5 (one
+    free pick after the forced blocks 0, 8, 9): the kernel must pick block 5, not the earliest of
+    the tied blocks. Block sums rounded to fp16's 11 bits (the MMA split without its low part)
+    tie block 5 with the others and pick block 1. (The split acts on fp32 probabilities, whatever
+    the input dtype: fp32 inputs here keep the 2e-5 exact.)"""
+    T, hq, hkv, d, sb, cs = 640, 4, 1, 16, 64, 16
+    u = torch.randn(d, dtype=torch.float64)
+    scale = d ** -0.5
+    kc = u.expand(1, T // cs, hkv, d).clone()
+    r = sb // cs
+    kc[:, 5 * r:6 * r] *= 1 + 2e-5                       # block 5: s·(1 + 2e-5) with s = 1
+    q = (u / (u.dot(u) * scale)).expand(1, T, hq, d).clone()     # q·u·scale = 1 for every head
+    q, kc = q.float(), kc.float()
+    _, lse = cmp_attn_ref(q, kc, kc, cmp_block=cs, cmp_stride=cs, tk=T)
+    sel = select_blocks(q, kc, lse, block_table(None, T, sb, "cpu"), scale=scale,
+                        cmp_block=cs, cmp_stride=cs, sel_block=sb, topk=4)
+    _, idx = ref_sets(q, kc, T, cs, cs, sb, 4, None, 0)
+    assert set(idx[0, 0, T - 1, :4].tolist()) == {0, 5, 8, 9}
+    assert set(sel[0, T - 1, 0].tolist()) == {0, 5, 8, 9}
+
+
 def test_work_items_cover_every_query_once():
     cu = torch.tensor([0, 1, 7, 7, 40, 41, 100], dtype=torch.int32)
     for off, tq, bq in ((0, 100, 8), (30, 50, 4), (41, 59, 16), (0, 1, 4)):
