@@ -31,3 +31,17 @@ def cvt(x, DTYPE: tl.constexpr):
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000  # round half to even
             x = bits.to(tl.float32, bitcast=True)
     return x.to(DTYPE)
+
+
+@triton.jit
+def softmax_step(s, v, acc, m_i, l_i, DOT_PREC: tl.constexpr):
+    """One online-softmax step over a key chunk: log2-domain scores s [M, N] (−inf where masked;
+    m_i starts finite, so a fully masked chunk adds exactly 0), values v [N, D]. Returns the
+    updated (acc, m_i, l_i): acc the unnormalised fp32 output, m_i the running max, l_i the
+    running sum of exp2(s − m_i)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = mma(cvt(p, v.dtype), v, acc * alpha[:, None], DOT_PREC)
+    return acc, m_new, l_i

@@ -27,6 +27,7 @@ import triton.language as tl
 from attn.flash import common
 from attn.flash.common import LN2, LOG2E, LOG2E_F, cvt, mma
 from attn.moba.routed import chunk_scores, routed_dq, routed_fwd
+from attn.triton_common import softmax_step
 
 BIG = tl.constexpr(2 ** 30)  # a key position past every key: empty windows
 
@@ -54,12 +55,7 @@ def _fwd_chunks(acc, l_i, m_i, q, k_base, v_base, start, end, lo, hi, qk_scale,
         kpos = start_n + offs_n
         k, v, s = _own_scores(q, k_base, v_base, kpos, end, lo, hi, qk_scale, STRIDE_KT,
                               HEAD_DIM, DOT_PREC, MASKED)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = mma(cvt(p, v.dtype), v, acc * alpha[:, None], DOT_PREC)
-        m_i = m_new
+        acc, m_i, l_i = softmax_step(s, v, acc, m_i, l_i, DOT_PREC)
     return acc, l_i, m_i
 
 

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from attn.flash import common
 from attn.flash.common import LOG2E, cvt, mma
+from attn.triton_common import softmax_step
 
 
 def partial_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -120,12 +121,7 @@ def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_
             # EVEN: BLOCK_N divides the (complete) block, no key mask
             k, v, s = chunk_scores(q, k_base, v_base, start_n + offs_n, be, qk_scale, STRIDE_KT,
                                    HEAD_DIM, DOT_PREC, not EVEN)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = mma(cvt(p, v.dtype), v, acc * alpha[:, None], DOT_PREC)
-            m_i = m_new
+            acc, m_i, l_i = softmax_step(s, v, acc, m_i, l_i, DOT_PREC)
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         tl.store(OP + (ent_base + ent[:, None]) * HEAD_DIM + offs_d[None, :],
                  cvt(acc / l_safe[:, None], OP.dtype.element_ty), mask=e_ok[:, None])

@@ -60,6 +60,7 @@ from attn.flash import common
 from attn.flash.bwd import _bwd_preprocess
 from attn.flash.common import LN2, LOG2E, LOG2E_F, cvt, mma
 from attn.nsa.union import tile_unions
+from attn.triton_common import softmax_step
 
 
 @triton.jit
@@ -83,13 +84,8 @@ def _block_step(q, do, lse2, delta, acc, m_i, l_i, bad, selt, j, bs, be, K, V, k
         ds = p * (dp - delta[:, None])
         acc = mma(cvt(ds, k.dtype), k, acc, DOT_PREC)
     else:
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = mma(cvt(p, v.dtype), v, acc * alpha[:, None], DOT_PREC)
-        m_i = m_new
+        acc, m_i, l_i = softmax_step(tl.where(ok, s, float("-inf")), v, acc, m_i, l_i,
+                                     DOT_PREC)
     bad = bad | (hit & (be - bs > BLOCK_N))
     return acc, m_i, l_i, bad
 

@@ -74,8 +74,9 @@ def test_gradients_flow_and_heads_route_independently():
     assert all(torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in (q, k, v))
     # with one KV head shared by 4 query heads, heads still pick different blocks
     from attn.moba.ref import moba_mask
-    m = moba_mask(q, k, block_size=8, topk=2)[0, :, -1]   # last query, per head
-    assert len({tuple(r.tolist()) for r in m}) > 1
+    # (over the 24 last queries: one query's 4 heads agree by chance with probability ~1 %)
+    m = moba_mask(q, k, block_size=8, topk=2)[0, :, 24:]   # [head, query, key]
+    assert (m != m[:1]).any()
 
 
 def test_bad_arguments():
