@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Launch-config sweeps of the NSA kernels on the GPU (how the constants in attn/nsa/select.py and
-attn/nsa/slc.py were chosen; results in docs/benchmarks.md, "NSA selection and selected-block
-loops").
+"""Launch-config sweeps of the NSA kernels on the GPU (how the constants in attn/nsa/select.py,
+attn/nsa/slc.py and attn/nsa/slc_dkdv.py were chosen; results in docs/benchmarks.md, "NSA
+selection and selected-block loops").
 
     python scripts/nsa_sweep.py --out OUT [--what select,slc,dkdv] [--seqlens 16384,65536]
         [--heads 64,16 --kv-heads 4,4] [--shared]
@@ -62,7 +62,7 @@ def inputs(T, H, Hkv, shared):
 
 
 def sweep_one(what, T, H, Hkv, shared, bench):
-    from attn.nsa import select, slc
+    from attn.nsa import select, slc, slc_dkdv
     q, k, v, kc, lse_c, table, kw, sel = inputs(T, H, Hkv, shared)
     scale = kw["scale"]
     res = {}
@@ -94,11 +94,11 @@ def sweep_one(what, T, H, Hkv, shared, bench):
         o, lse = slc.slc_attn_fwd(q, k, v, sel, table[2], table[3], scale=scale, sel_block=64)
         do = torch.randn_like(q)
         for rows, w, st, sf in DKDV_CFGS:
-            old = _rebound(slc, dict(DKDV_ROWS=rows, DKDV_WARPS=w, DKDV_STAGES=st,
-                                     SPLIT_FACTOR=sf))
+            old = _rebound(slc_dkdv, dict(DKDV_ROWS=rows, DKDV_WARPS=w, DKDV_STAGES=st,
+                                          SPLIT_FACTOR=sf))
             res[f"bwd_rows{rows}_w{w}_s{st}_split{sf}"] = bench(lambda: slc.slc_attn_bwd(
                 do, q, k, v, o, lse, sel, table[2], table[3], scale=scale, sel_block=64))
-            _rebound(slc, old)
+            _rebound(slc_dkdv, old)
     else:
         raise SystemExit(f"--what: unknown sweep {what!r} (select, slc, dkdv)")
     return res

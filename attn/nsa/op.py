@@ -9,6 +9,7 @@ on CPU tensors; ATTN_IMPL=triton|ref forces one. The Triton path, never material
   select.py    selection scores from the compressed probabilities (recomputed from that lse),
                summed over the GQA group, top-n per query and group on chip
   slc.py       attention over the selected blocks, each block loaded once for the group's heads
+               (union.py: per-tile block lists; slc_dkdv.py: dK/dV)
   flash        the sliding window (attn.flash.flash_attn with window=)
   gate_mix.py  o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa, fused, fp32
 Each branch is its own autograd Function; the selection carries no gradient (as in ref.py).

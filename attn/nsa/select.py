@@ -103,7 +103,7 @@ def _select_kernel(Q, KC, LSE, SEL, ITEM_START, ITEM_END, DSTART, CMP0, FIRSTB,
     qrel = tl.where(q_ok, (pos_q - dstart) // SEL_BLOCK, -1)    # block holding the query
     n_blocks = (end - 1 - dstart) // SEL_BLOCK + 1             # blocks 0 .. qrel of the last row
 
-    # W [CB, J] (0/1, exact in bf16): compressed row c of a chunk counts for its primary block
+    # W [CB, J] (0/1, exact in fp16): compressed row c of a chunk counts for its primary block
     # c // R and, when it spills, for the next one; the last block's spill goes to the next chunk
     offs_c = tl.arange(0, CB)
     offs_j = tl.arange(0, J)

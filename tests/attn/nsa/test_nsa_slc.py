@@ -20,9 +20,10 @@ import torch
 
 from attn.flash import common
 from attn.moba.gate import block_table
-from attn.nsa import slc, union
+from attn.nsa import slc, slc_dkdv, union
 from attn.nsa.ref import slc_attn_ref
-from attn.nsa.slc import inverse_index, slc_attn, slc_attn_bwd, slc_attn_fwd, work_items
+from attn.nsa.slc import slc_attn, slc_attn_bwd, slc_attn_fwd
+from attn.nsa.slc_dkdv import inverse_index, work_items
 
 bf16, fp16 = torch.bfloat16, torch.float16
 
@@ -138,7 +139,7 @@ def test_heavy_blocks_are_split_and_backward_is_deterministic(monkeypatch):
     table = block_table(None, T, sb, "cpu")
     sel = random_sel(table, 1, T, hkv, nsel, nsa=True)
     _, _, counts = inverse_index(sel, table[2].numel())
-    split = slc.split_rows(T, nsel, table[2].numel())
+    split = slc_dkdv.split_rows(T, nsel, table[2].numel())
     assert int(counts.max()) >= 2 * split                        # something is split
     q = torch.randn(1, T, hq, 16, requires_grad=True)
     k, v = (torch.randn(1, T, hkv, 16, requires_grad=True) for _ in range(2))
@@ -149,7 +150,7 @@ def test_heavy_blocks_are_split_and_backward_is_deterministic(monkeypatch):
                                    (q, k, v), do)
     g1, g2 = grads(), grads()
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
-    monkeypatch.setattr(slc, "SPLIT_MIN_ROWS", 10 ** 6)         # one program per block
+    monkeypatch.setattr(slc_dkdv, "SPLIT_MIN_ROWS", 10 ** 6)         # one program per block
     for a, b in zip(g1, grads()):
         assert rel(a, b) < 1e-6
 
@@ -260,7 +261,7 @@ def test_bad_arguments():
 def test_gpu_cases(monkeypatch, case):
     case = dict(case)
     if case.pop("split", False):  # force the split path for the heavy first blocks
-        monkeypatch.setattr(slc, "SPLIT_FACTOR", 1)
+        monkeypatch.setattr(slc_dkdv, "SPLIT_FACTOR", 1)
     if case.get("cu") == "docs":
         case["cu"] = random_docs(case.get("Tk", case["Tq"]), 8)
     rep, _, _ = check_case(monkeypatch, D=128, sel_block=64, nsel=16, dtype=bf16, nsa=True,
