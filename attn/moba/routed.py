@@ -104,16 +104,24 @@ def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     i_first = tl.program_id(2) * BLOCK_M
-    # entry ids one row chunk ahead (the gathered rows' loads then wait on one latency, not two)
-    nxt = tl.load(ENTRIES + beg + i_first + offs_m, mask=i_first + offs_m < cnt, other=0)
-    for i0 in range(i_first, cnt, BLOCK_M * SPLIT):
+    STEP: tl.constexpr = BLOCK_M * SPLIT
+    # the gathered Q rows one chunk ahead, their entry ids two ahead: the next chunk's Q load is
+    # in flight during this chunk's key loop instead of stalling its start (2.00 -> 1.87 ms at
+    # 64k, H100; docs/bench/moba_exp_h100.json)
+    ids_c = tl.load(ENTRIES + beg + i_first + offs_m, mask=i_first + offs_m < cnt, other=0)
+    q_c = tl.load(q_base + (ids_c // NSEL)[:, None] * STRIDE_QT + offs_d[None, :],
+                  mask=(i_first + offs_m < cnt)[:, None], other=0.0)
+    ids_n = tl.load(ENTRIES + beg + i_first + STEP + offs_m, mask=i_first + STEP + offs_m < cnt,
+                    other=0)
+    for i0 in range(i_first, cnt, STEP):
         e_ok = i0 + offs_m < cnt
-        ent = nxt
-        nxt = tl.load(ENTRIES + beg + i0 + BLOCK_M * SPLIT + offs_m,
-                      mask=i0 + BLOCK_M * SPLIT + offs_m < cnt, other=0)
-        rows = ent // NSEL
-        q = tl.load(q_base + rows[:, None] * STRIDE_QT + offs_d[None, :], mask=e_ok[:, None],
-                    other=0.0)
+        ent = ids_c
+        q = q_c
+        q_c = tl.load(q_base + (ids_n // NSEL)[:, None] * STRIDE_QT + offs_d[None, :],
+                      mask=(i0 + STEP + offs_m < cnt)[:, None], other=0.0)
+        ids_c = ids_n
+        ids_n = tl.load(ENTRIES + beg + i0 + 2 * STEP + offs_m,
+                        mask=i0 + 2 * STEP + offs_m < cnt, other=0)
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -126,6 +134,18 @@ def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_
         tl.store(OP + (ent_base + ent[:, None]) * HEAD_DIM + offs_d[None, :],
                  cvt(acc / l_safe[:, None], OP.dtype.element_ty), mask=e_ok[:, None])
         tl.store(LP + ent_base + ent, m_i + tl.math.log2(l_safe), mask=e_ok)
+
+
+@triton.jit
+def _gather_rows(q_base, do_base, lse_ptr, delta_ptr, rows, ok, STRIDE_QT: tl.constexpr,
+                 HEAD_DIM: tl.constexpr):
+    """Q, dO rows [M, D], log2-domain lse and delta [M] of the gathered rows (0 where not ok)."""
+    r_ptrs = rows[:, None] * STRIDE_QT + tl.arange(0, HEAD_DIM)[None, :]
+    q = tl.load(q_base + r_ptrs, mask=ok[:, None], other=0.0)
+    do = tl.load(do_base + r_ptrs, mask=ok[:, None], other=0.0)
+    lse2 = tl.load(lse_ptr + rows, mask=ok, other=0.0) * LOG2E
+    delta = tl.load(delta_ptr + rows, mask=ok, other=0.0)
+    return q, do, lse2, delta
 
 
 @triton.jit
@@ -155,19 +175,21 @@ def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     i_first = tl.program_id(2) * BLOCK_M
-    # entry ids one row chunk ahead (the gathered rows' loads then wait on one latency, not two)
-    nxt = tl.load(ENTRIES + beg + i_first + offs_m, mask=i_first + offs_m < cnt, other=0)
-    for i0 in range(i_first, cnt, BLOCK_M * SPLIT):
+    STEP: tl.constexpr = BLOCK_M * SPLIT
+    # entry ids two row chunks ahead (the gathered rows' loads then wait on one latency, not
+    # two); prefetching the rows themselves as the forward does was slower here (registers:
+    # 2.37 -> 2.59 ms at 64k, H100)
+    ids_c = tl.load(ENTRIES + beg + i_first + offs_m, mask=i_first + offs_m < cnt, other=0)
+    ids_n = tl.load(ENTRIES + beg + i_first + STEP + offs_m, mask=i_first + STEP + offs_m < cnt,
+                    other=0)
+    for i0 in range(i_first, cnt, STEP):
         e_ok = i0 + offs_m < cnt
-        ent = nxt
-        nxt = tl.load(ENTRIES + beg + i0 + BLOCK_M * SPLIT + offs_m,
-                      mask=i0 + BLOCK_M * SPLIT + offs_m < cnt, other=0)
-        rows = ent // NSEL
-        r_ptrs = rows[:, None] * STRIDE_QT + offs_d[None, :]
-        q = tl.load(q_base + r_ptrs, mask=e_ok[:, None], other=0.0)
-        do = tl.load(do_base + r_ptrs, mask=e_ok[:, None], other=0.0)
-        lse2 = tl.load(LSE + row_base + rows, mask=e_ok, other=0.0) * LOG2E
-        delta = tl.load(DELTA + row_base + rows, mask=e_ok, other=0.0)
+        ent = ids_c
+        q, do, lse2, delta = _gather_rows(q_base, do_base, LSE + row_base, DELTA + row_base,
+                                          ent // NSEL, e_ok, STRIDE_QT, HEAD_DIM)
+        ids_c = ids_n
+        ids_n = tl.load(ENTRIES + beg + i0 + 2 * STEP + offs_m,
+                        mask=i0 + 2 * STEP + offs_m < cnt, other=0)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         for start_n in range(bs, be, BLOCK_N):
             k, v, s = chunk_scores(q, k_base, v_base, start_n + offs_n, be, qk_scale, STRIDE_KT,
