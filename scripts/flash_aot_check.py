@@ -62,6 +62,8 @@ def check(name, d, cfg, extra):
                  HAS_WINDOW=False, DOT_PREC="ieee" if P == "*fp32" else "tf32", **extra)
     if name == "fwd":
         const.setdefault("FP8", False)
+    else:
+        const.setdefault("TMA", False)
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": w, "num_stages": s})
     ptx = k.asm["ptx"]
@@ -85,6 +87,7 @@ def main():
     ap.add_argument("--dims", default="64,128,256")
     ap.add_argument("--kernels", default="fwd,dkdv,dq")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    ap.add_argument("--tma", action="store_true", help="dK/dV and dQ with TMA descriptors")
     a = ap.parse_args()
     global P
     P = "*" + a.dtype
@@ -94,7 +97,7 @@ def main():
         for d in [int(x) for x in a.dims.split(",")]:
             table = KERNELS[name][1]
             for cfg in table[pick_dim(table, d, torch.float32 if a.dtype == "fp32" else None)]:
-                check(name, d, cfg, {})
+                check(name, d, cfg, {"TMA": True} if a.tma and name != "fwd" else {})
 
 
 if __name__ == "__main__":

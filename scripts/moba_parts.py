@@ -6,7 +6,7 @@
 Stages, each timed alone (median ms, triton.testing.do_bench) on the inputs of one forward:
   table      block table (torch ops)
   gate       select_blocks: mean pooling + streaming top-(k−1) (attn/moba/gate.py)
-  index      routed_entries: inverse index (torch sort)
+  index      routed_entries_triton: inverse index (index.py; index_torch: the torch sort version)
   routed_fwd routed.py forward (gathered rows attend their chosen blocks)
   tile_fwd   fwd.py tile kernel (own block + merge), given the routed partials
   fwd        moba_fwd total
@@ -50,8 +50,10 @@ def stage_times(T, H, Hkv, D, block, topk, warmup, rep):
     r["gate_pool"] = bench(lambda: gate._pool_kernel[(nb, Hkv)](
         k, mk, table[2], table[3], T, nb, HKV=Hkv, HEAD_DIM=D, BLOCK_N=64, DOT_PREC="tf32",
         num_warps=4, num_stages=3))
-    r["index"] = bench(lambda: routed.routed_entries(sel, nb))
-    index = routed.routed_entries(sel, nb)
+    from attn.moba.index import routed_entries_triton
+    r["index_torch"] = bench(lambda: routed.routed_entries(sel, nb))
+    r["index"] = bench(lambda: routed_entries_triton(sel, nb))
+    index = routed_entries_triton(sel, nb)
     nsel = sel.shape[-1]
     r["routed_fwd"] = bench(lambda: routed.routed_fwd(q, k, v, index, table, scale * LOG2E_F,
                                                       nsel, block))

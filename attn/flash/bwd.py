@@ -45,23 +45,29 @@ def _bwd_preprocess(O, DO, DELTA, Tq, H: tl.constexpr, HEAD_DIM: tl.constexpr,
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, start, end, kpos,
-                SEG_START, q_offset, window, Tq, qk_scale,
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, row0, col, lse_ptr, delta_ptr, start,
+                end, kpos, SEG_START, q_offset, window, Tq, qk_scale,
                 STRIDE_QT: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
                 HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                DOT_PREC: tl.constexpr, TMA: tl.constexpr):
+    """TMA: Q, dO tiles through the descriptors qd, dod at (row0 + row, col); rows past this
+    batch's Tq come back zero (the descriptor ends there) and are masked out of P anyway."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
         q_ptrs = q_base + rows[:, None] * STRIDE_QT + offs_d[None, :]
         do_ptrs = do_base + rows[:, None] * STRIDE_QT + offs_d[None, :]
-        if MASKED:
-            r_ok = rows < Tq
-            q = tl.load(q_ptrs, mask=r_ok[:, None], other=0.0)
-            lse2 = tl.load(lse_ptr + rows, mask=r_ok, other=0.0) * LOG2E
+        if TMA:
+            q = qd.load([row0 + start_m, col])
+        elif MASKED:
+            q = tl.load(q_ptrs, mask=(rows < Tq)[:, None], other=0.0)
         else:
             q = tl.load(q_ptrs)
+        if MASKED:
+            r_ok = rows < Tq
+            lse2 = tl.load(lse_ptr + rows, mask=r_ok, other=0.0) * LOG2E
+        else:
             lse2 = tl.load(lse_ptr + rows) * LOG2E
         # transposed scores [BLOCK_N, BLOCK_M]: P^T comes out ready for dV = P^T dO
         s_t = mma(k, tl.trans(q), None, DOT_PREC) * qk_scale
@@ -72,11 +78,15 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, start, end, k
             ok = (kpos[:, None] <= qpos[None, :]) & (kpos[:, None] >= lo[None, :]) \
                 & r_ok[None, :]
             p_t = tl.where(ok, p_t, 0.0)
-            do = tl.load(do_ptrs, mask=r_ok[:, None], other=0.0)
             delta = tl.load(delta_ptr + rows, mask=r_ok, other=0.0)
         else:
-            do = tl.load(do_ptrs)
             delta = tl.load(delta_ptr + rows)
+        if TMA:
+            do = dod.load([row0 + start_m, col])
+        elif MASKED:
+            do = tl.load(do_ptrs, mask=(rows < Tq)[:, None], other=0.0)
+        else:
+            do = tl.load(do_ptrs)
         dv = mma(cvt(p_t, do.dtype), do, dv, DOT_PREC)
         dp_t = mma(v, tl.trans(do), None, DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -89,7 +99,8 @@ def _dkdv_program(start_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, S
                   qk_scale, q_offset, window, Tq, Tk,
                   HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+                  HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+                  TMA: tl.constexpr):
     """dK, dV of keys start_n.. of (batch, KV head) pid_bh."""
     b = pid_bh // HKV
     hkv = pid_bh % HKV
@@ -118,6 +129,15 @@ def _dkdv_program(start_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, S
         f_lo = m_lo
         f_hi = m_lo
 
+    if TMA:
+        # rows [0, (b+1)·Tq) of the [B·Tq, Hq·D] view: the tile loads of batch b stop at its end
+        qd = tl.make_tensor_descriptor(Q, shape=[(b + 1) * Tq, HQ * HEAD_DIM],
+                                       strides=[STRIDE_QT, 1], block_shape=[BLOCK_M, HEAD_DIM])
+        dod = tl.make_tensor_descriptor(DO, shape=[(b + 1) * Tq, HQ * HEAD_DIM],
+                                        strides=[STRIDE_QT, 1], block_shape=[BLOCK_M, HEAD_DIM])
+    else:
+        qd = Q  # unused
+        dod = DO
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for g in range(GROUP):
@@ -125,15 +145,18 @@ def _dkdv_program(start_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, S
         q_base = Q + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
         do_base = DO + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
         row_base = (b * HQ + h).to(tl.int64) * Tq
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, b * Tq, h * HEAD_DIM,
+                             LSE + row_base, DELTA + row_base,
                              m_lo, f_lo, offs_n, SEG_START, q_offset, window, Tq, qk_scale,
-                             STRIDE_QT, BLOCK_M, HEAD_DIM, HAS_SEG, HAS_WINDOW, True, DOT_PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+                             STRIDE_QT, BLOCK_M, HEAD_DIM, HAS_SEG, HAS_WINDOW, True, DOT_PREC, TMA)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, b * Tq, h * HEAD_DIM,
+                             LSE + row_base, DELTA + row_base,
                              f_lo, f_hi, offs_n, SEG_START, q_offset, window, Tq, qk_scale,
-                             STRIDE_QT, BLOCK_M, HEAD_DIM, HAS_SEG, HAS_WINDOW, False, DOT_PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
+                             STRIDE_QT, BLOCK_M, HEAD_DIM, HAS_SEG, HAS_WINDOW, False, DOT_PREC, TMA)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, b * Tq, h * HEAD_DIM,
+                             LSE + row_base, DELTA + row_base,
                              f_hi, m_hi, offs_n, SEG_START, q_offset, window, Tq, qk_scale,
-                             STRIDE_QT, BLOCK_M, HEAD_DIM, HAS_SEG, HAS_WINDOW, True, DOT_PREC)
+                             STRIDE_QT, BLOCK_M, HEAD_DIM, HAS_SEG, HAS_WINDOW, True, DOT_PREC, TMA)
     tl.store(DK + kv_off, cvt(dk * scale, DK.dtype.element_ty), mask=n_ok[:, None])
     tl.store(DV + kv_off, cvt(dv, DV.dtype.element_ty), mask=n_ok[:, None])
 
@@ -143,24 +166,30 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, SEG_END, scale, qk_
                  q_offset, window, Tq, Tk,
                  HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+                 HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+                 TMA: tl.constexpr):
     # key block 0 sees every query: program 0 is the heaviest, the grid runs heaviest first
     _dkdv_program(tl.program_id(0) * BLOCK_N, tl.program_id(1), Q, K, V, DO, LSE, DELTA, DK, DV,
                   SEG_START, SEG_END, scale, qk_scale, q_offset, window, Tq, Tk, HQ, HKV,
-                  HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SEG, HAS_WINDOW, DOT_PREC)
+                  HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SEG, HAS_WINDOW, DOT_PREC, TMA)
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, start, end, qpos, lo, Tk, qk_scale,
-              STRIDE_KT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-              MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col, start, end, qpos, lo, Tk,
+              qk_scale, STRIDE_KT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              MASKED: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
+    """TMA: K, V tiles through the descriptors kd, vd at (row0 + key, col); keys past this
+    batch's Tk come back zero and are masked out of P."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, end, BLOCK_N):
         kpos = start_n + offs_n
         k_ptrs = k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :]
         v_ptrs = v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :]
-        if MASKED:
+        if TMA:
+            k = kd.load([row0 + start_n, col])
+            v = vd.load([row0 + start_n, col])
+        elif MASKED:
             k = tl.load(k_ptrs, mask=(kpos < Tk)[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=(kpos < Tk)[:, None], other=0.0)
         else:
@@ -183,7 +212,8 @@ def _dq_program(start_m, pid_bh, Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale, 
                 q_offset, window, Tq, Tk,
                 HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+                HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+                TMA: tl.constexpr):
     """dQ of query rows start_m.. of (batch, query head) pid_bh."""
     b = pid_bh // HQ
     h = pid_bh % HQ
@@ -216,13 +246,24 @@ def _dq_program(start_m, pid_bh, Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale, 
         f_lo = kv_lo
         f_hi = kv_lo
 
+    if TMA:
+        # rows [0, (b+1)·Tk) of the [B·Tk, Hkv·D] view: the tile loads of batch b stop at its end
+        kd = tl.make_tensor_descriptor(K, shape=[(b + 1) * Tk, HKV * HEAD_DIM],
+                                       strides=[STRIDE_KT, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        vd = tl.make_tensor_descriptor(V, shape=[(b + 1) * Tk, HKV * HEAD_DIM],
+                                       strides=[STRIDE_KT, 1], block_shape=[BLOCK_N, HEAD_DIM])
+    else:
+        kd = K  # unused
+        vd = V
+    row0 = b * Tk
+    col = hkv * HEAD_DIM
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kv_lo, f_lo, qpos, lo, Tk, qk_scale,
-                   STRIDE_KT, BLOCK_N, HEAD_DIM, True, DOT_PREC)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, f_lo, f_hi, qpos, lo, Tk, qk_scale,
-                   STRIDE_KT, BLOCK_N, HEAD_DIM, False, DOT_PREC)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, f_hi, kv_hi, qpos, lo, Tk, qk_scale,
-                   STRIDE_KT, BLOCK_N, HEAD_DIM, True, DOT_PREC)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col, kv_lo, f_lo, qpos,
+                   lo, Tk, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, True, DOT_PREC, TMA)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col, f_lo, f_hi, qpos,
+                   lo, Tk, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, False, DOT_PREC, TMA)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col, f_hi, kv_hi, qpos,
+                   lo, Tk, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, True, DOT_PREC, TMA)
     tl.store(DQ + q_off, cvt(dq * scale, DQ.dtype.element_ty), mask=m_ok[:, None])
 
 
@@ -230,11 +271,12 @@ def _dq_program(start_m, pid_bh, Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale, 
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale, qk_scale, q_offset, window, Tq, Tk,
                HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
+               HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
+               TMA: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest (last) first
     _dq_program(start_m, tl.program_id(1), Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale,
                 qk_scale, q_offset, window, Tq, Tk, HQ, HKV, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SEG,
-                HAS_WINDOW, DOT_PREC)
+                HAS_WINDOW, DOT_PREC, TMA)
 
 
 @triton.jit
@@ -254,12 +296,12 @@ def _bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, SEG_START, SEG_END, s
         if pid_bh < tl.num_programs(1) // (HQ // HKV):  # rows B*Hkv.. of the grid: no dK/dV work
             _dkdv_program(pid * BLOCK_N1, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START,
                           SEG_END, scale, qk_scale, q_offset, window, Tq, Tk, HQ, HKV, HEAD_DIM,
-                          BLOCK_M1, BLOCK_N1, HAS_SEG, HAS_WINDOW, DOT_PREC)
+                          BLOCK_M1, BLOCK_N1, HAS_SEG, HAS_WINDOW, DOT_PREC, False)
     else:
         n_q = tl.cdiv(Tq, BLOCK_M2)
         _dq_program((n_q - 1 - (pid - n_kv)) * BLOCK_M2, pid_bh, Q, K, V, DO, LSE, DELTA, DQ,
                     SEG_START, scale, qk_scale, q_offset, window, Tq, Tk, HQ, HKV, HEAD_DIM,
-                    BLOCK_M2, BLOCK_N2, HAS_SEG, HAS_WINDOW, DOT_PREC)
+                    BLOCK_M2, BLOCK_N2, HAS_SEG, HAS_WINDOW, DOT_PREC, False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +315,7 @@ def _bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, SEG_START, SEG_END, s
 # dK/dV: key block resident (BLOCK_N), query blocks streamed (BLOCK_M)
 DKDV_CFGS = {
     64: [(32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 8, 3), (32, 64, 4, 3)],
-    128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3)],
+    128: [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)],
     256: [(32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 4, 2)],
     512: [(16, 32, 4, 2), (16, 16, 4, 2)],  # fp32 at D = 256 (tests only: slow, spills)
 }
@@ -300,10 +342,11 @@ BWD_MODE = "split"  # default of FLASH_BWD (split | fused)
 
 _KEY = ["Tq", "Tk", "HEAD_DIM", "HQ", "HKV", "HAS_SEG", "HAS_WINDOW"]
 _c, _p = common.tuned_configs(DKDV_CFGS)
-_dkdv_tuned = triton.autotune(_c, key=_KEY, prune_configs_by={"early_config_prune": _p})(
-    _dkdv_kernel)
+_dkdv_tuned = triton.autotune(_c, key=_KEY + ["TMA"],
+                              prune_configs_by={"early_config_prune": _p})(_dkdv_kernel)
 _c, _p = common.tuned_configs(DQ_CFGS)
-_dq_tuned = triton.autotune(_c, key=_KEY, prune_configs_by={"early_config_prune": _p})(_dq_kernel)
+_dq_tuned = triton.autotune(_c, key=_KEY + ["TMA"],
+                            prune_configs_by={"early_config_prune": _p})(_dq_kernel)
 
 
 def _fused_configs():
@@ -381,8 +424,8 @@ def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window):
         return dq, dk, dv
     _launch("dkdv", _dkdv_tuned, _dkdv_kernel, DKDV_CFGS, INTERP_DKDV, tk, B * hkv,
             (q, k, v, do, lse, delta, dk, dv, seg_start, seg_end, scale, scale * LOG2E_F,
-             q_offset, w, tq, tk), meta, "BLOCK_N")
+             q_offset, w, tq, tk), dict(meta, TMA=common.use_tma("dkdv", q, do)), "BLOCK_N")
     _launch("dq", _dq_tuned, _dq_kernel, DQ_CFGS, INTERP_DQ, tq, B * hq,
             (q, k, v, do, lse, delta, dq, seg_start, scale, scale * LOG2E_F, q_offset, w, tq, tk),
-            meta, "BLOCK_M")
+            dict(meta, TMA=common.use_tma("dq", k, v)), "BLOCK_M")
     return dq, dk, dv

@@ -41,6 +41,33 @@ def seg_arrays(cu_seqlens: torch.Tensor, tk: int):
     return cu[doc].contiguous(), (cu[doc + 1] - 1).contiguous()
 
 
+# TMA tensor descriptors (Hopper+, and the interpreter) for the row tiles the backward streams:
+# Q/dO in dK/dV, K/V in dQ. FLASH_TMA=0 keeps pointer loads everywhere. Per kernel: measured on
+# the H100 at B·T = 2 × 16k, H = 16, D = 128 (docs/flash_notes.md, "TMA descriptors").
+TMA = {"dkdv": os.environ.get("FLASH_TMA", "1") != "0",
+       "dq": os.environ.get("FLASH_TMA", "1") != "0"}
+_ALLOCATOR_SET = []
+
+
+def use_tma(kind: str, *tensors) -> bool:
+    """Whether `kind`'s kernel loads its streamed tiles through TMA descriptors: enabled for the
+    kernel, a Hopper-or-newer GPU (or the interpreter), 16-byte aligned bases (the descriptor's
+    rule; row strides H·D·size are multiples of 16 for every supported head dim)."""
+    if not TMA.get(kind, False):
+        return False
+    dev = tensors[0].device
+    if not INTERPRET and (dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9):
+        return False
+    if any(t.data_ptr() % 16 for t in tensors):
+        return False
+    if not _ALLOCATOR_SET:
+        # device-side descriptors (tl.make_tensor_descriptor) need scratch memory per launch
+        triton.set_allocator(lambda size, align, stream: torch.empty(
+            size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda"))
+        _ALLOCATOR_SET.append(True)
+    return True
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs get true fp32 products (the contract: as accurate as the fp32 reference);
     # 16-bit inputs ignore the setting.

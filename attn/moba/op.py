@@ -9,7 +9,8 @@ Implementation (attn.dispatch.impl_for): Triton on CUDA tensors, ref.py (dense m
 on CPU tensors; ATTN_IMPL=triton|ref forces one (TRITON_INTERPRET=1 with ATTN_IMPL=triton runs
 the kernels on CPU tensors). The Triton path, never materialising T × T:
   gate.py    block table, mean-pooled keys per block, streaming top-(k−1) selection per head
-  routed.py  inverse index block -> routed queries; per block, gathered rows attend it in full
+  index.py   inverse index block -> routed queries (counting sort over tiles, two kernels)
+  routed.py  per block, its gathered routed rows attend it in full
              (partial output + lse, partial dQ per (row, slot))
   fwd.py     per query tile: own block (causal) merged with the row's routed partials (forward
              through the lse, dQ by summation)
@@ -80,11 +81,11 @@ def moba_fwd(q, k, v, *, block_size: int = 512, topk: int = 3, scale=None, cu_se
     what moba_bwd needs besides o and lse."""
     from attn.moba.fwd import fwd_triton
     from attn.moba.gate import block_table, select_blocks
-    from attn.moba.routed import routed_entries
+    from attn.moba.index import routed_entries_triton
     scale = float(q.shape[3] ** -0.5 if scale is None else scale)
     table = block_table(cu_seqlens, k.shape[1], block_size, q.device)
     sel = select_blocks(q, k, table, topk, q_offset)
-    index = routed_entries(sel, table[2].numel()) if topk > 1 else None
+    index = routed_entries_triton(sel, table[2].numel()) if topk > 1 else None
     o, lse = fwd_triton(q, k, v, sel, table, scale, q_offset, index, block_size)
     return o, lse, sel, table, index
 

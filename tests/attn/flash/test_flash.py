@@ -224,3 +224,13 @@ def test_primitives_non_causal(monkeypatch, dtype, tol, Tq, Tk, Hq, Hkv):
         assert torch.isfinite(g).all() and rel(g, e) < tol
     with pytest.raises(ValueError, match="causal=False"):
         flash_fwd(q, k, v, causal=False, window=4)
+
+
+@pytest.mark.parametrize("case", [dict(B=2, Tq=50, Hq=4, Hkv=2, D=16),
+                                  dict(B=1, Tq=40, Tk=72, q_offset=32, Hq=2, D=32, window=24)])
+def test_pointer_loads_without_tma(monkeypatch, case):
+    """The backward's pointer-load path (pre-Hopper GPUs, FLASH_TMA=0, unaligned tensors): the
+    other tests run the TMA descriptor path, which the interpreter executes as well."""
+    monkeypatch.setitem(common.TMA, "dkdv", False)
+    monkeypatch.setitem(common.TMA, "dq", False)
+    check_case(monkeypatch, **case, device=DEV)
