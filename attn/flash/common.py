@@ -44,9 +44,7 @@ def seg_arrays(cu_seqlens: torch.Tensor, tk: int):
 # TMA tensor descriptors (Hopper+, and the interpreter) for the row tiles the backward streams:
 # Q/dO in dK/dV, K/V in dQ. FLASH_TMA=0 keeps pointer loads everywhere. Per kernel: measured on
 # the H100 at B·T = 2 × 16k, H = 16, D = 128 (docs/flash_notes.md, "TMA descriptors").
-TMA = {"dkdv": os.environ.get("FLASH_TMA", "1") != "0",
-       "dq": os.environ.get("FLASH_TMA", "1") != "0"}
-_ALLOCATOR_SET = []
+TMA = {kind: os.environ.get("FLASH_TMA", "1") != "0" for kind in ("dkdv", "dq")}
 
 
 def use_tma(kind: str, *tensors) -> bool:
@@ -60,12 +58,15 @@ def use_tma(kind: str, *tensors) -> bool:
         return False
     if any(t.data_ptr() % 16 for t in tensors):
         return False
-    if not _ALLOCATOR_SET:
-        # device-side descriptors (tl.make_tensor_descriptor) need scratch memory per launch
-        triton.set_allocator(lambda size, align, stream: torch.empty(
-            size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda"))
-        _ALLOCATOR_SET.append(True)
+    # device-side descriptors (tl.make_tensor_descriptor) need scratch memory per launch; the
+    # allocator is a context variable, so it is set in the calling thread every time (autograd
+    # runs the backward in its own thread)
+    triton.set_allocator(_scratch)
     return True
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
 
 
 def dot_precision(dtype: torch.dtype) -> str:
