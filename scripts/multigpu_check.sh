@@ -4,6 +4,7 @@
 #            parallel.cp_strategy=S` against one GPU with the same global batch, for every family
 #            and strategy it supports (ring without documents: it serves one per micro-batch)
 #   scaling  weak scaling: tokens per GPU fixed (TOK), cp = 1, 2, 4, .. N; time per step
+#            (PAIRS="flash:ring lightning:lasp" picks the family:strategy pairs)
 #   longest  longest sequence trained with cp = N (350m, activation checkpointing), per family
 #   ddpcp    dp = 2 × cp = N/2 against one GPU with the same global batch (N >= 4)
 # GPU:  NGPU=8 STAGES="equiv scaling longest ddpcp" bash scripts/multigpu_check.sh
@@ -74,7 +75,7 @@ for stage in $STAGES; do
         done
       done ;;
     scaling)
-      for pair in flash:ring flash:allgather lightning:lasp moba:allgather nsa:allgather; do
+      for pair in ${PAIRS:-flash:ring flash:allgather lightning:lasp moba:allgather nsa:allgather}; do
         attn=${pair%%:*}; s=${pair##*:}; doc=""; [ "$s" = ring ] && doc="data.document_mask=false"
         cp=1
         while [ $cp -le "$NGPU" ]; do
