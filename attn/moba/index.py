@@ -26,6 +26,8 @@ the counts stay below the size of SEL up to nb ≈ 4k and reach 4× SEL at nb = 
 Cost: a sort of E keys per tile (E = 256 at nb <= 254: 36 compare-exchange stages per key), two
 scans, and memory traffic SEL + 2·SKEY + ENTRIES + a few passes over the counts; no O(nb)
 work per entry (only the per-tile counts, which are O(nb) per E entries).
+When the counts would pass MAX_COUNTS_PER_ENTRY words per entry (many short documents with
+small blocks), routed.routed_entries (a torch sort, same result) builds the index instead.
 Run starts are found by scans with commutative combines (max / min of b·E + (E - 1 - i)), so
 neither the argument order of the combine nor the scan direction can change the result.
 """
@@ -42,6 +44,7 @@ MIN_TILE = 256  # GPU: smallest tile (36 sort stages; counts <= (nb + 1)/256 wor
 MAX_TILE = 4096  # GPU: largest tile (16 keys per thread with 8 warps; sort stays in registers)
 KEYS_PER_WARP = 128  # GPU: num_warps = E / 128, capped at MAX_WARPS (4 keys per thread)
 MAX_WARPS = 8  # GPU: more warps only add cross-warp (shared memory) sort stages
+MAX_COUNTS_PER_ENTRY = 4  # above: COUNTS larger than 4 words per entry, use the torch sort
 
 
 @triton.jit
@@ -146,6 +149,11 @@ def routed_entries_triton(sel, nb: int, *, tile: int | None = None):
     if n == 0:
         return torch.zeros(n_keys + 1, dtype=torch.int32, device=dev), entries
     n_tiles = triton.cdiv(n, e)
+    if (nb + 1) * n_tiles > MAX_COUNTS_PER_ENTRY * n and tile is None:
+        # many blocks per entry (long contexts cut in many short documents, small blocks): the
+        # per-tile counts would outgrow the index itself; the sort-based version, same result
+        from attn.moba.routed import routed_entries
+        return routed_entries(sel, nb)
     if n_bh * (nb + 1) * n_tiles >= 2 ** 31 or n_bh * n_tiles * e >= 2 ** 31:
         raise ValueError(f"B*Hq*(n_blocks+1)*n_tiles={n_bh * (nb + 1) * n_tiles} and "
                          f"B*Hq*n_tiles*tile={n_bh * n_tiles * e} must be < 2**31 (int32 indices)")

@@ -50,7 +50,7 @@ def check(sel, nb, tile=None):
 @pytest.mark.parametrize("shape,tile", [
     ((1, 1, 1, 1, 1), None),          # one entry
     ((1, 3, 37, 2, 5), None),         # several heads, Tq*NSEL not a multiple of the tile
-    ((2, 3, 37, 3, 200), None),       # batch, nb > tile, most blocks absent from a tile
+    ((2, 3, 37, 3, 200), 16),         # batch, nb > tile, most blocks absent from a tile
     ((2, 1, 300, 1, 5), None),        # NSEL 1, long runs of one block within a tile
     ((1, 1, 300, 3, 200), 64),        # larger tile
     ((1, 3, 100, 2, 1), 32),          # nb 1: the second slot is always unused
@@ -68,6 +68,19 @@ def test_all_unused_and_all_used(monkeypatch):
     check(random_sel(1, 2, 20, 2, 7, p_slot=0.0, p_row=0.0), 7)
     # every row on the same block: one run per tile, ranks across tiles
     check(torch.full((1, 1, 50, 1), 3, dtype=torch.int32), 4)
+
+
+def test_many_blocks_per_entry_fall_back_to_the_sort(monkeypatch):
+    """nb large against the entries (short documents, small blocks): the per-tile counts would
+    outgrow the index, so the torch sort builds it (same result); an explicit tile keeps the
+    kernels (the other tests)."""
+    from attn.moba import index
+    monkeypatch.setattr(common, "empty", nan_empty)
+    calls = []
+    monkeypatch.setattr(index, "_tile_sort_kernel", calls)  # any launch would fail
+    sel = random_sel(1, 2, 30, 2, 400)
+    check(sel, 400)
+    assert not calls
 
 
 def test_bad_arguments():
