@@ -81,11 +81,16 @@ def moba_fwd(q, k, v, *, block_size: int = 512, topk: int = 3, scale=None, cu_se
     what moba_bwd needs besides o and lse."""
     from attn.moba.fwd import fwd_triton
     from attn.moba.gate import block_table, select_blocks
+    from attn.dispatch import INTERPRET
     from attn.moba.index import routed_entries_triton
+    from attn.moba.routed import routed_entries
     scale = float(q.shape[3] ** -0.5 if scale is None else scale)
     table = block_table(cu_seqlens, k.shape[1], block_size, q.device)
     sel = select_blocks(q, k, table, topk, q_offset)
-    index = routed_entries_triton(sel, table[2].numel()) if topk > 1 else None
+    # the interpreter's tl.sort is slow (~0.1 s per tile): there the torch sort builds the same
+    # index (tests/attn/moba/test_moba_index.py checks the two agree bit for bit)
+    build_index = routed_entries if INTERPRET else routed_entries_triton
+    index = build_index(sel, table[2].numel()) if topk > 1 else None
     o, lse = fwd_triton(q, k, v, sel, table, scale, q_offset, index, block_size)
     return o, lse, sel, table, index
 
