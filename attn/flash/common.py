@@ -11,6 +11,7 @@ per-key upper bound hi(s) = min(doc_end(s), s + window - 1).
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -54,7 +55,7 @@ def use_tma(kind: str, *tensors) -> bool:
     if not TMA.get(kind, False):
         return False
     dev = tensors[0].device
-    if not INTERPRET and (dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] < 9):
+    if not INTERPRET and (dev.type != "cuda" or _capability(dev.index)[0] < 9):
         return False
     if any(t.data_ptr() % 16 for t in tensors):
         return False
@@ -63,6 +64,12 @@ def use_tma(kind: str, *tensors) -> bool:
     # runs the backward in its own thread)
     triton.set_allocator(_scratch)
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    """(major, minor) of CUDA device `index`, asked once (use_tma runs on every launch)."""
+    return torch.cuda.get_device_capability(index)
 
 
 def _scratch(size: int, alignment: int, stream):

@@ -5,7 +5,8 @@ Per-token routing makes the rows of a query tile choose different blocks; walkin
 instead, the gathered rows of one block share its keys, so every key tile loaded serves only
 rows that need it (no union of the tile's choices, no wasted rows beyond the last chunk).
 
-Inverse index (torch, once per forward, stable sort, deterministic): ENTRIES int32 lists, per
+Inverse index (once per forward, deterministic; index.py on the GPU, routed_entries below under
+the interpreter and as its reference): ENTRIES int32 lists, per
 (batch·head, block), the entries e = row·NSEL + slot with SEL[row, slot] == block, rows
 ascending; ROWPTR [B·Hq·NB + 1] int32 offsets. The backward's dK/dV kernel reuses it.
 
@@ -87,7 +88,8 @@ def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_
                        SPLIT: tl.constexpr, EVEN: tl.constexpr, DOT_PREC: tl.constexpr):
     # the SPLIT programs of one (block, head) are neighbours on grid axis 0, so they run at the
     # same time and share the block's K/V in L2 (on a third grid axis they ran a whole grid
-    # slice apart: routed forward 1.85 -> 1.63 ms, dQ 2.33 -> 1.93 at 64k, H100)
+    # slice apart: routed forward 1.85 -> 1.62 ms, dQ 2.33 -> 1.84 at 64k, H100;
+    # docs/bench/moba_split_2d_grid_h100.json)
     j = tl.program_id(0) // SPLIT
     z = tl.program_id(0) % SPLIT
     pid_bh = tl.program_id(1)
@@ -141,18 +143,6 @@ def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_
 
 
 @triton.jit
-def _gather_rows(q_base, do_base, lse_ptr, delta_ptr, rows, ok, STRIDE_QT: tl.constexpr,
-                 HEAD_DIM: tl.constexpr):
-    """Q, dO rows [M, D], log2-domain lse and delta [M] of the gathered rows (0 where not ok)."""
-    r_ptrs = rows[:, None] * STRIDE_QT + tl.arange(0, HEAD_DIM)[None, :]
-    q = tl.load(q_base + r_ptrs, mask=ok[:, None], other=0.0)
-    do = tl.load(do_base + r_ptrs, mask=ok[:, None], other=0.0)
-    lse2 = tl.load(lse_ptr + rows, mask=ok, other=0.0) * LOG2E
-    delta = tl.load(delta_ptr + rows, mask=ok, other=0.0)
-    return q, do, lse2, delta
-
-
-@triton.jit
 def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, BLK_END,
                       qk_scale, Tq, Tk, NB,
                       HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -190,8 +180,12 @@ def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, 
     for i0 in range(i_first, cnt, STEP):
         e_ok = i0 + offs_m < cnt
         ent = ids_c
-        q, do, lse2, delta = _gather_rows(q_base, do_base, LSE + row_base, DELTA + row_base,
-                                          ent // NSEL, e_ok, STRIDE_QT, HEAD_DIM)
+        rows = ent // NSEL
+        r_ptrs = rows[:, None] * STRIDE_QT + offs_d[None, :]
+        q = tl.load(q_base + r_ptrs, mask=e_ok[:, None], other=0.0)
+        do = tl.load(do_base + r_ptrs, mask=e_ok[:, None], other=0.0)
+        lse2 = tl.load(LSE + row_base + rows, mask=e_ok, other=0.0) * LOG2E
+        delta = tl.load(DELTA + row_base + rows, mask=e_ok, other=0.0)
         ids_c = ids_n
         ids_n = tl.load(ENTRIES + beg + i0 + 2 * STEP + offs_m,
                         mask=i0 + 2 * STEP + offs_m < cnt, other=0)
