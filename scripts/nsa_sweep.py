@@ -12,6 +12,10 @@ selection and selected-block loops").
           (FWD_ROWS, DQ_WARPS, DQ_STAGES)
   dkdv    slc_attn_bwd (delta, dQ, index, dK/dV) over (DKDV_ROWS, DKDV_WARPS, DKDV_STAGES,
           SPLIT_FACTOR)
+  tiles   slc forward and dQ with TILES = coarse / fine / adaptive while a fraction f of the
+          queries (f in --share-fracs) take their 64-query block's first selection; reports the
+          mean union sizes per coarse tile and per its fine tiles and the share of fine tiles
+          (how COARSE_STEP_COST / FINE_STEP_COST in attn/nsa/slc.py were checked)
 Inputs: random q, k, v (bf16, D = 128), mean-pooled compression 32 / 16, top-16 of 64-key blocks
 chosen by our selection; --shared makes the 64 queries of a block use the first one's selection
 (what a trained model's neighbouring queries mostly do). Module constants are rebound per config
@@ -59,6 +63,36 @@ def inputs(T, H, Hkv, shared):
     if shared:
         sel = sel[:, (torch.arange(T, device=DEVICE) // 64) * 64].contiguous()
     return q, k, v, kc, lse_c, table, kw, sel
+
+
+def sweep_tiles(T, H, Hkv, fracs, bench):
+    from attn.nsa import slc
+    q, k, v, kc, lse_c, table, kw, sel_random = inputs(T, H, Hkv, False)
+    scale, res = kw["scale"], {}
+    lead = sel_random[:, (torch.arange(T, device=DEVICE) // 64) * 64]
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    do = torch.randn_like(q)
+    for f in fracs:
+        follow = torch.rand(1, T, 1, 1, device=DEVICE, generator=gen) < f
+        sel = torch.where(follow, lead, sel_random).contiguous()
+        o, lse = slc.slc_attn_fwd(q, k, v, sel, table[2], table[3], scale=scale, sel_block=64)
+        plans = slc._tile_plans(q, k, sel, table[2], table[3])
+        row = {}
+        if len(plans) == 2:
+            (_, uc, flags, _, per), (_, uf, _, _, _) = plans
+            row.update(u_coarse=uc[3].float().mean().item(),
+                       u_fine_sum=uf[3].float().mean().item() * per,
+                       fine_share=flags.float().mean().item())
+        dq = torch.empty_like(q)
+        for tiles in ("coarse", "fine", "adaptive"):
+            old = _rebound(slc, dict(TILES=tiles))
+            row[f"fwd_{tiles}"] = bench(lambda: slc.slc_attn_fwd(
+                q, k, v, sel, table[2], table[3], scale=scale, sel_block=64))
+            row[f"dq_{tiles}"] = bench(lambda: slc._launch_rows(
+                q, k, v, dq, lse, do, lse, sel, table[2], table[3], scale, 64, 0, True))
+            _rebound(slc, old)
+        res[f"share{f:g}"] = row
+    return res
 
 
 def sweep_one(what, T, H, Hkv, shared, bench):
@@ -112,6 +146,7 @@ def main(argv=None):
     ap.add_argument("--heads", default="64,16", help="comma list, paired with --kv-heads")
     ap.add_argument("--kv-heads", default="4,4")
     ap.add_argument("--shared", action="store_true", help="blocks of 64 queries share picks")
+    ap.add_argument("--share-fracs", default="0,0.5,0.75,0.9,1", help="tiles: sharing fractions")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("nsa_sweep.py needs a CUDA GPU")
@@ -125,9 +160,17 @@ def main(argv=None):
     for what in a.what.split(","):
         for H, Hkv in pairs:
             for T in map(int, a.seqlens.split(",")):
-                r = sweep_one(what, T, H, Hkv, a.shared, bench)
+                if what == "tiles":
+                    fr = [float(x) for x in a.share_fracs.split(",")]
+                    r = sweep_tiles(T, H, Hkv, fr, bench)
+                else:
+                    r = sweep_one(what, T, H, Hkv, a.shared, bench)
                 out["results"][f"{what}@T={T},Hq={H},Hkv={Hkv}"] = r
                 for name, val in r.items():
+                    if what == "tiles":
+                        print(f"tiles  T={T:6d} Hq={H:3d}/{Hkv}: {name:10s} " + " ".join(
+                            f"{k}={x:.3f}" for k, x in val.items()), flush=True)
+                        continue
                     ms = val["ms"] if isinstance(val, dict) else val
                     print(f"{what:6s} T={T:6d} Hq={H:3d}/{Hkv}: {name:28s} {ms:8.3f} ms",
                           flush=True)

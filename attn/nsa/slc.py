@@ -36,6 +36,8 @@ sees none gets o = 0, lse = +inf and zero gradients.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -77,18 +79,15 @@ def _block_step(q, do, lse2, delta, acc, m_i, l_i, bad, selt, j, bs, be, K, V, k
 
 
 @triton.jit
-def _rows_kernel(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTART, UEND, UCNT,
-                 scale, qk_scale, q_offset, Tq, Tk, NB,
-                 HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 NSEL: tl.constexpr, NSEL_P: tl.constexpr, GROUP_P: tl.constexpr,
-                 QPP: tl.constexpr, BLOCK_N: tl.constexpr, DQ: tl.constexpr,
-                 USE_UNION: tl.constexpr, DOT_PREC: tl.constexpr):
-    """DQ=False: forward, writes O and LSE. DQ=True: reads LSE, DO, DELTA, writes dQ into O.
-    USE_UNION: walk the tile's union list (tile_unions); else find each next block id by a
-    search over the tile's selection."""
-    tile = tl.num_programs(0) - 1 - tl.program_id(0)        # latest positions first
+def _tile_rows(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTART, UEND, UCNT,
+               tile, n_tiles, pid_bh, scale, qk_scale, q_offset, Tq, Tk, NB,
+               HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+               NSEL: tl.constexpr, NSEL_P: tl.constexpr, GROUP_P: tl.constexpr,
+               QPP: tl.constexpr, BLOCK_N: tl.constexpr, DQ: tl.constexpr,
+               USE_UNION: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One tile: QPP positions from tile·QPP of (batch, KV head) pid_bh; its union list is row
+    pid_bh·n_tiles + tile of UNION / USTART / UEND / UCNT."""
     t0 = tile * QPP
-    pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     hkv = pid_bh % HKV
     GROUP: tl.constexpr = HQ // HKV
@@ -129,7 +128,7 @@ def _rows_kernel(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, UST
         # the union of the tile's blocks, ascending: ids and key ranges by position u, so the
         # K/V loads of later blocks are issued ahead (software pipeline) instead of each waiting
         # on the search for the next id
-        u_row = pid_bh.to(tl.int64) * tl.num_programs(0) + tile
+        u_row = pid_bh.to(tl.int64) * n_tiles + tile
         n_u = tl.load(UCNT + u_row)
         for u in range(0, n_u):
             j = tl.load(UNION + u_row * (QPP * NSEL_P) + u)
@@ -161,6 +160,41 @@ def _rows_kernel(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, UST
         tl.store(LSE + r_off, tl.where(bad, float("nan"), lse), mask=m_ok)
 
 
+@triton.jit
+def _rows_kernel(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTART, UEND, UCNT,
+                 FINE, n_tiles, n_coarse, scale, qk_scale, q_offset, Tq, Tk, NB,
+                 HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 NSEL: tl.constexpr, NSEL_P: tl.constexpr, GROUP_P: tl.constexpr,
+                 QPP: tl.constexpr, BLOCK_N: tl.constexpr, DQ: tl.constexpr,
+                 USE_UNION: tl.constexpr, DOT_PREC: tl.constexpr, TILES: tl.constexpr,
+                 PER: tl.constexpr, SUB: tl.constexpr):
+    """DQ=False: forward, writes O and LSE. DQ=True: reads LSE, DO, DELTA, writes dQ into O.
+    USE_UNION: walk each tile's union list (tile_unions); else find each next block id by a
+    search over the tile's selection. One program per SUB consecutive tiles of this tiling
+    (grid axis 0, latest positions first) and (batch, KV head) (axis 1). TILES: 0 = one tiling,
+    every tile; 1 = the coarse launch of the adaptive pair: skips tiles with
+    FINE[b·hkv, tile] != 0; 2 = the fine launch (PER fine tiles per coarse one, n_coarse coarse
+    tiles): runs the fine tiles whose coarse tile has FINE != 0. SUB = PER gives a program a
+    whole coarse tile's fine tiles in turn (few programs to skip)."""
+    top = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    if TILES != 0:
+        fine = tl.load(FINE + pid_bh.to(tl.int64) * n_coarse + (top * SUB) // PER)
+        if TILES == 1:
+            if fine != 0:
+                return
+        else:
+            if fine == 0:
+                return
+    for sub in range(SUB):
+        tile = top * SUB + sub
+        if tile < n_tiles:
+            _tile_rows(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTART, UEND,
+                       UCNT, tile, n_tiles, pid_bh, scale, qk_scale, q_offset, Tq, Tk, NB, HQ,
+                       HKV, HEAD_DIM, NSEL, NSEL_P, GROUP_P, QPP, BLOCK_N, DQ, USE_UNION,
+                       DOT_PREC)
+
+
 # ---------------------------------------------------------------------------------------------
 # launch
 
@@ -184,6 +218,20 @@ MAX_SEL_BLOCK = 128
 # neighbours mostly do; ..._shared_h200.json), 64 rows take 8.0 / 9.4 ms (fwd / dQ) and 16 rows
 # 19.1 / 20.4 (16/4: 2.9 / 3.3 against 5.1 / 6.2): 64 rows stay, for what training sees.
 FWD_ROWS, FWD_WARPS = 64, 4
+# Adaptive tiles (TILES = "adaptive"): each coarse tile of FWD_ROWS rows goes to the coarse or
+# to the fine launch (FINE_ROWS-row tiles: one position x 16 heads at group 16), whichever does
+# less work by the union counts: fine when COARSE_STEP_COST·U_coarse > FINE_STEP_COST·ΣU_fine.
+# H100, 64k, fwd / dQ time against the mean union sizes while a share of the queries takes its
+# 64-query block's picks (docs/bench/nsa_tiles_h100.json): a fine step costs 0.65-0.71 of a
+# coarse one (64/4: coarse 7.9 ms at U = 15.9 -> 22.5 at U = 50.3, i.e. 0.42 ms per unit of U;
+# fine 19.1 ms at ΣU = 63.5, 0.30; 16/4: 0.109 vs 0.071; dQ 0.64 in both). So random-like
+# selections take 16-row tiles, shared ones keep 64 rows, and tiles in between go either way.
+# "coarse" / "fine" force one tiling (NSA_SLC_TILES=coarse|fine; tests, sweeps). Groups with equal tilings (G >= 64) or
+# without union lists for the coarse tiles (G <= 2) take the coarse tiling.
+TILES = os.environ.get("NSA_SLC_TILES", "adaptive")
+FINE_ROWS = 16
+COARSE_STEP_COST, FINE_STEP_COST = 3, 2
+FINE_FWD_STAGES, FINE_DQ_STAGES = 3, 2                      # (the sweep's best for 16 rows)
 # pipeline depth of the union loop (H200, 64k, 64/4 random: fwd stages 1/2/3/4 27.3 / 25.4 /
 # 24.0 / 39.5 ms; dQ + dK/dV 54.9 / 57.7 / 75.2 / 75.0: the dQ tile with deeper pipelines loses
 # occupancy; the while loop over the next smallest id it replaces: 30.0 / 59.0)
@@ -258,31 +306,75 @@ def _block_n(sel_block):
     return max(16, triton.next_power_of_2(sel_block))
 
 
-def _meta(q, k, sel):
+def _meta(q, k, sel, rows=None):
+    """Kernel constants for tiles of `rows` (position, head) rows (default FWD_ROWS)."""
     hq, hkv = q.shape[2], k.shape[2]
     nsel = sel.shape[-1]
     gp = triton.next_power_of_2(hq // hkv)
+    rows = FWD_ROWS if rows is None else rows
     return dict(HQ=hq, HKV=hkv, HEAD_DIM=q.shape[3], NSEL=nsel,
                 NSEL_P=max(2, triton.next_power_of_2(nsel)), GROUP_P=gp,
-                QPP=max(1, FWD_ROWS // gp), DOT_PREC=common.dot_precision(q.dtype))
+                QPP=max(1, rows // gp), DOT_PREC=common.dot_precision(q.dtype), ROWS=rows)
+
+
+def fine_tiles(ucnt_coarse, ucnt_fine, per_coarse):
+    """int32 [B·Hkv, n_coarse]: 1 where the coarse tile's fine tiles do fewer weighted block
+    steps (COARSE_STEP_COST·U_coarse > FINE_STEP_COST·ΣU_fine); small torch ops, no sync."""
+    bh, nt = ucnt_coarse.shape
+    fine = torch.nn.functional.pad(ucnt_fine, (0, nt * per_coarse - ucnt_fine.shape[1]))
+    steps_fine = fine.view(bh, nt, per_coarse).sum(-1)
+    return (COARSE_STEP_COST * ucnt_coarse > FINE_STEP_COST * steps_fine).to(torch.int32)
+
+
+def _tile_plans(q, k, sel, blk_start, blk_end):
+    """[(meta, unions, FINE flags, TILES, fine per coarse)] for the launches of one pass."""
+    if TILES not in ("adaptive", "coarse", "fine"):
+        raise ValueError(f"attn.nsa.slc.TILES={TILES!r} must be adaptive, coarse or fine")
+    nb = blk_start.numel()
+    coarse, fine = _meta(q, k, sel), _meta(q, k, sel, FINE_ROWS)
+    per = coarse["QPP"] // fine["QPP"]
+
+    def unions(meta):
+        if meta["QPP"] * meta["NSEL_P"] <= MAX_UNION:
+            return tile_unions(sel, nb, meta, blk_start, blk_end)
+        return None
+    listed = coarse["QPP"] * coarse["NSEL_P"] <= MAX_UNION
+    mode = "coarse" if per == 1 or (TILES == "adaptive" and not listed) else TILES
+    if mode != "adaptive":
+        meta = coarse if mode == "coarse" else fine
+        return [(meta, unions(meta), None, 0, 1)]
+    uc = unions(coarse)
+    uf = tile_unions(sel, nb, fine, blk_start, blk_end, per_program=per)
+    flags = fine_tiles(uc[3], uf[3], per)
+    return [(coarse, uc, flags, 1, per), (fine, uf, flags, 2, per)]
 
 
 def _launch_rows(q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale, sel_block,
                  q_offset, dq_mode):
     B, tq = q.shape[:2]
-    meta = _meta(q, k, sel)
     nb = blk_start.numel()
-    use_union = meta["QPP"] * meta["NSEL_P"] <= MAX_UNION
-    if use_union:
-        unions = tile_unions(sel, nb, meta, blk_start, blk_end)
-    else:
-        unions = (sel,) * 4                                   # (not read)
-    grid = (triton.cdiv(tq, meta["QPP"]), B * k.shape[2])
-    _rows_kernel[grid](q, k, v, out, lse, do, delta, sel, blk_start, blk_end, *unions, scale,
-                       scale * LOG2E_F, q_offset, tq, k.shape[1], nb, **meta,
-                       BLOCK_N=_block_n(sel_block), DQ=dq_mode, USE_UNION=use_union,
-                       num_warps=DQ_WARPS if dq_mode else FWD_WARPS,
-                       num_stages=1 if INTERPRET else (DQ_STAGES if dq_mode else FWD_STAGES))
+    for rows_meta, unions, flags, tiles, per in _tile_plans(q, k, sel, blk_start, blk_end):
+        meta = dict(rows_meta)
+        rows = meta.pop("ROWS")
+        is_fine = rows == FINE_ROWS and FINE_ROWS != FWD_ROWS
+        if dq_mode:
+            stages = FINE_DQ_STAGES if is_fine else DQ_STAGES
+        else:
+            stages = FINE_FWD_STAGES if is_fine else FWD_STAGES
+        n_tiles = triton.cdiv(tq, meta["QPP"])
+        # the fine forward runs a coarse tile's fine tiles in one program (fewer programs to
+        # skip: 64/4 all coarse 8.72 -> 8.40 ms, random 19.16 -> 18.90); the fine dQ is faster
+        # one tile per program (random 21.22 vs 22.91 ms; H100, docs/bench/nsa_tiles_h100.json)
+        sub = per if tiles == 2 and not dq_mode else 1
+        grid = (triton.cdiv(n_tiles, sub), B * k.shape[2])
+        _rows_kernel[grid](q, k, v, out, lse, do, delta, sel, blk_start, blk_end,
+                           *(unions or (sel,) * 4), sel if flags is None else flags, n_tiles,
+                           1 if flags is None else flags.shape[1], scale, scale * LOG2E_F,
+                           q_offset, tq, k.shape[1], nb, **meta, BLOCK_N=_block_n(sel_block),
+                           DQ=dq_mode, USE_UNION=unions is not None, TILES=tiles,
+                           PER=per if tiles == 2 else 1, SUB=sub,
+                           num_warps=DQ_WARPS if dq_mode else FWD_WARPS,
+                           num_stages=1 if INTERPRET else stages)
 
 
 def slc_attn_fwd(q, k, v, sel, blk_start, blk_end, *, scale, sel_block, q_offset=0):

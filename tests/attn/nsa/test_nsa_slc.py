@@ -131,6 +131,82 @@ def test_matches_ref(monkeypatch, case):
     print({k: f"{a:.2e} (ref {b:.2e})" for k, (a, b) in rep.items()})
 
 
+@pytest.mark.parametrize("tiles", ["coarse", "fine"])
+@pytest.mark.parametrize("case", [
+    dict(Tq=84, Hq=4, Hkv=2, D=32, sel_block=16, nsel=3),                         # G 2, T % 16
+    dict(Tq=100, Hq=4, Hkv=1, D=16, sel_block=8, nsel=5, cu="docs", nsa=True),    # G 4, documents
+    dict(Tq=40, Tk=112, q_offset=60, Hq=16, Hkv=1, D=16, sel_block=8, nsel=4, dtype=fp16),
+    dict(Tq=96, Hq=8, Hkv=2, D=32, sel_block=16, nsel=4, cu="docs", nsa=True, dtype=bf16),
+], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()).replace("torch.", "")
+   if isinstance(c, dict) else c)
+def test_forced_tiling_matches_ref(monkeypatch, case, tiles):
+    """Each tiling alone (slc.TILES = coarse: FWD_ROWS-row tiles; fine: FINE_ROWS rows) is exact
+    against the definition; the adaptive default mixes the two per tile."""
+    monkeypatch.setattr(slc, "TILES", tiles)
+    case = dict(case)
+    if case.get("cu") == "docs":
+        case["cu"] = random_docs(case.get("Tk", case["Tq"]), 6)
+    check_case(monkeypatch, **case)
+
+
+def test_fine_tiles_rule():
+    """A coarse tile goes to the fine launch when COARSE_STEP_COST·U_coarse >
+    FINE_STEP_COST·(sum of its fine tiles' U); the last coarse tile may have fewer fine ones."""
+    uc = torch.tensor([[13, 10, 3]], dtype=torch.int32)
+    uf = torch.tensor([[4, 4, 4, 4, 5, 5, 5, 5, 3]], dtype=torch.int32)   # 3 coarse x 4, short
+    want = [int(slc.COARSE_STEP_COST * 13 > slc.FINE_STEP_COST * 16),
+            int(slc.COARSE_STEP_COST * 10 > slc.FINE_STEP_COST * 20),
+            int(slc.COARSE_STEP_COST * 3 > slc.FINE_STEP_COST * 3)]
+    assert slc.fine_tiles(uc, uf, 4).tolist() == [want]
+    assert want == [1, 0, 1]
+
+
+@pytest.mark.parametrize("shared_half", [0, 1])
+def test_adaptive_tiles_mix_and_agree(monkeypatch, shared_half):
+    """One half of the positions shares its picks per 32 queries (coarse tiles), the other half
+    picks at random (fine tiles). Each launch alone writes exactly the rows of its tiles (the
+    others stay NaN), and the pair's o / lse / dQ equal the coarse tiling's (fp32; the same
+    blocks in the same order per row). (Against the definition: test_forced_tiling_matches_ref.)"""
+    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(slc, "FINE_STEP_COST", 1)     # clear margins at these small sizes
+    T, hq, hkv, sb, nsel = 128, 16, 1, 4, 4                        # G 16: coarse 4, fine 1 pos
+    table = block_table(None, T, sb, "cpu")
+    sel = random_sel(table, 1, T, hkv, nsel, partial=False)
+    half = torch.arange(T // 2) + shared_half * T // 2
+    sel[:, half] = sel[:, (half // 32) * 32]                       # causal: the first's picks
+    q, do = torch.randn(1, T, hq, 16), torch.randn(1, T, hq, 16)
+    k, v = (torch.randn(1, T, hkv, 16) for _ in range(2))
+    delta = torch.randn(1, hq, T)
+    plans = slc._tile_plans(q, k, sel, table[2], table[3])
+    assert [p[3] for p in plans] == [1, 2]
+    flags = plans[0][2][0]
+    assert 0 < int(flags.sum()) < flags.numel(), flags
+    tile_of_pos = torch.arange(T) // plans[0][0]["QPP"]
+
+    def run():
+        o, lse = slc_attn_fwd(q, k, v, sel, table[2], table[3], scale=0.25, sel_block=sb)
+        dq = nan_empty(q.shape, q.dtype, "cpu")
+        slc._launch_rows(q, k, v, dq, lse, do, delta, sel, table[2], table[3], 0.25, sb, 0, True)
+        return o, lse, dq
+    got = run()
+    for which in (0, 1):
+        monkeypatch.setattr(slc, "_tile_plans", lambda *a, _p=plans[which]: [_p])
+        o, lse, dq = run()
+        want = flags[tile_of_pos] == which                      # positions of this launch
+        assert torch.equal(~torch.isnan(lse[0]).any(0), want), which
+        assert torch.equal(~torch.isnan(o[0]).any(-1).any(-1), want), which
+        assert torch.equal(~torch.isnan(dq[0]).any(-1).any(-1), want), which
+    monkeypatch.undo()
+    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(slc, "TILES", "coarse")
+    for name, a, b in zip(("o", "lse", "dq"), got, run()):
+        assert torch.isfinite(a).all(), name
+        assert rel(a, b) < 1e-6, (name, rel(a, b))
+    monkeypatch.setattr(slc, "TILES", "tiny")
+    with pytest.raises(ValueError, match="TILES='tiny'"):
+        run()
+
+
 def test_heavy_blocks_are_split_and_backward_is_deterministic(monkeypatch):
     """Block 0 (selected by every query) is split over several programs; two backward passes
     give identical bits; the unsplit run agrees to rounding."""
@@ -155,10 +231,11 @@ def test_heavy_blocks_are_split_and_backward_is_deterministic(monkeypatch):
         assert rel(a, b) < 1e-6
 
 
-@pytest.mark.parametrize("chunk", [None, 4])
-def test_tile_unions_are_sorted_unique_sets(monkeypatch, chunk):
+@pytest.mark.parametrize("chunk,per", [(None, 1), (4, 1), (None, 2)])
+def test_tile_unions_are_sorted_unique_sets(monkeypatch, chunk, per):
     """_union_kernel against sorted(set(...)) per tile, with empty slots, bad ids, a last tile
-    past Tq, B = 2, Hkv = 2; chunk=4 takes the GPU's chunked comparisons (CH < U)."""
+    past Tq, B = 2, Hkv = 2; chunk=4 takes the GPU's chunked comparisons (CH < U); per=2 puts
+    two tiles in one program (3 tiles: the second program's second one does not exist)."""
     monkeypatch.setattr(common, "empty", nan_empty)
     if chunk is not None:
         monkeypatch.setattr(union, "_union_chunk", lambda u: chunk)
@@ -168,7 +245,7 @@ def test_tile_unions_are_sorted_unique_sets(monkeypatch, chunk):
     sel[0, 3] = 7                                             # every slot the same block
     q = torch.empty(B, tq, hq, 16)
     meta = slc._meta(q, torch.empty(B, tq, hkv, 16), sel)
-    ids_u, ustart, uend, ucnt = union.tile_unions(sel, nb, meta, table[2], table[3])
+    ids_u, ustart, uend, ucnt = union.tile_unions(sel, nb, meta, table[2], table[3], per)
     qpp = meta["QPP"]
     for b in range(B):
         for h in range(hkv):
