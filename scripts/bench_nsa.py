@@ -2,6 +2,7 @@
 """NSA benchmark: our three-branch Triton NSA against fla's two-branch NSA and full attention.
 
     python scripts/bench_nsa.py --out OUT [--seqlens 16384,65536] [--heads 64 --kv-heads 4]
+        [--inputs random|local]
 
 Shapes: B = 1, Hq = --heads, Hkv = --kv-heads, D = 128, bf16. Backends:
   nsa         attn.nsa.nsa_attn, the paper's layer: compression blocks 32 every 16 keys (mean
@@ -34,10 +35,28 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
+INPUTS = "random"  # --inputs
+
+
+def _queries(T, H, D):
+    """random: iid Gaussian queries (every query picks unrelated blocks: the selected branch's
+    worst case). local: query t = 0.8·z[t // 64] + 0.6·n[t] (unit variance), so the 64 queries of
+    a block lean the same way and mostly pick the same blocks, as a trained model's neighbours
+    tend to; keys and values stay random."""
+    if INPUTS == "random":
+        return torch.randn(1, T, H, D, device="cuda")
+    z = torch.randn(1, triton_cdiv(T, 64), H, D, device="cuda").repeat_interleave(64, 1)[:, :T]
+    return 0.8 * z + 0.6 * torch.randn(1, T, H, D, device="cuda")
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
 def _qkv(T, H, Hkv, D, layout="bthd"):
     torch.manual_seed(1234)
     dt = torch.bfloat16
-    q = torch.randn(1, T, H, D, device="cuda", dtype=dt)
+    q = _queries(T, H, D).to(dt)
     k = torch.randn(1, T, Hkv, D, device="cuda", dtype=dt)
     v = torch.randn(1, T, Hkv, D, device="cuda", dtype=dt)
     if layout == "bhtd":
@@ -118,6 +137,25 @@ def bench_one(name, T, H, Hkv, D, warmup, rep):
     peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     return dict(backend=name, T=T, H=H, Hkv=Hkv, D=D, fwd_ms=fwd, fwdbwd_ms=fwdbwd,
                 peak_mib=peak)
+
+
+def pick_share(T, H, Hkv, D):
+    """Share of the nsa layer's selected blocks (top-16 of 64, compression 32 / 16) that the first
+    query of the same 64-query block also selected: ~0.2 for random inputs, near 1 when
+    neighbouring queries agree."""
+    from attn.moba.gate import block_table
+    from attn.nsa import compress
+    from attn.nsa.cmp import cmp_attn
+    from attn.nsa.select import select_blocks
+    q, k, v = _qkv(T, H, Hkv, D)
+    kw = dict(scale=D ** -0.5, cmp_block=32, cmp_stride=16)
+    kc, vc = compress(k, v, 32, 16)
+    lse = cmp_attn(q, kc, vc, **kw)[1]
+    sel = select_blocks(q, kc, lse, block_table(None, T, 64, q.device), sel_block=64, topk=16,
+                        **kw)
+    lead = sel[:, (torch.arange(T, device=sel.device) // 64) * 64]
+    hit = (sel[..., :, None] == lead[..., None, :]).any(-1) & (sel >= 0)
+    return (hit.sum() / (sel >= 0).sum()).item()
 
 
 def bench_parts(T, H, Hkv, D, cmp_block, cmp_stride, warmup, rep):
@@ -208,7 +246,9 @@ def write_outputs(out, records, meta, quiet=False):
     lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; "
              "B=1, D=128, bf16; nsa: compression 32/16 (mean), top-16 of 64-key blocks, window "
              "512, gates; nsa_b64: compression 64/64; fla_nsa: compression + selection only "
-             "(blocks of 64, top-16).", ""]
+             f"(blocks of 64, top-16). Inputs: {meta.get('inputs', 'random')}; share of the picks "
+             "the first query of the same 64-query block also made: "
+             + ", ".join(f"{k} {v:.2f}" for k, v in meta.get("pick_share", {}).items()), ""]
     for hq, hkv in shapes:
         rs = [r for r in records if (r["H"], r["Hkv"]) == (hq, hkv)]
         seqlens = sorted({r["T"] for r in rs})
@@ -245,18 +285,24 @@ def main(argv=None):
     ap.add_argument("--rep", type=int, default=100, help="ms")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--parts", action="store_true", help="time the layer's stages one by one")
+    ap.add_argument("--inputs", default="random", choices=["random", "local"],
+                    help="query distribution (see _queries); local reports the pick share")
     a = ap.parse_args(argv)
+    global INPUTS
+    INPUTS = a.inputs
     if not torch.cuda.is_available():
         sys.exit("bench_nsa.py needs a CUDA GPU")
     import triton
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, date=datetime.date.today().isoformat(), skipped={})
+                triton=triton.__version__, date=datetime.date.today().isoformat(), skipped={},
+                inputs=a.inputs, pick_share={})
     if a.parts:
         return main_parts(a, meta)
     records = []
     pairs = list(zip([int(h) for h in a.heads.split(",")], [int(h) for h in a.kv_heads.split(",")]))
     for H, Hkv in pairs:
         for T in [int(t) for t in a.seqlens.split(",")]:
+            meta["pick_share"][f"T={T},Hq={H},Hkv={Hkv}"] = pick_share(T, H, Hkv, a.head_dim)
             for name in a.backends.split(","):
                 try:
                     r = bench_one(name, T, H, Hkv, a.head_dim, a.warmup, a.rep)
