@@ -18,6 +18,10 @@ Memory plan
       block's K, V tile [BLOCK_N, D] (BLOCK_N >= sel_block) is loaded once for all heads of the
       group and all positions of the tile that chose it (neighbouring queries mostly share
       blocks, so K/V traffic drops up to QPP-fold). Writes O, LSE (fp32, natural log) or dQ once.
+      Adaptive tiles: each 64-row tile runs either as it is (coarse launch) or as 16-row tiles
+      (fine launch: positions whose picks barely overlap waste fewer masked rows), chosen per
+      tile from both tilings' union counts (fine_tiles; TILES below). Each launch skips the
+      other's tiles, so every row is written by one program.
       The union comes as a list (attn/nsa/union.py, U = QPP·NSEL_P <= MAX_UNION ids per tile):
       a counted loop whose K/V loads are software-pipelined; larger tiles (groups of 1-2 heads)
       search each next id over the tile's selection instead (every load then waits on it).
