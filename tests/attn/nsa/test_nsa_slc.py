@@ -169,7 +169,7 @@ def test_adaptive_tiles_mix_and_agree(monkeypatch, shared_half):
     blocks in the same order per row). (Against the definition: test_forced_tiling_matches_ref.)"""
     monkeypatch.setattr(common, "empty", nan_empty)
     monkeypatch.setattr(slc, "FINE_STEP_COST", 1)     # clear margins at these small sizes
-    T, hq, hkv, sb, nsel = 128, 16, 1, 4, 4                        # G 16: coarse 4, fine 1 pos
+    T, hq, hkv, sb, nsel = 64, 16, 1, 4, 4                         # G 16: coarse 4, fine 1 pos
     table = block_table(None, T, sb, "cpu")
     sel = random_sel(table, 1, T, hkv, nsel, partial=False)
     half = torch.arange(T // 2) + shared_half * T // 2
