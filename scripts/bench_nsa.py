@@ -45,12 +45,8 @@ def _queries(T, H, D):
     tend to; keys and values stay random."""
     if INPUTS == "random":
         return torch.randn(1, T, H, D, device="cuda")
-    z = torch.randn(1, triton_cdiv(T, 64), H, D, device="cuda").repeat_interleave(64, 1)[:, :T]
+    z = torch.randn(1, -(-T // 64), H, D, device="cuda").repeat_interleave(64, 1)[:, :T]
     return 0.8 * z + 0.6 * torch.randn(1, T, H, D, device="cuda")
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
 
 
 def _qkv(T, H, Hkv, D, layout="bthd"):
@@ -139,20 +135,26 @@ def bench_one(name, T, H, Hkv, D, warmup, rep):
                 peak_mib=peak)
 
 
-def pick_share(T, H, Hkv, D):
-    """Share of the nsa layer's selected blocks (top-16 of 64, compression 32 / 16) that the first
-    query of the same 64-query block also selected: ~0.2 for random inputs, near 1 when
-    neighbouring queries agree."""
+@torch.no_grad()
+def _selection(q, k, v, cmp_block, cmp_stride):
+    """The layer's compressed keys / values, compressed lse, block table and top-16 selection of
+    64-key blocks for these inputs: (kc, vc, lse, table, sel), no autograd."""
     from attn.moba.gate import block_table
     from attn.nsa import compress
     from attn.nsa.cmp import cmp_attn
     from attn.nsa.select import select_blocks
-    q, k, v = _qkv(T, H, Hkv, D)
-    kw = dict(scale=D ** -0.5, cmp_block=32, cmp_stride=16)
-    kc, vc = compress(k, v, 32, 16)
+    kw = dict(scale=q.shape[-1] ** -0.5, cmp_block=cmp_block, cmp_stride=cmp_stride)
+    kc, vc = compress(k, v, cmp_block, cmp_stride)
     lse = cmp_attn(q, kc, vc, **kw)[1]
-    sel = select_blocks(q, kc, lse, block_table(None, T, 64, q.device), sel_block=64, topk=16,
-                        **kw)
+    table = block_table(None, q.shape[1], 64, q.device)
+    return kc, vc, lse, table, select_blocks(q, kc, lse, table, sel_block=64, topk=16, **kw)
+
+
+def pick_share(T, H, Hkv, D):
+    """Share of the nsa layer's selected blocks (top-16 of 64, compression 32 / 16) that the first
+    query of the same 64-query block also selected: ~0.2 for random inputs, near 1 when
+    neighbouring queries agree."""
+    sel = _selection(*_qkv(T, H, Hkv, D), 32, 16)[-1]
     lead = sel[:, (torch.arange(T, device=sel.device) // 64) * 64]
     hit = (sel[..., :, None] == lead[..., None, :]).any(-1) & (sel >= 0)
     return (hit.sum() / (sel >= 0).sum()).item()
@@ -163,7 +165,6 @@ def bench_parts(T, H, Hkv, D, cmp_block, cmp_stride, warmup, rep):
     from triton.testing import do_bench
 
     from attn.flash import flash_attn
-    from attn.moba.gate import block_table
     from attn.nsa import compress
     from attn.nsa.cmp import cmp_attn
     from attn.nsa.gate_mix import gate_mix
@@ -171,11 +172,8 @@ def bench_parts(T, H, Hkv, D, cmp_block, cmp_stride, warmup, rep):
     from attn.nsa.slc import slc_attn
     q, k, v = [t.requires_grad_() for t in _qkv(T, H, Hkv, D)]
     scale = D ** -0.5
-    kc, vc = (t.detach().requires_grad_() for t in compress(k, v, cmp_block, cmp_stride))
-    o_c, lse = cmp_attn(q, kc, vc, scale=scale, cmp_block=cmp_block, cmp_stride=cmp_stride)
-    table = block_table(None, T, 64, q.device)
-    sel = select_blocks(q.detach(), kc.detach(), lse, table, scale=scale, cmp_block=cmp_block,
-                        cmp_stride=cmp_stride, sel_block=64, topk=16)
+    kc, vc, lse, table, sel = _selection(q, k, v, cmp_block, cmp_stride)
+    kc, vc = kc.requires_grad_(), vc.requires_grad_()
     os_ = [torch.randn_like(q).requires_grad_() for _ in range(3)]
     gates = torch.rand(1, T, H, 3, device="cuda", dtype=q.dtype).requires_grad_()
     stages = {

@@ -79,7 +79,7 @@ def sweep_tiles(T, H, Hkv, fracs, bench):
         plans = slc._tile_plans(q, k, sel, table[2], table[3])
         row = {}
         if len(plans) == 2:
-            (_, uc, flags, _, per), (_, uf, _, _, _) = plans
+            (_, uc, flags, _, per, _), (_, uf, *_) = plans
             row.update(u_coarse=uc[3].float().mean().item(),
                        u_fine_sum=uf[3].float().mean().item() * per,
                        fine_share=flags.float().mean().item())

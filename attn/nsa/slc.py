@@ -230,8 +230,9 @@ FWD_ROWS, FWD_WARPS = 64, 4
 # coarse one (64/4: coarse 7.9 ms at U = 15.9 -> 22.5 at U = 50.3, i.e. 0.42 ms per unit of U;
 # fine 19.1 ms at ΣU = 63.5, 0.30; 16/4: 0.109 vs 0.071; dQ 0.64 in both). So random-like
 # selections take 16-row tiles, shared ones keep 64 rows, and tiles in between go either way.
-# "coarse" / "fine" force one tiling (NSA_SLC_TILES=coarse|fine; tests, sweeps). Groups with equal tilings (G >= 64) or
-# without union lists for the coarse tiles (G <= 2) take the coarse tiling.
+# "coarse" / "fine" force one tiling (NSA_SLC_TILES=coarse|fine; tests, sweeps). Groups with
+# equal tilings (G >= 64) or without union lists for the coarse tiles (G <= 2) take the coarse
+# tiling.
 TILES = os.environ.get("NSA_SLC_TILES", "adaptive")
 FINE_ROWS = 16
 COARSE_STEP_COST, FINE_STEP_COST = 3, 2
@@ -318,7 +319,12 @@ def _meta(q, k, sel, rows=None):
     rows = FWD_ROWS if rows is None else rows
     return dict(HQ=hq, HKV=hkv, HEAD_DIM=q.shape[3], NSEL=nsel,
                 NSEL_P=max(2, triton.next_power_of_2(nsel)), GROUP_P=gp,
-                QPP=max(1, rows // gp), DOT_PREC=common.dot_precision(q.dtype), ROWS=rows)
+                QPP=max(1, rows // gp), DOT_PREC=common.dot_precision(q.dtype))
+
+
+def _listed(meta):
+    """Whether tiles of this meta get union lists (else the kernel searches each next id)."""
+    return meta["QPP"] * meta["NSEL_P"] <= MAX_UNION
 
 
 def fine_tiles(ucnt_coarse, ucnt_fine, per_coarse):
@@ -331,36 +337,29 @@ def fine_tiles(ucnt_coarse, ucnt_fine, per_coarse):
 
 
 def _tile_plans(q, k, sel, blk_start, blk_end):
-    """[(meta, unions, FINE flags, TILES, fine per coarse)] for the launches of one pass."""
+    """[(meta, unions or None, FINE flags or None, TILES, fine tiles per coarse one, whether the
+    tiles are the fine ones)] for the launches of one pass."""
     if TILES not in ("adaptive", "coarse", "fine"):
         raise ValueError(f"attn.nsa.slc.TILES={TILES!r} must be adaptive, coarse or fine")
     nb = blk_start.numel()
     coarse, fine = _meta(q, k, sel), _meta(q, k, sel, FINE_ROWS)
     per = coarse["QPP"] // fine["QPP"]
-
-    def unions(meta):
-        if meta["QPP"] * meta["NSEL_P"] <= MAX_UNION:
-            return tile_unions(sel, nb, meta, blk_start, blk_end)
-        return None
-    listed = coarse["QPP"] * coarse["NSEL_P"] <= MAX_UNION
-    mode = "coarse" if per == 1 or (TILES == "adaptive" and not listed) else TILES
+    mode = "coarse" if per == 1 or (TILES == "adaptive" and not _listed(coarse)) else TILES
     if mode != "adaptive":
         meta = coarse if mode == "coarse" else fine
-        return [(meta, unions(meta), None, 0, 1)]
-    uc = unions(coarse)
+        unions = tile_unions(sel, nb, meta, blk_start, blk_end) if _listed(meta) else None
+        return [(meta, unions, None, 0, 1, mode == "fine")]
+    uc = tile_unions(sel, nb, coarse, blk_start, blk_end)
     uf = tile_unions(sel, nb, fine, blk_start, blk_end, per_program=per)
     flags = fine_tiles(uc[3], uf[3], per)
-    return [(coarse, uc, flags, 1, per), (fine, uf, flags, 2, per)]
+    return [(coarse, uc, flags, 1, per, False), (fine, uf, flags, 2, per, True)]
 
 
 def _launch_rows(q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale, sel_block,
                  q_offset, dq_mode):
     B, tq = q.shape[:2]
     nb = blk_start.numel()
-    for rows_meta, unions, flags, tiles, per in _tile_plans(q, k, sel, blk_start, blk_end):
-        meta = dict(rows_meta)
-        rows = meta.pop("ROWS")
-        is_fine = rows == FINE_ROWS and FINE_ROWS != FWD_ROWS
+    for meta, unions, flags, tiles, per, is_fine in _tile_plans(q, k, sel, blk_start, blk_end):
         if dq_mode:
             stages = FINE_DQ_STAGES if is_fine else DQ_STAGES
         else:
