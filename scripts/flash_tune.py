@@ -3,7 +3,11 @@
 kernel, and measure the FP8 forward option (time and error). GPU only; prints tables and writes
 flash_tune.json into --out.
 
-    python scripts/flash_tune.py --out OUT [--T 16384] [--tokens 32768]
+    python scripts/flash_tune.py --out OUT [--T 16384] [--tokens 32768] [--H 16] [--kv-heads H]
+        [--window W] [--kernels fwd,dkdv,dq] [--no-fp8]
+
+--window / --kv-heads sweep the sliding-window case (NSA's window branch: --T 65536 --tokens 65536
+--H 64 --kv-heads 4 --window 512); TFLOP/s then count the visible pairs only.
 """
 from __future__ import annotations
 
@@ -45,15 +49,22 @@ def main():
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--out", default=os.environ.get("OUT", "tune_out"))
     ap.add_argument("--kernels", default="fwd,dkdv,dq")
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: --H")
+    ap.add_argument("--window", type=int, default=None)
+    ap.add_argument("--no-fp8", action="store_true", help="skip the FP8 forward measurement")
     a = ap.parse_args()
-    T, H, D = a.T, a.H, a.D
+    T, H, D, W = a.T, a.H, a.D, a.window
+    Hkv = a.kv_heads or H
     B = max(a.tokens // T, 1)
-    fl = 4.0 * B * H * T * T * D / 2
+    # visible (query, key) pairs: T²/2 causal, Σ_t min(t + 1, W) with a window
+    pairs = T * T / 2 if W is None else sum(min(t + 1, W) for t in range(T))
+    fl = 4.0 * B * H * pairs * D
     torch.manual_seed(0)
-    q, k, v, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    res = dict(B=B, T=T, H=H, D=D, sweeps={})
+    q, do = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(B, T, Hkv, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    res = dict(B=B, T=T, H=H, Hkv=Hkv, D=D, window=W, sweeps={})
     bench = lambda f: do_bench(f, warmup=25, rep=150, return_mode="median")  # noqa: E731
-    o, lse = flash_fwd(q, k, v)
+    o, lse = flash_fwd(q, k, v, window=W)
     best = {}
     for kind in a.kernels.split(","):
         rows = []
@@ -61,9 +72,9 @@ def main():
             common.OVERRIDE[kind] = cfg
             try:
                 if kind == "fwd":
-                    ms = bench(lambda: flash_fwd(q, k, v))
+                    ms = bench(lambda: flash_fwd(q, k, v, window=W))
                 else:
-                    ms = bench(lambda: flash_bwd(do, q, k, v, o, lse))
+                    ms = bench(lambda: flash_bwd(do, q, k, v, o, lse, window=W))
             except Exception as e:  # out of resources etc.
                 print(f"{kind} {cfg}: {type(e).__name__}: {str(e)[:80]}")
                 continue
@@ -79,12 +90,12 @@ def main():
 
     # backward split by kernel (profiler), best configs
     from torch.profiler import ProfilerActivity, profile
-    flash_bwd(do, q, k, v, o, lse)
+    flash_bwd(do, q, k, v, o, lse, window=W)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            flash_fwd(q, k, v)
-            flash_bwd(do, q, k, v, o, lse)
+            flash_fwd(q, k, v, window=W)
+            flash_bwd(do, q, k, v, o, lse, window=W)
         torch.cuda.synchronize()
     split = {}
     for ev in prof.key_averages():
@@ -94,13 +105,18 @@ def main():
             split[ev.key] = t / 5 / 1e3
     print("per-kernel ms:", {k_: round(v_, 3) for k_, v_ in split.items()})
     res["split_ms"] = split
+    os.makedirs(a.out, exist_ok=True)
+    if a.no_fp8:
+        with open(os.path.join(a.out, "flash_tune.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        return
 
     # FP8 forward: time (with and without the quantization passes) and error vs float64
     common.OVERRIDE.clear()
     q8, qs = quantize_fp8(q)
     k8, ks = quantize_fp8(k)
     from attn.flash.fwd import fwd_triton
-    t_bf16 = bench(lambda: flash_fwd(q, k, v))
+    t_bf16 = bench(lambda: flash_fwd(q, k, v, window=W))
     t_fp8 = bench(lambda: fwd_triton(q8, k8, v, D ** -0.5, None, 0, None, q_scale=qs, k_scale=ks))
     t_fp8_q = bench(lambda: flash_fwd_fp8(q, k, v))
     fp8 = dict(ms_bf16=t_bf16, ms_fp8_kernel=t_fp8, ms_fp8_with_quant=t_fp8_q,

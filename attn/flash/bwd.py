@@ -213,8 +213,9 @@ def _dq_program(start_m, pid_bh, Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale, 
                 HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-                TMA: tl.constexpr):
-    """dQ of query rows start_m.. of (batch, query head) pid_bh."""
+                TMA: tl.constexpr, ACC: tl.constexpr):
+    """dQ of query rows start_m.. of (batch, query head) pid_bh; ACC: added to what DQ holds
+    (a caller summing several attention branches' dQ, attn/nsa/op.py)."""
     b = pid_bh // HQ
     h = pid_bh % HQ
     hkv = h // (HQ // HKV)
@@ -264,7 +265,10 @@ def _dq_program(start_m, pid_bh, Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale, 
                    lo, Tk, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, False, DOT_PREC, TMA)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col, f_hi, kv_hi, qpos,
                    lo, Tk, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, True, DOT_PREC, TMA)
-    tl.store(DQ + q_off, cvt(dq * scale, DQ.dtype.element_ty), mask=m_ok[:, None])
+    dq = dq * scale
+    if ACC:
+        dq += tl.load(DQ + q_off, mask=m_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DQ + q_off, cvt(dq, DQ.dtype.element_ty), mask=m_ok[:, None])
 
 
 @triton.jit
@@ -272,11 +276,11 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale, qk_scale, q_offset
                HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-               TMA: tl.constexpr):
+               TMA: tl.constexpr, ACC: tl.constexpr):
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest (last) first
     _dq_program(start_m, tl.program_id(1), Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale,
                 qk_scale, q_offset, window, Tq, Tk, HQ, HKV, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SEG,
-                HAS_WINDOW, DOT_PREC, TMA)
+                HAS_WINDOW, DOT_PREC, TMA, ACC)
 
 
 @triton.jit
@@ -301,7 +305,7 @@ def _bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, SEG_START, SEG_END, s
         n_q = tl.cdiv(Tq, BLOCK_M2)
         _dq_program((n_q - 1 - (pid - n_kv)) * BLOCK_M2, pid_bh, Q, K, V, DO, LSE, DELTA, DQ,
                     SEG_START, scale, qk_scale, q_offset, window, Tq, Tk, HQ, HKV, HEAD_DIM,
-                    BLOCK_M2, BLOCK_N2, HAS_SEG, HAS_WINDOW, DOT_PREC, False)
+                    BLOCK_M2, BLOCK_N2, HAS_SEG, HAS_WINDOW, DOT_PREC, False, False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +349,8 @@ _c, _p = common.tuned_configs(DKDV_CFGS)
 _dkdv_tuned = triton.autotune(_c, key=_KEY + ["TMA"],
                               prune_configs_by={"early_config_prune": _p})(_dkdv_kernel)
 _c, _p = common.tuned_configs(DQ_CFGS)
-_dq_tuned = triton.autotune(_c, key=_KEY + ["TMA"],
+# restore_value: the tuning runs launch several configs on the same DQ, which ACC adds to
+_dq_tuned = triton.autotune(_c, key=_KEY + ["TMA"], restore_value=["DQ"],
                             prune_configs_by={"early_config_prune": _p})(_dq_kernel)
 
 
@@ -387,15 +392,18 @@ def _launch(kind, tuned, plain, fixed, interp, n_rows, n_progs, args, meta, blk)
                                                  num_warps=w, num_stages=s)
 
 
-def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window):
-    """Launch the backward kernels on checked arguments (see op.py); returns (dq, dk, dv)."""
+def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=None, dq_acc=None):
+    """Launch the backward kernels on checked arguments (see op.py); returns (dq, dk, dv).
+    delta: rowsum(o·do) fp32 [B, Hq, Tq] when the caller has it; dq_acc: a tensor like q that
+    this dQ is added to (and returned as dq)."""
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
-    delta = common.empty((B, hq, tq), torch.float32, q.device)
-    pre_bm = 64 if d <= 128 else 32
-    _bwd_preprocess[(triton.cdiv(tq, pre_bm), B * hq)](o, do, delta, tq, H=hq, HEAD_DIM=d,
-                                                        BLOCK_M=pre_bm)
-    dq = common.empty(q.shape, q.dtype, q.device)
+    if delta is None:
+        delta = common.empty((B, hq, tq), torch.float32, q.device)
+        pre_bm = 64 if d <= 128 else 32
+        _bwd_preprocess[(triton.cdiv(tq, pre_bm), B * hq)](o, do, delta, tq, H=hq, HEAD_DIM=d,
+                                                            BLOCK_M=pre_bm)
+    dq = common.empty(q.shape, q.dtype, q.device) if dq_acc is None else dq_acc
     dk = common.empty(k.shape, k.dtype, k.device)
     dv = common.empty(v.shape, v.dtype, v.device)
     has_seg = seg is not None
@@ -407,8 +415,10 @@ def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window):
     if mode not in ("split", "fused"):
         raise ValueError(f"FLASH_BWD={mode!r}: must be 'split' or 'fused'")
     if mode == "fused":
-        args = (q, k, v, do, lse, delta, dq, dk, dv, seg_start, seg_end, scale, scale * LOG2E_F,
-                q_offset, w, tq, tk)
+        # the fused kernel's dQ programs overwrite: with dq_acc, a separate sum afterwards
+        dq_f = dq if dq_acc is None else common.empty(q.shape, q.dtype, q.device)
+        args = (q, k, v, do, lse, delta, dq_f, dk, dv, seg_start, seg_end, scale,
+                scale * LOG2E_F, q_offset, w, tq, tk)
         if common.use_autotune("fused"):
             _fused_tuned[_fused_grid(tq, tk, B * hq)](*args, **meta)
         else:
@@ -421,11 +431,13 @@ def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window):
             blocks = dict(BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2)
             _bwd_fused_kernel[_fused_grid(tq, tk, B * hq)(blocks)](
                 *args, **meta, **blocks, num_warps=nw, num_stages=ns)
+        if dq_acc is not None:
+            dq_acc.add_(dq_f)
         return dq, dk, dv
     _launch("dkdv", _dkdv_tuned, _dkdv_kernel, DKDV_CFGS, INTERP_DKDV, tk, B * hkv,
             (q, k, v, do, lse, delta, dk, dv, seg_start, seg_end, scale, scale * LOG2E_F,
              q_offset, w, tq, tk), dict(meta, TMA=common.use_tma("dkdv", q, do)), "BLOCK_N")
     _launch("dq", _dq_tuned, _dq_kernel, DQ_CFGS, INTERP_DQ, tq, B * hq,
             (q, k, v, do, lse, delta, dq, seg_start, scale, scale * LOG2E_F, q_offset, w, tq, tk),
-            dict(meta, TMA=common.use_tma("dq", k, v)), "BLOCK_M")
+            dict(meta, TMA=common.use_tma("dq", k, v), ACC=dq_acc is not None), "BLOCK_M")
     return dq, dk, dv

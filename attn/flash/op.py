@@ -105,8 +105,10 @@ def flash_fwd(q, k, v, *, scale=None, causal: bool = True, cu_seqlens=None, q_of
 
 
 def flash_bwd(do, q, k, v, o, lse, *, scale=None, causal: bool = True, cu_seqlens=None,
-              q_offset: int = 0, window=None):
-    """Backward primitive: (dq, dk, dv) shaped like q, k, v, given dO and the forward's o, lse."""
+              q_offset: int = 0, window=None, delta=None, dq=None):
+    """Backward primitive: (dq, dk, dv) shaped like q, k, v, given dO and the forward's o, lse.
+    Triton path only: delta = rowsum(o·do) fp32 [B, Hq, Tq] if the caller has it (else computed
+    here); dq, a contiguous tensor like q that this dQ is added to (returned)."""
     impl = _impl(q)
     q, k, v = (t.contiguous() if isinstance(t, torch.Tensor) else t for t in (q, k, v))
     scale = _check(q, k, v, scale, cu_seqlens, q_offset, window, impl, causal)
@@ -117,13 +119,21 @@ def flash_bwd(do, q, k, v, o, lse, *, scale=None, causal: bool = True, cu_seqlen
     if lse.shape != (B, hq, tq):
         raise ValueError(f"lse must be [B, Hq, Tq] = {(B, hq, tq)}, got {tuple(lse.shape)}")
     if impl == "ref":  # uses the given o, lse: ring attention passes the merged ones
+        if delta is not None or dq is not None:
+            raise ValueError("flash_bwd: delta= and dq= are Triton-path options (CUDA tensors)")
         return flash_bwd_ref(do, q, k, v, o, lse, scale=scale, cu_seqlens=cu_seqlens,
                              q_offset=q_offset, window=window, causal=causal)
     if lse.dtype != torch.float32 or do.dtype != q.dtype or o.dtype != q.dtype:
         raise ValueError(f"lse must be float32 and do, o in q's dtype {q.dtype}, got lse "
                          f"{lse.dtype}, do {do.dtype}, o {o.dtype}")
+    for name, t, want in (("delta", delta, ((B, hq, tq), torch.float32)),
+                          ("dq", dq, (q.shape, q.dtype))):
+        if t is not None and ((t.shape, t.dtype) != want or not t.is_contiguous()
+                              or t.device != q.device):
+            raise ValueError(f"flash_bwd: {name} must be a contiguous {want[1]} tensor "
+                             f"{tuple(want[0])} on {q.device}, got {t.dtype} {tuple(t.shape)}")
     return _bwd(do, q, k, v, o, lse, scale, _seg(cu_seqlens, k.shape[1]),
-                _kernel_offset(causal, q_offset, k.shape[1]), window)
+                _kernel_offset(causal, q_offset, k.shape[1]), window, delta, dq)
 
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -153,10 +163,10 @@ def flash_fwd_fp8(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, wi
                       q_scale=qs, k_scale=ks)
 
 
-def _bwd(do, q, k, v, o, lse, scale, seg, q_offset, window):
+def _bwd(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=None, dq=None):
     from attn.flash.bwd import bwd_triton
     return bwd_triton(do.contiguous(), q, k, v, o.contiguous(), lse.contiguous(), scale, seg,
-                      q_offset, window)
+                      q_offset, window, delta, dq)
 
 
 class FlashAttnFunction(torch.autograd.Function):

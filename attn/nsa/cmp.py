@@ -296,9 +296,10 @@ def cmp_attn_fwd(q, k_cmp, v_cmp, *, scale, cmp_block, cmp_stride, cu_seqlens=No
 
 
 def cmp_attn_bwd(do, q, k_cmp, v_cmp, o, lse, *, scale, cmp_block, cmp_stride, cu_seqlens=None,
-                 q_offset=0, tk=None):
+                 q_offset=0, tk=None, delta=None):
     """Backward: (dq, dk_cmp, dv_cmp) shaped like q, k_cmp, v_cmp from dO and the forward's
-    o, lse. Deterministic (no atomics)."""
+    o, lse. Deterministic (no atomics). delta: rowsum(o·do) fp32 [B, Hq, Tq] if the caller has
+    it (attn/nsa/gate_mix.py does; overwritten with the exact delta), else computed here."""
     plan = _Plan(q, k_cmp, v_cmp, scale, cmp_block, cmp_stride, cu_seqlens, q_offset, tk)
     B, tq, hq = q.shape[:3]
     if do.shape != q.shape or o.shape != q.shape:
@@ -309,8 +310,12 @@ def cmp_attn_bwd(do, q, k_cmp, v_cmp, o, lse, *, scale, cmp_block, cmp_stride, c
                          f"{tuple(lse.shape)}")
     if do.dtype != q.dtype or o.dtype != q.dtype:
         raise ValueError(f"do and o must be in q's dtype {q.dtype}, got {do.dtype}, {o.dtype}")
+    if delta is not None and (delta.shape != (B, hq, tq) or delta.dtype != torch.float32
+                              or not delta.is_contiguous()):
+        raise ValueError(f"delta must be contiguous float32 [B, Hq, Tq] = {(B, hq, tq)}, got "
+                         f"{delta.dtype} {tuple(delta.shape)}")
     from attn.nsa.cmp_bwd import _bwd
-    return _bwd(do.contiguous(), q, k_cmp, v_cmp, o.contiguous(), lse.contiguous(), plan)
+    return _bwd(do.contiguous(), q, k_cmp, v_cmp, o.contiguous(), lse.contiguous(), plan, delta)
 
 
 class CmpAttnFunction(torch.autograd.Function):

@@ -193,15 +193,18 @@ def _dkdv_chunk(tq, n_progs, bm):
     return triton.cdiv(triton.cdiv(tq, splits), bm) * bm
 
 
-def _bwd(do, q, k_cmp, v_cmp, o, lse, plan):
+def _bwd(do, q, k_cmp, v_cmp, o, lse, plan, delta=None):
+    """delta: rowsum(o·do) fp32 [B, Hq, Tq] when the caller has it (overwritten by the exact
+    one); else computed here."""
     B, tq, hq, d, tc, hkv = plan.shape
     dq = common.empty(q.shape, q.dtype, q.device)
     if tc == 0 or tq == 0:
         return dq.zero_(), torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
-    delta = common.empty((B, hq, tq), torch.float32, q.device)
-    pre_bm = 16 if common.INTERPRET else 64
-    _bwd_preprocess[(triton.cdiv(tq, pre_bm), B * hq)](o, do, delta, tq, H=hq, HEAD_DIM=d,
-                                                        BLOCK_M=pre_bm)
+    if delta is None:
+        delta = common.empty((B, hq, tq), torch.float32, q.device)
+        pre_bm = 16 if common.INTERPRET else 64
+        _bwd_preprocess[(triton.cdiv(tq, pre_bm), B * hq)](o, do, delta, tq, H=hq, HEAD_DIM=d,
+                                                            BLOCK_M=pre_bm)
     has_docs = plan.bounds is not None
     c_lo, c_hi, pf, pl = plan.bounds if has_docs else (delta,) * 4  # dummies, never read
     args = (plan.scale, plan.scale * LOG2E_F, plan.q_offset, plan.cmp_block, plan.cmp_stride,

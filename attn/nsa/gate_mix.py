@@ -6,7 +6,9 @@ sum is rounded once (as ref.py's fp32 math) and no fp32 [T, H, D] temporaries ex
 Memory plan: one program per BLOCK_R rows of [B·T·H, D]; it loads the three branch rows
 [BLOCK_R, D] and the gates [BLOCK_R, 3] (G [.., 3] with the branches on the last axis), writes
 o [BLOCK_R, D]. Backward: dO_i = g_i·dO (three [BLOCK_R, D] stores in the input dtype) and
-dg_i = Σ_d dO·O_i (fp32, stored in the gates' dtype).
+dg_i = Σ_d dO·O_i (fp32, stored in the gates' dtype); optionally each branch's attention delta
+rowsum(dO_i·O_i) (fp32 [3, B, H, T], from the rounded dO_i the branch backward reads), which the
+branch kernels would otherwise compute in three more passes over O_i and dO_i.
 """
 from __future__ import annotations
 
@@ -34,25 +36,32 @@ def _mix_fwd_kernel(O1, O2, O3, G, OUT, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R:
 
 
 @triton.jit
-def _mix_bwd_branch(do, O, DO_I, G, I: tl.constexpr, rows, ok, off, DG):
+def _mix_bwd_branch(do, O, DO_I, G, I: tl.constexpr, rows, ok, off, DG, DELTA, d_off, n_rows,
+                    HAS_DELTA: tl.constexpr):
     g = tl.load(G + rows.to(tl.int64) * 3 + I, mask=ok, other=0.0).to(tl.float32)
     o = tl.load(O + off, mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DO_I + off, cvt(g[:, None] * do, DO_I.dtype.element_ty), mask=ok[:, None])
+    do_i = cvt(g[:, None] * do, DO_I.dtype.element_ty)
+    tl.store(DO_I + off, do_i, mask=ok[:, None])
     tl.store(DG + rows.to(tl.int64) * 3 + I, cvt(tl.sum(do * o, 1), DG.dtype.element_ty),
              mask=ok)
+    if HAS_DELTA:
+        tl.store(DELTA + I * n_rows + d_off, tl.sum(do_i.to(tl.float32) * o, 1), mask=ok)
 
 
 @triton.jit
-def _mix_bwd_kernel(DO, O1, O2, O3, G, DO1, DO2, DO3, DG, n_rows, HEAD_DIM: tl.constexpr,
-                    BLOCK_R: tl.constexpr):
+def _mix_bwd_kernel(DO, O1, O2, O3, G, DO1, DO2, DO3, DG, DELTA, n_rows, T, H,
+                    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, HAS_DELTA: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = rows < n_rows
     offs_d = tl.arange(0, HEAD_DIM)
     off = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
+    # row (b·T + t)·H + h of [B, T, H] is entry (b·H + h)·T + t of a branch's delta [B, H, T]
+    bt = rows.to(tl.int64) // H
+    d_off = ((bt // T) * H + rows % H) * T + bt % T
     do = tl.load(DO + off, mask=ok[:, None], other=0.0).to(tl.float32)
-    _mix_bwd_branch(do, O1, DO1, G, 0, rows, ok, off, DG)
-    _mix_bwd_branch(do, O2, DO2, G, 1, rows, ok, off, DG)
-    _mix_bwd_branch(do, O3, DO3, G, 2, rows, ok, off, DG)
+    _mix_bwd_branch(do, O1, DO1, G, 0, rows, ok, off, DG, DELTA, d_off, n_rows, HAS_DELTA)
+    _mix_bwd_branch(do, O2, DO2, G, 1, rows, ok, off, DG, DELTA, d_off, n_rows, HAS_DELTA)
+    _mix_bwd_branch(do, O3, DO3, G, 2, rows, ok, off, DG, DELTA, d_off, n_rows, HAS_DELTA)
 
 
 def _block_rows(d: int) -> int:
@@ -69,14 +78,22 @@ def gate_mix_fwd(o1, o2, o3, gates):
     return out
 
 
-def gate_mix_bwd(do, o1, o2, o3, gates):
-    """(do1, do2, do3, dgates) for gate_mix_fwd."""
-    n, d = o1.numel() // o1.shape[-1], o1.shape[-1]
+def gate_mix_bwd(do, o1, o2, o3, gates, deltas=None):
+    """(do1, do2, do3, dgates) for gate_mix_fwd. deltas: None, or a contiguous fp32
+    [3, B, H, T] tensor that receives rowsum(do_i·o_i) for each branch i."""
+    B, T, H, d = o1.shape
+    n = B * T * H
+    if deltas is not None and (deltas.shape != (3, B, H, T) or deltas.dtype != torch.float32
+                               or not deltas.is_contiguous()):
+        raise ValueError(f"deltas {tuple(deltas.shape)} {deltas.dtype} must be contiguous "
+                         f"float32 [3, B, H, T] = {(3, B, H, T)}")
     dos = [common.empty(o1.shape, o1.dtype, o1.device) for _ in range(3)]
     dg = common.empty(gates.shape, gates.dtype, gates.device)
     br = _block_rows(d)
-    _mix_bwd_kernel[(triton.cdiv(n, br),)](do, o1, o2, o3, gates, *dos, dg, n, HEAD_DIM=d,
-                                           BLOCK_R=br, num_warps=4)
+    _mix_bwd_kernel[(triton.cdiv(n, br),)](do, o1, o2, o3, gates, *dos, dg,
+                                           dg if deltas is None else deltas, n, T, H,
+                                           HEAD_DIM=d, BLOCK_R=br,
+                                           HAS_DELTA=deltas is not None, num_warps=4)
     return (*dos, dg)
 
 

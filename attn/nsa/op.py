@@ -12,7 +12,11 @@ on CPU tensors; ATTN_IMPL=triton|ref forces one. The Triton path, never material
                (union.py: per-tile block lists; slc_dkdv.py: dK/dV)
   flash        the sliding window (attn.flash.flash_attn with window=)
   gate_mix.py  o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa, fused, fp32
-Each branch is its own autograd Function; the selection carries no gradient (as in ref.py).
+One autograd Function (`_NSAFunction`) runs the branches' forward and backward primitives, so
+the backward can share work between them: the gated sum's backward pass also gives each branch
+its delta = rowsum(dO_i·O_i) (three fewer passes over [T, H, D] tensors), and the three dQ
+kernels add into one dQ in their epilogues (no separate sums). The selection carries no
+gradient (as in ref.py).
 
 Compressed layout (see ref.py): without cu_seqlens k_cmp/v_cmp are [B, Tc(T), Hkv, D]; with
 cu_seqlens (B == 1) they are each document's complete blocks concatenated in document order,
@@ -107,12 +111,7 @@ def nsa_attn(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block: int = 32,
         return nsa_attn_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block=cmp_block,
                             cmp_stride=cmp_stride, sel_block=sel_block, topk=topk, window=window,
                             scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset)
-    from attn.flash import flash_attn
-    from attn.moba.gate import block_table
-    from attn.nsa.cmp import cmp_attn
-    from attn.nsa.gate_mix import gate_mix
-    from attn.nsa.select import check_geometry, select_blocks
-    from attn.nsa.slc import slc_attn
+    from attn.nsa.select import check_geometry
     check_triton_inputs(q, _HEAD_DIMS, "nsa_attn: ")
     check_geometry(cmp_block, cmp_stride, sel_block, topk)
     if not (q.dtype == k.dtype == v.dtype == k_cmp.dtype == v_cmp.dtype):
@@ -120,19 +119,69 @@ def nsa_attn(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block: int = 32,
                          f"{v.dtype}, {k_cmp.dtype}, {v_cmp.dtype}")
     q, k, v, k_cmp, v_cmp = (t.contiguous() for t in (q, k, v, k_cmp, v_cmp))
     scale = float(q.shape[3] ** -0.5 if scale is None else scale)
-    tk = k.shape[1]
-    o_cmp, lse_cmp = cmp_attn(q, k_cmp, v_cmp, scale=scale, cmp_block=cmp_block,
-                              cmp_stride=cmp_stride, cu_seqlens=cu_seqlens, q_offset=q_offset,
-                              tk=tk)
-    with torch.no_grad():
+    gates = torch.stack([g_cmp, g_slc, g_swa], dim=-1).to(q.dtype)
+    geometry = (cmp_block, cmp_stride, sel_block, topk, window)
+    return _NSAFunction.apply(q, k, v, k_cmp, v_cmp, gates, scale, geometry, cu_seqlens, q_offset)
+
+
+class _NSAFunction(torch.autograd.Function):
+    """The Triton layer: gradients for q, k, v, k_cmp, v_cmp and the packed gates [B, T, Hq, 3]
+    (cmp, slc, swa)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_cmp, v_cmp, gates, scale, geometry, cu_seqlens, q_offset):
+        from attn.flash.op import flash_fwd
+        from attn.moba.gate import block_table
+        from attn.nsa.cmp import cmp_attn_fwd
+        from attn.nsa.gate_mix import gate_mix_fwd
+        from attn.nsa.select import select_blocks
+        from attn.nsa.slc import slc_attn_fwd
+        cmp_block, cmp_stride, sel_block, topk, window = geometry
+        tk = k.shape[1]
+        o_cmp, lse_cmp = cmp_attn_fwd(q, k_cmp, v_cmp, scale=scale, cmp_block=cmp_block,
+                                      cmp_stride=cmp_stride, cu_seqlens=cu_seqlens,
+                                      q_offset=q_offset, tk=tk)
         table = block_table(cu_seqlens, tk, sel_block, q.device)
         cu_cmp = None if cu_seqlens is None else cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)
-        sel = select_blocks(q.detach(), k_cmp.detach(), lse_cmp, table, scale=scale,
-                            cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
-                            topk=topk, cu_seqlens=cu_seqlens, cu_cmp=cu_cmp, q_offset=q_offset)
-    o_slc = slc_attn(q, k, v, sel, table[2], table[3], scale=scale, sel_block=sel_block,
-                     q_offset=q_offset)
-    o_swa = flash_attn(q, k, v, scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset,
-                       window=window)
-    gates = torch.stack([g_cmp, g_slc, g_swa], dim=-1).to(q.dtype)
-    return gate_mix(o_cmp.contiguous(), o_slc.contiguous(), o_swa.contiguous(), gates)
+        sel = select_blocks(q, k_cmp, lse_cmp, table, scale=scale, cmp_block=cmp_block,
+                            cmp_stride=cmp_stride, sel_block=sel_block, topk=topk,
+                            cu_seqlens=cu_seqlens, cu_cmp=cu_cmp, q_offset=q_offset)
+        blk_start, blk_end = table[2], table[3]
+        o_slc, lse_slc = slc_attn_fwd(q, k, v, sel, blk_start, blk_end, scale=scale,
+                                      sel_block=sel_block, q_offset=q_offset)
+        o_swa, lse_swa = flash_fwd(q, k, v, scale=scale, cu_seqlens=cu_seqlens,
+                                   q_offset=q_offset, window=window)
+        ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, o_cmp, lse_cmp, o_slc, lse_slc,
+                              o_swa, lse_swa, sel, blk_start, blk_end)
+        ctx.args = (scale, geometry, cu_seqlens, q_offset)
+        return gate_mix_fwd(o_cmp, o_slc, o_swa, gates)
+
+    @staticmethod
+    def backward(ctx, do):
+        from attn.flash import common
+        from attn.flash.op import flash_bwd
+        from attn.nsa.cmp import cmp_attn_bwd
+        from attn.nsa.gate_mix import gate_mix_bwd
+        from attn.nsa.slc import slc_attn_bwd
+        (q, k, v, k_cmp, v_cmp, gates, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel,
+         blk_start, blk_end) = ctx.saved_tensors
+        scale, (cmp_block, cmp_stride, sel_block, _, window), cu_seqlens, q_offset = ctx.args
+        B, tq, hq, _ = q.shape
+        deltas = common.empty((3, B, hq, tq), torch.float32, q.device)  # written by gate_mix_bwd
+        do_cmp, do_slc, do_swa, dgates = gate_mix_bwd(do.contiguous(), o_cmp, o_slc, o_swa,
+                                                      gates, deltas=deltas)
+        dq, dk_cmp, dv_cmp = cmp_attn_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale=scale,
+                                          cmp_block=cmp_block, cmp_stride=cmp_stride,
+                                          cu_seqlens=cu_seqlens, q_offset=q_offset,
+                                          tk=k.shape[1], delta=deltas[0])
+        del do_cmp
+        _, dk, dv = slc_attn_bwd(do_slc, q, k, v, o_slc, lse_slc, sel, blk_start, blk_end,
+                                 scale=scale, sel_block=sel_block, q_offset=q_offset,
+                                 delta=deltas[1], dq=dq)
+        del do_slc
+        _, dk_swa, dv_swa = flash_bwd(do_swa, q, k, v, o_swa, lse_swa, scale=scale,
+                                      cu_seqlens=cu_seqlens, q_offset=q_offset, window=window,
+                                      delta=deltas[2], dq=dq)
+        dk += dk_swa
+        dv += dv_swa
+        return dq, dk, dv, dk_cmp, dv_cmp, dgates, None, None, None, None

@@ -88,9 +88,10 @@ def _tile_rows(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTAR
                HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                NSEL: tl.constexpr, NSEL_P: tl.constexpr, GROUP_P: tl.constexpr,
                QPP: tl.constexpr, BLOCK_N: tl.constexpr, DQ: tl.constexpr,
-               USE_UNION: tl.constexpr, DOT_PREC: tl.constexpr):
+               USE_UNION: tl.constexpr, DOT_PREC: tl.constexpr, ACC: tl.constexpr):
     """One tile: QPP positions from tile·QPP of (batch, KV head) pid_bh; its union list is row
-    pid_bh·n_tiles + tile of UNION / USTART / UEND / UCNT."""
+    pid_bh·n_tiles + tile of UNION / USTART / UEND / UCNT. ACC (dQ only): add to the dQ rows
+    already in O instead of overwriting them."""
     t0 = tile * QPP
     b = pid_bh // HKV
     hkv = pid_bh % HKV
@@ -154,6 +155,8 @@ def _tile_rows(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTAR
     o_ptrs = O + q_off[:, None] + offs_d[None, :]
     if DQ:
         acc = tl.where(bad[:, None], float("nan"), acc * scale)
+        if ACC:  # one rounding of the sum (the other branches' dQ is already there)
+            acc += tl.load(o_ptrs, mask=m_ok[:, None], other=0.0).to(tl.float32)
         tl.store(o_ptrs, cvt(acc, O.dtype.element_ty), mask=m_ok[:, None])
     else:
         seen = l_i > 0.0
@@ -171,8 +174,9 @@ def _rows_kernel(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, UST
                  NSEL: tl.constexpr, NSEL_P: tl.constexpr, GROUP_P: tl.constexpr,
                  QPP: tl.constexpr, BLOCK_N: tl.constexpr, DQ: tl.constexpr,
                  USE_UNION: tl.constexpr, DOT_PREC: tl.constexpr, TILES: tl.constexpr,
-                 PER: tl.constexpr, SUB: tl.constexpr):
-    """DQ=False: forward, writes O and LSE. DQ=True: reads LSE, DO, DELTA, writes dQ into O.
+                 PER: tl.constexpr, SUB: tl.constexpr, ACC: tl.constexpr):
+    """DQ=False: forward, writes O and LSE. DQ=True: reads LSE, DO, DELTA, writes dQ into O
+    (ACC: adds it to what O holds).
     USE_UNION: walk each tile's union list (tile_unions); else find each next block id by a
     search over the tile's selection. One program per SUB consecutive tiles of this tiling
     (grid axis 0, latest positions first) and (batch, KV head) (axis 1). TILES: 0 = one tiling,
@@ -196,7 +200,7 @@ def _rows_kernel(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, UST
             _tile_rows(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTART, UEND,
                        UCNT, tile, n_tiles, pid_bh, scale, qk_scale, q_offset, Tq, Tk, NB, HQ,
                        HKV, HEAD_DIM, NSEL, NSEL_P, GROUP_P, QPP, BLOCK_N, DQ, USE_UNION,
-                       DOT_PREC)
+                       DOT_PREC, ACC)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +360,7 @@ def _tile_plans(q, k, sel, blk_start, blk_end):
 
 
 def _launch_rows(q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale, sel_block,
-                 q_offset, dq_mode):
+                 q_offset, dq_mode, accumulate=False):
     B, tq = q.shape[:2]
     nb = blk_start.numel()
     for meta, unions, flags, tiles, per, is_fine in _tile_plans(q, k, sel, blk_start, blk_end):
@@ -375,7 +379,7 @@ def _launch_rows(q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale, s
                            1 if flags is None else flags.shape[1], scale, scale * LOG2E_F,
                            q_offset, tq, k.shape[1], nb, **meta, BLOCK_N=_block_n(sel_block),
                            DQ=dq_mode, USE_UNION=unions is not None, TILES=tiles,
-                           PER=per if tiles == 2 else 1, SUB=sub,
+                           PER=per if tiles == 2 else 1, SUB=sub, ACC=accumulate,
                            num_warps=DQ_WARPS if dq_mode else FWD_WARPS,
                            num_stages=1 if INTERPRET else stages)
 
@@ -392,8 +396,11 @@ def slc_attn_fwd(q, k, v, sel, blk_start, blk_end, *, scale, sel_block, q_offset
     return o, lse
 
 
-def slc_attn_bwd(do, q, k, v, o, lse, sel, blk_start, blk_end, *, scale, sel_block, q_offset=0):
-    """Backward primitive: (dq, dk, dv) shaped like q, k, v, given dO and the forward's o, lse."""
+def slc_attn_bwd(do, q, k, v, o, lse, sel, blk_start, blk_end, *, scale, sel_block, q_offset=0,
+                 delta=None, dq=None):
+    """Backward primitive: (dq, dk, dv) shaped like q, k, v, given dO and the forward's o, lse.
+    delta: rowsum(o·do) fp32 [B, Hq, Tq] if the caller has it (attn/nsa/gate_mix.py does), else
+    computed here; dq: a contiguous tensor like q to add this branch's dQ to (returned)."""
     scale = _check(q, k, v, sel, blk_start, blk_end, scale, sel_block, q_offset)
     B, tq, hq, d = q.shape
     for name, t in (("do", do), ("o", o)):
@@ -406,13 +413,22 @@ def slc_attn_bwd(do, q, k, v, o, lse, sel, blk_start, blk_end, *, scale, sel_blo
             or lse.dtype != torch.float32 or not lse.is_contiguous() or lse.device != q.device:
         raise ValueError(f"lse must be contiguous fp32 [B, Hq, Tq] = {(B, hq, tq)}, got "
                          f"{getattr(lse, 'dtype', type(lse))} {tuple(getattr(lse, 'shape', ()))}")
-    delta = common.empty((B, hq, tq), torch.float32, q.device)
-    pre_bm = 16 if INTERPRET else 64
-    _bwd_preprocess[(triton.cdiv(tq, pre_bm), B * hq)](o, do, delta, tq, H=hq, HEAD_DIM=d,
-                                                        BLOCK_M=pre_bm)
-    dq = common.empty(q.shape, q.dtype, q.device)
+    for name, t, want in (("delta", delta, ((B, hq, tq), torch.float32)),
+                          ("dq", dq, (q.shape, q.dtype))):
+        if t is not None and ((t.shape, t.dtype) != want or not t.is_contiguous()
+                              or t.device != q.device):
+            raise ValueError(f"{name} must be a contiguous {want[1]} tensor {tuple(want[0])} on "
+                             f"{q.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if delta is None:
+        delta = common.empty((B, hq, tq), torch.float32, q.device)
+        pre_bm = 16 if INTERPRET else 64
+        _bwd_preprocess[(triton.cdiv(tq, pre_bm), B * hq)](o, do, delta, tq, H=hq, HEAD_DIM=d,
+                                                            BLOCK_M=pre_bm)
+    accumulate = dq is not None
+    if dq is None:
+        dq = common.empty(q.shape, q.dtype, q.device)
     _launch_rows(q, k, v, dq, lse, do, delta, sel, blk_start, blk_end, scale, sel_block,
-                 q_offset, True)
+                 q_offset, True, accumulate)
 
     dk, dv = dkdv(q, k, v, do, lse, delta, sel, blk_start, blk_end, scale, q_offset,
                   _block_n(sel_block))

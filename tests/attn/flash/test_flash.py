@@ -100,6 +100,31 @@ def test_primitives_match_autograd_and_are_deterministic(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["split", "fused"])
+def test_bwd_given_delta_and_dq_accumulator(monkeypatch, mode):
+    """flash_bwd(delta=, dq=): the caller's delta replaces the preprocess, and dQ is added to the
+    given tensor (one rounding) and returned; dK, dV as without the options."""
+    monkeypatch.setenv("ATTN_IMPL", "triton")
+    monkeypatch.setenv("FLASH_BWD", mode)
+    monkeypatch.setattr(common, "empty", nan_empty)
+    cu = torch.tensor([0, 30, 31, 70], dtype=torch.int32, device=DEV)
+    q, k, v = (torch.randn(1, 70, h, 32, device=DEV) for h in (4, 2, 2))
+    kw = dict(cu_seqlens=cu, window=25, scale=0.3)
+    o, lse = flash_fwd(q, k, v, **kw)
+    do = torch.randn_like(o)
+    dq0, dk0, dv0 = flash_bwd(do, q, k, v, o, lse, **kw)
+    delta = (o * do).sum(-1).transpose(1, 2).contiguous()       # [B, Hq, Tq]
+    base = torch.randn_like(q)
+    acc = base.clone()
+    dq, dk, dv = flash_bwd(do, q, k, v, o, lse, **kw, delta=delta, dq=acc)
+    assert dq is acc
+    torch.testing.assert_close(dq, base + dq0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dk, dk0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dv, dv0, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="delta must be a contiguous"):
+        flash_bwd(do, q, k, v, o, lse, **kw, delta=delta[:, :2])
+
+
 def test_ref_matches_sdpa_definition():
     """The oracle agrees with the lead's SDPA op (float64) on documents, offsets and windows."""
     q, k, v = (torch.randn(1, 60, 2, 16, dtype=torch.float64) for _ in range(3))

@@ -16,7 +16,7 @@ import torch
 
 from attn.flash import common
 from attn.nsa import nsa_attn
-from attn.nsa.gate_mix import gate_mix
+from attn.nsa.gate_mix import gate_mix, gate_mix_bwd
 from attn.nsa.op import compress
 from attn.nsa.ref import (_doc_starts, _masked_softmax, cmp_block_starts, nsa_attn_ref,
                           selection_scores)
@@ -136,3 +136,11 @@ def test_gate_mix_matches_torch(monkeypatch):
     grads = torch.autograd.grad(want, [*os_, g], do)
     for a, b in zip([t.grad for t in os_] + [g.grad], grads):
         assert torch.allclose(a, b, atol=1e-5)
+    # the branch deltas rowsum(do_i · o_i), [3, B, H, T], from the do_i it returns
+    deltas = poisoned((3, 2, 3, 5), torch.float32, "cpu")
+    *dos, _ = gate_mix_bwd(do, *(t.detach() for t in os_), g.detach(), deltas=deltas)
+    for i in range(3):
+        want = (dos[i] * os_[i].detach()).sum(-1).transpose(1, 2)
+        assert torch.allclose(deltas[i], want, atol=1e-5), i
+    with pytest.raises(ValueError, match="deltas"):
+        gate_mix_bwd(do, *(t.detach() for t in os_), g.detach(), deltas=deltas[:, :1])

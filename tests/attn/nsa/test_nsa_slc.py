@@ -231,6 +231,31 @@ def test_heavy_blocks_are_split_and_backward_is_deterministic(monkeypatch):
         assert rel(a, b) < 1e-6
 
 
+def test_bwd_given_delta_and_dq_accumulator(monkeypatch):
+    """slc_attn_bwd(delta=, dq=): the caller's delta replaces the preprocess; dQ is added to the
+    given tensor and returned (both tilings of the adaptive pair add); dK, dV unchanged."""
+    monkeypatch.setattr(common, "empty", nan_empty)
+    T, hq, hkv, sb, nsel = 80, 4, 1, 8, 4
+    table = block_table(None, T, sb, "cpu")
+    sel = random_sel(table, 1, T, hkv, nsel, nsa=True)
+    q = torch.randn(1, T, hq, 16)
+    k, v = (torch.randn(1, T, hkv, 16) for _ in range(2))
+    kw = dict(scale=0.25, sel_block=sb)
+    o, lse = slc_attn_fwd(q, k, v, sel, table[2], table[3], **kw)
+    do = torch.randn_like(o)
+    dq0, dk0, dv0 = slc_attn_bwd(do, q, k, v, o, lse, sel, table[2], table[3], **kw)
+    delta = (o * do).sum(-1).transpose(1, 2).contiguous()
+    base = torch.randn_like(q)
+    acc = base.clone()
+    dq, dk, dv = slc_attn_bwd(do, q, k, v, o, lse, sel, table[2], table[3], **kw, delta=delta,
+                              dq=acc)
+    assert dq is acc
+    for a, b in ((dq, base + dq0), (dk, dk0), (dv, dv0)):
+        assert rel(a, b) < 1e-5, rel(a, b)
+    with pytest.raises(ValueError, match="dq must be a contiguous"):
+        slc_attn_bwd(do, q, k, v, o, lse, sel, table[2], table[3], **kw, dq=acc.double())
+
+
 @pytest.mark.parametrize("chunk,per", [(None, 1), (4, 1), (None, 2)])
 def test_tile_unions_are_sorted_unique_sets(monkeypatch, chunk, per):
     """_union_kernel against sorted(set(...)) per tile, with empty slots, bad ids, a last tile
