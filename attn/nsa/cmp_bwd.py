@@ -5,6 +5,8 @@ autograd Function live there too.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -15,16 +17,22 @@ from attn.flash.common import LOG2E, LOG2E_F, cvt, mma
 from attn.nsa.cmp import _BIG, _cfg, _ld, _q_tile
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, start, end, pf, pl,
-                q_offset, Tq, qk_scale, STRIDE_QT: tl.constexpr, BLOCK_M: tl.constexpr,
-                HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, row0, col, lse_ptr, delta_ptr, start,
+                end, pf, pl, q_offset, Tq, qk_scale, STRIDE_QT: tl.constexpr,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                DOT_PREC: tl.constexpr, TMA: tl.constexpr):
+    """TMA: Q, dO tiles through the descriptors qd, dod at (row0 + row, col); rows past this
+    batch's Tq come back zero (the descriptor ends there) and are masked out of P anyway."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
         q_ptrs = rows[:, None] * STRIDE_QT + offs_d[None, :]
         r_ok = rows < Tq
-        q = _ld(q_base + q_ptrs, r_ok[:, None], MASKED)
+        if TMA:
+            q = qd.load([row0 + start_m, col])
+        else:
+            q = _ld(q_base + q_ptrs, r_ok[:, None], MASKED)
         lse2 = _ld(lse_ptr + rows, r_ok, MASKED, float("inf")) * LOG2E
         # transposed scores [BLOCK_N, BLOCK_M]: P^T comes out ready for dV = P^T dO
         s_t = mma(k, tl.trans(q), None, DOT_PREC) * qk_scale
@@ -33,7 +41,10 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, start, end, p
             qpos = q_offset + rows
             ok = (qpos[None, :] >= pf[:, None]) & (qpos[None, :] <= pl[:, None]) & r_ok[None, :]
             p_t = tl.where(ok, p_t, 0.0)
-        do = _ld(do_base + q_ptrs, r_ok[:, None], MASKED)
+        if TMA:
+            do = dod.load([row0 + start_m, col])
+        else:
+            do = _ld(do_base + q_ptrs, r_ok[:, None], MASKED)
         delta = _ld(delta_ptr + rows, r_ok, MASKED)
         dv = mma(cvt(p_t, do.dtype), do, dv, DOT_PREC)
         dp_t = mma(v, tl.trans(do), None, DOT_PREC)
@@ -47,7 +58,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PF, PL, scale, qk_scale, q_off
                  cmp_stride, Tq, Tc, chunk,
                  HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
+                 DOT_PREC: tl.constexpr, TMA: tl.constexpr):
     # compressed tile 0 is seen by the most queries: program 0 is the heaviest, it runs first.
     # Axis 2 splits the query rows (see _dkdv_chunk).
     start_n = tl.program_id(0) * BLOCK_N
@@ -87,6 +98,15 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PF, PL, scale, qk_scale, q_off
         f_lo = m_lo
         f_hi = m_lo
 
+    if TMA:
+        # rows [0, (b+1)·Tq) of the [B·Tq, Hq·D] view: the tile loads of batch b stop at its end
+        qd = tl.make_tensor_descriptor(Q, shape=[(b + 1) * Tq, HQ * HEAD_DIM],
+                                       strides=[STRIDE_QT, 1], block_shape=[BLOCK_M, HEAD_DIM])
+        dod = tl.make_tensor_descriptor(DO, shape=[(b + 1) * Tq, HQ * HEAD_DIM],
+                                        strides=[STRIDE_QT, 1], block_shape=[BLOCK_M, HEAD_DIM])
+    else:
+        qd = Q  # unused
+        dod = DO
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for g in range(GROUP):
@@ -94,15 +114,15 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PF, PL, scale, qk_scale, q_off
         q_base = Q + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
         do_base = DO + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
         row_base = (b * HQ + h).to(tl.int64) * Tq
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
-                             m_lo, f_lo, pf, pl, q_offset, Tq, qk_scale, STRIDE_QT, BLOCK_M,
-                             HEAD_DIM, True, DOT_PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
-                             f_lo, f_hi, pf, pl, q_offset, Tq, qk_scale, STRIDE_QT, BLOCK_M,
-                             HEAD_DIM, False, DOT_PREC)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base,
-                             f_hi, m_hi, pf, pl, q_offset, Tq, qk_scale, STRIDE_QT, BLOCK_M,
-                             HEAD_DIM, True, DOT_PREC)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, b * Tq, h * HEAD_DIM,
+                             LSE + row_base, DELTA + row_base, m_lo, f_lo, pf, pl, q_offset, Tq,
+                             qk_scale, STRIDE_QT, BLOCK_M, HEAD_DIM, True, DOT_PREC, TMA)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, b * Tq, h * HEAD_DIM,
+                             LSE + row_base, DELTA + row_base, f_lo, f_hi, pf, pl, q_offset, Tq,
+                             qk_scale, STRIDE_QT, BLOCK_M, HEAD_DIM, False, DOT_PREC, TMA)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, b * Tq, h * HEAD_DIM,
+                             LSE + row_base, DELTA + row_base, f_hi, m_hi, pf, pl, q_offset, Tq,
+                             qk_scale, STRIDE_QT, BLOCK_M, HEAD_DIM, True, DOT_PREC, TMA)
     # one split: dK, dV in the KV dtype; several: fp32 partials [splits, B, Tc, Hkv, D]
     out = kv_off + tl.program_id(2).to(tl.int64) * tl.num_programs(1) * Tc * HEAD_DIM
     tl.store(DK + out, cvt(dk * scale, DK.dtype.element_ty), mask=c_ok[:, None])
@@ -110,16 +130,23 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PF, PL, scale, qk_scale, q_off
 
 
 @triton.jit
-def _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, start, end, lo, hi, Tc, qk_scale,
-              STRIDE_KT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-              MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+def _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col, start, end,
+              lo, hi, Tc, qk_scale, STRIDE_KT: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
+              TMA: tl.constexpr):
+    """TMA: compressed K, V tiles through the descriptors kd, vd at (row0 + c, col); rows past
+    this batch's Tc come back zero and are masked out of P."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(start, end, BLOCK_N):
         c = start_n + offs_n
         kv_ptrs = c[:, None] * STRIDE_KT + offs_d[None, :]
-        k = _ld(k_base + kv_ptrs, (c < Tc)[:, None], MASKED)
-        v = _ld(v_base + kv_ptrs, (c < Tc)[:, None], MASKED)
+        if TMA:
+            k = kd.load([row0 + start_n, col])
+            v = vd.load([row0 + start_n, col])
+        else:
+            k = _ld(k_base + kv_ptrs, (c < Tc)[:, None], MASKED)
+            v = _ld(v_base + kv_ptrs, (c < Tc)[:, None], MASKED)
         s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
@@ -138,7 +165,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLO, CHI, scale, qk_scale, q_offset,
                cmp_stride, Tq, Tc,
                HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+               DOT_PREC: tl.constexpr, TMA: tl.constexpr):
     pid_bh = tl.program_id(1)  # heaviest (last) query tiles first
     rows, r_ok, q_off, kv_base, lo, hi, kv_lo, f_lo, f_hi, kv_hi = _q_tile(
         tl.num_programs(0) - 1 - tl.program_id(0), pid_bh, q_offset, CLO, CHI, cmp_block,
@@ -152,15 +179,30 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLO, CHI, scale, qk_scale, q_offset,
     lse2 = tl.load(LSE + pid_bh.to(tl.int64) * Tq + rows, mask=r_ok, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * Tq + rows, mask=r_ok, other=0.0)
 
+    b = pid_bh // HQ
+    col = (pid_bh % HQ) // (HQ // HKV) * HEAD_DIM
+    if TMA:
+        # rows [0, (b+1)·Tc) of the [B·Tc, Hkv·D] view: the tile loads of batch b stop at its end
+        kd = tl.make_tensor_descriptor(K, shape=[(b + 1) * Tc, HKV * HEAD_DIM],
+                                       strides=[STRIDE_KT, 1], block_shape=[BLOCK_N, HEAD_DIM])
+        vd = tl.make_tensor_descriptor(V, shape=[(b + 1) * Tc, HKV * HEAD_DIM],
+                                       strides=[STRIDE_KT, 1], block_shape=[BLOCK_N, HEAD_DIM])
+    else:
+        kd = K  # unused
+        vd = V
+    row0 = b * Tc
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     pk = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    dq, pk, dsum = _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, kv_lo, f_lo, lo,
-                             hi, Tc, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, True, DOT_PREC)
-    dq, pk, dsum = _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, f_lo, f_hi, lo,
-                             hi, Tc, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, False, DOT_PREC)
-    dq, pk, dsum = _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, f_hi, kv_hi, lo,
-                             hi, Tc, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, True, DOT_PREC)
+    dq, pk, dsum = _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col,
+                             kv_lo, f_lo, lo, hi, Tc, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, True,
+                             DOT_PREC, TMA)
+    dq, pk, dsum = _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col,
+                             f_lo, f_hi, lo, hi, Tc, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, False,
+                             DOT_PREC, TMA)
+    dq, pk, dsum = _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col,
+                             f_hi, kv_hi, lo, hi, Tc, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, True,
+                             DOT_PREC, TMA)
     # delta correction (see the module docstring): dsum is the exact delta
     dq = dq - (dsum - delta)[:, None] * pk
     tl.store(DQ + q_off, cvt(dq * scale, DQ.dtype.element_ty), mask=r_ok[:, None])
@@ -170,6 +212,10 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLO, CHI, scale, qk_scale, q_offset,
 # ---------------------------------------------------------------------------------------------
 # launch
 
+# TMA tensor descriptors for the streamed tiles (Q, dO in dK/dV; compressed K, V in dQ), as in
+# attn/flash (fewer address registers); common.use_tma decides per launch (Hopper, alignment,
+# FLASH_TMA), NSA_CMP_TMA=0 turns it off here alone
+TMA = {kind: os.environ.get("NSA_CMP_TMA", "1") != "0" for kind in ("dq", "dkdv")}
 # dK/dV: BLOCK_N compressed rows resident, BLOCK_M query rows streamed
 DKDV_CFGS = {64: (64, 64, 4, 3), 128: (64, 128, 8, 3), 256: (32, 64, 4, 2)}
 # (BLOCK_M, BLOCK_N, warps, stages) by head dim; timings in cmp.py's FWD_CFGS comment
@@ -214,7 +260,7 @@ def _bwd(do, q, k_cmp, v_cmp, o, lse, plan, delta=None):
     bm, bn, w, s = _cfg(DQ_CFGS, d, q.dtype)  # first: it replaces delta by the exact one
     _dq_kernel[(triton.cdiv(tq, bm), B * hq)](
         q, k_cmp, v_cmp, do, lse, delta, dq, c_lo, c_hi, *args, **meta, BLOCK_M=bm,
-        BLOCK_N=bn, num_warps=w, num_stages=s)
+        BLOCK_N=bn, num_warps=w, num_stages=s, TMA=TMA["dq"] and common.use_tma("dq", k_cmp, v_cmp))
     bm, bn, w, s = _cfg(DKDV_CFGS, d, q.dtype)
     grid = (triton.cdiv(tc, bn), B * hkv)
     chunk = _dkdv_chunk(tq, grid[0] * grid[1], bm)
@@ -227,7 +273,8 @@ def _bwd(do, q, k_cmp, v_cmp, o, lse, plan, delta=None):
         dv_out = dv = common.empty(v_cmp.shape, v_cmp.dtype, q.device)
     _dkdv_kernel[(*grid, splits)](
         q, k_cmp, v_cmp, do, lse, delta, dk_out, dv_out, pf, pl, *args, chunk, **meta,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s,
+        TMA=TMA["dkdv"] and common.use_tma("dkdv", q, do))
     if splits > 1:  # fixed-order sum: deterministic
         dk, dv = dk_out.sum(0).to(k_cmp.dtype), dv_out.sum(0).to(v_cmp.dtype)
     return dq, dk, dv

@@ -129,6 +129,17 @@ def test_documents(monkeypatch, cb, stride, dtype):
     check_case(monkeypatch, tk=tk, hq=4, hkv=2, d=16, cb=cb, stride=stride, cu=cu, dtype=dtype)
 
 
+@pytest.mark.parametrize("tma", [False], ids=["pointer-loads"])
+def test_documents_batch_without_tma(monkeypatch, tma):
+    """The backward's pointer loads (the other cases take the TMA descriptors, which the
+    interpreter also runs): documents with a shard, and a batch of 2."""
+    from attn.nsa import cmp_bwd
+    monkeypatch.setattr(cmp_bwd, "TMA", {"dq": tma, "dkdv": tma})
+    check_case(monkeypatch, tk=128, tq=48, q_offset=56, hq=4, hkv=1, d=16, cb=4, stride=2,
+               cu=random_docs(128, 7))
+    check_case(monkeypatch, B=2, hq=4, hkv=2, d=16, cb=8, stride=4, tk=80)
+
+
 def test_random_documents_shard(monkeypatch):
     """Random documents with a length-1 one; queries are a shard in the middle of the keys."""
     cu = random_docs(128, 7)
