@@ -56,18 +56,25 @@ from attn.triton_common import softmax_step
 
 
 @triton.jit
-def _block_step(q, do, lse2, delta, acc, m_i, l_i, bad, selt, j, bs, be, K, V, kv_base, qpos,
-                qk_scale, STRIDE_KT: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_N: tl.constexpr, DQ: tl.constexpr, DOT_PREC: tl.constexpr):
+def _block_step(q, do, lse2, delta, acc, m_i, l_i, bad, selt, j, bs, be, K, V, kv_base, row0,
+                col, qpos, qk_scale, STRIDE_KT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_N: tl.constexpr, DQ: tl.constexpr, DOT_PREC: tl.constexpr,
+                TMA: tl.constexpr):
     """One selected block [bs, be) with id j for the rows that chose it: the online-softmax
     update of (acc, m_i, l_i) (forward) or the dQ accumulation (DQ); bad marks rows that met a
-    block longer than BLOCK_N."""
+    block longer than BLOCK_N. TMA: K, V are tensor descriptors of the [B·Tk, Hkv·D] views, the
+    tile at (row0 + bs, col); its keys past be (the next block's, or the next batch's, zeros past
+    the tensor) are masked below."""
     hit = tl.max(tl.where(selt == j, 1, 0), 1) > 0
     kpos = bs + tl.arange(0, BLOCK_N)
     k_ok = kpos < be
-    kv_off = kv_base + kpos[:, None] * STRIDE_KT + tl.arange(0, HEAD_DIM)[None, :]
-    k = tl.load(K + kv_off, mask=k_ok[:, None], other=0.0)
-    v = tl.load(V + kv_off, mask=k_ok[:, None], other=0.0)
+    if TMA:
+        k = K.load([row0 + bs, col])
+        v = V.load([row0 + bs, col])
+    else:
+        kv_off = kv_base + kpos[:, None] * STRIDE_KT + tl.arange(0, HEAD_DIM)[None, :]
+        k = tl.load(K + kv_off, mask=k_ok[:, None], other=0.0)
+        v = tl.load(V + kv_off, mask=k_ok[:, None], other=0.0)
     ok = hit[:, None] & k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
     s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
     if DQ:
@@ -88,7 +95,8 @@ def _tile_rows(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTAR
                HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                NSEL: tl.constexpr, NSEL_P: tl.constexpr, GROUP_P: tl.constexpr,
                QPP: tl.constexpr, BLOCK_N: tl.constexpr, DQ: tl.constexpr,
-               USE_UNION: tl.constexpr, DOT_PREC: tl.constexpr, ACC: tl.constexpr):
+               USE_UNION: tl.constexpr, DOT_PREC: tl.constexpr, ACC: tl.constexpr,
+               TMA: tl.constexpr):
     """One tile: QPP positions from tile·QPP of (batch, KV head) pid_bh; its union list is row
     pid_bh·n_tiles + tile of UNION / USTART / UEND / UCNT. ACC (dQ only): add to the dQ rows
     already in O instead of overwriting them."""
@@ -111,6 +119,8 @@ def _tile_rows(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTAR
     q = tl.load(Q + q_off[:, None] + offs_d[None, :], mask=m_ok[:, None], other=0.0)
     r_off = (b * HQ + h).to(tl.int64) * Tq + rows            # lse / delta [B, Hq, Tq]
     kv_base = b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
+    row0 = b * Tk
+    col = hkv * HEAD_DIM
     # the tile's selection; empty slots, bad ids and padding rows hold NB ("none")
     sel_off = ((b.to(tl.int64) * Tq + rows) * HKV + hkv) * NSEL
     selt = tl.load(SEL + sel_off[:, None] + offs_s[None, :],
@@ -140,16 +150,16 @@ def _tile_rows(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTAR
             bs = tl.load(USTART + u_row * (QPP * NSEL_P) + u)
             be = tl.load(UEND + u_row * (QPP * NSEL_P) + u)
             acc, m_i, l_i, bad = _block_step(q, do, lse2, delta, acc, m_i, l_i, bad, selt, j, bs,
-                                             be, K, V, kv_base, qpos, qk_scale, STRIDE_KT,
-                                             HEAD_DIM, BLOCK_N, DQ, DOT_PREC)
+                                             be, K, V, kv_base, row0, col, qpos, qk_scale,
+                                             STRIDE_KT, HEAD_DIM, BLOCK_N, DQ, DOT_PREC, TMA)
     else:
         j = tl.min(tl.min(selt, 1), 0)
         while j < NB:  # the union of the rows' blocks, ascending
             bs = tl.load(BLK_START + j)
             be = tl.load(BLK_END + j)
             acc, m_i, l_i, bad = _block_step(q, do, lse2, delta, acc, m_i, l_i, bad, selt, j, bs,
-                                             be, K, V, kv_base, qpos, qk_scale, STRIDE_KT,
-                                             HEAD_DIM, BLOCK_N, DQ, DOT_PREC)
+                                             be, K, V, kv_base, row0, col, qpos, qk_scale,
+                                             STRIDE_KT, HEAD_DIM, BLOCK_N, DQ, DOT_PREC, TMA)
             j = tl.min(tl.min(tl.where(selt > j, selt, NB), 1), 0)
 
     o_ptrs = O + q_off[:, None] + offs_d[None, :]
@@ -174,7 +184,7 @@ def _rows_kernel(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, UST
                  NSEL: tl.constexpr, NSEL_P: tl.constexpr, GROUP_P: tl.constexpr,
                  QPP: tl.constexpr, BLOCK_N: tl.constexpr, DQ: tl.constexpr,
                  USE_UNION: tl.constexpr, DOT_PREC: tl.constexpr, TILES: tl.constexpr,
-                 PER: tl.constexpr, SUB: tl.constexpr, ACC: tl.constexpr):
+                 PER: tl.constexpr, SUB: tl.constexpr, ACC: tl.constexpr, TMA: tl.constexpr):
     """DQ=False: forward, writes O and LSE. DQ=True: reads LSE, DO, DELTA, writes dQ into O
     (ACC: adds it to what O holds).
     USE_UNION: walk each tile's union list (tile_unions); else find each next block id by a
@@ -200,7 +210,7 @@ def _rows_kernel(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, UST
             _tile_rows(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTART, UEND,
                        UCNT, tile, n_tiles, pid_bh, scale, qk_scale, q_offset, Tq, Tk, NB, HQ,
                        HKV, HEAD_DIM, NSEL, NSEL_P, GROUP_P, QPP, BLOCK_N, DQ, USE_UNION,
-                       DOT_PREC, ACC)
+                       DOT_PREC, ACC, TMA)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +248,13 @@ FWD_ROWS, FWD_WARPS = 64, 4
 # equal tilings (G >= 64) or without union lists for the coarse tiles (G <= 2) take the coarse
 # tiling.
 TILES = os.environ.get("NSA_SLC_TILES", "adaptive")
+# K/V block tiles through TMA tensor descriptors made on the host (common.use_tma: Hopper,
+# alignment, FLASH_TMA; NSA_SLC_TMA=0 turns it off here alone). H100, random selections, pointer
+# loads -> TMA, ms (docs/bench/nsa_slc_tma_h100.txt; outputs bitwise equal): forward 64k 64/4
+# 18.97 -> 17.90, 64k 16/4 15.36 -> 14.21, 16k 16/4 3.14 -> 2.79; but the whole backward (dQ
+# launches + dK/dV) 64k 64/4 38.9 -> 41.2 (16/4: 24.5 -> 23.7, 16k 5.51 -> 5.73): the dQ keeps
+# pointer loads. (Descriptors made inside the kernel cost every program: forward 64/4 19.1.)
+TMA = {"fwd": os.environ.get("NSA_SLC_TMA", "1") != "0", "dq": False}
 FINE_ROWS = 16
 COARSE_STEP_COST, FINE_STEP_COST = 3, 2
 FINE_FWD_STAGES, FINE_DQ_STAGES = 3, 2                      # (the sweep's best for 16 rows)
@@ -359,10 +376,24 @@ def _tile_plans(q, k, sel, blk_start, blk_end):
     return [(coarse, uc, flags, 1, per, False), (fine, uf, flags, 2, per, True)]
 
 
+def _kv_tiles(k, v, sel_block, dq_mode):
+    """(K, V, TMA) for _rows_kernel: host-side TMA descriptors over the [B·Tk, Hkv·D] views
+    (made once per launch: a descriptor built inside the kernel costs every program, and the fine
+    tiles are many short programs), or the tensors themselves."""
+    if not (TMA["dq" if dq_mode else "fwd"] and common.use_tma("dq", k, v)):
+        return k, v, False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    B, tk, hkv, d = k.shape
+    block = [_block_n(sel_block), d]
+    return (TensorDescriptor.from_tensor(k.view(B * tk, hkv * d), block),
+            TensorDescriptor.from_tensor(v.view(B * tk, hkv * d), block), True)
+
+
 def _launch_rows(q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale, sel_block,
                  q_offset, dq_mode, accumulate=False):
     B, tq = q.shape[:2]
     nb = blk_start.numel()
+    kt, vt, tma = _kv_tiles(k, v, sel_block, dq_mode)
     for meta, unions, flags, tiles, per, is_fine in _tile_plans(q, k, sel, blk_start, blk_end):
         if dq_mode:
             stages = FINE_DQ_STAGES if is_fine else DQ_STAGES
@@ -374,12 +405,13 @@ def _launch_rows(q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale, s
         # one tile per program (random 21.22 vs 22.91 ms; H100, docs/bench/nsa_tiles_h100.json)
         sub = per if tiles == 2 and not dq_mode else 1
         grid = (triton.cdiv(n_tiles, sub), B * k.shape[2])
-        _rows_kernel[grid](q, k, v, out, lse, do, delta, sel, blk_start, blk_end,
+        _rows_kernel[grid](q, kt, vt, out, lse, do, delta, sel, blk_start, blk_end,
                            *(unions or (sel,) * 4), sel if flags is None else flags, n_tiles,
                            1 if flags is None else flags.shape[1], scale, scale * LOG2E_F,
                            q_offset, tq, k.shape[1], nb, **meta, BLOCK_N=_block_n(sel_block),
                            DQ=dq_mode, USE_UNION=unions is not None, TILES=tiles,
                            PER=per if tiles == 2 else 1, SUB=sub, ACC=accumulate,
+                           TMA=tma,
                            num_warps=DQ_WARPS if dq_mode else FWD_WARPS,
                            num_stages=1 if INTERPRET else stages)
 

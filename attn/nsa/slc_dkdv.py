@@ -2,8 +2,8 @@
 definitions: masking, log2-domain scores, the block contract).
 
 Memory plan
-  inverse index (torch, stable sort, bincount, cumsum; deterministic): ENTRIES int32 = the query
-      rows that selected block j of (batch, KV head) bh, ascending, at
+  inverse index (torch: stable sort, searchsorted; deterministic, no host sync): ENTRIES int32
+      = the query rows that selected block j of (batch, KV head) bh, ascending, at
       ENTRIES[ROWPTR[bh·NB + j] : ROWPTR[bh·NB + j + 1]].
   _dkdv_kernel: one program = one work item (a block of one (batch, KV head), or one split of
       it); K, V tile [BLOCK_N, D] and fp32 dK, dV [BLOCK_N, D] in registers; streams the gathered
@@ -153,11 +153,13 @@ def inverse_index(sel, nb: int):
     bh = bh[:, None, :, None]                                # [B, 1, Hkv, 1]
     ok = (sel >= 0) & (sel < nb)
     key = torch.where(ok, bh.to(torch.int32) * nb + sel, nbh).flatten()  # empty slots sort last
-    order = torch.sort(key, stable=True).indices
+    sorted_key, order = torch.sort(key, stable=True)
     rows = torch.arange(tq, device=dev, dtype=torch.int32)[None, :, None, None].expand(sel.shape)
-    counts = torch.bincount(key, minlength=nbh + 1)[:nbh]
-    rowptr = torch.zeros(nbh + 1, dtype=torch.int64, device=dev)
-    rowptr[1:] = torch.cumsum(counts, 0)
+    # each list starts at its key's first place in the sorted keys (a search, not bincount: that
+    # reads the largest key back to the host, a sync that idles the GPU mid-backward)
+    rowptr = torch.searchsorted(sorted_key, torch.arange(nbh + 1, device=dev,
+                                                         dtype=sorted_key.dtype))
+    counts = (rowptr[1:] - rowptr[:-1]).to(torch.int64)
     return rowptr.to(torch.int32), rows.flatten()[order].contiguous(), counts
 
 

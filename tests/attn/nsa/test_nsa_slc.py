@@ -149,6 +149,18 @@ def test_forced_tiling_matches_ref(monkeypatch, case, tiles):
     check_case(monkeypatch, **case)
 
 
+@pytest.mark.parametrize("fwd,dq", [(False, False), (True, True)], ids=["pointers", "tma-both"])
+def test_kv_loads_pointer_and_tma(monkeypatch, fwd, dq):
+    """The default takes TMA descriptors for the forward's K/V tiles and pointer loads for the
+    dQ (slc.TMA); both load paths of both passes stay exact (batch 2: a descriptor over
+    [B·Tk, Hkv·D] reads the next batch past a block's end, masked; documents: blocks shorter
+    than BLOCK_N)."""
+    monkeypatch.setattr(slc, "TMA", {"fwd": fwd, "dq": dq})
+    check_case(monkeypatch, B=2, Tq=72, Hq=8, Hkv=2, D=16, sel_block=16, nsel=3, nsa=True)
+    check_case(monkeypatch, Tq=100, Hq=4, Hkv=1, D=16, sel_block=8, nsel=5, nsa=True,
+               cu=random_docs(100, 6))
+
+
 def test_fine_tiles_rule():
     """A coarse tile goes to the fine launch when COARSE_STEP_COST·U_coarse >
     FINE_STEP_COST·(sum of its fine tiles' U); the last coarse tile may have fewer fine ones."""
