@@ -34,6 +34,19 @@ def empty(shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def check_bwd_buffers(q, delta, dq, where: str = ""):
+    """The optional buffers of a backward primitive: delta = rowsum(o·do), fp32 [B, Hq, Tq], and
+    dq, a tensor like q to add into; each None or contiguous on q's device."""
+    B, tq, hq = q.shape[:3]
+    for name, t, want in (("delta", delta, ((B, hq, tq), torch.float32)),
+                          ("dq", dq, (q.shape, q.dtype))):
+        if t is not None and ((t.shape, t.dtype) != want or not t.is_contiguous()
+                              or t.device != q.device):
+            raise ValueError(f"{where}{name} must be a contiguous {want[1]} tensor "
+                             f"{tuple(want[0])} on {q.device}, got {t.dtype} {tuple(t.shape)} "
+                             f"on {t.device}")
+
+
 def seg_arrays(cu_seqlens: torch.Tensor, tk: int):
     """Per key position: first and last position of its document (int32 [Tk] each)."""
     pos = torch.arange(tk, device=cu_seqlens.device, dtype=torch.int32)

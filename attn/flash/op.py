@@ -126,12 +126,7 @@ def flash_bwd(do, q, k, v, o, lse, *, scale=None, causal: bool = True, cu_seqlen
     if lse.dtype != torch.float32 or do.dtype != q.dtype or o.dtype != q.dtype:
         raise ValueError(f"lse must be float32 and do, o in q's dtype {q.dtype}, got lse "
                          f"{lse.dtype}, do {do.dtype}, o {o.dtype}")
-    for name, t, want in (("delta", delta, ((B, hq, tq), torch.float32)),
-                          ("dq", dq, (q.shape, q.dtype))):
-        if t is not None and ((t.shape, t.dtype) != want or not t.is_contiguous()
-                              or t.device != q.device):
-            raise ValueError(f"flash_bwd: {name} must be a contiguous {want[1]} tensor "
-                             f"{tuple(want[0])} on {q.device}, got {t.dtype} {tuple(t.shape)}")
+    common.check_bwd_buffers(q, delta, dq, "flash_bwd: ")
     return _bwd(do, q, k, v, o, lse, scale, _seg(cu_seqlens, k.shape[1]),
                 _kernel_offset(causal, q_offset, k.shape[1]), window, delta, dq)
 

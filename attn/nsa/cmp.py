@@ -310,10 +310,7 @@ def cmp_attn_bwd(do, q, k_cmp, v_cmp, o, lse, *, scale, cmp_block, cmp_stride, c
                          f"{tuple(lse.shape)}")
     if do.dtype != q.dtype or o.dtype != q.dtype:
         raise ValueError(f"do and o must be in q's dtype {q.dtype}, got {do.dtype}, {o.dtype}")
-    if delta is not None and (delta.shape != (B, hq, tq) or delta.dtype != torch.float32
-                              or not delta.is_contiguous()):
-        raise ValueError(f"delta must be contiguous float32 [B, Hq, Tq] = {(B, hq, tq)}, got "
-                         f"{delta.dtype} {tuple(delta.shape)}")
+    common.check_bwd_buffers(q, delta, None, "cmp_attn_bwd: ")
     from attn.nsa.cmp_bwd import _bwd
     return _bwd(do.contiguous(), q, k_cmp, v_cmp, o.contiguous(), lse.contiguous(), plan, delta)
 

@@ -445,12 +445,7 @@ def slc_attn_bwd(do, q, k, v, o, lse, sel, blk_start, blk_end, *, scale, sel_blo
             or lse.dtype != torch.float32 or not lse.is_contiguous() or lse.device != q.device:
         raise ValueError(f"lse must be contiguous fp32 [B, Hq, Tq] = {(B, hq, tq)}, got "
                          f"{getattr(lse, 'dtype', type(lse))} {tuple(getattr(lse, 'shape', ()))}")
-    for name, t, want in (("delta", delta, ((B, hq, tq), torch.float32)),
-                          ("dq", dq, (q.shape, q.dtype))):
-        if t is not None and ((t.shape, t.dtype) != want or not t.is_contiguous()
-                              or t.device != q.device):
-            raise ValueError(f"{name} must be a contiguous {want[1]} tensor {tuple(want[0])} on "
-                             f"{q.device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    common.check_bwd_buffers(q, delta, dq, "slc_attn_bwd: ")
     if delta is None:
         delta = common.empty((B, hq, tq), torch.float32, q.device)
         pre_bm = 16 if INTERPRET else 64

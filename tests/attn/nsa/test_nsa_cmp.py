@@ -208,6 +208,9 @@ def test_bad_input():
     for args, k, msg in cases:
         with pytest.raises(ValueError, match=msg):
             cmp_attn(*args, **k)
+    o, lse = cmp_attn(q, kc, kc, **kw)
+    with pytest.raises(ValueError, match="cmp_attn_bwd: delta must be a contiguous"):
+        cmp_attn_bwd(o, q, kc, kc, o, lse, scale=0.25, **kw, delta=lse[:, :1])
 
 
 # ---- GPU cases (`pytest -m gpu tests/attn/nsa/test_nsa_cmp.py`)
