@@ -10,7 +10,7 @@ on CPU tensors; ATTN_IMPL=triton|ref forces one. The Triton path, never material
                summed over the GQA group, top-n per query and group on chip
   slc.py       attention over the selected blocks, each block loaded once for the group's heads
                (union.py: per-tile block lists; slc_dkdv.py: dK/dV)
-  flash        the sliding window (attn.flash.flash_attn with window=)
+  flash        the sliding window (attn.flash's kernels with window=)
   gate_mix.py  o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa, fused, fp32
 One autograd Function (`_NSAFunction`) runs the branches' forward and backward primitives, so
 the backward can share work between them: the gated sum's backward pass also gives each branch
@@ -128,19 +128,23 @@ class _NSAFunction(torch.autograd.Function):
     """The Triton layer: gradients for q, k, v, k_cmp, v_cmp and the packed gates [B, T, Hq, 3]
     (cmp, slc, swa)."""
 
+    # Arguments were checked by nsa_attn: the forward builds the compressed branch's plan and
+    # the window's document arrays once (with documents that costs host syncs) and the backward
+    # reuses them, calling the launchers under the checked primitives.
+
     @staticmethod
     def forward(ctx, q, k, v, k_cmp, v_cmp, gates, scale, geometry, cu_seqlens, q_offset):
-        from attn.flash.op import flash_fwd
+        from attn.flash.fwd import fwd_triton
+        from attn.flash.op import _seg
         from attn.moba.gate import block_table
-        from attn.nsa.cmp import cmp_attn_fwd
+        from attn.nsa.cmp import _fwd, _Plan
         from attn.nsa.gate_mix import gate_mix_fwd
         from attn.nsa.select import select_blocks
         from attn.nsa.slc import slc_attn_fwd
         cmp_block, cmp_stride, sel_block, topk, window = geometry
         tk = k.shape[1]
-        o_cmp, lse_cmp = cmp_attn_fwd(q, k_cmp, v_cmp, scale=scale, cmp_block=cmp_block,
-                                      cmp_stride=cmp_stride, cu_seqlens=cu_seqlens,
-                                      q_offset=q_offset, tk=tk)
+        plan = _Plan(q, k_cmp, v_cmp, scale, cmp_block, cmp_stride, cu_seqlens, q_offset, tk)
+        o_cmp, lse_cmp = _fwd(q, k_cmp, v_cmp, plan)
         table = block_table(cu_seqlens, tk, sel_block, q.device)
         cu_cmp = None if cu_seqlens is None else cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)
         sel = select_blocks(q, k_cmp, lse_cmp, table, scale=scale, cmp_block=cmp_block,
@@ -149,39 +153,36 @@ class _NSAFunction(torch.autograd.Function):
         blk_start, blk_end = table[2], table[3]
         o_slc, lse_slc = slc_attn_fwd(q, k, v, sel, blk_start, blk_end, scale=scale,
                                       sel_block=sel_block, q_offset=q_offset)
-        o_swa, lse_swa = flash_fwd(q, k, v, scale=scale, cu_seqlens=cu_seqlens,
-                                   q_offset=q_offset, window=window)
+        seg = _seg(cu_seqlens, tk)
+        o_swa, lse_swa = fwd_triton(q, k, v, scale, None if seg is None else seg[0], q_offset,
+                                    window)
         ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, o_cmp, lse_cmp, o_slc, lse_slc,
                               o_swa, lse_swa, sel, blk_start, blk_end)
-        ctx.args = (scale, geometry, cu_seqlens, q_offset)
+        ctx.args = (scale, geometry, q_offset, plan, seg)
         return gate_mix_fwd(o_cmp, o_slc, o_swa, gates)
 
     @staticmethod
     def backward(ctx, do):
         from attn.flash import common
-        from attn.flash.op import flash_bwd
-        from attn.nsa.cmp import cmp_attn_bwd
+        from attn.flash.bwd import bwd_triton
+        from attn.nsa.cmp_bwd import _bwd as cmp_bwd
         from attn.nsa.gate_mix import gate_mix_bwd
         from attn.nsa.slc import slc_attn_bwd
         (q, k, v, k_cmp, v_cmp, gates, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel,
          blk_start, blk_end) = ctx.saved_tensors
-        scale, (cmp_block, cmp_stride, sel_block, _, window), cu_seqlens, q_offset = ctx.args
+        scale, (_, _, sel_block, _, window), q_offset, plan, seg = ctx.args
         B, tq, hq, _ = q.shape
         deltas = common.empty((3, B, hq, tq), torch.float32, q.device)  # written by gate_mix_bwd
         do_cmp, do_slc, do_swa, dgates = gate_mix_bwd(do.contiguous(), o_cmp, o_slc, o_swa,
                                                       gates, deltas=deltas)
-        dq, dk_cmp, dv_cmp = cmp_attn_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, scale=scale,
-                                          cmp_block=cmp_block, cmp_stride=cmp_stride,
-                                          cu_seqlens=cu_seqlens, q_offset=q_offset,
-                                          tk=k.shape[1], delta=deltas[0])
+        dq, dk_cmp, dv_cmp = cmp_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, plan, deltas[0])
         del do_cmp
         _, dk, dv = slc_attn_bwd(do_slc, q, k, v, o_slc, lse_slc, sel, blk_start, blk_end,
                                  scale=scale, sel_block=sel_block, q_offset=q_offset,
                                  delta=deltas[1], dq=dq)
         del do_slc
-        _, dk_swa, dv_swa = flash_bwd(do_swa, q, k, v, o_swa, lse_swa, scale=scale,
-                                      cu_seqlens=cu_seqlens, q_offset=q_offset, window=window,
-                                      delta=deltas[2], dq=dq)
+        _, dk_swa, dv_swa = bwd_triton(do_swa, q, k, v, o_swa, lse_swa, scale, seg, q_offset,
+                                       window, deltas[2], dq)
         dk += dk_swa
         dv += dv_swa
         return dq, dk, dv, dk_cmp, dv_cmp, dgates, None, None, None, None
