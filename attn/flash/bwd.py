@@ -44,6 +44,17 @@ def _bwd_preprocess(O, DO, DELTA, Tq, H: tl.constexpr, HEAD_DIM: tl.constexpr,
     tl.store(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=ok)
 
 
+def bwd_delta(o, do):
+    """delta = rowsum(o·do), fp32 [B, Hq, Tq], for contiguous o, do [B, Tq, Hq, D]: the
+    preprocess of every softmax backward here (flash, MoBA, NSA's branches)."""
+    B, tq, hq, d = o.shape
+    delta = common.empty((B, hq, tq), torch.float32, o.device)
+    bm = 16 if common.INTERPRET else (64 if d <= 128 else 32)
+    _bwd_preprocess[(triton.cdiv(tq, bm), B * hq)](o, do, delta, tq, H=hq, HEAD_DIM=d,
+                                                    BLOCK_M=bm)
+    return delta
+
+
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, row0, col, lse_ptr, delta_ptr, start,
                 end, kpos, SEG_START, q_offset, window, Tq, qk_scale,
@@ -399,10 +410,7 @@ def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=None, dq
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     if delta is None:
-        delta = common.empty((B, hq, tq), torch.float32, q.device)
-        pre_bm = 64 if d <= 128 else 32
-        _bwd_preprocess[(triton.cdiv(tq, pre_bm), B * hq)](o, do, delta, tq, H=hq, HEAD_DIM=d,
-                                                            BLOCK_M=pre_bm)
+        delta = bwd_delta(o, do)
     dq = common.empty(q.shape, q.dtype, q.device) if dq_acc is None else dq_acc
     dk = common.empty(k.shape, k.dtype, k.device)
     dv = common.empty(v.shape, v.dtype, v.device)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from attn.flash import common
-from attn.flash.bwd import _bwd_preprocess
+from attn.flash.bwd import bwd_delta
 from attn.flash.common import LOG2E, LOG2E_F, cvt, mma
 from attn.moba.fwd import dq_triton
 from attn.moba.routed import even_blocks
@@ -154,10 +154,7 @@ def bwd_triton(do, q, k, v, o, lse, sel, table, scale, q_offset, index=None, blo
     tk, hkv = k.shape[1], k.shape[2]
     kblk, _, blk_start, blk_end = table
     nb = blk_start.numel()
-    delta = common.empty((B, hq, tq), torch.float32, q.device)
-    pre_bm = 16 if common.INTERPRET else 64
-    _bwd_preprocess[(triton.cdiv(tq, pre_bm), B * hq)](o, do, delta, tq, H=hq, HEAD_DIM=d,
-                                                        BLOCK_M=pre_bm)
+    delta = bwd_delta(o, do)
     dq = dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index, block_size)
     routed = index is not None
     rowptr, entries = index if routed else (blk_start, blk_start)  # dummies, never read

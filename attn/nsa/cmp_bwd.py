@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from attn.flash import common
-from attn.flash.bwd import _bwd_preprocess
+from attn.flash.bwd import bwd_delta
 from attn.flash.common import LOG2E, LOG2E_F, cvt, mma
 from attn.nsa.cmp import _BIG, _cfg, _ld, _q_tile
 
@@ -247,10 +247,7 @@ def _bwd(do, q, k_cmp, v_cmp, o, lse, plan, delta=None):
     if tc == 0 or tq == 0:
         return dq.zero_(), torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
     if delta is None:
-        delta = common.empty((B, hq, tq), torch.float32, q.device)
-        pre_bm = 16 if common.INTERPRET else 64
-        _bwd_preprocess[(triton.cdiv(tq, pre_bm), B * hq)](o, do, delta, tq, H=hq, HEAD_DIM=d,
-                                                            BLOCK_M=pre_bm)
+        delta = bwd_delta(o, do)
     has_docs = plan.bounds is not None
     c_lo, c_hi, pf, pl = plan.bounds if has_docs else (delta,) * 4  # dummies, never read
     args = (plan.scale, plan.scale * LOG2E_F, plan.q_offset, plan.cmp_block, plan.cmp_stride,

@@ -48,7 +48,7 @@ import triton.language as tl
 
 from attn.dispatch import INTERPRET, check_triton_inputs
 from attn.flash import common
-from attn.flash.bwd import _bwd_preprocess
+from attn.flash.bwd import bwd_delta
 from attn.flash.common import LN2, LOG2E, LOG2E_F, cvt, mma
 from attn.nsa.slc_dkdv import dkdv
 from attn.nsa.union import tile_unions
@@ -447,10 +447,7 @@ def slc_attn_bwd(do, q, k, v, o, lse, sel, blk_start, blk_end, *, scale, sel_blo
                          f"{getattr(lse, 'dtype', type(lse))} {tuple(getattr(lse, 'shape', ()))}")
     common.check_bwd_buffers(q, delta, dq, "slc_attn_bwd: ")
     if delta is None:
-        delta = common.empty((B, hq, tq), torch.float32, q.device)
-        pre_bm = 16 if INTERPRET else 64
-        _bwd_preprocess[(triton.cdiv(tq, pre_bm), B * hq)](o, do, delta, tq, H=hq, HEAD_DIM=d,
-                                                            BLOCK_M=pre_bm)
+        delta = bwd_delta(o, do)
     accumulate = dq is not None
     if dq is None:
         dq = common.empty(q.shape, q.dtype, q.device)
