@@ -89,6 +89,12 @@ def _scratch(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cpu" if INTERPRET else "cuda")
 
 
+def reg_cap(maxnreg):
+    """Launch options capping a kernel's registers per thread (None: the compiler's choice;
+    the interpreter takes no such option)."""
+    return {} if INTERPRET or maxnreg is None else {"maxnreg": maxnreg}
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs get true fp32 products (the contract: as accurate as the fp32 reference);
     # 16-bit inputs ignore the setting.

@@ -23,16 +23,18 @@ BQ consecutive queries of ONE document (tiles are cut at document starts: work i
 the device, no host sync); its rows are the BQ × G (query, head) pairs, M = BQ·GP rows
 (GP = G rounded up to a power of 2, padding heads masked). Registers: Q [M, D], lse [M], per
 chunk the scores [M, CB] for CB = J·R compressed rows (J selection blocks, read from HBM once per
-tile, software-pipelined: the chunk loop is flat, with no condition around its loads); a segment
+tile, software-pipelined: two flat chunk loops with no condition around their loads, the first
+over the chunks every row of the tile sees whole, with no visibility test per score, the second
+over the last one or two); a segment
 [BQ, NS, J] of block scores (NS·J blocks, BQ·NS·J ≤ MAX_SEG_ELEMS) and the running top-n
 [BQ, TP] (values, block ids). Per chunk: P [M, CB] → block sums P·W by MMA with a 0/1 matrix
 W [CB, J] that holds both the primary block and the spill (P split into two fp16 parts: fp32
 accuracy, see the kernel), the last block's spill carried to the next chunk, then summed over
 the G heads ([BQ, GP, J] reshape) and placed into the segment. Every NS chunks the segment is
 merged into the running top-n (topk rounds of max / smallest id over segment and running list).
-Launch (H200 sweep, docs/benchmarks.md): 128 rows, 8 warps, 3 stages; the block sums by 3 bf16
-MMAs cost 12.2 ms at 64k (Hq 64, Hkv 4), by 2 fp16 MMAs 9.4; the first version (no MMA sums,
-loads under a condition) 26.
+Launch (H200 sweep, docs/benchmarks.md): 128 rows, 8 warps, 3 stages, at most 128 registers; the
+block sums by 3 bf16 MMAs cost 12.2 ms at 64k (Hq 64, Hkv 4), by 2 fp16 MMAs 9.4 (H100 9.2), with
+the mask-free loop 8.7 (H100); the first version (no MMA sums, loads under a condition) 26.
 """
 from __future__ import annotations
 
@@ -45,10 +47,84 @@ from attn.flash.common import LOG2E, LOG2E_F, mma
 
 NEG_INF = tl.constexpr(float("-inf"))
 P_SCALE = tl.constexpr(16384.0)  # 2^14: probabilities scaled into fp16's normal range (see kernel)
+P_SCALE_LOG2 = tl.constexpr(14.0)  # log2(P_SCALE), taken off the lse so exp2 returns P·P_SCALE
 MAX_SEG_ELEMS = 4096  # block scores a program keeps in registers (BQ × NS × J fp32)
 GPU_ROWS = 128        # (query, head) rows per program on the GPU (64: 8-160 % slower)
 GPU_WARPS = 8         # warps per program (4: 0-12 % slower)
 GPU_STAGES = 3        # software-pipeline depth of the compressed-key loads (2: 2-5 % slower)
+# registers per thread: at most 128 lets two 8-warp programs share an SM, so one's MMAs overlap
+# the other's exp2 / block sums (65536 registers per SM). Triton 3.6 takes 127 for the one-loop
+# kernel of session 8 on its own and 163 for the two-loop one (one program per SM: 64k 64 / 4
+# 9.2 -> 12.0 ms); capped, ptxas fits it without spills and the two loops' fewer instructions
+# per score show: 8.7 ms (16 / 4: 4.3 -> 3.7; docs/bench/nsa_select_caps_h100_s9.json)
+GPU_MAXNREG = 128
+
+
+@triton.jit
+def _chunk(jc, q, lse2, n_vis, vis_max, kc_base, w, out_c, qrel, n_chunks, run_v, run_i, seg_v,
+           carry, qk_scale, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr,
+           GP: tl.constexpr, J: tl.constexpr, R: tl.constexpr, NS: tl.constexpr,
+           TOPK: tl.constexpr, TP: tl.constexpr, HAS_SPILL: tl.constexpr, MASKED: tl.constexpr,
+           DOT_PREC: tl.constexpr):
+    """One chunk of J selection blocks (J·R compressed rows): scores, block sums, segment slot,
+    and every NS chunks (or at the last one) the merge into the running top-n. MASKED: some
+    row of the tile does not see every compressed row of the chunk (the kernel's last chunks);
+    else no visibility test at all (rows past the tile or padding heads have lse2 = +inf, so
+    their P is 0 anyway)."""
+    CB: tl.constexpr = J * R
+    offs_c = tl.arange(0, CB)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_j = tl.arange(0, J)
+    slot_s = tl.arange(0, NS)
+    slot_t = tl.arange(0, TP)
+    j0 = jc * J
+    c_rel = j0 * R + offs_c
+    kc_ptr = kc_base + c_rel[:, None] * (HKV * HEAD_DIM) + offs_d[None, :]
+    if MASKED:
+        kc = tl.load(kc_ptr, mask=(c_rel < vis_max)[:, None], other=0.0)
+    else:
+        kc = tl.load(kc_ptr)
+    # P·2^14 straight from exp2 (lse2 holds the lse minus 14: one FFMA + EX2 per score); the
+    # block sums P·W by two fp16 MMAs, as accurate as fp32 sums: P·2^14 (≤ 16384, in fp16's
+    # range) = hi + lo in fp16 keeps 22 significant bits down to P ≈ 1.5e-5 and absolute steps
+    # of 2^-38 below; products by 0/1 weights are exact, sums in fp32
+    p_s = tl.math.exp2(mma(q, tl.trans(kc), None, DOT_PREC) * qk_scale - lse2[:, None])
+    if MASKED:
+        p_s = tl.where(c_rel[None, :] < n_vis[:, None], p_s, 0.0)          # [M, CB]
+    p_hi = p_s.to(tl.float16)
+    p_lo = (p_s - p_hi.to(tl.float32)).to(tl.float16)
+    score = mma(p_hi, w, None, "tf32")
+    score = mma(p_lo, w, score, "tf32")
+    if HAS_SPILL:
+        score += tl.where(offs_j[None, :] == 0, carry[:, None], 0.0)
+        carry = tl.sum(tl.where(out_c[None, :], p_s, 0.0), axis=1)
+    score = score * (1.0 / P_SCALE)                                     # [M, J] (exact rescale)
+    blk = tl.sum(tl.reshape(score, [BQ, GP, J]), axis=1)          # [BQ, J]
+    j_abs = j0 + offs_j
+    cand = j_abs[None, :] <= qrel[:, None]
+    forced = cand & ((j_abs[None, :] == 0) | (j_abs[None, :] >= qrel[:, None] - 1))
+    blk = tl.where(forced, float("inf"), tl.where(cand, blk, NEG_INF))
+    s = jc % NS
+    seg_v = tl.where(slot_s[None, :, None] == s, blk[:, None, :], seg_v)
+    if (s == NS - 1) | (jc == n_chunks - 1):
+        # merge the segment into the running top-n: TOPK rounds of (max, smallest block id)
+        seg_i = (jc - s) * J + slot_s[None, :, None] * J + offs_j[None, None, :]  # [1, NS, J]
+        new_v = tl.full([BQ, TP], NEG_INF, tl.float32)
+        new_i = tl.full([BQ, TP], -1, tl.int32)
+        for k in tl.static_range(TOPK):
+            m = tl.maximum(tl.max(tl.max(seg_v, 2), 1), tl.max(run_v, 1))            # [BQ]
+            ids = tl.minimum(
+                tl.min(tl.min(tl.where(seg_v == m[:, None, None], seg_i, 2 ** 30), 2), 1),
+                tl.min(tl.where(run_v == m[:, None], run_i, 2 ** 30), 1))
+            ids = tl.where(m > NEG_INF, ids, -1)
+            new_v = tl.where(slot_t[None, :] == k, m[:, None], new_v)
+            new_i = tl.where(slot_t[None, :] == k, ids[:, None], new_i)
+            seg_v = tl.where(seg_i == ids[:, None, None], NEG_INF, seg_v)
+            run_v = tl.where(run_i == ids[:, None], NEG_INF, run_v)
+        run_v = new_v
+        run_i = new_i
+        seg_v = tl.full([BQ, NS, J], NEG_INF, tl.float32)
+    return run_v, run_i, seg_v, carry
 
 
 @triton.jit
@@ -87,9 +163,10 @@ def _select_kernel(Q, KC, LSE, SEL, ITEM_START, ITEM_END, DSTART, CMP0, FIRSTB,
     offs_d = tl.arange(0, HEAD_DIM)
     q_rows = (b.to(tl.int64) * Tq + (pos_r - q_offset)) * HQ + h_r
     q = tl.load(Q + q_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    # lse in the log2 domain; +inf (a row that sees no compressed block) makes P = 0
+    # lse in the log2 domain minus log2(P_SCALE), so exp2 gives P·P_SCALE; +inf (a row that
+    # sees no compressed block, or no row at all) makes P = 0
     lse2 = tl.load(LSE + (b.to(tl.int64) * HQ + h_r) * Tq + (pos_r - q_offset), mask=row_ok,
-                   other=float("inf")) * LOG2E
+                   other=float("inf")) * LOG2E - P_SCALE_LOG2
     rel_r = pos_r - dstart
     # compressed rows visible to a row: c < n_vis = ⌊(rel − cmp_block + 1)/stride⌋ + 1
     n_vis = tl.where(rel_r >= CMP_BLOCK - 1, (rel_r - CMP_BLOCK + 1) // CMP_STRIDE + 1, 0)
@@ -112,9 +189,8 @@ def _select_kernel(Q, KC, LSE, SEL, ITEM_START, ITEM_END, DSTART, CMP0, FIRSTB,
     w = (prim_c[:, None] == offs_j[None, :])
     if HAS_SPILL:
         w = w | (spill_c[:, None] & (prim_c[:, None] + 1 == offs_j[None, :]))
-        out_c = spill_c & (prim_c == J - 1)                        # spills past the chunk
+    out_c = spill_c & (prim_c == J - 1)                            # spills past the chunk
     w = tl.where(w, 1.0, 0.0).to(tl.float16)      # (the interpreter casts bool to 16-bit as 0)
-    slot_s = tl.arange(0, NS)
     slot_t = tl.arange(0, TP)
     kc_base = KC + (b.to(tl.int64) * Tc + cmp0) * (HKV * HEAD_DIM) + hkv * HEAD_DIM
 
@@ -123,52 +199,19 @@ def _select_kernel(Q, KC, LSE, SEL, ITEM_START, ITEM_END, DSTART, CMP0, FIRSTB,
     seg_v = tl.full([BQ, NS, J], NEG_INF, tl.float32)
     carry = tl.zeros([M], dtype=tl.float32)
     n_chunks = tl.cdiv(n_blocks, J)
-    # one flat loop over chunks of J blocks (its K loads have no condition around them, so they
-    # are software-pipelined); every NS chunks the segment is merged into the running top-n
-    for jc in range(0, n_chunks):
-        j0 = jc * J
-        c_rel = j0 * R + offs_c
-        kc = tl.load(kc_base + c_rel[:, None] * (HKV * HEAD_DIM) + offs_d[None, :],
-                     mask=(c_rel < vis_max)[:, None], other=0.0)
-        s2 = mma(q, tl.trans(kc), None, DOT_PREC) * qk_scale
-        p = tl.where(c_rel[None, :] < n_vis[:, None], tl.math.exp2(s2 - lse2[:, None]),
-                     0.0)                                              # [M, CB]
-        # block sums P·W by two fp16 MMAs, as accurate as fp32 sums: P·2^14 (≤ 16384, in
-        # fp16's range) = hi + lo in fp16 keeps 22 significant bits down to P ≈ 1.5e-5 and
-        # absolute steps of 2^-38 below; products by 0/1 weights are exact, sums in fp32
-        p_s = p * P_SCALE
-        p_hi = p_s.to(tl.float16)
-        p_lo = (p_s - p_hi.to(tl.float32)).to(tl.float16)
-        score = mma(p_hi, w, None, "tf32")
-        score = mma(p_lo, w, score, "tf32") * (1.0 / P_SCALE)         # [M, J] (exact rescale)
-        if HAS_SPILL:
-            score += tl.where(offs_j[None, :] == 0, carry[:, None], 0.0)
-            carry = tl.sum(tl.where(out_c[None, :], p, 0.0), axis=1)
-        blk = tl.sum(tl.reshape(score, [BQ, GP, J]), axis=1)          # [BQ, J]
-        j_abs = j0 + offs_j
-        cand = j_abs[None, :] <= qrel[:, None]
-        forced = cand & ((j_abs[None, :] == 0) | (j_abs[None, :] >= qrel[:, None] - 1))
-        blk = tl.where(forced, float("inf"), tl.where(cand, blk, NEG_INF))
-        s = jc % NS
-        seg_v = tl.where(slot_s[None, :, None] == s, blk[:, None, :], seg_v)
-        if (s == NS - 1) | (jc == n_chunks - 1):
-            # merge the segment into the running top-n: TOPK rounds of (max, smallest block id)
-            seg_i = (jc - s) * J + slot_s[None, :, None] * J + offs_j[None, None, :]  # [1, NS, J]
-            new_v = tl.full([BQ, TP], NEG_INF, tl.float32)
-            new_i = tl.full([BQ, TP], -1, tl.int32)
-            for k in tl.static_range(TOPK):
-                m = tl.maximum(tl.max(tl.max(seg_v, 2), 1), tl.max(run_v, 1))            # [BQ]
-                ids = tl.minimum(
-                    tl.min(tl.min(tl.where(seg_v == m[:, None, None], seg_i, 2 ** 30), 2), 1),
-                    tl.min(tl.where(run_v == m[:, None], run_i, 2 ** 30), 1))
-                ids = tl.where(m > NEG_INF, ids, -1)
-                new_v = tl.where(slot_t[None, :] == k, m[:, None], new_v)
-                new_i = tl.where(slot_t[None, :] == k, ids[:, None], new_i)
-                seg_v = tl.where(seg_i == ids[:, None, None], NEG_INF, seg_v)
-                run_v = tl.where(run_i == ids[:, None], NEG_INF, run_v)
-            run_v = new_v
-            run_i = new_i
-            seg_v = tl.full([BQ, NS, J], NEG_INF, tl.float32)
+    # chunks that every row of the tile sees whole (no visibility test), then the rest; each
+    # loop is flat (its K loads have no condition around them, so they are software-pipelined)
+    n_whole = tl.minimum(tl.min(tl.where(row_ok, n_vis, Tc), 0) // CB, n_chunks)
+    for jc in range(0, n_whole):
+        run_v, run_i, seg_v, carry = _chunk(
+            jc, q, lse2, n_vis, vis_max, kc_base, w, out_c, qrel, n_chunks, run_v, run_i, seg_v,
+            carry, qk_scale, HKV, HEAD_DIM, BQ, GP, J, R, NS, TOPK, TP, HAS_SPILL, False,
+            DOT_PREC)
+    for jc in range(n_whole, n_chunks):
+        run_v, run_i, seg_v, carry = _chunk(
+            jc, q, lse2, n_vis, vis_max, kc_base, w, out_c, qrel, n_chunks, run_v, run_i, seg_v,
+            carry, qk_scale, HKV, HEAD_DIM, BQ, GP, J, R, NS, TOPK, TP, HAS_SPILL, True,
+            DOT_PREC)
     out = tl.where(run_i >= 0, fb + run_i, -1)
     sel_ptr = SEL + ((b.to(tl.int64) * Tq + (pos_q - q_offset)) * HKV + hkv)[:, None] * TOPK \
         + slot_t[None, :]
@@ -251,5 +294,6 @@ def select_blocks(q, k_cmp, lse, table, *, scale: float, cmp_block: int, cmp_str
         TP=triton.next_power_of_2(topk), CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
         SEL_BLOCK=sel_block, HAS_SPILL=(r - 1) * cmp_stride + cmp_block > sel_block,
         HAS_DOCS=has_docs, DOT_PREC=common.dot_precision(q.dtype),
-        num_warps=GPU_WARPS, num_stages=GPU_STAGES)
+        num_warps=GPU_WARPS, num_stages=GPU_STAGES,
+        **common.reg_cap(GPU_MAXNREG))
     return sel
