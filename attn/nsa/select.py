@@ -32,9 +32,10 @@ W [CB, J] that holds both the primary block and the spill (P split into two fp16
 accuracy, see the kernel), the last block's spill carried to the next chunk, then summed over
 the G heads ([BQ, GP, J] reshape) and placed into the segment. Every NS chunks the segment is
 merged into the running top-n (topk rounds of max / smallest id over segment and running list).
-Launch (H200 sweep, docs/benchmarks.md): 128 rows, 8 warps, 3 stages, at most 128 registers; the
-block sums by 3 bf16 MMAs cost 12.2 ms at 64k (Hq 64, Hkv 4), by 2 fp16 MMAs 9.4 (H100 9.2), with
-the mask-free loop 8.7 (H100); the first version (no MMA sums, loads under a condition) 26.
+Launch (H200 and H100 sweeps, docs/benchmarks.md): 128 rows, 8 warps, 2 stages, at most 128
+registers; the block sums by 3 bf16 MMAs cost 12.2 ms at 64k (Hq 64, Hkv 4), by 2 fp16 MMAs 9.4
+(H100 9.2), with the mask-free loop 8.7 and 2 stages 8.4 (H100); the first version (no MMA sums,
+loads under a condition) 26.
 """
 from __future__ import annotations
 
@@ -48,10 +49,15 @@ from attn.flash.common import LOG2E, LOG2E_F, mma
 NEG_INF = tl.constexpr(float("-inf"))
 P_SCALE = tl.constexpr(16384.0)  # 2^14: probabilities scaled into fp16's normal range (see kernel)
 P_SCALE_LOG2 = tl.constexpr(14.0)  # log2(P_SCALE), taken off the lse so exp2 returns P·P_SCALE
+# Launch constants; H100 sweep of the two-loop kernel at 128 registers (64k 64 / 4, 64k 16 / 4,
+# 16k 64 / 4 in ms; docs/bench/nsa_select_sweep_h100_s9.json): the chosen 8.39 / 3.62 / 0.737;
+# 3 stages 8.67 / 3.72 / 0.759, 4 stages 8.69 / 3.72 / 0.761; segments of 2048 / 1024 / 8192
+# scores 8.48 / 8.87 / 9.94 at 64 / 4 but 4.03 / 5.79 / 3.89 at 16 / 4; 64 rows, 4 warps 10.56 /
+# 4.46 / 0.809; a cap of 112 registers 9.14 / 4.09 / 0.769
 MAX_SEG_ELEMS = 4096  # block scores a program keeps in registers (BQ × NS × J fp32)
-GPU_ROWS = 128        # (query, head) rows per program on the GPU (64: 8-160 % slower)
-GPU_WARPS = 8         # warps per program (4: 0-12 % slower)
-GPU_STAGES = 3        # software-pipeline depth of the compressed-key loads (2: 2-5 % slower)
+GPU_ROWS = 128        # (query, head) rows per program on the GPU
+GPU_WARPS = 8         # warps per program
+GPU_STAGES = 2        # software-pipeline depth of the compressed-key loads
 # registers per thread: at most 128 lets two 8-warp programs share an SM, so one's MMAs overlap
 # the other's exp2 / block sums (65536 registers per SM). Triton 3.6 takes 127 for the one-loop
 # kernel of session 8 on its own and 163 for the two-loop one (one program per SM: 64k 64 / 4
