@@ -257,7 +257,11 @@ TILES = os.environ.get("NSA_SLC_TILES", "adaptive")
 TMA = {"fwd": os.environ.get("NSA_SLC_TMA", "1") != "0", "dq": False}
 FINE_ROWS = 16
 COARSE_STEP_COST, FINE_STEP_COST = 3, 2
-FINE_FWD_STAGES, FINE_DQ_STAGES = 3, 2                      # (the sweep's best for 16 rows)
+# pipeline depth of the fine tiles' loops. With the dQ's 168-register cap (below) 3 stages keep
+# three programs per SM: fine dQ launches 2 -> 3 stages, 64k 64 / 4 21.11, 21.14 -> 20.48, 20.67
+# ms; 64k 16 / 4 16.81, 17.13 -> 16.24, 16.53; 16k 16 / 4 3.58, 3.61 -> 3.55, 3.61; 4 stages
+# slower (H100, docs/bench/nsa_slc_fine_h100_s9.json; 2 or 8 warps instead of 4 were slower)
+FINE_FWD_STAGES, FINE_DQ_STAGES = 3, 3
 # pipeline depth of the union loop (H200, 64k, 64/4 random: fwd stages 1/2/3/4 27.3 / 25.4 /
 # 24.0 / 39.5 ms; dQ + dK/dV 54.9 / 57.7 / 75.2 / 75.0: the dQ tile with deeper pipelines loses
 # occupancy; the while loop over the next smallest id it replaces: 30.0 / 59.0)
