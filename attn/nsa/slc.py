@@ -267,12 +267,12 @@ FINE_FWD_STAGES, FINE_DQ_STAGES = 3, 3
 # occupancy; the while loop over the next smallest id it replaces: 30.0 / 59.0)
 FWD_STAGES, DQ_STAGES = 3, 1
 DQ_WARPS = FWD_WARPS
-# registers per thread (None: the compiler's choice). The coarse dQ program takes 243 at one
-# stage (two programs per SM); capped at 168 three fit (40 bytes spill): 64k dQ at group 4
-# (16 / 4) 18.30 -> 16.64 ms, group 16 (64 / 4, mostly fine tiles, 158 registers anyway)
-# 20.96 -> 21.10; a cap of 128 is slower for both, and no cap helps the forward or dK/dV (H100,
-# docs/bench/nsa_select_caps_h100_s9.json)
-FWD_MAXNREG, DQ_MAXNREG = None, 168
+# registers per thread of the dQ launches (the forward's take the compiler's choice). The
+# coarse dQ program takes 243 at one stage (two programs per SM); capped at 168 three fit (40
+# bytes spill): 64k dQ at group 4 (16 / 4) 18.30 -> 16.64 ms, group 16 (64 / 4, mostly fine
+# tiles, 158 registers anyway) 20.96 -> 21.10; a cap of 128 is slower for both, and no cap
+# helps the forward or dK/dV (H100, docs/bench/nsa_select_caps_h100_s9.json)
+DQ_MAXNREG = 168
 # union lists (tile_unions) up to U = QPP·NSEL_P ids per tile: the O(U²) comparisons of
 # _union_kernel grow past the gain beyond (U = 1024, Hq = Hkv: 10 ms at 64k); larger tiles
 # (groups of 1-2 heads) search the next id instead
@@ -423,7 +423,7 @@ def _launch_rows(q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale, s
                            PER=per if tiles == 2 else 1, SUB=sub, ACC=accumulate,
                            TMA=tma,
                            num_warps=DQ_WARPS if dq_mode else FWD_WARPS,
-                           **common.reg_cap(DQ_MAXNREG if dq_mode else FWD_MAXNREG),
+                           **common.reg_cap(DQ_MAXNREG if dq_mode else None),
                            num_stages=1 if INTERPRET else stages)
 
 
