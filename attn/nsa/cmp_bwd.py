@@ -161,11 +161,13 @@ def _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, kd, vd, row0, co
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLO, CHI, scale, qk_scale, q_offset, cmp_block,
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLO, CHI, GATE, scale, qk_scale, q_offset, cmp_block,
                cmp_stride, Tq, Tc,
                HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr,
-               DOT_PREC: tl.constexpr, TMA: tl.constexpr):
+               DOT_PREC: tl.constexpr, TMA: tl.constexpr, HAS_GATE: tl.constexpr):
+    """HAS_GATE: LSE is lse − ln g (attn/nsa/gate_mix.py's folded backward), so every P here is
+    g·P and the exact delta is rowsum(g·P·dP) / g; GATE [B, Tq, HQ, 3], g in channel 0."""
     pid_bh = tl.program_id(1)  # heaviest (last) query tiles first
     rows, r_ok, q_off, kv_base, lo, hi, kv_lo, f_lo, f_hi, kv_hi = _q_tile(
         tl.num_programs(0) - 1 - tl.program_id(0), pid_bh, q_offset, CLO, CHI, cmp_block,
@@ -204,6 +206,10 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLO, CHI, scale, qk_scale, q_offset,
                              f_hi, kv_hi, lo, hi, Tc, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, True,
                              DOT_PREC, TMA)
     # delta correction (see the module docstring): dsum is the exact delta
+    if HAS_GATE:
+        g_off = ((pid_bh // HQ).to(tl.int64) * Tq + rows) * (HQ * 3) + (pid_bh % HQ) * 3
+        g = tl.load(GATE + g_off, mask=r_ok, other=0.0).to(tl.float32)
+        dsum = tl.where(g > 0, dsum / g, 0.0)  # g = 0: P, pk and dq are all 0 anyway
     dq = dq - (dsum - delta)[:, None] * pk
     tl.store(DQ + q_off, cvt(dq * scale, DQ.dtype.element_ty), mask=r_ok[:, None])
     tl.store(DELTA + pid_bh.to(tl.int64) * Tq + rows, dsum, mask=r_ok)  # for the dK/dV kernel
@@ -239,9 +245,10 @@ def _dkdv_chunk(tq, n_progs, bm):
     return triton.cdiv(triton.cdiv(tq, splits), bm) * bm
 
 
-def _bwd(do, q, k_cmp, v_cmp, o, lse, plan, delta=None):
+def _bwd(do, q, k_cmp, v_cmp, o, lse, plan, delta=None, gates=None):
     """delta: rowsum(o·do) fp32 [B, Hq, Tq] when the caller has it (overwritten by the exact
-    one); else computed here."""
+    one); else computed here. gates: the packed gates [B, Tq, Hq, 3] when lse is the folded
+    lse − ln g_cmp and delta rowsum(O·dO) of the ungated dO (attn/nsa/gate_mix.py)."""
     B, tq, hq, d, tc, hkv = plan.shape
     dq = common.empty(q.shape, q.dtype, q.device)
     if tc == 0 or tq == 0:
@@ -256,8 +263,9 @@ def _bwd(do, q, k_cmp, v_cmp, o, lse, plan, delta=None):
                 DOT_PREC=common.dot_precision(q.dtype))
     bm, bn, w, s = _cfg(DQ_CFGS, d, q.dtype)  # first: it replaces delta by the exact one
     _dq_kernel[(triton.cdiv(tq, bm), B * hq)](
-        q, k_cmp, v_cmp, do, lse, delta, dq, c_lo, c_hi, *args, **meta, BLOCK_M=bm,
-        BLOCK_N=bn, num_warps=w, num_stages=s, TMA=TMA["dq"] and common.use_tma("dq", k_cmp, v_cmp))
+        q, k_cmp, v_cmp, do, lse, delta, dq, c_lo, c_hi, delta if gates is None else gates, *args,
+        **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s,
+        TMA=TMA["dq"] and common.use_tma("dq", k_cmp, v_cmp), HAS_GATE=gates is not None)
     bm, bn, w, s = _cfg(DKDV_CFGS, d, q.dtype)
     grid = (triton.cdiv(tc, bn), B * hkv)
     chunk = _dkdv_chunk(tq, grid[0] * grid[1], bm)

@@ -9,6 +9,13 @@ o [BLOCK_R, D]. Backward: dO_i = g_i·dO (three [BLOCK_R, D] stores in the input
 dg_i = Σ_d dO·O_i (fp32, stored in the gates' dtype); optionally each branch's attention delta
 rowsum(dO_i·O_i) (fp32 [3, B, H, T], from the rounded dO_i the branch backward reads), which the
 branch kernels would otherwise compute in three more passes over O_i and dO_i.
+
+Folded backward (gate_mix_bwd_folded, gates >= 0): no dO_i at all. A branch's softmax backward
+with dO_i = g·dO is its backward with dO itself and P_i scaled by g per row (dV = Σ (g·P)ᵀ dO,
+dS = (g·P) ⊙ (dO Vᵀ − rowsum(dO·O_i))), and g·P = exp(s − (lse − ln g)): each branch gets the
+unchanged dO, lse_i − ln g_i as its lse and rowsum(dO·O_i) (= dg_i, unrounded) as its delta. The
+pass then writes only [3, B, H, T] rows instead of three [T, H, D] tensors (3 GB at 64k, 64
+heads). g = 0 gives lse +inf: P = 0, no gradient, as g·dO = 0 would.
 """
 from __future__ import annotations
 
@@ -36,21 +43,28 @@ def _mix_fwd_kernel(O1, O2, O3, G, OUT, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R:
 
 
 @triton.jit
-def _mix_bwd_branch(do, O, DO_I, G, I: tl.constexpr, rows, ok, off, DG, DELTA, d_off, n_rows,
-                    HAS_DELTA: tl.constexpr):
+def _mix_bwd_branch(do, O, DO_I, LSE_I, LSE_G, G, I: tl.constexpr, rows, ok, off, DG, DELTA,
+                    d_off, n_rows, HAS_DELTA: tl.constexpr, FOLD: tl.constexpr):
     g = tl.load(G + rows.to(tl.int64) * 3 + I, mask=ok, other=0.0).to(tl.float32)
     o = tl.load(O + off, mask=ok[:, None], other=0.0).to(tl.float32)
-    do_i = cvt(g[:, None] * do, DO_I.dtype.element_ty)
-    tl.store(DO_I + off, do_i, mask=ok[:, None])
-    tl.store(DG + rows.to(tl.int64) * 3 + I, cvt(tl.sum(do * o, 1), DG.dtype.element_ty),
-             mask=ok)
-    if HAS_DELTA:
-        tl.store(DELTA + I * n_rows + d_off, tl.sum(do_i.to(tl.float32) * o, 1), mask=ok)
+    dg = tl.sum(do * o, 1)
+    tl.store(DG + rows.to(tl.int64) * 3 + I, cvt(dg, DG.dtype.element_ty), mask=ok)
+    if FOLD:  # lse − ln g (+inf where g = 0) and delta = dg (module docstring)
+        lse = tl.load(LSE_I + d_off, mask=ok, other=0.0)
+        lse_g = tl.where(g > 0, lse - tl.log(tl.where(g > 0, g, 1.0)), float("inf"))
+        tl.store(LSE_G + I * n_rows + d_off, lse_g, mask=ok)
+        tl.store(DELTA + I * n_rows + d_off, dg, mask=ok)
+    else:
+        do_i = cvt(g[:, None] * do, DO_I.dtype.element_ty)
+        tl.store(DO_I + off, do_i, mask=ok[:, None])
+        if HAS_DELTA:
+            tl.store(DELTA + I * n_rows + d_off, tl.sum(do_i.to(tl.float32) * o, 1), mask=ok)
 
 
 @triton.jit
-def _mix_bwd_kernel(DO, O1, O2, O3, G, DO1, DO2, DO3, DG, DELTA, n_rows, T, H,
-                    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, HAS_DELTA: tl.constexpr):
+def _mix_bwd_kernel(DO, O1, O2, O3, G, DO1, DO2, DO3, LSE1, LSE2, LSE3, LSE_G, DG, DELTA, n_rows,
+                    T, H, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+                    HAS_DELTA: tl.constexpr, FOLD: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = rows < n_rows
     offs_d = tl.arange(0, HEAD_DIM)
@@ -59,9 +73,12 @@ def _mix_bwd_kernel(DO, O1, O2, O3, G, DO1, DO2, DO3, DG, DELTA, n_rows, T, H,
     bt = rows.to(tl.int64) // H
     d_off = ((bt // T) * H + rows % H) * T + bt % T
     do = tl.load(DO + off, mask=ok[:, None], other=0.0).to(tl.float32)
-    _mix_bwd_branch(do, O1, DO1, G, 0, rows, ok, off, DG, DELTA, d_off, n_rows, HAS_DELTA)
-    _mix_bwd_branch(do, O2, DO2, G, 1, rows, ok, off, DG, DELTA, d_off, n_rows, HAS_DELTA)
-    _mix_bwd_branch(do, O3, DO3, G, 2, rows, ok, off, DG, DELTA, d_off, n_rows, HAS_DELTA)
+    _mix_bwd_branch(do, O1, DO1, LSE1, LSE_G, G, 0, rows, ok, off, DG, DELTA, d_off, n_rows,
+                    HAS_DELTA, FOLD)
+    _mix_bwd_branch(do, O2, DO2, LSE2, LSE_G, G, 1, rows, ok, off, DG, DELTA, d_off, n_rows,
+                    HAS_DELTA, FOLD)
+    _mix_bwd_branch(do, O3, DO3, LSE3, LSE_G, G, 2, rows, ok, off, DG, DELTA, d_off, n_rows,
+                    HAS_DELTA, FOLD)
 
 
 def _block_rows(d: int) -> int:
@@ -90,11 +107,31 @@ def gate_mix_bwd(do, o1, o2, o3, gates, deltas=None):
     dos = [common.empty(o1.shape, o1.dtype, o1.device) for _ in range(3)]
     dg = common.empty(gates.shape, gates.dtype, gates.device)
     br = _block_rows(d)
-    _mix_bwd_kernel[(triton.cdiv(n, br),)](do, o1, o2, o3, gates, *dos, dg,
+    _mix_bwd_kernel[(triton.cdiv(n, br),)](do, o1, o2, o3, gates, *dos, dg, dg, dg, dg, dg,
                                            dg if deltas is None else deltas, n, T, H,
                                            HEAD_DIM=d, BLOCK_R=br,
-                                           HAS_DELTA=deltas is not None, num_warps=4)
+                                           HAS_DELTA=deltas is not None, FOLD=False, num_warps=4)
     return (*dos, dg)
+
+
+def gate_mix_bwd_folded(do, o1, o2, o3, gates, lses):
+    """(dgates, lse_g, deltas) for gate_mix_fwd with every gate >= 0 (the caller knows; a
+    negative gate would count as 0): the branches' backwards then take dO itself with lse_g[i] as their
+    lse and deltas[i] as their delta (module docstring). lses: the three branches' forward lse,
+    fp32 [B, H, T] each; lse_g, deltas fp32 [3, B, H, T]."""
+    B, T, H, d = o1.shape
+    n = B * T * H
+    for i, t in enumerate(lses):
+        if t.shape != (B, H, T) or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"lses[{i}] {tuple(t.shape)} {t.dtype} must be contiguous float32 "
+                             f"[B, H, T] = {(B, H, T)}")
+    lse_g, deltas = (common.empty((3, B, H, T), torch.float32, o1.device) for _ in range(2))
+    dg = common.empty(gates.shape, gates.dtype, gates.device)
+    br = _block_rows(d)
+    _mix_bwd_kernel[(triton.cdiv(n, br),)](do, o1, o2, o3, gates, do, do, do, *lses, lse_g, dg,
+                                           deltas, n, T, H, HEAD_DIM=d, BLOCK_R=br,
+                                           HAS_DELTA=True, FOLD=True, num_warps=4)
+    return dg, lse_g, deltas
 
 
 class GateMixFunction(torch.autograd.Function):

@@ -14,8 +14,11 @@ on CPU tensors; ATTN_IMPL=triton|ref forces one. The Triton path, never material
   gate_mix.py  o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa, fused, fp32
 One autograd Function (`_NSAFunction`) runs the branches' forward and backward primitives, so
 the backward can share work between them: the gated sum's backward pass also gives each branch
-its delta = rowsum(dO_i·O_i) (three fewer passes over [T, H, D] tensors), and the three dQ
-kernels add into one dQ in their epilogues (no separate sums). The selection carries no
+its delta (three fewer passes over [T, H, D] tensors), and the three dQ kernels add into one dQ
+in their epilogues (no separate sums). With gates >= 0 (checked without a host sync, see
+_NonNegative) the gates are folded into the branches' lse (lse − ln g; gate_mix.py), so every
+branch backward reads dO itself and no gated dO_i = g_i·dO is ever written (3 × [T, Hq, D]);
+signed gates take the unfolded path. The selection carries no
 gradient (as in ref.py).
 
 Compressed layout (see ref.py): without cu_seqlens k_cmp/v_cmp are [B, Tc(T), Hkv, D]; with
@@ -124,6 +127,31 @@ def nsa_attn(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block: int = 32,
     return _NSAFunction.apply(q, k, v, k_cmp, v_cmp, gates, scale, geometry, cu_seqlens, q_offset)
 
 
+class _NonNegative:
+    """Whether every gate is >= 0 (sigmoid gates always are), read in the backward without a
+    host sync in the forward: on CUDA the flag is copied to pinned host memory ahead of the
+    forward's kernels and waited for only when the backward asks (by then long done, so the
+    wait leaves no gap on the GPU)."""
+
+    def __init__(self, gates):
+        self.event = None
+        if gates.numel() == 0:
+            self.flag = True
+        elif gates.is_cuda:
+            self.flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self.flag.copy_(gates.amin() >= 0, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.flag = bool(gates.amin() >= 0)
+
+    def get(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+            self.flag, self.event = bool(self.flag), None
+        return self.flag
+
+
 class _NSAFunction(torch.autograd.Function):
     """The Triton layer: gradients for q, k, v, k_cmp, v_cmp and the packed gates [B, T, Hq, 3]
     (cmp, slc, swa)."""
@@ -142,6 +170,8 @@ class _NSAFunction(torch.autograd.Function):
         from attn.nsa.select import select_blocks
         from attn.nsa.slc import slc_attn_fwd
         cmp_block, cmp_stride, sel_block, topk, window = geometry
+        # first, so that its flag has long reached the host when the backward asks
+        gates_nonneg = _NonNegative(gates)
         tk = k.shape[1]
         plan = _Plan(q, k_cmp, v_cmp, scale, cmp_block, cmp_stride, cu_seqlens, q_offset, tk)
         o_cmp, lse_cmp = _fwd(q, k_cmp, v_cmp, plan)
@@ -159,6 +189,7 @@ class _NSAFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, o_cmp, lse_cmp, o_slc, lse_slc,
                               o_swa, lse_swa, sel, blk_start, blk_end)
         ctx.args = (scale, geometry, q_offset, plan, seg)
+        ctx.gates_nonneg = gates_nonneg
         return gate_mix_fwd(o_cmp, o_slc, o_swa, gates)
 
     @staticmethod
@@ -166,22 +197,32 @@ class _NSAFunction(torch.autograd.Function):
         from attn.flash import common
         from attn.flash.bwd import bwd_triton
         from attn.nsa.cmp_bwd import _bwd as cmp_bwd
-        from attn.nsa.gate_mix import gate_mix_bwd
+        from attn.nsa.gate_mix import gate_mix_bwd, gate_mix_bwd_folded
         from attn.nsa.slc import slc_attn_bwd
         (q, k, v, k_cmp, v_cmp, gates, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel,
          blk_start, blk_end) = ctx.saved_tensors
         scale, (_, _, sel_block, _, window), q_offset, plan, seg = ctx.args
         B, tq, hq, _ = q.shape
-        deltas = common.empty((3, B, hq, tq), torch.float32, q.device)  # written by gate_mix_bwd
-        do_cmp, do_slc, do_swa, dgates = gate_mix_bwd(do.contiguous(), o_cmp, o_slc, o_swa,
-                                                      gates, deltas=deltas)
-        dq, dk_cmp, dv_cmp = cmp_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lse_cmp, plan, deltas[0])
+        do = do.contiguous()
+        if ctx.gates_nonneg.get():
+            # every branch backward takes dO itself, its lse shifted by −ln g (gate_mix.py)
+            dgates, lses, deltas = gate_mix_bwd_folded(do, o_cmp, o_slc, o_swa, gates,
+                                                       (lse_cmp, lse_slc, lse_swa))
+            do_cmp = do_slc = do_swa = do
+            g_cmp = gates
+        else:
+            deltas = common.empty((3, B, hq, tq), torch.float32, q.device)  # gate_mix_bwd's
+            do_cmp, do_slc, do_swa, dgates = gate_mix_bwd(do, o_cmp, o_slc, o_swa, gates,
+                                                          deltas=deltas)
+            lses, g_cmp = (lse_cmp, lse_slc, lse_swa), None
+        dq, dk_cmp, dv_cmp = cmp_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lses[0], plan, deltas[0],
+                                     gates=g_cmp)
         del do_cmp
-        _, dk, dv = slc_attn_bwd(do_slc, q, k, v, o_slc, lse_slc, sel, blk_start, blk_end,
+        _, dk, dv = slc_attn_bwd(do_slc, q, k, v, o_slc, lses[1], sel, blk_start, blk_end,
                                  scale=scale, sel_block=sel_block, q_offset=q_offset,
                                  delta=deltas[1], dq=dq)
         del do_slc
-        _, dk_swa, dv_swa = bwd_triton(do_swa, q, k, v, o_swa, lse_swa, scale, seg, q_offset,
+        _, dk_swa, dv_swa = bwd_triton(do_swa, q, k, v, o_swa, lses[2], scale, seg, q_offset,
                                        window, deltas[2], dq)
         dk += dk_swa
         dv += dv_swa

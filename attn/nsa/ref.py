@@ -54,8 +54,10 @@ def cmp_cu_seqlens(cu_seqlens: torch.Tensor, cmp_block: int, cmp_stride: int) ->
 def cmp_block_starts(tk: int, cmp_block: int, cmp_stride: int, cu_seqlens=None, device=None):
     """(absolute start position, document start) of every compressed block, int64 [Tc] each,
     in the layout above."""
-    cu = (torch.tensor([0, tk], dtype=torch.int32, device=device) if cu_seqlens is None
-          else cu_seqlens.to(device))
+    if cu_seqlens is None:  # host arithmetic only: no copy to or from the device
+        c = torch.arange(num_cmp_blocks(tk, cmp_block, cmp_stride), device=device)
+        return c * cmp_stride, torch.zeros_like(c)
+    cu = cu_seqlens.to(device)
     cu_c = cmp_cu_seqlens(cu, cmp_block, cmp_stride).long()
     tc = int(cu_c[-1])
     c = torch.arange(tc, device=device)

@@ -63,7 +63,18 @@ def min_gap(q, kc, T, kw, cu, off):
     return float(((a - b) / a.abs().clamp_min(1e-30))[ok].min()) if ok.any() else float("inf")
 
 
-def make(B, T, hq, hkv, d, dtype, kw, cu, off):
+def draw_gates(B, tq, hq, kind):
+    """unit: in [0, 1) (the folded backward); signed: in [-1, 1) (the gated-dO backward);
+    zeros: unit with a quarter exactly 0 (folded, lse + inf)."""
+    g = torch.rand(3, B, tq, hq)
+    if kind == "signed":
+        return 2 * g - 1
+    if kind == "zeros":
+        return torch.where(torch.rand_like(g) < 0.25, torch.zeros_like(g), g)
+    return g
+
+
+def make(B, T, hq, hkv, d, dtype, kw, cu, off, gates="unit"):
     for _ in range(10):
         tq = T - off
         q = torch.randn(B, tq, hq, d)
@@ -71,7 +82,7 @@ def make(B, T, hq, hkv, d, dtype, kw, cu, off):
         kc, vc = compress(k, v, kw["cmp_block"], kw["cmp_stride"], cu_seqlens=cu)
         kc, vc = kc + 0.5 * torch.randn_like(kc), vc + 0.5 * torch.randn_like(vc)
         if min_gap(q, kc.to(dtype), T, kw, cu, off) > 1e-4:
-            gates = torch.rand(3, B, tq, hq)
+            gates = draw_gates(B, tq, hq, gates)
             return [t.to(dtype) for t in (q, k, v, kc, vc, *gates)]
     raise AssertionError("could not draw inputs without a near-tie in the selection")
 
@@ -90,6 +101,10 @@ CASES = [
                                    window=512)),                      # nothing compressed
     dict(T=96, hq=4, hkv=2, cu=3, dtype=bf16, kw=dict(cmp_block=8, cmp_stride=4, sel_block=16,
                                                       topk=3, window=24)),
+    dict(T=80, hq=4, hkv=2, gates="signed", kw=dict(cmp_block=4, cmp_stride=2, sel_block=8,
+                                                    topk=4, window=10)),
+    dict(T=80, hq=4, hkv=1, cu=3, gates="zeros", dtype=bf16,
+         kw=dict(cmp_block=4, cmp_stride=2, sel_block=8, topk=4, window=10)),
 ]
 
 
@@ -100,7 +115,7 @@ def test_nsa_matches_ref(monkeypatch, case):
     B, T, hq, hkv, kw = case.get("B", 1), case["T"], case["hq"], case["hkv"], case["kw"]
     dtype, off, d = case.get("dtype", torch.float32), case.get("off", 0), 16
     cu = docs(T, case["cu"]) if "cu" in case else None
-    inputs = make(B, T, hq, hkv, d, dtype, kw, cu, off)
+    inputs = make(B, T, hq, hkv, d, dtype, kw, cu, off, case.get("gates", "unit"))
     do = torch.randn(B, T - off, hq, d).to(dtype)
 
     def run(impl, ts):

@@ -250,3 +250,23 @@ def test_tiny_model_trains(compose, tmp_path):
     rows = [json.loads(l) for l in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     loss = {r["step"]: r["loss"] for r in rows if "loss" in r}
     assert loss[6] < loss[1]
+
+
+@pytest.mark.parametrize("T,cb,cs", [(37, 4, 2), (40, 8, 8), (29, 6, 3), (29, 5, 3), (3, 4, 2)])
+def test_compress_mean_without_documents(T, cb, cs):
+    """Mean pooling without documents (block starts from host arithmetic, no device copies):
+    values and gradients against the gathered blocks' mean in float64."""
+    torch.manual_seed(T)
+    k, v = torch.randn(2, T, 3, 8), torch.randn(2, T, 3, 8)
+    starts = torch.arange(max(0, (T - cb) // cs + 1)) * cs
+    idx = starts[:, None] + torch.arange(cb)                        # [Tc, cb]
+
+    def run(dtype, ours):
+        kk, vv = (t.to(dtype).clone().requires_grad_(True) for t in (k, v))
+        kc, vc = compress(kk, vv, cb, cs) if ours else (kk[:, idx].mean(2), vv[:, idx].mean(2))
+        g = torch.randn(kc.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        ((kc * g).sum() + vc.square().sum()).backward()
+        return kc.detach(), vc.detach(), kk.grad, vv.grad
+
+    for a, b in zip(run(torch.float32, True), run(torch.float64, False)):
+        assert a.shape == b.shape and torch.allclose(a.double(), b, atol=1e-6, rtol=1e-6)
