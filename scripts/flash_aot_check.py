@@ -35,12 +35,13 @@ def sigs():
     return {
         "fwd": dict(Q=P, K=P, V=P, O=P, LSE="*fp32", SEG_START="*i32", QS="*fp32", KS="*fp32",
                     qk_scale="fp32",
-                q_offset="i32", window="i32", Tq="i32", Tk="i32"),
+                q_offset="i32", window="i32", Tq="i32", Tk="i32", n_sm="i32"),
         "dkdv": dict(Q=P, K=P, V=P, DO=P, LSE="*fp32", DELTA="*fp32", DK=P, DV=P, SEG_START="*i32",
                  SEG_END="*i32", scale="fp32", qk_scale="fp32", q_offset="i32", window="i32",
-                 Tq="i32", Tk="i32"),
+                 Tq="i32", Tk="i32", n_sm="i32"),
         "dq": dict(Q=P, K=P, V=P, DO=P, LSE="*fp32", DELTA="*fp32", DQ=P, SEG_START="*i32",
-               scale="fp32", qk_scale="fp32", q_offset="i32", window="i32", Tq="i32", Tk="i32"),
+               scale="fp32", qk_scale="fp32", q_offset="i32", window="i32", Tq="i32", Tk="i32",
+               n_sm="i32"),
     }
 KERNELS = {"fwd": (fwd._fwd_kernel, fwd.FWD_CFGS), "dkdv": (bwd._dkdv_kernel, bwd.DKDV_CFGS),
            "dq": (bwd._dq_kernel, bwd.DQ_CFGS)}

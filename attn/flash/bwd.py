@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from attn.flash import common
-from attn.flash.common import LOG2E, LOG2E_F, cvt, key_hi, mma, row_lo, row_lo_scalar
+from attn.flash.common import (LOG2E, LOG2E_F, cvt, heavy_first, key_hi, mma, row_lo,
+                               row_lo_scalar)
 
 
 @triton.jit
@@ -174,13 +175,14 @@ def _dkdv_program(start_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, S
 
 @triton.jit
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, SEG_END, scale, qk_scale,
-                 q_offset, window, Tq, Tk,
+                 q_offset, window, Tq, Tk, n_sm,
                  HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
                  TMA: tl.constexpr):
-    # key block 0 sees every query: program 0 is the heaviest, the grid runs heaviest first
-    _dkdv_program(tl.program_id(0) * BLOCK_N, tl.program_id(1), Q, K, V, DO, LSE, DELTA, DK, DV,
+    # key block 0 sees every query: rank 0 is the heaviest (common.heavy_first)
+    rank, pid_bh = heavy_first(n_sm)
+    _dkdv_program(rank * BLOCK_N, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV,
                   SEG_START, SEG_END, scale, qk_scale, q_offset, window, Tq, Tk, HQ, HKV,
                   HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SEG, HAS_WINDOW, DOT_PREC, TMA)
 
@@ -284,12 +286,13 @@ def _dq_program(start_m, pid_bh, Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale, 
 
 @triton.jit
 def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale, qk_scale, q_offset, window, Tq, Tk,
+               n_sm,
                HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
                TMA: tl.constexpr, ACC: tl.constexpr):
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # heaviest (last) first
-    _dq_program(start_m, tl.program_id(1), Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale,
+    rank, pid_bh = heavy_first(n_sm)  # the last query block is the heaviest: rank 0
+    _dq_program((tl.num_programs(0) - 1 - rank) * BLOCK_M, pid_bh, Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale,
                 qk_scale, q_offset, window, Tq, Tk, HQ, HKV, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SEG,
                 HAS_WINDOW, DOT_PREC, TMA, ACC)
 
@@ -444,8 +447,10 @@ def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=None, dq
         return dq, dk, dv
     _launch("dkdv", _dkdv_tuned, _dkdv_kernel, DKDV_CFGS, INTERP_DKDV, tk, B * hkv,
             (q, k, v, do, lse, delta, dk, dv, seg_start, seg_end, scale, scale * LOG2E_F,
-             q_offset, w, tq, tk), dict(meta, TMA=common.use_tma("dkdv", q, do)), "BLOCK_N")
+             q_offset, w, tq, tk, common.launch_sms(q.device)),
+            dict(meta, TMA=common.use_tma("dkdv", q, do)), "BLOCK_N")
     _launch("dq", _dq_tuned, _dq_kernel, DQ_CFGS, INTERP_DQ, tq, B * hq,
-            (q, k, v, do, lse, delta, dq, seg_start, scale, scale * LOG2E_F, q_offset, w, tq, tk),
+            (q, k, v, do, lse, delta, dq, seg_start, scale, scale * LOG2E_F, q_offset, w, tq, tk,
+             common.launch_sms(q.device)),
             dict(meta, TMA=common.use_tma("dq", k, v), ACC=dq_acc is not None), "BLOCK_M")
     return dq, dk, dv

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from attn.flash import common
-from attn.flash.common import LN2, LOG2E_F, cvt, mma, row_lo, row_lo_scalar
+from attn.flash.common import LN2, LOG2E_F, cvt, heavy_first, mma, row_lo, row_lo_scalar
 
 
 @triton.jit
@@ -62,14 +62,15 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, start, end, qpos, lo, 
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, SEG_START, QS, KS, qk_scale, q_offset, window, Tq, Tk,
+def _fwd_kernel(Q, K, V, O, LSE, SEG_START, QS, KS, qk_scale, q_offset, window, Tq, Tk, n_sm,
                 HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, FP8: tl.constexpr,
                 DOT_PREC: tl.constexpr):
-    # heaviest (latest) query blocks first: the causal tail of the grid is made of short blocks
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    pid_bh = tl.program_id(1)
+    # heaviest (latest) query blocks first, rows in groups (common.heavy_first): the causal
+    # tail of the grid is made of short blocks
+    rank, pid_bh = heavy_first(n_sm)
+    start_m = (tl.num_programs(0) - 1 - rank) * BLOCK_M
     b = pid_bh // HQ
     h = pid_bh % HQ
     hkv = h // (HQ // HKV)
@@ -159,7 +160,7 @@ def fwd_triton(q, k, v, scale, seg_start, q_offset, window, q_scale=None, k_scal
     has_seg = seg_start is not None
     seg = seg_start if has_seg else lse  # dummy pointer, never read
     args = (q, k, v, o, lse, seg, q_scale if fp8 else lse, k_scale if fp8 else lse,
-            scale * LOG2E_F, q_offset, window or 0, tq, tk)
+            scale * LOG2E_F, q_offset, window or 0, tq, tk, common.launch_sms(q.device))
     meta = dict(HQ=hq, HKV=hkv, HEAD_DIM=d, HAS_SEG=has_seg, HAS_WINDOW=window is not None,
                 FP8=fp8, DOT_PREC=common.dot_precision(q.dtype))
     if common.use_autotune("fwd"):
