@@ -292,7 +292,8 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale, qk_scale, q_offset
                HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
                TMA: tl.constexpr, ACC: tl.constexpr):
     rank, pid_bh = heavy_first(n_sm)  # the last query block is the heaviest: rank 0
-    _dq_program((tl.num_programs(0) - 1 - rank) * BLOCK_M, pid_bh, Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale,
+    start_m = (tl.num_programs(0) - 1 - rank) * BLOCK_M
+    _dq_program(start_m, pid_bh, Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale,
                 qk_scale, q_offset, window, Tq, Tk, HQ, HKV, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SEG,
                 HAS_WINDOW, DOT_PREC, TMA, ACC)
 

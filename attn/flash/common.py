@@ -127,8 +127,8 @@ def heavy_first(n_sm):
     groups of G = ceil(2 * n_sm / blocks) (a group spans about two waves), rank-major inside a
     group, with the remainder group first: the last group's heavy programs start two waves
     before the end (0.3 % at 4k; G = 1, row-major, once a row alone has 2 * n_sm blocks: T >= 64k
-    with 128-row blocks on an H100). Neighbouring programs stay in the same few rows, which share K/V or Q/dO in L2.
-    n_sm = 0: row-major."""
+    with 128-row blocks on an H100). Neighbouring programs stay in the same few rows, which share
+    K/V or Q/dO in L2. n_sm = 0: row-major."""
     n_blk = tl.num_programs(0)
     n_rows = tl.num_programs(1)
     lin = tl.program_id(1) * n_blk + tl.program_id(0)

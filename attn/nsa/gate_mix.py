@@ -116,9 +116,9 @@ def gate_mix_bwd(do, o1, o2, o3, gates, deltas=None):
 
 def gate_mix_bwd_folded(do, o1, o2, o3, gates, lses):
     """(dgates, lse_g, deltas) for gate_mix_fwd with every gate >= 0 (the caller knows; a
-    negative gate would count as 0): the branches' backwards then take dO itself with lse_g[i] as their
-    lse and deltas[i] as their delta (module docstring). lses: the three branches' forward lse,
-    fp32 [B, H, T] each; lse_g, deltas fp32 [3, B, H, T]."""
+    negative gate would count as 0): the branches' backwards then take dO itself with lse_g[i]
+    as their lse and deltas[i] as their delta (module docstring). lses: the three branches'
+    forward lse, fp32 [B, H, T] each; lse_g, deltas fp32 [3, B, H, T]."""
     B, T, H, d = o1.shape
     n = B * T * H
     for i, t in enumerate(lses):

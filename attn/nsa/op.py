@@ -18,8 +18,7 @@ its delta (three fewer passes over [T, H, D] tensors), and the three dQ kernels 
 in their epilogues (no separate sums). With gates >= 0 (checked without a host sync, see
 _NonNegative) the gates are folded into the branches' lse (lse − ln g; gate_mix.py), so every
 branch backward reads dO itself and no gated dO_i = g_i·dO is ever written (3 × [T, Hq, D]);
-signed gates take the unfolded path. The selection carries no
-gradient (as in ref.py).
+signed gates take the unfolded path. The selection carries no gradient (as in ref.py).
 
 Compressed layout (see ref.py): without cu_seqlens k_cmp/v_cmp are [B, Tc(T), Hkv, D]; with
 cu_seqlens (B == 1) they are each document's complete blocks concatenated in document order,
