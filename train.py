@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from data.prefetch import StepPrefetcher
 from models import ModelConfig, Transformer
 from parallel import build_mesh, init_distributed, parallelize
 from parallel.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -187,9 +188,10 @@ def evaluate(model, batches, device, autocast) -> float:
 
 
 def _inputs(mb: dict, device):
+    # non-blocking from pinned host memory (the prefetcher pins on CUDA): no sync per batch
     cu = mb.get("cu_seqlens")
-    return (mb["input_ids"].to(device), mb["positions"].to(device), mb["labels"].to(device),
-            None if cu is None else cu.to(device))
+    return tuple(None if t is None else t.to(device, non_blocking=True)
+                 for t in (mb["input_ids"], mb["positions"], mb["labels"], cu))
 
 
 def run(cfg: DictConfig, out_dir: str | Path) -> float:
@@ -212,12 +214,14 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
         out_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(tr.seed)
+    validate = bool(tr.val_every)  # 0: no validation at all, and no validation split is read
     tokenizer, train_batches, val_batches = build_data(
         cfg.data, seq_len=tr.seq_len, micro_batch=tr.micro_batch, grad_accum=accum,
-        dp_rank=mesh.dp_rank, dp_world=mesh.dp, seed=tr.seed)
+        dp_rank=mesh.dp_rank, dp_world=mesh.dp, seed=tr.seed, with_val=validate)
     model = Transformer(build_model_config(cfg, tokenizer.vocab_size)).to(device)
     # block wrappers first: FSDP2 then shards the wrapped blocks (torchtitan's order)
-    apply_block_wrappers(model, bool(tr.activation_checkpointing), bool(tr.compile))
+    apply_block_wrappers(model, bool(tr.activation_checkpointing), bool(tr.compile),
+                         every=tr.get("ac_every", 1), offload=bool(tr.get("ac_offload", False)))
     par = parallelize(model, info, cfg.parallel, mesh)
     val_batches = [par.shard(mb) for mb in val_batches]
     optimizer = build_optimizer(model, cfg.optim, device)
@@ -233,11 +237,14 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
         step, data_state = load_checkpoint(resume_from, info, par, optimizer, scheduler)
         train_batches.load_state_dict(data_state)
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    prefetch = StepPrefetcher(train_batches, par.shard, depth=int(tr.get("prefetch", 2)),
+                              pin=device.type == "cuda")
 
     def checkpoint(at: int):
         save_checkpoint(ckpt_dir, at, info, par, optimizer, scheduler,
-                        train_batches.state_dict(), plain_cfg, keep=tr.ckpt_keep)
+                        prefetch.state_dict(), plain_cfg, keep=tr.ckpt_keep)
 
+    start_step = step
     log = MetricsLog(out_dir, cfg.logger, cfg, info.is_main)
     flops_tok = model.flops_per_token(tr.seq_len)
     peak = peak_flops(tr.peak_tflops, device)
@@ -254,24 +261,33 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
         bar = tqdm(total=stop, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout)
 
     val_loss = float("nan")
+    last_train_loss = float("nan")
     t_last, steps_since, loss_acc = time.perf_counter(), 0, 0.0
     while step < stop:
-        micro_batches = [par.shard(mb) for mb in train_batches.next_step()]
-        n_local = sum(int((mb["labels"] != -100).sum()) for mb in micro_batches)
-        n_global = all_reduce_sum(torch.tensor([n_local], dtype=torch.float64, device=device)).item()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        micro_batches = prefetch.next_step()
+        n_local = sum(mb["n_counted"] for mb in micro_batches)
+        # [loss sum, token count]; the count is reduced on the device and read with the loss,
+        # so the step syncs with the host once (loss, then the gradient norm)
+        sums = torch.tensor([0.0, n_local], dtype=torch.float64).to(device, non_blocking=True)
+        if info.world > 1:
+            all_reduce_sum(sums[1:])
+        # DDP, FSDP2 and ZeRO average gradients over all ranks (dp and cp): scale by the world
+        # size so the result is the gradient of (global loss sum / global token count)
+        grad_scale = (info.world / sums[1]).float()
         for i, mb in enumerate(micro_batches):
             with par.no_sync(i == len(micro_batches) - 1), autocast():
                 part, _ = par.module(*_inputs(mb, device))
-            # DDP, FSDP2 and ZeRO average gradients over all ranks (dp and cp): scale by the world
-            # size so the result is the gradient of (global loss sum / global token count)
-            par.backward(part * (info.world / n_global))
-            loss_sum += part.detach().double()
-        loss = all_reduce_sum(loss_sum).item() / n_global
+            par.backward(part * grad_scale)
+            sums[0] += part.detach().double()
+        if info.world > 1:
+            all_reduce_sum(sums[:1])
+        loss_total, n_global = sums.tolist()
+        loss = loss_total / n_global
         # clip, update, clear gradients; no update when the loss or the gradient norm isn't finite
         grad_norm = par.clip_and_step(optimizer, clip) if math.isfinite(loss) else float("nan")
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             log.close()
+            prefetch.close()
             raise FloatingPointError(
                 f"non-finite loss {loss} / grad norm {grad_norm} at step {step + 1}; stopped "
                 f"without updating (last good checkpoint: {resolve_resume('auto', ckpt_dir, info)})")
@@ -280,6 +296,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
         step += 1
         steps_since += 1
         loss_acc += loss
+        last_train_loss = loss
         if bar is not None:
             bar.update(1)
         if step % tr.log_every == 0 or step == stop:
@@ -294,17 +311,24 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_acc / steps_since:.3f}", tok_s=f"{tok_s:.3g}")
             t_last, steps_since, loss_acc = time.perf_counter(), 0, 0.0
-        if (tr.val_every and step % tr.val_every == 0) or step == stop:
+        if validate and (step % tr.val_every == 0 or step == stop):
             val_loss = evaluate(model, val_batches, device, autocast)
             log.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, bar)
         if (tr.ckpt_every and step % tr.ckpt_every == 0) or (step == stop and tr.ckpt_every):
             checkpoint(step)
+    prefetch.close()
     if bar is not None:
         bar.close()
+    if info.is_main and start_step >= stop:
+        print(f"nothing to train: already at step {step} of {tr.steps}")
+    if not validate:  # trainer.val_every=0: the last step's training loss is the run's result
+        if info.is_main:
+            print(f"final training loss {last_train_loss:.4f} at step {step} (validation off: "
+                  "trainer.val_every=0)")
+        log.close()
+        return last_train_loss
     if math.isnan(val_loss):  # nothing left to train (already finished): still report
         val_loss = evaluate(model, val_batches, device, autocast)
-        if info.is_main:
-            print(f"nothing to train: already at step {step} of {tr.steps}")
     if info.is_main:
         print(f"final validation loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f}) "
               f"at step {step}")

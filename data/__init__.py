@@ -65,8 +65,9 @@ def _keys(cfg) -> set[str]:
 
 
 def build_data(cfg, seq_len: int, micro_batch: int, grad_accum: int, dp_rank: int = 0,
-               dp_world: int = 1, seed: int = 0):
-    """-> (tokenizer, train: PackedBatches, val: list of this rank's micro-batch dicts)."""
+               dp_world: int = 1, seed: int = 0, with_val: bool = True):
+    """-> (tokenizer, train: PackedBatches, val: list of this rank's micro-batch dicts).
+    `with_val=False` (no validation in the run) reads no validation split and returns []."""
     source = _get(cfg, "source")
     if source not in SOURCES:
         raise ValueError(f"data.source must be one of {SOURCES}, got {source!r}")
@@ -81,7 +82,7 @@ def build_data(cfg, seq_len: int, micro_batch: int, grad_accum: int, dp_rank: in
         caps = {"max_bytes": int(_get(cfg, "max_bytes", 4_000_000)),
                 "val_percent": int(_get(cfg, "val_percent", 5))}
         train = builtin_corpus("train", tokenizer, cache_dir, **caps)
-        val = builtin_corpus("validation", tokenizer, cache_dir, **caps)
+        val = builtin_corpus("validation", tokenizer, cache_dir, **caps) if with_val else None
     else:
         src = HFSource(
             path=_get(cfg, "path"), name=_get(cfg, "name"), data_files=_get(cfg, "data_files"),
@@ -91,15 +92,16 @@ def build_data(cfg, seq_len: int, micro_batch: int, grad_accum: int, dp_rank: in
             text_field=_get(cfg, "text_field", "text"), streaming=bool(_get(cfg, "streaming", False)),
             max_docs=_get(cfg, "max_docs"))
         train = hf_corpus("train", tokenizer, cache_dir, src)
-        val = hf_corpus("validation", tokenizer, cache_dir, src)
+        val = hf_corpus("validation", tokenizer, cache_dir, src) if with_val else None
 
     document_mask = bool(_get(cfg, "document_mask", True))
     loader = PackedBatches(train.tokens, seq_len, micro_batch, grad_accum, dp_rank, dp_world,
                            shuffle=bool(_get(cfg, "shuffle", True)), seed=seed,
                            document_mask=document_mask, bos_id=tokenizer.bos_id)
-    val_list = val_batches(val.tokens, seq_len, micro_batch, int(_get(cfg, "val_batches", 8)),
-                           dp_rank, dp_world, document_mask, bos_id=tokenizer.bos_id)
+    val_list = [] if val is None else val_batches(
+        val.tokens, seq_len, micro_batch, int(_get(cfg, "val_batches", 8)), dp_rank, dp_world,
+        document_mask, bos_id=tokenizer.bos_id)
     log.info("data: %s/%s, train %d tokens (%d docs, %d rows, %d steps/epoch), val %d tokens",
              source, tokenizer.name, len(train.tokens), len(train.doc_starts), loader.rows,
-             loader.steps_per_epoch, len(val.tokens))
+             loader.steps_per_epoch, 0 if val is None else len(val.tokens))
     return tokenizer, loader, val_list

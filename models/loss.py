@@ -13,7 +13,8 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
-def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of one chunk of tokens (logits in fp32)."""
     logits = h @ weight.t()
     if logits.dtype in (torch.bfloat16, torch.float16):
         logits = logits.float()  # softmax over a large vocabulary in fp32
@@ -21,12 +22,13 @@ def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> 
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                          chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                          chunk: int = 4096, loss_fn=chunk_loss) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of token losses and the number of counted tokens.
 
     hidden [..., dim], weight [vocab, dim], labels [...] (IGNORE_INDEX skipped).
     Returns (loss_sum fp32 scalar, n_tokens int64 scalar); the caller normalises, so sums over
-    micro-batches, data-parallel and context-parallel ranks stay exact.
+    micro-batches, data-parallel and context-parallel ranks stay exact. `loss_fn` computes one
+    chunk (chunk_loss, or a compiled version of it).
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
@@ -37,7 +39,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     for s in range(0, h.shape[0], chunk):
         hc, yc = h[s:s + chunk], y[s:s + chunk]
         if grad:
-            total = total + checkpoint(_chunk_loss, hc, weight, yc, use_reentrant=False)
+            total = total + checkpoint(loss_fn, hc, weight, yc, use_reentrant=False)
         else:
-            total = total + _chunk_loss(hc, weight, yc)
+            total = total + loss_fn(hc, weight, yc)
     return total, (y != IGNORE_INDEX).sum()

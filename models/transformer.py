@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attn import get_core
-from models.loss import chunked_cross_entropy
+from models.loss import chunk_loss, chunked_cross_entropy
 from models.rope import Rotary
 
 
@@ -86,6 +86,7 @@ class Transformer(nn.Module):
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.rotary = Rotary(self.layers[0].attn.head_dim, cfg.rope_theta)
+        self.chunk_loss = chunk_loss  # one loss chunk; parallel/wrappers.py may compile it
         self.reset_parameters()
 
     @torch.no_grad()
@@ -120,7 +121,8 @@ class Transformer(nn.Module):
         h = self.hidden_states(input_ids, positions, cu_seqlens)
         if labels is None:
             return h @ self.output_weight.t()
-        return chunked_cross_entropy(h, self.output_weight, labels, self.cfg.loss_chunk)
+        return chunked_cross_entropy(h, self.output_weight, labels, self.cfg.loss_chunk,
+                                     self.chunk_loss)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

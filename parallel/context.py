@@ -11,6 +11,8 @@ runs directly (pure Ulysses). With u = 1 the strategy runs over the cp group as 
 """
 from __future__ import annotations
 
+import torch
+
 from parallel.allgather import make_allgather_attend, make_softmax_allgather_attend
 from parallel.lasp import make_lasp_attend
 from parallel.ring import make_ring_attend
@@ -68,24 +70,29 @@ def apply_context_parallel(model, mesh, strategy: str = "auto", layout: str = "z
     base = layout_placement(mesh.cp, layout)
     chosen = {}
     for i, layer in enumerate(model.layers):
-        core = layer.attn
-        name = strategy_for(core.family, strategy)
-        if name == "ulysses" or u == mesh.cp:  # pure Ulysses: the op runs on the whole sequence
-            asks = (f"parallel.cp_strategy=ulysses with parallel.cp={mesh.cp}" if u == 1
-                    else f"parallel.ulysses={u}")
-            check_ulysses_heads(core.n_heads, core.n_kv_heads, mesh.cp, asks, f"layer {i}")
-            group = mesh.cp_group if u == 1 else mesh.uly_group  # the same group when u == cp
-            core.attend = make_ulysses_attend(core.attend, group, mesh.cp, mesh.cp_rank, 0, base,
-                                              core.n_heads)
-            chosen[i] = "ulysses"
-        elif u == 1:
-            core.attend = _outer_attend(core, name, SeqGroup(base, mesh.cp_rank, mesh.cp_group))
-            chosen[i] = name
-        else:
-            check_ulysses_heads(core.n_heads, core.n_kv_heads, u, f"parallel.ulysses={u}",
-                                f"layer {i}")
-            outer = SeqGroup(base.grouped(u), mesh.outer_rank, mesh.outer_group)
-            core.attend = make_ulysses_attend(_outer_attend(core, name, outer), mesh.uly_group, u,
-                                              mesh.uly_rank, mesh.outer_rank, base, core.n_heads)
-            chosen[i] = f"ulysses+{name}"
+        _wrap_layer(layer.attn, i, mesh, strategy, u, base, chosen)
+        layer.attn.attend = torch.compiler.disable(layer.attn.attend, recursive=True)
     return chosen
+
+
+def _wrap_layer(core, i, mesh, strategy, u, base, chosen) -> None:
+    """Swap one core's attend for its context-parallel version; record the strategy."""
+    name = strategy_for(core.family, strategy)
+    if name == "ulysses" or u == mesh.cp:  # pure Ulysses: the op runs on the whole sequence
+        asks = (f"parallel.cp_strategy=ulysses with parallel.cp={mesh.cp}" if u == 1
+                else f"parallel.ulysses={u}")
+        check_ulysses_heads(core.n_heads, core.n_kv_heads, mesh.cp, asks, f"layer {i}")
+        group = mesh.cp_group if u == 1 else mesh.uly_group  # the same group when u == cp
+        core.attend = make_ulysses_attend(core.attend, group, mesh.cp, mesh.cp_rank, 0, base,
+                                          core.n_heads)
+        chosen[i] = "ulysses"
+    elif u == 1:
+        core.attend = _outer_attend(core, name, SeqGroup(base, mesh.cp_rank, mesh.cp_group))
+        chosen[i] = name
+    else:
+        check_ulysses_heads(core.n_heads, core.n_kv_heads, u, f"parallel.ulysses={u}",
+                            f"layer {i}")
+        outer = SeqGroup(base.grouped(u), mesh.outer_rank, mesh.outer_group)
+        core.attend = make_ulysses_attend(_outer_attend(core, name, outer), mesh.uly_group, u,
+                                          mesh.uly_rank, mesh.outer_rank, base, core.n_heads)
+        chosen[i] = f"ulysses+{name}"

@@ -195,3 +195,16 @@ def test_torchrun_ulysses_inside_context_parallel_matches_one_process(tmp_path):
     assert sorted(a) == sorted(b) == [1, 2]
     for s in a:
         assert math.isclose(a[s], b[s], rel_tol=1e-5), (s, a[s], b[s])
+
+
+def test_no_validation_needs_no_validation_split(compose, tmp_path):
+    """trainer.val_every=0 reads no validation split: rows longer than that split (96k tokens)
+    train (the run's result is then its last training loss)."""
+    long_rows = ["trainer.seq_len=131072", "model.max_seq_len=131072", "trainer.global_batch=1",
+                 "trainer.micro_batch=1", "trainer.steps=2", "trainer.ckpt_every=0"]
+    with pytest.raises(ValueError, match="validation corpus"):
+        train.run(compose(*long_rows), tmp_path / "with_val")
+    result = train.run(compose(*long_rows, "trainer.val_every=0"), tmp_path / "no_val")
+    got = losses(tmp_path / "no_val")
+    assert sorted(got) == [1, 2] and result == got[2]
+    assert not any("val_loss" in l for l in (tmp_path / "no_val/metrics.jsonl").read_text().splitlines())
