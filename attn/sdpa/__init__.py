@@ -1,8 +1,16 @@
-"""`attn=sdpa`: softmax attention through torch's scaled_dot_product_attention (baseline).
+"""`attn=sdpa`: softmax attention through torch's own attention ops (baseline).
 
-On CUDA, torch dispatches to its FlashAttention-2 / cuDNN / memory-efficient kernels when the
-call is plain causal; documents and q_offset fall back to a per-document loop (no dense mask)
-or, for q_offset, an explicit boolean mask.
+Which torch op runs (all compute the contract's causal softmax, per document):
+- plain causal (no documents, q_offset 0, no window, Tq == Tk): one
+  `scaled_dot_product_attention(is_causal=True)` call; on CUDA torch dispatches it to its
+  FlashAttention-2 / cuDNN kernels.
+- CUDA with documents, q_offset or a window: FlexAttention with a block-sparse mask built from
+  cu_seqlens on the device (attn/sdpa/flex.py): no host sync, no Python loop over documents, no
+  O(T²) mask, and traceable by torch.compile.
+- CPU (FlexAttention has no CPU backward): documents alone in eager mode run one SDPA call per
+  document (no O(T²) mask; `.tolist()` is a cheap host read on CPU); under torch.compile, or
+  with q_offset / window, one SDPA call with the dense boolean mask (tensor ops only, so the
+  compiled graph does not break; O(T²), the CPU path is for short sequences).
 """
 from __future__ import annotations
 
@@ -11,6 +19,10 @@ import torch.nn.functional as F
 
 from attn.base import SoftmaxAttention
 from attn.masks import causal_mask, check_cu_seqlens
+from attn.sdpa.flex import flex_sdpa
+
+# dtypes FlexAttention's CUDA kernels take; others (float64) use the dense-mask SDPA call
+_FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _sdpa(q, k, v, scale, is_causal=False, mask=None):
@@ -21,32 +33,51 @@ def _sdpa(q, k, v, scale, is_causal=False, mask=None):
     return o.transpose(1, 2)
 
 
-def sdpa_attn(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, window=None):
-    """Causal softmax attention, [B, T, H, D] layout, per the contract in DESIGN.md."""
+def sdpa_per_document(q, k, v, scale, cu_seqlens):
+    """One causal SDPA call per document (the CPU eager path, and the GPU benchmark's baseline):
+    reads the boundaries on the host."""
+    bounds = cu_seqlens.tolist()
+    outs = [_sdpa(q[:, s:e], k[:, s:e], v[:, s:e], scale, is_causal=True)
+            for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    return torch.cat(outs, dim=1)
+
+
+def _check(q, k, v, q_offset, window):
     if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
                          "q [B, Tq, Hq, D] and k, v [B, Tk, Hkv, D]")
     if q.shape[2] % k.shape[2] != 0:
         raise ValueError(f"Hq={q.shape[2]} must be a multiple of Hkv={k.shape[2]}")
+    tq, tk = q.shape[1], k.shape[1]
+    if q_offset < 0 or q_offset + tq > tk:
+        raise ValueError(f"q_offset={q_offset} with Tq={tq} needs 0 <= q_offset and "
+                         f"q_offset+Tq <= Tk={tk}")
+    if window is not None and (int(window) != window or window < 1):
+        raise ValueError(f"window={window!r} must be None or an integer >= 1")
+
+
+def sdpa_attn(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, window=None):
+    """Causal softmax attention, [B, T, H, D] layout, per the contract in DESIGN.md."""
+    _check(q, k, v, q_offset, window)
     B, tq, _, D = q.shape
     tk = k.shape[1]
     scale = D ** -0.5 if scale is None else scale
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, B, tk)
     if cu_seqlens is None and window is None and q_offset == 0 and tq == tk:
         return _sdpa(q, k, v, scale, is_causal=True)
-    if cu_seqlens is not None and window is None and q_offset == 0 and tq == tk:
-        # one causal call per document: no O(T^2) mask, fast kernels stay eligible
-        bounds = cu_seqlens.tolist()
-        outs = [_sdpa(q[:, s:e], k[:, s:e], v[:, s:e], scale, is_causal=True)
-                for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
-        return torch.cat(outs, dim=1)
+    if q.is_cuda and q.dtype in _FLEX_DTYPES:
+        # validates cu_seqlens when it builds a mask (once per batch in eager mode)
+        return flex_sdpa(q, k, v, scale, cu_seqlens=cu_seqlens, q_offset=q_offset, window=window)
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, B, tk)
+    if (cu_seqlens is not None and window is None and q_offset == 0 and tq == tk
+            and not torch.compiler.is_compiling()):
+        return sdpa_per_document(q, k, v, scale, cu_seqlens)
     mask = causal_mask(tq, tk, q_offset, cu_seqlens, window, device=q.device)
     return _sdpa(q, k, v, scale, mask=mask)
 
 
 class SDPACore(SoftmaxAttention):
-    """Softmax attention layer whose op is torch SDPA."""
+    """Softmax attention layer whose op is torch SDPA (FlexAttention for documents on CUDA)."""
 
     family = "sdpa"
 
@@ -54,4 +85,4 @@ class SDPACore(SoftmaxAttention):
         return sdpa_attn(q, k, v, scale=self.scale, cu_seqlens=cu_seqlens, q_offset=q_offset)
 
 
-__all__ = ["sdpa_attn", "SDPACore"]
+__all__ = ["sdpa_attn", "sdpa_per_document", "SDPACore"]
