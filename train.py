@@ -166,6 +166,56 @@ class MetricsLog:
                 self.wandb.finish()
 
 
+class StepProfiler:
+    """torch.profiler over `steps` optimizer steps after one warm-up step (trainer.profile_steps):
+    writes profile.txt (ops by device time), profile.json (device time per kind of kernel) and a
+    Chrome trace into the run folder. Kinds are read off kernel names: matmul (cuBLAS/CUTLASS
+    GEMMs), attention (our Triton kernels and torch's attention), elementwise (inductor's fused
+    triton_ kernels, torch's pointwise and reductions), copy (casts, memcpy), comm (NCCL)."""
+
+    KINDS = (("comm", ("nccl",)), ("copy", ("copy", "memcpy", "cast", "to_copy")),
+             ("matmul", ("gemm", "cutlass", "xmma", "gemv", "matmul", "aten::mm", "addmm", "bmm",
+                         "splitk")),
+             ("attention", ("_fwd", "_bwd", "attn", "flash", "scan", "chunk_out", "seg_state",
+                            "state_scan", "select", "slc", "cmp", "gate_mix", "routed", "moba",
+                            "flex")),
+             ("elementwise", ("triton_", "elementwise", "reduce", "norm", "silu", "mul", "add",
+                              "softmax", "cross_entropy", "nll", "foreach", "adam")))
+
+    def __init__(self, steps: int, out_dir: Path, device: torch.device):
+        from torch.profiler import ProfilerActivity, profile, schedule
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self.out_dir, self.cuda = out_dir, device.type == "cuda"
+        self.prof = profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=steps),
+                            on_trace_ready=self._write)
+        self.prof.start()
+        self.left = steps + 1
+
+    def step(self) -> None:
+        if self.left > 0:
+            self.prof.step()
+            self.left -= 1
+            if self.left == 0:
+                self.prof.stop()
+
+    def _write(self, prof) -> None:
+        attr = "device_time_total" if self.cuda else "cpu_time_total"
+        avg = prof.key_averages()
+        (self.out_dir / "profile.txt").write_text(avg.table(sort_by=attr, row_limit=40))
+        prof.export_chrome_trace(str(self.out_dir / "profile_trace.json"))
+        kinds: dict = {}
+        for ev in avg:
+            if self.cuda and getattr(ev, "device_type", None) != torch.autograd.DeviceType.CUDA:
+                continue
+            name = ev.key.lower()
+            kind = next((k for k, keys in self.KINDS if any(x in name for x in keys)), "other")
+            kinds[kind] = kinds.get(kind, 0.0) + getattr(ev, "self_device_time_total" if self.cuda
+                                                          else "self_cpu_time_total") / 1e3
+        total = sum(kinds.values()) or 1.0
+        (self.out_dir / "profile.json").write_text(json.dumps(
+            {"ms": kinds, "share": {k: v / total for k, v in kinds.items()}}, indent=1))
+
+
 def _wandb_id(out_dir: Path) -> str:
     """One W&B run id per output folder, so a resumed job continues the same run."""
     f = out_dir / "wandb_id.txt"
@@ -255,6 +305,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
               f"({', '.join(sorted(set(model.cfg.layer_families())))}); device {device}, "
               f"{info.world} process(es), grad_accum {accum}, {tokens_per_step} tokens/step; "
               + (f"resumed from {resume_from} at step {step}" if resume_from else "fresh start"))
+    profiler = (StepProfiler(int(tr.profile_steps), out_dir, device)
+                if tr.get("profile_steps") and info.is_main else None)
     bar = None
     if tr.progress and info.is_main and step < stop:
         from tqdm import tqdm
@@ -297,6 +349,8 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
         steps_since += 1
         loss_acc += loss
         last_train_loss = loss
+        if profiler is not None:
+            profiler.step()
         if bar is not None:
             bar.update(1)
         if step % tr.log_every == 0 or step == stop:
