@@ -6,8 +6,9 @@
 Slopes: ALiBi's geometric sequence per head, 2^(-decay_base·(h+1)/H) for H a power of two
 (otherwise the ALiBi recipe: the power of two below, then every other slope of the next one),
 scaled by depth as TransNormerLLM does: slope_h · (1 − l/(L−1) + 1e-5), so the first layer
-decays fastest (local) and the last one barely at all (global). They are constants (not
-parameters, not in the state dict), rebuilt on each device on first use.
+decays fastest (local) and the last one barely at all (global). They are constants: a
+non-persistent fp32 buffer (not a parameter, not in the state dict, moved with the module), so a
+compiled forward reads the same tensor on every call.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import math
 import torch
 
 from attn.linear.core import ScanCore
-from attn.lightning.op import lightning_attn, lightning_state
+from attn.lightning.op import lightning_state
+from attn.linear.op import scan_attn
 
 LAYER_EPS = 1e-5  # TransNormerLLM's floor on the depth factor: the last layer keeps a tiny decay
 
@@ -48,20 +50,20 @@ class LightningCore(ScanCore):
         depth = 1.0 - layer_idx / (n_layers - 1) + LAYER_EPS if n_layers > 1 else 1.0
         self.slopes_list = [s * (depth if layer_scaled_decay else 1.0)
                             for s in alibi_slopes(n_heads, decay_base)]
+        self.register_buffer("slopes_buf", torch.tensor(self.slopes_list, dtype=torch.float32),
+                             persistent=False)
         self._slopes = {}
 
     def slopes(self, device) -> torch.Tensor:
-        key = str(device)
-        if key not in self._slopes:
-            self._slopes[key] = torch.tensor(self.slopes_list, dtype=torch.float32, device=device)
-        return self._slopes[key]
+        return self.slopes_buf.to(device)  # the buffer itself when it is on `device`
 
-    def _op(self, q, k, v, cu_seqlens, initial_state, want_state, heads):
+    def _op(self, q, k, v, cu_seqlens, initial_state, want_state, heads, maps=None):
         slopes = self.slopes(q.device)
         if heads is not None:
             slopes = self._head_slopes(slopes, heads)
-        return lightning_attn(q, k, v, slopes, scale=self.scale, initial_state=initial_state,
-                              output_final_state=want_state, cu_seqlens=cu_seqlens)
+        return scan_attn("lightning_attn", q, k, v, slopes, self.scale, initial_state,
+                         want_state, cu_seqlens, decay=True,
+                         maps=maps or ("identity", "identity"))
 
     def _state_op(self, k, v, cu_seqlens, initial_state, heads):
         slopes = self.slopes(k.device)

@@ -21,25 +21,26 @@ def lightning_attn(q, k, v, slopes, *, scale=None, initial_state=None, output_fi
                    cu_seqlens=None):
     """Causal linear attention with decay exp(-slopes[h]) per step; see the module docstring."""
     return scan_attn("lightning_attn", q, k, v, slopes, scale, initial_state, output_final_state,
-                     cu_seqlens)
+                     cu_seqlens, decay=True)
 
 
 def lightning_fwd(q, k, v, slopes, initial_state=None, *, scale=None, cu_seqlens=None):
     """CP primitive: (o, final_state fp32), no autograd."""
-    return scan_fwd("lightning_fwd", q, k, v, slopes, initial_state, scale, cu_seqlens)
+    return scan_fwd("lightning_fwd", q, k, v, slopes, initial_state, scale, cu_seqlens,
+                    decay=True)
 
 
 def lightning_bwd(do, q, k, v, slopes, initial_state=None, d_final_state=None, *, scale=None,
                   cu_seqlens=None):
     """CP primitive: (dq, dk, dv, d_initial_state) of lightning_fwd given do and d final_state."""
     return scan_bwd("lightning_bwd", do, q, k, v, slopes, initial_state, d_final_state, scale,
-                    cu_seqlens)
+                    cu_seqlens, decay=True)
 
 
 def lightning_state(k, v, slopes, *, initial_state=None, cu_seqlens=None):
     """Final state [B or N, H, Dk, Dv] fp32 of lightning_attn without computing the outputs
     (differentiable; LASP's first pass)."""
-    return scan_state("lightning_state", k, v, slopes, initial_state, cu_seqlens)
+    return scan_state("lightning_state", k, v, slopes, initial_state, cu_seqlens, decay=True)
 
 
 fwd, bwd = lightning_fwd, lightning_bwd

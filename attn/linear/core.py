@@ -3,11 +3,21 @@
 A core projects x to q, k, v, applies its feature map / activation, calls `self.attend` (the
 public op, swapped by context parallelism), normalizes the output, optionally gates it with a
 projection of x, and projects back. No RoPE (positions enter through the causal recurrence and,
-for lightning, the decay).
+for lightning, the decay). When `attend` is the core's own, the op applies the feature maps
+itself (scan_attn's maps=), which spares it keeping both their inputs and outputs.
 
 GQA (model.n_kv_heads < n_heads): k and v are projected to n_kv_heads heads (the parameter
 count the model config asks for) and each is shared by its group of query heads by repeating
 it before the op, which needs one head count (its state is per head).
+
+Memory kept for the backward (what autograd saves per token, bf16 autocast): one bf16 copy of
+x (one matmul for q, k, v and the gate instead of four, each of which would keep its own cast
+of x), the projections' output (the op keeps the feature maps' inputs and recomputes the maps;
+the gate's input is part of the same tensor), the op's output and wo's input, plus the segment
+states. The output norm and gate are recomputed in the backward from o and the gate's input
+(under autocast RMSNorm runs in fp32 and would keep two fp32 copies of o). With dim 1024 that
+is 14 KB per token and layer, as a softmax layer (attn/base.py) keeps; four casts of x, both
+sides of the maps and the fp32 norm tensors would be 32 KB.
 """
 from __future__ import annotations
 
@@ -16,17 +26,13 @@ from abc import abstractmethod
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from attn.base import AttentionCore
+from attn.linear.op import MAPS, apply_map, scan_attn
 
 CHUNK = 64  # the kernels' intra-chunk tile, for the FLOP count
 
-_MAPS = {
-    "identity": lambda x: x,
-    "elu1": lambda x: F.elu(x) + 1.0,
-    "relu": F.relu,
-    "silu": F.silu,
-}
 _GATES = {"none": None, "sigmoid": torch.sigmoid, "silu": F.silu}
 _NORMS = ("head", "full", "none")
 
@@ -45,8 +51,10 @@ class ScanCore(AttentionCore):
                  norm_eps=1e-5):
         super().__init__(dim, n_heads, n_kv_heads, head_dim, layer_idx, n_layers)
         hd = self.head_dim
-        self.qk_map = _pick(_MAPS, qk_map, "feature_map")
-        self.v_map = _pick(_MAPS, v_map, "activation")
+        for name, key in ((qk_map, "feature_map"), (v_map, "activation")):
+            if name not in MAPS:
+                raise ValueError(f"attn.{key}={name!r} is not one of {', '.join(MAPS)}")
+        self.map_names = (qk_map, v_map)
         self.gate_fn = _pick(_GATES, gate, "gate")
         if norm not in _NORMS:
             raise ValueError(f"attn.norm={norm!r} is not one of {', '.join(_NORMS)}")
@@ -63,22 +71,49 @@ class ScanCore(AttentionCore):
     def forward(self, x, rope=None, cu_seqlens=None):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q = self.qk_map(self.wq(x).view(B, T, H, D))
-        k = self.qk_map(self.wk(x).view(B, T, Hkv, D))
-        v = self.v_map(self.wv(x).view(B, T, Hkv, D))
+        weights = [self.wq.weight, self.wk.weight, self.wv.weight]
+        if self.wg is not None:
+            weights.append(self.wg.weight)
+        y = F.linear(x, torch.cat(weights))
+        q = y[..., :H * D].view(B, T, H, D)
+        k = y[..., H * D:(H + Hkv) * D].view(B, T, Hkv, D)
+        v = y[..., (H + Hkv) * D:(H + 2 * Hkv) * D].view(B, T, Hkv, D)
+        g = y[..., (H + 2 * Hkv) * D:] if self.wg is not None else None
         if Hkv != H:
             k, v = (t.repeat_interleave(H // Hkv, dim=2) for t in (k, v))
         if cu_seqlens is not None and B > 1:
             q, k, v = (t.reshape(1, B * T, H, D) for t in (q, k, v))
-        o = self.attend(q, k, v, cu_seqlens).reshape(B, T, H, D)
+        if "attend" in self.__dict__:
+            # context parallelism swapped `attend` (parallel/context.py): its strategies work
+            # on the mapped q, k, v
+            qk_map, v_map = self.map_names
+            q, k, v = (apply_map(qk_map, q).contiguous(), apply_map(qk_map, k).contiguous(),
+                       apply_map(v_map, v).contiguous())
+            o = self.attend(q, k, v, cu_seqlens)
+        else:
+            o = self._op(q, k, v, cu_seqlens, None, False, None, maps=self.map_names)[0]
+        o = o.reshape(B, T, H, D)
+        if self.norm_kind == "none" and g is None:
+            o = o.reshape(B, T, H * D)
+        elif torch.is_grad_enabled():
+            # recomputed in the backward: keeps o and g (bf16) instead of the fp32 norm
+            # input and output; no randomness inside, so no RNG state to stash
+            o = checkpoint(self._norm_gate, o, g, use_reentrant=False, preserve_rng_state=False)
+        else:
+            o = self._norm_gate(o, g)
+        return self.wo(o)
+
+    def _norm_gate(self, o, g):
+        """[B, T, H, D] -> [B, T, H*D]: output norm, then the gate."""
+        B, T, H, D = o.shape
         if self.norm_kind == "head":
             o = self.out_norm(o)
         o = o.reshape(B, T, H * D)
         if self.norm_kind == "full":
             o = self.out_norm(o)
-        if self.wg is not None:
-            o = o * self.gate_fn(self.wg(x))
-        return self.wo(o)
+        if g is not None:
+            o = o * self.gate_fn(g)
+        return o
 
     def attention_flops_per_token(self, seq_len: int) -> float:
         """Forward FLOPs per token of the chunked form, per head: the right product q·S and
@@ -91,8 +126,9 @@ class ScanCore(AttentionCore):
 
     # --- the op, and the hooks context parallelism uses (parallel/lasp.py, parallel/ulysses.py)
     @abstractmethod
-    def _op(self, q, k, v, cu_seqlens, initial_state, want_state, heads):
-        """(o, final_state or None) of the family's op."""
+    def _op(self, q, k, v, cu_seqlens, initial_state, want_state, heads, maps=None):
+        """(o, final_state or None) of the family's op; maps (names of the q/k and v feature
+        maps): the op applies them to q, k, v first (forward's own path)."""
 
     def attend(self, q, k, v, cu_seqlens=None, heads=None):
         """o = op(q, k, v) from a zero state; `heads` (a slice of this layer's heads, given by
@@ -129,10 +165,9 @@ class LinearCore(ScanCore):
         super().__init__(dim, n_heads, n_kv_heads, head_dim, layer_idx, n_layers,
                          qk_map=feature_map, norm=norm, gate=gate, scale=scale)
 
-    def _op(self, q, k, v, cu_seqlens, initial_state, want_state, heads):
-        from attn.linear.op import linear_attn
-        return linear_attn(q, k, v, scale=self.scale, initial_state=initial_state,
-                           output_final_state=want_state, cu_seqlens=cu_seqlens)
+    def _op(self, q, k, v, cu_seqlens, initial_state, want_state, heads, maps=None):
+        return scan_attn("linear_attn", q, k, v, None, self.scale, initial_state, want_state,
+                         cu_seqlens, decay=False, maps=maps or ("identity", "identity"))
 
     def _state_op(self, k, v, cu_seqlens, initial_state, heads):
         from attn.linear.op import linear_state

@@ -21,19 +21,28 @@ segment states from initial_state (cheap: two of the forward's three passes) and
 gradient of initial_state given that of the final state (None = 0).
 Implementation: Triton (kernels.py) on CUDA tensors, ref.chunked on CPU tensors; ATTN_IMPL=
 triton|ref forces one (TRITON_INTERPRET=1 with ATTN_IMPL=triton runs the kernels on CPU).
+The Triton forward and backward of `scan_attn` are the custom ops longctx::scan_fwd /
+longctx::scan_bwd: torch.compile sees one opaque op per call and can compile the model around
+it with fullgraph=True (the primitives below stay eager).
+`scan_attn(..., maps=(qk_map, v_map))` (the layer cores' path) applies the feature maps inside
+the op: it saves the maps' inputs and recomputes the maps in the backward, so the mapped q, k, v
+and the maps' inputs are not both kept alive.
 """
 from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from attn.dispatch import check_triton_inputs, impl_for
 import triton
 
 from attn.linear import kernels as K
 from attn.linear import ref as R
+from attn.masks import check_cu_values
 
 _HEAD_DIMS = (16, 32, 64, 128, 256)  # powers of two: tl.arange / tl.dot tile sizes
 
@@ -49,9 +58,12 @@ _impl = impl_for  # see attn/dispatch.py
 
 # ----------------------------------------------------------------------------- checks
 
-def _check(fn, q, k, v, slopes, scale, initial_state, cu_seqlens, impl, decay: bool):
+def _check(fn, q, k, v, slopes, scale, initial_state, cu_seqlens, impl, decay: bool,
+           values: bool = True):
     """Validate the contract (ValueError naming the argument); return (scale as a float,
-    slopes as fp32 or None, cu_seqlens as a host list or None)."""
+    slopes (fp32 when checked) or None, cu_seqlens as a host list or None). values=False skips
+    the checks that read tensor values (slopes >= 0, cu_seqlens' boundaries; they sync with the
+    device and cannot run while torch.compile traces): the custom op checks them when it runs."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{fn}: {name} must be a 4-D tensor [B, T, H, D], got "
@@ -81,7 +93,8 @@ def _check(fn, q, k, v, slopes, scale, initial_state, cu_seqlens, impl, decay: b
                              f"got {getattr(slopes, 'shape', type(slopes))}")
         if slopes.device != q.device or not slopes.dtype.is_floating_point:
             raise ValueError(f"{fn}: slopes must be a floating tensor on q's device ({q.device})")
-        slopes = _checked_slopes(fn, slopes)
+        if values:
+            slopes = _checked_slopes(fn, slopes)
     n_states, cu_list = B, None
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.device != q.device:
@@ -93,13 +106,14 @@ def _check(fn, q, k, v, slopes, scale, initial_state, cu_seqlens, impl, decay: b
         if B != 1:
             raise ValueError(f"{fn}: cu_seqlens requires batch size 1 (flatten the batch), "
                              f"got B={B}")
-        cu_list = cu_seqlens.tolist()  # the one host sync of a call with documents
-        if cu_list[0] != 0 or cu_list[-1] != T:
-            raise ValueError(f"{fn}: cu_seqlens must start at 0 and end at T={T}, got "
-                             f"{cu_list[0]}..{cu_list[-1]}")
-        if any(b < a for a, b in zip(cu_list[:-1], cu_list[1:])):
-            raise ValueError(f"{fn}: cu_seqlens must be non-decreasing")
-        n_states = len(cu_list) - 1
+        n_states = cu_seqlens.numel() - 1
+        if values:
+            cu_list = cu_seqlens.tolist()  # the one host sync of a call with documents
+            if cu_list[0] != 0 or cu_list[-1] != T:
+                raise ValueError(f"{fn}: cu_seqlens must start at 0 and end at T={T}, got "
+                                 f"{cu_list[0]}..{cu_list[-1]}")
+            if any(b < a for a, b in zip(cu_list[:-1], cu_list[1:])):
+                raise ValueError(f"{fn}: cu_seqlens must be non-decreasing")
     if initial_state is not None:
         want = (n_states, H, D, D)
         if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
@@ -132,6 +146,25 @@ def _checked_slopes(fn, slopes):
     return s32
 
 
+_CU_OK = {}  # (data_ptr, version, device, numel, T) -> cu_seqlens already checked
+
+
+def _checked_cu(cu_seqlens, T):
+    """check_cu_values once per cu_seqlens tensor: every layer of a forward gets the same one,
+    so a batch with documents costs one host sync, not one per layer. The cache holds the
+    tensor, so its memory (and data_ptr) cannot pass to another while the entry lives."""
+    if cu_seqlens is None:
+        return
+    key = (cu_seqlens.data_ptr(), cu_seqlens._version, str(cu_seqlens.device),
+           cu_seqlens.numel(), T)
+    if _CU_OK.get(key) is cu_seqlens:
+        return
+    check_cu_values(cu_seqlens, T)
+    if len(_CU_OK) > 16:
+        _CU_OK.clear()
+    _CU_OK[key] = cu_seqlens
+
+
 # ----------------------------------------------------------------------------- launches
 
 def seg_len(n_tokens: int, H: int) -> int:
@@ -143,25 +176,72 @@ def seg_len(n_tokens: int, H: int) -> int:
     return seg
 
 
+def n_seg_rows(B: int, T: int, H: int, n_docs: Optional[int]) -> tuple[int, int]:
+    """(segment length, rows of the segment-state tensor) from shapes alone. With documents the
+    rows are an upper bound, T // seg + n_docs (a document of L tokens has ceil(L / seg) <=
+    L // seg + 1 segments), so the custom op's output shapes never depend on tensor values;
+    rows past the real segments are launched but empty (their programs write zeros to st)."""
+    seg = seg_len(B * T, H)
+    if n_docs is None:
+        return seg, B * triton.cdiv(T, seg)
+    return seg, T // seg + n_docs
+
+
 class _Layout:
-    """Segments of `seg` tokens that never cross a document (see kernels.py, passes)."""
+    """Segments of `seg` tokens that never cross a document (see kernels.py, passes). `cu`: None,
+    or cu_seqlens (an int32 tensor, or a host list). The segment tables are built on the device
+    from cu_seqlens (no host sync), over the shape-derived row count of n_seg_rows."""
 
     def __init__(self, B, T, H, cu, device):
-        self.seg = seg = seg_len(B * T, H)
         if cu is None:
+            self.seg, self.ns = n_seg_rows(B, T, H, None)
             self.varlen, self.n = False, B
-            self.nseg = triton.cdiv(T, seg)
-            self.ns = B * self.nseg
+            self.nseg = self.ns // B
             self.seg_tab = self.doc_seg = None
-        else:
-            rows, offs = [], [0]
-            for n in range(len(cu) - 1):
-                rows += [(n, s, min(s + seg, cu[n + 1]))
-                         for s in range(cu[n], cu[n + 1], seg)]
-                offs.append(len(rows))
-            self.varlen, self.n, self.nseg, self.ns = True, len(cu) - 1, 1, len(rows)
-            self.seg_tab = torch.tensor(rows, dtype=torch.int32).reshape(-1).to(device)
-            self.doc_seg = torch.tensor(offs, dtype=torch.int32).to(device)
+            return
+        cu = torch.as_tensor(cu, dtype=torch.int32, device=device)
+        self.varlen, self.n, self.nseg = True, cu.numel() - 1, 1
+        self.seg, self.ns = seg, ns = n_seg_rows(B, T, H, self.n)
+        cu = cu.long()
+        counts = (cu[1:] - cu[:-1] + seg - 1) // seg                  # segments per document
+        doc_seg = torch.cat([counts.new_zeros(1), counts.cumsum(0)])  # first segment of each
+        i = torch.arange(ns, device=cu.device)
+        doc = torch.searchsorted(doc_seg[1:], i, right=True).clamp_(max=self.n - 1)
+        start = cu[doc] + (i - doc_seg[doc]) * seg
+        end = torch.minimum(start + seg, cu[doc + 1])
+        pad = i >= doc_seg[-1]                                        # rows past the last segment
+        start, end = start.masked_fill(pad, 0), end.masked_fill(pad, 0)
+        self.seg_tab = torch.stack([doc, start, end], 1).to(torch.int32).reshape(-1)
+        self.doc_seg = doc_seg.to(torch.int32)
+
+
+# Feature maps the op can apply itself (scan_attn's maps=): forward, and the gradient through
+# the map given its input (the op keeps the input and recomputes the map in the backward).
+MAPS = ("identity", "elu1", "relu", "silu")
+
+
+def apply_map(name: str, x: torch.Tensor) -> torch.Tensor:
+    """The feature map `name` on x (plain torch: differentiable, traceable)."""
+    if name == "identity":
+        return x
+    if name == "elu1":
+        return F.elu(x) + 1.0
+    if name == "relu":
+        return F.relu(x)
+    if name == "silu":
+        return F.silu(x)
+    raise ValueError(f"feature map {name!r} is not one of {', '.join(MAPS)}")
+
+
+def _map_grad(name: str, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """g * map'(x), in x's dtype (what autograd through apply_map would give)."""
+    if name == "identity":
+        return g
+    if name == "elu1":
+        return torch.ops.aten.elu_backward(g, 1.0, 1.0, 1.0, False, x)
+    if name == "relu":
+        return torch.ops.aten.threshold_backward(g, x, 0)
+    return torch.ops.aten.silu_backward(g, x)
 
 
 def _autotune() -> bool:
@@ -311,23 +391,99 @@ def _bwd_triton(do, q, k, v, slopes, scale, st, d_final, lay):
     return dq, dk, dv, d_init
 
 
-class _ScanAttn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, initial_state, slopes, scale, lay):
-        ctx.set_materialize_grads(False)  # an unused final state brings None, not zeros
-        o, final, st = _fwd_triton(q, k, v, slopes, scale, initial_state, lay)
-        ctx.save_for_backward(q, k, v, st, slopes)
-        ctx.scale, ctx.lay = scale, lay
-        ctx.init_dtype = None if initial_state is None else initial_state.dtype
-        return o, final
+# ----------------------------------------------------------------------------- custom ops
+# The Triton forward and backward as PyTorch custom ops: torch.compile sees one opaque op per
+# attention call and compiles the model around it; eager runs go through the same ops.
+#
+# The backward needs the state entering every segment (st, [rows, H, D, D] fp32). The forward
+# returns it as a third output, saved for the backward, rather than the backward recomputing it
+# (passes 1 + 2 again: a read of k and v, about a third of the forward's HBM traffic, on every
+# backward). Saving costs H*D*D*4 / seg bytes per token: 32 B per head at D = 64 and seg = 512,
+# 8 B at seg = 2048, against 6*D bytes per head of q, k, v in bf16. Its row count must come from
+# shapes (fake tensors under torch.compile carry no values): n_seg_rows bounds it with documents.
+# The segment tables are rebuilt from cu_seqlens in the backward (a few small device ops, no
+# host sync); the one sync with documents is the check of a new cu_seqlens (_checked_cu).
 
-    @staticmethod
-    def backward(ctx, do, d_final):
-        q, k, v, st, slopes = ctx.saved_tensors
-        do = torch.zeros_like(q) if do is None else do.contiguous()
-        dq, dk, dv, d_init = _bwd_triton(do, q, k, v, slopes, ctx.scale, st, d_final, ctx.lay)
-        d_init = None if ctx.init_dtype is None else d_init.to(ctx.init_dtype)
-        return dq, dk, dv, d_init, None, None, None
+def _mapped(q, k, v, maps):
+    qk_map, v_map = maps
+    return (apply_map(qk_map, q).contiguous(), apply_map(qk_map, k).contiguous(),
+            apply_map(v_map, v).contiguous())
+
+
+def _slopes32(slopes):
+    return None if slopes is None else slopes.detach().float().contiguous()
+
+
+@torch.library.custom_op("longctx::scan_fwd", mutates_args=())
+def _scan_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 initial_state: Optional[torch.Tensor], slopes: Optional[torch.Tensor],
+                 scale: float, cu_seqlens: Optional[torch.Tensor], qk_map: str,
+                 v_map: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, final_state fp32, segment states st) of the maps applied to q, k, v."""
+    B, T, H, _ = q.shape
+    _checked_cu(cu_seqlens, T)
+    if slopes is not None:
+        slopes = _checked_slopes("lightning_attn", slopes)
+    lay = _Layout(B, T, H, cu_seqlens, q.device)
+    q, k, v = _mapped(q, k, v, (qk_map, v_map))
+    return _fwd_triton(q, k, v, _slopes32(slopes), scale, initial_state, lay)
+
+
+@_scan_fwd_op.register_fake
+def _(q, k, v, initial_state, slopes, scale, cu_seqlens, qk_map, v_map):
+    B, T, H, D = q.shape
+    n_docs = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    _, rows = n_seg_rows(B, T, H, n_docs)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((B if n_docs is None else n_docs, H, D, D), dtype=torch.float32),
+            q.new_empty((rows, H, D, D), dtype=torch.float32))
+
+
+@torch.library.custom_op("longctx::scan_bwd", mutates_args=())
+def _scan_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 st: torch.Tensor, slopes: Optional[torch.Tensor], scale: float,
+                 cu_seqlens: Optional[torch.Tensor], d_final: Optional[torch.Tensor],
+                 qk_map: str, v_map: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d_initial_state fp32) given the forward's inputs and segment states."""
+    B, T, H, _ = q.shape
+    lay = _Layout(B, T, H, cu_seqlens, q.device)
+    qm, km, vm = _mapped(q, k, v, (qk_map, v_map))
+    dq, dk, dv, d_init = _bwd_triton(do.contiguous(), qm, km, vm, _slopes32(slopes), scale, st,
+                                     d_final, lay)
+    return (_map_grad(qk_map, dq, q), _map_grad(qk_map, dk, k), _map_grad(v_map, dv, v),
+            d_init)
+
+
+@_scan_bwd_op.register_fake
+def _(do, q, k, v, st, slopes, scale, cu_seqlens, d_final, qk_map, v_map):
+    B, _, H, D = q.shape
+    n = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return (*(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)),
+            q.new_empty((n, H, D, D), dtype=torch.float32))
+
+
+def _scan_setup(ctx, inputs, output):
+    q, k, v, initial_state, slopes, scale, cu_seqlens, qk_map, v_map = inputs
+    ctx.set_materialize_grads(False)  # an unused final state brings None, not zeros
+    ctx.save_for_backward(q, k, v, output[2], slopes, cu_seqlens)
+    ctx.args = (scale, qk_map, v_map)
+    ctx.init_dtype = None if initial_state is None else initial_state.dtype
+    ctx.mark_non_differentiable(output[2])
+
+
+def _scan_backward(ctx, do, d_final, _dst):
+    q, k, v, st, slopes, cu_seqlens = ctx.saved_tensors
+    scale, qk_map, v_map = ctx.args
+    if do is None:
+        do = torch.zeros_like(q)
+    dq, dk, dv, d_init = _scan_bwd_op(do, q, k, v, st, slopes, scale, cu_seqlens, d_final,
+                                      qk_map, v_map)
+    d_init = None if ctx.init_dtype is None else d_init.to(ctx.init_dtype)
+    return dq, dk, dv, d_init, None, None, None, None, None
+
+
+_scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup)
 
 
 class _ScanState(torch.autograd.Function):
@@ -371,42 +527,47 @@ class _ScanState(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- public
 
-@torch.compiler.disable  # host-side checks and launches: torch.compile runs this part eagerly
-def scan_attn(fn, q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens):
-    """The public ops' body (fn names the caller in error messages)."""
+def scan_attn(fn, q, k, v, slopes, scale, initial_state, output_final_state, cu_seqlens, *,
+              decay: bool, maps=("identity", "identity")):
+    """The public ops' body (fn names the caller in error messages; decay: the family has
+    slopes). maps = (map of q and k, map of v), applied to the inputs first (see MAPS)."""
     impl = _impl(q) if isinstance(q, torch.Tensor) else "ref"
-    scale, slopes, cu_list = _check(fn, q, k, v, slopes, scale, initial_state, cu_seqlens, impl,
-                                    decay=slopes is not None or fn.startswith("lightning"))
+    values = impl == "ref" and not torch.compiler.is_compiling()
+    scale, slopes, _ = _check(fn, q, k, v, slopes, scale, initial_state, cu_seqlens, impl,
+                              decay, values=values)
+    for m in maps:
+        if m not in MAPS:
+            raise ValueError(f"{fn}: feature map {m!r} is not one of {', '.join(MAPS)}")
     if impl == "ref":
+        q, k, v = apply_map(maps[0], q), apply_map(maps[0], k), apply_map(maps[1], v)
         o, final = R.chunked(q, k, v, slopes, scale=scale, initial_state=initial_state,
                              cu_seqlens=cu_seqlens)
     else:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        lay = _Layout(q.shape[0], q.shape[1], q.shape[2], cu_list, q.device)
-        o, final = _ScanAttn.apply(q, k, v, initial_state, slopes, scale, lay)
+        o, final, _ = _scan_fwd_op(q, k, v, initial_state, slopes, scale, cu_seqlens, *maps)
     return o, (final if output_final_state else None)
 
 
-def scan_fwd(fn, q, k, v, slopes, initial_state, scale, cu_seqlens):
+def scan_fwd(fn, q, k, v, slopes, initial_state, scale, cu_seqlens, *, decay: bool):
     """(o, final_state) without autograd (Triton, or the reference under ATTN_IMPL=ref/CPU)."""
     impl = _impl(q)
-    scale, slopes, cu_list = _check(fn, q, k, v, slopes, scale, initial_state, cu_seqlens, impl,
-                                    decay=slopes is not None or fn.startswith("lightning"))
+    scale, slopes, _ = _check(fn, q, k, v, slopes, scale, initial_state, cu_seqlens, impl,
+                              decay)
     with torch.no_grad():
         if impl == "ref":
             return R.chunked(q, k, v, slopes, scale=scale, initial_state=initial_state,
                              cu_seqlens=cu_seqlens)
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        lay = _Layout(q.shape[0], q.shape[1], q.shape[2], cu_list, q.device)
+        lay = _Layout(q.shape[0], q.shape[1], q.shape[2], cu_seqlens, q.device)
         o, final, _ = _fwd_triton(q, k, v, slopes, scale, initial_state, lay)
         return o, final
 
 
-def scan_bwd(fn, do, q, k, v, slopes, initial_state, d_final_state, scale, cu_seqlens):
+def scan_bwd(fn, do, q, k, v, slopes, initial_state, d_final_state, scale, cu_seqlens, *,
+             decay: bool):
     """(dq, dk, dv, d_initial_state); the segment states are recomputed from initial_state."""
     impl = _impl(q)
-    scale, slopes, cu_list = _check(fn, q, k, v, slopes, scale, initial_state, cu_seqlens, impl,
-                                    decay=slopes is not None or fn.startswith("lightning"))
+    scale, slopes, _ = _check(fn, q, k, v, slopes, scale, initial_state, cu_seqlens, impl,
+                              decay)
     if do is None or do.shape != q.shape:
         raise ValueError(f"{fn}: do must have q's shape {tuple(q.shape)}")
     n_states = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -429,7 +590,7 @@ def scan_bwd(fn, do, q, k, v, slopes, initial_state, d_final_state, scale, cu_se
             g = torch.autograd.grad(outs, [*xs, init], grads, allow_unused=True)
         return tuple(g)
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
-    lay = _Layout(q.shape[0], q.shape[1], q.shape[2], cu_list, q.device)
+    lay = _Layout(q.shape[0], q.shape[1], q.shape[2], cu_seqlens, q.device)
     with torch.no_grad():
         T = q.shape[1]
         st = _seg_states(k, v, slopes, lay, False, 1.0)
@@ -438,21 +599,21 @@ def scan_bwd(fn, do, q, k, v, slopes, initial_state, d_final_state, scale, cu_se
 
 
 @torch.compiler.disable
-def scan_state(fn, k, v, slopes, initial_state, cu_seqlens):
+def scan_state(fn, k, v, slopes, initial_state, cu_seqlens, *, decay: bool):
     """The final state alone, differentiable (LASP's first pass needs no outputs)."""
     impl = _impl(k) if isinstance(k, torch.Tensor) else "ref"
     _, slopes, cu_list = _check(fn, k, k, v, slopes, None, initial_state, cu_seqlens, impl,
-                                decay=slopes is not None or fn.startswith("lightning"))
+                                decay)
     if impl == "ref":
         return R.final_state(k, v, slopes, initial_state=initial_state, cu_seqlens=cu_seqlens)
     k, v = k.contiguous(), v.contiguous()
-    lay = _Layout(k.shape[0], k.shape[1], k.shape[2], cu_list, k.device)
+    lay = _Layout(k.shape[0], k.shape[1], k.shape[2], cu_seqlens, k.device)
     return _ScanState.apply(k, v, initial_state, slopes, lay, cu_list)
 
 
 def linear_state(k, v, *, initial_state=None, cu_seqlens=None):
     """Final state [B or N, H, Dk, Dv] fp32 of linear_attn without computing the outputs."""
-    return scan_state("linear_state", k, v, None, initial_state, cu_seqlens)
+    return scan_state("linear_state", k, v, None, initial_state, cu_seqlens, decay=False)
 
 
 def linear_attn(q, k, v, *, scale=None, initial_state=None, output_final_state=False,
@@ -460,19 +621,19 @@ def linear_attn(q, k, v, *, scale=None, initial_state=None, output_final_state=F
     """Causal linear attention o_t = scale * q_t S_t, S_t = S_{t-1} + k_t^T v_t (no feature map:
     the layer applies it). Returns (o, final_state or None); see the module docstring."""
     return scan_attn("linear_attn", q, k, v, None, scale, initial_state, output_final_state,
-                     cu_seqlens)
+                     cu_seqlens, decay=False)
 
 
 def linear_fwd(q, k, v, initial_state=None, *, scale=None, cu_seqlens=None):
     """CP primitive: (o, final_state fp32), no autograd."""
-    return scan_fwd("linear_fwd", q, k, v, None, initial_state, scale, cu_seqlens)
+    return scan_fwd("linear_fwd", q, k, v, None, initial_state, scale, cu_seqlens, decay=False)
 
 
 def linear_bwd(do, q, k, v, initial_state=None, d_final_state=None, *, scale=None,
                cu_seqlens=None):
     """CP primitive: (dq, dk, dv, d_initial_state) of linear_fwd given do and d final_state."""
     return scan_bwd("linear_bwd", do, q, k, v, None, initial_state, d_final_state, scale,
-                    cu_seqlens)
+                    cu_seqlens, decay=False)
 
 
 fwd, bwd = linear_fwd, linear_bwd
