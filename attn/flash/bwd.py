@@ -38,8 +38,9 @@ def _bwd_preprocess(O, DO, DELTA, Tq, H: tl.constexpr, HEAD_DIM: tl.constexpr,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     ok = offs_m < Tq
-    base = b.to(tl.int64) * Tq * H * HEAD_DIM + h * HEAD_DIM
-    ptrs = base + offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :]
+    # int64 base of the tile's first row (T·H·D may pass 2^31), int32 offsets inside the tile
+    base = (b.to(tl.int64) * Tq + start_m) * (H * HEAD_DIM) + h * HEAD_DIM
+    ptrs = base + tl.arange(0, BLOCK_M)[:, None] * (H * HEAD_DIM) + offs_d[None, :]
     o = tl.load(O + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=ok)
@@ -66,10 +67,12 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, row0, col, lse_ptr, delt
     batch's Tq come back zero (the descriptor ends there) and are masked out of P anyway."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
+    tile = offs_m[:, None] * STRIDE_QT + offs_d[None, :]  # int32 offsets inside one row chunk
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
-        q_ptrs = q_base + rows[:, None] * STRIDE_QT + offs_d[None, :]
-        do_ptrs = do_base + rows[:, None] * STRIDE_QT + offs_d[None, :]
+        row = tl.cast(start_m, tl.int64) * STRIDE_QT  # int64: Tq·Hq·D may pass 2^31
+        q_ptrs = q_base + row + tile
+        do_ptrs = do_base + row + tile
         if TMA:
             q = qd.load([row0 + start_m, col])
         elif MASKED:
@@ -122,8 +125,9 @@ def _dkdv_program(start_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, S
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     n_ok = offs_n < Tk
-    kv_off = b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM \
-        + offs_n[:, None] * STRIDE_KT + offs_d[None, :]
+    # int64 base of the key tile (Tk·Hkv·D may pass 2^31), int32 offsets inside it
+    kv_off = (b.to(tl.int64) * Tk + start_n) * STRIDE_KT + hkv * HEAD_DIM \
+        + (tl.arange(0, BLOCK_N)[:, None] * STRIDE_KT + offs_d[None, :])
     k = tl.load(K + kv_off, mask=n_ok[:, None], other=0.0)
     v = tl.load(V + kv_off, mask=n_ok[:, None], other=0.0)
 
@@ -195,10 +199,12 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col, start, 
     batch's Tk come back zero and are masked out of P."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
+    tile = offs_n[:, None] * STRIDE_KT + offs_d[None, :]  # int32 offsets inside one key chunk
     for start_n in range(start, end, BLOCK_N):
         kpos = start_n + offs_n
-        k_ptrs = k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :]
-        v_ptrs = v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :]
+        row = tl.cast(start_n, tl.int64) * STRIDE_KT  # int64: Tk·Hkv·D may pass 2^31
+        k_ptrs = k_base + row + tile
+        v_ptrs = v_base + row + tile
         if TMA:
             k = kd.load([row0 + start_n, col])
             v = vd.load([row0 + start_n, col])
@@ -239,8 +245,9 @@ def _dq_program(start_m, pid_bh, Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale, 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < Tq
-    q_off = b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM \
-        + offs_m[:, None] * STRIDE_QT + offs_d[None, :]
+    # int64 base of the query tile (Tq·Hq·D may pass 2^31), int32 offsets inside it
+    q_off = (b.to(tl.int64) * Tq + start_m) * STRIDE_QT + h * HEAD_DIM \
+        + (tl.arange(0, BLOCK_M)[:, None] * STRIDE_QT + offs_d[None, :])
     q = tl.load(Q + q_off, mask=m_ok[:, None], other=0.0)
     do = tl.load(DO + q_off, mask=m_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + pid_bh.to(tl.int64) * Tq + offs_m, mask=m_ok, other=0.0) * LOG2E

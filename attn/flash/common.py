@@ -8,6 +8,13 @@ documents / a window are given). lo is non-decreasing in p, so a query block's v
 kernels loop over key blocks in three ranges: masked / unmasked (all pairs visible) / masked,
 and skip every other block. The backward dK/dV kernel does the same over query blocks with the
 per-key upper bound hi(s) = min(doc_end(s), s + window - 1).
+
+Index arithmetic (every family's kernels): T·H·D passes 2^31 at long contexts (2^21 tokens x 8
+heads x 128), so element offsets are formed as an int64 base (batch, the tile's first row or the
+chunk's first key, times the row stride) plus int32 offsets inside the tile (BLOCK·H·D, small);
+gathered rows take an int64 row offset each. Positions, row and block indices stay int32 (every
+tensor has fewer than 2^31 rows: B·T·H·D elements of at least 2 bytes with H·D >= 16 would not
+fit a GPU), so loops and masks keep 32-bit arithmetic.
 """
 from __future__ import annotations
 

@@ -29,10 +29,13 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, start, end, qpos, lo, 
                DOT_PREC: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
+    tile = offs_n[:, None] * STRIDE_KT + offs_d[None, :]  # int32 offsets inside one key chunk
     for start_n in range(start, end, BLOCK_N):
         kpos = start_n + offs_n
-        k_ptrs = k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :]
-        v_ptrs = v_base + kpos[:, None] * STRIDE_KT + offs_d[None, :]
+        # the chunk's first row in int64 (Tk·Hkv·D may pass 2^31), the tile's offsets in int32
+        row = tl.cast(start_n, tl.int64) * STRIDE_KT
+        k_ptrs = k_base + row + tile
+        v_ptrs = v_base + row + tile
         if MASKED:
             k = tl.load(k_ptrs, mask=(kpos < Tk)[:, None], other=0.0)
         else:
@@ -62,32 +65,31 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, start, end, qpos, lo, 
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, SEG_START, QS, KS, qk_scale, q_offset, window, Tq, Tk, n_sm,
-                HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, FP8: tl.constexpr,
-                DOT_PREC: tl.constexpr):
-    # heaviest (latest) query blocks first, rows in groups (common.heavy_first): the causal
-    # tail of the grid is made of short blocks
-    rank, pid_bh = heavy_first(n_sm)
-    start_m = (tl.num_programs(0) - 1 - rank) * BLOCK_M
+def _fwd_program(start_m, pid_bh, Q, K, V, O, LSE, SEG_START, QS, KS, qk_scale, q_offset,
+                 window, Tq, Tk,
+                 HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, FP8: tl.constexpr,
+                 DOT_PREC: tl.constexpr):
+    """O, lse of query rows start_m.. of (batch, query head) pid_bh."""
     b = pid_bh // HQ
     h = pid_bh % HQ
     hkv = h // (HQ // HKV)
     STRIDE_QT: tl.constexpr = HQ * HEAD_DIM
     STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
-    q_base = Q + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
-    o_base = O + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
+    # 64-bit bases (row start_m of Q / O, row 0 of K / V: T·H·D may pass 2^31), 32-bit offsets
+    # inside a tile (BLOCK·H·D)
+    q_row0 = (b.to(tl.int64) * Tq + start_m) * STRIDE_QT + h * HEAD_DIM
     k_base = K + b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
     v_base = V + b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
+    q_tile = tl.arange(0, BLOCK_M)[:, None] * STRIDE_QT + offs_d[None, :]
     m_ok = offs_m < Tq
     qpos = q_offset + offs_m
     lo = row_lo(qpos, m_ok, SEG_START, window, HAS_SEG, HAS_WINDOW)
-    q = tl.load(q_base + offs_m[:, None] * STRIDE_QT + offs_d[None, :], mask=m_ok[:, None],
-                other=0.0)
+    q = tl.load(Q + q_row0 + q_tile, mask=m_ok[:, None], other=0.0)
     ks_base = KS + b.to(tl.int64) * Tk * HKV + hkv  # FP8 only: key scales [B, Tk, Hkv]
     if FP8:  # Q, K arrive as e4m3 with fp32 scales per (token, head): fold them into qk_scale
         qs = tl.load(QS + (b.to(tl.int64) * Tq + offs_m) * HQ + h, mask=m_ok, other=0.0)
@@ -121,10 +123,23 @@ def _fwd_kernel(Q, K, V, O, LSE, SEG_START, QS, KS, qk_scale, q_offset, window, 
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # only padding rows (never stored) have l == 0
     acc = acc / l_safe[:, None]
-    tl.store(o_base + offs_m[:, None] * STRIDE_QT + offs_d[None, :],
-             cvt(acc, O.dtype.element_ty), mask=m_ok[:, None])
+    tl.store(O + q_row0 + q_tile, cvt(acc, O.dtype.element_ty), mask=m_ok[:, None])
     lse = (m_i + tl.math.log2(l_safe)) * LN2
     tl.store(LSE + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, SEG_START, QS, KS, qk_scale, q_offset, window, Tq, Tk, n_sm,
+                HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, FP8: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    # heaviest (latest) query blocks first, rows in groups (common.heavy_first): the causal
+    # tail of the grid is made of short blocks
+    rank, pid_bh = heavy_first(n_sm)
+    _fwd_program((tl.num_programs(0) - 1 - rank) * BLOCK_M, pid_bh, Q, K, V, O, LSE, SEG_START,
+                 QS, KS, qk_scale, q_offset, window, Tq, Tk, HQ, HKV, HEAD_DIM, BLOCK_M, BLOCK_N,
+                 HAS_SEG, HAS_WINDOW, FP8, DOT_PREC)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ Implementation: Triton on CUDA tensors, ref.py on CPU tensors; ATTN_IMPL=triton|
 """
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 
@@ -22,7 +23,7 @@ from attn.dispatch import check_triton_inputs, impl_for
 
 from attn.flash import common
 from attn.flash.ref import flash_attn_ref, flash_bwd_ref
-from attn.masks import check_cu_seqlens
+from attn.masks import check_cu_seqlens, check_cu_values
 
 _HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -63,17 +64,13 @@ def _check(q, k, v, scale, cu_seqlens, q_offset, window, impl, causal=True):
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.device != q.device:
             raise ValueError(f"cu_seqlens must be a tensor on q's device ({q.device})")
         check_cu_seqlens(cu_seqlens, B, tk)
-        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError("cu_seqlens must be non-decreasing")
     if impl == "triton":
         check_triton_inputs(q, _HEAD_DIMS)
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not t.is_contiguous():
                 raise ValueError(f"{name} must be contiguous in the [B, T, H, D] layout "
                                  f"(strides {t.stride()}); call .contiguous() first")
-        if max(tq * hq, tk * hkv) * d >= 2 ** 31:
-            raise ValueError(f"T*H*D must be < 2**31 per sequence (int32 offsets), got "
-                             f"Tq*Hq*D={tq * hq * d}, Tk*Hkv*D={tk * hkv * d}")
+        # (T·H·D may pass 2^31: the kernels offset rows in int64)
     elif not q.is_floating_point():
         raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
     return float(d ** -0.5 if scale is None else scale)
@@ -164,26 +161,58 @@ def _bwd(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=None, dq=None)
                       q_offset, window, delta, dq)
 
 
-class FlashAttnFunction(torch.autograd.Function):
-    """Triton forward/backward; lse is returned as a non-differentiable output."""
+# The Triton forward and backward as PyTorch custom ops: torch.compile sees one opaque op per
+# attention call (fake implementations give the output shapes) and compiles the model around it;
+# eager runs go through the same ops, so eager and compiled runs launch the same kernels. The
+# document arrays are rebuilt from cu_seqlens in the backward (one searchsorted, no host sync).
+@torch.library.custom_op("longctx::flash_fwd", mutates_args=())
+def _flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                  cu_seqlens: Optional[torch.Tensor], q_offset: int,
+                  window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    from attn.flash.fwd import fwd_triton
+    check_cu_values(cu_seqlens, k.shape[1])
+    seg = _seg(cu_seqlens, k.shape[1])
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return fwd_triton(q, k, v, scale, None if seg is None else seg[0], q_offset, window)
 
-    @staticmethod
-    def forward(ctx, q, k, v, scale, cu_seqlens, q_offset, window):
-        from attn.flash.fwd import fwd_triton
-        seg = _seg(cu_seqlens, k.shape[1])
-        o, lse = fwd_triton(q, k, v, scale, None if seg is None else seg[0], q_offset, window)
-        ctx.save_for_backward(q, k, v, o, lse, *(seg or ()))
-        ctx.args = (scale, q_offset, window, seg is not None)
-        ctx.mark_non_differentiable(lse)
-        return o, lse
 
-    @staticmethod
-    def backward(ctx, do, _dlse):
-        q, k, v, o, lse, *seg = ctx.saved_tensors
-        scale, q_offset, window, has_seg = ctx.args
-        dq, dk, dv = _bwd(do, q, k, v, o, lse, scale, tuple(seg) if has_seg else None,
-                          q_offset, window)
-        return dq, dk, dv, None, None, None, None
+@_flash_fwd_op.register_fake
+def _(q, k, v, scale, cu_seqlens, q_offset, window):
+    B, tq, hq, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        q.new_empty((B, hq, tq), dtype=torch.float32)
+
+
+@torch.library.custom_op("longctx::flash_bwd", mutates_args=())
+def _flash_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  o: torch.Tensor, lse: torch.Tensor, scale: float,
+                  cu_seqlens: Optional[torch.Tensor], q_offset: int,
+                  window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _bwd(do, q, k, v, o, lse, scale, _seg(cu_seqlens, k.shape[1]), q_offset, window)
+
+
+@_flash_bwd_op.register_fake
+def _(do, q, k, v, o, lse, scale, cu_seqlens, q_offset, window):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _flash_setup(ctx, inputs, output):
+    q, k, v, scale, cu_seqlens, q_offset, window = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.args = (scale, q_offset, window)
+    ctx.mark_non_differentiable(lse)
+
+
+def _flash_backward(ctx, do, _dlse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    scale, q_offset, window = ctx.args
+    dq, dk, dv = _flash_bwd_op(do, q, k, v, o, lse, scale, cu_seqlens, q_offset, window)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash_fwd_op.register_autograd(_flash_backward, setup_context=_flash_setup)
 
 
 def flash_attn(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, window=None,
@@ -195,5 +224,5 @@ def flash_attn(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, windo
         o, lse = flash_attn_ref(q, k, v, scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset,
                                 window=window)
     else:
-        o, lse = FlashAttnFunction.apply(q, k, v, scale, cu_seqlens, q_offset, window)
+        o, lse = _flash_fwd_op(q, k, v, scale, cu_seqlens, q_offset, window)
     return (o, lse) if return_lse else o

@@ -58,3 +58,98 @@ def test_gpu_fp8_forward_option():
     exact, lse64 = flash_attn_ref(q.double(), k.double(), v.double())
     assert torch.isfinite(o8).all() and o8.dtype == bf16
     assert rel(o8, exact) < 6e-2 and rel(lse8, lse64) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# T·H·D past 2^31 per sequence: the kernels' int64 base offsets (attn/flash/common.py, "Index
+# arithmetic"). Only the last rows (past the 2^31-th element) are checked, against float64
+# references computed on just what they depend on. FLASH_AUTOTUNE=0: the default configs (no
+# tuning runs at these shapes). Memory plan in each docstring; times on an H200, excluding
+# compilation.
+
+def big_window_case(device, T, Hq, Hkv, D, W, R, dtype=bf16):
+    """Sliding window W: the last R query rows see only keys [T - R - W, T), and the last R keys
+    are seen only by them. Kernel forward + backward over the whole sequence, then o, lse, dq of
+    the last R rows and dk, dv of the last R keys against flash_attn_ref (float64, autograd) on
+    the slice [T - R - W, T)."""
+    from attn.flash.ref import flash_attn_ref
+    from flash_testlib import rel
+    q = torch.randn(1, T, Hq, D, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(1, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
+            for _ in range(2))
+    do = torch.randn_like(q)
+    o, lse = flash_attn(q, k, v, window=W, return_lse=True)
+    got = (o, lse, *torch.autograd.grad(o, (q, k, v), do))
+    s0 = T - R - W
+    xs = [t.detach()[:, s0:].double().requires_grad_() for t in (q, k, v)]
+    o64, lse64 = flash_attn_ref(*xs, window=W)
+    ref = (o64, lse64, *torch.autograd.grad(o64, xs, do[:, s0:].double()))
+    errs = {}
+    for name, g, e in zip(("o", "lse", "dq", "dk", "dv"), got, ref):
+        g, e = (g[..., -R:] if name == "lse" else g[:, -R:]), \
+            (e[..., -R:] if name == "lse" else e[:, -R:])
+        assert torch.isfinite(g).all(), name
+        errs[name] = rel(g, e)
+        assert errs[name] < (1e-4 if name == "lse" else 1e-2), (name, errs[name])
+    return errs
+
+
+def big_causal_case(device, T, H, D, R, dtype=bf16):
+    """Full causal attention, no window: the last R query rows against a direct float64
+    computation over all T keys (one head at a time: [R, T] scores); dk, dv of the last R keys
+    (seen by the last R rows only) from the same rows' probabilities."""
+    from flash_testlib import rel
+    q, k, v = (torch.randn(1, T, H, D, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn_like(q)
+    o, lse = flash_attn(q, k, v, return_lse=True)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+    scale = D ** -0.5
+    rows = torch.arange(T - R, T, device=device)
+    mask = torch.arange(T, device=device)[None, :] <= rows[:, None]             # [R, T]
+    ref = {n: [] for n in ("o", "lse", "dq", "dk", "dv")}
+    for h in range(H):
+        qh, doh = (t[0, T - R:, h].detach().double() for t in (q, do))        # [R, D]
+        kh, vh = (t[0, :, h].detach().double() for t in (k, v))                # [T, D]
+        s = (qh @ kh.T * scale).masked_fill(~mask, float("-inf"))
+        lse_h = torch.logsumexp(s, -1)
+        p = torch.exp(s - lse_h[:, None])
+        oh = p @ vh
+        ds = p * (doh @ vh.T - (doh * oh).sum(-1, keepdim=True))
+        ref["o"].append(oh)
+        ref["lse"].append(lse_h)
+        ref["dq"].append(ds @ kh * scale)
+        ref["dk"].append(ds[:, -R:].T @ qh * scale)
+        ref["dv"].append(p[:, -R:].T @ doh)
+        del s, p, ds
+    errs = {}
+    for name, g in (("o", o), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv)):
+        g = g[0, :, -R:] if name == "lse" else g[0, -R:]
+        e = torch.stack(ref[name], 0 if name == "lse" else 1)
+        assert torch.isfinite(g).all(), name
+        errs[name] = rel(g, e)
+        assert errs[name] < (1e-4 if name == "lse" else 1e-2), (name, errs[name])
+    return errs
+
+
+@pytest.mark.parametrize("tma", [True, False])
+def test_gpu_tokens_heads_dim_past_2_31_window(monkeypatch, tma):
+    """B = 1, T = 2^21 + 1024, Hq = 16, Hkv = 8, D = 128, window 512: Tq·Hq·D = 2^32 + 2^21,
+    Tk·Hkv·D = 2^31 + 2^20 (the last 1024 rows lie past 2^31 in K / V, past 2^32 in Q / O).
+    Memory: q, o, do, dq 8.6 GB each, k, v, dk, dv 4.3 GB each: 52 GB. TMA: the backward's
+    descriptor loads (Hopper), or pointer loads (FLASH_TMA=0 path)."""
+    from attn.flash import common
+    monkeypatch.setenv("ATTN_IMPL", "triton")
+    monkeypatch.setenv("FLASH_AUTOTUNE", "0")
+    monkeypatch.setitem(common.TMA, "dkdv", tma)
+    monkeypatch.setitem(common.TMA, "dq", tma)
+    print(big_window_case("cuda", T=2 ** 21 + 1024, Hq=16, Hkv=8, D=128, W=512, R=1024))
+
+
+def test_gpu_tokens_heads_dim_past_2_31_causal(monkeypatch):
+    """B = 1, T = 2^17 + 128, H = 128, D = 128, full causal (many heads keep T, hence the
+    quadratic cost, small: ~1.1 PFLOP forward + backward): T·H·D = 2^31 + 2^21, the last 128
+    rows past 2^31. Memory: eight 4.3 GB tensors, 34 GB."""
+    monkeypatch.setenv("ATTN_IMPL", "triton")
+    monkeypatch.setenv("FLASH_AUTOTUNE", "0")
+    print(big_causal_case("cuda", T=2 ** 17 + 128, H=128, D=128, R=64))
