@@ -37,10 +37,10 @@ def _dkdv_rows(dk, dv, k, v, kpos, rows, r_ok, qpos, lo, hi, q_base, do_base, ls
     key of the tile pairs with every valid row (lo, hi unused); padding rows get lse = +inf,
     so their P is exactly 0 without a mask."""
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_base + rows[:, None] * STRIDE_QT + offs_d[None, :], mask=r_ok[:, None],
-                other=0.0)
-    do = tl.load(do_base + rows[:, None] * STRIDE_QT + offs_d[None, :], mask=r_ok[:, None],
-                 other=0.0)
+    # any rows (gathered): int64 row offsets (Tq·Hq·D may pass 2^31)
+    r_off = rows.to(tl.int64)[:, None] * STRIDE_QT
+    q = tl.load(q_base + r_off + offs_d[None, :], mask=r_ok[:, None], other=0.0)
+    do = tl.load(do_base + r_off + offs_d[None, :], mask=r_ok[:, None], other=0.0)
     lse2 = tl.load(lse_ptr + rows, mask=r_ok, other=float("inf")) * LOG2E
     delta = tl.load(delta_ptr + rows, mask=r_ok, other=0.0)
     # transposed scores [BLOCK_N, BLOCK_M]: Pᵀ comes out ready for dV = Pᵀ dO
@@ -76,8 +76,9 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KBLK, BLK_END, ROWPTR, ENTRIES
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     n_ok = offs_n < Tk
-    kv_off = b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM \
-        + offs_n[:, None] * STRIDE_KT + offs_d[None, :]
+    # int64 base of the key tile (Tk·Hkv·D may pass 2^31), int32 offsets inside it
+    kv_off = (b.to(tl.int64) * Tk + start_n) * STRIDE_KT + hkv * HEAD_DIM \
+        + (tl.arange(0, BLOCK_N)[:, None] * STRIDE_KT + offs_d[None, :])
     k = tl.load(K + kv_off, mask=n_ok[:, None], other=0.0)
     v = tl.load(V + kv_off, mask=n_ok[:, None], other=0.0)
     kblk = tl.load(KBLK + offs_n, mask=n_ok, other=-1)

@@ -33,13 +33,15 @@ BIG = tl.constexpr(2 ** 30)  # a key position past every key: empty windows
 
 
 @triton.jit
-def _own_scores(q, k_base, v_base, kpos, end, lo, hi, qk_scale, STRIDE_KT: tl.constexpr,
-                HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
-    """K, V and scores of one own-block key chunk; MASKED: row r sees keys lo[r] <= s <= hi[r]
-    (and s < end), the others score −inf."""
-    k, v, s = chunk_scores(q, k_base, v_base, kpos, end, qk_scale, STRIDE_KT, HEAD_DIM,
-                           DOT_PREC, MASKED)
+def _own_scores(q, k_base, v_base, start_n, offs_n, end, lo, hi, qk_scale,
+                STRIDE_KT: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr,
+                MASKED: tl.constexpr):
+    """K, V and scores of the own-block key chunk start_n + offs_n; MASKED: row r sees keys
+    lo[r] <= s <= hi[r] (and s < end), the others score −inf."""
+    k, v, s = chunk_scores(q, k_base, v_base, start_n, offs_n, end, qk_scale, STRIDE_KT,
+                           HEAD_DIM, DOT_PREC, MASKED)
     if MASKED:
+        kpos = start_n + offs_n
         s = tl.where((kpos[None, :] >= lo[:, None]) & (kpos[None, :] <= hi[:, None]), s,
                      float("-inf"))
     return k, v, s
@@ -52,8 +54,7 @@ def _fwd_chunks(acc, l_i, m_i, q, k_base, v_base, start, end, lo, hi, qk_scale,
     """Keys [start, end) in BLOCK_N chunks; MASKED=False: whole chunks every row sees."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
-        kpos = start_n + offs_n
-        k, v, s = _own_scores(q, k_base, v_base, kpos, end, lo, hi, qk_scale, STRIDE_KT,
+        k, v, s = _own_scores(q, k_base, v_base, start_n, offs_n, end, lo, hi, qk_scale, STRIDE_KT,
                               HEAD_DIM, DOT_PREC, MASKED)
         acc, m_i, l_i = softmax_step(s, v, acc, m_i, l_i, DOT_PREC)
     return acc, l_i, m_i
@@ -65,8 +66,7 @@ def _dq_chunks(dq, q, do, lse2, delta, k_base, v_base, start, end, lo, hi, qk_sc
                DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
-        kpos = start_n + offs_n
-        k, v, s = _own_scores(q, k_base, v_base, kpos, end, lo, hi, qk_scale, STRIDE_KT,
+        k, v, s = _own_scores(q, k_base, v_base, start_n, offs_n, end, lo, hi, qk_scale, STRIDE_KT,
                               HEAD_DIM, DOT_PREC, MASKED)
         p = tl.math.exp2(s - lse2[:, None])  # masked scores are −inf: p = 0 exactly
         dp = mma(do, tl.trans(v), None, DOT_PREC)
@@ -129,8 +129,9 @@ def _tile_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SEL, OP, LP, KBLK, BLK_START, s
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < Tq
     qpos = q_offset + offs_m
-    q_off = b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM \
-        + offs_m[:, None] * STRIDE_QT + offs_d[None, :]
+    # int64 base of the query tile (Tq·Hq·D may pass 2^31), int32 offsets inside it
+    q_off = (b.to(tl.int64) * Tq + start_m) * STRIDE_QT + h * HEAD_DIM \
+        + (tl.arange(0, BLOCK_M)[:, None] * STRIDE_QT + offs_d[None, :])
     q = tl.load(Q + q_off, mask=m_ok[:, None], other=0.0)
     own_start = tl.load(BLK_START + tl.load(KBLK + qpos, mask=m_ok, other=0), mask=m_ok,
                         other=BIG)

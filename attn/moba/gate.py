@@ -94,9 +94,11 @@ def _pool_kernel(K, MK, BLK_START, BLK_END, Tk, NB,
     # one of the 16 result rows holds the same sums
     ones = tl.full([16, BLOCK_N], 1.0, K.dtype.element_ty)
     acc = tl.zeros([16, HEAD_DIM], dtype=tl.float32)
+    tile = offs_n[:, None] * STRIDE_KT + offs_d[None, :]  # int32 offsets inside one key chunk
     for s0 in range(start, end, BLOCK_N):
         kpos = s0 + offs_n
-        kt = tl.load(k_base + kpos[:, None] * STRIDE_KT + offs_d[None, :],
+        # the chunk's first row in int64 (Tk·Hkv·D may pass 2^31)
+        kt = tl.load(k_base + tl.cast(s0, tl.int64) * STRIDE_KT + tile,
                      mask=(kpos < end)[:, None], other=0.0)
         acc = mma(ones, kt, acc, DOT_PREC)
     mean = tl.max(acc, 0) / (end - start).to(tl.float32)
@@ -117,8 +119,9 @@ def _topk_kernel(Q, MK, SEL, KBLK, FIRSTB, q_offset, Tq, NB,
     offs_d = tl.arange(0, HEAD_DIM)
     m_ok = offs_m < Tq
     qpos = q_offset + offs_m
-    q = tl.load(Q + b.to(tl.int64) * Tq * HQ * HEAD_DIM + h * HEAD_DIM
-                + offs_m[:, None] * (HQ * HEAD_DIM) + offs_d[None, :],
+    # int64 base of the query tile (Tq·Hq·D may pass 2^31), int32 offsets inside it
+    q = tl.load(Q + (b.to(tl.int64) * Tq + start_m) * (HQ * HEAD_DIM) + h * HEAD_DIM
+                + (tl.arange(0, BLOCK_M)[:, None] * (HQ * HEAD_DIM) + offs_d[None, :]),
                 mask=m_ok[:, None], other=0.0)
     if not SPLIT3:
         q = q.to(tl.float32)

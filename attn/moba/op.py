@@ -1,4 +1,4 @@
-"""Public MoBA op: argument checks, implementation dispatch and the autograd Function.
+"""Public MoBA op: argument checks, implementation dispatch and the custom ops (autograd).
 
     moba_attn(q, k, v, *, block_size, topk, scale, cu_seqlens, q_offset) -> o
 
@@ -19,10 +19,12 @@ No gradient flows through the gate (the selection is piecewise constant; ref.py 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from attn.dispatch import check_triton_inputs, impl_for
-from attn.masks import check_cu_seqlens
+from attn.masks import check_cu_seqlens, check_cu_values
 from attn.moba.ref import moba_attn_ref
 
 _HEAD_DIMS = (16, 32, 64, 128)
@@ -56,8 +58,6 @@ def _check(q, k, v, block_size, topk, q_offset, scale=None, cu_seqlens=None, imp
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.device != q.device:
             raise ValueError(f"cu_seqlens must be a tensor on q's device ({q.device})")
         check_cu_seqlens(cu_seqlens, q.shape[0], k.shape[1])
-        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
-            raise ValueError("cu_seqlens must be non-decreasing")
     if impl != "triton":
         return
     check_triton_inputs(q, _HEAD_DIMS)
@@ -67,11 +67,16 @@ def _check(q, k, v, block_size, topk, q_offset, scale=None, cu_seqlens=None, imp
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous in the [B, T, H, D] layout "
                              f"(strides {t.stride()}); call .contiguous() first")
-    B, tq, hq, d = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
-    if max(tq * hq, tk * hkv) * d >= 2 ** 31 or B * hq * tq * max(topk - 1, 1) >= 2 ** 31:
-        raise ValueError(f"T*H*D and B*Hq*Tq*(topk-1) must be < 2**31 (int32 offsets), got "
-                         f"Tq*Hq*D={tq * hq * d}, Tk*Hkv*D={tk * hkv * d}")
+    B, tq, hq, _ = q.shape
+    tk = k.shape[1]
+    # T·H·D may pass 2^31 (the kernels offset rows in int64); the routing index and the
+    # positions stay int32
+    if B * hq * tq * max(topk - 1, 1) >= 2 ** 31:
+        raise ValueError(f"B*Hq*Tq*(topk-1)={B * hq * tq * max(topk - 1, 1)} must be < 2**31 "
+                         "(the routing index stores int32 entry positions)")
+    if tk >= 2 ** 30:
+        raise ValueError(f"Tk={tk} must be < 2**30 (int32 positions; the kernels use 2**30 as "
+                         "'past every key')")
 
 
 def moba_fwd(q, k, v, *, block_size: int = 512, topk: int = 3, scale=None, cu_seqlens=None,
@@ -81,18 +86,25 @@ def moba_fwd(q, k, v, *, block_size: int = 512, topk: int = 3, scale=None, cu_se
     what moba_bwd needs besides o and lse."""
     from attn.moba.fwd import fwd_triton
     from attn.moba.gate import block_table, select_blocks
-    from attn.dispatch import INTERPRET
-    from attn.moba.index import routed_entries_triton
-    from attn.moba.routed import routed_entries
     scale = float(q.shape[3] ** -0.5 if scale is None else scale)
     table = block_table(cu_seqlens, k.shape[1], block_size, q.device)
     sel = select_blocks(q, k, table, topk, q_offset)
+    index = _routed_index(sel, table, topk)
+    o, lse = fwd_triton(q, k, v, sel, table, scale, q_offset, index, block_size)
+    return o, lse, sel, table, index
+
+
+def _routed_index(sel, table, topk):
+    """The inverse index of sel (None when nothing is routed, topk == 1)."""
+    if topk == 1:
+        return None
+    from attn.dispatch import INTERPRET
+    from attn.moba.index import routed_entries_triton
+    from attn.moba.routed import routed_entries
     # the interpreter's tl.sort is slow (~0.1 s per tile): there the torch sort builds the same
     # index (tests/attn/moba/test_moba_index.py checks the two agree bit for bit)
     build_index = routed_entries if INTERPRET else routed_entries_triton
-    index = build_index(sel, table[2].numel()) if topk > 1 else None
-    o, lse = fwd_triton(q, k, v, sel, table, scale, q_offset, index, block_size)
-    return o, lse, sel, table, index
+    return build_index(sel, table[2].numel())
 
 
 def moba_bwd(do, q, k, v, o, lse, sel, table, index, *, scale=None, q_offset: int = 0,
@@ -105,27 +117,72 @@ def moba_bwd(do, q, k, v, o, lse, sel, table, index, *, scale=None, q_offset: in
                       block_size, cu_seqlens is not None)
 
 
-class MoBAFunction(torch.autograd.Function):
-    """Triton forward/backward; the selection is saved (int32 [B, Hq, Tq, topk−1]) and not
-    differentiated."""
+# The Triton forward and backward as PyTorch custom ops: torch.compile sees one opaque op per
+# attention call and compiles the model around it; eager runs go through the same ops. A custom
+# op's outputs need shapes known from its inputs' shapes, which the block table (NB blocks:
+# data-dependent with documents) and the inverse index (ROWPTR [B·Hq·NB + 1]) lack: the forward
+# returns o, lse and sel only, and the backward rebuilds table and index from sel and cu_seqlens.
+# Cost of the rebuild (H100, 64k, H = 16, top-3, docs/moba_notes.md): the index is one counting
+# sort over sel, 0.08 ms against a 7.2 ms backward; the table is cached without documents and
+# with them costs a handful of O(Tk) torch ops and one host sync (the block count), about the
+# 0.3 ms the uncached table took. It also frees the index (the size of sel) between forward
+# and backward.
+@torch.library.custom_op("longctx::moba_fwd", mutates_args=())
+def _moba_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 block_size: int, topk: int, cu_seqlens: Optional[torch.Tensor],
+                 q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_cu_values(cu_seqlens, k.shape[1])
+    # the kernels assume the contiguous layout; a compiled graph could hand other strides
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o, lse, sel, _, _ = moba_fwd(q, k, v, block_size=block_size, topk=topk, scale=scale,
+                                 cu_seqlens=cu_seqlens, q_offset=q_offset)
+    return o, lse, sel
 
-    @staticmethod
-    def forward(ctx, q, k, v, scale, block_size, topk, cu_seqlens, q_offset):
-        o, lse, sel, table, index = moba_fwd(q, k, v, block_size=block_size, topk=topk,
-                                             scale=scale, cu_seqlens=cu_seqlens,
-                                             q_offset=q_offset)
-        ctx.save_for_backward(q, k, v, o, lse, sel, *table, *(index or ()))
-        ctx.args = (scale, q_offset, block_size, cu_seqlens)
-        return o
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, sel, *rest = ctx.saved_tensors
-        scale, q_offset, block_size, cu_seqlens = ctx.args
-        table, index = tuple(rest[:4]), (tuple(rest[4:]) or None)
-        dq, dk, dv = moba_bwd(do, q, k, v, o, lse, sel, table, index, scale=scale,
-                              q_offset=q_offset, block_size=block_size, cu_seqlens=cu_seqlens)
-        return dq, dk, dv, None, None, None, None, None
+@_moba_fwd_op.register_fake
+def _(q, k, v, scale, block_size, topk, cu_seqlens, q_offset):
+    B, tq, hq, _ = q.shape
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((B, hq, tq), dtype=torch.float32),
+            q.new_empty((B, hq, tq, max(topk - 1, 1)), dtype=torch.int32))
+
+
+@torch.library.custom_op("longctx::moba_bwd", mutates_args=())
+def _moba_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 o: torch.Tensor, lse: torch.Tensor, sel: torch.Tensor, scale: float,
+                 block_size: int, topk: int, cu_seqlens: Optional[torch.Tensor],
+                 q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from attn.moba.gate import block_table
+    q, k, v, o, lse, sel = (t.contiguous() for t in (q, k, v, o, lse, sel))
+    table = block_table(cu_seqlens, k.shape[1], block_size, q.device)
+    index = _routed_index(sel, table, topk)
+    return moba_bwd(do, q, k, v, o, lse, sel, table, index, scale=scale, q_offset=q_offset,
+                    block_size=block_size, cu_seqlens=cu_seqlens)
+
+
+@_moba_bwd_op.register_fake
+def _(do, q, k, v, o, lse, sel, scale, block_size, topk, cu_seqlens, q_offset):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _moba_setup(ctx, inputs, output):
+    q, k, v, scale, block_size, topk, cu_seqlens, q_offset = inputs
+    o, lse, sel = output
+    ctx.save_for_backward(q, k, v, o, lse, sel, cu_seqlens)
+    ctx.args = (scale, block_size, topk, q_offset)
+    ctx.mark_non_differentiable(lse, sel)
+    ctx.set_materialize_grads(False)  # no zero gradients built for lse and sel
+
+
+def _moba_backward(ctx, do, _dlse, _dsel):
+    q, k, v, o, lse, sel, cu_seqlens = ctx.saved_tensors
+    scale, block_size, topk, q_offset = ctx.args
+    dq, dk, dv = _moba_bwd_op(do, q, k, v, o, lse, sel, scale, block_size, topk, cu_seqlens,
+                              q_offset)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_moba_fwd_op.register_autograd(_moba_backward, setup_context=_moba_setup)
 
 
 def moba_attn(q, k, v, *, block_size: int = 512, topk: int = 3, scale=None, cu_seqlens=None,
@@ -137,4 +194,4 @@ def moba_attn(q, k, v, *, block_size: int = 512, topk: int = 3, scale=None, cu_s
         return moba_attn_ref(q, k, v, block_size=block_size, topk=topk, scale=scale,
                              cu_seqlens=cu_seqlens, q_offset=q_offset)
     scale = float(q.shape[3] ** -0.5 if scale is None else scale)
-    return MoBAFunction.apply(q, k, v, scale, block_size, topk, cu_seqlens, q_offset)
+    return _moba_fwd_op(q, k, v, scale, block_size, topk, cu_seqlens, q_offset)[0]

@@ -62,21 +62,26 @@ def routed_entries(sel, nb: int):
 
 
 @triton.jit
-def chunk_scores(q, k_base, v_base, kpos, end, qk_scale, STRIDE_KT: tl.constexpr,
+def chunk_scores(q, k_base, v_base, start_n, offs_n, end, qk_scale, STRIDE_KT: tl.constexpr,
                  HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
-    """K, V rows kpos of one KV head and the log2-domain scores q·kᵀ·qk_scale [M, BLOCK_N].
-    MASKED: keys at or past `end` load as 0 and score −inf (their exp2 is exactly 0); without it
-    every key of the chunk must exist (no mask instructions)."""
-    ptrs = kpos[:, None] * STRIDE_KT + tl.arange(0, HEAD_DIM)[None, :]
+    """K, V rows kpos = start_n + offs_n of one KV head and the log2-domain scores
+    q·kᵀ·qk_scale [M, BLOCK_N]. MASKED: keys at or past `end` load as 0 and score −inf (their
+    exp2 is exactly 0); without it every key of the chunk must exist (no mask instructions).
+    The chunk's first row is offset in int64 (Tk·Hkv·D may pass 2^31), the tile in int32."""
+    kpos = start_n + offs_n
+    row = tl.cast(start_n, tl.int64) * STRIDE_KT        # added to the scalar base pointers
+    tile = offs_n[:, None] * STRIDE_KT + tl.arange(0, HEAD_DIM)[None, :]
+    k_ptrs = k_base + row + tile
+    v_ptrs = v_base + row + tile
     if MASKED:
         k_ok = kpos < end
-        k = tl.load(k_base + ptrs, mask=k_ok[:, None], other=0.0)
-        v = tl.load(v_base + ptrs, mask=k_ok[:, None], other=0.0)
+        k = tl.load(k_ptrs, mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=k_ok[:, None], other=0.0)
         s = tl.where(k_ok[None, :], mma(q, tl.trans(k), None, DOT_PREC) * qk_scale,
                      float("-inf"))
     else:
-        k = tl.load(k_base + ptrs)
-        v = tl.load(v_base + ptrs)
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
         s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
     return k, v, s
 
@@ -114,8 +119,10 @@ def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_
     # the gathered Q rows one chunk ahead, their entry ids two ahead: the next chunk's Q load is
     # in flight during this chunk's key loop instead of stalling its start (2.00 -> 1.87 ms at
     # 64k, H100; docs/bench/moba_exp_h100.json)
+    # gathered rows: each row's offset in int64 (Tq·Hq·D may pass 2^31), the head dim added to
+    # the row pointers
     ids_c = tl.load(ENTRIES + beg + i_first + offs_m, mask=i_first + offs_m < cnt, other=0)
-    q_c = tl.load(q_base + (ids_c // NSEL)[:, None] * STRIDE_QT + offs_d[None, :],
+    q_c = tl.load(q_base + (ids_c // NSEL).to(tl.int64)[:, None] * STRIDE_QT + offs_d[None, :],
                   mask=(i_first + offs_m < cnt)[:, None], other=0.0)
     ids_n = tl.load(ENTRIES + beg + i_first + STEP + offs_m, mask=i_first + STEP + offs_m < cnt,
                     other=0)
@@ -123,7 +130,7 @@ def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_
         e_ok = i0 + offs_m < cnt
         ent = ids_c
         q = q_c
-        q_c = tl.load(q_base + (ids_n // NSEL)[:, None] * STRIDE_QT + offs_d[None, :],
+        q_c = tl.load(q_base + (ids_n // NSEL).to(tl.int64)[:, None] * STRIDE_QT + offs_d[None, :],
                       mask=(i0 + STEP + offs_m < cnt)[:, None], other=0.0)
         ids_c = ids_n
         ids_n = tl.load(ENTRIES + beg + i0 + 2 * STEP + offs_m,
@@ -133,7 +140,7 @@ def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         for start_n in range(bs, be, BLOCK_N):
             # EVEN: BLOCK_N divides the (complete) block, no key mask
-            k, v, s = chunk_scores(q, k_base, v_base, start_n + offs_n, be, qk_scale, STRIDE_KT,
+            k, v, s = chunk_scores(q, k_base, v_base, start_n, offs_n, be, qk_scale, STRIDE_KT,
                                    HEAD_DIM, DOT_PREC, not EVEN)
             acc, m_i, l_i = softmax_step(s, v, acc, m_i, l_i, DOT_PREC)
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
@@ -181,9 +188,10 @@ def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, 
         e_ok = i0 + offs_m < cnt
         ent = ids_c
         rows = ent // NSEL
-        r_ptrs = rows[:, None] * STRIDE_QT + offs_d[None, :]
-        q = tl.load(q_base + r_ptrs, mask=e_ok[:, None], other=0.0)
-        do = tl.load(do_base + r_ptrs, mask=e_ok[:, None], other=0.0)
+        # gathered rows: int64 row offsets (Tq·Hq·D may pass 2^31)
+        r_off = rows.to(tl.int64)[:, None] * STRIDE_QT
+        q = tl.load(q_base + r_off + offs_d[None, :], mask=e_ok[:, None], other=0.0)
+        do = tl.load(do_base + r_off + offs_d[None, :], mask=e_ok[:, None], other=0.0)
         lse2 = tl.load(LSE + row_base + rows, mask=e_ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + row_base + rows, mask=e_ok, other=0.0)
         ids_c = ids_n
@@ -191,7 +199,7 @@ def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, 
                         mask=i0 + 2 * STEP + offs_m < cnt, other=0)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         for start_n in range(bs, be, BLOCK_N):
-            k, v, s = chunk_scores(q, k_base, v_base, start_n + offs_n, be, qk_scale, STRIDE_KT,
+            k, v, s = chunk_scores(q, k_base, v_base, start_n, offs_n, be, qk_scale, STRIDE_KT,
                                    HEAD_DIM, DOT_PREC, not EVEN)
             p = tl.math.exp2(s - lse2[:, None])
             dp = mma(do, tl.trans(v), None, DOT_PREC)

@@ -110,6 +110,7 @@ class NSACore(SoftmaxAttention):
         passes; the CP wrappers slice it like any q), or q [B, Tq, Hq, D] with
         gates=[B, Tq, Hq, 3]. Compressed K/V come from the k, v given here. `heads` is ignored:
         the compressor is shared by all heads and the gates travel with q."""
+        nonneg = gates is None  # packed gates are this core's sigmoid gates: >= 0
         if gates is None:
             if q.shape[-1] != k.shape[-1] + N_GATES:
                 raise ValueError(f"q {tuple(q.shape)}: NSACore.attend needs the gates packed as "
@@ -120,7 +121,8 @@ class NSACore(SoftmaxAttention):
         return nsa_attn(q, k, v, k_cmp, v_cmp, gates[..., 0], gates[..., 1], gates[..., 2],
                         cmp_block=self.cmp_block, cmp_stride=self.cmp_stride,
                         sel_block=self.sel_block, topk=self.topk, window=self.window,
-                        scale=self.scale, cu_seqlens=cu_seqlens, q_offset=q_offset)
+                        scale=self.scale, cu_seqlens=cu_seqlens, q_offset=q_offset,
+                        gates_nonneg=True if nonneg else None)
 
     def attention_flops_per_token(self, seq_len: int) -> float:
         """Keys per query, 4·D FLOPs each per query head: compressed (T/cmp_stride/2 on average),

@@ -25,14 +25,16 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, row0, col, lse_ptr, delt
     batch's Tq come back zero (the descriptor ends there) and are masked out of P anyway."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
+    tile = offs_m[:, None] * STRIDE_QT + offs_d[None, :]  # int32 offsets inside one row chunk
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
-        q_ptrs = rows[:, None] * STRIDE_QT + offs_d[None, :]
+        # the chunk's first row in int64 (Tq·Hq·D may pass 2^31)
+        row = tl.cast(start_m, tl.int64) * STRIDE_QT
         r_ok = rows < Tq
         if TMA:
             q = qd.load([row0 + start_m, col])
         else:
-            q = _ld(q_base + q_ptrs, r_ok[:, None], MASKED)
+            q = _ld(q_base + row + tile, r_ok[:, None], MASKED)
         lse2 = _ld(lse_ptr + rows, r_ok, MASKED, float("inf")) * LOG2E
         # transposed scores [BLOCK_N, BLOCK_M]: P^T comes out ready for dV = P^T dO
         s_t = mma(k, tl.trans(q), None, DOT_PREC) * qk_scale
@@ -44,7 +46,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, row0, col, lse_ptr, delt
         if TMA:
             do = dod.load([row0 + start_m, col])
         else:
-            do = _ld(do_base + q_ptrs, r_ok[:, None], MASKED)
+            do = _ld(do_base + row + tile, r_ok[:, None], MASKED)
         delta = _ld(delta_ptr + rows, r_ok, MASKED)
         dv = mma(cvt(p_t, do.dtype), do, dv, DOT_PREC)
         dp_t = mma(v, tl.trans(do), None, DOT_PREC)
@@ -71,8 +73,9 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PF, PL, scale, qk_scale, q_off
     c = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     c_ok = c < Tc
-    kv_off = b.to(tl.int64) * Tc * STRIDE_KT + hkv * HEAD_DIM \
-        + c[:, None] * STRIDE_KT + offs_d[None, :]
+    # int64 base of the compressed-key tile (Tc·Hkv·D may pass 2^31), int32 offsets inside it
+    kv_off = (b.to(tl.int64) * Tc + start_n) * STRIDE_KT + hkv * HEAD_DIM \
+        + (tl.arange(0, BLOCK_N)[:, None] * STRIDE_KT + offs_d[None, :])
     k = tl.load(K + kv_off, mask=c_ok[:, None], other=0.0)
     v = tl.load(V + kv_off, mask=c_ok[:, None], other=0.0)
     # positions [pf, pl] that see each compressed row; padding rows: the empty [BIG, -1]
@@ -138,15 +141,17 @@ def _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, kd, vd, row0, co
     this batch's Tc come back zero and are masked out of P."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
+    tile = offs_n[:, None] * STRIDE_KT + offs_d[None, :]  # int32 offsets inside one key chunk
     for start_n in range(start, end, BLOCK_N):
         c = start_n + offs_n
-        kv_ptrs = c[:, None] * STRIDE_KT + offs_d[None, :]
+        # the chunk's first row in int64 (Tc·Hkv·D may pass 2^31)
+        row = tl.cast(start_n, tl.int64) * STRIDE_KT
         if TMA:
             k = kd.load([row0 + start_n, col])
             v = vd.load([row0 + start_n, col])
         else:
-            k = _ld(k_base + kv_ptrs, (c < Tc)[:, None], MASKED)
-            v = _ld(v_base + kv_ptrs, (c < Tc)[:, None], MASKED)
+            k = _ld(k_base + row + tile, (c < Tc)[:, None], MASKED)
+            v = _ld(v_base + row + tile, (c < Tc)[:, None], MASKED)
         s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:

@@ -49,16 +49,18 @@ def _mix_bwd_branch(do, O, DO_I, LSE_I, LSE_G, G, I: tl.constexpr, rows, ok, off
     o = tl.load(O + off, mask=ok[:, None], other=0.0).to(tl.float32)
     dg = tl.sum(do * o, 1)
     tl.store(DG + rows.to(tl.int64) * 3 + I, cvt(dg, DG.dtype.element_ty), mask=ok)
+    # entry of branch I in the [3, B, H, T] outputs, int64 (3·B·T·H may pass 2^31)
+    i_off = d_off + tl.cast(n_rows, tl.int64) * I
     if FOLD:  # lse − ln g (+inf where g = 0) and delta = dg (module docstring)
         lse = tl.load(LSE_I + d_off, mask=ok, other=0.0)
         lse_g = tl.where(g > 0, lse - tl.log(tl.where(g > 0, g, 1.0)), float("inf"))
-        tl.store(LSE_G + I * n_rows + d_off, lse_g, mask=ok)
-        tl.store(DELTA + I * n_rows + d_off, dg, mask=ok)
+        tl.store(LSE_G + i_off, lse_g, mask=ok)
+        tl.store(DELTA + i_off, dg, mask=ok)
     else:
         do_i = cvt(g[:, None] * do, DO_I.dtype.element_ty)
         tl.store(DO_I + off, do_i, mask=ok[:, None])
         if HAS_DELTA:
-            tl.store(DELTA + I * n_rows + d_off, tl.sum(do_i.to(tl.float32) * o, 1), mask=ok)
+            tl.store(DELTA + i_off, tl.sum(do_i.to(tl.float32) * o, 1), mask=ok)
 
 
 @triton.jit

@@ -1,7 +1,7 @@
 """Public NSA op and the block compression helper.
 
     nsa_attn(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block, cmp_stride, sel_block,
-             topk, window, scale, cu_seqlens, q_offset) -> o
+             topk, window, scale, cu_seqlens, q_offset, gates_nonneg) -> o
 
 Implementation (attn.dispatch.impl_for): Triton on CUDA tensors, ref.py (dense masks, autograd)
 on CPU tensors; ATTN_IMPL=triton|ref forces one. The Triton path, never materialising T × T:
@@ -12,13 +12,15 @@ on CPU tensors; ATTN_IMPL=triton|ref forces one. The Triton path, never material
                (union.py: per-tile block lists; slc_dkdv.py: dK/dV)
   flash        the sliding window (attn.flash's kernels with window=)
   gate_mix.py  o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa, fused, fp32
-One autograd Function (`_NSAFunction`) runs the branches' forward and backward primitives, so
-the backward can share work between them: the gated sum's backward pass also gives each branch
-its delta (three fewer passes over [T, H, D] tensors), and the three dQ kernels add into one dQ
-in their epilogues (no separate sums). With gates >= 0 (checked without a host sync, see
-_NonNegative) the gates are folded into the branches' lse (lse − ln g; gate_mix.py), so every
-branch backward reads dO itself and no gated dO_i = g_i·dO is ever written (3 × [T, Hq, D]);
-signed gates take the unfolded path. The selection carries no gradient (as in ref.py).
+One pair of PyTorch custom ops (`longctx::nsa_fwd` / `longctx::nsa_bwd`, opaque to
+torch.compile) runs the branches' forward and backward primitives, so the backward can share
+work between them: the gated sum's backward pass also gives each branch its delta (three fewer
+passes over [T, H, D] tensors), and the three dQ kernels add into one dQ in their epilogues (no
+separate sums). With gates >= 0 (`gates_nonneg`: NSACore's sigmoid gates always are; nsa_attn
+checks other gates once) the gates are folded into the branches' lse (lse − ln g; gate_mix.py),
+so every branch backward reads dO itself and no gated dO_i = g_i·dO is ever written
+(3 × [T, Hq, D]); signed gates take the unfolded path. The selection carries no gradient (as
+in ref.py).
 
 Compressed layout (see ref.py): without cu_seqlens k_cmp/v_cmp are [B, Tc(T), Hkv, D]; with
 cu_seqlens (B == 1) they are each document's complete blocks concatenated in document order,
@@ -27,10 +29,12 @@ boundaries on the compressed axis. `compress` produces exactly that layout.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from attn.dispatch import check_triton_inputs, impl_for
-from attn.masks import check_cu_seqlens
+from attn.masks import check_cu_seqlens, check_cu_values
 from attn.nsa.ref import cmp_block_starts, cmp_cu_seqlens, nsa_attn_ref, num_cmp_blocks
 
 _HEAD_DIMS = (16, 32, 64, 128)
@@ -86,13 +90,16 @@ def _check(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block, cmp_stride, se
                          f"q_offset+Tq <= Tk={tk}")
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, tk)
-        tc = int(cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)[-1])
+        # with documents Tc is read from cu_seqlens: torch.compile cannot trace that read, so
+        # there only the op body checks it (cmp._Plan, same rule)
+        tc = None if torch.compiler.is_compiling() else \
+            int(cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)[-1])
         rule = "Σ over documents of ⌊(L−cmp_block)/cmp_stride⌋+1 (complete blocks)"
     else:
         tc = num_cmp_blocks(tk, cmp_block, cmp_stride)
         rule = "⌊(Tk−cmp_block)/cmp_stride⌋+1, 0 when Tk < cmp_block"
     for name, t in (("k_cmp", k_cmp), ("v_cmp", v_cmp)):
-        if tuple(t.shape) != (B, tc, hkv, d):
+        if tuple(t.shape) != (B, t.shape[1] if tc is None else tc, hkv, d):
             raise ValueError(f"{name} {tuple(t.shape)} must be [B, Tc, Hkv, D] = "
                              f"{(B, tc, hkv, d)}: Tc = {rule} with cmp_block={cmp_block}, "
                              f"cmp_stride={cmp_stride}")
@@ -104,11 +111,17 @@ def _check(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block, cmp_stride, se
 
 def nsa_attn(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block: int = 32,
              cmp_stride: int = 16, sel_block: int = 64, topk: int = 16, window: int = 512,
-             scale=None, cu_seqlens=None, q_offset: int = 0):
+             scale=None, cu_seqlens=None, q_offset: int = 0, gates_nonneg=None):
     """Native Sparse Attention, [B, T, H, D] layout (see ref.py for the definition);
-    differentiable w.r.t. q, k, v, k_cmp, v_cmp and the gates."""
+    differentiable w.r.t. q, k, v, k_cmp, v_cmp and the gates.
+
+    gates_nonneg (Triton path): True promises every gate is >= 0 (sigmoid gates, as NSACore's),
+    so the backward folds the gates into the branches' lse; False takes the signed path; None
+    checks the gates here (one host sync), or under torch.compile in the backward op."""
     _check(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block, cmp_stride, sel_block, topk,
            window, cu_seqlens, q_offset)
+    if gates_nonneg not in (None, True, False):
+        raise ValueError(f"gates_nonneg={gates_nonneg!r} must be None, True or False")
     if impl_for(q) == "ref":
         return nsa_attn_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block=cmp_block,
                             cmp_stride=cmp_stride, sel_block=sel_block, topk=topk, window=window,
@@ -122,107 +135,150 @@ def nsa_attn(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block: int = 32,
     q, k, v, k_cmp, v_cmp = (t.contiguous() for t in (q, k, v, k_cmp, v_cmp))
     scale = float(q.shape[3] ** -0.5 if scale is None else scale)
     gates = torch.stack([g_cmp, g_slc, g_swa], dim=-1).to(q.dtype)
-    geometry = (cmp_block, cmp_stride, sel_block, topk, window)
-    return _NSAFunction.apply(q, k, v, k_cmp, v_cmp, gates, scale, geometry, cu_seqlens, q_offset)
+    if gates_nonneg is None and not torch.compiler.is_compiling():
+        gates_nonneg = _nonneg(gates)
+    return _nsa_fwd_op(q, k, v, k_cmp, v_cmp, gates, scale, cmp_block, cmp_stride, sel_block,
+                       topk, window, cu_seqlens, q_offset, gates_nonneg)[0]
 
 
-class _NonNegative:
-    """Whether every gate is >= 0 (sigmoid gates always are), read in the backward without a
-    host sync in the forward: on CUDA the flag is copied to pinned host memory ahead of the
-    forward's kernels and waited for only when the backward asks (by then long done, so the
-    wait leaves no gap on the GPU)."""
-
-    def __init__(self, gates):
-        self.event = None
-        if gates.numel() == 0:
-            self.flag = True
-        elif gates.is_cuda:
-            self.flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-            self.flag.copy_(gates.amin() >= 0, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.flag = bool(gates.amin() >= 0)
-
-    def get(self) -> bool:
-        if self.event is not None:
-            self.event.synchronize()
-            self.flag, self.event = bool(self.flag), None
-        return self.flag
+def _nonneg(gates) -> bool:
+    return gates.numel() == 0 or bool(gates.amin() >= 0)
 
 
-class _NSAFunction(torch.autograd.Function):
-    """The Triton layer: gradients for q, k, v, k_cmp, v_cmp and the packed gates [B, T, Hq, 3]
-    (cmp, slc, swa)."""
+def _geometry(q, k, k_cmp, v_cmp, scale, cmp_block, cmp_stride, sel_block, cu_seqlens,
+              q_offset):
+    """The compressed branch's plan, the selection blocks' table and the window's document
+    arrays: host arithmetic and cached tables without documents; with them O(T) torch ops and
+    a few host syncs (block and compressed-row counts). Built in the forward and again in the
+    backward op, since a custom op passes only tensors of shapes known from its inputs."""
+    from attn.flash.op import _seg
+    from attn.moba.gate import block_table
+    from attn.nsa.cmp import _Plan
+    tk = k.shape[1]
+    plan = _Plan(q, k_cmp, v_cmp, scale, cmp_block, cmp_stride, cu_seqlens, q_offset, tk)
+    return plan, block_table(cu_seqlens, tk, sel_block, q.device), _seg(cu_seqlens, tk)
 
-    # Arguments were checked by nsa_attn: the forward builds the compressed branch's plan and
-    # the window's document arrays once (with documents that costs host syncs) and the backward
-    # reuses them, calling the launchers under the checked primitives.
 
-    @staticmethod
-    def forward(ctx, q, k, v, k_cmp, v_cmp, gates, scale, geometry, cu_seqlens, q_offset):
-        from attn.flash.fwd import fwd_triton
-        from attn.flash.op import _seg
-        from attn.moba.gate import block_table
-        from attn.nsa.cmp import _fwd, _Plan
-        from attn.nsa.gate_mix import gate_mix_fwd
-        from attn.nsa.select import select_blocks
-        from attn.nsa.slc import slc_attn_fwd
-        cmp_block, cmp_stride, sel_block, topk, window = geometry
-        # first, so that its flag has long reached the host when the backward asks
-        gates_nonneg = _NonNegative(gates)
-        tk = k.shape[1]
-        plan = _Plan(q, k_cmp, v_cmp, scale, cmp_block, cmp_stride, cu_seqlens, q_offset, tk)
-        o_cmp, lse_cmp = _fwd(q, k_cmp, v_cmp, plan)
-        table = block_table(cu_seqlens, tk, sel_block, q.device)
-        cu_cmp = None if cu_seqlens is None else cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)
-        sel = select_blocks(q, k_cmp, lse_cmp, table, scale=scale, cmp_block=cmp_block,
-                            cmp_stride=cmp_stride, sel_block=sel_block, topk=topk,
-                            cu_seqlens=cu_seqlens, cu_cmp=cu_cmp, q_offset=q_offset)
-        blk_start, blk_end = table[2], table[3]
-        o_slc, lse_slc = slc_attn_fwd(q, k, v, sel, blk_start, blk_end, scale=scale,
-                                      sel_block=sel_block, q_offset=q_offset)
-        seg = _seg(cu_seqlens, tk)
-        o_swa, lse_swa = fwd_triton(q, k, v, scale, None if seg is None else seg[0], q_offset,
-                                    window)
-        ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, o_cmp, lse_cmp, o_slc, lse_slc,
-                              o_swa, lse_swa, sel, blk_start, blk_end)
-        ctx.args = (scale, geometry, q_offset, plan, seg)
-        ctx.gates_nonneg = gates_nonneg
-        return gate_mix_fwd(o_cmp, o_slc, o_swa, gates)
+# The Triton layer as two PyTorch custom ops: torch.compile sees one opaque op per attention
+# call (fake implementations give the shapes) and compiles the model around it; eager runs go
+# through the same ops. The forward also returns what the backward needs (the branches' o, lse
+# and the selection; not differentiable), so that the backward can share work between the
+# branches (module docstring).
+_FWD_OUT = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                 torch.Tensor, torch.Tensor, torch.Tensor]
 
-    @staticmethod
-    def backward(ctx, do):
-        from attn.flash import common
-        from attn.flash.bwd import bwd_triton
-        from attn.nsa.cmp_bwd import _bwd as cmp_bwd
-        from attn.nsa.gate_mix import gate_mix_bwd, gate_mix_bwd_folded
-        from attn.nsa.slc import slc_attn_bwd
-        (q, k, v, k_cmp, v_cmp, gates, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel,
-         blk_start, blk_end) = ctx.saved_tensors
-        scale, (_, _, sel_block, _, window), q_offset, plan, seg = ctx.args
-        B, tq, hq, _ = q.shape
-        do = do.contiguous()
-        if ctx.gates_nonneg.get():
-            # every branch backward takes dO itself, its lse shifted by −ln g (gate_mix.py)
-            dgates, lses, deltas = gate_mix_bwd_folded(do, o_cmp, o_slc, o_swa, gates,
-                                                       (lse_cmp, lse_slc, lse_swa))
-            do_cmp = do_slc = do_swa = do
-            g_cmp = gates
-        else:
-            deltas = common.empty((3, B, hq, tq), torch.float32, q.device)  # gate_mix_bwd's
-            do_cmp, do_slc, do_swa, dgates = gate_mix_bwd(do, o_cmp, o_slc, o_swa, gates,
-                                                          deltas=deltas)
-            lses, g_cmp = (lse_cmp, lse_slc, lse_swa), None
-        dq, dk_cmp, dv_cmp = cmp_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lses[0], plan, deltas[0],
-                                     gates=g_cmp)
-        del do_cmp
-        _, dk, dv = slc_attn_bwd(do_slc, q, k, v, o_slc, lses[1], sel, blk_start, blk_end,
-                                 scale=scale, sel_block=sel_block, q_offset=q_offset,
-                                 delta=deltas[1], dq=dq)
-        del do_slc
-        _, dk_swa, dv_swa = bwd_triton(do_swa, q, k, v, o_swa, lses[2], scale, seg, q_offset,
-                                       window, deltas[2], dq)
-        dk += dk_swa
-        dv += dv_swa
-        return dq, dk, dv, dk_cmp, dv_cmp, dgates, None, None, None, None
+
+@torch.library.custom_op("longctx::nsa_fwd", mutates_args=())
+def _nsa_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor,
+                v_cmp: torch.Tensor, gates: torch.Tensor, scale: float, cmp_block: int,
+                cmp_stride: int, sel_block: int, topk: int, window: int,
+                cu_seqlens: Optional[torch.Tensor], q_offset: int,
+                gates_nonneg: Optional[bool]) -> _FWD_OUT:
+    """(o, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel); gates [B, T, Hq, 3]."""
+    from attn.flash.fwd import fwd_triton
+    from attn.nsa.cmp import _fwd
+    from attn.nsa.gate_mix import gate_mix_fwd
+    from attn.nsa.select import select_blocks
+    from attn.nsa.slc import slc_attn_fwd
+    check_cu_values(cu_seqlens, k.shape[1])
+    if gates_nonneg and not gates.is_cuda and not _nonneg(gates):  # free to check off the GPU
+        raise ValueError("gates_nonneg=True, but a gate is negative")
+    # the kernels assume the contiguous layout; a compiled graph could hand other strides
+    q, k, v, k_cmp, v_cmp, gates = (t.contiguous() for t in (q, k, v, k_cmp, v_cmp, gates))
+    plan, table, seg = _geometry(q, k, k_cmp, v_cmp, scale, cmp_block, cmp_stride, sel_block,
+                                 cu_seqlens, q_offset)
+    o_cmp, lse_cmp = _fwd(q, k_cmp, v_cmp, plan)
+    cu_cmp = None if cu_seqlens is None else cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)
+    sel = select_blocks(q, k_cmp, lse_cmp, table, scale=scale, cmp_block=cmp_block,
+                        cmp_stride=cmp_stride, sel_block=sel_block, topk=topk,
+                        cu_seqlens=cu_seqlens, cu_cmp=cu_cmp, q_offset=q_offset)
+    o_slc, lse_slc = slc_attn_fwd(q, k, v, sel, table[2], table[3], scale=scale,
+                                  sel_block=sel_block, q_offset=q_offset)
+    o_swa, lse_swa = fwd_triton(q, k, v, scale, None if seg is None else seg[0], q_offset,
+                                window)
+    o = gate_mix_fwd(o_cmp, o_slc, o_swa, gates)
+    return o, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel
+
+
+@_nsa_fwd_op.register_fake
+def _(q, k, v, k_cmp, v_cmp, gates, scale, cmp_block, cmp_stride, sel_block, topk, window,
+      cu_seqlens, q_offset, gates_nonneg):
+    B, tq, hq, _ = q.shape
+    o = [torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(4)]
+    lse = [q.new_empty((B, hq, tq), dtype=torch.float32) for _ in range(3)]
+    sel = q.new_empty((B, tq, k.shape[2], topk), dtype=torch.int32)
+    return o[0], o[1], lse[0], o[2], lse[1], o[3], lse[2], sel
+
+
+@torch.library.custom_op("longctx::nsa_bwd", mutates_args=())
+def _nsa_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cmp: torch.Tensor, v_cmp: torch.Tensor, gates: torch.Tensor,
+                o_cmp: torch.Tensor, lse_cmp: torch.Tensor, o_slc: torch.Tensor,
+                lse_slc: torch.Tensor, o_swa: torch.Tensor, lse_swa: torch.Tensor,
+                sel: torch.Tensor, scale: float, cmp_block: int, cmp_stride: int,
+                sel_block: int, window: int, cu_seqlens: Optional[torch.Tensor], q_offset: int,
+                gates_nonneg: Optional[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                       torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dk_cmp, dv_cmp, dgates)."""
+    from attn.flash import common
+    from attn.flash.bwd import bwd_triton
+    from attn.nsa.cmp_bwd import _bwd as cmp_bwd
+    from attn.nsa.gate_mix import gate_mix_bwd, gate_mix_bwd_folded
+    from attn.nsa.slc import slc_attn_bwd
+    q, k, v, k_cmp, v_cmp, gates, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel, do = (
+        t.contiguous() for t in (q, k, v, k_cmp, v_cmp, gates, o_cmp, lse_cmp, o_slc, lse_slc,
+                                 o_swa, lse_swa, sel, do))
+    plan, table, seg = _geometry(q, k, k_cmp, v_cmp, scale, cmp_block, cmp_stride, sel_block,
+                                 cu_seqlens, q_offset)
+    B, tq, hq, _ = q.shape
+    if _nonneg(gates) if gates_nonneg is None else gates_nonneg:
+        # every branch backward takes dO itself, its lse shifted by −ln g (gate_mix.py)
+        dgates, lses, deltas = gate_mix_bwd_folded(do, o_cmp, o_slc, o_swa, gates,
+                                                   (lse_cmp, lse_slc, lse_swa))
+        do_cmp = do_slc = do_swa = do
+        g_cmp = gates
+    else:
+        deltas = common.empty((3, B, hq, tq), torch.float32, q.device)  # gate_mix_bwd's
+        do_cmp, do_slc, do_swa, dgates = gate_mix_bwd(do, o_cmp, o_slc, o_swa, gates,
+                                                      deltas=deltas)
+        lses, g_cmp = (lse_cmp, lse_slc, lse_swa), None
+    dq, dk_cmp, dv_cmp = cmp_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lses[0], plan, deltas[0],
+                                 gates=g_cmp)
+    del do_cmp
+    _, dk, dv = slc_attn_bwd(do_slc, q, k, v, o_slc, lses[1], sel, table[2], table[3],
+                             scale=scale, sel_block=sel_block, q_offset=q_offset,
+                             delta=deltas[1], dq=dq)
+    del do_slc
+    _, dk_swa, dv_swa = bwd_triton(do_swa, q, k, v, o_swa, lses[2], scale, seg, q_offset,
+                                   window, deltas[2], dq)
+    dk += dk_swa
+    dv += dv_swa
+    return dq, dk, dv, dk_cmp, dv_cmp, dgates
+
+
+@_nsa_bwd_op.register_fake
+def _(do, q, k, v, k_cmp, v_cmp, gates, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel,
+      scale, cmp_block, cmp_stride, sel_block, window, cu_seqlens, q_offset, gates_nonneg):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format)
+                 for t in (q, k, v, k_cmp, v_cmp, gates))
+
+
+def _nsa_setup(ctx, inputs, output):
+    (q, k, v, k_cmp, v_cmp, gates, scale, cmp_block, cmp_stride, sel_block, _, window,
+     cu_seqlens, q_offset, gates_nonneg) = inputs
+    saved = output[1:]
+    ctx.save_for_backward(q, k, v, k_cmp, v_cmp, gates, *saved, cu_seqlens)
+    ctx.args = (scale, cmp_block, cmp_stride, sel_block, window, q_offset, gates_nonneg)
+    ctx.mark_non_differentiable(*saved)
+    ctx.set_materialize_grads(False)  # no zero gradients built for the saved branch outputs
+
+
+def _nsa_backward(ctx, do, *_):
+    *tensors, cu_seqlens = ctx.saved_tensors
+    scale, cmp_block, cmp_stride, sel_block, window, q_offset, gates_nonneg = ctx.args
+    grads = _nsa_bwd_op(do, *tensors, scale, cmp_block, cmp_stride, sel_block, window,
+                        cu_seqlens, q_offset, gates_nonneg)
+    return (*grads,) + (None,) * 9
+
+
+_nsa_fwd_op.register_autograd(_nsa_backward, setup_context=_nsa_setup)

@@ -85,7 +85,9 @@ def _chunk(jc, q, lse2, n_vis, vis_max, kc_base, w, out_c, qrel, n_chunks, run_v
     slot_t = tl.arange(0, TP)
     j0 = jc * J
     c_rel = j0 * R + offs_c
-    kc_ptr = kc_base + c_rel[:, None] * (HKV * HEAD_DIM) + offs_d[None, :]
+    # the chunk's first compressed row in int64 (Tc·Hkv·D may pass 2^31), int32 inside it
+    kc_ptr = kc_base + tl.cast(j0 * R, tl.int64) * (HKV * HEAD_DIM) \
+        + (offs_c[:, None] * (HKV * HEAD_DIM) + offs_d[None, :])
     if MASKED:
         kc = tl.load(kc_ptr, mask=(c_rel < vis_max)[:, None], other=0.0)
     else:

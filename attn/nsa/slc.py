@@ -72,7 +72,9 @@ def _block_step(q, do, lse2, delta, acc, m_i, l_i, bad, selt, j, bs, be, K, V, k
         k = K.load([row0 + bs, col])
         v = V.load([row0 + bs, col])
     else:
-        kv_off = kv_base + kpos[:, None] * STRIDE_KT + tl.arange(0, HEAD_DIM)[None, :]
+        # the block's first key in int64 (Tk·Hkv·D may pass 2^31), int32 inside the tile
+        kv_off = kv_base + tl.cast(bs, tl.int64) * STRIDE_KT \
+            + (tl.arange(0, BLOCK_N)[:, None] * STRIDE_KT + tl.arange(0, HEAD_DIM)[None, :])
         k = tl.load(K + kv_off, mask=k_ok[:, None], other=0.0)
         v = tl.load(V + kv_off, mask=k_ok[:, None], other=0.0)
     ok = hit[:, None] & k_ok[None, :] & (kpos[None, :] <= qpos[:, None])
@@ -320,9 +322,10 @@ def _check(q, k, v, sel, blk_start, blk_end, scale, sel_block, q_offset):
                          f"q_offset + Tq <= Tk (Tq={tq}, Tk={tk})")
     if not isinstance(sel_block, int) or not 1 <= sel_block <= MAX_SEL_BLOCK:
         raise ValueError(f"sel_block={sel_block!r} must be an int in [1, {MAX_SEL_BLOCK}]")
-    if max(tq * hq, tk * hkv) * d >= 2 ** 31 or B * tq * hkv * nsel >= 2 ** 31:
-        raise ValueError(f"T*H*D and B*Tq*Hkv*NSEL must be < 2**31 (int32 offsets), got "
-                         f"Tq*Hq*D={tq * hq * d}, Tk*Hkv*D={tk * hkv * d}")
+    # T·H·D may pass 2^31 (row offsets are int64); the dK/dV inverse index is int32
+    if B * tq * hkv * nsel >= 2 ** 31:
+        raise ValueError(f"B*Tq*Hkv*NSEL={B * tq * hkv * nsel} must be < 2**31 (the dK/dV "
+                         "inverse index stores int32 positions into the selection list)")
     scale = float(d ** -0.5 if scale is None else scale)
     if not scale > 0:
         raise ValueError(f"scale={scale!r} must be > 0")

@@ -51,3 +51,70 @@ def test_gpu_32k_tail_and_deterministic_backward(monkeypatch):
         exact = moba_attn_ref(q[:, -tail:].double(), k.double(), v.double(), q_offset=T - tail,
                               **kw)
         assert rel(o[:, -tail:].detach(), exact) < 1e-2
+
+
+def big_moba_case(device, T, H, D, bs, topk, R, dtype=bf16, chunk_blocks=64):
+    """T·H·D past 2^31 (the kernels' int64 base offsets): MoBA forward + backward over the whole
+    sequence; the last R query rows (inside the last block) against a float64 computation of
+    just what they depend on: one softmax over their selected blocks and their own block's keys
+    <= the row (autograd for dq, and for dk, dv of the last R keys: only these rows see them).
+    The selection is the gate's (select_blocks, as the op runs it), checked against the float64
+    gate: every chosen block scores within 1e-4 of the float64 top-(k−1) (near ties may go
+    either way). The rows are pulled towards block T/bs − 2 (past 2^31 too, the last complete
+    earlier block): its keys get a direction u per head, the rows 8u (gate score 8 ± 1 against
+    N(0, (D + 64) / bs) for the others), so the routed kernels load keys past 2^31 as well.
+    T must be a multiple of bs."""
+    from attn.moba.gate import block_table, select_blocks
+    nb = T // bs
+    q, k, v = (torch.randn(1, T, H, D, device=device, dtype=dtype) for _ in range(3))
+    u = torch.nn.functional.normalize(torch.randn(H, D, device=device), dim=-1)
+    k[0, (nb - 2) * bs:(nb - 1) * bs] += u.to(dtype)
+    q[0, T - R:] += (8 * u).to(dtype)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    do = torch.randn_like(q)
+    o = moba_attn(q, k, v, block_size=bs, topk=topk)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+
+    # the gate's choice for the last R rows, checked against the float64 gate
+    sel = select_blocks(q[:, T - R:].detach(), k.detach(), block_table(None, T, bs, q.device),
+                        topk, T - R)[0].long()                                 # [H, R, k-1]
+    mean_k = torch.cat([k[0, a * bs:min(a + chunk_blocks, nb) * bs].detach().double()
+                        .view(-1, bs, H, D).mean(1) for a in range(0, nb, chunk_blocks)])
+    qt = q[0, T - R:].detach().double().requires_grad_()                       # [R, H, D]
+    gate = torch.einsum("rhd,nhd->hrn", qt.detach(), mean_k[:nb - 1])          # earlier blocks
+    kth = gate.topk(topk - 1, dim=-1).values[..., -1:]
+    assert bool((sel >= 0).all() and (sel < nb - 1).all()), "a row left a slot empty"
+    assert bool((gate.gather(-1, sel) >= kth - 1e-4).all()), "the gate missed a top block"
+    assert bool((sel == nb - 2).any(-1).all()), "the pulled rows route to block T/bs - 2"
+
+    scale = D ** -0.5
+    own0 = (nb - 1) * bs                                   # the last block: the rows' own block
+    ko, vo = (t[0, own0:].detach().double().requires_grad_() for t in (k, v))  # [bs, H, D]
+    keys = (sel[..., None] * bs + torch.arange(bs, device=device)).flatten(2)  # [H, R, n_sel]
+    heads = torch.arange(H, device=device)[:, None, None]
+    ks, vs = (t[0].detach()[keys, heads].double() for t in (k, v))             # [H, R, n, D]
+    s_sel = torch.einsum("rhd,hrnd->hrn", qt, ks) * scale
+    s_own = torch.einsum("rhd,shd->hrs", qt, ko) * scale
+    rows = torch.arange(T - R, T, device=device)
+    s_own = s_own.masked_fill(torch.arange(own0, T, device=device)[None, None, :]
+                              > rows[None, :, None], float("-inf"))
+    p = torch.softmax(torch.cat([s_sel, s_own], -1), -1)
+    n_sel = keys.shape[-1]
+    o64 = (torch.einsum("hrn,hrnd->rhd", p[..., :n_sel], vs)
+           + torch.einsum("hrs,shd->rhd", p[..., n_sel:], vo))
+    g64 = torch.autograd.grad(o64, (qt, ko, vo), do[0, T - R:].double())
+    errs = {"o": rel(o[0, T - R:], o64), "dq": rel(dq[0, T - R:], g64[0]),
+            "dk": rel(dk[0, T - R:], g64[1][-R:]), "dv": rel(dv[0, T - R:], g64[2][-R:])}
+    for name, g in (("o", o), ("dq", dq), ("dk", dk), ("dv", dv)):
+        assert torch.isfinite(g[0, T - R:]).all(), name
+    assert all(e < 1e-2 for e in errs.values()), errs
+    return errs
+
+
+def test_gpu_tokens_heads_dim_past_2_31(monkeypatch):
+    """B = 1, T = 2^20 + 1024, H = 16, D = 128 (T·H·D = 2^31 + 2^21: the last two blocks lie
+    past 2^31), block 512, top-3, bf16, forward + backward. Memory: q, k, v, o, do, dq, dk, dv
+    4.3 GB each and the routed partials (OP / DQP: Tq·H·(k−1)·D in bf16, 8.6 GB, one at a time):
+    about 45 GB at the peak."""
+    monkeypatch.setenv("ATTN_IMPL", "triton")
+    print(big_moba_case("cuda", T=2 ** 20 + 1024, H=16, D=128, bs=512, topk=3, R=64))
