@@ -175,10 +175,10 @@ class StepProfiler:
 
     KINDS = (("comm", ("nccl",)), ("copy", ("copy", "memcpy", "cast", "to_copy")),
              ("matmul", ("gemm", "cutlass", "xmma", "gemv", "matmul", "aten::mm", "addmm", "bmm",
-                         "splitk")),
-             ("attention", ("_fwd", "_bwd", "attn", "flash", "scan", "chunk_out", "seg_state",
-                            "state_scan", "select", "slc", "cmp", "gate_mix", "routed", "moba",
-                            "flex")),
+                         "splitk", "nvjet")),
+             ("attention", ("_fwd", "_bwd", "_dq", "_dkdv", "attn", "flash", "scan", "chunk_out",
+                            "seg_state", "state_scan", "select", "slc", "cmp", "gate_mix",
+                            "routed", "moba", "flex")),
              ("elementwise", ("triton_", "elementwise", "reduce", "norm", "silu", "mul", "add",
                               "softmax", "cross_entropy", "nll", "foreach", "adam")))
 
@@ -205,12 +205,16 @@ class StepProfiler:
         prof.export_chrome_trace(str(self.out_dir / "profile_trace.json"))
         kinds: dict = {}
         for ev in avg:
-            if self.cuda and getattr(ev, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            # device kernels only: they have no host time of their own (operator rows would
+            # count their kernels a second time; ProfilerStep* spans the whole step)
+            self_dev = getattr(ev, "self_device_time_total", 0.0) if self.cuda else 0.0
+            if self.cuda and (ev.self_cpu_time_total > 0 or self_dev <= 0
+                              or ev.key.startswith("ProfilerStep")):
                 continue
             name = ev.key.lower()
             kind = next((k for k, keys in self.KINDS if any(x in name for x in keys)), "other")
-            kinds[kind] = kinds.get(kind, 0.0) + getattr(ev, "self_device_time_total" if self.cuda
-                                                          else "self_cpu_time_total") / 1e3
+            ms = (self_dev if self.cuda else ev.self_cpu_time_total) / 1e3
+            kinds[kind] = kinds.get(kind, 0.0) + ms
         total = sum(kinds.values()) or 1.0
         (self.out_dir / "profile.json").write_text(json.dumps(
             {"ms": kinds, "share": {k: v / total for k, v in kinds.items()}}, indent=1))

@@ -66,7 +66,8 @@ def sdpa_attn(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, window
         return _sdpa(q, k, v, scale, is_causal=True)
     if q.is_cuda and q.dtype in _FLEX_DTYPES:
         # validates cu_seqlens when it builds a mask (once per batch in eager mode)
-        return flex_sdpa(q, k, v, scale, cu_seqlens=cu_seqlens, q_offset=q_offset, window=window)
+        return _flex_outside_graph(q, k, v, scale, cu_seqlens=cu_seqlens, q_offset=q_offset,
+                                   window=window)
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, B, tk)
     if (cu_seqlens is not None and window is None and q_offset == 0 and tq == tk
@@ -74,6 +75,13 @@ def sdpa_attn(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, window
         return sdpa_per_document(q, k, v, scale, cu_seqlens)
     mask = causal_mask(tq, tk, q_offset, cu_seqlens, window, device=q.device)
     return _sdpa(q, k, v, scale, mask=mask)
+
+
+# Inside a compiled block, FlexAttention with its block mask traced into the same graph returned
+# zeros on torch 2.11 (H200, tests/attn/test_sdpa.py::test_gpu_compiled_region_matches_eager):
+# the call runs outside the block's graph instead (a graph break), through the separately
+# compiled FlexAttention with the cached mask, as in eager mode.
+_flex_outside_graph = torch.compiler.disable(flex_sdpa)
 
 
 class SDPACore(SoftmaxAttention):

@@ -274,8 +274,8 @@ def test_gpu_offset_window_match_reference():
 
 @pytest.mark.gpu
 def test_gpu_compiled_region_matches_eager():
-    """Inside torch.compile (inductor, as trainer.compile=true compiles the blocks) FlexAttention
-    and the mask build trace into the graph: one graph, same numbers as eager."""
+    """Inside torch.compile (inductor, as trainer.compile=true compiles the blocks) the
+    FlexAttention call runs outside the graph (a graph break): same numbers as eager."""
     T, H, D = 4096, 16, 64
     cu = _gpu_docs(T, 20)
     q, k, v = qkv(1, T, T, H, 4, D, torch.bfloat16, "cuda", grad=True)
@@ -283,7 +283,7 @@ def test_gpu_compiled_region_matches_eager():
     def f(q, k, v, cu):
         return sdpa_attn(q, k, v, cu_seqlens=cu).float().square().sum()
 
-    compiled = torch.compile(f, fullgraph=True)
+    compiled = torch.compile(f)
     loss_e, loss_c = f(q, k, v, cu), compiled(q, k, v, cu)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-2, atol=1e-2)
     ge = torch.autograd.grad(loss_e, (q, k, v))
