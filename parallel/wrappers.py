@@ -45,10 +45,6 @@ def apply_block_wrappers(model: nn.Module, activation_checkpointing: bool, compi
     if offload and not activation_checkpointing:
         raise ValueError("trainer.ac_offload=true offloads the inputs of checkpointed blocks: "
                          "it needs trainer.activation_checkpointing=true")
-    if compile_blocks:
-        # NSA's compression reads the number of compressed blocks off cu_seqlens (a scalar that
-        # decides k_cmp's length): captured as a symbolic size instead of a graph break
-        torch._dynamo.config.capture_scalar_outputs = True
     for i, block in enumerate(model.layers):
         forward = block.forward
         if compile_blocks:

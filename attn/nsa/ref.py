@@ -57,7 +57,15 @@ def cmp_block_starts(tk: int, cmp_block: int, cmp_stride: int, cu_seqlens=None, 
     if cu_seqlens is None:  # host arithmetic only: no copy to or from the device
         c = torch.arange(num_cmp_blocks(tk, cmp_block, cmp_stride), device=device)
         return c * cmp_stride, torch.zeros_like(c)
-    cu = cu_seqlens.to(device)
+    return _doc_block_starts(cu_seqlens.to(device), cmp_block, cmp_stride, device)
+
+
+# With documents the number of compressed blocks is read off cu_seqlens. Under torch.compile
+# this runs outside the graph (a graph break; the starts enter the graph with a dynamic size):
+# traced with an unbacked block count, inductor's code hit a device-side assert on the H200
+# (torch 2.11, tests/parallel/test_compile.py::test_gpu_inductor_model_matches_eager[nsa-*]).
+@torch.compiler.disable
+def _doc_block_starts(cu, cmp_block: int, cmp_stride: int, device):
     cu_c = cmp_cu_seqlens(cu, cmp_block, cmp_stride).long()
     tc = int(cu_c[-1])
     c = torch.arange(tc, device=device)

@@ -68,7 +68,9 @@ def test_compiled_model_matches_eager(family, ac, monkeypatch):
     apply_block_wrappers(eager, activation_checkpointing=ac, compile_blocks=False)
     _compare(eager, compiled, [_batch([0, 30, 64]), _batch([0, 10, 41, 64]),
                                _batch([0, 5, 20, 50, 64])])
-    if family != "sdpa":  # sdpa's per-document CPU path reads cu_seqlens (a graph break)
+    if family not in ("sdpa", "nsa"):
+        # sdpa's per-document CPU path and NSA's compressed-block starts with documents read
+        # cu_seqlens outside the graph (one graph break each)
         assert counters["graph_break"] == {}, dict(counters["graph_break"])
 
 
@@ -116,7 +118,9 @@ GPU_OPTIONS = {"moba": {"block_size": 64, "topk": 2},
 def test_gpu_inductor_model_matches_eager(family, ac):
     """On the GPU: inductor-compiled blocks around the Triton ops (bf16 autocast over fp32
     weights, as train.py runs) against the eager model. Same kernels, so the loss agrees to
-    bf16 rounding of the fused elementwise code: 2e-3 relative; gradients 2e-2 relative norm."""
+    bf16 rounding of the fused elementwise code: 2e-3 relative; gradients 2e-2 relative norm.
+    The routed families (moba, nsa) run in fp32: a bf16 rounding difference in q can flip a
+    top-k block choice, which changes the gradients by more than rounding (seen: 4.7 % on wq)."""
     torch._dynamo.reset()
     counters.clear()
     options, pattern = FAMILIES[family]
@@ -135,7 +139,8 @@ def test_gpu_inductor_model_matches_eager(family, ac):
         losses, grads = [], []
         for m in (eager, compiled):
             m.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast("cuda", dtype=torch.bfloat16,
+                                enabled=family not in ("moba", "nsa")):
                 s, n = m(ids, pos, labels, cu)
             (s / n).backward()
             losses.append(s.item())
@@ -144,5 +149,5 @@ def test_gpu_inductor_model_matches_eager(family, ac):
         for (name, _), g0, g1 in zip(eager.named_parameters(), *grads):
             err = ((g1 - g0).norm() / g0.norm().clamp_min(1e-12)).item()
             assert err < 2e-2, (name, err)
-    if family != "sdpa":
+    if family not in ("sdpa", "nsa"):
         assert counters["graph_break"] == {}, dict(counters["graph_break"])
