@@ -173,7 +173,9 @@ class StepProfiler:
     GEMMs), attention (our Triton kernels and torch's attention), elementwise (inductor's fused
     triton_ kernels, torch's pointwise and reductions), copy (casts, memcpy), comm (NCCL)."""
 
-    KINDS = (("comm", ("nccl",)), ("copy", ("copy", "memcpy", "cast", "to_copy")),
+    KINDS = (("comm", ("nccl",)),
+             ("elementwise", ("triton_poi", "triton_per", "triton_red")),  # inductor's fusions
+             ("copy", ("copy", "memcpy", "cast", "to_copy")),
              ("matmul", ("gemm", "cutlass", "xmma", "gemv", "matmul", "aten::mm", "addmm", "bmm",
                          "splitk", "nvjet")),
              ("attention", ("_fwd", "_bwd", "_dq", "_dkdv", "attn", "flash", "scan", "chunk_out",
