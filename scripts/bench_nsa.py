@@ -70,7 +70,8 @@ def make_nsa(T, H, Hkv, D, cmp_block=32, cmp_stride=16):
     def fn(q, k, v, g1, g2, g3):
         kc, vc = compress(k, v, cmp_block, cmp_stride)
         return nsa_attn(q, k, v, kc, vc, g1, g2, g3, cmp_block=cmp_block, cmp_stride=cmp_stride,
-                        sel_block=64, topk=16, window=512)
+                        sel_block=64, topk=16, window=512,
+                        gates_nonneg=True)  # sigmoid-like gates in [0, 1): no check (host sync)
     return fn, _qkv(T, H, Hkv, D) + _gates(T, H)
 
 
