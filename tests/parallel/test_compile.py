@@ -6,7 +6,6 @@ interpreter (ATTN_IMPL=triton), each as one opaque custom op inside the compiled
 inductor case checks the generated code too). fp32 throughout; tolerance 1e-5 relative (the
 compiled graph may reorder fp32 reductions)."""
 import copy
-import os
 
 import pytest
 import torch
