@@ -246,8 +246,15 @@ def evaluate(model, batches, device, autocast) -> float:
 def _inputs(mb: dict, device):
     # non-blocking from pinned host memory (the prefetcher pins on CUDA): no sync per batch
     cu = mb.get("cu_seqlens")
-    return tuple(None if t is None else t.to(device, non_blocking=True)
-                 for t in (mb["input_ids"], mb["positions"], mb["labels"], cu))
+    out = tuple(None if t is None else t.to(device, non_blocking=True)
+                for t in (mb["input_ids"], mb["positions"], mb["labels"], cu))
+    if out[3] is not None:
+        # the document count changes every batch: compiled blocks take it as a dynamic size from
+        # their first compile (the recompile that would otherwise make it dynamic also turned
+        # B and T symbolic, and AOTAutograd then rebuilt an aliased output with garbage sizes:
+        # torch 2.13 inductor, linear-family blocks with micro_batch > 1)
+        torch._dynamo.maybe_mark_dynamic(out[3], 0)
+    return out
 
 
 def run(cfg: DictConfig, out_dir: str | Path) -> float:
