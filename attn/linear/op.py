@@ -540,8 +540,10 @@ def scan_attn(fn, q, k, v, slopes, scale, initial_state, output_final_state, cu_
             raise ValueError(f"{fn}: feature map {m!r} is not one of {', '.join(MAPS)}")
     if impl == "ref":
         q, k, v = apply_map(maps[0], q), apply_map(maps[0], k), apply_map(maps[1], v)
-        o, final = R.chunked(q, k, v, slopes, scale=scale, initial_state=initial_state,
-                             cu_seqlens=cu_seqlens)
+        # under torch.compile the form without host values, so the block stays one graph
+        form = R.masked if torch.compiler.is_compiling() else R.chunked
+        o, final = form(q, k, v, slopes, scale=scale, initial_state=initial_state,
+                        cu_seqlens=cu_seqlens)
     else:
         o, final, _ = _scan_fwd_op(q, k, v, initial_state, slopes, scale, cu_seqlens, *maps)
     return o, (final if output_final_state else None)

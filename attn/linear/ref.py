@@ -11,6 +11,10 @@
         path of `linear_attn` / `lightning_attn`, differentiable by autograd. Matmul operands
         are in the input dtype (as on the GPU's tensor cores), states and decays in fp32
         (float64 for float64 inputs).
+    masked(...) -> (o, final_state)
+        The same function in the quadratic form, documents as a mask and no host values, so
+        torch.compile traces it whole: the CPU path under compile (the others loop over
+        documents on the host). Computes in float32 (float64 for float64); O(T^2) per head.
 
 Layout q, k, v [B, T, H, D] (one head count), states [B or N, H, Dk, Dv]; with cu_seqlens
 (int32 [N+1], B == 1) every document restarts from initial_state[n] (or 0).
@@ -145,3 +149,45 @@ def final_state(k, v, slopes=None, *, initial_state=None, cu_seqlens=None):
     """The final state alone (what LASP's first pass needs), [B or N, H, Dk, Dv]."""
     _, st = _per_document(_state_one, k, k, v, slopes, 1.0, initial_state, cu_seqlens)
     return st
+
+
+def masked(q, k, v, slopes=None, *, scale=None, initial_state=None, cu_seqlens=None):
+    """o_t = scale * (sum_{s <= t, same document} lam^(t-s) (q_t . k_s) v_s
+    + lam^(t-start+1) q_t S_init); final = lam^len S_init + sum_t lam^(end-1-t) k_t^T v_t."""
+    B, T, H, D = q.shape
+    sd = _state_dtype(q.dtype)
+    dev = q.device
+    scale = D ** -0.5 if scale is None else scale
+    loglam = (torch.zeros(H, dtype=sd, device=dev) if slopes is None
+              else -slopes.detach().to(device=dev, dtype=sd))
+    pos = torch.arange(T, device=dev)
+    if cu_seqlens is None:
+        doc, start, end = torch.zeros_like(pos), torch.zeros_like(pos), torch.full_like(pos, T)
+    else:
+        cu = cu_seqlens.to(device=dev, dtype=torch.long)
+        # the document of token t: the number of document ends at or before t (empty ones too)
+        doc = torch.searchsorted(cu[1:], pos, right=True)
+        start, end = cu[doc], cu[doc + 1]
+    visible = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])     # [T, T]
+    dist = (pos[:, None] - pos[None, :]).clamp(min=0).to(sd)
+    decay = torch.where(visible, torch.exp(loglam[:, None, None] * dist), 0.0)     # [H, T, T]
+    qf, kf, vf = q.to(sd), k.to(sd), v.to(sd)
+    scores = torch.einsum("bthd,bshd->bhts", qf, kf) * decay
+    o = torch.einsum("bhts,bshe->bthe", scores, vf)
+    w_end = torch.exp(loglam[None, :] * (end - 1 - pos).to(sd)[:, None])            # [T, H]
+    if cu_seqlens is None:
+        final = torch.einsum("bthd,bthe,th->bhde", kf, vf, w_end)
+        lens = torch.full((B,), T, device=dev)
+        init_of_token = None if initial_state is None else initial_state.to(sd)[:, None]
+    else:
+        n_docs = cu.shape[0] - 1
+        member = (doc[:, None] == torch.arange(n_docs, device=dev)[None, :]).to(sd)  # [T, N]
+        final = torch.einsum("tn,thd,the,th->nhde", member, kf[0], vf[0], w_end)
+        lens = cu[1:] - cu[:-1]
+        init_of_token = None if initial_state is None else initial_state.to(sd)[doc][None]
+    if initial_state is not None:
+        w_start = torch.exp(loglam[None, :] * (pos - start + 1).to(sd)[:, None])      # [T, H]
+        o = o + torch.einsum("bthd,bthde->bthe", qf, init_of_token) * w_start[..., None]
+        final = final + (torch.exp(loglam[None, :] * lens.to(sd)[:, None])[..., None, None]
+                         * initial_state.to(sd))
+    return (scale * o).to(q.dtype), final

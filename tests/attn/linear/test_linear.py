@@ -53,6 +53,29 @@ def test_documents(monkeypatch, seg):
                seg_len=seg)
 
 
+@pytest.mark.parametrize("docs", [False, True])
+@pytest.mark.parametrize("decay", [False, True])
+def test_masked_form_equals_the_recurrence(docs, decay):
+    """The compile-time CPU form (documents as a mask, no host values) == the float64
+    recurrence: outputs, final states and the gradients of q, k, v and initial_state, with an
+    empty and a one-token document (1e-10 relative in float64)."""
+    B, T, H, D = (1, 70, 3, 8) if docs else (2, 70, 3, 8)
+    cu = torch.tensor([0, 1, 1, 40, 70], dtype=torch.int32) if docs else None
+    n = 4 if docs else B
+    slopes = torch.rand(H) if decay else None
+    q, k, v = (torch.randn(B, T, H, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    init = torch.randn(n, H, D, D, dtype=torch.float64, requires_grad=True)
+    do, dfin = torch.randn(B, T, H, D, dtype=torch.float64), torch.randn(n, H, D, D,
+                                                                         dtype=torch.float64)
+    results = []
+    for form in (R.recurrent, R.masked):
+        o, fin = form(q, k, v, slopes, initial_state=init, cu_seqlens=cu)
+        grads = torch.autograd.grad([o, fin], [q, k, v, init], [do, dfin])
+        results.append((o, fin, *grads))
+    for name, a, b in zip(("o", "final", "dq", "dk", "dv", "d_init"), *results):
+        assert rel(b, a) < 1e-10, (name, rel(b, a))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision(monkeypatch, dtype):
     check_case(monkeypatch, slopes=None, T=130, H=2, D=32, dtype=dtype, seg_len=128)
