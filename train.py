@@ -19,11 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.prefetch import StepPrefetcher
 from models import ModelConfig, Transformer
-from parallel import build_mesh, init_distributed, parallelize
+from parallel import BlockWrapping, CPSettings, build_mesh, init_distributed, parallelize
 from parallel.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from parallel.context import check_ulysses_degree
 from parallel.dist import all_reduce_sum, shutdown
-from parallel.wrappers import apply_block_wrappers
 
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0}
 
@@ -61,19 +59,6 @@ def grad_accum_steps(tr: DictConfig, dp_world: int) -> int:
     return tr.global_batch // per_step
 
 
-def check_context_parallel(cfg: DictConfig, cp: int) -> None:
-    if cp == 1:
-        return
-    if cfg.parallel.engine == "single":
-        raise ConfigError(f"parallel.cp={cp} needs several processes; use parallel=ddp under torchrun")
-    check_ulysses_degree(cfg.parallel.cp_strategy, cp, int(cfg.parallel.get("ulysses", 1)))
-    chunks = 2 * cp if cfg.parallel.cp_layout == "zigzag" else cp
-    tokens = cfg.trainer.micro_batch * cfg.trainer.seq_len
-    if tokens % chunks:
-        raise ConfigError(f"trainer.micro_batch × trainer.seq_len = {tokens} must be divisible by "
-                          f"{chunks} ({cfg.parallel.cp_layout} layout over parallel.cp={cp})")
-
-
 def build_model_config(cfg: DictConfig, vocab: int) -> ModelConfig:
     m = cfg.model
     if cfg.trainer.seq_len > m.max_seq_len:
@@ -85,24 +70,83 @@ def build_model_config(cfg: DictConfig, vocab: int) -> ModelConfig:
     else:
         vocab = m.vocab_size
     attn_options = {k: v for k, v in OmegaConf.to_container(cfg.attn).items() if k != "name"}
+    pattern = list(m.layer_pattern) if m.layer_pattern else []
+    given = m.get("layer_options") or {}
+    given = OmegaConf.to_container(given) if OmegaConf.is_config(given) else dict(given)
+    for family in given:
+        if family not in pattern or family == cfg.attn.name:
+            raise ConfigError(f"model.layer_options.{family}: options for a model.layer_pattern "
+                              f"family other than attn={cfg.attn.name} (pattern: {pattern}); "
+                              f"attn={cfg.attn.name} takes attn.*")
+    layer_options = {}
+    for family in dict.fromkeys(pattern):
+        if family == cfg.attn.name:
+            continue
+        # the family's own defaults (as attn=<family> would give), then the overrides
+        path = Path(__file__).resolve().parent / "configs" / "attn" / f"{family}.yaml"
+        defaults = OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else {}
+        defaults.pop("name", None)
+        unknown = set(given.get(family, {})) - set(defaults)
+        if unknown:
+            raise ConfigError(f"model.layer_options.{family}: unknown key(s) "
+                              f"{', '.join(sorted(unknown))}; configs/attn/{family}.yaml has "
+                              f"{', '.join(sorted(defaults)) or 'none'}")
+        layer_options[family] = {**defaults, **given.get(family, {})}
     return ModelConfig(vocab_size=vocab, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads,
                        n_kv_heads=m.n_kv_heads, head_dim=m.head_dim, ffn_dim=m.ffn_dim,
                        ffn_multiple=m.ffn_multiple, max_seq_len=m.max_seq_len,
                        rope_theta=m.rope_theta, norm_eps=m.norm_eps, tie_embeddings=m.tie_embeddings,
                        init_std=m.init_std, loss_chunk=m.loss_chunk, attn=cfg.attn.name,
-                       attn_options=attn_options,
-                       layer_pattern=list(m.layer_pattern) if m.layer_pattern else None)
+                       attn_options=attn_options, layer_options=layer_options,
+                       layer_pattern=pattern or None)
 
 
-def build_optimizer(model: torch.nn.Module, o: DictConfig, device: torch.device):
-    """AdamW with decay on matrices only, and the warmup + cosine LambdaLR."""
+# optim.* keys of the LR schedule; the rest of the group is the optimizer's `_target_` call
+SCHEDULE_KEYS = ("scheduler", "warmup_steps", "min_lr_ratio")
+
+
+def _build(spec: dict, key: str, *args):
+    """`spec`'s `_target_` through hydra.utils.instantiate (`_partial_: true`: train.py supplies
+    `args`, the spec's other keys are keyword arguments, as plain Python values); any failure is
+    one ConfigError naming `key`."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    if "_target_" not in spec or spec.get("_partial_") is not True:
+        raise ConfigError(f"{key} needs _target_ (what to call) and _partial_: true (train.py "
+                          "passes the positional arguments)")
+    try:
+        return instantiate(spec, _convert_="all")(*args)
+    except (InstantiationException, TypeError, ValueError) as err:
+        raise ConfigError(f"{key} (_target_: {spec['_target_']}): {' '.join(str(err).split())}") from err
+
+
+def build_optimizer(model: torch.nn.Module, o: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+    """optim._target_ called with two parameter groups: weight decay (optim.weight_decay) on the
+    matrices, none on the embedding, norms and biases. `fused: auto` is resolved first: fused
+    kernels on CUDA only."""
     decay = [p for p in model.parameters() if p.dim() >= 2 and p is not getattr(model, "embed").weight]
     no_decay = [p for p in model.parameters() if all(p is not q for q in decay)]
-    fused = device.type == "cuda" if o.fused == "auto" else bool(o.fused)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
-    return opt
+    spec = {k: v for k, v in OmegaConf.to_container(o, resolve=True).items() if k not in SCHEDULE_KEYS}
+    if "fused" in spec:
+        if spec["fused"] not in ("auto", True, False):
+            raise ConfigError(f"optim.fused={spec['fused']!r} must be auto, true or false")
+        spec["fused"] = device.type == "cuda" if spec["fused"] == "auto" else spec["fused"]
+    return _build(spec, "optim", [{"params": decay, "weight_decay": spec.get("weight_decay", 0.0)},
+                                  {"params": no_decay, "weight_decay": 0.0}])
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, o: DictConfig):
+    """optim.scheduler._target_ called with the optimizer (default: warmup_cosine)."""
+    return _build(OmegaConf.to_container(o.scheduler, resolve=True), "optim.scheduler", optimizer)
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, *, warmup_steps: int, min_lr_ratio: float,
+                  total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over `warmup_steps`, then cosine decay to min_lr_ratio·lr at `total_steps`."""
+    if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
+        raise ValueError(f"warmup_steps={warmup_steps} must be >= 0 and min_lr_ratio={min_lr_ratio} "
+                         "within [0, 1]")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup_steps, total_steps, min_lr_ratio))
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float):
@@ -131,29 +175,30 @@ def peak_flops(cfg_value, device: torch.device) -> float | None:
     return None
 
 
+# logger.* keys train.py reads itself; the rest of the group is the sink's `_target_` call
+LOGGER_KEYS = ("console",)
+
+
 class MetricsLog:
-    """metrics.jsonl always (rank 0), plus W&B and console lines as configured."""
+    """metrics.jsonl always (rank 0), console lines (logger.console) and the group's sink when
+    it names one: logger._target_, called with the run folder and the full config, returns an
+    object with log(metrics, step=) and finish() (logger=wandb: wandb_run)."""
 
     def __init__(self, out_dir: Path, lcfg: DictConfig, full_cfg: DictConfig, is_main: bool):
-        self.is_main, self.console, self.wandb = is_main, bool(lcfg.get("console", True)), None
+        self.is_main, self.console, self.sink = is_main, bool(lcfg.get("console", True)), None
         if not is_main:
             return
         self.file = open(out_dir / "metrics.jsonl", "a", buffering=1)
-        if lcfg.kind == "wandb":
-            import wandb
-            self.wandb = wandb.init(project=lcfg.project, entity=lcfg.entity, mode=lcfg.mode,
-                                    tags=list(lcfg.tags), name=full_cfg.run_name, dir=str(out_dir),
-                                    config=OmegaConf.to_container(full_cfg, resolve=True),
-                                    resume="allow", id=_wandb_id(out_dir))
-        elif lcfg.kind not in ("jsonl", "none"):
-            raise ConfigError(f"logger.kind={lcfg.kind!r} must be wandb, jsonl or none")
+        spec = {k: v for k, v in OmegaConf.to_container(lcfg, resolve=True).items() if k not in LOGGER_KEYS}
+        if spec:  # logger=jsonl / none: the file (and console lines) only
+            self.sink = _build(spec, "logger", out_dir, full_cfg)
 
     def log(self, metrics: dict, bar=None):
         if not self.is_main:
             return
         self.file.write(json.dumps(metrics) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in metrics.items() if v is not None}, step=metrics["step"])
+        if self.sink is not None:
+            self.sink.log({k: v for k, v in metrics.items() if v is not None}, step=metrics["step"])
         if self.console:
             line = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in metrics.items() if v is not None)
@@ -162,8 +207,8 @@ class MetricsLog:
     def close(self):
         if self.is_main:
             self.file.close()
-            if self.wandb is not None:
-                self.wandb.finish()
+            if self.sink is not None:
+                self.sink.finish()
 
 
 class StepProfiler:
@@ -230,6 +275,15 @@ def _wandb_id(out_dir: Path) -> str:
     return f.read_text().strip()
 
 
+def wandb_run(out_dir: Path, run_cfg: DictConfig, *, project: str, entity: str | None, mode: str,
+              tags: list):
+    """logger=wandb's sink: a W&B run in the run folder, continued when a job resumes there."""
+    import wandb
+    return wandb.init(project=project, entity=entity, mode=mode, tags=list(tags), name=run_cfg.run_name,
+                      dir=str(out_dir), config=OmegaConf.to_container(run_cfg, resolve=True),
+                      resume="allow", id=_wandb_id(out_dir))
+
+
 # ----------------------------------------------------------------------------- the loop
 def evaluate(model, batches, device, autocast) -> float:
     model.eval()
@@ -268,8 +322,10 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
         device = torch.device("cuda", info.local_rank)
     amp_dtype = resolve_dtype(tr.dtype, device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    mesh = build_mesh(info, int(cfg.parallel.cp), int(cfg.parallel.get("ulysses", 1)))
-    check_context_parallel(cfg, mesh.cp)
+    cp = CPSettings.from_config(cfg.cp, world=info.world,
+                                tokens_per_micro_batch=tr.micro_batch * tr.seq_len)
+    blocks = BlockWrapping.from_trainer(tr)
+    mesh = build_mesh(info, cp.size, cp.ulysses, device.type)
     accum = grad_accum_steps(tr, mesh.dp)
     if tr.run_steps is not None and tr.run_steps <= 0:
         raise ConfigError(f"trainer.run_steps={tr.run_steps} must be positive or null")
@@ -282,16 +338,14 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
         cfg.data, seq_len=tr.seq_len, micro_batch=tr.micro_batch, grad_accum=accum,
         dp_rank=mesh.dp_rank, dp_world=mesh.dp, seed=tr.seed, with_val=validate)
     model = Transformer(build_model_config(cfg, tokenizer.vocab_size)).to(device)
-    # block wrappers first: FSDP2 then shards the wrapped blocks (torchtitan's order)
-    apply_block_wrappers(model, bool(tr.activation_checkpointing), bool(tr.compile),
-                         every=tr.get("ac_every", 1), offload=bool(tr.get("ac_offload", False)))
-    par = parallelize(model, info, cfg.parallel, mesh)
+    # counted before the engine: ZeRO-3 leaves partitioned parameters empty
+    n_params, flops_tok = model.num_params(), model.flops_per_token(tr.seq_len)
+    par = parallelize(model, info, cfg.parallel, mesh, cp, blocks)
     val_batches = [par.shard(mb) for mb in val_batches]
     optimizer = build_optimizer(model, cfg.optim, device)
     clip = tr.grad_clip if tr.grad_clip else float("inf")
     par.attach_optimizer(optimizer, max_norm=clip, grad_accum=accum, micro_batch=tr.micro_batch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.optim.warmup_steps, tr.steps, cfg.optim.min_lr_ratio))
+    scheduler = build_scheduler(optimizer, cfg.optim)
 
     ckpt_dir = out_dir / tr.ckpt_dir
     step = 0
@@ -309,12 +363,11 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
 
     start_step = step
     log = MetricsLog(out_dir, cfg.logger, cfg, info.is_main)
-    flops_tok = model.flops_per_token(tr.seq_len)
     peak = peak_flops(tr.peak_tflops, device)
     tokens_per_step = tr.global_batch * tr.seq_len
     stop = tr.steps if tr.run_steps is None else min(tr.steps, step + tr.run_steps)
     if info.is_main:
-        print(f"model: {model.num_params() / 1e6:.2f}M parameters, {len(model.layers)} layers "
+        print(f"model: {n_params / 1e6:.2f}M parameters, {len(model.layers)} layers "
               f"({', '.join(sorted(set(model.cfg.layer_families())))}); device {device}, "
               f"{info.world} process(es), grad_accum {accum}, {tokens_per_step} tokens/step; "
               + (f"resumed from {resume_from} at step {step}" if resume_from else "fresh start"))

@@ -17,6 +17,7 @@ _CORES = {
     "lightning": "attn.lightning:LightningCore",
     "nsa": "attn.nsa:NSACore",
     "moba": "attn.moba:MoBACore",
+    "swa": "attn.swa:SWACore",
 }
 
 

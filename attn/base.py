@@ -12,13 +12,27 @@ forward(x, rope, cu_seqlens) -> y
     cu_seqlens int32 [N+1]     document boundaries over the flattened B*T tokens, or None
     y          [B, T, dim]
 
-attend(q, k, v, cu_seqlens=None, *, q_offset=0, heads=None) -> o
+attend(q, k, v, cu_seqlens=None, *, q_offset=0, heads=None, **query_inputs) -> o
     q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D], o like q. When cu_seqlens is given the tensors arrive
     flattened to B == 1 (flash-attn convention). Context parallelism calls it with
     - q_offset: the queries sit at absolute positions q_offset.. of the key sequence (all-gather
       strategies; families whose op takes q_offset honour it);
     - heads: the slice of the layer's query heads that q holds (Ulysses); cores with per-head
-      parameters (e.g. decay slopes) select theirs, others ignore it.
+      parameters (e.g. decay slopes) select theirs, others ignore it;
+    - query_inputs: further per-query, per-head tensors [B, Tq, Hq, ...] the op needs (NSA's
+      branch gates); every strategy moves them exactly as it moves q.
+
+Context parallelism (parallel/context.py) serves a core through the capabilities it declares in
+`cp_capabilities`, never through its family name:
+    head_parallel  attend on a slice of the query heads (and their kv heads) is exact: heads do
+                   not mix                                       -> ulysses
+    gather_kv      attend(q chunk, k[:, :end], v[:, :end], cu_seqlens clipped to end,
+                   q_offset=start) is exact for queries [start, end)  -> allgather
+    lse_blocks     `lse_blocks()` returns the softmax block primitives (fwd -> (o, lse fp32),
+                   bwd) that partial results merge through           -> ring, overlapped allgather
+    state_passing  attend_with_state / log_decay / scale: a chunk's final state is linear in its
+                   initial state                                   -> lasp
+`cp_default` names the strategy `cp.strategy=auto` picks.
 """
 from __future__ import annotations
 
@@ -49,6 +63,10 @@ class AttentionCore(nn.Module, ABC):
 
     #: name under which the registry knows the family (set by subclasses)
     family: str = ""
+    #: what context parallelism may rely on (see the module docstring)
+    cp_capabilities: frozenset = frozenset({"head_parallel"})
+    #: the strategy cp.strategy=auto picks for this core
+    cp_default: str = "ulysses"
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int | None = None,
                  layer_idx: int = 0, n_layers: int = 1):
@@ -61,8 +79,14 @@ class AttentionCore(nn.Module, ABC):
         self.n_layers = n_layers
 
     @abstractmethod
-    def attend(self, q, k, v, cu_seqlens=None, *, q_offset=0, heads=None):
+    def attend(self, q, k, v, cu_seqlens=None, *, q_offset=0, heads=None, **query_inputs):
         """The family's op on projected q, k, v (see the module docstring)."""
+
+    def lse_blocks(self):
+        """(fwd, bwd) softmax block primitives of a core declaring "lse_blocks":
+        fwd(q, k, v, *, scale, causal=True, cu_seqlens=None) -> (o, lse [B, Hq, Tq] fp32),
+        bwd(do, q, k, v, o, lse, *, scale, causal=True, cu_seqlens=None) -> (dq, dk, dv)."""
+        raise NotImplementedError(f"attn={self.family} declares no lse_blocks")
 
     def attention_flops_per_token(self, seq_len: int) -> float:
         """Forward matmul FLOPs per token of the token-mixing part (projections excluded).

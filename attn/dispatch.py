@@ -26,15 +26,3 @@ def impl_for(x: torch.Tensor) -> str:
                          f"{getattr(x, 'device', type(x))}")
     return impl
 
-
-TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def check_triton_inputs(q: torch.Tensor, head_dims: tuple, where: str = "") -> None:
-    """The dtype and head-dim rules every family's kernels share; `where` prefixes the message."""
-    if q.dtype not in TRITON_DTYPES:
-        raise ValueError(f"{where}dtype {q.dtype} is not supported by the Triton kernels: use "
-                         "bfloat16, float16 or float32 (or ATTN_IMPL=ref)")
-    if q.shape[-1] not in head_dims:
-        raise ValueError(f"{where}head dim D={q.shape[-1]} is not supported by the Triton "
-                         f"kernels: D must be one of {head_dims}")

@@ -9,30 +9,6 @@ from __future__ import annotations
 import torch
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, total: int) -> None:
-    """The layout rules; the value rules too except while torch.compile traces (they read the
-    tensor: the custom ops check them when they run, see check_cu_values)."""
-    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError("cu_seqlens must be a 1-D int32 tensor [N+1] (flash-attn convention), "
-                         f"got {cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
-    if batch != 1:
-        raise ValueError(f"cu_seqlens requires batch size 1 (flatten the batch), got B={batch}")
-    if not torch.compiler.is_compiling():
-        check_cu_values(cu_seqlens, total)
-
-
-def check_cu_values(cu_seqlens: torch.Tensor | None, total: int) -> None:
-    """cu_seqlens starts at 0, ends at `total` and never decreases (one host sync)."""
-    if cu_seqlens is None:
-        return
-    first, last, bad = torch.stack([cu_seqlens[0], cu_seqlens[-1],
-                                    (cu_seqlens[1:] < cu_seqlens[:-1]).any().int()]).tolist()
-    if first != 0 or last != total:
-        raise ValueError(f"cu_seqlens must start at 0 and end at T={total}, got {first}..{last}")
-    if bad:
-        raise ValueError("cu_seqlens must be non-decreasing")
-
-
 def document_ids(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Document index of every position 0..total-1 ([total], int64)."""
     pos = torch.arange(total, device=cu_seqlens.device)

@@ -32,7 +32,6 @@ def _to_torch(arrays: dict) -> dict:
         "labels": torch.from_numpy(arrays["labels"]),
         "positions": torch.from_numpy(arrays["positions"]),
         "cu_seqlens": None if cu is None else torch.from_numpy(cu),
-        "n_tokens": int(inputs.size),  # label tokens in this micro-batch (every label counts)
     }
 
 
@@ -40,7 +39,7 @@ class PackedBatches:
     """Iterator over optimizer steps; each step is this rank's list of grad_accum micro-batches.
 
     Micro-batch dict: input_ids, labels, positions (int64 [B, T]); cu_seqlens (int32 [N+1]
-    over the B*T flattened tokens, or None without document_mask); n_tokens (int, B*T).
+    over the B*T flattened tokens, or None without document_mask).
     `bos_id` defaults to tokens[0]: a stream built by data/ always starts with a separator.
     """
 

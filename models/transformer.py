@@ -36,6 +36,8 @@ class ModelConfig:
     attn: str = "sdpa"                  # family of every layer unless layer_pattern says otherwise
     attn_options: dict = field(default_factory=dict)  # keyword arguments for cores of `attn`
     layer_pattern: list[str] | None = None  # per-layer families, repeated to n_layers
+    layer_options: dict = field(default_factory=dict)  # family -> keyword arguments, for the
+    #                                                    layer_pattern families other than `attn`
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -65,7 +67,7 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, family: str):
         super().__init__()
-        options = cfg.attn_options if family == cfg.attn else {}
+        options = cfg.attn_options if family == cfg.attn else cfg.layer_options.get(family, {})
         self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = get_core(family)(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                                      layer_idx=layer_idx, n_layers=cfg.n_layers, **options)

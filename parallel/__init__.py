@@ -1,11 +1,16 @@
-"""Distribution applied from outside the model: the dp × cp mesh (with an optional Ulysses
-degree inside cp), context parallelism and the data-parallel engines.
+"""Distribution applied from outside the model: context parallelism, the per-block wrappers
+and the data-parallel engines, over the dp × cp mesh (built once, parallel/mesh.py).
 
-`parallel.engine` (configs/parallel/) picks an entry of ENGINES (single, ddp, fsdp, deepspeed);
-`parallelize` builds the mesh, wraps every attention core for context parallelism when
-parallel.cp > 1, then hands the model to the engine, which returns the module the train loop
-calls, or a `Parallelized` of its own when it also owns backward, the optimizer step and the
-checkpointed state (DeepSpeed ZeRO: parallel/deepspeed_engine.py).
+`parallelize` applies, in this order:
+1. context parallelism (cp.size > 1): every attention core's `attend` is swapped for the
+   strategy that serves it (parallel/context.py);
+2. the per-block wrappers (parallel/wrappers.py): torch.compile of each block's forward, inside
+   activation checkpointing, inside CPU offload of the checkpointed inputs;
+3. the data-parallel engine, `parallel.engine` (configs/parallel/): an entry of ENGINES
+   (single, ddp, fsdp, deepspeed), which returns the module the train loop calls, or a
+   `Parallelized` of its own when it also owns backward, the optimizer step and the
+   checkpointed state (DeepSpeed ZeRO: parallel/deepspeed_engine.py). FSDP2 thus shards the
+   wrapped blocks (torchtitan's order).
 
 The train loop drives every engine through `Parallelized`: `attach_optimizer` once the
 optimizer exists, `no_sync` + `backward` per micro-batch, `clip_and_step` per step, and
@@ -21,10 +26,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from parallel.context import apply_context_parallel
+from parallel.context import CPSettings, apply_context_parallel
 from parallel.dist import DistInfo, init_distributed
 from parallel.mesh import Mesh, build_mesh
 from parallel.sharding import shard_batch
+from parallel.wrappers import BlockWrapping, apply_block_wrappers
 
 
 @dataclass
@@ -137,22 +143,22 @@ ENGINES = {"single": lambda model, info, cfg: _single(model, info),
            "deepspeed": _deepspeed}
 
 
-def parallelize(model: nn.Module, info: DistInfo, cfg, mesh: Mesh | None = None) -> Parallelized:
-    engine = cfg.engine
+def parallelize(model: nn.Module, info: DistInfo, engine_cfg, mesh: Mesh,
+                cp: CPSettings = CPSettings(), blocks: BlockWrapping = BlockWrapping()
+                ) -> Parallelized:
+    """Apply context parallelism, the block wrappers and the engine (see the module docstring)
+    to `model` in place; `cp` as validated by CPSettings.from_config for this launch."""
+    engine = engine_cfg.engine
     if engine not in ENGINES:
         raise ValueError(f"parallel.engine={engine!r} is unknown; valid: {', '.join(ENGINES)}")
-    if mesh is None:
-        mesh = build_mesh(info, int(cfg.get("cp", 1)), int(cfg.get("ulysses", 1)))
-    layout = cfg.get("cp_layout", "zigzag")
-    chosen = {}
-    if mesh.cp > 1:
-        chosen = apply_context_parallel(model, mesh, cfg.get("cp_strategy", "auto"), layout)
-    built = ENGINES[engine](model, info, cfg)
+    chosen = apply_context_parallel(model, mesh, cp) if mesh.cp > 1 else {}
+    apply_block_wrappers(model, blocks)
+    built = ENGINES[engine](model, info, engine_cfg)
     if isinstance(built, Parallelized):  # an engine with its own step and state (DeepSpeed)
-        built.mesh, built.layout, built.cp_strategies = mesh, layout, chosen
+        built.mesh, built.layout, built.cp_strategies = mesh, cp.layout, chosen
         return built
-    return Parallelized(built, model, mesh, layout, chosen)
+    return Parallelized(built, model, mesh, cp.layout, chosen)
 
 
-__all__ = ["DistInfo", "ENGINES", "Mesh", "Parallelized", "build_mesh", "init_distributed",
-           "parallelize"]
+__all__ = ["BlockWrapping", "CPSettings", "DistInfo", "ENGINES", "Mesh", "Parallelized",
+           "build_mesh", "init_distributed", "parallelize"]

@@ -1,10 +1,11 @@
-"""`allgather` context parallelism for softmax and block-sparse families (sdpa, flash, moba, nsa).
+"""`allgather` context parallelism for cores declaring `gather_kv` or `lse_blocks`.
 
 Every rank all-gathers K/V of the whole sequence (cheap under GQA: Hkv ≪ Hq), then runs the
-family's own op for each of its query chunks at its absolute position (`q_offset`), against the
-keys up to the chunk's end (later keys are masked by causality anyway). Sparse families thus
-gate and select blocks for their own queries only ("sparsity per shard"). The gather's backward
-reduce-scatters dK/dV. Documents come for free: cu_seqlens are global and the op masks them.
+core's own op (`gather_kv`) for each of its query chunks at its absolute position (`q_offset`),
+against the keys up to the chunk's end (later keys are masked by causality anyway), with the
+chunk's rows of any per-query inputs (NSA's gates). Sparse families thus gate and select blocks
+for their own queries only ("sparsity per shard"). The gather's backward reduce-scatters dK/dV.
+Documents come for free: cu_seqlens are global and the op masks them.
 
 It runs over a sequence group (parallel/sharding.py `SeqGroup`): the cp group, or under a
 Ulysses degree u the outer group of cp/u members, each holding the chunks of u cp ranks for
@@ -14,7 +15,8 @@ Bytes per layer and rank: all-gather of K and V, 2·(n−1)/n·T·Hkv·D element
 group's size: cp, or cp/u with T·Hkv/u per rank under Ulysses), the same reduce-scattered in
 backward.
 
-Softmax families (sdpa, flash) overlap the collectives with compute (`_OverlappedAllGather`):
+Cores with softmax block primitives (`lse_blocks`, e.g. flash) overlap the collectives with
+compute (`_OverlappedAllGather`):
 the K/V all-gather is started asynchronously and each local query chunk [s, e) first attends
 its own keys [s, e) (causal, documents from cu_seqlens shifted to the chunk: no gathered key is
 needed); after the wait it attends the earlier keys of the document holding s, [doc_start(s), s),
@@ -27,7 +29,6 @@ T²/(2n²)·Hq·D·4 FLOPs per chunk, against 2·(n−1)/n·T·Hkv·D·bytes mov
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from parallel.comm import _all_gather, _reduce_scatter, gather_seq
 from parallel.lasp import local_cu_seqlens
@@ -50,16 +51,18 @@ def gather_sequence(x: torch.Tensor, group, total: int, placement: Placement) ->
 def make_allgather_attend(attend, seq: SeqGroup):
     """Wrap a core's `attend(q, k, v, cu_seqlens, q_offset=...)` for the sequence group `seq`."""
 
-    def cp_attend(q, k, v, cu_seqlens=None, **kwargs):
+    def cp_attend(q, k, v, cu_seqlens=None, *, heads=None, **query_inputs):
         total = int(cu_seqlens[-1])
         k_all = gather_sequence(k, seq.group, total, seq.placement)
         v_all = gather_sequence(v, seq.group, total, seq.placement)
         outs, at = [], 0
         for start, end in seq.bounds(total):
-            n = end - start
-            outs.append(attend(q[:, at:at + n], k_all[:, :end], v_all[:, :end],
-                               clip_cu_seqlens(cu_seqlens, end), q_offset=start, **kwargs))
-            at += n
+            rows = slice(at, at + end - start)
+            extra = {name: t[:, rows] for name, t in query_inputs.items()}
+            outs.append(attend(q[:, rows], k_all[:, :end], v_all[:, :end],
+                               clip_cu_seqlens(cu_seqlens, end), q_offset=start, heads=heads,
+                               **extra))
+            at += end - start
         return torch.cat(outs, dim=1)
 
     return cp_attend
@@ -84,8 +87,7 @@ class _OverlappedAllGather(torch.autograd.Function):
     overlapped with each chunk's own block and the dK/dV reduce-scatter with the local backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, cu, scale, seq):
-        from attn.flash import flash_fwd
+    def forward(ctx, q, k, v, cu, scale, seq, block_fwd, block_bwd):
         total = int(cu[-1])
         n = seq.size
         kv = torch.stack([k, v])[:, 0].contiguous()                 # [2, T_loc, Hkv, D]
@@ -97,7 +99,7 @@ class _OverlappedAllGather(torch.autograd.Function):
         lse = torch.empty((1, q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
         for s, e, at, m, cu_loc, _, _ in pieces:                    # own blocks, no comm needed
             rows = slice(at, at + m)
-            o_b, lse_b = flash_fwd(q[:, rows], k[:, rows], v[:, rows], scale=scale,
+            o_b, lse_b = block_fwd(q[:, rows], k[:, rows], v[:, rows], scale=scale,
                                    cu_seqlens=cu_loc)
             o[:, rows], lse[:, :, rows] = o_b.float(), lse_b
         for w in work:
@@ -107,17 +109,16 @@ class _OverlappedAllGather(torch.autograd.Function):
         for s, e, at, m, _, d0, b in pieces:                        # earlier keys of s's document
             if d0 < s:
                 rows = slice(at, at + b - s)
-                o_b, lse_b = flash_fwd(q[:, rows], kv_all[0][:, d0:s], kv_all[1][:, d0:s],
+                o_b, lse_b = block_fwd(q[:, rows], kv_all[0][:, d0:s], kv_all[1][:, d0:s],
                                        scale=scale, causal=False)
                 _merge(o, lse, rows, o_b, lse_b)
         o = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, kv_all, o, lse, restore)
-        ctx.scale, ctx.seq, ctx.pieces = scale, seq, pieces
+        ctx.scale, ctx.seq, ctx.pieces, ctx.block_bwd = scale, seq, pieces, block_bwd
         return o
 
     @staticmethod
     def backward(ctx, do):
-        from attn.flash import flash_bwd
         q, k, v, kv_all, o, lse, restore = ctx.saved_tensors
         seq, scale = ctx.seq, ctx.scale
         do = do.contiguous()
@@ -126,7 +127,7 @@ class _OverlappedAllGather(torch.autograd.Function):
         for s, e, at, m, _, d0, b in ctx.pieces:                    # gathered keys first
             if d0 < s:
                 rows = slice(at, at + b - s)
-                dq_b, dk_b, dv_b = flash_bwd(do[:, rows], q[:, rows], kv_all[0][:, d0:s],
+                dq_b, dk_b, dv_b = ctx.block_bwd(do[:, rows], q[:, rows], kv_all[0][:, d0:s],
                                              kv_all[1][:, d0:s], o[:, rows],
                                              lse[:, :, rows].contiguous(), scale=scale,
                                              causal=False)
@@ -143,7 +144,7 @@ class _OverlappedAllGather(torch.autograd.Function):
         dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
         for s, e, at, m, cu_loc, _, _ in ctx.pieces:                # own blocks meanwhile
             rows = slice(at, at + m)
-            dq_b, dk_b, dv_b = flash_bwd(do[:, rows], q[:, rows], k[:, rows], v[:, rows],
+            dq_b, dk_b, dv_b = ctx.block_bwd(do[:, rows], q[:, rows], k[:, rows], v[:, rows],
                                          o[:, rows], lse[:, :, rows].contiguous(), scale=scale,
                                          cu_seqlens=cu_loc)
             dq[:, rows] += dq_b.float()
@@ -153,18 +154,18 @@ class _OverlappedAllGather(torch.autograd.Function):
             w.wait()
         dk += recv[0][None]
         dv += recv[1][None]
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
 
 
-def make_softmax_allgather_attend(seq: SeqGroup, scale: float):
-    """`allgather` for the softmax families with the gather overlapped (see the module
-    docstring); flash primitives (Triton on CUDA, ref.py on CPU) with the layer's scale."""
+def make_softmax_allgather_attend(seq: SeqGroup, scale: float, block_fwd, block_bwd, *, whole):
+    """`allgather` for cores with softmax block primitives (attn/base.py `lse_blocks`), the
+    gather overlapped (see the module docstring); `whole`: the core's own attend, for a group of
+    one member (Ulysses over the whole cp group)."""
 
     def cp_attend(q, k, v, cu_seqlens=None, **kwargs):
-        if seq.group is None:           # one member (Ulysses over the whole cp group)
-            from attn.flash import flash_attn
-            return flash_attn(q, k, v, scale=scale, cu_seqlens=cu_seqlens)
+        if seq.group is None:
+            return whole(q, k, v, cu_seqlens, **kwargs)
         return _OverlappedAllGather.apply(q.contiguous(), k.contiguous(), v.contiguous(),
-                                          cu_seqlens, scale, seq)
+                                          cu_seqlens, scale, seq, block_fwd, block_bwd)
 
     return cp_attend

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -21,21 +20,30 @@ class DistInfo:
 
 
 def _env_layout() -> DistInfo:
-    """Rank layout from torchrun (RANK/WORLD_SIZE) or, failing that, from srun (SLURM_*)."""
+    """Rank layout from torchrun (RANK/WORLD_SIZE) or, failing that, from srun's tasks."""
     if "WORLD_SIZE" in os.environ:
         return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ["WORLD_SIZE"]),
                         int(os.environ.get("LOCAL_RANK", 0)))
     if "SLURM_NTASKS" in os.environ and "SLURM_PROCID" in os.environ and int(os.environ["SLURM_NTASKS"]) > 1:
-        info = DistInfo(int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]),
-                        int(os.environ.get("SLURM_LOCALID", 0)))
-        if "MASTER_ADDR" not in os.environ:
-            nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-                                   capture_output=True, text=True, check=True).stdout.split()
-            os.environ["MASTER_ADDR"] = nodes[0]
-        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", 0)) % 20000))
-        os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world), LOCAL_RANK=str(info.local_rank))
-        return info
+        return _slurm_layout()
     return DistInfo()
+
+
+def _slurm_layout() -> DistInfo:
+    """srun started one process per task (hydra/launcher=slurm, or srun directly): submitit
+    reads the layout and the first node's address from SLURM's variables and exports them
+    for env://, as torchrun would have set them."""
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError as err:
+        raise ValueError("SLURM tasks without torchrun need submitit: pip install -e '.[slurm]'") from err
+    # submitit picks its SLURM reader by this variable, which only its own launches set
+    os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
+    env = TorchDistributedEnvironment()
+    env.master_addr = os.environ.get("MASTER_ADDR", env.master_addr)  # an explicit address wins
+    # devices stay as SLURM gave them: the run picks cuda:<local rank> itself
+    env.export(set_cuda_visible_devices=False, overwrite=True)
+    return DistInfo(env.rank, env.world_size, env.local_rank)
 
 
 def init_distributed(device_type: str, backend: str = "auto") -> DistInfo:

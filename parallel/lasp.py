@@ -8,9 +8,7 @@ since the state resets) and B its own final state from a zero start. So:
    S_in[c] = A_{c−1}·S_in[c−1] + B_{c−1} over chunks in sequence order;
 3. the state is linear in its start, S_t = λ^(t+1)·S_in + B_t, so each output up to the chunk's
    first document boundary gains scale·λ^(t+1)·q_t·S_in: one dense [n, Dk] × [Dk, Dv] product
-   per head instead of a second pass over the chunk (the first version reran the chunk from
-   S_in after a state-only pass: 1.2 forwards; on 2 H100s its layer ran at 0.64 of one GPU's
-   per-GPU throughput).
+   per head instead of a second pass over the chunk.
 The all-gather's backward reduce-scatters the state gradients: the suffix combination of the
 backward pass comes from autograd. Zigzag works unchanged (chunks are combined in sequence
 order, wherever they live), and so does any placement (parallel/sharding.py): under a Ulysses

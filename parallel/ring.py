@@ -1,4 +1,5 @@
-"""`ring` context parallelism for softmax attention (sdpa, flash): K/V travel around the ring.
+"""`ring` context parallelism for cores with softmax block primitives (`lse_blocks`): K/V travel
+around the ring.
 
 Each of the cp steps computes this rank's queries against the K/V block it holds, while the
 block moves on to the next rank (`batch_isend_irecv`, asynchronous on NCCL's own stream, so the
@@ -18,7 +19,7 @@ chunks seeing the same prefix of the visiting block's chunks share one call. Byt
 and rank: (n−1) hops of the local K and V (n the group's size), twice that in backward.
 
 Needs one document per micro-batch (rows would need document masks across blocks): packed
-documents use `allgather`. Block primitives: attn.flash.flash_fwd / flash_bwd with `causal`.
+documents use `allgather`. Block primitives: the core's `lse_blocks()` (fwd, bwd) with `causal`.
 """
 from __future__ import annotations
 
@@ -68,8 +69,7 @@ def _merge(o, lse, rows, o_b, lse_b):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, seq):
-        from attn.flash import flash_fwd
+    def forward(ctx, q, k, v, scale, seq, block_fwd, block_bwd):
         cp, rank, group = seq.size, seq.rank, seq.group
         B, t, hq, _ = q.shape
         size = t // len(seq.placement.members[rank])
@@ -80,7 +80,7 @@ class _RingAttention(torch.autograd.Function):
             src = (rank - step) % cp
             reqs, nxt = _pass_on(kv, group, cp, rank) if step < cp - 1 else ([], None)
             for rows, cols, causal in _blocks(seq.placement, rank, src, size):
-                o_b, lse_b = flash_fwd(q[:, rows], kv[0][:, cols], kv[1][:, cols], scale=scale,
+                o_b, lse_b = block_fwd(q[:, rows], kv[0][:, cols], kv[1][:, cols], scale=scale,
                                        causal=causal)
                 if step == 0:   # the diagonal block covers every row: initialise
                     o[:, rows], lse[:, :, rows] = o_b.float(), lse_b
@@ -91,12 +91,11 @@ class _RingAttention(torch.autograd.Function):
             kv = nxt if nxt is not None else kv
         o = o.to(q.dtype)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale, ctx.seq = scale, seq
+        ctx.scale, ctx.seq, ctx.block_bwd = scale, seq, block_bwd
         return o
 
     @staticmethod
     def backward(ctx, do):
-        from attn.flash import flash_bwd
         q, k, v, o, lse = ctx.saved_tensors
         seq = ctx.seq
         cp, rank, group = seq.size, seq.rank, seq.group
@@ -109,7 +108,7 @@ class _RingAttention(torch.autograd.Function):
             src = (rank - step) % cp
             reqs, nxt = _pass_on(kv, group, cp, rank) if step < cp - 1 else ([], None)
             for rows, cols, causal in _blocks(seq.placement, rank, src, size):
-                dq_b, dk_b, dv_b = flash_bwd(do[:, rows], q[:, rows], kv[0][:, cols], kv[1][:, cols],
+                dq_b, dk_b, dv_b = ctx.block_bwd(do[:, rows], q[:, rows], kv[0][:, cols], kv[1][:, cols],
                                              o[:, rows], lse[:, :, rows].contiguous(),
                                              scale=ctx.scale, causal=causal)
                 dq[:, rows] += dq_b.float()
@@ -121,16 +120,18 @@ class _RingAttention(torch.autograd.Function):
                 r.wait()
             kv = nxt if nxt is not None else kv
             dkv = dnxt
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
-def make_ring_attend(seq, scale: float):
-    """Ring attention over the sequence group `seq` (parallel/sharding.py SeqGroup)."""
+def make_ring_attend(seq, scale: float, block_fwd, block_bwd):
+    """Ring attention over the sequence group `seq` (parallel/sharding.py SeqGroup) with a
+    core's softmax block primitives (attn/base.py `lse_blocks`)."""
     def cp_attend(q, k, v, cu_seqlens=None, **kwargs):
         if cu_seqlens is not None and cu_seqlens.numel() > 2:
-            raise ValueError("parallel.cp_strategy=ring needs one document per micro-batch "
+            raise ValueError("cp.strategy=ring needs one document per micro-batch "
                              "(trainer.micro_batch=1, data.document_mask=false); packed documents "
-                             "use parallel.cp_strategy=allgather")
-        return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, seq)
+                             "use cp.strategy=allgather")
+        return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), scale, seq,
+                                    block_fwd, block_bwd)
 
     return cp_attend

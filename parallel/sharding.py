@@ -63,8 +63,7 @@ class Placement:
 
     def grouped(self, u: int) -> "Placement":
         """Members o·u … o·u+u−1 merged into member o (their chunks, increasing)."""
-        if u < 1 or self.size % u:
-            raise ValueError(f"parallel.ulysses={u} must be >= 1 and divide parallel.cp={self.size}")
+        assert u >= 1 and self.size % u == 0, (u, self.size)  # CPSettings checked cp.ulysses
         merged = tuple(tuple(sorted(c for m in self.members[o * u:(o + 1) * u] for c in m))
                        for o in range(self.size // u))
         return Placement(self.n_chunks, merged, self.label)
@@ -87,23 +86,18 @@ class SeqGroup:
 
 
 def layout_placement(cp: int, layout: str) -> Placement:
-    """The cp group's placement: rank r holds chunk_ids(r, cp, layout)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"parallel.cp_layout={layout!r} must be one of {LAYOUTS}")
+    """The cp group's placement (a layout CPSettings accepted): zigzag, rank r holds chunks r
+    and 2·cp−1−r of 2·cp; contiguous, chunk r of cp."""
     if layout == "zigzag":
         return Placement(2 * cp, tuple((r, 2 * cp - 1 - r) for r in range(cp)),
-                         f"2·parallel.cp = {2 * cp} (zigzag layout)")
-    return Placement(cp, tuple((r,) for r in range(cp)), f"parallel.cp = {cp} (contiguous layout)")
+                         f"2·cp.size = {2 * cp} (zigzag layout)")
+    assert layout == "contiguous", layout
+    return Placement(cp, tuple((r,) for r in range(cp)), f"cp.size = {cp} (contiguous layout)")
 
 
 def chunk_bounds(total: int, cp: int, rank: int, layout: str) -> list[tuple[int, int]]:
     """[(start, end)] of the global token ranges held by `rank`, in the order they are stored."""
     return layout_placement(cp, layout).bounds(total, rank)
-
-
-def chunk_ids(rank: int, cp: int, layout: str) -> list[int]:
-    """Indices of the chunks `rank` holds, in storage order."""
-    return list(layout_placement(cp, layout).members[rank])
 
 
 def local_indices(total: int, cp: int, rank: int, layout: str, device=None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""`ulysses` context parallelism (DeepSpeed-Ulysses) for any family, alone or inside cp (USP).
+"""`ulysses` context parallelism (DeepSpeed-Ulysses) for cores declaring `head_parallel`, alone
+or inside cp (USP).
 
 An all-to-all over a Ulysses group of u ranks turns sequence-sharded q/k/v [1, T/cp, H, D]
 into head-sharded [1, u·T/cp, H/u, D]: the tokens of the group's u ranks, the heads of this
@@ -6,9 +7,9 @@ rank's place in it. The result is put in increasing chunk order, the op runs on 
 heads (passing `heads=` so cores with per-head parameters, such as Lightning's decay slopes,
 pick theirs), and a second all-to-all returns the output to sequence sharding.
 
-- `parallel.cp_strategy=ulysses` (or `parallel.ulysses` = cp): the group is the whole cp
+- `cp.strategy=ulysses` (or `cp.ulysses` = cp.size): the group is the whole cp
   group, u = cp, and the family's op runs directly on the whole sequence.
-- `parallel.ulysses=u` with 1 < u < cp (2-D context parallelism, "USP"): the cp group is split
+- `cp.ulysses=u` with 1 < u < cp (2-D context parallelism, "USP"): the cp group is split
   into cp/u Ulysses subgroups of u consecutive ranks; between the two all-to-alls the family's
   own strategy (allgather / lasp / ring) runs over the outer group of cp/u ranks with the same
   head slice, each holding the chunks of the u ranks of its subgroup
@@ -46,14 +47,17 @@ def make_ulysses_attend(attend, group, degree: int, uly_rank: int, outer_rank: i
     my_heads = slice(uly_rank * per, (uly_rank + 1) * per)
     ranks = range(outer_rank * degree, (outer_rank + 1) * degree)
 
-    def cp_attend(q, k, v, cu_seqlens=None, **kwargs):
+    def cp_attend(q, k, v, cu_seqlens=None, **query_inputs):
         total = int(cu_seqlens[-1])
         # global index of each token as the all-to-all delivers them (rank order)
         arrived = torch.cat([base.indices(total, r, device=q.device) for r in ranks])
         to_held = torch.argsort(arrived)                   # -> increasing global index
         back = torch.argsort(to_held)
         qh, kh, vh = (seq_to_heads(t, group).index_select(1, to_held) for t in (q, k, v))
-        o = attend(qh, kh, vh, cu_seqlens, heads=my_heads, **kwargs)
+        # per-query inputs [B, T, Hq, ...] (NSA's gates) travel to head shards as q does
+        extra = {name: seq_to_heads(t, group).index_select(1, to_held)
+                 for name, t in query_inputs.items()}
+        o = attend(qh, kh, vh, cu_seqlens, heads=my_heads, **extra)
         return heads_to_seq(o.index_select(1, back), group)
 
     return cp_attend

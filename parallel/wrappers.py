@@ -16,6 +16,8 @@ until its backward, so at very long context the device holds one block's input a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -32,26 +34,42 @@ def _checkpointed(forward, offload: bool):
     return run
 
 
-def apply_block_wrappers(model: nn.Module, activation_checkpointing: bool, compile_blocks: bool,
-                         *, every: int = 1, offload: bool = False,
-                         compile_backend: str = "inductor") -> None:
+@dataclass(frozen=True)
+class BlockWrapping:
+    """The trainer's per-block settings (trainer.activation_checkpointing, ac_every, ac_offload,
+    compile); `compile_backend`: torch.compile's (tests use aot_eager, which traces the same
+    graphs without generating code)."""
+    activation_checkpointing: bool = False
+    compile: bool = False
+    every: int = 1
+    offload: bool = False
+    compile_backend: str = "inductor"
+
+    def __post_init__(self):
+        if int(self.every) != self.every or self.every < 1:
+            raise ValueError(f"trainer.ac_every={self.every!r} must be an integer >= 1")
+        if self.offload and not self.activation_checkpointing:
+            raise ValueError("trainer.ac_offload=true offloads the inputs of checkpointed "
+                             "blocks: it needs trainer.activation_checkpointing=true")
+
+    @classmethod
+    def from_trainer(cls, tr) -> "BlockWrapping":
+        return cls(bool(tr.activation_checkpointing), bool(tr.compile), tr.get("ac_every", 1),
+                   bool(tr.get("ac_offload", False)))
+
+
+def apply_block_wrappers(model: nn.Module, w: BlockWrapping) -> None:
     """Wrap `model.layers` in place (see the module docstring for the order). Compiled blocks
     of one family share one graph: dynamo treats parameters as inputs, so 24 identical blocks
     compile once (plus once more when the number of documents first changes: cu_seqlens then
-    becomes a dynamic shape). `compile_backend`: torch.compile's (tests use aot_eager, which
-    traces the same graphs without generating code)."""
-    if int(every) != every or every < 1:
-        raise ValueError(f"trainer.ac_every={every!r} must be an integer >= 1")
-    if offload and not activation_checkpointing:
-        raise ValueError("trainer.ac_offload=true offloads the inputs of checkpointed blocks: "
-                         "it needs trainer.activation_checkpointing=true")
+    becomes a dynamic shape)."""
     for i, block in enumerate(model.layers):
         forward = block.forward
-        if compile_blocks:
-            forward = torch.compile(forward, backend=compile_backend)
-        if activation_checkpointing and i % every == 0:
-            forward = _checkpointed(forward, offload)
+        if w.compile:
+            forward = torch.compile(forward, backend=w.compile_backend)
+        if w.activation_checkpointing and i % w.every == 0:
+            forward = _checkpointed(forward, w.offload)
         block.forward = forward
-    if compile_blocks and hasattr(model, "chunk_loss"):
+    if w.compile and hasattr(model, "chunk_loss"):
         # the loss chunk: the head matmul, the fp32 upcast and log-softmax fused around it
-        model.chunk_loss = torch.compile(model.chunk_loss, backend=compile_backend)
+        model.chunk_loss = torch.compile(model.chunk_loss, backend=w.compile_backend)

@@ -1,4 +1,5 @@
 """Every option of every config group composes and instantiates; experiments too."""
+import json
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import train
 from attn import get_core
 from run_configs import CONFIG_DIR
 from models import Transformer
-from parallel import parallelize
+from parallel import Mesh, parallelize
 from parallel.dist import DistInfo
 
 GROUPS = {g: sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("*.yaml"))
@@ -41,7 +42,7 @@ def test_attn_options_instantiate(compose, option):
 def test_parallel_options_instantiate(compose, option):
     cfg = compose(f"parallel={option}")
     model = Transformer(train.build_model_config(cfg, vocab=257))
-    par = parallelize(model, DistInfo(), cfg.parallel)
+    par = parallelize(model, DistInfo(), cfg.parallel, Mesh())
     assert par.model is model and par.mesh.dp == 1 and par.mesh.cp == 1
 
 
@@ -91,11 +92,12 @@ def test_experiments_compose(compose, option):
     assert text.splitlines()[1].startswith("# Launch: "), "experiments start with their launch command"
     world = int(m.group(1)) if (m := re.search(r"--nproc_per_node (\d+)", text)) else 1
     cfg = compose(f"experiment={option}", small=False)
-    cp = cfg.parallel.cp
+    cp = cfg.cp.size
     assert world % cp == 0
     accum = train.grad_accum_steps(cfg.trainer, world // cp)
-    if cp > 1:
-        train.check_context_parallel(cfg, cp)
+    from parallel import CPSettings
+    CPSettings.from_config(cfg.cp, world=world,
+                           tokens_per_micro_batch=cfg.trainer.micro_batch * cfg.trainer.seq_len)
     assert cfg.trainer.seq_len <= cfg.model.max_seq_len and accum >= 1
 
 
@@ -107,3 +109,93 @@ def test_slurm_launcher_composes(compose):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = hydra_compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     assert cfg.hydra.launcher.tasks_per_node == 8
+
+
+# ----------------------------------------------------------------------------- _target_ builders
+def test_optim_adam_builds_torch_adam_without_decay(compose):
+    cfg = compose("optim=adam")
+    model = Transformer(train.build_model_config(cfg, vocab=257))
+    opt = train.build_optimizer(model, cfg.optim, torch.device("cpu"))
+    assert type(opt) is torch.optim.Adam and [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0]
+    assert opt.param_groups[0]["lr"] == cfg.optim.lr and opt.param_groups[0]["fused"] is False  # auto on CPU
+
+
+def test_adamw_groups_and_schedule_keep_their_numbers(compose):
+    """AdamW: decay on the matrices, not on the embedding or norms; the configured scheduler is
+    warmup + cosine over trainer.steps (train.lr_lambda)."""
+    cfg = compose("optim.weight_decay=0.05")
+    model = Transformer(train.build_model_config(cfg, vocab=257))
+    opt = train.build_optimizer(model, cfg.optim, torch.device("cpu"))
+    assert type(opt) is torch.optim.AdamW
+    decay, no_decay = opt.param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert any(p is model.embed.weight for p in no_decay["params"])
+    sched = train.build_scheduler(opt, cfg.optim)
+    expect = train.lr_lambda(cfg.optim.warmup_steps, cfg.trainer.steps, cfg.optim.min_lr_ratio)
+    for step in range(cfg.trainer.steps + 1):
+        assert sched.get_last_lr()[0] == pytest.approx(cfg.optim.lr * expect(step), rel=1e-12), step
+        opt.step()
+        sched.step()
+
+
+@pytest.mark.parametrize("override,message", [
+    (["optim.fused=maybe"], "optim.fused='maybe' must be auto, true or false"),
+    (["optim._target_=torch.optim.AdamX"], "optim (_target_: torch.optim.AdamX): Error locating target"),
+    (["+optim.momentum=0.9"], "optim (_target_: torch.optim.AdamW): AdamW.__init__() got an unexpected "
+                              "keyword argument 'momentum'"),
+    (["optim._partial_=false"], "optim needs _target_ (what to call) and _partial_: true"),
+    (["optim.warmup_steps=-1"],
+     "optim.scheduler (_target_: train.warmup_cosine): warmup_steps=-1 must be >= 0"),
+    (["logger=wandb", "logger._target_=train.no_such_sink"],
+     "logger (_target_: train.no_such_sink): Error locating target"),
+])
+def test_bad_targets_name_the_key(compose, tmp_path, override, message):
+    """Optimizer, scheduler and sink are built in this order by train.run; each failure is one
+    ValueError naming its config key."""
+    import re
+    cfg = compose(*override)
+    model = Transformer(train.build_model_config(cfg, vocab=257))
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        train.build_scheduler(train.build_optimizer(model, cfg.optim, torch.device("cpu")), cfg.optim)
+        train.MetricsLog(tmp_path, cfg.logger, cfg, is_main=True)
+
+
+def test_logger_sink_gets_every_metrics_line(compose, tmp_path, monkeypatch):
+    """logger._target_ is called with the run folder and the config; it receives what
+    metrics.jsonl receives (nulls dropped) and is finished on close. jsonl/none build none."""
+    got = []
+
+    class Sink:
+        log = staticmethod(lambda metrics, step: got.append((step, metrics)))
+        finish = staticmethod(lambda: got.append("finished"))
+
+    monkeypatch.setattr(train, "wandb_run", lambda out_dir, run_cfg, **kw: got.append((out_dir, kw)) or Sink)
+    cfg = compose("logger=wandb", "logger.mode=disabled")
+    log = train.MetricsLog(tmp_path, cfg.logger, cfg, is_main=True)
+    log.log({"step": 3, "loss": 1.5, "mfu": None})
+    log.close()
+    assert got == [(tmp_path, {"project": "longctx", "entity": None, "mode": "disabled", "tags": []}),
+                   (3, {"step": 3, "loss": 1.5}), "finished"]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "loss": 1.5, "mfu": None}
+    for option in ("jsonl", "none"):
+        plain = train.MetricsLog(tmp_path, compose(f"logger={option}").logger, cfg, is_main=True)
+        assert plain.sink is None
+        plain.close()
+
+
+@pytest.mark.slow
+def test_optim_adam_trains_and_resumes(compose, tmp_path):
+    """optim=adam through train.run: 3 steps, stop, resume from the checkpoint (Adam's state),
+    3 more == 6 in one go."""
+    def losses(out):
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    args = ("optim=adam", "trainer.val_every=0")
+    train.run(compose(*args), tmp_path / "full")
+    train.run(compose(*args, "trainer.run_steps=3"), tmp_path / "split")
+    saved = torch.load(tmp_path / "split" / "checkpoints" / "step_00000003" / "optim.pt", weights_only=False)
+    assert {k for st in saved["optimizer"]["state"].values() for k in st} == {"step", "exp_avg", "exp_avg_sq"}
+    train.run(compose(*args), tmp_path / "split")  # trainer.resume=auto
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")

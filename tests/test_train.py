@@ -72,8 +72,8 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(compose, tmp_path, monke
     (["trainer.seq_len=8192"], "trainer.seq_len=8192 exceeds model.max_seq_len=4096"),
     (["trainer.device=cuda"], "trainer.device=cuda but no CUDA"),
     (["data=hf", "data.tokenizer=bytes", "data.path=/nonexistent/corpus"], "data.path"),
-    (["parallel.cp=2"], "parallel.cp=2 must be >= 1 and divide the number of processes"),
-    (["parallel.ulysses=2"], "parallel.ulysses=2 must be >= 1 and divide parallel.cp=1"),
+    (["cp.size=2"], "cp.size=2 must be >= 1 and divide the number of processes"),
+    (["cp.ulysses=2"], "cp.ulysses=2 must be >= 1 and divide cp.size=1"),
 ])
 def test_bad_settings_name_the_key(compose, tmp_path, override, message):
     if "cuda" in message and torch.cuda.is_available():
@@ -82,20 +82,14 @@ def test_bad_settings_name_the_key(compose, tmp_path, override, message):
         train.run(compose(*override), tmp_path / "run")
 
 
-def test_context_parallel_settings_are_checked(compose):
-    with pytest.raises(ValueError, match=r"trainer.micro_batch × trainer.seq_len = 126 must be divisible by 4"):
-        train.check_context_parallel(compose("trainer.seq_len=63"), 2)
-    with pytest.raises(ValueError, match="parallel.cp=2 needs several processes"):
-        train.check_context_parallel(compose("parallel=single"), 2)
-    with pytest.raises(ValueError, match="parallel.cp_strategy=ulysses is Ulysses over the whole cp "
-                                         "group; with parallel.ulysses=2 < parallel.cp=4"):
-        train.check_context_parallel(compose("parallel.cp_strategy=ulysses", "parallel.ulysses=2"), 4)
-    train.check_context_parallel(compose("parallel.cp_strategy=ulysses", "parallel.ulysses=4"), 4)
-    from parallel.context import strategy_for
-    with pytest.raises(ValueError, match="cp_strategy=lasp does not support attn family 'sdpa'"):
-        strategy_for("sdpa", "lasp")
-    with pytest.raises(ValueError, match="must be auto or one of"):
-        strategy_for("sdpa", "rings")
+def test_context_parallel_settings_are_checked_before_any_work(compose, tmp_path):
+    """train.run validates the cp group first (parallel/context.py CPSettings, tested there):
+    an impossible setting ends with the key and the rule before data or model are built."""
+    with pytest.raises(ValueError, match=r"cp.size=2 must be >= 1 and divide the number of "
+                                         r"processes \(1\)"):
+        train.run(compose("cp.size=2"), tmp_path / "run")
+    with pytest.raises(ValueError, match=r"cp.layout='diagonal' must be one of"):
+        train.run(compose("cp.layout=diagonal"), tmp_path / "run")
 
 
 def _cli(args, tmp_path, launcher=(sys.executable,), env_extra=None):
@@ -115,9 +109,9 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["parallel=fsdp"], ["parallel.cp=2"],
-                                   ["parallel.cp=2", "parallel.cp_strategy=ulysses",
-                                    "parallel.cp_layout=contiguous"]],
+@pytest.mark.parametrize("extra", [[], ["parallel=fsdp"], ["cp.size=2"],
+                                   ["cp.size=2", "cp.strategy=ulysses",
+                                    "cp.layout=contiguous"]],
                          ids=["ddp", "fsdp", "cp2-allgather-zigzag", "cp2-ulysses-contiguous"])
 def test_torchrun_two_processes_match_one(tmp_path, extra):
     """2 gloo ranks (DDP with grad_accum 1, or one sequence split by context parallelism) ==
@@ -141,7 +135,7 @@ def test_torchrun_two_processes_match_one(tmp_path, extra):
 @pytest.mark.slow
 @pytest.mark.parametrize("attn", ["flash", "linear", "lightning", "moba", "nsa"])
 def test_context_parallel_training_matches_one_process(tmp_path, attn):
-    """`torchrun --nproc_per_node 2 train.py attn=<family> parallel.cp=2` (auto strategy: allgather
+    """`torchrun --nproc_per_node 2 train.py attn=<family> cp.size=2` (auto strategy: allgather
     for flash and moba, lasp for the linear families) == one process, loss for loss."""
     args = [a for a in SMALL_RUN if not a.startswith(("trainer.steps", "trainer.ckpt_every"))]
     args += [f"attn={attn}", "trainer.steps=3", "trainer.ckpt_every=0", "trainer.val_every=3"]
@@ -152,7 +146,7 @@ def test_context_parallel_training_matches_one_process(tmp_path, attn):
                  "attn.window=16"]
     one = _cli(args + [f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    _torchrun(args + ["parallel.cp=2"], tmp_path, "two")
+    _torchrun(args + ["cp.size=2"], tmp_path, "two")
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:
@@ -161,7 +155,7 @@ def test_context_parallel_training_matches_one_process(tmp_path, attn):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [["attn=flash"], ["parallel=fsdp", "attn=lightning"],
-                                   ["parallel.cp=2", "model.layer_pattern=[lightning,flash]"]],
+                                   ["cp.size=2", "model.layer_pattern=[lightning,flash]"]],
                          ids=["ddp-flash", "fsdp-lightning", "cp2-hybrid"])
 def test_compiled_training_under_torchrun_matches_eager_one_process(tmp_path, extra):
     """`trainer.compile=true` under 2 gloo ranks (DDP, FSDP2, context parallelism with the
@@ -206,7 +200,7 @@ def test_fsdp_resume_under_torchrun_is_exact(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_ulysses_inside_context_parallel_matches_one_process(tmp_path):
-    """`torchrun --nproc_per_node 4 train.py parallel.cp=4 parallel.ulysses=2` on a hybrid
+    """`torchrun --nproc_per_node 4 train.py cp.size=4 cp.ulysses=2` on a hybrid
     lightning/sdpa model (Ulysses pairs around lasp and allgather over the outer pair) == one
     process, loss for loss."""
     args = [a for a in SMALL_RUN if not a.startswith(("trainer.steps", "trainer.ckpt_every"))]
@@ -214,7 +208,7 @@ def test_torchrun_ulysses_inside_context_parallel_matches_one_process(tmp_path):
              "trainer.val_every=0"]
     one = _cli(args + [f"hydra.run.dir={tmp_path / 'one'}"], tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
-    _torchrun(args + ["parallel.cp=4", "parallel.ulysses=2"], tmp_path, "four", nproc=4)
+    _torchrun(args + ["cp.size=4", "cp.ulysses=2"], tmp_path, "four", nproc=4)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "four")
     assert sorted(a) == sorted(b) == [1, 2]
     for s in a:
@@ -232,3 +226,24 @@ def test_no_validation_needs_no_validation_split(compose, tmp_path):
     got = losses(tmp_path / "no_val")
     assert sorted(got) == [1, 2] and result == got[2]
     assert not any("val_loss" in l for l in (tmp_path / "no_val/metrics.jsonl").read_text().splitlines())
+
+
+def test_hybrid_layer_options_per_family(compose):
+    """model.layer_options sets the options of a layer_pattern family other than attn=; the
+    rest of its options are its configs/attn/<family>.yaml defaults; bad keys are named."""
+    from models import Transformer
+    cfg = compose("attn=lightning", "model.layer_pattern=[lightning,moba,swa]",
+                  "model.n_layers=3",
+                  "+model.layer_options.moba.block_size=8", "attn.decay_base=4")
+    model = Transformer(train.build_model_config(cfg, 256))
+    light, moba, swa = (model.layers[i].attn for i in range(3))
+    assert (moba.block_size, moba.topk) == (8, 3)          # override, yaml default
+    assert swa.window == 4096                               # configs/attn/swa.yaml
+    assert light.family == "lightning" and moba.family == "moba"
+    with pytest.raises(ValueError, match=r"model.layer_options.moba: unknown key\(s\) blocks"):
+        train.build_model_config(compose("attn=lightning", "model.layer_pattern=[lightning,moba]",
+                                         "+model.layer_options.moba.blocks=8"), 256)
+    with pytest.raises(ValueError, match=r"model.layer_options.flash: options for a "
+                                         r"model.layer_pattern family other than attn=lightning"):
+        train.build_model_config(compose("attn=lightning", "model.layer_pattern=[lightning,moba]",
+                                         "+model.layer_options.flash.qk_norm=true"), 256)

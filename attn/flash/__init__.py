@@ -13,9 +13,14 @@ class FlashCore(SoftmaxAttention):
     """Softmax attention layer whose op is our FlashAttention kernel."""
 
     family = "flash"
+    cp_capabilities = frozenset({"head_parallel", "gather_kv", "lse_blocks"})
+    cp_default = "allgather"
 
     def attend(self, q, k, v, cu_seqlens=None, *, q_offset=0, heads=None):
         return flash_attn(q, k, v, scale=self.scale, cu_seqlens=cu_seqlens, q_offset=q_offset)
+
+    def lse_blocks(self):
+        return flash_fwd, flash_bwd
 
 
 __all__ = ["flash_attn", "flash_fwd", "flash_bwd", "FlashCore"]

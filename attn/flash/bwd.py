@@ -1,11 +1,11 @@
-"""Backward kernels: delta preprocess, dK/dV (one program per key block and KV head, looping
-over the query heads of its GQA group) and dQ (one program per query block and query head).
+"""Backward kernels: dK/dV (one program per key block and KV head, looping over the query heads
+of its GQA group) and dQ (one program per query block and query head).
 
 Deterministic: every output element is written by exactly one program, no atomics. The price is
 that the score tile is recomputed in both kernels (7 block products instead of 5).
 
 Memory plan
-  preprocess : reads O, dO once; writes delta = rowsum(O * dO) fp32 [B, Hq, Tq]
+  preprocess : delta = rowsum(O * dO) fp32 [B, Hq, Tq] (attn/common/softmax.py)
   dK/dV      : registers K, V tiles [BLOCK_N, D] and fp32 accumulators dK, dV [BLOCK_N, D];
                streams Q, dO tiles [BLOCK_M, D] plus lse, delta [BLOCK_M] of each query head of
                the group; writes dK, dV once (KV dtype), so GQA costs no atomics and no copies
@@ -19,42 +19,16 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 import triton.language as tl
 
+from attn.common import alloc
+from attn.common.jit import LOG2E, LOG2E_F, cvt, mma
+from attn.common.launch import dot_precision, pick_dim, use_tma
+from attn.common.softmax import bwd_delta
+from attn.dispatch import INTERPRET
 from attn.flash import common
-from attn.flash.common import (LOG2E, LOG2E_F, cvt, heavy_first, key_hi, mma, row_lo,
-                               row_lo_scalar)
-
-
-@triton.jit
-def _bwd_preprocess(O, DO, DELTA, Tq, H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_M: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    ok = offs_m < Tq
-    # int64 base of the tile's first row (T·H·D may pass 2^31), int32 offsets inside the tile
-    base = (b.to(tl.int64) * Tq + start_m) * (H * HEAD_DIM) + h * HEAD_DIM
-    ptrs = base + tl.arange(0, BLOCK_M)[:, None] * (H * HEAD_DIM) + offs_d[None, :]
-    o = tl.load(O + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-    tl.store(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=ok)
-
-
-def bwd_delta(o, do):
-    """delta = rowsum(o·do), fp32 [B, Hq, Tq], for contiguous o, do [B, Tq, Hq, D]: the
-    preprocess of every softmax backward here (flash, MoBA, NSA's branches)."""
-    B, tq, hq, d = o.shape
-    delta = common.empty((B, hq, tq), torch.float32, o.device)
-    bm = 16 if common.INTERPRET else (64 if d <= 128 else 32)
-    _bwd_preprocess[(triton.cdiv(tq, bm), B * hq)](o, do, delta, tq, H=hq, HEAD_DIM=d,
-                                                    BLOCK_M=bm)
-    return delta
+from attn.flash.common import heavy_first, key_hi, row_lo, row_lo_scalar
 
 
 @triton.jit
@@ -333,15 +307,13 @@ def _bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, SEG_START, SEG_END, s
 # ---------------------------------------------------------------------------------------------
 # launch
 
-# (BLOCK_M, BLOCK_N, warps, stages) per head dim, first = FLASH_AUTOTUNE=0 choice; checked with
-# ptxas for sm_90 (scripts/flash_aot_check.py). At D=128 the fastest dK/dV config on the H100,
-# (64, 128, 8, 2), spills 116 bytes (K, V, dK, dV tiles of 128 keys live all along) and still
-# beats the spill-free ones (sweep in docs/flash_notes.md); at D = 256 every dK/dV config that
-# fits shared memory spills a few dozen bytes.
+# (BLOCK_M, BLOCK_N, warps, stages) per head dim, first = FLASH_AUTOTUNE=0 choice; lists and
+# order from the sweeps in docs/flash_notes.md; checked with ptxas for sm_90
+# (scripts/tune/tune_flash.py --aot). At D=128 the fastest dK/dV config, (64, 128, 8, 2),
+# spills 116 bytes (K, V, dK, dV tiles of 128 keys live all along) and still beats the
+# spill-free ones; at D = 256 every dK/dV config that fits shared memory spills a few dozen bytes.
 # dK/dV: key block resident (BLOCK_N), query blocks streamed (BLOCK_M)
 DKDV_CFGS = {
-    # D = 64 on the H100 (2026-11-27, whole backward, 2 x 16k): 32x64/4/3 8.25 ms, 16x128/8/3
-    # 9.34, 32x128/8/3 10.02, 64x64/8/3 15.07 (4k likewise: 2.36 / 2.61 / 2.86 / 4.25)
     64: [(32, 64, 4, 3), (16, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3)],
     128: [(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)],
     256: [(32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 4, 2)],
@@ -384,7 +356,7 @@ def _fused_configs():
                           num_stages=s) for a, b, c, d, w, s in rows]
 
     def prune(configs, named_args, **kwargs):
-        keep = set(FUSED_CFGS[common.pick_dim(FUSED_CFGS, kwargs["HEAD_DIM"],
+        keep = set(FUSED_CFGS[pick_dim(FUSED_CFGS, kwargs["HEAD_DIM"],
                                               named_args["Q"].dtype)])
         return [c for c in configs if (c.kwargs["BLOCK_M1"], c.kwargs["BLOCK_N1"],
                                        c.kwargs["BLOCK_M2"], c.kwargs["BLOCK_N2"], c.num_warps,
@@ -407,10 +379,10 @@ def _launch(kind, tuned, plain, fixed, interp, n_rows, n_progs, args, meta, blk)
         return
     if kind in common.OVERRIDE:
         bm, bn, w, s = common.OVERRIDE[kind]
-    elif common.INTERPRET:
+    elif INTERPRET:
         bm, bn, w, s = interp["BLOCK_M"], interp["BLOCK_N"], 4, 1
     else:
-        bm, bn, w, s = fixed[common.pick_dim(fixed, meta["HEAD_DIM"], args[0].dtype)][0]
+        bm, bn, w, s = fixed[pick_dim(fixed, meta["HEAD_DIM"], args[0].dtype)][0]
     n_blk = bm if blk == "BLOCK_M" else bn
     plain[(triton.cdiv(n_rows, n_blk), n_progs)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
                                                  num_warps=w, num_stages=s)
@@ -424,20 +396,20 @@ def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=None, dq
     tk, hkv = k.shape[1], k.shape[2]
     if delta is None:
         delta = bwd_delta(o, do)
-    dq = common.empty(q.shape, q.dtype, q.device) if dq_acc is None else dq_acc
-    dk = common.empty(k.shape, k.dtype, k.device)
-    dv = common.empty(v.shape, v.dtype, v.device)
+    dq = alloc.empty(q.shape, q.dtype, q.device) if dq_acc is None else dq_acc
+    dk = alloc.empty(k.shape, k.dtype, k.device)
+    dv = alloc.empty(v.shape, v.dtype, v.device)
     has_seg = seg is not None
     seg_start, seg_end = seg if has_seg else (delta, delta)  # dummies, never read
     meta = dict(HQ=hq, HKV=hkv, HEAD_DIM=d, HAS_SEG=has_seg, HAS_WINDOW=window is not None,
-                DOT_PREC=common.dot_precision(q.dtype))
+                DOT_PREC=dot_precision(q.dtype))
     w = window or 0
     mode = os.environ.get("FLASH_BWD", BWD_MODE)
     if mode not in ("split", "fused"):
         raise ValueError(f"FLASH_BWD={mode!r}: must be 'split' or 'fused'")
     if mode == "fused":
         # the fused kernel's dQ programs overwrite: with dq_acc, a separate sum afterwards
-        dq_f = dq if dq_acc is None else common.empty(q.shape, q.dtype, q.device)
+        dq_f = dq if dq_acc is None else alloc.empty(q.shape, q.dtype, q.device)
         args = (q, k, v, do, lse, delta, dq_f, dk, dv, seg_start, seg_end, scale,
                 scale * LOG2E_F, q_offset, w, tq, tk)
         if common.use_autotune("fused"):
@@ -445,10 +417,10 @@ def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=None, dq
         else:
             if "fused" in common.OVERRIDE:
                 m1, n1, m2, n2, nw, ns = common.OVERRIDE["fused"]
-            elif common.INTERPRET:
+            elif INTERPRET:
                 (m1, n1, m2, n2), nw, ns = INTERP_FUSED, 4, 1
             else:
-                m1, n1, m2, n2, nw, ns = FUSED_CFGS[common.pick_dim(FUSED_CFGS, d, q.dtype)][0]
+                m1, n1, m2, n2, nw, ns = FUSED_CFGS[pick_dim(FUSED_CFGS, d, q.dtype)][0]
             blocks = dict(BLOCK_M1=m1, BLOCK_N1=n1, BLOCK_M2=m2, BLOCK_N2=n2)
             _bwd_fused_kernel[_fused_grid(tq, tk, B * hq)(blocks)](
                 *args, **meta, **blocks, num_warps=nw, num_stages=ns)
@@ -458,9 +430,9 @@ def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=None, dq
     _launch("dkdv", _dkdv_tuned, _dkdv_kernel, DKDV_CFGS, INTERP_DKDV, tk, B * hkv,
             (q, k, v, do, lse, delta, dk, dv, seg_start, seg_end, scale, scale * LOG2E_F,
              q_offset, w, tq, tk, common.launch_sms(q.device)),
-            dict(meta, TMA=common.use_tma("dkdv", q, do)), "BLOCK_N")
+            dict(meta, TMA=use_tma("dkdv", q, do)), "BLOCK_N")
     _launch("dq", _dq_tuned, _dq_kernel, DQ_CFGS, INTERP_DQ, tq, B * hq,
             (q, k, v, do, lse, delta, dq, seg_start, scale, scale * LOG2E_F, q_offset, w, tq, tk,
              common.launch_sms(q.device)),
-            dict(meta, TMA=common.use_tma("dq", k, v), ACC=dq_acc is not None), "BLOCK_M")
+            dict(meta, TMA=use_tma("dq", k, v), ACC=dq_acc is not None), "BLOCK_M")
     return dq, dk, dv

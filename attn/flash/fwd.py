@@ -18,8 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
+from attn.common import alloc
+from attn.common.jit import LN2, LOG2E_F, cvt, mma
+from attn.common.launch import dot_precision, pick_dim
+from attn.dispatch import INTERPRET
 from attn.flash import common
-from attn.flash.common import LN2, LOG2E_F, cvt, heavy_first, mma, row_lo, row_lo_scalar
+from attn.flash.common import heavy_first, row_lo, row_lo_scalar
 
 
 @triton.jit
@@ -145,12 +149,11 @@ def _fwd_kernel(Q, K, V, O, LSE, SEG_START, QS, KS, qk_scale, q_offset, window, 
 # ---------------------------------------------------------------------------------------------
 # launch
 
-# (BLOCK_M, BLOCK_N, warps, stages) per head dim, first = the FLASH_AUTOTUNE=0 choice. All fit
-# sm_90's 227 KB of shared memory and 255 registers (ptxas, scripts/flash_aot_check.py; only
-# (128, 128, 8, 3) at D=128 spills 4 bytes). Sweep on the H100 at T=16k (docs/flash_notes.md):
-# 128x128/8/3 480, 128x64/8/4 479, 128x64/8/3 476, 64x64/4/3 451 TFLOP/s; the rest slower.
-# 64x64/4/3 left the D = 128 list (2026-11-27): the autotuner picked it at 4k from one timing
-# (1.25 ms against 1.28 for 128x64/8/3) and it then ran 1.37 ms, the slowest, against 1.29.
+# (BLOCK_M, BLOCK_N, warps, stages) per head dim, first = the FLASH_AUTOTUNE=0 choice; lists and
+# order from the sweeps in docs/flash_notes.md. All fit sm_90's 227 KB of shared memory and 255
+# registers (ptxas, scripts/tune/tune_flash.py --aot; only (128, 128, 8, 3) at D=128 spills 4
+# bytes).
+# 64x64/4/3 stays out of the D = 128 list: a single noisy timing made the autotuner pick it.
 FWD_CFGS = {
     64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
     128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)],
@@ -172,24 +175,24 @@ def fwd_triton(q, k, v, scale, seg_start, q_offset, window, q_scale=None, k_scal
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     fp8 = q_scale is not None
-    o = common.empty(q.shape, v.dtype if fp8 else q.dtype, q.device)
-    lse = common.empty((B, hq, tq), torch.float32, q.device)
+    o = alloc.empty(q.shape, v.dtype if fp8 else q.dtype, q.device)
+    lse = alloc.empty((B, hq, tq), torch.float32, q.device)
     has_seg = seg_start is not None
     seg = seg_start if has_seg else lse  # dummy pointer, never read
     args = (q, k, v, o, lse, seg, q_scale if fp8 else lse, k_scale if fp8 else lse,
             scale * LOG2E_F, q_offset, window or 0, tq, tk, common.launch_sms(q.device))
     meta = dict(HQ=hq, HKV=hkv, HEAD_DIM=d, HAS_SEG=has_seg, HAS_WINDOW=window is not None,
-                FP8=fp8, DOT_PREC=common.dot_precision(q.dtype))
+                FP8=fp8, DOT_PREC=dot_precision(q.dtype))
     if common.use_autotune("fwd"):
         grid = lambda m: (triton.cdiv(tq, m["BLOCK_M"]), B * hq)  # noqa: E731
         _fwd_tuned[grid](*args, **meta)
     else:
         if "fwd" in common.OVERRIDE:
             bm, bn, w, s = common.OVERRIDE["fwd"]
-        elif common.INTERPRET:
+        elif INTERPRET:
             bm, bn, w, s = INTERP_BLOCKS["BLOCK_M"], INTERP_BLOCKS["BLOCK_N"], 4, 1
         else:
-            bm, bn, w, s = FWD_CFGS[common.pick_dim(FWD_CFGS, d, v.dtype)][0]
+            bm, bn, w, s = FWD_CFGS[pick_dim(FWD_CFGS, d, v.dtype)][0]
         _fwd_kernel[(triton.cdiv(tq, bm), B * hq)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn,
                                                     num_warps=w, num_stages=s)
     return o, lse

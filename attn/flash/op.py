@@ -19,11 +19,10 @@ from typing import Optional
 
 import torch
 
-from attn.dispatch import check_triton_inputs, impl_for
-
-from attn.flash import common
+from attn.common.checks import check_bwd_buffers, check_cu_values, check_qkv
+from attn.common.documents import key_doc_bounds
+from attn.dispatch import impl_for
 from attn.flash.ref import flash_attn_ref, flash_bwd_ref
-from attn.masks import check_cu_seqlens, check_cu_values
 
 _HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -31,53 +30,18 @@ _HEAD_DIMS = (16, 32, 64, 128, 256)
 _impl = impl_for  # see attn/dispatch.py
 
 
-def _check(q, k, v, scale, cu_seqlens, q_offset, window, impl, causal=True):
+def _check(fn, q, k, v, scale, cu_seqlens, q_offset, window, impl, causal=True):
     """Validate the contract; return the scale as a float (raises ValueError naming the rule)."""
     if not causal and (cu_seqlens is not None or window is not None or q_offset != 0):
-        raise ValueError("causal=False (every query sees every key) takes no cu_seqlens, window "
-                         f"or q_offset, got cu_seqlens={'set' if cu_seqlens is not None else None}"
-                         f", window={window}, q_offset={q_offset}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, T, H, D], got "
-                             f"{getattr(t, 'shape', type(t))}")
-    if k.shape != v.shape:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    B, tq, hq, d = q.shape
-    if k.shape[0] != B or k.shape[3] != d:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch (dim 0) "
-                         "and head dim (dim 3)")
-    hkv = k.shape[2]
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"GQA: Hq={hq} (q dim 2) must be a multiple of Hkv={hkv} (k dim 2)")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    tk = k.shape[1]
-    if causal and (not isinstance(q_offset, int) or q_offset < 0 or q_offset + tq > tk):
-        raise ValueError(f"q_offset={q_offset!r} must be an int with 0 <= q_offset and "
-                         f"q_offset + Tq <= Tk (Tq={tq}, Tk={tk})")
-    if window is not None and (not isinstance(window, int) or window < 1):
-        raise ValueError(f"window={window!r} must be None or an int >= 1")
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.device != q.device:
-            raise ValueError(f"cu_seqlens must be a tensor on q's device ({q.device})")
-        check_cu_seqlens(cu_seqlens, B, tk)
-    if impl == "triton":
-        check_triton_inputs(q, _HEAD_DIMS)
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not t.is_contiguous():
-                raise ValueError(f"{name} must be contiguous in the [B, T, H, D] layout "
-                                 f"(strides {t.stride()}); call .contiguous() first")
-        # (T·H·D may pass 2^31: the kernels offset rows in int64)
-    elif not q.is_floating_point():
-        raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
-    return float(d ** -0.5 if scale is None else scale)
-
-
-def _seg(cu_seqlens, tk):
-    return None if cu_seqlens is None else common.seg_arrays(cu_seqlens, tk)
+        raise ValueError(f"{fn}: causal=False (every query sees every key) takes no cu_seqlens, "
+                         f"window or q_offset, got cu_seqlens="
+                         f"{'set' if cu_seqlens is not None else None}, window={window}, "
+                         f"q_offset={q_offset}")
+    # (T·H·D may pass 2^31: the kernels offset rows in int64)
+    check_qkv(fn, q, k, v, q_offset=q_offset if causal else None, window=window,
+              cu_seqlens=cu_seqlens, head_dims=_HEAD_DIMS if impl == "triton" else None,
+              contiguous=impl == "triton")
+    return float(q.shape[3] ** -0.5 if scale is None else scale)
 
 
 def _kernel_offset(causal, q_offset, tk):
@@ -90,13 +54,13 @@ def flash_fwd(q, k, v, *, scale=None, causal: bool = True, cu_seqlens=None, q_of
     """Forward primitive (no autograd): (o [B, Tq, Hq, D] q.dtype, lse [B, Hq, Tq] fp32)."""
     impl = _impl(q)
     q, k, v = (t.contiguous() if isinstance(t, torch.Tensor) else t for t in (q, k, v))
-    scale = _check(q, k, v, scale, cu_seqlens, q_offset, window, impl, causal)
+    scale = _check("flash_fwd", q, k, v, scale, cu_seqlens, q_offset, window, impl, causal)
     if impl == "ref":
         with torch.no_grad():
             return flash_attn_ref(q, k, v, scale=scale, cu_seqlens=cu_seqlens,
                                   q_offset=q_offset, window=window, causal=causal)
     from attn.flash.fwd import fwd_triton
-    seg = _seg(cu_seqlens, k.shape[1])
+    seg = key_doc_bounds(cu_seqlens, k.shape[1])
     return fwd_triton(q, k, v, scale, None if seg is None else seg[0],
                       _kernel_offset(causal, q_offset, k.shape[1]), window)
 
@@ -108,23 +72,24 @@ def flash_bwd(do, q, k, v, o, lse, *, scale=None, causal: bool = True, cu_seqlen
     here); dq, a contiguous tensor like q that this dQ is added to (returned)."""
     impl = _impl(q)
     q, k, v = (t.contiguous() if isinstance(t, torch.Tensor) else t for t in (q, k, v))
-    scale = _check(q, k, v, scale, cu_seqlens, q_offset, window, impl, causal)
+    scale = _check("flash_bwd", q, k, v, scale, cu_seqlens, q_offset, window, impl, causal)
     if do.shape != q.shape or o.shape != q.shape:
-        raise ValueError(f"do {tuple(do.shape)} and o {tuple(o.shape)} must have q's shape "
-                         f"{tuple(q.shape)}")
+        raise ValueError(f"flash_bwd: do {tuple(do.shape)} and o {tuple(o.shape)} must have q's "
+                         f"shape {tuple(q.shape)}")
     B, tq, hq, _ = q.shape
     if lse.shape != (B, hq, tq):
-        raise ValueError(f"lse must be [B, Hq, Tq] = {(B, hq, tq)}, got {tuple(lse.shape)}")
+        raise ValueError(f"flash_bwd: lse must be [B, Hq, Tq] = {(B, hq, tq)}, got "
+                         f"{tuple(lse.shape)}")
     if impl == "ref":  # uses the given o, lse: ring attention passes the merged ones
         if delta is not None or dq is not None:
             raise ValueError("flash_bwd: delta= and dq= are Triton-path options (CUDA tensors)")
         return flash_bwd_ref(do, q, k, v, o, lse, scale=scale, cu_seqlens=cu_seqlens,
                              q_offset=q_offset, window=window, causal=causal)
     if lse.dtype != torch.float32 or do.dtype != q.dtype or o.dtype != q.dtype:
-        raise ValueError(f"lse must be float32 and do, o in q's dtype {q.dtype}, got lse "
-                         f"{lse.dtype}, do {do.dtype}, o {o.dtype}")
-    common.check_bwd_buffers(q, delta, dq, "flash_bwd: ")
-    return _bwd(do, q, k, v, o, lse, scale, _seg(cu_seqlens, k.shape[1]),
+        raise ValueError(f"flash_bwd: lse must be float32 and do, o in q's dtype {q.dtype}, got "
+                         f"lse {lse.dtype}, do {do.dtype}, o {o.dtype}")
+    check_bwd_buffers(q, delta, dq, "flash_bwd: ")
+    return _bwd(do, q, k, v, o, lse, scale, key_doc_bounds(cu_seqlens, k.shape[1]),
                 _kernel_offset(causal, q_offset, k.shape[1]), window, delta, dq)
 
 
@@ -143,14 +108,15 @@ def flash_fwd_fp8(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, wi
     accumulation); softmax, P V and the output stay in v's dtype (bf16/fp16). No backward:
     an inference / evaluation option. Needs CUDA (sm_89+). Returns (o, lse) like flash_fwd."""
     if not q.is_cuda:
-        raise ValueError(f"flash_fwd_fp8 needs CUDA tensors (FP8 tensor cores), q is on {q.device}")
-    scale = _check(q, k, v, scale, cu_seqlens, q_offset, window, "triton")
+        raise ValueError(f"flash_fwd_fp8: needs CUDA tensors (FP8 tensor cores), q is on "
+                         f"{q.device}")
+    scale = _check("flash_fwd_fp8", q, k, v, scale, cu_seqlens, q_offset, window, "triton")
     if q.dtype == torch.float32:
         raise ValueError("flash_fwd_fp8: q, k, v must be bfloat16 or float16")
     from attn.flash.fwd import fwd_triton
     q8, qs = quantize_fp8(q)
     k8, ks = quantize_fp8(k)
-    seg = _seg(cu_seqlens, k.shape[1])
+    seg = key_doc_bounds(cu_seqlens, k.shape[1])
     return fwd_triton(q8, k8, v, scale, None if seg is None else seg[0], q_offset, window,
                       q_scale=qs, k_scale=ks)
 
@@ -171,7 +137,7 @@ def _flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
                   window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
     from attn.flash.fwd import fwd_triton
     check_cu_values(cu_seqlens, k.shape[1])
-    seg = _seg(cu_seqlens, k.shape[1])
+    seg = key_doc_bounds(cu_seqlens, k.shape[1])
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return fwd_triton(q, k, v, scale, None if seg is None else seg[0], q_offset, window)
 
@@ -189,7 +155,8 @@ def _flash_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   cu_seqlens: Optional[torch.Tensor], q_offset: int,
                   window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _bwd(do, q, k, v, o, lse, scale, _seg(cu_seqlens, k.shape[1]), q_offset, window)
+    seg = key_doc_bounds(cu_seqlens, k.shape[1])
+    return _bwd(do, q, k, v, o, lse, scale, seg, q_offset, window)
 
 
 @_flash_bwd_op.register_fake
@@ -219,7 +186,7 @@ def flash_attn(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, windo
                return_lse: bool = False):
     """Causal softmax attention ([B, T, H, D]); returns o, or (o, lse) with return_lse."""
     impl = _impl(q)
-    scale = _check(q, k, v, scale, cu_seqlens, q_offset, window, impl)
+    scale = _check("flash_attn", q, k, v, scale, cu_seqlens, q_offset, window, impl)
     if impl == "ref":
         o, lse = flash_attn_ref(q, k, v, scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset,
                                 window=window)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from attn.masks import causal_mask, check_cu_seqlens
+from attn.common.checks import check_cu_seqlens
+from attn.masks import causal_mask
 
 
 def _visible(tq, tk, q_offset, cu_seqlens, window, causal, device):

@@ -7,7 +7,7 @@ are shared with attn/linear (attn/linear/kernels.py, decay variant); ref.py is t
 from __future__ import annotations
 
 from attn.lightning.core import LightningCore, alibi_slopes
-from attn.lightning.op import lightning_attn, lightning_bwd, lightning_fwd, lightning_state
+from attn.lightning.op import lightning_attn, lightning_bwd, lightning_fwd
 
-__all__ = ["lightning_attn", "lightning_fwd", "lightning_bwd", "lightning_state", "LightningCore",
+__all__ = ["lightning_attn", "lightning_fwd", "lightning_bwd", "LightningCore",
            "alibi_slopes"]

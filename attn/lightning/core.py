@@ -17,7 +17,6 @@ import math
 import torch
 
 from attn.linear.core import ScanCore
-from attn.lightning.op import lightning_state
 from attn.linear.op import scan_attn
 
 LAYER_EPS = 1e-5  # TransNormerLLM's floor on the depth factor: the last layer keeps a tiny decay
@@ -64,12 +63,6 @@ class LightningCore(ScanCore):
         return scan_attn("lightning_attn", q, k, v, slopes, self.scale, initial_state,
                          want_state, cu_seqlens, decay=True,
                          maps=maps or ("identity", "identity"))
-
-    def _state_op(self, k, v, cu_seqlens, initial_state, heads):
-        slopes = self.slopes(k.device)
-        if heads is not None:
-            slopes = self._head_slopes(slopes, heads)
-        return lightning_state(k, v, slopes, initial_state=initial_state, cu_seqlens=cu_seqlens)
 
     def _head_slopes(self, slopes, heads):
         key = (str(slopes.device), str(heads))

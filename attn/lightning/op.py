@@ -6,15 +6,13 @@
         -> (o, final_state)                                   (no autograd; LASP's forward step)
     lightning_bwd(do, q, k, v, slopes, initial_state=None, d_final_state=None, *, scale=None,
                   cu_seqlens=None) -> (dq, dk, dv, d_initial_state)    (LASP's backward step)
-    lightning_state(k, v, slopes, *, initial_state=None, cu_seqlens=None) -> final_state
-        (differentiable, no outputs computed: LASP's first pass)
 `fwd` / `bwd` are aliases. S_t = exp(-slopes[h]) S_{t-1} + k_t^T v_t, o_t = scale q_t S_t; slopes
 fp32 [H] >= 0 (0 gives plain linear attention), not differentiated. Shapes, dtypes, dispatch
 (Triton on CUDA, reference on CPU, ATTN_IMPL) and the kernels are those of attn/linear/op.py.
 """
 from __future__ import annotations
 
-from attn.linear.op import scan_attn, scan_bwd, scan_fwd, scan_state
+from attn.linear.op import scan_attn, scan_bwd, scan_fwd
 
 
 def lightning_attn(q, k, v, slopes, *, scale=None, initial_state=None, output_final_state=False,
@@ -35,12 +33,6 @@ def lightning_bwd(do, q, k, v, slopes, initial_state=None, d_final_state=None, *
     """CP primitive: (dq, dk, dv, d_initial_state) of lightning_fwd given do and d final_state."""
     return scan_bwd("lightning_bwd", do, q, k, v, slopes, initial_state, d_final_state, scale,
                     cu_seqlens, decay=True)
-
-
-def lightning_state(k, v, slopes, *, initial_state=None, cu_seqlens=None):
-    """Final state [B or N, H, Dk, Dv] fp32 of lightning_attn without computing the outputs
-    (differentiable; LASP's first pass)."""
-    return scan_state("lightning_state", k, v, slopes, initial_state, cu_seqlens, decay=True)
 
 
 fwd, bwd = lightning_fwd, lightning_bwd

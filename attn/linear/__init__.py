@@ -8,6 +8,6 @@ dispatch and autograd, core.py the layer.
 from __future__ import annotations
 
 from attn.linear.core import LinearCore
-from attn.linear.op import linear_attn, linear_bwd, linear_fwd, linear_state
+from attn.linear.op import linear_attn, linear_bwd, linear_fwd
 
-__all__ = ["linear_attn", "linear_fwd", "linear_bwd", "linear_state", "LinearCore"]
+__all__ = ["linear_attn", "linear_fwd", "linear_bwd", "LinearCore"]

@@ -46,6 +46,9 @@ def _pick(table, value, key):
 class ScanCore(AttentionCore):
     """Shared body: projections, q/k feature map, v activation, output norm, gate."""
 
+    cp_capabilities = frozenset({"head_parallel", "state_passing"})
+    cp_default = "lasp"
+
     def __init__(self, dim, n_heads, n_kv_heads, head_dim=None, layer_idx=0, n_layers=1, *,
                  qk_map="identity", v_map="identity", norm="head", gate="none", scale=None,
                  norm_eps=1e-5):
@@ -123,30 +126,25 @@ class ScanCore(AttentionCore):
         c = min(CHUNK, seq_len)
         return float(self.n_heads * (4 * self.head_dim ** 2 + 2 * c * self.head_dim))
 
-
     # --- the op, and the hooks context parallelism uses (parallel/lasp.py, parallel/ulysses.py)
     @abstractmethod
     def _op(self, q, k, v, cu_seqlens, initial_state, want_state, heads, maps=None):
         """(o, final_state or None) of the family's op; maps (names of the q/k and v feature
         maps): the op applies them to q, k, v first (forward's own path)."""
 
-    def attend(self, q, k, v, cu_seqlens=None, heads=None):
+    def attend(self, q, k, v, cu_seqlens=None, *, q_offset=0, heads=None):
         """o = op(q, k, v) from a zero state; `heads` (a slice of this layer's heads, given by
-        Ulysses) selects per-head constants such as lightning's slopes."""
+        Ulysses) selects per-head constants such as lightning's slopes. Queries start at key 0
+        (a state carries the past: no q_offset, see `attend_with_state`)."""
+        if q_offset:
+            raise ValueError(f"q_offset={q_offset}: attn={self.family} takes no q_offset; its "
+                             "past enters through initial_state (attend_with_state)")
         return self._op(q, k, v, cu_seqlens, None, False, heads)[0]
 
     def attend_with_state(self, q, k, v, cu_seqlens=None, initial_state=None, heads=None):
         """(o, final_state fp32 [N_docs, H, Dk, Dv]) from `initial_state` (None: zeros), both
         differentiable: LASP chains chunks through them."""
         return self._op(q, k, v, cu_seqlens, initial_state, True, heads)
-
-    def final_state(self, k, v, cu_seqlens=None, initial_state=None, heads=None):
-        """Only the final state (differentiable), no outputs: LASP's first pass."""
-        return self._state_op(k, v, cu_seqlens, initial_state, heads)
-
-    @abstractmethod
-    def _state_op(self, k, v, cu_seqlens, initial_state, heads):
-        """The final state alone (differentiable)."""
 
     def log_decay(self) -> torch.Tensor:
         """Per-token log decay of the state per head, [H] fp32 <= 0 (0: no decay)."""
@@ -169,6 +167,3 @@ class LinearCore(ScanCore):
         return scan_attn("linear_attn", q, k, v, None, self.scale, initial_state, want_state,
                          cu_seqlens, decay=False, maps=maps or ("identity", "identity"))
 
-    def _state_op(self, k, v, cu_seqlens, initial_state, heads):
-        from attn.linear.op import linear_state
-        return linear_state(k, v, initial_state=initial_state, cu_seqlens=cu_seqlens)

@@ -1,66 +1,38 @@
-"""Triton kernels of the linear-attention families (`linear`: no decay, `lightning`: decay).
+"""Triton kernels of the linear-attention families (`linear`: no decay, `lightning`: a per-head
+decay lam = exp(-slope), slope >= 0; HAS_DECAY=False compiles a variant without any exp).
 
-One generic "decayed linear scan" is enough for the forward and for all three gradients. With a
-per-head decay lam = exp(-slope) (slope >= 0; the `linear` family compiles the HAS_DECAY=False
-variant, which has no exp at all), the kernels compute, over the rows t of one document,
-
-    forward  (REVERSE=False):  O_t = s_intra * sum_{u<=t, same chunk} lam^(t-u) (A_t.B_u) V_u
-                                   + s_inter * lam^(t-c0+1) A_t S          (c0: chunk start)
-                               S  <- lam^L S + s_upd * sum_u lam^(c1-u) B_u^T V_u  (c1: chunk end-1)
-    reverse  (REVERSE=True):   O_t = s_intra * sum_{u>=t, same chunk} lam^(u-t) (A_t.B_u) V_u
-                                   + s_inter * lam^(c1-t) A_t S
-                               S  <- lam^L S + s_upd * sum_u lam^(u-c0+1) B_u^T V_u
-
-S being the state carried across chunks ([DA, DV], fp32, on chip). Lightning Attention-2 tiling:
-inside a chunk the left product ((A B^T) * decay mask) V, across chunks the right product A S.
-Every exponent above is <= 0 (decays are taken relative to chunk / segment ends or starts), so no
-exp overflows, whatever the slope and the sequence length.
-
-The roles (A, B, V, S) per use (q, k, v, o, do in [B*T, H, D], scale = softmax-style scale):
-    o  = fwd(A=q,  B=k,  V=v,  S=state,    s=(scale, scale, 1))
-    dq = fwd(A=do, B=v,  V=k,  S=state^T,  s=(scale, scale, 1))
-    dv = rev(A=k,  B=q,  V=do, S=dstate,   s=(scale, 1, scale))
-    dk = rev(A=v,  B=do, V=q,  S=dstate^T, s=(scale, 1, scale))
-where state is the KV state before a segment and dstate the gradient reaching the state at a
-segment's last position from everything after it (it starts from d final_state); a transpose is
-only a swap of the two state strides.
-
-Passes (a chunkwise-parallel scan over *segments* of SEG_LEN tokens, never across documents):
-  1. seg_state: every (segment, head, tile) sums its own decayed B^T V   -> states [NS, H, DA, DV]
-  2. state_scan: per (document, head, tile), a sequential pass over the document's segments turns
-     the local sums into the state entering each segment (in place) and the final state
-     (four segments' loads in flight at a time: the chain of steps is latency-bound).
-  3. chunk_out: every (segment, head, DV tile) starts from its segment's state and walks its
-     chunks in order, keeping S on chip (Lightning Attention-2 within the segment).
-Memory plan: HBM holds only q/k/v/o (and do/dq/dk/dv) and one fp32 state per (segment, head):
-NS*H*D*D*4 bytes = H*D*D*4/SEG_LEN per token (32 B per token per head at D=128, SEG_LEN 2048),
-1/32 of a per-chunk state, so the traffic is essentially q/k/v/o (the forward is bound by HBM
-bandwidth: pass 1 reads k, v and pass 3 reads q, k, v and writes o); the segment states are
-saved for the backward (dq needs them), nothing else is. On chip, pass 3 keeps the [DA, BV] fp32
-state, the [BT, BT] scores and the [BT, BV] output in registers (DA=128, BT=BV=64: 32 + 16 + 16 KB
-per program) and streams A, B, V chunks through shared memory (2-stage cp.async pipeline, 90 KB).
+One generic chunked scan with roles (A, B, V, S) serves the forward and every gradient (the
+roles: docs/lightning_notes.md). Forward (REVERSE=False), over the rows t of one document:
+O_t = s_intra Σ_{u<=t, same chunk} lam^(t-u) (A_t.B_u) V_u + s_inter lam^(t-c0+1) A_t S and
+S <- lam^L S + s_upd Σ_u lam^(c1-u) B_u^T V_u (c0, c1: the chunk's first and last row); the
+reverse scan mirrors it (u >= t, decays towards the chunk start). Every exponent is <= 0, so no
+exp overflows. Passes over segments of SEG_LEN tokens that never cross a document:
+  1. seg_state   every (segment, head, tile) sums its own decayed B^T V -> states [NS, H, DA, DV]
+  2. state_scan  per (document, head, tile) a sequential walk over its segments turns the sums
+                 into the state entering each segment (in place) and the final state
+  3. chunk_out   every (segment, head, DV tile) walks its chunks from its segment's state
+Memory plan: HBM holds q/k/v/o (do/dq/dk/dv) and one fp32 state per (segment, head), H·D²·4 /
+SEG_LEN bytes per token (saved for the backward). Pass 3 keeps the [DA, BV] fp32 state, the
+[BT, BT] scores and the [BT, BV] output in registers and streams A, B, V chunks through shared
+memory (2-stage cp.async pipeline).
 """
 from __future__ import annotations
-
 
 import triton
 import triton.language as tl
 
-# set before any kernel is defined (tests/conftest.py does it): kernels then run on CPU tensors
-from attn.dispatch import INTERPRET  # noqa: E402
+# (TRITON_INTERPRET=1, set before this import as tests/conftest.py does, runs the kernels on CPU
+# tensors)
+from attn.common.jit import cvt, mma
 
 # Tokens per segment, the unit of parallelism of passes 1 and 3 and the step of the sequential
-# pass 2; the launch (op._Layout) halves it, down to 512, while a call has fewer than 256
+# pass 2; the launch (launch.seg_len) halves it, down to 512, while a call has fewer than 256
 # (segment, head) pairs, so that small batches still fill the GPU. 2048 = 32 chunks of 64: a
-# 32k-token batch at H = 16 gives 256 (segment, head) pairs, 512 pass-3 programs at BV = 64.
-# H200, 32k tokens (docs/benchmarks.md): 2048 against 1024 cuts the forward by 7-12 % (fewer
-# segment states to write, scan and read) and the backward by ~6 %. Must be a multiple of every BT
-# below.
+# 32k-token batch at H = 16 gives 256 (segment, head) pairs, 512 pass-3 programs at BV = 64;
+# longer segments mean fewer states to write, scan and read (docs/lightning_notes.md). Must be
+# a multiple of every BT in launch.py's configs.
 SEG_LEN = 2048
 MIN_PAIRS = 256  # (segment, head) pairs below which the segment length is halved
-
-# interpreter-safe dot and cast, shared with the other families (attn/triton_common.py)
-from attn.triton_common import cvt as _cvt, mma as _dot  # noqa: E402
 
 
 @triton.jit
@@ -120,8 +92,8 @@ def seg_state_kernel(B_ptr, V_ptr, slopes_ptr, out_ptr, seg_tab, T, NSEG, s_upd,
             else:
                 dist = end - start - 1 - rows
             w = tl.exp(-slope * tl.where(valid, dist, 0).to(tl.float32))
-            v = _cvt(v.to(tl.float32) * w[:, None], v.dtype)
-        acc = _dot(tl.trans(b), v, acc, DOT_PREC)
+            v = cvt(v.to(tl.float32) * w[:, None], v.dtype)
+        acc = mma(tl.trans(b), v, acc, DOT_PREC)
     acc = acc * s_upd
     base = (seg * H + h).to(tl.int64) * (DA * DV)
     tl.store(out_ptr + base + offs_a[:, None] * DV + offs_v[None, :], acc)
@@ -263,7 +235,7 @@ def chunk_out_kernel(A_ptr, B_ptr, V_ptr, st_ptr, stride_sa, stride_sv, O_ptr, s
                     other=0.0)
         # right product with the state carried from earlier (later, REVERSE) chunks, rows
         # decayed from the chunk boundary: one [BT, BV] fp32 accumulator for the whole output
-        o = _dot(a, _cvt(S, a.dtype), None, DOT_PREC)
+        o = mma(a, cvt(S, a.dtype), None, DOT_PREC)
         if HAS_DECAY:
             if REVERSE:
                 e_out = L - 1 - offs_t
@@ -273,7 +245,7 @@ def chunk_out_kernel(A_ptr, B_ptr, V_ptr, st_ptr, stride_sa, stride_sv, O_ptr, s
         else:
             o = o * s_inter
         # left product inside the chunk: ((A B^T) * decay mask * s_intra) V, accumulated on o
-        s = _dot(a, tl.trans(b), None, DOT_PREC)
+        s = mma(a, tl.trans(b), None, DOT_PREC)
         if HAS_DECAY:
             dist = tl.where(keep, ii - jj, 0)
             if REVERSE:
@@ -281,9 +253,9 @@ def chunk_out_kernel(A_ptr, B_ptr, V_ptr, st_ptr, stride_sa, stride_sv, O_ptr, s
             s = tl.where(keep, s * tl.exp(-slope * dist.to(tl.float32)), 0.0) * s_intra
         else:
             s = tl.where(keep, s * s_intra, 0.0)
-        o = _dot(_cvt(s, v.dtype), v, o, DOT_PREC)
+        o = mma(cvt(s, v.dtype), v, o, DOT_PREC)
         tl.store(o_base + rows[:, None] * (H * DV) + offs_v[None, :],
-                 _cvt(o, O_ptr.dtype.element_ty), mask=valid[:, None])
+                 cvt(o, O_ptr.dtype.element_ty), mask=valid[:, None])
         # state update: S <- lam^L S + s_upd * B^T (w V), w the decay to the chunk boundary
         if HAS_DECAY:
             if REVERSE:
@@ -292,8 +264,8 @@ def chunk_out_kernel(A_ptr, B_ptr, V_ptr, st_ptr, stride_sa, stride_sv, O_ptr, s
                 e_upd = L - 1 - offs_t
             w = tl.exp(-slope * tl.where(valid, e_upd, 0).to(tl.float32)) * s_upd
             S = S * tl.exp(-slope * L.to(tl.float32))
-            vw = _cvt(v.to(tl.float32) * w[:, None], v.dtype)
+            vw = cvt(v.to(tl.float32) * w[:, None], v.dtype)
         else:
-            vw = _cvt(v.to(tl.float32) * s_upd, v.dtype)
-        S = _dot(tl.trans(b), vw, S, DOT_PREC)
+            vw = cvt(v.to(tl.float32) * s_upd, v.dtype)
+        S = mma(tl.trans(b), vw, S, DOT_PREC)
 

@@ -4,8 +4,6 @@
         The definition, token by token: S_t = lam_h S_{t-1} + k_t^T v_t, o_t = scale q_t S_t,
         lam_h = exp(-slopes[h]) (1 without slopes), S_{-1} = initial_state or 0, per document.
         Computes in float64 when given float64 (the test oracle), else in float32.
-    final_state(k, v, slopes=None, *, initial_state, cu_seqlens) -> final_state
-        Only the state after the last token, in closed form (differentiable).
     chunked(...) -> (o, final_state)
         The same function in chunks of CHUNK tokens (what the kernels do, in torch ops): the CPU
         path of `linear_attn` / `lightning_attn`, differentiable by autograd. Matmul operands
@@ -129,26 +127,6 @@ def recurrent(q, k, v, slopes=None, *, scale=None, initial_state=None, cu_seqlen
 def chunked(q, k, v, slopes=None, *, scale=None, initial_state=None, cu_seqlens=None):
     """The chunked form (CPU path); equal to `recurrent` up to rounding."""
     return _per_document(_chunked_one, q, k, v, slopes, scale, initial_state, cu_seqlens)
-
-
-def _state_one(q, k, v, loglam, scale, init):
-    """Final state only, in closed form: lam^L S_init + sum_t lam^(L-1-t) k_t^T v_t."""
-    T, H, D = k.shape
-    sd = _state_dtype(k.dtype)
-    S = torch.zeros(H, D, v.shape[-1], dtype=sd, device=k.device) if init is None else init
-    if loglam is None:
-        loglam = torch.zeros(H, dtype=sd, device=k.device)
-    dist = torch.arange(T - 1, -1, -1, device=k.device, dtype=sd)       # L-1-t
-    w = torch.exp(loglam[None, :] * dist[:, None])                       # [T, H]
-    vw = (v.to(sd) * w[..., None]).to(k.dtype)
-    kv = torch.einsum("thd,the->hde", k, vw).to(sd)
-    return None, torch.exp(loglam * T)[:, None, None] * S + kv
-
-
-def final_state(k, v, slopes=None, *, initial_state=None, cu_seqlens=None):
-    """The final state alone (what LASP's first pass needs), [B or N, H, Dk, Dv]."""
-    _, st = _per_document(_state_one, k, k, v, slopes, 1.0, initial_state, cu_seqlens)
-    return st
 
 
 def masked(q, k, v, slopes=None, *, scale=None, initial_state=None, cu_seqlens=None):

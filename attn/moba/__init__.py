@@ -16,6 +16,8 @@ class MoBACore(SoftmaxAttention):
     model.layer_pattern (the paper's hybrid)."""
 
     family = "moba"
+    cp_capabilities = frozenset({"head_parallel", "gather_kv"})
+    cp_default = "allgather"  # per-shard gating: each rank routes its own queries
 
     def __init__(self, dim, n_heads, n_kv_heads, head_dim=None, layer_idx=0, n_layers=1, *,
                  block_size: int = 512, topk: int = 3, qk_norm: bool = False):

@@ -21,9 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from attn.flash import common
-from attn.flash.bwd import bwd_delta
-from attn.flash.common import LOG2E, LOG2E_F, cvt, mma
+from attn.common import alloc
+from attn.common.jit import LOG2E, LOG2E_F, cvt, mma
+from attn.common.launch import dot_precision
+from attn.common.softmax import bwd_delta
+from attn.dispatch import INTERPRET
 from attn.moba.fwd import dq_triton
 from attn.moba.routed import even_blocks
 
@@ -127,8 +129,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KBLK, BLK_END, ROWPTR, ENTRIES
                 # a routed row sees the whole (earlier, complete) block: window [0, BIG)
                 lo = tl.where(in_j, 0, 2 ** 30)
                 hi = tl.where(in_j, 2 ** 30, -1)
-                # (loading the next chunk's row ids one iteration ahead, as the routed kernels
-                # do, made this loop slower on the H100: 4.34 against 3.95 ms at 64k)
+                # row ids are loaded in the iteration that uses them: one chunk ahead, as the
+                # routed kernels do, is slower here (docs/moba_notes.md)
                 for i0 in range(0, cnt, BLOCK_M):
                     r_ok = i0 + offs_m < cnt
                     rows = tl.load(ENTRIES + beg + i0 + offs_m, mask=r_ok, other=0) // NSEL
@@ -139,9 +141,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KBLK, BLK_END, ROWPTR, ENTRIES
     tl.store(DV + kv_off, cvt(dv, DV.dtype.element_ty), mask=n_ok[:, None])
 
 
-# (BLOCK_M, BLOCK_N, warps, stages). H100 sweep at 64k (scripts/moba_parts.py), dK/dV ms
-# (backward minus dQ): (64, 64, 8, 2) 8.42, (64, 128, 8, 2) 4.79, (64, 64, 4, 2) 4.86,
-# (32, 64, 4, 2) 4.36 (smaller row chunks: the gathered rows of a block are mostly few per tile)
+# (BLOCK_M, BLOCK_N, warps, stages): the sweep's fastest (docs/moba_notes.md); 32-row chunks, as
+# the gathered rows of a block are mostly few per key tile
 GPU_DKDV = (32, 64, 4, 2)
 INTERP_DKDV = (16, 16, 4, 1)
 
@@ -159,16 +160,16 @@ def bwd_triton(do, q, k, v, o, lse, sel, table, scale, q_offset, index=None, blo
     dq = dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index, block_size)
     routed = index is not None
     rowptr, entries = index if routed else (blk_start, blk_start)  # dummies, never read
-    dk = common.empty(k.shape, k.dtype, k.device)
-    dv = common.empty(v.shape, v.dtype, v.device)
-    bm, bn, w, s = INTERP_DKDV if common.INTERPRET else GPU_DKDV
-    if not common.INTERPRET and q.dtype == torch.float32 and d == 128:
+    dk = alloc.empty(k.shape, k.dtype, k.device)
+    dv = alloc.empty(v.shape, v.dtype, v.device)
+    bm, bn, w, s = INTERP_DKDV if INTERPRET else GPU_DKDV
+    if not INTERPRET and q.dtype == torch.float32 and d == 128:
         bm = 32
     _dkdv_kernel[(triton.cdiv(tk, bn), B * hkv)](
         q, k, v, do, lse, delta, dk, dv, kblk, blk_end, rowptr, entries, scale, scale * LOG2E_F,
         q_offset, tq, tk, nb, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
         NSEL=sel.shape[-1], ROUTED=routed,
         ALIGNED=not has_docs and even_blocks(block_size, bn),
-        DOT_PREC=common.dot_precision(q.dtype),
+        DOT_PREC=dot_precision(q.dtype),
         num_warps=w, num_stages=s)
     return dq, dk, dv

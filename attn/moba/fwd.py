@@ -24,10 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from attn.flash import common
-from attn.flash.common import LN2, LOG2E, LOG2E_F, cvt, mma
+from attn.common import alloc
+from attn.common.jit import LN2, LOG2E, LOG2E_F, cvt, mma
+from attn.common.launch import dot_precision
+from attn.common.softmax import softmax_step
+from attn.dispatch import INTERPRET
 from attn.moba.routed import chunk_scores, routed_dq, routed_fwd
-from attn.triton_common import softmax_step
 
 BIG = tl.constexpr(2 ** 30)  # a key position past every key: empty windows
 
@@ -151,8 +153,8 @@ def _tile_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SEL, OP, LP, KBLK, BLK_START, s
         delta = tl.load(DELTA + pid_bh.to(tl.int64) * Tq + offs_m, mask=m_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         if ROUTED:
-            # partials first: their loads then overlap the own-block loop (0.89 -> 0.86 ms at
-            # 64k, H100; the forward's merge is faster last: 0.81 against 0.90)
+            # partials first: their loads then overlap the own-block loop (the forward's merge
+            # is faster last; docs/moba_notes.md)
             dq = _sum_partials(dq, SEL, OP, ent, m_ok, HEAD_DIM, NSEL)
         dq = _dq_chunks(dq, q, do, lse2, delta, k_base, v_base, own_lo, own_mid, own_start, qpos,
                         qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, DOT_PREC, False)
@@ -175,16 +177,14 @@ def _tile_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SEL, OP, LP, KBLK, BLK_START, s
                  mask=m_ok)
 
 
-# (BLOCK_M, BLOCK_N, warps, stages) on the GPU. H100 sweep at 64k (scripts/moba_parts.py): tile
-# kernel fwd / dQ ≈ 0.96 / 0.97 ms at (64, 64, 4, 2) against 1.76 / 1.76 at (64, 64, 8, 2);
-# 128-row tiles and 32- or 128-key chunks are slower; 3 stages: fwd 0.86 -> 0.81 ms, dQ
-# 0.86 -> 1.13 (docs/bench/moba_exp_h100.json)
+# (BLOCK_M, BLOCK_N, warps, stages) on the GPU: the sweep's fastest (docs/moba_notes.md; 4 warps,
+# 64-row tiles, 3 stages help the forward only)
 GPU_CFG = {"fwd": (64, 64, 4, 3), "dq": (64, 64, 4, 2)}
 INTERP_CFG = (16, 16, 4, 1)
 
 
 def _cfg(kind, dtype, d):
-    if common.INTERPRET:
+    if INTERPRET:
         return INTERP_CFG
     bm, bn, w, s = GPU_CFG[kind]
     if dtype == torch.float32 and d == 128:
@@ -202,15 +202,15 @@ def fwd_triton(q, k, v, sel, table, scale, q_offset, index=None, block_size=None
     routed = index is not None
     if routed:
         op, lp = routed_fwd(q, k, v, index, table, scale * LOG2E_F, nsel, block_size)
-    o = common.empty(q.shape, q.dtype, q.device)
-    lse = common.empty((B, hq, tq), torch.float32, q.device)
+    o = alloc.empty(q.shape, q.dtype, q.device)
+    lse = alloc.empty((B, hq, tq), torch.float32, q.device)
     if not routed:
         op, lp = lse, lse  # dummies, never read
     bm, bn, w, s = _cfg("fwd", q.dtype, d)
     _tile_kernel[(triton.cdiv(tq, bm), B * hq)](
         q, k, v, o, lse, q, lse, q, sel, op, lp, kblk, blk_start, scale, scale * LOG2E_F,
         q_offset, tq, tk, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel,
-        ROUTED=routed, DQ_MODE=False, DOT_PREC=common.dot_precision(q.dtype),
+        ROUTED=routed, DQ_MODE=False, DOT_PREC=dot_precision(q.dtype),
         num_warps=w, num_stages=s)
     return o, lse
 
@@ -225,11 +225,11 @@ def dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index=None,
     dqp = routed_dq(do, q, k, v, lse, delta, index, table, scale * LOG2E_F, nsel,
                     block_size) if routed \
         else lse  # dummy, never read
-    dq = common.empty(q.shape, q.dtype, q.device)
+    dq = alloc.empty(q.shape, q.dtype, q.device)
     bm, bn, w, s = _cfg("dq", q.dtype, d)
     _tile_kernel[(triton.cdiv(tq, bm), B * hq)](
         q, k, v, q, lse, do, delta, dq, sel, dqp, lse, kblk, blk_start, scale, scale * LOG2E_F,
         q_offset, tq, tk, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel,
-        ROUTED=routed, DQ_MODE=True, DOT_PREC=common.dot_precision(q.dtype),
+        ROUTED=routed, DQ_MODE=True, DOT_PREC=dot_precision(q.dtype),
         num_warps=w, num_stages=s)
     return dq

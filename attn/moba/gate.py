@@ -1,4 +1,4 @@
-"""MoBA gating: the block table, mean-pooled keys per block and the top-(k−1) block selection.
+"""MoBA gating: mean-pooled keys per block and the top-(k−1) block selection.
 
 Blocks are numbered globally over the key sequence: document after document, block j of a
 document covering keys [doc_start + j·bs, min(doc_start + (j+1)·bs, doc_end)). The candidates of
@@ -7,7 +7,8 @@ a query at position p are the earlier blocks of its own document, a contiguous g
 outside that range are ever computed, and nothing of size T × T or T × n_blocks is stored.
 
 Memory plan
-  block table (torch, on the device): KBLK, FIRSTB int32 [Tk]; BLK_START, BLK_END int32 [NB]
+  block table (attn/common/documents.py, torch on the device): KBLK, FIRSTB int32 [Tk];
+                 BLK_START, BLK_END int32 [NB]
   _pool_kernel : one program per (block, batch·KV head); streams the block's keys in BLOCK_N
                  rows, fp32 column sums by MMA with ones ([16, D] in registers); writes MK fp32
                  [B, NB, Hkv, D] (the block mean; incomplete last blocks are pooled too but are
@@ -28,51 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from attn.flash import common
-from attn.flash.common import cvt, mma
-
-
-_TABLES: dict = {}  # (tk, block_size, device) -> the table without documents (read-only reuse)
-
-
-def block_table(cu_seqlens, tk: int, block_size: int, device):
-    """(kblk [Tk], firstb [Tk], blk_start [NB], blk_end [NB]) int32, global block numbering.
-    Without documents the table depends on (Tk, block_size) only and is built once per device
-    (callers never write into it)."""
-    if cu_seqlens is None:
-        key = (tk, block_size, str(device))
-        if key not in _TABLES:
-            if len(_TABLES) > 32:
-                _TABLES.clear()
-            _TABLES[key] = _build_table(None, tk, block_size, device)
-        return _TABLES[key]
-    return _build_table(cu_seqlens, tk, block_size, device)
-
-
-def _build_table(cu_seqlens, tk: int, block_size: int, device):
-    pos = torch.arange(tk, device=device, dtype=torch.int64)
-    if cu_seqlens is None:
-        start = torch.zeros_like(pos)
-        end = torch.full_like(pos, tk)
-        firstb = torch.zeros_like(pos)
-        kblk = pos // block_size
-    else:
-        cu = cu_seqlens.to(device).long()
-        doc = torch.searchsorted(cu[1:], pos, right=True)
-        start, end = cu[doc], cu[doc + 1]
-        nb_doc = (cu[1:] - cu[:-1] + block_size - 1) // block_size
-        first_doc = torch.cumsum(nb_doc, 0) - nb_doc
-        firstb = first_doc[doc]
-        kblk = firstb + (pos - start) // block_size
-    # number of blocks: host arithmetic without documents, one device read with them
-    nb = -(-tk // block_size) if cu_seqlens is None else (int(kblk[-1]) + 1 if tk else 0)
-    heads = (pos - start) % block_size == 0                   # first key of every block
-    blk_start = torch.empty(nb, dtype=torch.int64, device=device)
-    blk_end = torch.empty(nb, dtype=torch.int64, device=device)
-    blk_start[kblk[heads]] = pos[heads]
-    blk_end[kblk[heads]] = torch.minimum(pos[heads] + block_size, end[heads])
-    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-    return i32(kblk), i32(firstb), i32(blk_start), i32(blk_end)
+from attn.common import alloc
+from attn.common.jit import cvt, mma
+from attn.common.launch import dot_precision
+from attn.dispatch import INTERPRET
 
 
 @triton.jit
@@ -174,9 +134,10 @@ def _topk_kernel(Q, MK, SEL, KBLK, FIRSTB, q_offset, Tq, NB,
              mask=m_ok[:, None] & (slot[None, :] < NSEL))
 
 
-INTERP_POOL_N = 16
-INTERP_TOPK_M = 16
-GPU_TOPK = (128, 32, 8)  # (BLOCK_M, BLOCK_J, warps) of the top-k kernel; H100 64k: 0.42 ms (64, 32, 4: 0.45)
+INTERP_POOL_N = 16  # interpreter: keys per pooling chunk (small: many chunk edges)
+INTERP_TOPK_M = 16  # interpreter: query rows per top-k tile
+GPU_POOL_N = 64  # keys per pooling chunk on the GPU
+GPU_TOPK = (128, 32, 8)  # (BLOCK_M, BLOCK_J, warps) of the top-k kernel: the sweep's fastest
 
 
 def select_blocks(q, k, table, topk: int, q_offset: int):
@@ -189,13 +150,13 @@ def select_blocks(q, k, table, topk: int, q_offset: int):
     nsel = topk - 1
     if nsel == 0:
         return torch.full((B, hq, tq, 1), -1, dtype=torch.int32, device=q.device)
-    mk = common.empty((B, nb, hkv, d), torch.float32, q.device)
-    pool_n = INTERP_POOL_N if common.INTERPRET else 64
+    mk = alloc.empty((B, nb, hkv, d), torch.float32, q.device)
+    pool_n = INTERP_POOL_N if INTERPRET else GPU_POOL_N
     _pool_kernel[(nb, B * hkv)](k, mk, blk_start, blk_end, tk, nb, HKV=hkv, HEAD_DIM=d,
-                                BLOCK_N=pool_n, DOT_PREC=common.dot_precision(k.dtype),
-                                num_warps=4, num_stages=1 if common.INTERPRET else 3)
-    sel = common.empty((B, hq, tq, nsel), torch.int32, q.device)
-    bm, bj, w = (INTERP_TOPK_M, 16, 4) if common.INTERPRET else GPU_TOPK
+                                BLOCK_N=pool_n, DOT_PREC=dot_precision(k.dtype),
+                                num_warps=4, num_stages=1 if INTERPRET else 3)
+    sel = alloc.empty((B, hq, tq, nsel), torch.int32, q.device)
+    bm, bj, w = (INTERP_TOPK_M, 16, 4) if INTERPRET else GPU_TOPK
     _topk_kernel[(triton.cdiv(tq, bm), B * hq)](q, mk, sel, kblk, firstb, q_offset, tq, nb,
                                                  HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm,
                                                  BLOCK_J=bj, NSEL=nsel,

@@ -37,7 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attn.flash import common
+from attn.common import alloc
+from attn.dispatch import INTERPRET
 
 INTERPRET_TILE = 16  # entries per tile under the interpreter: small, so tests cross many tiles
 MIN_TILE = 256  # GPU: smallest tile (36 sort stages; counts <= (nb + 1)/256 words per entry)
@@ -121,7 +122,7 @@ def _scatter_kernel(SKEY, COUNTS, INCL, ENTRIES, ROWPTR, NB, N_BH, N_TILES, E: t
 
 
 def _tile_size(nb: int) -> int:
-    if common.INTERPRET:
+    if INTERPRET:
         return INTERPRET_TILE
     return min(MAX_TILE, max(MIN_TILE, triton.next_power_of_2(nb + 2)))
 
@@ -145,7 +146,7 @@ def routed_entries_triton(sel, nb: int, *, tile: int | None = None):
     if e & (e - 1) or (nb + 2) * e >= 2 ** 31:
         raise ValueError(f"tile={e} must be a power of two with (nb + 2) * tile < 2**31")
     dev = sel.device
-    entries = common.empty((n_bh * n,), torch.int32, dev)
+    entries = alloc.empty((n_bh * n,), torch.int32, dev)
     if n == 0:
         return torch.zeros(n_keys + 1, dtype=torch.int32, device=dev), entries
     n_tiles = triton.cdiv(n, e)
@@ -157,10 +158,10 @@ def routed_entries_triton(sel, nb: int, *, tile: int | None = None):
     if n_bh * (nb + 1) * n_tiles >= 2 ** 31 or n_bh * n_tiles * e >= 2 ** 31:
         raise ValueError(f"B*Hq*(n_blocks+1)*n_tiles={n_bh * (nb + 1) * n_tiles} and "
                          f"B*Hq*n_tiles*tile={n_bh * n_tiles * e} must be < 2**31 (int32 indices)")
-    rowptr = common.empty((n_keys + 1,), torch.int32, dev)
-    skey = common.empty((n_bh * n_tiles * e,), torch.int32, dev)
+    rowptr = alloc.empty((n_keys + 1,), torch.int32, dev)
+    skey = alloc.empty((n_bh * n_tiles * e,), torch.int32, dev)
     counts = torch.zeros(n_bh * (nb + 1) * n_tiles, dtype=torch.int32, device=dev)
-    warps = 1 if common.INTERPRET else min(MAX_WARPS, max(1, e // KEYS_PER_WARP))
+    warps = 1 if INTERPRET else min(MAX_WARPS, max(1, e // KEYS_PER_WARP))
     grid = (n_tiles, n_bh)
     _tile_sort_kernel[grid](sel.contiguous(), skey, counts, n, nb, n_bh, n_tiles, E=e,
                             num_warps=warps)

@@ -8,7 +8,8 @@ describes the key sequence, blocks restart at every document. Definition: ref.py
 Implementation (attn.dispatch.impl_for): Triton on CUDA tensors, ref.py (dense masks, autograd)
 on CPU tensors; ATTN_IMPL=triton|ref forces one (TRITON_INTERPRET=1 with ATTN_IMPL=triton runs
 the kernels on CPU tensors). The Triton path, never materialising T × T:
-  gate.py    block table, mean-pooled keys per block, streaming top-(k−1) selection per head
+  gate.py    mean-pooled keys per block (blocks: attn/common/documents.py block_table),
+             streaming top-(k−1) selection per head
   index.py   inverse index block -> routed queries (counting sort over tiles, two kernels)
   routed.py  per block, its gathered routed rows attend it in full
              (partial output + lse, partial dQ per (row, slot))
@@ -23,8 +24,9 @@ from typing import Optional
 
 import torch
 
-from attn.dispatch import check_triton_inputs, impl_for
-from attn.masks import check_cu_seqlens, check_cu_values
+from attn.common.checks import check_cu_values, check_qkv
+from attn.common.documents import block_table
+from attn.dispatch import INTERPRET, impl_for
 from attn.moba.ref import moba_attn_ref
 
 _HEAD_DIMS = (16, 32, 64, 128)
@@ -32,51 +34,30 @@ MAX_TOPK = 16  # the gate keeps its running top-(k−1) in registers
 
 
 def _check(q, k, v, block_size, topk, q_offset, scale=None, cu_seqlens=None, impl="ref"):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, T, H, D], got "
-                             f"{getattr(t, 'shape', type(t))}")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
-                         "q [B, Tq, Hq, D] and k, v [B, Tk, Hkv, D]")
-    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
-        raise ValueError(f"Hq={q.shape[2]} must be a multiple of Hkv={k.shape[2]}")
+    triton = impl == "triton"
+    check_qkv("moba_attn", q, k, v, q_offset=q_offset, cu_seqlens=cu_seqlens,
+              head_dims=_HEAD_DIMS if triton else None, contiguous=triton)
     if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size={block_size!r} must be an int >= 1")
+        raise ValueError(f"moba_attn: block_size={block_size!r} must be an int >= 1")
     if not isinstance(topk, int) or topk < 1:
-        raise ValueError(f"topk={topk!r} must be an int >= 1 (it counts the query's own block)")
-    if not isinstance(q_offset, int) or q_offset < 0 or q_offset + q.shape[1] > k.shape[1]:
-        raise ValueError(f"q_offset={q_offset} with Tq={q.shape[1]} needs 0 <= q_offset and "
-                         f"q_offset+Tq <= Tk={k.shape[1]}")
+        raise ValueError(f"moba_attn: topk={topk!r} must be an int >= 1 (it counts the query's "
+                         "own block)")
     if scale is not None and not float(scale) > 0:
-        raise ValueError(f"scale={scale!r} must be > 0")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.device != q.device:
-            raise ValueError(f"cu_seqlens must be a tensor on q's device ({q.device})")
-        check_cu_seqlens(cu_seqlens, q.shape[0], k.shape[1])
-    if impl != "triton":
+        raise ValueError(f"moba_attn: scale={scale!r} must be > 0")
+    if not triton:
         return
-    check_triton_inputs(q, _HEAD_DIMS)
     if topk > MAX_TOPK:
-        raise ValueError(f"topk={topk} must be <= {MAX_TOPK} for the Triton kernels")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous in the [B, T, H, D] layout "
-                             f"(strides {t.stride()}); call .contiguous() first")
+        raise ValueError(f"moba_attn: topk={topk} must be <= {MAX_TOPK} for the Triton kernels")
     B, tq, hq, _ = q.shape
     tk = k.shape[1]
     # T·H·D may pass 2^31 (the kernels offset rows in int64); the routing index and the
     # positions stay int32
     if B * hq * tq * max(topk - 1, 1) >= 2 ** 31:
-        raise ValueError(f"B*Hq*Tq*(topk-1)={B * hq * tq * max(topk - 1, 1)} must be < 2**31 "
-                         "(the routing index stores int32 entry positions)")
+        raise ValueError(f"moba_attn: B*Hq*Tq*(topk-1)={B * hq * tq * max(topk - 1, 1)} must be "
+                         "< 2**31 (the routing index stores int32 entry positions)")
     if tk >= 2 ** 30:
-        raise ValueError(f"Tk={tk} must be < 2**30 (int32 positions; the kernels use 2**30 as "
-                         "'past every key')")
+        raise ValueError(f"moba_attn: Tk={tk} must be < 2**30 (int32 positions; the kernels use "
+                         "2**30 as 'past every key')")
 
 
 def moba_fwd(q, k, v, *, block_size: int = 512, topk: int = 3, scale=None, cu_seqlens=None,
@@ -85,7 +66,7 @@ def moba_fwd(q, k, v, *, block_size: int = 512, topk: int = 3, scale=None, cu_se
     sel (chosen blocks), table (block table) and index (their inverse, None for topk == 1) are
     what moba_bwd needs besides o and lse."""
     from attn.moba.fwd import fwd_triton
-    from attn.moba.gate import block_table, select_blocks
+    from attn.moba.gate import select_blocks
     scale = float(q.shape[3] ** -0.5 if scale is None else scale)
     table = block_table(cu_seqlens, k.shape[1], block_size, q.device)
     sel = select_blocks(q, k, table, topk, q_offset)
@@ -98,7 +79,6 @@ def _routed_index(sel, table, topk):
     """The inverse index of sel (None when nothing is routed, topk == 1)."""
     if topk == 1:
         return None
-    from attn.dispatch import INTERPRET
     from attn.moba.index import routed_entries_triton
     from attn.moba.routed import routed_entries
     # the interpreter's tl.sort is slow (~0.1 s per tile): there the torch sort builds the same
@@ -122,11 +102,9 @@ def moba_bwd(do, q, k, v, o, lse, sel, table, index, *, scale=None, q_offset: in
 # op's outputs need shapes known from its inputs' shapes, which the block table (NB blocks:
 # data-dependent with documents) and the inverse index (ROWPTR [B·Hq·NB + 1]) lack: the forward
 # returns o, lse and sel only, and the backward rebuilds table and index from sel and cu_seqlens.
-# Cost of the rebuild (H100, 64k, H = 16, top-3, docs/moba_notes.md): the index is one counting
-# sort over sel, 0.08 ms against a 7.2 ms backward; the table is cached without documents and
-# with them costs a handful of O(Tk) torch ops and one host sync (the block count), about the
-# 0.3 ms the uncached table took. It also frees the index (the size of sel) between forward
-# and backward.
+# The rebuild is cheap (docs/moba_notes.md): the index is one counting sort over sel; the table is
+# cached without documents and with them costs a handful of O(Tk) torch ops and one host sync
+# (the block count). It also frees the index (the size of sel) between forward and backward.
 @torch.library.custom_op("longctx::moba_fwd", mutates_args=())
 def _moba_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  block_size: int, topk: int, cu_seqlens: Optional[torch.Tensor],
@@ -152,7 +130,6 @@ def _moba_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                  o: torch.Tensor, lse: torch.Tensor, sel: torch.Tensor, scale: float,
                  block_size: int, topk: int, cu_seqlens: Optional[torch.Tensor],
                  q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from attn.moba.gate import block_table
     q, k, v, o, lse, sel = (t.contiguous() for t in (q, k, v, o, lse, sel))
     table = block_table(cu_seqlens, k.shape[1], block_size, q.device)
     index = _routed_index(sel, table, topk)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from attn.masks import check_cu_seqlens, document_ids
+from attn.common.checks import check_cu_seqlens
+from attn.masks import document_ids
 
 
 def _doc_starts(cu_seqlens, tk: int, device) -> torch.Tensor:

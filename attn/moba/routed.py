@@ -29,9 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from attn.flash import common
-from attn.flash.common import LOG2E, cvt, mma
-from attn.triton_common import softmax_step
+from attn.common import alloc
+from attn.common.jit import LOG2E, cvt, mma
+from attn.common.launch import dot_precision
+from attn.common.softmax import softmax_step
+from attn.dispatch import INTERPRET
 
 
 def partial_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -92,9 +94,8 @@ def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSEL: tl.constexpr,
                        SPLIT: tl.constexpr, EVEN: tl.constexpr, DOT_PREC: tl.constexpr):
     # the SPLIT programs of one (block, head) are neighbours on grid axis 0, so they run at the
-    # same time and share the block's K/V in L2 (on a third grid axis they ran a whole grid
-    # slice apart: routed forward 1.85 -> 1.62 ms, dQ 2.33 -> 1.84 at 64k, H100;
-    # docs/bench/moba_split_2d_grid_h100.json)
+    # same time and share the block's K/V in L2 (on a third grid axis they would run a whole
+    # grid slice apart; docs/moba_notes.md)
     j = tl.program_id(0) // SPLIT
     z = tl.program_id(0) % SPLIT
     pid_bh = tl.program_id(1)
@@ -117,8 +118,7 @@ def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_
     i_first = z * BLOCK_M
     STEP: tl.constexpr = BLOCK_M * SPLIT
     # the gathered Q rows one chunk ahead, their entry ids two ahead: the next chunk's Q load is
-    # in flight during this chunk's key loop instead of stalling its start (2.00 -> 1.87 ms at
-    # 64k, H100; docs/bench/moba_exp_h100.json)
+    # in flight during this chunk's key loop instead of stalling its start
     # gathered rows: each row's offset in int64 (Tq·Hq·D may pass 2^31), the head dim added to
     # the row pointers
     ids_c = tl.load(ENTRIES + beg + i_first + offs_m, mask=i_first + offs_m < cnt, other=0)
@@ -179,8 +179,8 @@ def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, 
     i_first = z * BLOCK_M
     STEP: tl.constexpr = BLOCK_M * SPLIT
     # entry ids two row chunks ahead (the gathered rows' loads then wait on one latency, not
-    # two); prefetching the rows themselves as the forward does was slower here (registers:
-    # 2.37 -> 2.59 ms at 64k, H100)
+    # two); the rows themselves are not prefetched as in the forward: that costs registers here
+    # (docs/moba_notes.md)
     ids_c = tl.load(ENTRIES + beg + i_first + offs_m, mask=i_first + offs_m < cnt, other=0)
     ids_n = tl.load(ENTRIES + beg + i_first + STEP + offs_m, mask=i_first + STEP + offs_m < cnt,
                     other=0)
@@ -209,12 +209,10 @@ def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, 
                  cvt(dq, DQP.dtype.element_ty), mask=e_ok[:, None])
 
 
-# (BLOCK_M, BLOCK_N, warps, stages) on the GPU. H100 sweep at 64k, H = 16, block 512, top-3
-# (scripts/moba_parts.py --sweep, docs/bench/moba_parts_h100.json), routed fwd / dQ ms:
-# (64, 64, 8, 2) 4.69 / 5.18, (64, 64, 4, 2) 3.59 / 3.81, (128, 128, 8, 2) 2.59 / 2.74,
-# (128, 64, 8, 3) 2.16 / 2.43: 128 gathered rows per chunk halve the K/V reloads of a block
-GPU_ROUTED = (128, 64, 8, 4)  # second sweep: 2.02 / 2.33 ms with 4 stages
-INTERP_ROUTED = (16, 16, 4, 1)
+# (BLOCK_M, BLOCK_N, warps, stages) on the GPU: the sweep's fastest (docs/moba_notes.md); 128
+# gathered rows per chunk halve the K/V reloads of a block against 64
+GPU_ROUTED = (128, 64, 8, 4)
+INTERP_ROUTED = (16, 16, 4, 1)  # interpreter: small tiles, many chunk edges
 # programs per (block, head): program z takes row chunks z, z + SPLIT, ... Early blocks are
 # candidates for more queries (block 0 for all of them), so their row lists are the longest;
 # splitting evens out the grid (programs without work exit at once)
@@ -223,7 +221,7 @@ INTERP_SPLIT = 2  # exercises the split in the tests
 
 
 def _cfg(dtype, d):
-    if common.INTERPRET:
+    if INTERPRET:
         return INTERP_ROUTED
     bm, bn, w, s = GPU_ROUTED
     # fp32 tiles take twice the bytes (GPU tests only)
@@ -244,14 +242,14 @@ def routed_fwd(q, k, v, index, table, scale_log2, nsel: int, block_size=None):
     _, _, blk_start, blk_end = table
     nb = blk_start.numel()
     rowptr, entries = index
-    op = common.empty((B * hq, tq * nsel, d), partial_dtype(q.dtype), q.device)
-    lp = common.empty((B * hq, tq * nsel), torch.float32, q.device)
+    op = alloc.empty((B * hq, tq * nsel, d), partial_dtype(q.dtype), q.device)
+    lp = alloc.empty((B * hq, tq * nsel), torch.float32, q.device)
     bm, bn, w, s = _cfg(q.dtype, d)
-    split = INTERP_SPLIT if common.INTERPRET else GPU_SPLIT
+    split = INTERP_SPLIT if INTERPRET else GPU_SPLIT
     _routed_fwd_kernel[(nb * split, B * hq)](
         q, k, v, op, lp, rowptr, entries, blk_start, blk_end, scale_log2, tq, tk, nb, HQ=hq,
         HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel, SPLIT=split,
-        EVEN=even_blocks(block_size, bn), DOT_PREC=common.dot_precision(q.dtype), num_warps=w,
+        EVEN=even_blocks(block_size, bn), DOT_PREC=dot_precision(q.dtype), num_warps=w,
         num_stages=s)
     return op, lp
 
@@ -263,12 +261,12 @@ def routed_dq(do, q, k, v, lse, delta, index, table, scale_log2, nsel: int, bloc
     _, _, blk_start, blk_end = table
     nb = blk_start.numel()
     rowptr, entries = index
-    dqp = common.empty((B * hq, tq * nsel, d), partial_dtype(q.dtype), q.device)
+    dqp = alloc.empty((B * hq, tq * nsel, d), partial_dtype(q.dtype), q.device)
     bm, bn, w, s = _cfg(q.dtype, d)
-    split = INTERP_SPLIT if common.INTERPRET else GPU_SPLIT
+    split = INTERP_SPLIT if INTERPRET else GPU_SPLIT
     _routed_dq_kernel[(nb * split, B * hq)](
         q, k, v, do, lse, delta, dqp, rowptr, entries, blk_start, blk_end, scale_log2, tq, tk,
         nb, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel, SPLIT=split,
-        EVEN=even_blocks(block_size, bn), DOT_PREC=common.dot_precision(q.dtype), num_warps=w,
+        EVEN=even_blocks(block_size, bn), DOT_PREC=dot_precision(q.dtype), num_warps=w,
         num_stages=s)
     return dqp

@@ -4,11 +4,9 @@ Public `nsa_attn` (Triton kernels on CUDA tensors, the dense reference on CPU: s
 compression helper `compress`, and the layer core `NSACore`; context parallelism works through
 `allgather` (per-shard selection with q_offset) and `ulysses`.
 
-How the core meets the CP wrappers without changes to parallel/: the branch gates are per query
-and per head, exactly like q, so `forward` packs them into q as three extra channels
-(q [B, T, Hq, D+3]). Both wrappers then carry them correctly for free: allgather slices q per
-query chunk, ulysses all-to-alls q to head shards. The compressed K/V are computed inside
-`attend` from the k, v it receives (the whole sequence under ulysses, the gathered prefix
+Under context parallelism the branch gates travel as a named per-query input (`gates=`, see
+attn/base.py), which every strategy moves exactly as it moves q. The compressed K/V are computed
+inside `attend` from the k, v it receives (the whole sequence under ulysses, the gathered prefix
 [0, end) under allgather, whose complete blocks are exactly those its queries can see), so the
 compression MLP's gradients also come out right on every rank.
 """
@@ -59,6 +57,8 @@ class NSACore(SoftmaxAttention):
     """Softmax-attention layer with the three NSA branches and sigmoid gates from the input."""
 
     family = "nsa"
+    cp_capabilities = frozenset({"head_parallel", "gather_kv"})
+    cp_default = "allgather"  # per-shard selection: each rank selects for its own queries
 
     def __init__(self, dim, n_heads, n_kv_heads, head_dim=None, layer_idx=0, n_layers=1, *,
                  cmp_block: int = 32, cmp_stride: int = 16, sel_block: int = 64, topk: int = 16,
@@ -93,10 +93,10 @@ class NSACore(SoftmaxAttention):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = rope(q), rope(k)
-        q = torch.cat([q, self.gates(x).to(q.dtype)], dim=-1)          # gates ride with q
+        gates = self.gates(x).to(q.dtype)
         if cu_seqlens is not None and B > 1:
-            q, k, v = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v))
-        o = self.attend(q, k, v, cu_seqlens)
+            q, k, v, gates = (t.reshape(1, B * T, *t.shape[2:]) for t in (q, k, v, gates))
+        o = self.attend(q, k, v, cu_seqlens, gates=gates)
         return self.wo(o.reshape(B, T, self.n_heads * hd))
 
     def compress_kv(self, k, v, cu_seqlens=None):
@@ -105,24 +105,19 @@ class NSACore(SoftmaxAttention):
         return compress(k, v, self.cmp_block, self.cmp_stride, cu_seqlens=cu_seqlens,
                         fn=lambda blocks, which: fns[which](blocks))
 
-    def attend(self, q, k, v, cu_seqlens=None, *, q_offset=0, heads=None, gates=None):
-        """q [B, Tq, Hq, D+3] with the gates packed as its last three channels (what forward
-        passes; the CP wrappers slice it like any q), or q [B, Tq, Hq, D] with
-        gates=[B, Tq, Hq, 3]. Compressed K/V come from the k, v given here. `heads` is ignored:
-        the compressor is shared by all heads and the gates travel with q."""
-        nonneg = gates is None  # packed gates are this core's sigmoid gates: >= 0
-        if gates is None:
-            if q.shape[-1] != k.shape[-1] + N_GATES:
-                raise ValueError(f"q {tuple(q.shape)}: NSACore.attend needs the gates packed as "
-                                 f"q's last {N_GATES} channels (D+{N_GATES} = "
-                                 f"{k.shape[-1] + N_GATES}) or gates=[B, Tq, Hq, {N_GATES}]")
-            q, gates = q[..., :-N_GATES], q[..., -N_GATES:]
+    def attend(self, q, k, v, cu_seqlens=None, *, q_offset=0, heads=None, gates):
+        """gates [B, Tq, Hq, 3]: this core's sigmoid gates of the cmp, slc and swa branches (so
+        non-negative). Compressed K/V come from the k, v given here. `heads` is ignored: the
+        compressor is shared by all heads and the gates arrive with q's heads."""
+        if gates.shape[:3] != q.shape[:3] or gates.shape[-1] != N_GATES:
+            raise ValueError(f"gates {tuple(gates.shape)} must be [B, Tq, Hq, {N_GATES}] like "
+                             f"q {tuple(q.shape[:3])}")
         k_cmp, v_cmp = self.compress_kv(k, v, cu_seqlens)
         return nsa_attn(q, k, v, k_cmp, v_cmp, gates[..., 0], gates[..., 1], gates[..., 2],
                         cmp_block=self.cmp_block, cmp_stride=self.cmp_stride,
                         sel_block=self.sel_block, topk=self.topk, window=self.window,
                         scale=self.scale, cu_seqlens=cu_seqlens, q_offset=q_offset,
-                        gates_nonneg=True if nonneg else None)
+                        gates_nonneg=True)
 
     def attention_flops_per_token(self, seq_len: int) -> float:
         """Keys per query, 4·D FLOPs each per query head: compressed (T/cmp_stride/2 on average),

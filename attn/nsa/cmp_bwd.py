@@ -1,7 +1,18 @@
-"""NSA compressed branch, backward kernels and their launch: dQ (with the exact delta) and
-dK/dV (split over query rows, fp32 partials summed in a fixed order). Masking, memory plan and
-the exact-delta correction: attn/nsa/cmp.py's module docstring; the public functions and the
-autograd Function live there too.
+"""NSA compressed branch, backward kernels and their launch (masking: cmp_plan.py).
+
+Memory plan (fp32 accumulators; P = exp2(s2 - lse2) from the saved lse, +inf gives P = 0):
+  preprocess : delta = rowsum(O * dO) fp32 [B, Hq, Tq] (attn/common/softmax.py).
+  dQ         : one program = BLOCK_M query rows of one (batch, query head), like the forward;
+               writes dQ once and replaces its rows of delta by the exact delta (below).
+  dK/dV      : one program = BLOCK_N compressed rows of one (batch, KV head) and one split of
+               the query rows (_dkdv_chunk). Registers: K, V tiles and dK, dV [BLOCK_N, D]; loops
+               over the G query heads of the group and the query tiles of its split that see the
+               key tile, streaming Q, dO [BLOCK_M, D], lse, delta. Writes dK, dV once (several
+               splits: fp32 partials, summed in a fixed order). No atomics: deterministic.
+dV = P^T dO, dS = P * (dO V^T - delta), dK = scale * dS^T Q, dQ = scale * dS K.
+Exact delta: rowsum(O * dO) uses O rounded to bf16/fp16, whose error doubles dQ's on rows that see
+few compressed rows; the dQ kernel also accumulates PK = P K and delta* = rowsum(P * dP) in fp32,
+returns dQ = dS K - (delta* - delta) PK and hands delta* to dK/dV.
 """
 from __future__ import annotations
 
@@ -11,10 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-from attn.flash import common
-from attn.flash.bwd import bwd_delta
-from attn.flash.common import LOG2E, LOG2E_F, cvt, mma
-from attn.nsa.cmp import _BIG, _cfg, _ld, _q_tile
+from attn.common import alloc
+from attn.common.jit import LOG2E, LOG2E_F, cvt, mma
+from attn.common.launch import dot_precision, use_tma
+from attn.common.softmax import bwd_delta
+from attn.dispatch import INTERPRET
+from attn.nsa.cmp_plan import BIG, launch_cfg, q_tile, tile_load
+
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, row0, col, lse_ptr, delta_ptr, start,
@@ -34,8 +48,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, row0, col, lse_ptr, delt
         if TMA:
             q = qd.load([row0 + start_m, col])
         else:
-            q = _ld(q_base + row + tile, r_ok[:, None], MASKED)
-        lse2 = _ld(lse_ptr + rows, r_ok, MASKED, float("inf")) * LOG2E
+            q = tile_load(q_base + row + tile, r_ok[:, None], MASKED)
+        lse2 = tile_load(lse_ptr + rows, r_ok, MASKED, float("inf")) * LOG2E
         # transposed scores [BLOCK_N, BLOCK_M]: P^T comes out ready for dV = P^T dO
         s_t = mma(k, tl.trans(q), None, DOT_PREC) * qk_scale
         p_t = tl.math.exp2(s_t - lse2[None, :])
@@ -46,8 +60,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, row0, col, lse_ptr, delt
         if TMA:
             do = dod.load([row0 + start_m, col])
         else:
-            do = _ld(do_base + row + tile, r_ok[:, None], MASKED)
-        delta = _ld(delta_ptr + rows, r_ok, MASKED)
+            do = tile_load(do_base + row + tile, r_ok[:, None], MASKED)
+        delta = tile_load(delta_ptr + rows, r_ok, MASKED)
         dv = mma(cvt(p_t, do.dtype), do, dv, DOT_PREC)
         dp_t = mma(v, tl.trans(do), None, DOT_PREC)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -80,11 +94,11 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PF, PL, scale, qk_scale, q_off
     v = tl.load(V + kv_off, mask=c_ok[:, None], other=0.0)
     # positions [pf, pl] that see each compressed row; padding rows: the empty [BIG, -1]
     if HAS_DOCS:
-        pf = tl.load(PF + c, mask=c_ok, other=_BIG)
+        pf = tl.load(PF + c, mask=c_ok, other=BIG)
         pl = tl.load(PL + c, mask=c_ok, other=-1)
     else:
-        pf = tl.where(c_ok, c * cmp_stride + cmp_block - 1, _BIG)
-        pl = tl.where(c_ok, _BIG, -1)
+        pf = tl.where(c_ok, c * cmp_stride + cmp_block - 1, BIG)
+        pl = tl.where(c_ok, BIG, -1)
 
     # query rows (row = position - q_offset) inside this program's split [r0, r1) (chunk: a
     # multiple of BLOCK_M): [m_lo, f_lo) masked, [f_lo, f_hi) unmasked (every row sees every
@@ -95,7 +109,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PF, PL, scale, qk_scale, q_off
     m_hi = tl.minimum(tl.max(pl, 0) - q_offset + 1, r1)
     pf_last = tl.max(tl.where(c_ok, pf, 0), 0)
     f_lo = tl.maximum(tl.cdiv(tl.maximum(pf_last - q_offset, 0), BLOCK_M) * BLOCK_M, m_lo)
-    pl_first = tl.min(tl.where(c_ok, pl, _BIG), 0)
+    pl_first = tl.min(tl.where(c_ok, pl, BIG), 0)
     f_hi = (tl.maximum(tl.minimum(pl_first - q_offset + 1, r1), 0) // BLOCK_M) * BLOCK_M
     if f_hi <= f_lo:
         f_lo = m_lo
@@ -150,8 +164,8 @@ def _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, kd, vd, row0, co
             k = kd.load([row0 + start_n, col])
             v = vd.load([row0 + start_n, col])
         else:
-            k = _ld(k_base + row + tile, (c < Tc)[:, None], MASKED)
-            v = _ld(v_base + row + tile, (c < Tc)[:, None], MASKED)
+            k = tile_load(k_base + row + tile, (c < Tc)[:, None], MASKED)
+            v = tile_load(v_base + row + tile, (c < Tc)[:, None], MASKED)
         s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
@@ -174,7 +188,7 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLO, CHI, GATE, scale, qk_scale, q_o
     """HAS_GATE: LSE is lse − ln g (attn/nsa/gate_mix.py's folded backward), so every P here is
     g·P and the exact delta is rowsum(g·P·dP) / g; GATE [B, Tq, HQ, 3], g in channel 0."""
     pid_bh = tl.program_id(1)  # heaviest (last) query tiles first
-    rows, r_ok, q_off, kv_base, lo, hi, kv_lo, f_lo, f_hi, kv_hi = _q_tile(
+    rows, r_ok, q_off, kv_base, lo, hi, kv_lo, f_lo, f_hi, kv_hi = q_tile(
         tl.num_programs(0) - 1 - tl.program_id(0), pid_bh, q_offset, CLO, CHI, cmp_block,
         cmp_stride, Tq, Tc, HQ, HKV, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_DOCS)
     STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
@@ -224,12 +238,13 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLO, CHI, GATE, scale, qk_scale, q_o
 # launch
 
 # TMA tensor descriptors for the streamed tiles (Q, dO in dK/dV; compressed K, V in dQ), as in
-# attn/flash (fewer address registers); common.use_tma decides per launch (Hopper, alignment,
+# attn/flash (fewer address registers); use_tma decides per launch (Hopper, alignment,
 # FLASH_TMA), NSA_CMP_TMA=0 turns it off here alone
 TMA = {kind: os.environ.get("NSA_CMP_TMA", "1") != "0" for kind in ("dq", "dkdv")}
+# (BLOCK_M, BLOCK_N, warps, stages) by head dim: the sweep's fastest (docs/nsa_notes.md).
 # dK/dV: BLOCK_N compressed rows resident, BLOCK_M query rows streamed
 DKDV_CFGS = {64: (64, 64, 4, 3), 128: (64, 128, 8, 3), 256: (32, 64, 4, 2)}
-# (BLOCK_M, BLOCK_N, warps, stages) by head dim; timings in cmp.py's FWD_CFGS comment
+# dQ: BLOCK_M query rows resident, BLOCK_N compressed rows streamed
 DQ_CFGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
 
 # dK/dV row splits: the first compressed tiles are seen by nearly every query row, so one
@@ -244,18 +259,18 @@ INTERP_CHUNK = 64
 
 def _dkdv_chunk(tq, n_progs, bm):
     """Query rows per dK/dV split (a multiple of bm)."""
-    if common.INTERPRET:
+    if INTERPRET:
         return INTERP_CHUNK
     splits = max(1, min(triton.cdiv(DKDV_PROGRAMS, n_progs), tq // DKDV_MIN_ROWS))
     return triton.cdiv(triton.cdiv(tq, splits), bm) * bm
 
 
-def _bwd(do, q, k_cmp, v_cmp, o, lse, plan, delta=None, gates=None):
+def bwd_triton(do, q, k_cmp, v_cmp, o, lse, plan, delta=None, gates=None):
     """delta: rowsum(o·do) fp32 [B, Hq, Tq] when the caller has it (overwritten by the exact
     one); else computed here. gates: the packed gates [B, Tq, Hq, 3] when lse is the folded
     lse − ln g_cmp and delta rowsum(O·dO) of the ungated dO (attn/nsa/gate_mix.py)."""
     B, tq, hq, d, tc, hkv = plan.shape
-    dq = common.empty(q.shape, q.dtype, q.device)
+    dq = alloc.empty(q.shape, q.dtype, q.device)
     if tc == 0 or tq == 0:
         return dq.zero_(), torch.zeros_like(k_cmp), torch.zeros_like(v_cmp)
     if delta is None:
@@ -265,26 +280,26 @@ def _bwd(do, q, k_cmp, v_cmp, o, lse, plan, delta=None, gates=None):
     args = (plan.scale, plan.scale * LOG2E_F, plan.q_offset, plan.cmp_block, plan.cmp_stride,
             tq, tc)
     meta = dict(HQ=hq, HKV=hkv, HEAD_DIM=d, HAS_DOCS=has_docs,
-                DOT_PREC=common.dot_precision(q.dtype))
-    bm, bn, w, s = _cfg(DQ_CFGS, d, q.dtype)  # first: it replaces delta by the exact one
+                DOT_PREC=dot_precision(q.dtype))
+    bm, bn, w, s = launch_cfg(DQ_CFGS, d, q.dtype)  # first: it replaces delta by the exact one
     _dq_kernel[(triton.cdiv(tq, bm), B * hq)](
         q, k_cmp, v_cmp, do, lse, delta, dq, c_lo, c_hi, delta if gates is None else gates, *args,
         **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s,
-        TMA=TMA["dq"] and common.use_tma("dq", k_cmp, v_cmp), HAS_GATE=gates is not None)
-    bm, bn, w, s = _cfg(DKDV_CFGS, d, q.dtype)
+        TMA=TMA["dq"] and use_tma("dq", k_cmp, v_cmp), HAS_GATE=gates is not None)
+    bm, bn, w, s = launch_cfg(DKDV_CFGS, d, q.dtype)
     grid = (triton.cdiv(tc, bn), B * hkv)
     chunk = _dkdv_chunk(tq, grid[0] * grid[1], bm)
     splits = triton.cdiv(tq, chunk)
     if splits > 1:
-        dk_out = common.empty((splits, *k_cmp.shape), torch.float32, q.device)
-        dv_out = common.empty((splits, *v_cmp.shape), torch.float32, q.device)
+        dk_out = alloc.empty((splits, *k_cmp.shape), torch.float32, q.device)
+        dv_out = alloc.empty((splits, *v_cmp.shape), torch.float32, q.device)
     else:
-        dk_out = dk = common.empty(k_cmp.shape, k_cmp.dtype, q.device)
-        dv_out = dv = common.empty(v_cmp.shape, v_cmp.dtype, q.device)
+        dk_out = dk = alloc.empty(k_cmp.shape, k_cmp.dtype, q.device)
+        dv_out = dv = alloc.empty(v_cmp.shape, v_cmp.dtype, q.device)
     _dkdv_kernel[(*grid, splits)](
         q, k_cmp, v_cmp, do, lse, delta, dk_out, dv_out, pf, pl, *args, chunk, **meta,
         BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s,
-        TMA=TMA["dkdv"] and common.use_tma("dkdv", q, do))
+        TMA=TMA["dkdv"] and use_tma("dkdv", q, do))
     if splits > 1:  # fixed-order sum: deterministic
         dk, dv = dk_out.sum(0).to(k_cmp.dtype), dv_out.sum(0).to(v_cmp.dtype)
     return dq, dk, dv

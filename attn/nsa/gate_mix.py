@@ -23,8 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from attn.flash import common
-from attn.flash.common import cvt
+from attn.common import alloc
+from attn.common.jit import cvt
+from attn.dispatch import INTERPRET
 
 
 @triton.jit
@@ -84,13 +85,13 @@ def _mix_bwd_kernel(DO, O1, O2, O3, G, DO1, DO2, DO3, LSE1, LSE2, LSE3, LSE_G, D
 
 
 def _block_rows(d: int) -> int:
-    return 16 if common.INTERPRET else max(1, 4096 // d)
+    return 16 if INTERPRET else max(1, 4096 // d)
 
 
 def gate_mix_fwd(o1, o2, o3, gates):
     """o [.., D] in o1's dtype; o1, o2, o3 [B, T, H, D] contiguous, gates [B, T, H, 3]."""
     n, d = o1.numel() // o1.shape[-1], o1.shape[-1]
-    out = common.empty(o1.shape, o1.dtype, o1.device)
+    out = alloc.empty(o1.shape, o1.dtype, o1.device)
     br = _block_rows(d)
     _mix_fwd_kernel[(triton.cdiv(n, br),)](o1, o2, o3, gates, out, n, HEAD_DIM=d, BLOCK_R=br,
                                            num_warps=4)
@@ -106,8 +107,8 @@ def gate_mix_bwd(do, o1, o2, o3, gates, deltas=None):
                                or not deltas.is_contiguous()):
         raise ValueError(f"deltas {tuple(deltas.shape)} {deltas.dtype} must be contiguous "
                          f"float32 [3, B, H, T] = {(3, B, H, T)}")
-    dos = [common.empty(o1.shape, o1.dtype, o1.device) for _ in range(3)]
-    dg = common.empty(gates.shape, gates.dtype, gates.device)
+    dos = [alloc.empty(o1.shape, o1.dtype, o1.device) for _ in range(3)]
+    dg = alloc.empty(gates.shape, gates.dtype, gates.device)
     br = _block_rows(d)
     _mix_bwd_kernel[(triton.cdiv(n, br),)](do, o1, o2, o3, gates, *dos, dg, dg, dg, dg, dg,
                                            dg if deltas is None else deltas, n, T, H,
@@ -127,8 +128,8 @@ def gate_mix_bwd_folded(do, o1, o2, o3, gates, lses):
         if t.shape != (B, H, T) or t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError(f"lses[{i}] {tuple(t.shape)} {t.dtype} must be contiguous float32 "
                              f"[B, H, T] = {(B, H, T)}")
-    lse_g, deltas = (common.empty((3, B, H, T), torch.float32, o1.device) for _ in range(2))
-    dg = common.empty(gates.shape, gates.dtype, gates.device)
+    lse_g, deltas = (alloc.empty((3, B, H, T), torch.float32, o1.device) for _ in range(2))
+    dg = alloc.empty(gates.shape, gates.dtype, gates.device)
     br = _block_rows(d)
     _mix_bwd_kernel[(triton.cdiv(n, br),)](do, o1, o2, o3, gates, do, do, do, *lses, lse_g, dg,
                                            deltas, n, T, H, HEAD_DIM=d, BLOCK_R=br,

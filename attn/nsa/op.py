@@ -33,8 +33,10 @@ from typing import Optional
 
 import torch
 
-from attn.dispatch import check_triton_inputs, impl_for
-from attn.masks import check_cu_seqlens, check_cu_values
+from attn.common import alloc
+from attn.common.checks import check_cu_seqlens, check_cu_values, check_qkv, check_triton_inputs
+from attn.common.documents import block_table, key_doc_bounds
+from attn.dispatch import impl_for
 from attn.nsa.ref import cmp_block_starts, cmp_cu_seqlens, nsa_attn_ref, num_cmp_blocks
 
 _HEAD_DIMS = (16, 32, 64, 128)
@@ -48,10 +50,11 @@ def compress(k, v, cmp_block: int, cmp_stride: int, *, cu_seqlens=None, fn=None)
     [B, Tc, Hkv, D], with which = "k" or "v" (so a layer can use one MLP for each).
     Blocks never cross a document boundary; the result is in the layout above."""
     if k.dim() != 4 or k.shape != v.shape:
-        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)}: expected k, v [B, T, Hkv, D]")
-    _check_blocks(cmp_block, cmp_stride)
+        raise ValueError(f"compress: k {tuple(k.shape)}, v {tuple(v.shape)}: expected k, v "
+                         "[B, T, Hkv, D]")
+    _check_blocks(cmp_block, cmp_stride, "compress: ")
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, k.shape[0], k.shape[1])
+        check_cu_seqlens(cu_seqlens, k.shape[0], k.shape[1], "compress: ")
     starts, _ = cmp_block_starts(k.shape[1], cmp_block, cmp_stride, cu_seqlens, k.device)
     idx = starts[:, None] + torch.arange(cmp_block, device=k.device)    # [Tc, cmp_block]
     out = []
@@ -61,37 +64,28 @@ def compress(k, v, cmp_block: int, cmp_stride: int, *, cu_seqlens=None, fn=None)
     return out[0], out[1]
 
 
-def _check_blocks(cmp_block, cmp_stride):
+def _check_blocks(cmp_block, cmp_stride, where):
     if cmp_block < 1 or cmp_stride < 1 or cmp_stride > cmp_block:
-        raise ValueError(f"cmp_block={cmp_block}, cmp_stride={cmp_stride}: need "
+        raise ValueError(f"{where}cmp_block={cmp_block}, cmp_stride={cmp_stride}: need "
                          "1 <= cmp_stride <= cmp_block (blocks cover every key)")
 
 
 def _check(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block, cmp_stride, sel_block, topk,
            window, cu_seqlens, q_offset):
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] \
-            or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
-                         "q [B, Tq, Hq, D] and k, v [B, Tk, Hkv, D]")
+    check_qkv("nsa_attn", q, k, v, q_offset=q_offset, cu_seqlens=cu_seqlens)
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
-    if hq % hkv:
-        raise ValueError(f"Hq={hq} must be a multiple of Hkv={hkv} (GQA groups)")
-    _check_blocks(cmp_block, cmp_stride)
+    _check_blocks(cmp_block, cmp_stride, "nsa_attn: ")
     if sel_block < 1:
-        raise ValueError(f"sel_block={sel_block} must be >= 1")
+        raise ValueError(f"nsa_attn: sel_block={sel_block} must be >= 1")
     if topk < 3:
-        raise ValueError(f"topk={topk} must be >= 3 (block 0 and the two most recent blocks "
-                         "are always selected)")
+        raise ValueError(f"nsa_attn: topk={topk} must be >= 3 (block 0 and the two most recent "
+                         "blocks are always selected)")
     if window < 1:
-        raise ValueError(f"window={window} must be >= 1")
-    if q_offset < 0 or q_offset + tq > tk:
-        raise ValueError(f"q_offset={q_offset} with Tq={tq} needs 0 <= q_offset and "
-                         f"q_offset+Tq <= Tk={tk}")
+        raise ValueError(f"nsa_attn: window={window} must be >= 1")
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, B, tk)
         # with documents Tc is read from cu_seqlens: torch.compile cannot trace that read, so
-        # there only the op body checks it (cmp._Plan, same rule)
+        # there only the op body checks it (CmpPlan, same rule)
         tc = None if torch.compiler.is_compiling() else \
             int(cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)[-1])
         rule = "Σ over documents of ⌊(L−cmp_block)/cmp_stride⌋+1 (complete blocks)"
@@ -100,13 +94,13 @@ def _check(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block, cmp_stride, se
         rule = "⌊(Tk−cmp_block)/cmp_stride⌋+1, 0 when Tk < cmp_block"
     for name, t in (("k_cmp", k_cmp), ("v_cmp", v_cmp)):
         if tuple(t.shape) != (B, t.shape[1] if tc is None else tc, hkv, d):
-            raise ValueError(f"{name} {tuple(t.shape)} must be [B, Tc, Hkv, D] = "
+            raise ValueError(f"nsa_attn: {name} {tuple(t.shape)} must be [B, Tc, Hkv, D] = "
                              f"{(B, tc, hkv, d)}: Tc = {rule} with cmp_block={cmp_block}, "
                              f"cmp_stride={cmp_stride}")
     for name, t in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
         if tuple(t.shape) != (B, tq, hq):
-            raise ValueError(f"{name} {tuple(t.shape)} must be [B, Tq, Hq] = {(B, tq, hq)} "
-                             "(one gate per query and head)")
+            raise ValueError(f"nsa_attn: {name} {tuple(t.shape)} must be [B, Tq, Hq] = "
+                             f"{(B, tq, hq)} (one gate per query and head)")
 
 
 def nsa_attn(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block: int = 32,
@@ -121,7 +115,7 @@ def nsa_attn(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block: int = 32,
     _check(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block, cmp_stride, sel_block, topk,
            window, cu_seqlens, q_offset)
     if gates_nonneg not in (None, True, False):
-        raise ValueError(f"gates_nonneg={gates_nonneg!r} must be None, True or False")
+        raise ValueError(f"nsa_attn: gates_nonneg={gates_nonneg!r} must be None, True or False")
     if impl_for(q) == "ref":
         return nsa_attn_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block=cmp_block,
                             cmp_stride=cmp_stride, sel_block=sel_block, topk=topk, window=window,
@@ -130,8 +124,8 @@ def nsa_attn(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block: int = 32,
     check_triton_inputs(q, _HEAD_DIMS, "nsa_attn: ")
     check_geometry(cmp_block, cmp_stride, sel_block, topk)
     if not (q.dtype == k.dtype == v.dtype == k_cmp.dtype == v_cmp.dtype):
-        raise ValueError(f"q, k, v, k_cmp, v_cmp must share one dtype, got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}, {k_cmp.dtype}, {v_cmp.dtype}")
+        raise ValueError(f"nsa_attn: q, k, v, k_cmp, v_cmp must share one dtype, got {q.dtype}, "
+                         f"{k.dtype}, {v.dtype}, {k_cmp.dtype}, {v_cmp.dtype}")
     q, k, v, k_cmp, v_cmp = (t.contiguous() for t in (q, k, v, k_cmp, v_cmp))
     scale = float(q.shape[3] ** -0.5 if scale is None else scale)
     gates = torch.stack([g_cmp, g_slc, g_swa], dim=-1).to(q.dtype)
@@ -151,12 +145,10 @@ def _geometry(q, k, k_cmp, v_cmp, scale, cmp_block, cmp_stride, sel_block, cu_se
     arrays: host arithmetic and cached tables without documents; with them O(T) torch ops and
     a few host syncs (block and compressed-row counts). Built in the forward and again in the
     backward op, since a custom op passes only tensors of shapes known from its inputs."""
-    from attn.flash.op import _seg
-    from attn.moba.gate import block_table
-    from attn.nsa.cmp import _Plan
+    from attn.nsa.cmp_plan import CmpPlan
     tk = k.shape[1]
-    plan = _Plan(q, k_cmp, v_cmp, scale, cmp_block, cmp_stride, cu_seqlens, q_offset, tk)
-    return plan, block_table(cu_seqlens, tk, sel_block, q.device), _seg(cu_seqlens, tk)
+    plan = CmpPlan(q, k_cmp, v_cmp, scale, cmp_block, cmp_stride, cu_seqlens, q_offset, tk)
+    return plan, block_table(cu_seqlens, tk, sel_block, q.device), key_doc_bounds(cu_seqlens, tk)
 
 
 # The Triton layer as two PyTorch custom ops: torch.compile sees one opaque op per attention
@@ -176,7 +168,7 @@ def _nsa_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.
                 gates_nonneg: Optional[bool]) -> _FWD_OUT:
     """(o, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel); gates [B, T, Hq, 3]."""
     from attn.flash.fwd import fwd_triton
-    from attn.nsa.cmp import _fwd
+    from attn.nsa.cmp import fwd_triton as cmp_fwd
     from attn.nsa.gate_mix import gate_mix_fwd
     from attn.nsa.select import select_blocks
     from attn.nsa.slc import slc_attn_fwd
@@ -187,7 +179,7 @@ def _nsa_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.
     q, k, v, k_cmp, v_cmp, gates = (t.contiguous() for t in (q, k, v, k_cmp, v_cmp, gates))
     plan, table, seg = _geometry(q, k, k_cmp, v_cmp, scale, cmp_block, cmp_stride, sel_block,
                                  cu_seqlens, q_offset)
-    o_cmp, lse_cmp = _fwd(q, k_cmp, v_cmp, plan)
+    o_cmp, lse_cmp = cmp_fwd(q, k_cmp, v_cmp, plan)
     cu_cmp = None if cu_seqlens is None else cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)
     sel = select_blocks(q, k_cmp, lse_cmp, table, scale=scale, cmp_block=cmp_block,
                         cmp_stride=cmp_stride, sel_block=sel_block, topk=topk,
@@ -220,9 +212,8 @@ def _nsa_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                 gates_nonneg: Optional[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                        torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dk_cmp, dv_cmp, dgates)."""
-    from attn.flash import common
     from attn.flash.bwd import bwd_triton
-    from attn.nsa.cmp_bwd import _bwd as cmp_bwd
+    from attn.nsa.cmp_bwd import bwd_triton as cmp_bwd
     from attn.nsa.gate_mix import gate_mix_bwd, gate_mix_bwd_folded
     from attn.nsa.slc import slc_attn_bwd
     q, k, v, k_cmp, v_cmp, gates, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel, do = (
@@ -238,7 +229,7 @@ def _nsa_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         do_cmp = do_slc = do_swa = do
         g_cmp = gates
     else:
-        deltas = common.empty((3, B, hq, tq), torch.float32, q.device)  # gate_mix_bwd's
+        deltas = alloc.empty((3, B, hq, tq), torch.float32, q.device)  # gate_mix_bwd's
         do_cmp, do_slc, do_swa, dgates = gate_mix_bwd(do, o_cmp, o_slc, o_swa, gates,
                                                       deltas=deltas)
         lses, g_cmp = (lse_cmp, lse_slc, lse_swa), None

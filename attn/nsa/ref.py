@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import torch
 
+from attn.common.checks import check_cu_seqlens
 from attn.flash.ref import flash_attn_ref
-from attn.masks import check_cu_seqlens, document_ids
+from attn.masks import document_ids
 
 
 def num_cmp_blocks(length: int, cmp_block: int, cmp_stride: int) -> int:
@@ -62,8 +63,8 @@ def cmp_block_starts(tk: int, cmp_block: int, cmp_stride: int, cu_seqlens=None, 
 
 # With documents the number of compressed blocks is read off cu_seqlens. Under torch.compile
 # this runs outside the graph (a graph break; the starts enter the graph with a dynamic size):
-# traced with an unbacked block count, inductor's code hit a device-side assert on the H200
-# (torch 2.11, tests/parallel/test_compile.py::test_gpu_inductor_model_matches_eager[nsa-*]).
+# traced with an unbacked block count, inductor's code hits a device-side assert (torch 2.11,
+# tests/parallel/test_compile.py::test_gpu_inductor_model_matches_eager[nsa-*]).
 @torch.compiler.disable
 def _doc_block_starts(cu, cmp_block: int, cmp_stride: int, device):
     cu_c = cmp_cu_seqlens(cu, cmp_block, cmp_stride).long()
@@ -91,8 +92,8 @@ def _masked_softmax(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def selection_scores(p_cmp, tk: int, *, cmp_block, cmp_stride, sel_block, cu_seqlens=None,
                      q_offset=0, hkv=1):
     """(score [B, Hkv, Tq, NB], gid [Tk]): the selection score of every block (global numbering
-    over the documents, as attn.moba.gate.block_table) for every query and KV head, from the
-    compressed probabilities p_cmp [B, Hq, Tq, Tc]: the sum over compressed blocks overlapping
+    over the documents, as attn.common.documents.block_table) for every query and KV head, from
+    the compressed probabilities p_cmp [B, Hq, Tq, Tc]: the sum over compressed blocks overlapping
     the block and over the group's heads; +inf for the forced blocks (block 0, the query's block
     and the one before), −inf for blocks that are not candidates (later, or another document).
     gid: the block of every key."""

@@ -1,41 +1,18 @@
-"""NSA's top-n block selection on chip: selection scores from the compressed attention
-probabilities, summed over compressed blocks and GQA heads, and the top-n per query and group.
+"""NSA's top-n block selection on chip: per query p and KV head h, score[j] = Σ over the group's
+heads g and the compressed rows c overlapping selection block j of exp(q_g·k_cmp[c]·scale −
+lse_cmp[g, p]) (the compressed branch's probabilities, recomputed from its lse); the group takes
+its `topk` best blocks among 0 .. qrel (p's block), always block 0, qrel and qrel − 1; ties go to
+the earlier block (ref.py's stable sort). Output SEL int32 [B, Tq, Hkv, topk]: global ids of
+block_table(cu_seqlens, Tk, sel_block) in rank order, −1 in unused slots. Geometry (checked):
+R = sel_block / cmp_stride a power of 2 and cmp_block ≤ sel_block + cmp_stride, so compressed
+row c overlaps block c // R and at most the next one ("spill").
 
-For query p (document-relative position r, block qrel = r // sel_block) and KV head h, the score
-of selection block j of its document is
-
-    score[j] = Σ_{g in group(h)} Σ_{c overlaps j} exp(q_g·k_cmp[c]·scale − lse_cmp[g, p])
-
-(the compressed branch's probabilities, recomputed from its lse: nothing of size T × T/stride
-or T × n_blocks is ever stored). The group takes its `topk` best blocks among 0 .. qrel, always
-including block 0 and the two most recent (qrel, qrel − 1); ties go to the earlier block
-(ref.py's stable sort). Output: SEL int32 [B, Tq, Hkv, topk], global block ids of
-attn.moba.gate.block_table(cu_seqlens, Tk, sel_block) in rank order, −1 in unused slots.
-
-Geometry (the Triton path's rules, checked by the wrapper): R = sel_block / cmp_stride is a
-power of 2 and cmp_block ≤ sel_block + cmp_stride. Then compressed row c (document-relative)
-overlaps its primary block c // R and, when (c mod R)·stride + cmp_block > sel_block, also the
-next one ("spill"); it never reaches further. With cmp_block + (R−1)·stride ≤ sel_block (e.g.
-compression blocks equal to the selection blocks) no row spills and that step is compiled out.
-
-Memory plan (_select_kernel): one program per (query tile, batch·KV head). A query tile holds
-BQ consecutive queries of ONE document (tiles are cut at document starts: work items built on
-the device, no host sync); its rows are the BQ × G (query, head) pairs, M = BQ·GP rows
-(GP = G rounded up to a power of 2, padding heads masked). Registers: Q [M, D], lse [M], per
-chunk the scores [M, CB] for CB = J·R compressed rows (J selection blocks, read from HBM once per
-tile, software-pipelined: two flat chunk loops with no condition around their loads, the first
-over the chunks every row of the tile sees whole, with no visibility test per score, the second
-over the last one or two); a segment
-[BQ, NS, J] of block scores (NS·J blocks, BQ·NS·J ≤ MAX_SEG_ELEMS) and the running top-n
-[BQ, TP] (values, block ids). Per chunk: P [M, CB] → block sums P·W by MMA with a 0/1 matrix
-W [CB, J] that holds both the primary block and the spill (P split into two fp16 parts: fp32
-accuracy, see the kernel), the last block's spill carried to the next chunk, then summed over
-the G heads ([BQ, GP, J] reshape) and placed into the segment. Every NS chunks the segment is
-merged into the running top-n (topk rounds of max / smallest id over segment and running list).
-Launch (H200 and H100 sweeps, docs/benchmarks.md): 128 rows, 8 warps, 2 stages, at most 128
-registers; the block sums by 3 bf16 MMAs cost 12.2 ms at 64k (Hq 64, Hkv 4), by 2 fp16 MMAs 9.4
-(H100 9.2), with the mask-free loop 8.7 and 2 stages 8.4 (H100); the first version (no MMA sums,
-loads under a condition) 26.
+Memory plan (_select_kernel): one program per (query tile of BQ queries of ONE document, batch·KV
+head), rows the BQ × G (query, head) pairs (M = BQ·GP, GP = G padded to a power of 2). Registers:
+Q [M, D], lse [M]; per chunk of J blocks (CB = J·R compressed rows, read once per tile) the
+scores [M, CB], block sums by MMA with a 0/1 matrix W [CB, J] (P in two fp16 parts: fp32
+accuracy), summed over the heads into a segment [BQ, NS, J] that is merged every NS chunks into
+the running top-n [BQ, TP] (values, ids). Nothing of size T × T/stride or T × n_blocks is stored.
 """
 from __future__ import annotations
 
@@ -43,26 +20,22 @@ import torch
 import triton
 import triton.language as tl
 
-from attn.flash import common
-from attn.flash.common import LOG2E, LOG2E_F, mma
+from attn.common import alloc
+from attn.common.documents import key_doc_bounds
+from attn.common.jit import LOG2E, LOG2E_F, mma
+from attn.common.launch import dot_precision, reg_cap
+from attn.dispatch import INTERPRET
 
 NEG_INF = tl.constexpr(float("-inf"))
 P_SCALE = tl.constexpr(16384.0)  # 2^14: probabilities scaled into fp16's normal range (see kernel)
 P_SCALE_LOG2 = tl.constexpr(14.0)  # log2(P_SCALE), taken off the lse so exp2 returns P·P_SCALE
-# Launch constants; H100 sweep of the two-loop kernel at 128 registers (64k 64 / 4, 64k 16 / 4,
-# 16k 64 / 4 in ms; docs/bench/nsa_select_sweep_h100_s9.json): the chosen 8.39 / 3.62 / 0.737;
-# 3 stages 8.67 / 3.72 / 0.759, 4 stages 8.69 / 3.72 / 0.761; segments of 2048 / 1024 / 8192
-# scores 8.48 / 8.87 / 9.94 at 64 / 4 but 4.03 / 5.79 / 3.89 at 16 / 4; 64 rows, 4 warps 10.56 /
-# 4.46 / 0.809; a cap of 112 registers 9.14 / 4.09 / 0.769
+# Launch constants: the sweep's fastest (docs/nsa_notes.md, "Selection launch")
 MAX_SEG_ELEMS = 4096  # block scores a program keeps in registers (BQ × NS × J fp32)
 GPU_ROWS = 128        # (query, head) rows per program on the GPU
 GPU_WARPS = 8         # warps per program
 GPU_STAGES = 2        # software-pipeline depth of the compressed-key loads
-# registers per thread: at most 128 lets two 8-warp programs share an SM, so one's MMAs overlap
-# the other's exp2 / block sums (65536 registers per SM). Triton 3.6 takes 127 for the one-loop
-# kernel of session 8 on its own and 163 for the two-loop one (one program per SM: 64k 64 / 4
-# 9.2 -> 12.0 ms); capped, ptxas fits it without spills and the two loops' fewer instructions
-# per score show: 8.7 ms (16 / 4: 4.3 -> 3.7; docs/bench/nsa_select_caps_h100_s9.json)
+# registers per thread: at most 128 lets two 8-warp programs share an SM (65536 registers per
+# SM), so one's MMAs overlap the other's exp2 / block sums; ptxas fits the kernel without spills
 GPU_MAXNREG = 128
 
 
@@ -274,10 +247,10 @@ def select_blocks(q, k_cmp, lse, table, *, scale: float, cmp_block: int, cmp_str
     tc, hkv = k_cmp.shape[1], k_cmp.shape[2]
     g = hq // hkv
     gp = triton.next_power_of_2(g)
-    rows = 16 if common.INTERPRET else GPU_ROWS                   # target M = BQ·GP
+    rows = 16 if INTERPRET else GPU_ROWS                   # target M = BQ·GP
     bq = max(1, rows // gp)
     r = sel_block // cmp_stride
-    j = max(16, 64 // r) if not common.INTERPRET else 16          # blocks per chunk (dot: ≥ 16)
+    j = max(16, 64 // r) if not INTERPRET else 16          # blocks per chunk (dot: ≥ 16)
     kblk, firstb, _, _ = table
     tk = kblk.numel()
     doc_blocks = triton.next_power_of_2(triton.cdiv(tk, sel_block))
@@ -288,20 +261,20 @@ def select_blocks(q, k_cmp, lse, table, *, scale: float, cmp_block: int, cmp_str
     start, end = work_items(tq, q_offset, bq, cu_seqlens, q.device)
     has_docs = cu_seqlens is not None
     if has_docs:
-        dstart, _ = common.seg_arrays(cu_seqlens, tk)
+        dstart, _ = key_doc_bounds(cu_seqlens, tk)
         # first compressed row of each key position's document
         doc = torch.searchsorted(cu_seqlens.long()[1:], torch.arange(tk, device=q.device),
                                  right=True)
         cmp0 = cu_cmp.long()[doc].to(torch.int32).contiguous()
     else:
         dstart = cmp0 = firstb
-    sel = common.empty((B, tq, hkv, topk), torch.int32, q.device)
+    sel = alloc.empty((B, tq, hkv, topk), torch.int32, q.device)
     _select_kernel[(start.numel(), B * hkv)](
         q, k_cmp, lse, sel, start, end, dstart, cmp0, firstb, scale * LOG2E_F, q_offset, tq, tc,
         HQ=hq, HKV=hkv, G=g, GP=gp, BQ=bq, HEAD_DIM=d, J=j, R=r, NS=ns, TOPK=topk,
         TP=triton.next_power_of_2(topk), CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
         SEL_BLOCK=sel_block, HAS_SPILL=(r - 1) * cmp_stride + cmp_block > sel_block,
-        HAS_DOCS=has_docs, DOT_PREC=common.dot_precision(q.dtype),
+        HAS_DOCS=has_docs, DOT_PREC=dot_precision(q.dtype),
         num_warps=GPU_WARPS, num_stages=GPU_STAGES,
-        **common.reg_cap(GPU_MAXNREG))
+        **reg_cap(GPU_MAXNREG))
     return sel

@@ -1,42 +1,21 @@
-"""NSA's selected-block branch in Triton: forward (o, lse) and backward (dq, dk, dv; the dK/dV
-kernels in attn/nsa/slc_dkdv.py).
-
-Definition (attn/nsa/ref.py `slc_attn_ref`): query i at absolute position p = q_offset + i
-attends, with one softmax, the keys s <= p of the blocks its GQA group selected,
+"""NSA's selected-block branch in Triton: forward (o, lse) and backward (dq, dk, dv; dK/dV in
+slc_dkdv.py). Definition (attn/nsa/ref.py `slc_attn_ref`): query i at absolute position
+p = q_offset + i attends, with one softmax, the keys s <= p of the blocks its GQA group selected,
 SEL[b, i, hkv, :] (global block ids, −1 = empty slot); block j covers keys
-[BLK_START[j], BLK_END[j]) (attn.moba.gate.block_table). All G = Hq/Hkv query heads of a group
-share the selection, so every selected K/V block is loaded once for the whole group.
+[BLK_START[j], BLK_END[j]) (attn.common.documents.block_table).
 
-Memory plan
-  _rows_kernel (forward, and dQ with DQ=True): one program = QPP consecutive query positions of
-      one (batch, KV head); its tile rows are (position, head) pairs, M = QPP·GP rows (GP = G
-      padded to a power of 2, QPP = max(1, FWD_ROWS // GP): 64 rows up to G = 64; tl.dot needs
-      M >= 16, and M = 64 feeds the H100's wgmma). Registers: Q tile [M, D] (input dtype), the
-      selection tile [M, NSEL_P] int32, fp32 accumulator [M, D] (o; or dQ, with dO [M, D] and
-      lse, delta [M]), running max / sum [M]. Loop over the union of the tile's selected blocks
-      in ascending id order (a row takes part in a block only if its position selected it): the
-      block's K, V tile [BLOCK_N, D] (BLOCK_N >= sel_block) is loaded once for all heads of the
-      group and all positions of the tile that chose it (neighbouring queries mostly share
-      blocks, so K/V traffic drops up to QPP-fold). Writes O, LSE (fp32, natural log) or dQ once.
-      Adaptive tiles: each 64-row tile runs either as it is (coarse launch) or as 16-row tiles
-      (fine launch: positions whose picks barely overlap waste fewer masked rows), chosen per
-      tile from both tilings' union counts (fine_tiles; TILES below). Each launch skips the
-      other's tiles, so every row is written by one program.
-      The union comes as a list (attn/nsa/union.py, U = QPP·NSEL_P <= MAX_UNION ids per tile):
-      a counted loop whose K/V loads are software-pipelined; larger tiles (groups of 1-2 heads)
-      search each next id over the tile's selection instead (every load then waits on it).
-  dK/dV: attn/nsa/slc_dkdv.py (inverse index, per-block programs, split partials).
-
+Memory plan (_rows_kernel, forward and dQ): one program = QPP consecutive positions of one
+(batch, KV head), tile rows the (position, head) pairs, M = QPP·GP (GP = G padded to a power of
+2). Registers: Q [M, D], the selection [M, NSEL_P] int32, fp32 accumulator [M, D] (o; or dQ, with
+dO [M, D] and lse, delta [M]), running max / sum [M]. The loop walks the union of the tile's
+selected blocks in ascending id order (union.py's list, or a search for each next id): each
+block's K, V [BLOCK_N, D] (BLOCK_N >= sel_block) is loaded once for every head and position that
+chose it. Tiles are coarse (FWD_ROWS rows) or fine (FINE_ROWS), chosen per tile (fine_tiles).
 Masking: key s of block j pairs with row i when i selected j, BLK_START[j] <= s < BLK_END[j] and
-s <= q_offset + i. Scores live in the log2 domain (s2 = q·k · scale·log2 e, every exponential is
-exp2). With P = exp2(s2 − lse2) from the saved lse: dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − delta),
-dK = scale · dSᵀ Q, dQ = scale · dS K, delta = rowsum(O ⊙ dO).
-Contract: the blocks tile [0, Tk) in order, each at most sel_block long (block_table's do: dK/dV
-of a key outside every block is never written; a longer block makes the rows / keys it touches
-NaN). Checked with a ValueError on CPU tensors; on CUDA a check would cost a host sync. Ids
-outside [0, NB) count as empty slots (ValueError on CPU); ids must not repeat within a row (the
-forward would count such a block once, dK/dV twice). A row must see at least one key; one that
-sees none gets o = 0, lse = +inf and zero gradients.
+s <= p. Contract (checked on CPU; on CUDA a check would cost a host sync): the blocks tile
+[0, Tk) in order, each at most sel_block long (a longer one makes its rows NaN); ids outside
+[0, NB) are empty slots; ids do not repeat within a row. A row that sees no key gets o = 0,
+lse = +inf and zero gradients.
 """
 from __future__ import annotations
 
@@ -46,13 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from attn.dispatch import INTERPRET, check_triton_inputs
-from attn.flash import common
-from attn.flash.bwd import bwd_delta
-from attn.flash.common import LN2, LOG2E, LOG2E_F, cvt, mma
+from attn.common import alloc
+from attn.common.checks import check_bwd_buffers, check_qkv
+from attn.common.jit import LN2, LOG2E, LOG2E_F, cvt, mma
+from attn.common.launch import dot_precision, reg_cap, use_tma
+from attn.common.softmax import bwd_delta, softmax_step
+from attn.dispatch import INTERPRET
 from attn.nsa.slc_dkdv import dkdv
 from attn.nsa.union import tile_unions
-from attn.triton_common import softmax_step
 
 
 @triton.jit
@@ -222,122 +202,84 @@ _HEAD_DIMS = (16, 32, 64, 128)
 MAX_NSEL = 32
 MAX_GROUP = 64
 MAX_SEL_BLOCK = 128
-# Tile rows: forward / dQ FWD_ROWS (position, head) rows. H100, triton 3.6,
-# B=1, T=64k, D=128, bf16, NSEL=16, sel_block=64; "random": iid selections, "shared": the 64
-# queries of a block share their extra blocks (block 0, own and previous block always in):
-#   Hq/Hkv=64/4  fwd: FWD_ROWS=16 33.2 / 33.5 ms (random / shared), 64: 29.5 / 10.0 (128, 8 warps
-#                55.6 / 11.0); fwd+bwd at 64: 88 / 47 ms
-#   Hq/Hkv=16/4  fwd: 16: 24.5 / 8.1 ms, 64: 22.6 / 2.6; fwd+bwd at 64: 56 / 14.5 ms
-# (random selections are bound by L2 / HBM traffic: T·Hkv·NSEL K/V blocks of 32 KB.) ptxas
-# sm_90a (bf16, D=128): fwd 174-201 regs, dQ 202-203, no spills. (dK/dV: attn/nsa/slc_dkdv.py.)
-# H200, 2026-11-26, with the union lists (docs/bench/nsa_slc_rows_sweep_h200.json), 64k, 64/4
-# random: forward FWD_ROWS 64 / 32 / 16 (3 stages) 23.2 / 26.4 / 19.2 ms, dQ 64 (1 stage) 26.6,
-# 16 (2 stages) 20.7; 16/4: forward 18.4 → 14.8, dQ 21.6 → 18.3; 16k 64/4: 4.98 → 4.70, 5.59 →
-# 5.00: random selections share few blocks within a tile, so a 64-row tile mostly multiplies
-# masked rows. But when the 64 queries of a block share their picks (as a trained model's
-# neighbours mostly do; ..._shared_h200.json), 64 rows take 8.0 / 9.4 ms (fwd / dQ) and 16 rows
-# 19.1 / 20.4 (16/4: 2.9 / 3.3 against 5.1 / 6.2): 64 rows stay, for what training sees.
+# Launch constants: the sweeps' fastest (docs/nsa_notes.md, "Selected-branch launch").
+# Tile rows of the forward / dQ: FWD_ROWS (position, head) rows; 64 (wgmma-sized) pays off when
+# neighbouring queries share their picks, as a trained model's do
 FWD_ROWS, FWD_WARPS = 64, 4
 # Adaptive tiles (TILES = "adaptive"): each coarse tile of FWD_ROWS rows goes to the coarse or
 # to the fine launch (FINE_ROWS-row tiles: one position x 16 heads at group 16), whichever does
-# less work by the union counts: fine when COARSE_STEP_COST·U_coarse > FINE_STEP_COST·ΣU_fine.
-# H100, 64k, fwd / dQ time against the mean union sizes while a share of the queries takes its
-# 64-query block's picks (docs/bench/nsa_tiles_h100.json): a fine step costs 0.65-0.71 of a
-# coarse one (64/4: coarse 7.9 ms at U = 15.9 -> 22.5 at U = 50.3, i.e. 0.42 ms per unit of U;
-# fine 19.1 ms at ΣU = 63.5, 0.30; 16/4: 0.109 vs 0.071; dQ 0.64 in both). So random-like
-# selections take 16-row tiles, shared ones keep 64 rows, and tiles in between go either way.
-# "coarse" / "fine" force one tiling (NSA_SLC_TILES=coarse|fine; tests, sweeps). Groups with
-# equal tilings (G >= 64) or without union lists for the coarse tiles (G <= 2) take the coarse
-# tiling.
+# less work by the union counts: fine when COARSE_STEP_COST·U_coarse > FINE_STEP_COST·ΣU_fine
+# (a fine block step costs about 2/3 of a coarse one). "coarse" / "fine" force one tiling
+# (NSA_SLC_TILES=coarse|fine; tests, sweeps). Groups with equal tilings (G >= 64) or without
+# union lists for the coarse tiles (G <= 2) take the coarse tiling.
 TILES = os.environ.get("NSA_SLC_TILES", "adaptive")
-# K/V block tiles through TMA tensor descriptors made on the host (common.use_tma: Hopper,
-# alignment, FLASH_TMA; NSA_SLC_TMA=0 turns it off here alone). H100, random selections, pointer
-# loads -> TMA, ms (docs/bench/nsa_slc_tma_h100.txt; outputs bitwise equal): forward 64k 64/4
-# 18.97 -> 17.90, 64k 16/4 15.36 -> 14.21, 16k 16/4 3.14 -> 2.79; but the whole backward (dQ
-# launches + dK/dV) 64k 64/4 38.9 -> 41.2 (16/4: 24.5 -> 23.7, 16k 5.51 -> 5.73): the dQ keeps
-# pointer loads. (Descriptors made inside the kernel cost every program: forward 64/4 19.1.)
+# K/V block tiles through TMA tensor descriptors made on the host, once per launch (use_tma:
+# Hopper, alignment, FLASH_TMA; NSA_SLC_TMA=0 turns it off here alone): the forward's only,
+# the dQ is faster with pointer loads
 TMA = {"fwd": os.environ.get("NSA_SLC_TMA", "1") != "0", "dq": False}
 FINE_ROWS = 16
 COARSE_STEP_COST, FINE_STEP_COST = 3, 2
-# pipeline depth of the fine tiles' loops. With the dQ's 168-register cap (below) 3 stages keep
-# three programs per SM: fine dQ launches 2 -> 3 stages, 64k 64 / 4 21.11, 21.14 -> 20.48, 20.67
-# ms; 64k 16 / 4 16.81, 17.13 -> 16.24, 16.53; 16k 16 / 4 3.58, 3.61 -> 3.55, 3.61; 4 stages
-# slower (H100, docs/bench/nsa_slc_fine_h100_s9.json; 2 or 8 warps instead of 4 were slower)
+# pipeline depth of the fine tiles' loops: 3 stages keep three programs per SM under the dQ's
+# register cap (below)
 FINE_FWD_STAGES, FINE_DQ_STAGES = 3, 3
-# pipeline depth of the union loop (H200, 64k, 64/4 random: fwd stages 1/2/3/4 27.3 / 25.4 /
-# 24.0 / 39.5 ms; dQ + dK/dV 54.9 / 57.7 / 75.2 / 75.0: the dQ tile with deeper pipelines loses
-# occupancy; the while loop over the next smallest id it replaces: 30.0 / 59.0)
+# pipeline depth of the union loop: the dQ tile with deeper pipelines loses occupancy
 FWD_STAGES, DQ_STAGES = 3, 1
 DQ_WARPS = FWD_WARPS
-# registers per thread of the dQ launches (the forward's take the compiler's choice). The
-# coarse dQ program takes 243 at one stage (two programs per SM); capped at 168 three fit (40
-# bytes spill): 64k dQ at group 4 (16 / 4) 18.30 -> 16.64 ms, group 16 (64 / 4, mostly fine
-# tiles, 158 registers anyway) 20.96 -> 21.10; a cap of 128 is slower for both, and no cap
-# helps the forward or dK/dV (H100, docs/bench/nsa_select_caps_h100_s9.json)
+# registers per thread of the dQ launches (the forward's take the compiler's choice): at 168
+# three coarse dQ programs fit an SM (40 bytes spill) instead of two
 DQ_MAXNREG = 168
 # union lists (tile_unions) up to U = QPP·NSEL_P ids per tile: the O(U²) comparisons of
-# _union_kernel grow past the gain beyond (U = 1024, Hq = Hkv: 10 ms at 64k); larger tiles
-# (groups of 1-2 heads) search the next id instead
+# _union_kernel outgrow the gain beyond; larger tiles (groups of 1-2 heads) search the next id
 MAX_UNION = 256
 
 
 def _check(q, k, v, sel, blk_start, blk_end, scale, sel_block, q_offset):
     """Validate the inputs (ValueError naming the rule); returns the scale as a float."""
-    for name, t in (("q", q), ("k", k), ("v", v), ("sel", sel)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor, got {getattr(t, 'shape', type(t))}")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
-                         "q [B, Tq, Hq, D] and k, v [B, Tk, Hkv, D]")
+    check_qkv("slc_attn", q, k, v, max_group=MAX_GROUP, q_offset=q_offset, head_dims=_HEAD_DIMS,
+              contiguous=True)
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
-    if hkv == 0 or hq % hkv or not 1 <= hq // hkv <= MAX_GROUP:
-        raise ValueError(f"Hq={hq} must be a multiple of Hkv={hkv} with group size "
-                         f"Hq/Hkv <= {MAX_GROUP}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    check_triton_inputs(q, _HEAD_DIMS, "slc_attn: ")
+    if not isinstance(sel, torch.Tensor) or sel.dim() != 4:
+        raise ValueError(f"slc_attn: sel must be a 4-D tensor, got "
+                         f"{getattr(sel, 'shape', type(sel))}")
     nsel = sel.shape[-1]
     if sel.dtype != torch.int32 or tuple(sel.shape[:3]) != (B, tq, hkv) \
             or not 1 <= nsel <= MAX_NSEL:
-        raise ValueError(f"sel ({sel.dtype}, {tuple(sel.shape)}) must be int32 [B, Tq, Hkv, NSEL]"
-                         f" = [{B}, {tq}, {hkv}, NSEL] with 1 <= NSEL <= {MAX_NSEL}")
+        raise ValueError(f"slc_attn: sel ({sel.dtype}, {tuple(sel.shape)}) must be int32 "
+                         f"[B, Tq, Hkv, NSEL] = [{B}, {tq}, {hkv}, NSEL] with 1 <= NSEL <= "
+                         f"{MAX_NSEL}")
     for name, t in (("blk_start", blk_start), ("blk_end", blk_end)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1 \
                 or t.numel() == 0 or t.shape != blk_start.shape:
-            raise ValueError(f"{name} must be a non-empty int32 [NB] tensor like blk_start, got "
-                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
-    for name, t in (("q", q), ("k", k), ("v", v), ("sel", sel), ("blk_start", blk_start),
-                    ("blk_end", blk_end)):
+            raise ValueError(f"slc_attn: {name} must be a non-empty int32 [NB] tensor like "
+                             f"blk_start, got {getattr(t, 'dtype', type(t))} "
+                             f"{tuple(getattr(t, 'shape', ()))}")
+    for name, t in (("sel", sel), ("blk_start", blk_start), ("blk_end", blk_end)):
         if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}, q on {q.device}: one device")
+            raise ValueError(f"slc_attn: {name} is on {t.device}, q on {q.device}: one device")
         if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (strides {t.stride()}); call "
+            raise ValueError(f"slc_attn: {name} must be contiguous (strides {t.stride()}); call "
                              ".contiguous() first")
-    if not q.is_cuda and not INTERPRET:
-        raise ValueError("slc_attn's Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set "
-                         f"before import), got {q.device}")
-    if not isinstance(q_offset, int) or q_offset < 0 or q_offset + tq > tk:
-        raise ValueError(f"q_offset={q_offset!r} must be an int with 0 <= q_offset and "
-                         f"q_offset + Tq <= Tk (Tq={tq}, Tk={tk})")
     if not isinstance(sel_block, int) or not 1 <= sel_block <= MAX_SEL_BLOCK:
-        raise ValueError(f"sel_block={sel_block!r} must be an int in [1, {MAX_SEL_BLOCK}]")
+        raise ValueError(f"slc_attn: sel_block={sel_block!r} must be an int in "
+                         f"[1, {MAX_SEL_BLOCK}]")
     # T·H·D may pass 2^31 (row offsets are int64); the dK/dV inverse index is int32
     if B * tq * hkv * nsel >= 2 ** 31:
-        raise ValueError(f"B*Tq*Hkv*NSEL={B * tq * hkv * nsel} must be < 2**31 (the dK/dV "
-                         "inverse index stores int32 positions into the selection list)")
+        raise ValueError(f"slc_attn: B*Tq*Hkv*NSEL={B * tq * hkv * nsel} must be < 2**31 (the "
+                         "dK/dV inverse index stores int32 positions into the selection list)")
     scale = float(d ** -0.5 if scale is None else scale)
     if not scale > 0:
-        raise ValueError(f"scale={scale!r} must be > 0")
+        raise ValueError(f"slc_attn: scale={scale!r} must be > 0")
     if not q.is_cuda:  # value checks: free on CPU, a host sync on CUDA (see the docstring)
         nb = blk_start.numel()
         if bool(((sel < -1) | (sel >= nb)).any()):
-            raise ValueError(f"sel holds ids outside [-1, NB) with NB={nb} blocks")
+            raise ValueError(f"slc_attn: sel holds ids outside [-1, NB) with NB={nb} blocks")
         if int(blk_start[0]) != 0 or int(blk_end[-1]) != tk \
                 or not torch.equal(blk_start[1:], blk_end[:-1]) \
                 or bool(((blk_end - blk_start) > sel_block).any() | (blk_end <= blk_start).any()):
-            raise ValueError(f"blocks [blk_start, blk_end) must tile [0, Tk={tk}) in order (as "
-                             f"block_table's do), each of 1 to sel_block={sel_block} keys")
+            raise ValueError(f"slc_attn: blocks [blk_start, blk_end) must tile [0, Tk={tk}) in "
+                             f"order (as block_table's do), each of 1 to sel_block={sel_block} "
+                             "keys")
     return scale
 
 
@@ -353,7 +295,7 @@ def _meta(q, k, sel, rows=None):
     rows = FWD_ROWS if rows is None else rows
     return dict(HQ=hq, HKV=hkv, HEAD_DIM=q.shape[3], NSEL=nsel,
                 NSEL_P=max(2, triton.next_power_of_2(nsel)), GROUP_P=gp,
-                QPP=max(1, rows // gp), DOT_PREC=common.dot_precision(q.dtype))
+                QPP=max(1, rows // gp), DOT_PREC=dot_precision(q.dtype))
 
 
 def _listed(meta):
@@ -393,7 +335,7 @@ def _kv_tiles(k, v, sel_block, dq_mode):
     """(K, V, TMA) for _rows_kernel: host-side TMA descriptors over the [B·Tk, Hkv·D] views
     (made once per launch: a descriptor built inside the kernel costs every program, and the fine
     tiles are many short programs), or the tensors themselves."""
-    if not (TMA["dq" if dq_mode else "fwd"] and common.use_tma("dq", k, v)):
+    if not (TMA["dq" if dq_mode else "fwd"] and use_tma("dq", k, v)):
         return k, v, False
     from triton.tools.tensor_descriptor import TensorDescriptor
     B, tk, hkv, d = k.shape
@@ -414,8 +356,7 @@ def _launch_rows(q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale, s
             stages = FINE_FWD_STAGES if is_fine else FWD_STAGES
         n_tiles = triton.cdiv(tq, meta["QPP"])
         # the fine forward runs a coarse tile's fine tiles in one program (fewer programs to
-        # skip: 64/4 all coarse 8.72 -> 8.40 ms, random 19.16 -> 18.90); the fine dQ is faster
-        # one tile per program (random 21.22 vs 22.91 ms; H100, docs/bench/nsa_tiles_h100.json)
+        # skip); the fine dQ is faster one tile per program (docs/nsa_notes.md)
         sub = per if tiles == 2 and not dq_mode else 1
         grid = (triton.cdiv(n_tiles, sub), B * k.shape[2])
         _rows_kernel[grid](q, kt, vt, out, lse, do, delta, sel, blk_start, blk_end,
@@ -426,7 +367,7 @@ def _launch_rows(q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale, s
                            PER=per if tiles == 2 else 1, SUB=sub, ACC=accumulate,
                            TMA=tma,
                            num_warps=DQ_WARPS if dq_mode else FWD_WARPS,
-                           **common.reg_cap(DQ_MAXNREG if dq_mode else None),
+                           **reg_cap(DQ_MAXNREG if dq_mode else None),
                            num_stages=1 if INTERPRET else stages)
 
 
@@ -435,8 +376,8 @@ def slc_attn_fwd(q, k, v, sel, blk_start, blk_end, *, scale, sel_block, q_offset
     natural log)."""
     scale = _check(q, k, v, sel, blk_start, blk_end, scale, sel_block, q_offset)
     B, tq, hq, _ = q.shape
-    o = common.empty(q.shape, q.dtype, q.device)
-    lse = common.empty((B, hq, tq), torch.float32, q.device)
+    o = alloc.empty(q.shape, q.dtype, q.device)
+    lse = alloc.empty((B, hq, tq), torch.float32, q.device)
     _launch_rows(q, k, v, o, lse, q, lse, sel, blk_start, blk_end, scale, sel_block, q_offset,
                  False)
     return o, lse
@@ -459,12 +400,12 @@ def slc_attn_bwd(do, q, k, v, o, lse, sel, blk_start, blk_end, *, scale, sel_blo
             or lse.dtype != torch.float32 or not lse.is_contiguous() or lse.device != q.device:
         raise ValueError(f"lse must be contiguous fp32 [B, Hq, Tq] = {(B, hq, tq)}, got "
                          f"{getattr(lse, 'dtype', type(lse))} {tuple(getattr(lse, 'shape', ()))}")
-    common.check_bwd_buffers(q, delta, dq, "slc_attn_bwd: ")
+    check_bwd_buffers(q, delta, dq, "slc_attn_bwd: ")
     if delta is None:
         delta = bwd_delta(o, do)
     accumulate = dq is not None
     if dq is None:
-        dq = common.empty(q.shape, q.dtype, q.device)
+        dq = alloc.empty(q.shape, q.dtype, q.device)
     _launch_rows(q, k, v, dq, lse, do, delta, sel, blk_start, blk_end, scale, sel_block,
                  q_offset, True, accumulate)
 

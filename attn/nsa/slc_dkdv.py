@@ -26,9 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from attn.common import alloc
+from attn.common.jit import LOG2E, LOG2E_F, cvt, mma
+from attn.common.launch import dot_precision
 from attn.dispatch import INTERPRET
-from attn.flash import common
-from attn.flash.common import LOG2E, LOG2E_F, cvt, mma
 
 
 @triton.jit
@@ -128,16 +129,12 @@ def _reduce_kernel(PDK, PDV, DK, DV, NSPLIT, PSLOT, BLK_START, BLK_END, scale, T
         tl.store(DV + kv_off, cvt(dv, DV.dtype.element_ty), mask=k_ok[:, None])
 
 
-# Tile rows DKDV_ROWS (row, head) pairs (halved, one stage, for tiles past bf16 64 x 128: fp32 or
-# sel_block > 64). H100, triton 3.6, B=1, T=64k, D=128, bf16, NSEL=16, sel_block=64, 64/4 random:
-# DKDV_ROWS 32 / 64 / 128: bwd 65.2 / 58.5 / 65.6 ms (8 warps); ptxas sm_90a 224-254 regs (8
-# warps), no spills. H200, 2026-11-26 (docs/bench/nsa_dkdv_sweep*_h200.json), slc bwd at 16k /
-# 64k: dK/dV with 8 warps 13.0 / 54.2 ms, 4 warps 10.0 / 43.0 (3 stages 9.8 / 43.9; 32 rows
-# 10.2 / 43.9; 128 rows, 8 warps 14.6 / 60.5).
+# Launch constants: the sweeps' fastest (docs/nsa_notes.md, "Selected-branch dK/dV").
+# Tile rows DKDV_ROWS (row, head) pairs, halved with one stage for tiles past bf16 64 x 128 (fp32
+# or sel_block > 64: the K, V, dK, dV tiles take more registers)
 DKDV_ROWS, DKDV_WARPS, DKDV_STAGES = 64, 4, 2
-# dK/dV split threshold SPLIT = max(SPLIT_MIN_ROWS, SPLIT_FACTOR · mean rows per block). H100, as
-# above, 64/4 random: bwd 58.5 ms split (factor 1, 4, 16: 59.6, 58.5, 60.4) vs 81.7 unsplit;
-# 16/4: 34.1 vs 39.7. The interpreter splits much more, to exercise the path.
+# dK/dV split threshold SPLIT = max(SPLIT_MIN_ROWS, SPLIT_FACTOR · mean rows per block): a few
+# times the mean list length; the interpreter splits much more, to exercise the path
 SPLIT_MIN_ROWS = 4 if INTERPRET else 256
 SPLIT_FACTOR = 1 if INTERPRET else 4
 
@@ -198,10 +195,10 @@ def dkdv(q, k, v, do, lse, delta, sel, blk_start, blk_end, scale, q_offset, bn):
     split = split_rows(tq, nsel, nb)
     n_part = B * hkv * (tq * nsel // split)                  # bound on partial tiles
     item, isplit, nsplit, pslot = work_items(counts, split, B * hkv * nb + n_part)
-    pdk = common.empty((max(n_part, 1), bn, d), torch.float32, q.device)
-    pdv = common.empty((max(n_part, 1), bn, d), torch.float32, q.device)
-    dk = common.empty(k.shape, k.dtype, k.device)
-    dv = common.empty(v.shape, v.dtype, v.device)
+    pdk = alloc.empty((max(n_part, 1), bn, d), torch.float32, q.device)
+    pdv = alloc.empty((max(n_part, 1), bn, d), torch.float32, q.device)
+    dk = alloc.empty(k.shape, k.dtype, k.device)
+    dv = alloc.empty(v.shape, v.dtype, v.device)
     gp = triton.next_power_of_2(hq // hkv)
     big = bn * d * q.element_size() > 64 * 128 * 2                 # tiles past bf16 64 x 128
     rows, stages = (DKDV_ROWS // 2, 1) if big else (DKDV_ROWS, DKDV_STAGES)
@@ -210,7 +207,7 @@ def dkdv(q, k, v, do, lse, delta, sel, blk_start, blk_end, scale, q_offset, bn):
         blk_start, blk_end, scale, scale * LOG2E_F, q_offset, tq, tk, nb, B * hkv * nb, HQ=hq,
         HKV=hkv,
         HEAD_DIM=d, GROUP_P=gp, RB=max(1, rows // gp), BLOCK_N=bn,
-        DOT_PREC=common.dot_precision(q.dtype), num_warps=DKDV_WARPS, num_stages=stages)
+        DOT_PREC=dot_precision(q.dtype), num_warps=DKDV_WARPS, num_stages=stages)
     _reduce_kernel[(B * hkv * nb,)](pdk, pdv, dk, dv, nsplit, pslot, blk_start, blk_end, scale,
                                     tk, nb, HKV=hkv, HEAD_DIM=d, BLOCK_N=bn, num_warps=4)
     return dk, dv

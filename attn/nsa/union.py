@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from attn.common import alloc
 from attn.dispatch import INTERPRET
-from attn.flash import common
 
 
 @triton.jit
@@ -84,9 +84,8 @@ def _union_kernel(SEL, UNION, USTART, UEND, UCNT, BLK_START, BLK_END, n_tiles, T
 
 
 def _union_chunk(u: int) -> int:
-    # [U, CH] comparisons per step. H200, 64k, CH = 1 / 8 / 32 / 64: U = 64 (Hq/Hkv 64/4)
-    # 0.78 / 0.39 / 0.21 / 0.39 ms; U = 256 (16/4) 1.35 / 1.17 / 0.85 / 17.1 (spills). The
-    # interpreter takes all U at once (numpy).
+    # [U, CH] comparisons per step: CH = 32 is the sweep's fastest (docs/nsa_notes.md; 64
+    # spills at U = 256). The interpreter takes all U at once (numpy).
     return u if INTERPRET else min(u, 32)
 
 
@@ -98,9 +97,9 @@ def tile_unions(sel, nb: int, meta, blk_start, blk_end, per_program: int = 1):
     B, tq, hkv, nsel = sel.shape
     qpp, nsel_p = meta["QPP"], meta["NSEL_P"]
     nt = triton.cdiv(tq, qpp)
-    union, ustart, uend = (common.empty((B * hkv, nt, qpp * nsel_p), torch.int32, sel.device)
+    union, ustart, uend = (alloc.empty((B * hkv, nt, qpp * nsel_p), torch.int32, sel.device)
                            for _ in range(3))
-    ucnt = common.empty((B * hkv, nt), torch.int32, sel.device)
+    ucnt = alloc.empty((B * hkv, nt), torch.int32, sel.device)
     _union_kernel[(triton.cdiv(nt, per_program), B * hkv)](
         sel, union, ustart, uend, ucnt, blk_start, blk_end, nt, tq, nb, HKV=hkv, NSEL=nsel,
         NSEL_P=nsel_p, QPP=qpp, CH=_union_chunk(qpp * nsel_p), SUB=per_program, num_warps=4)

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from attn.base import SoftmaxAttention
-from attn.masks import causal_mask, check_cu_seqlens
+from attn.common.checks import check_qkv
+from attn.masks import causal_mask
 from attn.sdpa.flex import flex_sdpa
 
 # dtypes FlexAttention's CUDA kernels take; others (float64) use the dense-mask SDPA call
@@ -42,23 +43,12 @@ def sdpa_per_document(q, k, v, scale, cu_seqlens):
     return torch.cat(outs, dim=1)
 
 
-def _check(q, k, v, q_offset, window):
-    if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected "
-                         "q [B, Tq, Hq, D] and k, v [B, Tk, Hkv, D]")
-    if q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"Hq={q.shape[2]} must be a multiple of Hkv={k.shape[2]}")
-    tq, tk = q.shape[1], k.shape[1]
-    if q_offset < 0 or q_offset + tq > tk:
-        raise ValueError(f"q_offset={q_offset} with Tq={tq} needs 0 <= q_offset and "
-                         f"q_offset+Tq <= Tk={tk}")
-    if window is not None and (int(window) != window or window < 1):
-        raise ValueError(f"window={window!r} must be None or an integer >= 1")
-
-
 def sdpa_attn(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, window=None):
-    """Causal softmax attention, [B, T, H, D] layout, per the contract in DESIGN.md."""
-    _check(q, k, v, q_offset, window)
+    """Causal softmax attention, [B, T, H, D] layout, per the contract in docs/design.md."""
+    # on CUDA the FlexAttention path checks cu_seqlens' values when it builds a mask (once
+    # per batch), so the check here reads no device value
+    check_qkv("sdpa_attn", q, k, v, q_offset=q_offset, window=window, cu_seqlens=cu_seqlens,
+              cu_values=not q.is_cuda)
     B, tq, _, D = q.shape
     tk = k.shape[1]
     scale = D ** -0.5 if scale is None else scale
@@ -68,8 +58,6 @@ def sdpa_attn(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, window
         # validates cu_seqlens when it builds a mask (once per batch in eager mode)
         return _flex_outside_graph(q, k, v, scale, cu_seqlens=cu_seqlens, q_offset=q_offset,
                                    window=window)
-    if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, B, tk)
     if (cu_seqlens is not None and window is None and q_offset == 0 and tq == tk
             and not torch.compiler.is_compiling()):
         return sdpa_per_document(q, k, v, scale, cu_seqlens)
@@ -88,6 +76,10 @@ class SDPACore(SoftmaxAttention):
     """Softmax attention layer whose op is torch SDPA (FlexAttention for documents on CUDA)."""
 
     family = "sdpa"
+    # torch's SDPA returns no log-sum-exp to merge partial blocks through, so no ring; under
+    # allgather every query chunk runs SDPA against the gathered key prefix
+    cp_capabilities = frozenset({"head_parallel", "gather_kv"})
+    cp_default = "allgather"
 
     def attend(self, q, k, v, cu_seqlens=None, *, q_offset=0, heads=None):
         return sdpa_attn(q, k, v, scale=self.scale, cu_seqlens=cu_seqlens, q_offset=q_offset)

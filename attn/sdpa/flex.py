@@ -26,7 +26,7 @@ from collections import OrderedDict
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from attn.masks import check_cu_seqlens
+from attn.common.checks import check_cu_seqlens
 
 #: FlexAttention's default sparse block (tile) size, in tokens, for both q and kv
 BLOCK = 128

@@ -1,7 +1,7 @@
 """Element offsets past 2^31 (T·H·D >= 2^31 per sequence) under the Triton interpreter, cheaply.
 
 The kernels form offsets as an int64 base (batch, the tile's first row, or the chunk's first
-key, times the row stride) plus int32 offsets inside the tile (attn/flash/common.py). A product
+key, times the row stride) plus int32 offsets inside the tile (attn/common/__init__.py). A product
 row · stride in int32 wraps at 2^31 elements; these cases put the rows a program touches past
 that point while the program does little work:
   - the big tensors (4 GiB of fp16, T·H·D just over 2^31) come from torch.empty: untouched
@@ -119,14 +119,14 @@ def case_flash_fwd_op():
 
 
 def _flash_meta(dtype):
-    from attn.flash import common
+    from attn.common.launch import dot_precision
     return dict(HQ=F_H, HKV=F_H, HEAD_DIM=F_D, HAS_SEG=False, HAS_WINDOW=True,
-                DOT_PREC=common.dot_precision(dtype))
+                DOT_PREC=dot_precision(dtype))
 
 
 def case_flash_fwd_rows():
     """The forward program of the last query tile (Q / O rows past 2^31)."""
-    from attn.flash.common import LOG2E_F
+    from attn.common.jit import LOG2E_F
     torch, (q, k, v, _), _, (o_s, lse_s), _ = _flash_tail()
     o = big(torch, q.shape, q.dtype)
     lse = torch.zeros(1, F_H, F_T)
@@ -168,10 +168,10 @@ def _dkdv_tile(start_n, Q, K, V, DO, LSE, DELTA, DK, DV, scale, qk_scale, window
 
 
 def _tma_modes(kind, *tensors):
-    """Pointer loads, then TMA descriptors where common.use_tma takes them (the interpreter
+    """Pointer loads, then TMA descriptors where use_tma takes them (the interpreter
     does unless FLASH_TMA=0; the call also sets the descriptors' scratch allocator)."""
-    from attn.flash import common
-    return (False, True) if common.use_tma(kind, *tensors) else (False,)
+    from attn.common.launch import use_tma
+    return (False, True) if use_tma(kind, *tensors) else (False,)
 
 
 def _bwd_inputs(torch, o_s, lse_s, dos):
@@ -186,7 +186,7 @@ def _bwd_inputs(torch, o_s, lse_s, dos):
 def case_flash_dq():
     """The dQ program of the last query tile: Q, dO, dQ rows and K, V chunks past 2^31, through
     pointers and through TMA descriptors."""
-    from attn.flash.common import LOG2E_F
+    from attn.common.jit import LOG2E_F
     torch, (q, k, v, do), (qs, ks, vs, dos), (o_s, lse_s), (dq_s, _, _) = _flash_tail()
     lse, delta = _bwd_inputs(torch, o_s, lse_s, dos)
     scale = F_D ** -0.5
@@ -201,7 +201,7 @@ def case_flash_dq():
 def case_flash_dkdv():
     """The dK/dV program of the last key tile: K, V, dK, dV rows and the Q, dO rows it streams
     past 2^31, through pointers and through TMA descriptors."""
-    from attn.flash.common import LOG2E_F
+    from attn.common.jit import LOG2E_F
     torch, (q, k, v, do), (qs, ks, vs, dos), (o_s, lse_s), (_, dk_s, dv_s) = _flash_tail()
     lse, delta = _bwd_inputs(torch, o_s, lse_s, dos)
     scale, bn = F_D ** -0.5, 32
@@ -221,7 +221,7 @@ def case_moba_fwd_dq():
     the last block. (The routed kernels have one program per block of the sequence: too slow
     under the interpreter at this length; they share chunk_scores with the own block.)"""
     torch = _setup()
-    from attn.flash.bwd import bwd_delta
+    from attn.common.softmax import bwd_delta
     from attn.flash.ref import flash_attn_ref, flash_bwd_ref
     from attn.moba import moba_attn
     from attn.moba.fwd import dq_triton
@@ -268,9 +268,9 @@ def case_nsa_slc_fwd_dq():
     """NSA selected branch, H = 4, D = 128, blocks of 64: 16 queries at the end select the last
     two blocks (past 2^31): forward and the dQ launch, against causal attention over them."""
     torch = _setup()
-    from attn.flash.bwd import bwd_delta
+    from attn.common.softmax import bwd_delta
     from attn.flash.ref import flash_attn_ref, flash_bwd_ref
-    from attn.moba.gate import block_table
+    from attn.common.documents import block_table
     from attn.nsa import slc
     H, D, sb, tq = 4, 128, 64, 16
     T = 2 ** 22 + 2 * sb

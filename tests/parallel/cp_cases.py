@@ -14,7 +14,7 @@ from attn import get_core
 from models import ModelConfig, Transformer
 from models.rope import Rotary
 from parallel import parallelize
-from parallel.context import apply_context_parallel, strategy_for
+from parallel.context import STRATEGIES, CPSettings, apply_context_parallel, strategy_for
 from parallel.dist import DistInfo
 from parallel.mesh import build_mesh
 from parallel.sharding import flatten_rows, local_indices, shard_batch
@@ -61,8 +61,9 @@ def core_case(mesh, family, strategy, layout, docs, seed, opts=None):
     y = ref_core(xr, rotary.bind(pos), cu)
     (y * w).sum().backward()
 
-    chosen = apply_context_parallel(_Holder(core), mesh, strategy, layout)[0]
-    picked, u = strategy_for(family, strategy), mesh.ulysses
+    chosen = apply_context_parallel(_Holder(core), mesh,
+                                    CPSettings(mesh.cp, strategy, layout, mesh.ulysses))[0]
+    picked, u = strategy_for(core, strategy), mesh.ulysses
     want = ("ulysses" if picked == "ulysses" or u == mesh.cp else
             picked if u == 1 else f"ulysses+{picked}")
     assert chosen == want, (chosen, want)
@@ -97,13 +98,13 @@ def model_case(mesh, info, pattern, layout, seed):
     (s / n).backward()
 
     class P:  # parallel config stand-in
-        engine, cp_strategy, cp_layout = "single", "auto", layout
+        engine = "single"
 
         @staticmethod
         def get(k, d=None):
             return getattr(P, k, d)
 
-    par = parallelize(model, DistInfo(), P, mesh)
+    par = parallelize(model, DistInfo(), P, mesh, CPSettings(mesh.cp, "auto", layout, mesh.ulysses))
     loc = shard_batch(mb, mesh.cp, mesh.cp_rank, layout)
     sl, nl = par.module(loc["input_ids"], loc["positions"], loc["labels"], loc["cu_seqlens"])
     (sl / n).backward()
@@ -124,7 +125,7 @@ def worker(rank, world, init_file, cases, err_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         # every rank builds the same meshes in the same order (new_group is collective)
-        meshes = {u: build_mesh(DistInfo(rank, world, rank), world, u)
+        meshes = {u: build_mesh(DistInfo(rank, world, rank), world, u, "cpu")
                   for u in sorted({case[1] for case in cases})}
         for kind, u, *args in cases:
             mesh = meshes[u]
@@ -153,3 +154,9 @@ def run_workers(world, cases, tmp_path):
     except Exception as e:
         msgs = [open(f"{err}.{r}").read() for r in range(world) if os.path.exists(f"{err}.{r}")]
         pytest.fail("\n".join(msgs) or str(e))
+
+
+def servable(family: str) -> list[str]:
+    """The strategies the family's core declares capabilities for (attn/base.py)."""
+    caps = get_core(family).cp_capabilities
+    return [s for s, needs in STRATEGIES.items() if caps & set(needs)]

@@ -12,7 +12,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from models import ModelConfig, Transformer
-from parallel.wrappers import apply_block_wrappers
+from parallel.wrappers import BlockWrapping as W, apply_block_wrappers
 
 FAMILIES = {  # family -> (attn options, layer pattern)
     "sdpa": ({}, None),
@@ -62,9 +62,9 @@ def test_compiled_model_matches_eager(family, ac, monkeypatch):
     counters.clear()
     eager = _model(family)
     compiled = copy.deepcopy(eager)
-    apply_block_wrappers(compiled, activation_checkpointing=ac, compile_blocks=True,
-                         compile_backend="aot_eager")
-    apply_block_wrappers(eager, activation_checkpointing=ac, compile_blocks=False)
+    apply_block_wrappers(compiled, W(activation_checkpointing=ac, compile=True,
+                         compile_backend="aot_eager"))
+    apply_block_wrappers(eager, W(activation_checkpointing=ac, compile=False))
     _compare(eager, compiled, [_batch([0, 30, 64]), _batch([0, 10, 41, 64]),
                                _batch([0, 5, 20, 50, 64])])
     if family not in ("sdpa", "nsa"):
@@ -79,8 +79,8 @@ def test_blocks_share_one_graph(monkeypatch):
     torch._dynamo.reset()
     counters.clear()
     model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=4, n_heads=2, attn="flash"))
-    apply_block_wrappers(model, activation_checkpointing=False, compile_blocks=True,
-                         compile_backend="aot_eager")
+    apply_block_wrappers(model, W(activation_checkpointing=False, compile=True,
+                         compile_backend="aot_eager"))
     s, n = model(*_batch([0, 30, 64]))
     s.backward()
     assert counters["stats"]["unique_graphs"] == 2  # the block and the loss chunk
@@ -93,17 +93,17 @@ def test_inductor_checkpointed_every_other_block_with_offload(monkeypatch):
     torch._dynamo.reset()
     eager = _model("flash")
     compiled = copy.deepcopy(eager)
-    apply_block_wrappers(compiled, activation_checkpointing=True, compile_blocks=True,
-                         every=2, offload=True)
+    apply_block_wrappers(compiled, W(activation_checkpointing=True, compile=True,
+                         every=2, offload=True))
     _compare(eager, compiled, [_batch([0, 30, 64]), _batch([0, 10, 41, 64])])
 
 
 def test_wrapper_settings_are_checked():
     model = _model("sdpa")
     with pytest.raises(ValueError, match="trainer.ac_every"):
-        apply_block_wrappers(model, True, False, every=0)
+        apply_block_wrappers(model, W(True, False, every=0))
     with pytest.raises(ValueError, match="trainer.ac_offload"):
-        apply_block_wrappers(model, False, False, offload=True)
+        apply_block_wrappers(model, W(False, False, offload=True))
 
 
 GPU_OPTIONS = {"moba": {"block_size": 64, "topk": 2},
@@ -129,8 +129,8 @@ def test_gpu_inductor_model_matches_eager(family, ac):
                       max_seq_len=4096)
     eager = Transformer(cfg).cuda()
     compiled = copy.deepcopy(eager)
-    apply_block_wrappers(compiled, activation_checkpointing=ac, compile_blocks=True)
-    apply_block_wrappers(eager, activation_checkpointing=ac, compile_blocks=False)
+    apply_block_wrappers(compiled, W(activation_checkpointing=ac, compile=True))
+    apply_block_wrappers(eager, W(activation_checkpointing=ac, compile=False))
     T = 1024
     for cuts in ([0, 300, 700, T], [0, 100, 250, 600, 900, T]):
         ids, pos, labels, cu = (t.cuda() for t in _batch(cuts, T=T))

@@ -3,22 +3,20 @@ and without documents, equals the single-process result (fp32, relative error < 
 import pytest
 
 from attn import available
-from parallel.context import SUPPORTS
 
 import cp_cases
 
-FAMILIES = [f for f in available() if f in ("sdpa", "flash", "linear", "lightning", "moba", "nsa")]
+FAMILIES = [f for f in available()
+            if f in ("sdpa", "flash", "linear", "lightning", "moba", "nsa", "swa")]
 # several blocks per shard at T = 48
-OPTIONS = {"moba": {"block_size": 4, "topk": 3},
+OPTIONS = {"moba": {"block_size": 4, "topk": 3}, "swa": {"window": 7},
            "nsa": {"cmp_block": 4, "cmp_stride": 2, "sel_block": 8, "topk": 3, "window": 6}}
 
 
 def cases(seed):
     out = []
     for family in FAMILIES:
-        for strategy, fams in SUPPORTS.items():
-            if family not in fams:
-                continue
+        for strategy in cp_cases.servable(family):
             for layout in ("zigzag", "contiguous"):
                 for docs in (False, True):
                     out.append(("core", 1, family, strategy, layout, docs, seed, OPTIONS.get(family)))

@@ -4,13 +4,13 @@ import copy
 import torch
 
 from models import ModelConfig, Transformer
-from parallel.wrappers import apply_block_wrappers
+from parallel.wrappers import BlockWrapping as W, apply_block_wrappers
 
 
 def test_activation_checkpointing_is_exact():
     model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2))
     ac = copy.deepcopy(model)
-    apply_block_wrappers(ac, activation_checkpointing=True, compile_blocks=False)
+    apply_block_wrappers(ac, W(activation_checkpointing=True, compile=False))
     assert list(ac.state_dict()) == list(model.state_dict())
     ids = torch.randint(0, 64, (2, 17))
     pos = torch.arange(16).expand(2, 16)

@@ -1,6 +1,6 @@
-"""scripts/bench_train.py: planning, metric parsing, failure classification and the longest-T
-search as functions, then the whole pipeline on CPU (tiny model, train.py and the HF anchor as
-subprocesses, JSON + Markdown out)."""
+"""scripts/bench/bench_train.py (and its train_report.py): planning, metric parsing, failure
+classification and the longest-T search as functions, then the whole pipeline on CPU (tiny
+model, train.py and the HF anchor as subprocesses, JSON + Markdown out)."""
 import importlib.util
 import json
 import os
@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
+BENCH = ROOT / "scripts" / "bench"
+sys.path.insert(0, str(BENCH))
 
 import bench_train as bt  # noqa: E402
+import train_report as tr  # noqa: E402
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
@@ -68,13 +70,13 @@ def test_steady_state_leaves_out_the_warmup_windows(tmp_path):
         dict(step=4, loss=4.0, tokens_per_s=100.0, step_time_s=1.0, mfu=0.1, peak_mem_gb=4.0),
         dict(step=4, val_loss=4.2),
         dict(step=6, loss=3.0, tokens_per_s=50.0, step_time_s=2.0, mfu=0.05, peak_mem_gb=4.0)])
-    r = bt.read_metrics(m, warmup=2)
+    r = tr.read_metrics(m, warmup=2)
     assert r["steps_done"] == 6 and r["steady_steps"] == 4
     assert r["tokens_per_s"] == pytest.approx(400 / 6)        # 4 steps x 100 tokens in 6 s
     assert r["mfu"] == pytest.approx(0.1 / 100 * 400 / 6)
     assert r["peak_mem_gb"] == 4.0 and r["losses"] == [5.0, 4.0, 3.0]
     # a window that straddles the warm-up is left out too
-    assert bt.read_metrics(m, warmup=3)["steady_steps"] == 2
+    assert tr.read_metrics(m, warmup=3)["steady_steps"] == 2
 
 
 def test_failures_are_classified_with_their_reason():
@@ -82,24 +84,24 @@ def test_failures_are_classified_with_their_reason():
     def res(rc, log, timed_out=False):
         return dict(rc=rc, log=log, timed_out=timed_out, wall_s=5)
     oom = "Traceback\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate"
-    assert bt.classify(res(1, oom), none)[0] == "oom"
-    assert bt.classify(res(-9, "step=1", True), none)[0] == "timeout"
+    assert tr.classify(res(1, oom), none)[0] == "oom"
+    assert tr.classify(res(-9, "step=1", True), none)[0] == "timeout"
     nan = "error: non-finite loss nan / grad norm nan at step 2"
-    assert bt.classify(res(1, nan), none)[0] == "nonfinite"
-    s, why = bt.classify(res(1, "x\nerror: data: the corpus makes 0 rows of seq_len=16777216 "
+    assert tr.classify(res(1, nan), none)[0] == "nonfinite"
+    s, why = tr.classify(res(1, "x\nerror: data: the corpus makes 0 rows of seq_len=16777216 "
                                 "tokens, fewer than one global batch of 1 rows"), none)
     assert s == "data" and "seq_len=16777216" in why
-    s, why = bt.classify(res(1, "error: trainer.global_batch=3 must be a positive multiple"), none)
+    s, why = tr.classify(res(1, "error: trainer.global_batch=3 must be a positive multiple"), none)
     assert s == "error" and why.startswith("error: trainer.global_batch=3")
     hydra = ("Could not override 'trainer.bogus'.\nTo append to your config use +trainer.bogus=1\n"
              "Key 'bogus' is not in struct\n\nSet the environment variable HYDRA_FULL_ERROR=1 for")
-    assert bt.classify(res(1, hydra), none) == ("error", "Could not override 'trainer.bogus'.")
+    assert tr.classify(res(1, hydra), none) == ("error", "Could not override 'trainer.bogus'.")
     trace = "Traceback (most recent call last):\n  File x\nValueError: head_dim=48 must be\n  note"
-    assert bt.classify(res(1, trace), none) == ("error", "ValueError: head_dim=48 must be")
-    s, why = bt.classify(res(-9, "step=1 loss=5.5"), none)
+    assert tr.classify(res(1, trace), none) == ("error", "ValueError: head_dim=48 must be")
+    s, why = tr.classify(res(-9, "step=1 loss=5.5"), none)
     assert s == "error" and "signal 9" in why
-    assert bt.classify(res(0, ""), none)[0] == "error"        # exit 0 without metrics is no success
-    assert bt.classify(res(0, ""), dict(steps_done=3)) == ("ok", "")
+    assert tr.classify(res(0, ""), none)[0] == "error"        # exit 0 without metrics is no success
+    assert tr.classify(res(0, ""), dict(steps_done=3)) == ("ok", "")
 
 
 class FakeRunner:
@@ -152,7 +154,7 @@ def smoke(tmp_path_factory):
     env = dict(os.environ, LONGCTX_CACHE=str(tmp / "cache"), OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)  # conftest's setting for in-process kernels only
     env.pop("OUT", None)
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--device", "cpu",
+    cmd = [sys.executable, str(BENCH / "bench_train.py"), "--device", "cpu",
            "--models", "tiny", "--families", "sdpa,lightning", "--seqlens", "64,128",
            "--tokens", "128", "--micro-tokens", "64", "--steps", "3", "--warmup", "1",
            "--max-bytes", "100000", "--run-timeout", "240", "--out", str(tmp / "out"),
@@ -185,7 +187,7 @@ def test_cpu_pipeline_rows_and_markdown(smoke):
     png = (smoke["out"] / "bench_train.png").exists()
     assert png == (importlib.util.find_spec("matplotlib") is not None) or "matplotlib" in md
     # --replot rebuilds the Markdown from the JSON alone
-    again = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_train.py"), "--replot",
+    again = subprocess.run([sys.executable, str(BENCH / "bench_train.py"), "--replot",
                             str(smoke["out"] / "bench_train.json"), "--out",
                             str(smoke["out"] / "replot")], capture_output=True, text=True,
                            timeout=120)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from attn.flash import common, flash_attn
+from attn.common import alloc
+from attn.flash import flash_attn
 from attn.flash.ref import flash_attn_ref
 from attn.masks import causal_mask
 
@@ -54,7 +55,7 @@ def check_case(monkeypatch, *, B=1, Tq=64, Tk=None, Hq=2, Hkv=None, D=16,
                dtype=torch.float32, q_offset=0, window=None, cu=None, device="cpu"):
     Tk = Tq if Tk is None else Tk
     Hkv = Hq if Hkv is None else Hkv
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     cu_t = None if cu is None else torch.as_tensor(cu, dtype=torch.int32, device=device)
     q = torch.randn(B, Tq, Hq, D, device=device).to(dtype)
     k = torch.randn(B, Tk, Hkv, D, device=device).to(dtype)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from attn import get_core
+from attn.common import alloc, launch
 from attn.flash import FlashCore, bwd, common, flash_attn, flash_bwd, flash_fwd, fwd, op
 from attn.flash.ref import flash_attn_ref
 from attn.sdpa import sdpa_attn
@@ -76,7 +77,7 @@ def test_other_block_sizes(monkeypatch, fwd_blocks, dkdv_blocks, dq_blocks):
 
 def test_primitives_match_autograd_and_are_deterministic(monkeypatch):
     monkeypatch.setenv("ATTN_IMPL", "triton")
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     cu = torch.tensor([0, 9, 10, 77, 96], dtype=torch.int32, device=DEV)
     q, k, v = (torch.randn(1, 96, h, 32, device=DEV) for h in (4, 2, 2))
     kw = dict(cu_seqlens=cu, q_offset=0, window=40, scale=0.3)
@@ -106,7 +107,7 @@ def test_bwd_given_delta_and_dq_accumulator(monkeypatch, mode):
     given tensor (one rounding) and returned; dK, dV as without the options."""
     monkeypatch.setenv("ATTN_IMPL", "triton")
     monkeypatch.setenv("FLASH_BWD", mode)
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     cu = torch.tensor([0, 30, 31, 70], dtype=torch.int32, device=DEV)
     q, k, v = (torch.randn(1, 70, h, 32, device=DEV) for h in (4, 2, 2))
     kw = dict(cu_seqlens=cu, window=25, scale=0.3)
@@ -233,7 +234,7 @@ def test_primitives_non_causal(monkeypatch, dtype, tol, Tq, Tk, Hq, Hkv):
     """causal=False (ring attention's off-diagonal blocks): every query sees every key; the
     inputs may be non-contiguous slices (copied)."""
     monkeypatch.setenv("ATTN_IMPL", "triton")
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     B = 2
     q = torch.randn(B, 2 * Tq, Hq, 32, device=DEV).to(dtype)[:, Tq:]  # non-contiguous slice
     k, v = (torch.randn(B, Tk, Hkv, 32, device=DEV).to(dtype) for _ in range(2))
@@ -256,6 +257,6 @@ def test_primitives_non_causal(monkeypatch, dtype, tol, Tq, Tk, Hq, Hkv):
 def test_pointer_loads_without_tma(monkeypatch, case):
     """The backward's pointer-load path (pre-Hopper GPUs, FLASH_TMA=0, unaligned tensors): the
     other tests run the TMA descriptor path, which the interpreter executes as well."""
-    monkeypatch.setitem(common.TMA, "dkdv", False)
-    monkeypatch.setitem(common.TMA, "dq", False)
+    monkeypatch.setitem(launch.TMA, "dkdv", False)
+    monkeypatch.setitem(launch.TMA, "dq", False)
     check_case(monkeypatch, **case, device=DEV)

@@ -61,7 +61,7 @@ def test_gpu_fp8_forward_option():
 
 
 # ---------------------------------------------------------------------------------------------
-# T·H·D past 2^31 per sequence: the kernels' int64 base offsets (attn/flash/common.py, "Index
+# T·H·D past 2^31 per sequence: the kernels' int64 base offsets (attn/common/__init__.py, "Index
 # arithmetic"). Only the last rows (past the 2^31-th element) are checked, against float64
 # references computed on just what they depend on. FLASH_AUTOTUNE=0: the default configs (no
 # tuning runs at these shapes). Memory plan in each docstring; times on an H200, excluding
@@ -138,11 +138,11 @@ def test_gpu_tokens_heads_dim_past_2_31_window(monkeypatch, tma):
     Tk·Hkv·D = 2^31 + 2^20 (the last 1024 rows lie past 2^31 in K / V, past 2^32 in Q / O).
     Memory: q, o, do, dq 8.6 GB each, k, v, dk, dv 4.3 GB each: 52 GB. TMA: the backward's
     descriptor loads (Hopper), or pointer loads (FLASH_TMA=0 path)."""
-    from attn.flash import common
+    from attn.common import launch
     monkeypatch.setenv("ATTN_IMPL", "triton")
     monkeypatch.setenv("FLASH_AUTOTUNE", "0")
-    monkeypatch.setitem(common.TMA, "dkdv", tma)
-    monkeypatch.setitem(common.TMA, "dq", tma)
+    monkeypatch.setitem(launch.TMA, "dkdv", tma)
+    monkeypatch.setitem(launch.TMA, "dq", tma)
     print(big_window_case("cuda", T=2 ** 21 + 1024, Hq=16, Hkv=8, D=128, W=512, R=1024))
 
 

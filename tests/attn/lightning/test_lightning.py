@@ -13,10 +13,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from attn import get_core  # noqa: E402
 from attn.lightning import (LightningCore, alibi_slopes, lightning_attn,  # noqa: E402
-                            lightning_bwd, lightning_fwd, lightning_state)
+                            lightning_bwd, lightning_fwd)
 from attn.lightning import op as lop  # noqa: E402
 from attn.lightning.ref import lightning_chunked, lightning_recurrent  # noqa: E402
-from attn.linear import op  # noqa: E402
+from attn.common import alloc  # noqa: E402
 from scan_testlib import (assert_chunks_carrying_state_equal_one_call, check_case,  # noqa: E402
                           nan_empty, random_docs, rel)
 
@@ -53,7 +53,7 @@ def test_chunks_carrying_state_equal_one_call(monkeypatch):
     """Splitting the sequence and passing the final state on (what LASP does across ranks)
     gives the one-call output and gradients."""
     monkeypatch.setenv("ATTN_IMPL", "triton")
-    monkeypatch.setattr(op, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     assert_chunks_carrying_state_equal_one_call(torch.tensor([0.05, 0.5]), (1, 130, 2, 16),
                                                 [(0, 37), (37, 38), (38, 130)])
 
@@ -61,7 +61,7 @@ def test_chunks_carrying_state_equal_one_call(monkeypatch):
 def test_cp_primitives_match_autograd(monkeypatch):
     """lightning_fwd / lightning_bwd (the LASP steps) equal the autograd op."""
     monkeypatch.setenv("ATTN_IMPL", "triton")
-    monkeypatch.setattr(op, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     T, H, D = 100, 2, 16
     sl = torch.tensor([0.0, 0.3])
     q, k, v = (torch.randn(1, T, H, D) for _ in range(3))
@@ -86,7 +86,7 @@ def test_cp_primitives_match_autograd(monkeypatch):
 def test_gradient_from_final_state_only(monkeypatch):
     """A loss that reads only the final state (the output unused: LASP's first pass)."""
     monkeypatch.setenv("ATTN_IMPL", "triton")
-    monkeypatch.setattr(op, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     sl = torch.tensor([0.2, 0.0])
     xs = [torch.randn(1, 70, 2, 16, requires_grad=True) for _ in range(3)]
     dfin = torch.randn(1, 2, 16, 16)
@@ -97,31 +97,6 @@ def test_gradient_from_final_state_only(monkeypatch):
     g64 = torch.autograd.grad((fin64 * dfin.double()).sum(), x64, allow_unused=True)
     assert g64[0] is None and torch.equal(g[0], torch.zeros_like(g[0]))  # q: no path
     for a, b in zip(g[1:], g64[1:]):
-        assert rel(a, b) < 2e-5
-
-
-@pytest.mark.parametrize("impl", ["triton", "ref"])
-@pytest.mark.parametrize("docs", [False, True])
-def test_state_only_primitive(monkeypatch, impl, docs):
-    """lightning_state (LASP's first pass: no outputs) = the op's final state, with gradients
-    of k, v and initial_state."""
-    monkeypatch.setenv("ATTN_IMPL", impl)
-    monkeypatch.setattr(op, "empty", nan_empty)
-    B, T, H, D = (1, 100, 2, 16) if docs else (2, 70, 2, 16)
-    cu = torch.tensor([0, 1, 1, 60, 100], dtype=torch.int32) if docs else None
-    N = 4 if docs else B
-    sl = torch.tensor([0.3, 0.0])
-    k, v = (torch.randn(B, T, H, D, requires_grad=True) for _ in range(2))
-    init = torch.randn(N, H, D, D, requires_grad=True)
-    dfin = torch.randn(N, H, D, D)
-    st = lightning_state(k, v, sl, initial_state=init, cu_seqlens=cu)
-    g = torch.autograd.grad((st * dfin).sum(), (k, v, init))
-    x64 = [t.detach().double().requires_grad_() for t in (k, v, init)]
-    _, st64 = lightning_recurrent(torch.zeros_like(x64[0]), x64[0], x64[1], sl.double(),
-                                  initial_state=x64[2], cu_seqlens=cu)
-    g64 = torch.autograd.grad((st64 * dfin.double()).sum(), x64)
-    assert st.dtype == torch.float32 and rel(st, st64) < 2e-5
-    for a, b in zip(g, g64):
         assert rel(a, b) < 2e-5
 
 
@@ -242,14 +217,17 @@ def test_kernels_compile_for_h100():
 
 
 def test_core_context_parallel_hooks(monkeypatch):
-    """What parallel/lasp.py and parallel/ulysses.py call: attend_with_state, final_state,
-    log_decay, and `heads=` picking the slopes of a head subset."""
+    """What parallel/lasp.py and parallel/ulysses.py call: attend_with_state, log_decay, and
+    `heads=` picking the slopes of a head subset; the state equals the op's final state."""
     monkeypatch.setenv("ATTN_IMPL", "triton")
     core = LightningCore(64, 4, 4, layer_idx=0, n_layers=2)
     q, k, v = (torch.randn(1, 50, 4, 16) for _ in range(3))
     cu = torch.tensor([0, 20, 50], dtype=torch.int32)
     o, st = core.attend_with_state(q, k, v, cu, None)
-    assert rel(core.final_state(k, v, cu), st) < 1e-5 and st.shape == (2, 4, 16, 16)
+    _, fin = lightning_attn(q, k, v, core.slopes("cpu"), scale=core.scale, cu_seqlens=cu,
+                            output_final_state=True)
+    assert rel(fin, st) < 1e-5
+    assert st.shape == (2, 4, 16, 16)
     assert rel(core.attend(q, k, v, cu), o) < 1e-6
     init = torch.randn(2, 4, 16, 16)
     o2, _ = core.attend_with_state(q, k, v, cu, init)

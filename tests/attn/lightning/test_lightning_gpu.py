@@ -46,25 +46,3 @@ def test_gpu_layer_bf16_autocast(monkeypatch):
         assert rel(a, b) < 5e-2
 
 
-@pytest.mark.parametrize("docs", [False, True])
-def test_gpu_state_only(monkeypatch, docs):
-    """lightning_state at 16k bf16: state and gradients vs the float64 closed form."""
-    from attn.lightning import lightning_state
-    from attn.linear import ref as R
-    monkeypatch.setenv("ATTN_IMPL", "triton")
-    T, H, D = 16384, 4, 128
-    cu = (torch.tensor([0, 1, 5000, 16384], dtype=torch.int32, device="cuda") if docs else None)
-    N = 3 if docs else 1
-    sl = torch.tensor([0.0, 1e-3, 0.05, 2.0], device="cuda")
-    k, v = (torch.randn(1, T, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-            for _ in range(2))
-    init = torch.randn(N, H, D, D, device="cuda", requires_grad=True)
-    dfin = torch.randn(N, H, D, D, device="cuda")
-    st = lightning_state(k, v, sl, initial_state=init, cu_seqlens=cu)
-    g = torch.autograd.grad((st * dfin).sum(), (k, v, init))
-    x64 = [t.detach().double().requires_grad_() for t in (k, v, init)]
-    st64 = R.final_state(x64[0], x64[1], sl.double(), initial_state=x64[2], cu_seqlens=cu)
-    g64 = torch.autograd.grad((st64 * dfin.double()).sum(), x64)
-    assert rel(st, st64) < 1e-2
-    for a, b in zip(g, g64):
-        assert rel(a, b) < 1e-2

@@ -16,7 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from attn.linear import kernels as K
-from attn.linear import op
+from attn.linear import launch
 
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -63,15 +63,15 @@ def seg_state(D, dtype, BA, BV, BT, warps, stages, rev, decay, varlen):
 def state_scan(D, rev, decay, varlen, init):
     sig = {"st_ptr": "*fp32", "init_ptr": "*fp32", "final_ptr": "*fp32", "slopes_ptr": "*fp32",
            "seg_tab": "*i32", "doc_seg": "*i32", "T": "i32", "NSEG": "i32"}
-    consts = dict(H=16, DA=D, DV=D, BA=op._SCAN_TILE, BV=op._SCAN_TILE, SEG=K.SEG_LEN,
+    consts = dict(H=16, DA=D, DV=D, BA=launch._SCAN_TILE, BV=launch._SCAN_TILE, SEG=K.SEG_LEN,
                   REVERSE=rev, HAS_DECAY=decay, VARLEN=varlen, HAS_INIT=init)
     sig.update({k: "constexpr" for k in consts})
     return _compile(K.state_scan_kernel, sig, consts, 4, 1)
 
 
 def main(full: bool):
-    bt, bv, w, s = op._OUT_CFGS[0]
-    ba, bv1, bt1, w1, s1 = op._STATE_CFGS[0]
+    bt, bv, w, s = launch._OUT_CFGS[0]
+    ba, bv1, bt1, w1, s1 = launch._STATE_CFGS[0]
     jobs = [
         ("chunk_out fwd decay", lambda: chunk_out(128, "bf16", bt, bv, w, s, False, True, False)),
         ("chunk_out rev decay varlen",
@@ -83,11 +83,11 @@ def main(full: bool):
         ("state_scan fwd varlen", lambda: state_scan(128, False, True, True, True)),
     ]
     if full:  # every autotune candidate, both directions
-        for c in op._OUT_CFGS:
+        for c in launch._OUT_CFGS:
             for rev in (False, True):
                 jobs.append((f"chunk_out {c} rev={rev}",
                              lambda c=c, rev=rev: chunk_out(128, "bf16", *c, rev, True, False)))
-        for c in op._STATE_CFGS:
+        for c in launch._STATE_CFGS:
             jobs.append((f"seg_state {c}",
                          lambda c=c: seg_state(128, "bf16", *c, False, True, False)))
     failed = 0

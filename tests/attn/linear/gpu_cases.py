@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attn.linear import op
+from attn.linear import launch
 from scan_testlib import check_case, random_docs
 
 CASES = [  # (B, T, H, D, dtype)
@@ -37,10 +37,10 @@ def run_docs(monkeypatch, slopes):
 def run_every_config(monkeypatch, slopes):
     """Each autotune candidate alone (LINEAR_AUTOTUNE=0 runs the first entry of each table)."""
     monkeypatch.setenv("LINEAR_AUTOTUNE", "0")
-    outs, states = list(op._OUT_CFGS), list(op._STATE_CFGS)
+    outs, states = list(launch._OUT_CFGS), list(launch._STATE_CFGS)
     for i in range(max(len(outs), len(states))):
-        monkeypatch.setattr(op, "_OUT_CFGS", [outs[i % len(outs)]])
-        monkeypatch.setattr(op, "_STATE_CFGS", [states[i % len(states)]])
+        monkeypatch.setattr(launch, "_OUT_CFGS", [outs[i % len(outs)]])
+        monkeypatch.setattr(launch, "_STATE_CFGS", [states[i % len(states)]])
         try:
             check_case(monkeypatch, slopes=slopes, B=1, T=2085, H=2, D=128,
                        dtype=torch.bfloat16, device="cuda", oracle="chunked")

@@ -19,7 +19,8 @@ import os
 
 import torch
 
-from attn.linear import kernels, op
+from attn.common import alloc
+from attn.linear import kernels
 from attn.linear import ref as R
 
 FP32_TOL = 2e-5
@@ -90,7 +91,7 @@ def check_case(monkeypatch, *, slopes="mixed", B=1, T=64, H=2, D=16, dtype=torch
     """Kernel vs the float64 recurrence (oracle="chunked": the float64 chunked form, equal to it
     to ~1e-15 and fast at GPU sizes); returns the errors."""
     monkeypatch.setenv("ATTN_IMPL", "triton")
-    monkeypatch.setattr(op, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     if seg_len is not None:
         monkeypatch.setattr(kernels, "SEG_LEN", seg_len)
     sl = make_slopes(slopes, H, device)

@@ -16,8 +16,9 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from attn.common import alloc
 from attn.lightning import LightningCore, lightning_attn
-from attn.linear import LinearCore, kernels, linear_attn, op
+from attn.linear import LinearCore, kernels, launch, linear_attn, op
 from scan_testlib import make_slopes, nan_empty, rel
 
 
@@ -41,7 +42,7 @@ def _inputs(B, T, H, D, n_states):
 @pytest.fixture
 def interpreter(monkeypatch):
     monkeypatch.setenv("ATTN_IMPL", "triton")
-    monkeypatch.setattr(op, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     monkeypatch.setattr(kernels, "SEG_LEN", 64)  # several segments per document
     torch._dynamo.reset()
     yield
@@ -109,7 +110,7 @@ def test_segment_tables_on_device():
     are the host enumeration's, the rows up to the shape-derived bound are empty."""
     seg = 64
     for cu in ([0, 1, 1, 64, 65, 300], [0, 300], [0, 0, 0, 300], [0, 128, 256, 300]):
-        lay = op._Layout(1, 300, 2, torch.tensor(cu, dtype=torch.int32), "cpu")
+        lay = launch._Layout(1, 300, 2, torch.tensor(cu, dtype=torch.int32), "cpu")
         assert lay.seg == seg if kernels.SEG_LEN == seg else True
         seg = lay.seg
         rows, offs = [], [0]

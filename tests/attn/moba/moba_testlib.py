@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from attn.flash import common
+from attn.common import alloc
 from attn.moba import moba_attn
 from attn.moba.ref import moba_attn_ref
 
@@ -39,7 +39,7 @@ def random_docs(total, n_docs):
 
 def gate_margin(q, k, block, topk, cu=None, q_offset=0):
     """Smallest float64 gap between the (k−1)-th and k-th best candidate score of any row."""
-    from attn.moba.gate import block_table
+    from attn.common.documents import block_table
     nsel = topk - 1
     if nsel == 0:
         return float("inf")
@@ -76,7 +76,7 @@ def check_case(monkeypatch, *, B=1, Tq=64, Tk=None, Hq=2, Hkv=None, D=16, block=
                dtype=torch.float32, q_offset=0, cu=None, device="cpu", grads=True):
     Tk = Tq if Tk is None else Tk
     Hkv = Hq if Hkv is None else Hkv
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     cu_t = None if cu is None else torch.as_tensor(cu, dtype=torch.int32, device=device)
     q, k, v, do = make_inputs(B, Tq, Tk, Hq, Hkv, D, dtype, block, topk, cu_t, q_offset, device)
     kw = dict(block_size=block, topk=topk, cu_seqlens=cu_t, q_offset=q_offset)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch._dynamo.backends.registry import lookup_backend
 
-from attn.flash import common
+from attn.common import alloc
 from attn.moba import MoBACore, moba_attn
 from moba_testlib import nan_empty, random_docs
 
@@ -17,7 +17,7 @@ from moba_testlib import nan_empty, random_docs
 @pytest.fixture(autouse=True)
 def triton_path(monkeypatch):
     monkeypatch.setenv("ATTN_IMPL", "triton")
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

@@ -64,7 +64,8 @@ def big_moba_case(device, T, H, D, bs, topk, R, dtype=bf16, chunk_blocks=64):
     earlier block): its keys get a direction u per head, the rows 8u (gate score 8 ± 1 against
     N(0, (D + 64) / bs) for the others), so the routed kernels load keys past 2^31 as well.
     T must be a multiple of bs."""
-    from attn.moba.gate import block_table, select_blocks
+    from attn.common.documents import block_table
+    from attn.moba.gate import select_blocks
     nb = T // bs
     q, k, v = (torch.randn(1, T, H, D, device=device, dtype=dtype) for _ in range(3))
     u = torch.nn.functional.normalize(torch.randn(H, D, device=device), dim=-1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attn.flash import common
+from attn.common import alloc
 from attn.moba.index import routed_entries_triton
 from attn.moba.routed import routed_entries
 from moba_testlib import nan_empty
@@ -57,13 +57,13 @@ def check(sel, nb, tile=None):
     ((1, 1, 37, 3, 5), 256),          # one tile holding every entry, padding lanes
 ], ids=lambda v: str(v))
 def test_matches_torch(monkeypatch, shape, tile):
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     B, hq, tq, nsel, nb = shape
     check(random_sel(B, hq, tq, nsel, nb), nb, tile)
 
 
 def test_all_unused_and_all_used(monkeypatch):
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     check(torch.full((1, 2, 20, 2), -1, dtype=torch.int32), 7)
     check(random_sel(1, 2, 20, 2, 7, p_slot=0.0, p_row=0.0), 7)
     # every row on the same block: one run per tile, ranks across tiles
@@ -75,7 +75,7 @@ def test_many_blocks_per_entry_fall_back_to_the_sort(monkeypatch):
     outgrow the index, so the torch sort builds it (same result); an explicit tile keeps the
     kernels (the other tests)."""
     from attn.moba import index
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     calls = []
     monkeypatch.setattr(index, "_tile_sort_kernel", calls)  # any launch would fail
     sel = random_sel(1, 2, 30, 2, 400)

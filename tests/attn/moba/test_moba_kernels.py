@@ -70,9 +70,10 @@ def test_block_larger_than_sequence_and_length_one(monkeypatch):
 
 def test_selection_equals_ref_mask(monkeypatch):
     """The gate kernel's chosen blocks, expanded to keys, are the ref's mask (docs, q_offset)."""
-    from attn.moba.gate import block_table, select_blocks
+    from attn.common.documents import block_table
+    from attn.moba.gate import select_blocks
     from attn.moba.ref import moba_mask
-    monkeypatch.setattr("attn.flash.common.empty", nan_empty)
+    monkeypatch.setattr("attn.common.alloc.empty", nan_empty)
     T, tq, off, bs = 130, 60, 70, 5
     cu = random_docs(T, 5)
     q, k, _, _ = make_inputs(1, tq, T, 4, 2, 16, torch.float32, bs, 4, cu, off, "cpu")
@@ -91,9 +92,10 @@ def test_selection_equals_ref_mask(monkeypatch):
 def test_selection_many_blocks_and_ties(monkeypatch):
     """More candidate blocks than one gate chunk (BLOCK_J = 16 here): the chunked top-k equals the
     ref's; equal scores (identical block means) go to the earliest blocks."""
-    from attn.moba.gate import block_table, select_blocks
+    from attn.common.documents import block_table
+    from attn.moba.gate import select_blocks
     from attn.moba.ref import moba_mask
-    monkeypatch.setattr("attn.flash.common.empty", nan_empty)
+    monkeypatch.setattr("attn.common.alloc.empty", nan_empty)
     T, bs, topk = 200, 4, 6                                            # 50 blocks
     for dtype in (torch.float32, bf16):
         q, k, _, _ = make_inputs(1, T, T, 2, 1, 16, dtype, bs, topk, None, 0, "cpu")
@@ -111,14 +113,10 @@ def test_selection_many_blocks_and_ties(monkeypatch):
     assert torch.equal(got, want[None].expand_as(got))
 
 
-def test_block_table_cache_and_inverse_index():
-    """The table without documents is built once per (Tk, block, device) and equals a fresh build;
-    routed_entries lists, per (head, block), exactly the (row, slot) entries that chose it, rows
-    ascending (stable)."""
-    from attn.moba.gate import _build_table, block_table
+def test_inverse_index():
+    """routed_entries lists, per (head, block), exactly the (row, slot) entries that chose it,
+    rows ascending (stable)."""
     from attn.moba.routed import routed_entries
-    t1, t2 = block_table(None, 70, 8, "cpu"), block_table(None, 70, 8, "cpu")
-    assert t1 is t2 and all(torch.equal(a, b) for a, b in zip(t1, _build_table(None, 70, 8, "cpu")))
     nb, nsel = 9, 2
     sel = torch.randint(-1, nb, (2, 3, 40, nsel), dtype=torch.int32)
     rowptr, ent = routed_entries(sel, nb)
@@ -179,7 +177,7 @@ def test_lse_of_the_forward_primitive(monkeypatch):
     """moba_fwd's lse (fp32, natural log) is the logsumexp of the scaled scores over the mask."""
     from attn.moba.op import moba_fwd
     from attn.moba.ref import moba_mask
-    monkeypatch.setattr("attn.flash.common.empty", nan_empty)
+    monkeypatch.setattr("attn.common.alloc.empty", nan_empty)
     T, tq, off = 90, 50, 40
     cu = random_docs(T, 4)
     q, k, v, _ = make_inputs(1, tq, T, 4, 2, 16, torch.float32, 8, 3, cu, off, "cpu")

@@ -5,7 +5,7 @@ Triton interpreter (conftest sets TRITON_INTERPRET=1) at small shapes; the `gpu`
 the check at T = 4096, D = 128 in bf16 (float32 oracle there) and check that the backward is
 bit-for-bit deterministic at T = 16k.
 
-Outputs are poisoned (attn.flash.common.empty returns NaN-filled tensors), so an element the
+Outputs are poisoned (attn.common.alloc.empty returns NaN-filled tensors), so an element the
 kernels fail to write shows up as NaN.
 
 Error measure: relative norm ||x - x_exact|| / ||x_exact|| (denominator floored at an rms of
@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attn.flash import common
+from attn.common import alloc
 from attn.nsa.cmp import cmp_attn, cmp_attn_bwd, cmp_attn_fwd
 from attn.nsa.ref import cmp_attn_ref, cmp_cu_seqlens, num_cmp_blocks
 
@@ -48,7 +48,7 @@ def random_docs(total, n_docs):
 def check_case(monkeypatch, *, B=1, tk=96, tq=None, q_offset=0, hq=2, hkv=None, d=16, cb=4,
                stride=2, dtype=fp32, cu=None, device="cpu", exact=torch.float64):
     """Run cmp_attn and its backward; compare with cmp_attn_ref in `exact` and in `dtype`."""
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     tq = tk - q_offset if tq is None else tq
     hkv = hq if hkv is None else hkv
     cu_t = None if cu is None else torch.as_tensor(cu, dtype=torch.int32, device=device)
@@ -162,7 +162,7 @@ def test_no_visible_block(monkeypatch, case):
 
 
 def test_primitives_deterministic_and_lse_not_differentiable(monkeypatch):
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     cu = torch.tensor([0, 30, 31, 70], dtype=torch.int32)
     kw = dict(scale=0.3, cmp_block=4, cmp_stride=2, cu_seqlens=cu)
     tc = int(cmp_cu_seqlens(cu, 4, 2)[-1])
@@ -238,7 +238,7 @@ def test_gpu(monkeypatch, case):
 def test_gpu_deterministic_backward(monkeypatch):
     """T = 16k with documents: the split dK/dV partials are summed in a fixed order, so two
     backward passes agree bit for bit."""
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     tk, cb, stride = 16384, 32, 16
     cu = random_docs(tk, 5).cuda()
     tc = int(cmp_cu_seqlens(cu, cb, stride)[-1])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch._dynamo.backends.registry import lookup_backend
 
-from attn.flash import common
+from attn.common import alloc
 from attn.nsa import NSACore, nsa_attn
 from attn.nsa.op import compress
 from test_nsa_op import docs, poisoned
@@ -23,7 +23,7 @@ NAMES = ["o", "dq", "dk", "dv", "dk_cmp", "dv_cmp", "dg_cmp", "dg_slc", "dg_swa"
 @pytest.fixture(autouse=True)
 def triton_path(monkeypatch):
     monkeypatch.setenv("ATTN_IMPL", "triton")
-    monkeypatch.setattr(common, "empty", poisoned)
+    monkeypatch.setattr(alloc, "empty", poisoned)
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()

@@ -88,7 +88,7 @@ def big_slc_case(device, T, H, D, sb=64, nsel=4, dtype=torch.bfloat16):
     dk, dv of those keys (selected by these queries only) against flash_attn_ref (float64) on
     that slice. T must be a multiple of sb."""
     from attn.flash.ref import flash_attn_ref
-    from attn.moba.gate import block_table
+    from attn.common.documents import block_table
     from attn.nsa.slc import slc_attn_bwd, slc_attn_fwd
     nb = T // sb
     q = torch.randn(1, sb, H, D, device=device, dtype=dtype)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attn.flash import common
+from attn.common import alloc
 from attn.nsa import nsa_attn
 from attn.nsa.gate_mix import gate_mix, gate_mix_bwd
 from attn.nsa.op import compress
@@ -111,7 +111,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(
     f"{k}{v}" for k, v in c.items() if k != "kw").replace("torch.", ""))
 def test_nsa_matches_ref(monkeypatch, case):
-    monkeypatch.setattr(common, "empty", poisoned)
+    monkeypatch.setattr(alloc, "empty", poisoned)
     B, T, hq, hkv, kw = case.get("B", 1), case["T"], case["hq"], case["hkv"], case["kw"]
     dtype, off, d = case.get("dtype", torch.float32), case.get("off", 0), 16
     cu = docs(T, case["cu"]) if "cu" in case else None
@@ -140,7 +140,7 @@ def test_nsa_matches_ref(monkeypatch, case):
 
 
 def test_gate_mix_matches_torch(monkeypatch):
-    monkeypatch.setattr(common, "empty", poisoned)
+    monkeypatch.setattr(alloc, "empty", poisoned)
     os_ = [torch.randn(2, 5, 3, 16, dtype=torch.float64).float().requires_grad_() for _ in range(3)]
     g = torch.rand(2, 5, 3, 3).requires_grad_()
     o = gate_mix(*os_, g)

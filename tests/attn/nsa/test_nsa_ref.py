@@ -217,25 +217,27 @@ def test_compress_layout_and_core(kind):
 
 
 def test_core_cp_invariants():
-    """allgather calls attend(q chunk, k/v prefix, clipped cu, q_offset=start); ulysses calls
-    attend on a slice of heads with the whole sequence: both must give the matching slice."""
+    """allgather calls attend(q chunk, k/v prefix, clipped cu, q_offset=start, gates chunk);
+    ulysses calls attend on a slice of heads (and of the gates) with the whole sequence: both
+    must give the matching slice; gates of the wrong shape are refused."""
     torch.manual_seed(0)
     core = NSACore(64, 8, 4, **SMALL).double()
     for p in core.parameters():
         torch.nn.init.normal_(p, 0, 0.1)
     T, cu = 48, torch.tensor([0, 5, 6, 29, 48], dtype=torch.int32)
     x = torch.randn(1, T, 64, dtype=torch.float64)
-    q = torch.cat([core.wq(x).view(1, T, 8, 8), core.gates(x)], -1)
+    q, g = core.wq(x).view(1, T, 8, 8), core.gates(x)
     k, v = core.wk(x).view(1, T, 4, 8), core.wv(x).view(1, T, 4, 8)
-    full = core.attend(q, k, v, cu)
+    full = core.attend(q, k, v, cu, gates=g)
     for start, end in [(0, 12), (12, 24), (24, 36), (36, 48), (18, 30)]:
         part = core.attend(q[:, start:end], k[:, :end], v[:, :end], clip_cu_seqlens(cu, end),
-                           q_offset=start)
+                           q_offset=start, gates=g[:, start:end])
         assert rel(part, full[:, start:end]) < 1e-12, (start, end)
-    heads = core.attend(q[:, :, 4:], k[:, :, 2:], v[:, :, 2:], cu, heads=slice(4, 8))
+    heads = core.attend(q[:, :, 4:], k[:, :, 2:], v[:, :, 2:], cu, heads=slice(4, 8),
+                        gates=g[:, :, 4:])
     assert rel(heads, full[:, :, 4:]) < 1e-12
-    g = core.gates(x)                                               # explicit gates= form
-    assert rel(core.attend(q[..., :8], k, v, cu, gates=g), full) < 1e-12
+    with pytest.raises(ValueError, match=r"gates \(1, 48, 8, 2\) must be \[B, Tq, Hq, 3\]"):
+        core.attend(q, k, v, cu, gates=g[..., :2])
 
 
 def test_tiny_model_trains(compose, tmp_path):

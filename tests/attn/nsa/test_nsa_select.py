@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attn.flash import common
-from attn.moba.gate import block_table
+from attn.common import alloc
+from attn.common.documents import block_table
 from attn.nsa.op import compress
 from attn.nsa.ref import (_doc_starts, _masked_softmax, cmp_attn_ref, cmp_block_starts,
                           cmp_cu_seqlens, selection_scores)
@@ -59,7 +59,7 @@ def ref_sets(q, kc, T, cb, cs, sb, topk, cu, q_offset):
     dict(T=120, hq=4, hkv=2, cb=8, cs=8, sb=8, topk=5, cu=4),            # fla geometry: no spill
 ], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_selection_matches_ref(monkeypatch, case):
-    monkeypatch.setattr(common, "empty", poisoned)
+    monkeypatch.setattr(alloc, "empty", poisoned)
     B, T, hq, hkv = case.get("B", 1), case["T"], case["hq"], case["hkv"]
     cb, cs, sb, topk, off = case["cb"], case["cs"], case["sb"], case["topk"], case.get("off", 0)
     d = 16

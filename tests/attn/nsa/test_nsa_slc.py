@@ -5,7 +5,7 @@ Selections are random but valid: for each (b, query i, KV head) the query's own 
 distinct random causal blocks of its document (optionally NSA's forced ones: the document's
 first block and the previous block), a random number of them (−1 in the other slots), slot order
 shuffled. Outputs, lse, dq, dk, dv are compared with slc_attn_ref computed in float64 on the same
-inputs (upstream gradient random); kernel outputs are NaN-poisoned (common.empty swapped for
+inputs (upstream gradient random); kernel outputs are NaN-poisoned (alloc.empty swapped for
 a NaN-filled allocator) so unwritten elements fail.
 
 Error measure: relative norm ||x − x64|| / ||x64|| (denominator floored at an rms of 0.05).
@@ -18,8 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attn.flash import common
-from attn.moba.gate import block_table
+from attn.common import alloc
+from attn.common.documents import block_table
 from attn.nsa import slc, slc_dkdv, union
 from attn.nsa.ref import slc_attn_ref
 from attn.nsa.slc import slc_attn, slc_attn_bwd, slc_attn_fwd
@@ -75,7 +75,7 @@ def check_case(monkeypatch, *, B=1, Tq=64, Tk=None, Hq=2, Hkv=None, D=16, sel_bl
                device="cpu", exact_dtype=torch.float64):
     Tk = Tq if Tk is None else Tk
     Hkv = Hq if Hkv is None else Hkv
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     cu_t = None if cu is None else torch.as_tensor(cu, dtype=torch.int32, device=device)
     table = block_table(cu_t, Tk, sel_block, device)
     sel = random_sel(table, B, Tq, Hkv, nsel, q_offset, nsa, partial, device)
@@ -179,7 +179,7 @@ def test_adaptive_tiles_mix_and_agree(monkeypatch, shared_half):
     picks at random (fine tiles). Each launch alone writes exactly the rows of its tiles (the
     others stay NaN), and the pair's o / lse / dQ equal the coarse tiling's (fp32; the same
     blocks in the same order per row). (Against the definition: test_forced_tiling_matches_ref.)"""
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     monkeypatch.setattr(slc, "FINE_STEP_COST", 1)     # clear margins at these small sizes
     T, hq, hkv, sb, nsel = 64, 16, 1, 4, 4                         # G 16: coarse 4, fine 1 pos
     table = block_table(None, T, sb, "cpu")
@@ -209,7 +209,7 @@ def test_adaptive_tiles_mix_and_agree(monkeypatch, shared_half):
         assert torch.equal(~torch.isnan(o[0]).any(-1).any(-1), want), which
         assert torch.equal(~torch.isnan(dq[0]).any(-1).any(-1), want), which
     monkeypatch.undo()
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     monkeypatch.setattr(slc, "TILES", "coarse")
     for name, a, b in zip(("o", "lse", "dq"), got, run()):
         assert torch.isfinite(a).all(), name
@@ -222,7 +222,7 @@ def test_adaptive_tiles_mix_and_agree(monkeypatch, shared_half):
 def test_heavy_blocks_are_split_and_backward_is_deterministic(monkeypatch):
     """Block 0 (selected by every query) is split over several programs; two backward passes
     give identical bits; the unsplit run agrees to rounding."""
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     T, hq, hkv, sb, nsel = 96, 4, 2, 8, 4
     table = block_table(None, T, sb, "cpu")
     sel = random_sel(table, 1, T, hkv, nsel, nsa=True)
@@ -246,7 +246,7 @@ def test_heavy_blocks_are_split_and_backward_is_deterministic(monkeypatch):
 def test_bwd_given_delta_and_dq_accumulator(monkeypatch):
     """slc_attn_bwd(delta=, dq=): the caller's delta replaces the preprocess; dQ is added to the
     given tensor and returned (both tilings of the adaptive pair add); dK, dV unchanged."""
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     T, hq, hkv, sb, nsel = 80, 4, 1, 8, 4
     table = block_table(None, T, sb, "cpu")
     sel = random_sel(table, 1, T, hkv, nsel, nsa=True)
@@ -273,7 +273,7 @@ def test_tile_unions_are_sorted_unique_sets(monkeypatch, chunk, per):
     """_union_kernel against sorted(set(...)) per tile, with empty slots, bad ids, a last tile
     past Tq, B = 2, Hkv = 2; chunk=4 takes the GPU's chunked comparisons (CH < U); per=2 puts
     two tiles in one program (3 tiles: the second program's second one does not exist)."""
-    monkeypatch.setattr(common, "empty", nan_empty)
+    monkeypatch.setattr(alloc, "empty", nan_empty)
     if chunk is not None:
         monkeypatch.setattr(union, "_union_chunk", lambda u: chunk)
     B, tq, hq, hkv, nsel, nb = 2, 37, 8, 2, 5, 9
