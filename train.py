@@ -20,8 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 from data.prefetch import StepPrefetcher
 from models import ModelConfig, Transformer
 from parallel import BlockWrapping, CPSettings, build_mesh, init_distributed, parallelize
-from parallel.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from parallel.dist import all_reduce_sum, shutdown
+from parallel.checkpoint import (clean_temporaries, complete_checkpoints, last_good_checkpoint,
+                                 load_checkpoint, resolve_resume, save_checkpoint)
+from parallel.dist import all_reduce_sum, broadcast_object, shutdown
+from parallel.run_folder import (EXIT_PREEMPTED, Preempted, RunFolderInUse, RunLock, StopRequests,
+                                 check_resume, truncate_metrics)
 
 KNOWN_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0}
 
@@ -57,6 +60,28 @@ def grad_accum_steps(tr: DictConfig, dp_world: int) -> int:
         raise ConfigError(f"trainer.global_batch={tr.global_batch} must be a positive multiple of "
                           f"trainer.micro_batch × data-parallel ranks = {tr.micro_batch} × {dp_world}")
     return tr.global_batch // per_step
+
+
+# the least integer each may be (0: off); trainer.run_steps may also be null
+AT_LEAST = {f"trainer.{k}": n for k, n in dict(
+    steps=1, run_steps=1, seq_len=1, micro_batch=1, global_batch=1, log_every=1, val_every=0,
+    ckpt_every=0, ckpt_keep=1, prefetch=1, profile_steps=0).items()} | {"optim.warmup_steps": 0}
+
+
+def check_trainer(cfg: DictConfig) -> None:
+    """The loop's settings, before any work: a ConfigError naming the first bad key and rule."""
+    for key, least in AT_LEAST.items():
+        value = OmegaConf.select(cfg, key, default=AT_LEAST)  # AT_LEAST: the key is not set
+        if value is AT_LEAST or (value is None and key == "trainer.run_steps"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            tail = " or null" if key == "trainer.run_steps" else " (0: off)" if least == 0 else ""
+            raise ConfigError(f"{key}={value!r} must be an integer >= {least}{tail}")
+    lr, resume = OmegaConf.select(cfg, "optim.lr"), cfg.trainer.get("resume")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise ConfigError(f"optim.lr={lr!r} must be a number > 0")
+    if resume is not None and not isinstance(resume, str):  # YAML true/false, a number
+        raise ConfigError(f"trainer.resume={resume!r} must be auto, none or a checkpoint folder path")
 
 
 def build_model_config(cfg: DictConfig, vocab: int) -> ModelConfig:
@@ -312,8 +337,7 @@ def _inputs(mb: dict, device):
 
 
 def run(cfg: DictConfig, out_dir: str | Path) -> float:
-    from data import build_data
-
+    check_trainer(cfg)
     out_dir = Path(out_dir)
     tr = cfg.trainer
     device = resolve_device(tr.device)
@@ -327,10 +351,23 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
     blocks = BlockWrapping.from_trainer(tr)
     mesh = build_mesh(info, cp.size, cp.ulysses, device.type)
     accum = grad_accum_steps(tr, mesh.dp)
-    if tr.run_steps is not None and tr.run_steps <= 0:
-        raise ConfigError(f"trainer.run_steps={tr.run_steps} must be positive or null")
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out_dir, info)
+    lock.acquire()
+    stops = StopRequests(tr.get("stop_signals", ("SIGTERM", "SIGUSR1")))
+    try:
+        return _run(cfg, out_dir, tr, device, info, autocast, cp, blocks, mesh, accum, lock,
+                    stops)
+    finally:
+        stops.restore()
+        lock.release()
+
+
+def _run(cfg, out_dir, tr, device, info, autocast, cp, blocks, mesh, accum, lock,
+         stops) -> float:
+    """The run after its settings are checked and its folder is held (see `run`)."""
+    from data import build_data
 
     torch.manual_seed(tr.seed)
     validate = bool(tr.val_every)  # 0: no validation at all, and no validation split is read
@@ -349,11 +386,17 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
 
     ckpt_dir = out_dir / tr.ckpt_dir
     step = 0
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    clean_temporaries(ckpt_dir, info)  # the folder is ours (locked): no live save is writing
     resume_from = resolve_resume(tr.resume, ckpt_dir, info)
+    existing = broadcast_object(complete_checkpoints(ckpt_dir) if info.is_main else None)
+    check_resume(tr.resume, existing, resume_from, plain_cfg,
+                 bool(tr.get("allow_config_change", False)))
     if resume_from is not None:
         step, data_state = load_checkpoint(resume_from, info, par, optimizer, scheduler)
         train_batches.load_state_dict(data_state)
-    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+        if info.is_main:  # rows a crashed run logged after this checkpoint are redone
+            truncate_metrics(out_dir / "metrics.jsonl", step)
     prefetch = StepPrefetcher(train_batches, par.shard, depth=int(tr.get("prefetch", 2)),
                               pin=device.type == "cuda")
 
@@ -386,29 +429,34 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
         n_local = sum(mb["n_counted"] for mb in micro_batches)
         # [loss sum, token count]; the count is reduced on the device and read with the loss,
         # so the step syncs with the host once (loss, then the gradient norm)
-        sums = torch.tensor([0.0, n_local], dtype=torch.float64).to(device, non_blocking=True)
+        # [token count, loss sum, stop requests]: the count is reduced first; the loss and the
+        # ranks' stop requests (signals) are reduced together and read once
+        sums = torch.tensor([n_local, 0.0, 0.0], dtype=torch.float64).to(device, non_blocking=True)
         if info.world > 1:
-            all_reduce_sum(sums[1:])
+            all_reduce_sum(sums[:1])
         # DDP, FSDP2 and ZeRO average gradients over all ranks (dp and cp): scale by the world
         # size so the result is the gradient of (global loss sum / global token count)
-        grad_scale = (info.world / sums[1]).float()
+        grad_scale = (info.world / sums[0]).float()
         for i, mb in enumerate(micro_batches):
             with par.no_sync(i == len(micro_batches) - 1), autocast():
                 part, _ = par.module(*_inputs(mb, device))
             par.backward(part * grad_scale)
-            sums[0] += part.detach().double()
+            sums[1] += part.detach().double()
+        sums[2] = stops.requested
         if info.world > 1:
-            all_reduce_sum(sums[:1])
-        loss_total, n_global = sums.tolist()
+            all_reduce_sum(sums[1:])
+        n_global, loss_total, stop_asked = sums.tolist()
         loss = loss_total / n_global
         # clip, update, clear gradients; no update when the loss or the gradient norm isn't finite
         grad_norm = par.clip_and_step(optimizer, clip) if math.isfinite(loss) else float("nan")
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             log.close()
             prefetch.close()
-            raise FloatingPointError(
-                f"non-finite loss {loss} / grad norm {grad_norm} at step {step + 1}; stopped "
-                f"without updating (last good checkpoint: {resolve_resume('auto', ckpt_dir, info)})")
+            at = f"at step {step + 1}"
+            bad = (f"loss {loss} {at}" if not math.isfinite(loss)
+                   else f"gradient norm {grad_norm} {at} (loss {loss:.4g})")
+            raise FloatingPointError(f"non-finite {bad}; stopped without updating (last good "
+                                     f"checkpoint: {last_good_checkpoint(ckpt_dir, info)})")
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1
@@ -431,11 +479,19 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
             if bar is not None:
                 bar.set_postfix(loss=f"{loss_acc / steps_since:.3f}", tok_s=f"{tok_s:.3g}")
             t_last, steps_since, loss_acc = time.perf_counter(), 0, 0.0
+            lock.refresh()
         if validate and (step % tr.val_every == 0 or step == stop):
             val_loss = evaluate(model, val_batches, device, autocast)
             log.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, bar)
-        if (tr.ckpt_every and step % tr.ckpt_every == 0) or (step == stop and tr.ckpt_every):
+        saved = (tr.ckpt_every and step % tr.ckpt_every == 0) or (step == stop and tr.ckpt_every)
+        if saved:
             checkpoint(step)
+        if stop_asked:  # a signal on any rank: every rank stops after the same step
+            if not saved:
+                checkpoint(step)
+            log.close()
+            prefetch.close()
+            raise Preempted(step, stops.signame or "a peer rank's signal")
     prefetch.close()
     if bar is not None:
         bar.close()
@@ -464,10 +520,13 @@ def _hydra_main():
     def main(cfg: DictConfig) -> float:
         try:
             return run(cfg, HydraConfig.get().runtime.output_dir)
-        except (ValueError, FloatingPointError) as err:  # config, input or divergence
+        except (ValueError, FloatingPointError, RunFolderInUse) as err:  # config, input, folder
             if os.environ.get("LONGCTX_TRACEBACK"):
                 raise
             sys.exit(f"error: {err}")
+        except Preempted as stopped:
+            print(stopped, file=sys.stderr)
+            sys.exit(EXIT_PREEMPTED)
         finally:
             shutdown()
 

@@ -75,6 +75,10 @@ def build_data(cfg, seq_len: int, micro_batch: int, grad_accum: int, dp_rank: in
     if unknown:
         warnings.warn(f"data: ignoring unknown keys {sorted(unknown)} for data.source={source} "
                       f"(known: {sorted(_KEYS[source])})")
+    n_val = _get(cfg, "val_batches", 8)
+    if with_val and (isinstance(n_val, bool) or not isinstance(n_val, int) or n_val < 1):
+        raise ValueError(f"data.val_batches={n_val!r} must be an integer >= 1 (validation "
+                         "micro-batches per evaluation); trainer.val_every=0 turns validation off")
     tokenizer = build_tokenizer(str(_get(cfg, "tokenizer", "bytes")))
     cache_dir = os.path.expanduser(str(_get(cfg, "cache_dir") or default_cache_dir()))
 
@@ -99,7 +103,7 @@ def build_data(cfg, seq_len: int, micro_batch: int, grad_accum: int, dp_rank: in
                            shuffle=bool(_get(cfg, "shuffle", True)), seed=seed,
                            document_mask=document_mask, bos_id=tokenizer.bos_id)
     val_list = [] if val is None else val_batches(
-        val.tokens, seq_len, micro_batch, int(_get(cfg, "val_batches", 8)), dp_rank, dp_world,
+        val.tokens, seq_len, micro_batch, n_val, dp_rank, dp_world,
         document_mask, bos_id=tokenizer.bos_id)
     log.info("data: %s/%s, train %d tokens (%d docs, %d rows, %d steps/epoch), val %d tokens",
              source, tokenizer.name, len(train.tokens), len(train.doc_starts), loader.rows,

@@ -12,6 +12,7 @@ without opening the dataset, so a cached hub dataset loads with no network.
 """
 from __future__ import annotations
 
+import codecs
 import glob
 import logging
 import os
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 
 BUILDERS = ("text", "json", "parquet")
 ROLES = ("train", "validation")
+# local files that are binary by design (columnar or compressed): never blamed for bad UTF-8
+_BINARY_SUFFIXES = (".parquet", ".arrow", ".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4", ".tar")
 
 
 def _is_remote(pattern: str) -> bool:
@@ -83,6 +86,23 @@ def _dir_identity(root: str) -> list:
     return out
 
 
+def _not_utf8(path: str) -> str | None:
+    """Where the file at `path` stops being UTF-8 ("byte 0x80 at offset 5"), or None."""
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            start = offset - len(decoder.getstate()[0])  # file offset of the decoder's input
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                bad = err.object[err.start:err.start + 1]
+                return f"byte 0x{bad.hex() or '??'} at offset {start + err.start}"
+            if not chunk:
+                return None
+            offset += len(chunk)
+
+
 def is_carved_validation(text: str, val_fraction: float) -> bool:
     return zlib.crc32(text.encode("utf-8", errors="replace")) < val_fraction * 2**32
 
@@ -120,6 +140,9 @@ class HFSource:
         self.name, self.builder, self.split, self.val_split = name, builder, split, val_split
         self.val_fraction, self.text_field = float(val_fraction), text_field
         self.streaming, self.max_docs = bool(streaming), (None if max_docs is None else int(max_docs))
+        # how messages name the source
+        self.where = (f"data.path={self.path!r}" if builder is None
+                      else f"data.data_files={self.files!r}")
 
     def description(self, role: str) -> dict:
         """Everything the documents of `role` depend on, for the cache key (no dataset I/O)."""
@@ -169,11 +192,43 @@ class HFSource:
                                      f"got {type(text).__name__}")
                 yield text
 
+    def _local_files(self) -> list[str]:
+        files = self.files
+        if files is None:
+            root = self.path if self.path is not None and os.path.isdir(self.path) else None
+            return [] if root is None else [f[0] for f in _dir_identity(root)]
+        if isinstance(files, dict):
+            files = [f for group in files.values() for f in group]
+        return [f for f in files if not _is_remote(f)]
+
+    def _unreadable(self, err: Exception) -> ValueError:
+        """One line for a dataset that `datasets` failed to read: the first local file that is
+        not UTF-8 text when decoding failed, else the underlying error."""
+        cause = err
+        while not isinstance(cause, UnicodeDecodeError) and (cause.__cause__ or cause.__context__):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, UnicodeDecodeError):
+            key = "data.data_files" if self.builder is not None else self.where
+            for f in self._local_files():
+                where = None if f.endswith(_BINARY_SUFFIXES) else _not_utf8(f)
+                if where:
+                    return ValueError(f"{key}: {f} is not UTF-8 text ({where}); convert it to "
+                                      "UTF-8 or leave it out")
+        return ValueError(f"{self.where}: could not be read ({type(cause).__name__}: "
+                          f"{' '.join(str(cause).split())})")
+
     def documents(self, role: str) -> Iterator[str]:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        from datasets.exceptions import DatasetGenerationError
+        try:
+            yield from self._documents(role)
+        except (DatasetGenerationError, UnicodeDecodeError) as err:
+            raise self._unreadable(err) from err
+
+    def _documents(self, role: str) -> Iterator[str]:
         splits = self._load()
-        where = f"data.path={self.path!r}" if self.builder is None else f"data.data_files={self.files!r}"
+        where = self.where
         if self.split not in splits:
             raise ValueError(f"data.split={self.split!r} is not a split of {where}; "
                              f"splits: {list(splits)}")
@@ -196,4 +251,4 @@ class HFSource:
 def hf_corpus(role: str, tokenizer, cache_dir: str, source: HFSource) -> TokenizedCorpus:
     """Tokenized (and cached) documents of `role` ("train" or "validation") of `source`."""
     return load_or_build(cache_dir, f"hf-{role}", source.description(role), tokenizer,
-                         lambda: source.documents(role))
+                         lambda: source.documents(role), source=source.where)

@@ -125,12 +125,13 @@ def _try_load(entry: str) -> TokenizedCorpus | None:
 
 
 def load_or_build(cache_dir: str, label: str, description: dict, tokenizer,
-                  documents: Callable[[], Iterable[str]]) -> TokenizedCorpus:
+                  documents: Callable[[], Iterable[str]], source: str | None = None) -> TokenizedCorpus:
     """The cached corpus for `description`, tokenizing `documents()` only on a cache miss.
 
     `description` must name everything the documents depend on (source, split, caps, file
     identities); the tokenizer's name, vocab size and bos id are added to it here.
-    `label` only makes the directory name readable (e.g. "builtin-train").
+    `label` only makes the directory name readable (e.g. "builtin-train"); `source` names
+    where the documents come from in messages (e.g. "data.path='corpus/'").
     """
     full = dict(description, tokenizer=tokenizer.name, vocab_size=int(tokenizer.vocab_size),
                 bos_id=int(tokenizer.bos_id), format_version=FORMAT_VERSION)
@@ -142,7 +143,8 @@ def load_or_build(cache_dir: str, label: str, description: dict, tokenizer,
 
     tokens, doc_starts = tokenize_documents(documents(), tokenizer)
     if len(doc_starts) == 0:
-        raise ValueError(f"data: the {label} corpus has no non-empty documents ({description})")
+        where = source or f"data.source={description.get('source', '?')}"
+        raise ValueError(f"{where} holds no text for the {label} corpus: no non-empty document")
     os.makedirs(entry, exist_ok=True)
     meta = {"description": full, "n_tokens": int(len(tokens)), "n_docs": int(len(doc_starts)),
             "dtype": str(tokens.dtype)}

@@ -247,3 +247,94 @@ def test_hybrid_layer_options_per_family(compose):
                                          r"model.layer_pattern family other than attn=lightning"):
         train.build_model_config(compose("attn=lightning", "model.layer_pattern=[lightning,moba]",
                                          "+model.layer_options.flash.qk_norm=true"), 256)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("trainer.steps=-5", "trainer.steps=-5 must be an integer >= 1"),
+    ("trainer.log_every=0", "trainer.log_every=0 must be an integer >= 1"),
+    ("trainer.seq_len=abc", "trainer.seq_len='abc' must be an integer >= 1"),
+    ("trainer.micro_batch=-2", "trainer.micro_batch=-2 must be an integer >= 1"),
+    ("trainer.global_batch=2.5", "trainer.global_batch=2.5 must be an integer >= 1"),
+    ("trainer.val_every=-1", "trainer.val_every=-1 must be an integer >= 0 (0: off)"),
+    ("trainer.ckpt_every=-1", "trainer.ckpt_every=-1 must be an integer >= 0 (0: off)"),
+    ("trainer.ckpt_keep=0", "trainer.ckpt_keep=0 must be an integer >= 1"),
+    ("trainer.prefetch=0", "trainer.prefetch=0 must be an integer >= 1"),
+    ("trainer.profile_steps=-1", "trainer.profile_steps=-1 must be an integer >= 0 (0: off)"),
+    ("trainer.run_steps=0", "trainer.run_steps=0 must be an integer >= 1 or null"),
+    ("optim.warmup_steps=-3", "optim.warmup_steps=-3 must be an integer >= 0 (0: off)"),
+    ("optim.lr=-1", "optim.lr=-1 must be a number > 0"),
+    ("trainer.resume=true", "trainer.resume=True must be auto, none or a checkpoint folder path"),
+])
+def test_loop_settings_are_checked_before_any_work(compose, tmp_path, override, message):
+    """train.check_trainer, first thing in train.run: one ValueError naming the key and the rule
+    (not a ZeroDivisionError or TypeError later, nor a run that silently does nothing)."""
+    import re
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        train.run(compose(override), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def _bad_input(tmp_path, kind):
+    """(overrides, the error message) of a setting or corpus that is refused once read."""
+    text_files = ["data=hf", "data.tokenizer=bytes", "data.builder=text"]
+    if kind == "moba":
+        return ["attn=moba", "attn.block_size=0"], "attn.block_size=0 must be an integer >= 1"
+    if kind == "val_batches":
+        return ["data.val_batches=0"], ("data.val_batches=0 must be an integer >= 1 (validation "
+                                        "micro-batches per evaluation); trainer.val_every=0 turns "
+                                        "validation off")
+    if kind == "binary":
+        (tmp_path / "bin.txt").write_bytes(b"text " + bytes(range(128, 256)))
+        return text_files + [f"data.data_files={tmp_path / 'bin.txt'}"], (
+            f"data.data_files: {tmp_path / 'bin.txt'} is not UTF-8 text (byte 0x80 at offset 5); "
+            "convert it to UTF-8 or leave it out")
+    (tmp_path / "empty.txt").write_text("")
+    return text_files + [f"data.data_files={tmp_path / 'empty.txt'}"], (
+        f"data.data_files=[{str(tmp_path / 'empty.txt')!r}] holds no text for the hf-train "
+        "corpus: no non-empty document")
+
+
+@pytest.mark.parametrize("kind", ["moba", "val_batches", "binary", "empty"])
+def test_bad_inputs_name_the_key_or_file(compose, tmp_path, monkeypatch, kind):
+    import re
+
+    import datasets
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    overrides, message = _bad_input(tmp_path, kind)
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        train.run(compose(*overrides), tmp_path / "run")
+
+
+def test_nonfinite_gradient_norm_is_named(compose, tmp_path, monkeypatch):
+    """A finite loss with a non-finite gradient norm is reported as the gradient norm's fault."""
+    calls = {"n": 0}
+    forward = train.Transformer.forward
+
+    def poisoned(self, *a, **k):
+        out = forward(self, *a, **k)
+        calls["n"] += 1
+        if self.training and calls["n"] > 8:  # 2 micro-batches per step: step 5's gradients
+            out[0].register_hook(lambda g: g * float("nan"))
+        return out
+
+    monkeypatch.setattr(train.Transformer, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match=r"^non-finite gradient norm nan at step 5 "
+                                                 r"\(loss \d+(\.\d+)?\); stopped without updating "
+                                                 r"\(last good checkpoint: .*step_00000004\)$"):
+        train.run(compose("trainer.steps=8", "trainer.ckpt_every=2", "trainer.val_every=0"),
+                  tmp_path / "run")
+
+
+def test_cli_bad_settings_and_inputs_are_one_line(tmp_path):
+    """`python train.py ...` ends each with `error: <message>` as its last stderr line."""
+    cases = [(["trainer.seq_len=abc"], "trainer.seq_len='abc' must be an integer >= 1"),
+             (["trainer.resume=true"],
+              "trainer.resume=True must be auto, none or a checkpoint folder path"),
+             *(_bad_input(tmp_path, kind) for kind in ("moba", "binary"))]
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}
+    for overrides, message in cases:
+        small = [a for a in SMALL_RUN if "data=hf" not in overrides or "max_bytes" not in a]
+        r = _cli(small + overrides, tmp_path, env_extra=env)
+        assert r.returncode != 0
+        assert r.stderr.strip().splitlines()[-1] == f"error: {message}", r.stderr[-3000:]

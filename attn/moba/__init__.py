@@ -22,6 +22,9 @@ class MoBACore(SoftmaxAttention):
     def __init__(self, dim, n_heads, n_kv_heads, head_dim=None, layer_idx=0, n_layers=1, *,
                  block_size: int = 512, topk: int = 3, qk_norm: bool = False):
         super().__init__(dim, n_heads, n_kv_heads, head_dim, layer_idx, n_layers, qk_norm=qk_norm)
+        for key, value in (("block_size", block_size), ("topk", topk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"attn.{key}={value!r} must be an integer >= 1")
         self.block_size, self.topk = block_size, topk
 
     def attend(self, q, k, v, cu_seqlens=None, *, q_offset=0, heads=None):

@@ -75,7 +75,7 @@ def classify(res: dict, metrics: dict) -> tuple[str, str]:
     if "OutOfMemoryError" in log or "out of memory" in log.lower():
         oom = [x for x in tail if "out of memory" in x.lower() or "OutOfMemoryError" in x]
         return "oom", (oom[-1] if oom else last)[:300]
-    if "non-finite loss" in log:
+    if "error: non-finite " in log:
         return "nonfinite", last[:300]
     if "fewer than one global batch" in log or "corpus makes" in log:
         return "data", last[:300]

@@ -158,3 +158,55 @@ def test_configs_data_hf_yaml(hf_offline, rng, cache_dir):
                     "val_fraction": 0.2, "cache_dir": cache_dir, "val_batches": 2})
     tok, train, val = build_data(cfg, seq_len=16, micro_batch=2, grad_accum=1)
     assert tok.name == "bytes" and len(val) == 2 and len(train.next_step()) == 1
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_binary_file_is_named_in_one_line(hf_offline, streaming):
+    """A file that is not UTF-8 (here, in a dataset folder and as a text data file) is named,
+    with the first bad byte, instead of `datasets`' DatasetGenerationError."""
+    import re
+    root = hf_offline / "corpus"
+    root.mkdir()
+    (root / "a.txt").write_text("fine text\n", encoding="utf-8")
+    (root / "b.txt").write_bytes("éa".encode() + b"\xff\xfe binary")
+    with pytest.raises(ValueError, match="^" + re.escape(
+            f"data.path={str(root)!r}: {root / 'b.txt'} is not UTF-8 text (byte 0xff at offset "
+            "3); convert it to UTF-8 or leave it out") + "$"):
+        list(HFSource(path=str(root), streaming=streaming).documents("train"))
+    with pytest.raises(ValueError, match="^" + re.escape(
+            f"data.data_files: {root / 'b.txt'} is not UTF-8 text (byte 0xff at offset 3)")):
+        list(HFSource(builder="text", data_files=str(root / "*.txt"), streaming=streaming)
+             .documents("train"))
+
+
+def test_not_utf8_offset_across_read_chunks(tmp_path):
+    """The offset is the file's, also past the first 1 MiB read and with a multi-byte character
+    split by a read boundary."""
+    from data.hf import _not_utf8
+    f = tmp_path / "x.txt"
+    f.write_bytes(b"a" * ((1 << 20) - 1) + "é".encode() * 3)
+    assert _not_utf8(str(f)) is None
+    f.write_bytes(b"a" * ((1 << 20) - 1) + "é".encode() * 3 + b"\x80")
+    assert _not_utf8(str(f)) == f"byte 0x80 at offset {(1 << 20) - 1 + 6}"
+    f.write_bytes(b"a" * 10 + "é".encode()[:1])  # cut short at the end of the file
+    assert _not_utf8(str(f)) == "byte 0xc3 at offset 10"
+
+
+def test_empty_corpus_names_its_source(hf_offline, cache_dir):
+    (hf_offline / "empty.txt").write_text("", encoding="utf-8")
+    src = HFSource(builder="text", data_files=str(hf_offline / "empty.txt"))
+    with pytest.raises(ValueError, match=r"^data.data_files=\[.*empty.txt'\] holds no text for "
+                                         r"the hf-train corpus: no non-empty document$"):
+        hf_corpus("train", ByteTokenizer(), cache_dir, src)
+
+
+def test_val_batches_must_be_positive_when_validating(hf_offline, rng, cache_dir):
+    path = _write_jsonl(hf_offline / "g.jsonl", _docs(rng, 200))
+    cfg = {"source": "hf", "tokenizer": "bytes", "data_files": [path], "builder": "json",
+           "val_fraction": 0.1, "val_batches": 0, "cache_dir": cache_dir}
+    with pytest.raises(ValueError, match=r"^data.val_batches=0 must be an integer >= 1 \(validation "
+                                         r"micro-batches per evaluation\); trainer.val_every=0 "
+                                         r"turns validation off$"):
+        build_data(cfg, seq_len=32, micro_batch=2, grad_accum=1)
+    _, _, val = build_data(cfg, seq_len=32, micro_batch=2, grad_accum=1, with_val=False)
+    assert val == []

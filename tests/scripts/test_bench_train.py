@@ -86,8 +86,9 @@ def test_failures_are_classified_with_their_reason():
     oom = "Traceback\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate"
     assert tr.classify(res(1, oom), none)[0] == "oom"
     assert tr.classify(res(-9, "step=1", True), none)[0] == "timeout"
-    nan = "error: non-finite loss nan / grad norm nan at step 2"
-    assert tr.classify(res(1, nan), none)[0] == "nonfinite"
+    for nan in ("error: non-finite loss nan at step 2; stopped without updating",
+                "error: non-finite gradient norm inf at step 2 (loss 5.41); stopped"):
+        assert tr.classify(res(1, nan), none)[0] == "nonfinite"
     s, why = tr.classify(res(1, "x\nerror: data: the corpus makes 0 rows of seq_len=16777216 "
                                 "tokens, fewer than one global batch of 1 rows"), none)
     assert s == "data" and "seq_len=16777216" in why
