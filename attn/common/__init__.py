@@ -2,7 +2,8 @@
 
     alloc.py      the allocator of every kernel output (tests swap it for a NaN-filled one)
     jit.py        Triton device helpers: interpreter-safe dot and cast, exp2-domain constants
-    softmax.py    online-softmax step and the softmax backward's delta = rowsum(O·dO)
+    softmax.py    online-softmax step, the causal/document/window key bound, delta = rowsum(O·dO)
+    softmax_bwd.py  the softmax backward's tile math (mask kinds as constexpr hooks) and loops
     launch.py     host-side launch options: dot precision, register caps, config tables, TMA
     checks.py     argument validation (check_qkv and the cu_seqlens / Triton-path rules)
     documents.py  per-key document bounds and the block table over documents (torch ops)

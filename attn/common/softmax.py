@@ -1,5 +1,6 @@
 """Softmax-attention pieces shared by flash, MoBA and NSA's branches: the online-softmax step of
-a forward loop, and the backward's preprocess delta = rowsum(O·dO).
+a forward loop, the causal / document / window rule's lower key bound, and the backward's
+preprocess delta = rowsum(O·dO) (the backward itself: softmax_bwd.py).
 
 Memory plan of the preprocess: one program per BLOCK_M rows of one (batch, query head); reads O
 and dO once ([BLOCK_M, D] each, upcast to fp32), writes delta fp32 [B, Hq, Tq] once.
@@ -27,6 +28,19 @@ def softmax_step(s, v, acc, m_i, l_i, DOT_PREC: tl.constexpr):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = mma(cvt(p, v.dtype), v, acc * alpha[:, None], DOT_PREC)
     return acc, m_new, l_i
+
+
+@triton.jit
+def row_lo(qpos, q_ok, SEG_START, window, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Smallest key position visible to queries at absolute positions `qpos` (tensor or scalar)
+    under the causal rule with documents (SEG_START: each position's document start) and a
+    sliding window: query p sees the keys row_lo(p) <= s <= p."""
+    lo = qpos * 0
+    if HAS_WINDOW:
+        lo = tl.maximum(lo, qpos - window + 1)
+    if HAS_SEG:
+        lo = tl.maximum(lo, tl.load(SEG_START + qpos, mask=q_ok, other=0))
+    return lo
 
 
 @triton.jit

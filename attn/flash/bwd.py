@@ -11,8 +11,8 @@ Memory plan
                the group; writes dK, dV once (KV dtype), so GQA costs no atomics and no copies
   dQ         : registers Q, dO tiles, fp32 accumulator dQ [BLOCK_M, D]; streams K, V tiles;
                writes dQ once
-With P = exp2(s2 - lse2) recomputed from the saved lse (log2 domain): dV = P^T dO,
-dP = dO V^T, dS = P * (dP - delta), dK = scale * dS^T Q, dQ = scale * dS K.
+The math and the streaming loops are attn/common/softmax_bwd.py's (dkdv_heads, dq_ranges with
+MASK_CAUSAL); this file decides which blocks each program visits, the launch order and configs.
 Masking as in the forward (common.py); dK/dV walks query blocks with hi(s) per key.
 """
 from __future__ import annotations
@@ -23,64 +23,13 @@ import triton
 import triton.language as tl
 
 from attn.common import alloc
-from attn.common.jit import LOG2E, LOG2E_F, cvt, mma
+from attn.common.jit import LOG2E, LOG2E_F, cvt
 from attn.common.launch import dot_precision, pick_dim, use_tma
-from attn.common.softmax import bwd_delta
+from attn.common.softmax import bwd_delta, row_lo
+from attn.common.softmax_bwd import MASK_CAUSAL, dkdv_heads, dq_ranges
 from attn.dispatch import INTERPRET
 from attn.flash import common
-from attn.flash.common import heavy_first, key_hi, row_lo, row_lo_scalar
-
-
-@triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, row0, col, lse_ptr, delta_ptr, start,
-                end, kpos, SEG_START, q_offset, window, Tq, qk_scale,
-                STRIDE_QT: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-                HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, MASKED: tl.constexpr,
-                DOT_PREC: tl.constexpr, TMA: tl.constexpr):
-    """TMA: Q, dO tiles through the descriptors qd, dod at (row0 + row, col); rows past this
-    batch's Tq come back zero (the descriptor ends there) and are masked out of P anyway."""
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    tile = offs_m[:, None] * STRIDE_QT + offs_d[None, :]  # int32 offsets inside one row chunk
-    for start_m in range(start, end, BLOCK_M):
-        rows = start_m + offs_m
-        row = tl.cast(start_m, tl.int64) * STRIDE_QT  # int64: Tq·Hq·D may pass 2^31
-        q_ptrs = q_base + row + tile
-        do_ptrs = do_base + row + tile
-        if TMA:
-            q = qd.load([row0 + start_m, col])
-        elif MASKED:
-            q = tl.load(q_ptrs, mask=(rows < Tq)[:, None], other=0.0)
-        else:
-            q = tl.load(q_ptrs)
-        if MASKED:
-            r_ok = rows < Tq
-            lse2 = tl.load(lse_ptr + rows, mask=r_ok, other=0.0) * LOG2E
-        else:
-            lse2 = tl.load(lse_ptr + rows) * LOG2E
-        # transposed scores [BLOCK_N, BLOCK_M]: P^T comes out ready for dV = P^T dO
-        s_t = mma(k, tl.trans(q), None, DOT_PREC) * qk_scale
-        p_t = tl.math.exp2(s_t - lse2[None, :])
-        if MASKED:
-            qpos = q_offset + rows
-            lo = row_lo(qpos, r_ok, SEG_START, window, HAS_SEG, HAS_WINDOW)
-            ok = (kpos[:, None] <= qpos[None, :]) & (kpos[:, None] >= lo[None, :]) \
-                & r_ok[None, :]
-            p_t = tl.where(ok, p_t, 0.0)
-            delta = tl.load(delta_ptr + rows, mask=r_ok, other=0.0)
-        else:
-            delta = tl.load(delta_ptr + rows)
-        if TMA:
-            do = dod.load([row0 + start_m, col])
-        elif MASKED:
-            do = tl.load(do_ptrs, mask=(rows < Tq)[:, None], other=0.0)
-        else:
-            do = tl.load(do_ptrs)
-        dv = mma(cvt(p_t, do.dtype), do, dv, DOT_PREC)
-        dp_t = mma(v, tl.trans(do), None, DOT_PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = mma(cvt(ds_t, q.dtype), q, dk, DOT_PREC)
-    return dk, dv
+from attn.flash.common import heavy_first, key_hi, row_lo_scalar
 
 
 @triton.jit
@@ -93,8 +42,6 @@ def _dkdv_program(start_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, S
     """dK, dV of keys start_n.. of (batch, KV head) pid_bh."""
     b = pid_bh // HKV
     hkv = pid_bh % HKV
-    GROUP: tl.constexpr = HQ // HKV
-    STRIDE_QT: tl.constexpr = HQ * HEAD_DIM
     STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -119,34 +66,10 @@ def _dkdv_program(start_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, S
         f_lo = m_lo
         f_hi = m_lo
 
-    if TMA:
-        # rows [0, (b+1)·Tq) of the [B·Tq, Hq·D] view: the tile loads of batch b stop at its end
-        qd = tl.make_tensor_descriptor(Q, shape=[(b + 1) * Tq, HQ * HEAD_DIM],
-                                       strides=[STRIDE_QT, 1], block_shape=[BLOCK_M, HEAD_DIM])
-        dod = tl.make_tensor_descriptor(DO, shape=[(b + 1) * Tq, HQ * HEAD_DIM],
-                                        strides=[STRIDE_QT, 1], block_shape=[BLOCK_M, HEAD_DIM])
-    else:
-        qd = Q  # unused
-        dod = DO
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for g in range(GROUP):
-        h = hkv * GROUP + g
-        q_base = Q + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
-        do_base = DO + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
-        row_base = (b * HQ + h).to(tl.int64) * Tq
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, b * Tq, h * HEAD_DIM,
-                             LSE + row_base, DELTA + row_base,
-                             m_lo, f_lo, offs_n, SEG_START, q_offset, window, Tq, qk_scale,
-                             STRIDE_QT, BLOCK_M, HEAD_DIM, HAS_SEG, HAS_WINDOW, True, DOT_PREC, TMA)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, b * Tq, h * HEAD_DIM,
-                             LSE + row_base, DELTA + row_base,
-                             f_lo, f_hi, offs_n, SEG_START, q_offset, window, Tq, qk_scale,
-                             STRIDE_QT, BLOCK_M, HEAD_DIM, HAS_SEG, HAS_WINDOW, False, DOT_PREC, TMA)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, b * Tq, h * HEAD_DIM,
-                             LSE + row_base, DELTA + row_base,
-                             f_hi, m_hi, offs_n, SEG_START, q_offset, window, Tq, qk_scale,
-                             STRIDE_QT, BLOCK_M, HEAD_DIM, HAS_SEG, HAS_WINDOW, True, DOT_PREC, TMA)
+    # MASK_CAUSAL takes the key positions as key_lo (key_hi unused)
+    dk, dv = dkdv_heads(k, v, Q, DO, LSE, DELTA, b, hkv, m_lo, f_lo, f_hi, m_hi, offs_n, offs_n,
+                        SEG_START, window, q_offset, Tq, qk_scale, HQ, HKV, HEAD_DIM, BLOCK_M,
+                        BLOCK_N, MASK_CAUSAL, HAS_SEG, HAS_WINDOW, 0.0, False, DOT_PREC, TMA)
     tl.store(DK + kv_off, cvt(dk * scale, DK.dtype.element_ty), mask=n_ok[:, None])
     tl.store(DV + kv_off, cvt(dv, DV.dtype.element_ty), mask=n_ok[:, None])
 
@@ -163,41 +86,6 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, SEG_END, scale, qk_
     _dkdv_program(rank * BLOCK_N, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV,
                   SEG_START, SEG_END, scale, qk_scale, q_offset, window, Tq, Tk, HQ, HKV,
                   HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SEG, HAS_WINDOW, DOT_PREC, TMA)
-
-
-@triton.jit
-def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col, start, end, qpos, lo, Tk,
-              qk_scale, STRIDE_KT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-              MASKED: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
-    """TMA: K, V tiles through the descriptors kd, vd at (row0 + key, col); keys past this
-    batch's Tk come back zero and are masked out of P."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    tile = offs_n[:, None] * STRIDE_KT + offs_d[None, :]  # int32 offsets inside one key chunk
-    for start_n in range(start, end, BLOCK_N):
-        kpos = start_n + offs_n
-        row = tl.cast(start_n, tl.int64) * STRIDE_KT  # int64: Tk·Hkv·D may pass 2^31
-        k_ptrs = k_base + row + tile
-        v_ptrs = v_base + row + tile
-        if TMA:
-            k = kd.load([row0 + start_n, col])
-            v = vd.load([row0 + start_n, col])
-        elif MASKED:
-            k = tl.load(k_ptrs, mask=(kpos < Tk)[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=(kpos < Tk)[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-        s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
-        if MASKED:
-            ok = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= lo[:, None]) \
-                & (kpos < Tk)[None, :]
-            p = tl.where(ok, p, 0.0)
-        dp = mma(do, tl.trans(v), None, DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq = mma(cvt(ds, k.dtype), k, dq, DOT_PREC)
-    return dq
 
 
 @triton.jit
@@ -241,24 +129,10 @@ def _dq_program(start_m, pid_bh, Q, K, V, DO, LSE, DELTA, DQ, SEG_START, scale, 
         f_lo = kv_lo
         f_hi = kv_lo
 
-    if TMA:
-        # rows [0, (b+1)·Tk) of the [B·Tk, Hkv·D] view: the tile loads of batch b stop at its end
-        kd = tl.make_tensor_descriptor(K, shape=[(b + 1) * Tk, HKV * HEAD_DIM],
-                                       strides=[STRIDE_KT, 1], block_shape=[BLOCK_N, HEAD_DIM])
-        vd = tl.make_tensor_descriptor(V, shape=[(b + 1) * Tk, HKV * HEAD_DIM],
-                                       strides=[STRIDE_KT, 1], block_shape=[BLOCK_N, HEAD_DIM])
-    else:
-        kd = K  # unused
-        vd = V
-    row0 = b * Tk
-    col = hkv * HEAD_DIM
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col, kv_lo, f_lo, qpos,
-                   lo, Tk, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, True, DOT_PREC, TMA)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col, f_lo, f_hi, qpos,
-                   lo, Tk, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, False, DOT_PREC, TMA)
-    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col, f_hi, kv_hi, qpos,
-                   lo, Tk, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, True, DOT_PREC, TMA)
+    # MASK_CAUSAL: lo = row_lo of each row (hi unused); no exact delta (P·K, rowsum(P·dP))
+    dq, _, _ = dq_ranges(q, do, lse2, delta, K, V, k_base, v_base, b, hkv, kv_lo, f_lo, f_hi,
+                         kv_hi, qpos, lo, lo, Tk, qk_scale, HKV, HEAD_DIM, BLOCK_M, BLOCK_N,
+                         MASK_CAUSAL, False, DOT_PREC, TMA)
     dq = dq * scale
     if ACC:
         dq += tl.load(DQ + q_off, mask=m_ok[:, None], other=0.0).to(tl.float32)

@@ -109,19 +109,8 @@ def use_autotune(kind: str = "") -> bool:
 
 
 @triton.jit
-def row_lo(qpos, q_ok, SEG_START, window, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Smallest visible key position for queries at absolute positions `qpos` (tensor or scalar)."""
-    lo = qpos * 0
-    if HAS_WINDOW:
-        lo = tl.maximum(lo, qpos - window + 1)
-    if HAS_SEG:
-        lo = tl.maximum(lo, tl.load(SEG_START + qpos, mask=q_ok, other=0))
-    return lo
-
-
-@triton.jit
 def row_lo_scalar(qpos, SEG_START, window, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """row_lo for one (valid) query position."""
+    """row_lo (attn/common/softmax.py) for one (valid) query position."""
     lo = qpos * 0
     if HAS_WINDOW:
         lo = tl.maximum(lo, qpos - window + 1)

@@ -21,9 +21,10 @@ import triton.language as tl
 from attn.common import alloc
 from attn.common.jit import LN2, LOG2E_F, cvt, mma
 from attn.common.launch import dot_precision, pick_dim
+from attn.common.softmax import row_lo
 from attn.dispatch import INTERPRET
 from attn.flash import common
-from attn.flash.common import heavy_first, row_lo, row_lo_scalar
+from attn.flash.common import heavy_first, row_lo_scalar
 
 
 @triton.jit

@@ -12,8 +12,11 @@ gathered routed rows of every block the key tile touches, BLOCK_M rows at a time
 [BLOCK_M, D] plus lse, delta [BLOCK_M]); writes dK, dV once. Deterministic: every output element
 has exactly one writer, no atomics anywhere in the backward.
 With P = exp2(s2 − lse2) from the saved lse: dV = Pᵀ dO, dS = P ⊙ (dO Vᵀ − delta),
-dK = scale · dSᵀ Q, dQ = scale · dS K. No gradient flows through the gate (the selection is
-piecewise constant), as in the paper and in ref.py (its top-k indices carry no gradient).
+dK = scale · dSᵀ Q, dQ = scale · dS K, per tile pair by attn/common/softmax_bwd.py (dkdv_probs
+with MASK_BOUNDS: each key's window of query positions, and dkdv_acc; dQ: dq_acc, in fwd.py and
+routed.py); the row walks (own block, gathered routed rows) are MoBA's own. No gradient flows
+through the gate (the selection is piecewise constant), as in the paper and in ref.py (its
+top-k indices carry no gradient).
 """
 from __future__ import annotations
 
@@ -22,16 +25,17 @@ import triton
 import triton.language as tl
 
 from attn.common import alloc
-from attn.common.jit import LOG2E, LOG2E_F, cvt, mma
+from attn.common.jit import LOG2E, LOG2E_F, cvt
 from attn.common.launch import dot_precision
 from attn.common.softmax import bwd_delta
+from attn.common.softmax_bwd import MASK_BOUNDS, MASK_NONE, dkdv_acc, dkdv_probs
 from attn.dispatch import INTERPRET
 from attn.moba.fwd import dq_triton
 from attn.moba.routed import even_blocks
 
 
 @triton.jit
-def _dkdv_rows(dk, dv, k, v, kpos, rows, r_ok, qpos, lo, hi, q_base, do_base, lse_ptr, delta_ptr,
+def _dkdv_rows(dk, dv, k, v, rows, r_ok, qpos, lo, hi, q_base, do_base, lse_ptr, delta_ptr,
                qk_scale, STRIDE_QT: tl.constexpr, HEAD_DIM: tl.constexpr,
                DOT_PREC: tl.constexpr, FULL: tl.constexpr = False):
     """Accumulate one chunk of query rows (any rows: gathered or contiguous) into dK, dV of the
@@ -45,17 +49,15 @@ def _dkdv_rows(dk, dv, k, v, kpos, rows, r_ok, qpos, lo, hi, q_base, do_base, ls
     do = tl.load(do_base + r_off + offs_d[None, :], mask=r_ok[:, None], other=0.0)
     lse2 = tl.load(lse_ptr + rows, mask=r_ok, other=float("inf")) * LOG2E
     delta = tl.load(delta_ptr + rows, mask=r_ok, other=0.0)
-    # transposed scores [BLOCK_N, BLOCK_M]: Pᵀ comes out ready for dV = Pᵀ dO
-    s_t = mma(k, tl.trans(q), None, DOT_PREC) * qk_scale
+    # q_offset 0: qpos are positions already; SEG_START, window: unused by these masks;
+    # MASK_FIRST: the mask before the exponentials, the order this kernel was tuned with
     if FULL:
-        p_t = tl.math.exp2(s_t - lse2[None, :])
+        p_t = dkdv_probs(k, q, lse2, qpos, r_ok, 0, lo, hi, lse_ptr, 0, qk_scale, MASK_NONE,
+                         False, False, DOT_PREC)
     else:
-        ok = (qpos[None, :] >= lo[:, None]) & (qpos[None, :] <= hi[:, None]) & r_ok[None, :]
-        p_t = tl.where(ok, tl.math.exp2(s_t - lse2[None, :]), 0.0)
-    dv = mma(cvt(p_t, do.dtype), do, dv, DOT_PREC)
-    dp_t = mma(v, tl.trans(do), None, DOT_PREC)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk = mma(cvt(ds_t, q.dtype), q, dk, DOT_PREC)
+        p_t = dkdv_probs(k, q, lse2, qpos, r_ok, 0, lo, hi, lse_ptr, 0, qk_scale, MASK_BOUNDS,
+                         False, False, DOT_PREC, True)
+    dk, dv = dkdv_acc(dk, dv, p_t, q, do, v, delta, DOT_PREC)
     return dk, dv
 
 
@@ -112,13 +114,13 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KBLK, BLK_END, ROWPTR, ENTRIES
         for m0 in range(r_lo, r_mid, BLOCK_M):
             rows = m0 + offs_m
             r_ok = rows < r_hi
-            dk, dv = _dkdv_rows(dk, dv, k, v, offs_n, rows, r_ok, q_offset + rows, own_lo,
+            dk, dv = _dkdv_rows(dk, dv, k, v, rows, r_ok, q_offset + rows, own_lo,
                                 own_hi, q_base, do_base, lse_ptr, delta_ptr, qk_scale,
                                 STRIDE_QT, HEAD_DIM, DOT_PREC)
         for m0 in range(r_mid, r_hi, BLOCK_M):  # ALIGNED only: rows that see the whole tile
             rows = m0 + offs_m
             r_ok = rows < r_hi
-            dk, dv = _dkdv_rows(dk, dv, k, v, offs_n, rows, r_ok, q_offset + rows, own_lo,
+            dk, dv = _dkdv_rows(dk, dv, k, v, rows, r_ok, q_offset + rows, own_lo,
                                 own_hi, q_base, do_base, lse_ptr, delta_ptr, qk_scale,
                                 STRIDE_QT, HEAD_DIM, DOT_PREC, True)
         if ROUTED:
@@ -134,7 +136,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KBLK, BLK_END, ROWPTR, ENTRIES
                 for i0 in range(0, cnt, BLOCK_M):
                     r_ok = i0 + offs_m < cnt
                     rows = tl.load(ENTRIES + beg + i0 + offs_m, mask=r_ok, other=0) // NSEL
-                    dk, dv = _dkdv_rows(dk, dv, k, v, offs_n, rows, r_ok, rows, lo, hi, q_base,
+                    dk, dv = _dkdv_rows(dk, dv, k, v, rows, r_ok, rows, lo, hi, q_base,
                                         do_base, lse_ptr, delta_ptr, qk_scale, STRIDE_QT,
                                         HEAD_DIM, DOT_PREC, ALIGNED)
     tl.store(DK + kv_off, cvt(dk * scale, DK.dtype.element_ty), mask=n_ok[:, None])

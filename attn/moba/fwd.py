@@ -25,9 +25,10 @@ import triton
 import triton.language as tl
 
 from attn.common import alloc
-from attn.common.jit import LN2, LOG2E, LOG2E_F, cvt, mma
+from attn.common.jit import LN2, LOG2E, LOG2E_F, cvt
 from attn.common.launch import dot_precision
 from attn.common.softmax import softmax_step
+from attn.common.softmax_bwd import dq_acc
 from attn.dispatch import INTERPRET
 from attn.moba.routed import chunk_scores, routed_dq, routed_fwd
 
@@ -71,9 +72,7 @@ def _dq_chunks(dq, q, do, lse2, delta, k_base, v_base, start, end, lo, hi, qk_sc
         k, v, s = _own_scores(q, k_base, v_base, start_n, offs_n, end, lo, hi, qk_scale, STRIDE_KT,
                               HEAD_DIM, DOT_PREC, MASKED)
         p = tl.math.exp2(s - lse2[:, None])  # masked scores are −inf: p = 0 exactly
-        dp = mma(do, tl.trans(v), None, DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq = mma(cvt(ds, k.dtype), k, dq, DOT_PREC)
+        dq, _ = dq_acc(dq, p, k, v, do, delta, DOT_PREC)
     return dq
 
 

@@ -33,6 +33,7 @@ from attn.common import alloc
 from attn.common.jit import LOG2E, cvt, mma
 from attn.common.launch import dot_precision
 from attn.common.softmax import softmax_step
+from attn.common.softmax_bwd import dq_acc
 from attn.dispatch import INTERPRET
 
 
@@ -202,9 +203,7 @@ def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, 
             k, v, s = chunk_scores(q, k_base, v_base, start_n, offs_n, be, qk_scale, STRIDE_KT,
                                    HEAD_DIM, DOT_PREC, not EVEN)
             p = tl.math.exp2(s - lse2[:, None])
-            dp = mma(do, tl.trans(v), None, DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dq = mma(cvt(ds, k.dtype), k, dq, DOT_PREC)
+            dq, _ = dq_acc(dq, p, k, v, do, delta, DOT_PREC)
         tl.store(DQP + (ent_base + ent[:, None]) * HEAD_DIM + offs_d[None, :],
                  cvt(dq, DQP.dtype.element_ty), mask=e_ok[:, None])
 

@@ -9,7 +9,9 @@ Memory plan (fp32 accumulators; P = exp2(s2 - lse2) from the saved lse, +inf giv
                over the G query heads of the group and the query tiles of its split that see the
                key tile, streaming Q, dO [BLOCK_M, D], lse, delta. Writes dK, dV once (several
                splits: fp32 partials, summed in a fixed order). No atomics: deterministic.
-dV = P^T dO, dS = P * (dO V^T - delta), dK = scale * dS^T Q, dQ = scale * dS K.
+dV = P^T dO, dS = P * (dO V^T - delta), dK = scale * dS^T Q, dQ = scale * dS K: the math and the
+streaming loops are attn/common/softmax_bwd.py's (dkdv_heads, dq_ranges with MASK_BOUNDS, the
+bounds above); this file decides the tiles, splits and the exact delta's epilogue.
 Exact delta: rowsum(O * dO) uses O rounded to bf16/fp16, whose error doubles dQ's on rows that see
 few compressed rows; the dQ kernel also accumulates PK = P K and delta* = rowsum(P * dP) in fp32,
 returns dQ = dS K - (delta* - delta) PK and hands delta* to dK/dV.
@@ -23,50 +25,12 @@ import triton
 import triton.language as tl
 
 from attn.common import alloc
-from attn.common.jit import LOG2E, LOG2E_F, cvt, mma
+from attn.common.jit import LOG2E, LOG2E_F, cvt
 from attn.common.launch import dot_precision, use_tma
 from attn.common.softmax import bwd_delta
+from attn.common.softmax_bwd import MASK_BOUNDS, dkdv_heads, dq_ranges
 from attn.dispatch import INTERPRET
-from attn.nsa.cmp_plan import BIG, launch_cfg, q_tile, tile_load
-
-
-@triton.jit
-def _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, row0, col, lse_ptr, delta_ptr, start,
-                end, pf, pl, q_offset, Tq, qk_scale, STRIDE_QT: tl.constexpr,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
-                DOT_PREC: tl.constexpr, TMA: tl.constexpr):
-    """TMA: Q, dO tiles through the descriptors qd, dod at (row0 + row, col); rows past this
-    batch's Tq come back zero (the descriptor ends there) and are masked out of P anyway."""
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    tile = offs_m[:, None] * STRIDE_QT + offs_d[None, :]  # int32 offsets inside one row chunk
-    for start_m in range(start, end, BLOCK_M):
-        rows = start_m + offs_m
-        # the chunk's first row in int64 (Tq·Hq·D may pass 2^31)
-        row = tl.cast(start_m, tl.int64) * STRIDE_QT
-        r_ok = rows < Tq
-        if TMA:
-            q = qd.load([row0 + start_m, col])
-        else:
-            q = tile_load(q_base + row + tile, r_ok[:, None], MASKED)
-        lse2 = tile_load(lse_ptr + rows, r_ok, MASKED, float("inf")) * LOG2E
-        # transposed scores [BLOCK_N, BLOCK_M]: P^T comes out ready for dV = P^T dO
-        s_t = mma(k, tl.trans(q), None, DOT_PREC) * qk_scale
-        p_t = tl.math.exp2(s_t - lse2[None, :])
-        if MASKED:
-            qpos = q_offset + rows
-            ok = (qpos[None, :] >= pf[:, None]) & (qpos[None, :] <= pl[:, None]) & r_ok[None, :]
-            p_t = tl.where(ok, p_t, 0.0)
-        if TMA:
-            do = dod.load([row0 + start_m, col])
-        else:
-            do = tile_load(do_base + row + tile, r_ok[:, None], MASKED)
-        delta = tile_load(delta_ptr + rows, r_ok, MASKED)
-        dv = mma(cvt(p_t, do.dtype), do, dv, DOT_PREC)
-        dp_t = mma(v, tl.trans(do), None, DOT_PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = mma(cvt(ds_t, q.dtype), q, dk, DOT_PREC)
-    return dk, dv
+from attn.nsa.cmp_plan import BIG, launch_cfg, q_tile
 
 
 @triton.jit
@@ -81,8 +45,6 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PF, PL, scale, qk_scale, q_off
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     hkv = pid_bh % HKV
-    GROUP: tl.constexpr = HQ // HKV
-    STRIDE_QT: tl.constexpr = HQ * HEAD_DIM
     STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
     c = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -115,68 +77,15 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PF, PL, scale, qk_scale, q_off
         f_lo = m_lo
         f_hi = m_lo
 
-    if TMA:
-        # rows [0, (b+1)·Tq) of the [B·Tq, Hq·D] view: the tile loads of batch b stop at its end
-        qd = tl.make_tensor_descriptor(Q, shape=[(b + 1) * Tq, HQ * HEAD_DIM],
-                                       strides=[STRIDE_QT, 1], block_shape=[BLOCK_M, HEAD_DIM])
-        dod = tl.make_tensor_descriptor(DO, shape=[(b + 1) * Tq, HQ * HEAD_DIM],
-                                        strides=[STRIDE_QT, 1], block_shape=[BLOCK_M, HEAD_DIM])
-    else:
-        qd = Q  # unused
-        dod = DO
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    for g in range(GROUP):
-        h = hkv * GROUP + g
-        q_base = Q + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
-        do_base = DO + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
-        row_base = (b * HQ + h).to(tl.int64) * Tq
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, b * Tq, h * HEAD_DIM,
-                             LSE + row_base, DELTA + row_base, m_lo, f_lo, pf, pl, q_offset, Tq,
-                             qk_scale, STRIDE_QT, BLOCK_M, HEAD_DIM, True, DOT_PREC, TMA)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, b * Tq, h * HEAD_DIM,
-                             LSE + row_base, DELTA + row_base, f_lo, f_hi, pf, pl, q_offset, Tq,
-                             qk_scale, STRIDE_QT, BLOCK_M, HEAD_DIM, False, DOT_PREC, TMA)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, qd, dod, b * Tq, h * HEAD_DIM,
-                             LSE + row_base, DELTA + row_base, f_hi, m_hi, pf, pl, q_offset, Tq,
-                             qk_scale, STRIDE_QT, BLOCK_M, HEAD_DIM, True, DOT_PREC, TMA)
+    # MASK_BOUNDS with each compressed row's positions [pf, pl] (SEG_START, window unused);
+    # lse +inf on rows past Tq and the JUST_IN_TIME order: the schedule this kernel was tuned with
+    dk, dv = dkdv_heads(k, v, Q, DO, LSE, DELTA, b, hkv, m_lo, f_lo, f_hi, m_hi, pf, pl, PF, 0,
+                        q_offset, Tq, qk_scale, HQ, HKV, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_BOUNDS,
+                        False, False, float("inf"), True, DOT_PREC, TMA)
     # one split: dK, dV in the KV dtype; several: fp32 partials [splits, B, Tc, Hkv, D]
     out = kv_off + tl.program_id(2).to(tl.int64) * tl.num_programs(1) * Tc * HEAD_DIM
     tl.store(DK + out, cvt(dk * scale, DK.dtype.element_ty), mask=c_ok[:, None])
     tl.store(DV + out, cvt(dv, DV.dtype.element_ty), mask=c_ok[:, None])
-
-
-@triton.jit
-def _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col, start, end,
-              lo, hi, Tc, qk_scale, STRIDE_KT: tl.constexpr, BLOCK_N: tl.constexpr,
-              HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr,
-              TMA: tl.constexpr):
-    """TMA: compressed K, V tiles through the descriptors kd, vd at (row0 + c, col); rows past
-    this batch's Tc come back zero and are masked out of P."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    tile = offs_n[:, None] * STRIDE_KT + offs_d[None, :]  # int32 offsets inside one key chunk
-    for start_n in range(start, end, BLOCK_N):
-        c = start_n + offs_n
-        # the chunk's first row in int64 (Tc·Hkv·D may pass 2^31)
-        row = tl.cast(start_n, tl.int64) * STRIDE_KT
-        if TMA:
-            k = kd.load([row0 + start_n, col])
-            v = vd.load([row0 + start_n, col])
-        else:
-            k = tile_load(k_base + row + tile, (c < Tc)[:, None], MASKED)
-            v = tile_load(v_base + row + tile, (c < Tc)[:, None], MASKED)
-        s = mma(q, tl.trans(k), None, DOT_PREC) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
-        if MASKED:
-            ok = (c[None, :] >= lo[:, None]) & (c[None, :] < hi[:, None])
-            p = tl.where(ok, p, 0.0)
-        dp = mma(do, tl.trans(v), None, DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq = mma(cvt(ds, k.dtype), k, dq, DOT_PREC)
-        pk = mma(cvt(p, k.dtype), k, pk, DOT_PREC)
-        dsum += tl.sum(p * dp, 1)
-    return dq, pk, dsum
 
 
 @triton.jit
@@ -191,7 +100,6 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLO, CHI, GATE, scale, qk_scale, q_o
     rows, r_ok, q_off, kv_base, lo, hi, kv_lo, f_lo, f_hi, kv_hi = q_tile(
         tl.num_programs(0) - 1 - tl.program_id(0), pid_bh, q_offset, CLO, CHI, cmp_block,
         cmp_stride, Tq, Tc, HQ, HKV, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_DOCS)
-    STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
     k_base = K + kv_base
     v_base = V + kv_base
     q = tl.load(Q + q_off, mask=r_ok[:, None], other=0.0)
@@ -200,29 +108,10 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLO, CHI, GATE, scale, qk_scale, q_o
     lse2 = tl.load(LSE + pid_bh.to(tl.int64) * Tq + rows, mask=r_ok, other=float("inf")) * LOG2E
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * Tq + rows, mask=r_ok, other=0.0)
 
-    b = pid_bh // HQ
-    col = (pid_bh % HQ) // (HQ // HKV) * HEAD_DIM
-    if TMA:
-        # rows [0, (b+1)·Tc) of the [B·Tc, Hkv·D] view: the tile loads of batch b stop at its end
-        kd = tl.make_tensor_descriptor(K, shape=[(b + 1) * Tc, HKV * HEAD_DIM],
-                                       strides=[STRIDE_KT, 1], block_shape=[BLOCK_N, HEAD_DIM])
-        vd = tl.make_tensor_descriptor(V, shape=[(b + 1) * Tc, HKV * HEAD_DIM],
-                                       strides=[STRIDE_KT, 1], block_shape=[BLOCK_N, HEAD_DIM])
-    else:
-        kd = K  # unused
-        vd = V
-    row0 = b * Tc
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    pk = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    dq, pk, dsum = _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col,
-                             kv_lo, f_lo, lo, hi, Tc, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, True,
-                             DOT_PREC, TMA)
-    dq, pk, dsum = _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col,
-                             f_lo, f_hi, lo, hi, Tc, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, False,
-                             DOT_PREC, TMA)
-    dq, pk, dsum = _dq_inner(dq, pk, dsum, q, do, lse2, delta, k_base, v_base, kd, vd, row0, col,
-                             f_hi, kv_hi, lo, hi, Tc, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, True,
+    # MASK_BOUNDS: each row's compressed rows [lo, hi); EXACT_DELTA: also P·K and rowsum(P·dP)
+    dq, pk, dsum = dq_ranges(q, do, lse2, delta, K, V, k_base, v_base, pid_bh // HQ,
+                             (pid_bh % HQ) // (HQ // HKV), kv_lo, f_lo, f_hi, kv_hi, rows, lo, hi,
+                             Tc, qk_scale, HKV, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_BOUNDS, True,
                              DOT_PREC, TMA)
     # delta correction (see the module docstring): dsum is the exact delta
     if HAS_GATE:
