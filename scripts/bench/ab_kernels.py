@@ -1,13 +1,15 @@
-"""A/B of two checkouts' attention kernels in one device run (a restructuring must not move them).
+"""A/B of checkouts' attention kernels in one device run (a restructuring must not move them).
 
-    python3 scripts/bench/ab_kernels.py --a <old checkout> --b . --rounds 3 --out $OUT
+    python3 scripts/bench/ab_kernels.py old=<old checkout> new=. [more=<path> ...] --rounds 3 --out $OUT
 
-Each round times every case once per checkout, A then B, each in a fresh process that imports
-`attn` from that checkout (both are packages named `attn`, so one process cannot hold both;
-alternating rounds cancel clock drift). Triton's cache is keyed by kernel source, so identical
-kernels compile once. Per case and checkout: the median over rounds of the median forward +
-backward time (CUDA events, after warm-up). Cases: flash (causal, GQA), lightning, MoBA, NSA at
-16k tokens, bf16, autotuning off (FLASH_AUTOTUNE=0, LINEAR_AUTOTUNE=0: the default configs).
+The first checkout is the baseline. Each round times every case once per checkout, in order,
+each in a fresh process that imports `attn` from that checkout (all are packages named `attn`,
+so one process cannot hold two; alternating rounds cancel clock drift). Before the rounds, one
+untimed pass per checkout runs concurrently so the checkouts' kernels compile in parallel on the
+host's cores (Triton's cache is keyed by kernel source, so identical kernels compile once).
+Per case and checkout: the median over rounds of the median forward + backward time (CUDA
+events, after warm-up). Cases: flash (causal, GQA), lightning (batch 4), MoBA, NSA at 16k tokens
+per sequence, bf16, autotuning off (FLASH_AUTOTUNE=0, LINEAR_AUTOTUNE=0: the default configs).
 Writes <out>/ab_kernels.json and .md.
 """
 from __future__ import annotations
@@ -39,7 +41,7 @@ def case(name):
         return lambda: flash_attn(q, k, v), (q, k, v)
     if name == "lightning":
         from attn.lightning import lightning_attn
-        q, k, v = (randn(1, T, H, D) for _ in range(3))
+        q, k, v = (randn(4, T, H, D) for _ in range(3))  # one sequence: launch-bound, +-10 %
         slopes = torch.linspace(0.01, 0.5, H, device=dev)
         return lambda: lightning_attn(q, k, v, slopes)[0], (q, k, v)
     if name == "moba":
@@ -52,6 +54,7 @@ def case(name):
     kc, vc = randn(1, tc, HKV, D), randn(1, tc, HKV, D)
     g = [torch.rand(1, T, 64, device=dev, dtype=bf).requires_grad_() for _ in range(3)]
     return (lambda: nsa_attn(q, k, v, kc, vc, *g, gates_nonneg=True)), (q, k, v, kc, vc, *g)
+warm_only = sys.argv[3] == "warm"
 out = {}
 for name in sys.argv[2].split(","):
     fn, inputs = case(name)
@@ -59,8 +62,10 @@ for name in sys.argv[2].split(","):
     def step():
         o = fn()
         o.backward(torch.ones_like(o) if do is None else do)
-    for _ in range(3):
+    for _ in range(1 if warm_only else 3):
         step()
+    if warm_only:
+        continue
     times = []
     for _ in range(10):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -71,39 +76,54 @@ print("AB_RESULT " + json.dumps(out))
 """
 
 
-def run_once(root: str, cases: list[str]) -> dict:
+def worker(root: str, cases: list[str], mode: str) -> subprocess.Popen:
     env = dict(os.environ, FLASH_AUTOTUNE="0", LINEAR_AUTOTUNE="0")
     env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-c", WORKER, str(Path(root).resolve()), ",".join(cases)],
-                       capture_output=True, text=True, env=env, timeout=900)
-    line = next((l for l in r.stdout.splitlines() if l.startswith("AB_RESULT ")), None)
+    return subprocess.Popen([sys.executable, "-c", WORKER, str(Path(root).resolve()),
+                             ",".join(cases), mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def result(name: str, proc: subprocess.Popen) -> dict:
+    stdout, stderr = proc.communicate(timeout=900)
+    line = next((l for l in stdout.splitlines() if l.startswith("AB_RESULT ")), None)
     if line is None:
-        raise RuntimeError(f"{root}: no result (exit {r.returncode})\n{r.stderr[-3000:]}")
+        raise RuntimeError(f"{name}: no result (exit {proc.returncode})\n{stderr[-3000:]}")
     return json.loads(line[len("AB_RESULT "):])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--a", required=True, help="checkout A (before)")
-    ap.add_argument("--b", default=".", help="checkout B (after)")
+    ap.add_argument("checkouts", nargs="+", help="NAME=PATH, baseline first")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench_out")
     a = ap.parse_args()
     cases = a.cases.split(",")
-    runs = {"A": [], "B": []}
+    roots = dict(c.split("=", 1) for c in a.checkouts)
+    if len(roots) < 2 or any(not Path(p, "attn").is_dir() for p in roots.values()):
+        ap.error("give at least two NAME=PATH checkouts, each with an attn/ package")
+    warm = {name: worker(root, cases, "warm") for name, root in roots.items()}
+    for name, proc in warm.items():
+        result(name, proc)
+    print("compiled", flush=True)
+    runs = {name: [] for name in roots}
     for r in range(a.rounds):
-        for side, root in (("A", a.a), ("B", a.b)):
-            runs[side].append(run_once(root, cases))
-            print(f"round {r + 1} {side}: {runs[side][-1]}", flush=True)
-    med = {side: {c: statistics.median(run[c] for run in runs[side]) for c in cases}
-           for side in runs}
-    rows = ["| case (16k, bf16, fwd+bwd) | A ms | B ms | B / A |", "|---|---|---|---|"]
-    rows += [f"| {c} | {med['A'][c]:.3f} | {med['B'][c]:.3f} | {med['B'][c] / med['A'][c]:.3f} |"
+        for name, root in roots.items():
+            runs[name].append(result(name, worker(root, cases, "time")))
+            print(f"round {r + 1} {name}: {runs[name][-1]}", flush=True)
+    med = {name: {c: statistics.median(run[c] for run in runs[name]) for c in cases}
+           for name in runs}
+    base, *others = roots
+    rows = ["| case (16k, bf16, fwd+bwd) | " + " | ".join(f"{n} ms" for n in roots)
+            + "".join(f" | {n} / {base}" for n in others) + " |",
+            "|---" * (len(roots) + len(others) + 1) + "|"]
+    rows += [f"| {c} | " + " | ".join(f"{med[n][c]:.3f}" for n in roots)
+             + "".join(f" | {med[n][c] / med[base][c]:.3f}" for n in others) + " |"
              for c in cases]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ab_kernels.json").write_text(json.dumps({"a": a.a, "b": a.b, "runs": runs,
+    (out / "ab_kernels.json").write_text(json.dumps({"checkouts": roots, "runs": runs,
                                                      "median_ms": med}, indent=1))
     (out / "ab_kernels.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))

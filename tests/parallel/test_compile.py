@@ -119,7 +119,10 @@ def test_gpu_inductor_model_matches_eager(family, ac):
     weights, as train.py runs) against the eager model. Same kernels, so the loss agrees to
     bf16 rounding of the fused elementwise code: 2e-3 relative; gradients 2e-2 relative norm.
     The routed families (moba, nsa) run in fp32: a bf16 rounding difference in q can flip a
-    top-k block choice, which changes the gradients by more than rounding (seen: 4.7 % on wq)."""
+    top-k block choice, which changes the gradients by more than rounding (seen: 4.7 % on wq).
+    Linear (no decay, no normalisation) runs in fp32 too: its output sums every earlier k v^T,
+    so bf16 rounding alone moves its wq gradient by 4 % (eager bf16 autocast against eager fp32
+    on CPU; flash 1.8 %, lightning 1.6 %), and two roundings differ by as much."""
     torch._dynamo.reset()
     counters.clear()
     options, pattern = FAMILIES[family]
@@ -139,7 +142,7 @@ def test_gpu_inductor_model_matches_eager(family, ac):
         for m in (eager, compiled):
             m.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16,
-                                enabled=family not in ("moba", "nsa")):
+                                enabled=family not in ("moba", "nsa", "linear")):
                 s, n = m(ids, pos, labels, cu)
             (s / n).backward()
             losses.append(s.item())
