@@ -5,6 +5,7 @@ checkpoint. `run()` returns the final validation loss (Hydra sweepers minimise i
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -20,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from data.prefetch import StepPrefetcher
 from models import ModelConfig, Transformer
 from parallel import BlockWrapping, CPSettings, build_mesh, init_distributed, parallelize
-from parallel.checkpoint import (clean_temporaries, complete_checkpoints, last_good_checkpoint,
-                                 load_checkpoint, resolve_resume, save_checkpoint)
+from parallel.checkpoint import (clean_temporaries, complete_checkpoints, complete_pending,
+                                 last_good_checkpoint, load_checkpoint, resolve_resume,
+                                 save_checkpoint)
 from parallel.dist import all_reduce_sum, broadcast_object, shutdown
 from parallel.run_folder import (EXIT_PREEMPTED, Preempted, RunFolderInUse, RunLock, StopRequests,
                                  check_resume, truncate_metrics)
@@ -82,6 +84,29 @@ def check_trainer(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.lr={lr!r} must be a number > 0")
     if resume is not None and not isinstance(resume, str):  # YAML true/false, a number
         raise ConfigError(f"trainer.resume={resume!r} must be auto, none or a checkpoint folder path")
+    fmt, asynchronous = cfg.trainer.get("ckpt_format", "auto"), cfg.trainer.get("ckpt_async", False)
+    if fmt not in ("auto", "full", "sharded"):
+        raise ConfigError(f"trainer.ckpt_format={fmt!r} must be auto, full or sharded")
+    if not isinstance(asynchronous, bool):
+        raise ConfigError(f"trainer.ckpt_async={asynchronous!r} must be true or false")
+    if asynchronous and fmt == "full":
+        raise ConfigError("trainer.ckpt_async=true needs trainer.ckpt_format=sharded (or auto "
+                          "under FSDP2): full checkpoints are gathered and written by rank 0")
+
+
+def checkpoint_format(tr: DictConfig, par) -> str:
+    """trainer.ckpt_format for this run: auto is sharded when the engine shards the parameters
+    over several processes (FSDP2), else full."""
+    fmt = tr.get("ckpt_format", "auto")
+    if fmt == "auto":
+        fmt = "sharded" if par.shards_parameters else "full"
+    if fmt == "sharded" and not par.sharded_checkpoints:
+        raise ConfigError("trainer.ckpt_format=sharded is not available under this engine "
+                          "(parallel=deepspeed); use full")
+    if tr.get("ckpt_async", False) and fmt != "sharded":
+        raise ConfigError("trainer.ckpt_async=true needs sharded checkpoints: set "
+                          "trainer.ckpt_format=sharded (auto is full without FSDP2)")
+    return fmt
 
 
 def build_model_config(cfg: DictConfig, vocab: int) -> ModelConfig:
@@ -143,6 +168,34 @@ def _build(spec: dict, key: str, *args):
         return instantiate(spec, _convert_="all")(*args)
     except (InstantiationException, TypeError, ValueError) as err:
         raise ConfigError(f"{key} (_target_: {spec['_target_']}): {' '.join(str(err).split())}") from err
+
+
+def build_engine(parallel_cfg: DictConfig):
+    """parallel._target_ as the engine `f(model, info)` parallelize calls: the group's keys but
+    `backend` (init_distributed's) are its options. An unknown target or option is one
+    ConfigError naming the group; the engine's own checks name their key."""
+    spec = {k: v for k, v in OmegaConf.to_container(parallel_cfg, resolve=True).items()
+            if k != "backend"}
+
+    def engine(model, info):
+        from hydra.errors import InstantiationException
+        if "_target_" not in spec or spec.get("_partial_") is not True:
+            raise ConfigError("parallel needs _target_ (the engine) and _partial_: true "
+                              "(train.py passes the model and the DistInfo)")
+        try:
+            from hydra.utils import instantiate
+            built = instantiate(spec, _convert_="all")
+        except InstantiationException as err:
+            raise ConfigError(f"parallel (_target_: {spec['_target_']}): "
+                              f"{' '.join(str(err).split())}") from err
+        try:  # an option the engine does not take, checked before the call
+            inspect.signature(built).bind(model, info)
+        except (TypeError, ValueError) as err:
+            options = sorted(k for k in spec if not k.startswith("_"))
+            raise ConfigError(f"parallel (_target_: {spec['_target_']}) does not take these "
+                              f"options: {', '.join(options)} ({err})") from err
+        return built(model, info)
+    return engine
 
 
 def build_optimizer(model: torch.nn.Module, o: DictConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -377,7 +430,7 @@ def _run(cfg, out_dir, tr, device, info, autocast, cp, blocks, mesh, accum, lock
     model = Transformer(build_model_config(cfg, tokenizer.vocab_size)).to(device)
     # counted before the engine: ZeRO-3 leaves partitioned parameters empty
     n_params, flops_tok = model.num_params(), model.flops_per_token(tr.seq_len)
-    par = parallelize(model, info, cfg.parallel, mesh, cp, blocks)
+    par = parallelize(model, info, build_engine(cfg.parallel), mesh, cp, blocks)
     val_batches = [par.shard(mb) for mb in val_batches]
     optimizer = build_optimizer(model, cfg.optim, device)
     clip = tr.grad_clip if tr.grad_clip else float("inf")
@@ -400,9 +453,11 @@ def _run(cfg, out_dir, tr, device, info, autocast, cp, blocks, mesh, accum, lock
     prefetch = StepPrefetcher(train_batches, par.shard, depth=int(tr.get("prefetch", 2)),
                               pin=device.type == "cuda")
 
+    ckpt_format, ckpt_async = checkpoint_format(tr, par), bool(tr.get("ckpt_async", False))
+
     def checkpoint(at: int):
-        save_checkpoint(ckpt_dir, at, info, par, optimizer, scheduler,
-                        prefetch.state_dict(), plain_cfg, keep=tr.ckpt_keep)
+        save_checkpoint(ckpt_dir, at, info, par, optimizer, scheduler, prefetch.state_dict(),
+                        plain_cfg, keep=tr.ckpt_keep, fmt=ckpt_format, async_save=ckpt_async)
 
     start_step = step
     log = MetricsLog(out_dir, cfg.logger, cfg, info.is_main)
@@ -427,8 +482,6 @@ def _run(cfg, out_dir, tr, device, info, autocast, cp, blocks, mesh, accum, lock
     while step < stop:
         micro_batches = prefetch.next_step()
         n_local = sum(mb["n_counted"] for mb in micro_batches)
-        # [loss sum, token count]; the count is reduced on the device and read with the loss,
-        # so the step syncs with the host once (loss, then the gradient norm)
         # [token count, loss sum, stop requests]: the count is reduced first; the loss and the
         # ranks' stop requests (signals) are reduced together and read once
         sums = torch.tensor([n_local, 0.0, 0.0], dtype=torch.float64).to(device, non_blocking=True)
@@ -450,6 +503,7 @@ def _run(cfg, out_dir, tr, device, info, autocast, cp, blocks, mesh, accum, lock
         # clip, update, clear gradients; no update when the loss or the gradient norm isn't finite
         grad_norm = par.clip_and_step(optimizer, clip) if math.isfinite(loss) else float("nan")
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            complete_pending(info)  # the last good step's checkpoint, if still being written
             log.close()
             prefetch.close()
             at = f"at step {step + 1}"
@@ -480,19 +534,26 @@ def _run(cfg, out_dir, tr, device, info, autocast, cp, blocks, mesh, accum, lock
                 bar.set_postfix(loss=f"{loss_acc / steps_since:.3f}", tok_s=f"{tok_s:.3g}")
             t_last, steps_since, loss_acc = time.perf_counter(), 0, 0.0
             lock.refresh()
+        t_aside = time.perf_counter()  # validation and checkpoints stay out of tokens/s
         if validate and (step % tr.val_every == 0 or step == stop):
             val_loss = evaluate(model, val_batches, device, autocast)
             log.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}, bar)
         saved = (tr.ckpt_every and step % tr.ckpt_every == 0) or (step == stop and tr.ckpt_every)
         if saved:
+            t_ckpt = time.perf_counter()
             checkpoint(step)
+            log.log({"step": step, "ckpt_s": time.perf_counter() - t_ckpt,
+                     "ckpt_format": ckpt_format + (" async" if ckpt_async else "")}, bar)
+        t_last += time.perf_counter() - t_aside
         if stop_asked:  # a signal on any rank: every rank stops after the same step
             if not saved:
                 checkpoint(step)
+            complete_pending(info)
             log.close()
             prefetch.close()
             raise Preempted(step, stops.signame or "a peer rank's signal")
     prefetch.close()
+    complete_pending(info)  # an async checkpoint of the last step: on disk before the end
     if bar is not None:
         bar.close()
     if info.is_main and start_step >= stop:

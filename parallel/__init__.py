@@ -6,22 +6,24 @@ and the data-parallel engines, over the dp × cp mesh (built once, parallel/mesh
    strategy that serves it (parallel/context.py);
 2. the per-block wrappers (parallel/wrappers.py): torch.compile of each block's forward, inside
    activation checkpointing, inside CPU offload of the checkpointed inputs;
-3. the data-parallel engine, `parallel.engine` (configs/parallel/): an entry of ENGINES
-   (single, ddp, fsdp, deepspeed), which returns the module the train loop calls, or a
-   `Parallelized` of its own when it also owns backward, the optimizer step and the
-   checkpointed state (DeepSpeed ZeRO: parallel/deepspeed_engine.py). FSDP2 thus shards the
-   wrapped blocks (torchtitan's order).
+3. the data-parallel engine: a callable `engine(model, info)` (parallel/engines.py: single,
+   ddp, fsdp; parallel/deepspeed_engine.py; train.py builds it from the `parallel` group's
+   `_target_` with Hydra), which returns the module the train loop calls, or a `Parallelized`
+   of its own when it also owns backward, the optimizer step and the checkpointed state
+   (DeepSpeed ZeRO). FSDP2 thus shards the wrapped blocks (torchtitan's order).
 
 The train loop drives every engine through `Parallelized`: `attach_optimizer` once the
 optimizer exists, `no_sync` + `backward` per micro-batch, `clip_and_step` per step, and
-`full_state_dicts` / `load_full_state_dicts` for checkpoints (full, unsharded state dicts, so a
-checkpoint written under one engine loads under any other).
+`full_state_dicts` / `load_full_state_dicts` for full checkpoints (whole state dicts, so a
+checkpoint written under one engine loads under any other) and `sharded_state` /
+`load_sharded` for sharded ones (torch.distributed.checkpoint; not under DeepSpeed).
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -93,72 +95,42 @@ class Parallelized:
         from parallel.checkpoint import load_full_state_dicts
         load_full_state_dicts(self.model, optimizer, model_sd, optim_sd, from_rank0)
 
+    # sharded checkpoints (trainer.ckpt_format=sharded): each rank's own part, nothing gathered
+    sharded_checkpoints = True
 
-def _single(model, info: DistInfo):
-    if info.world > 1:
-        raise ValueError(f"parallel=single but {info.world} processes were launched; "
-                         "use parallel=ddp under torchrun")
-    return model
+    @property
+    def shards_parameters(self) -> bool:
+        """True when ranks hold different parts of the parameters (FSDP2's DTensors)."""
+        return any(hasattr(p, "to_local") for p in self.model.parameters())
 
+    def sharded_state(self, optimizer: torch.optim.Optimizer) -> dict:
+        """This rank's part of the model and optimizer state (parallel/sharded_checkpoint.py)."""
+        from parallel.sharded_checkpoint import state_of
+        return state_of(self.model, optimizer)
 
-def _ddp(model, info: DistInfo, bucket_cap_mb: int = 25):
-    if info.world == 1:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-    # gradients average over every rank: data-parallel peers and context-parallel peers (whose
-    # parameters are replicated too); the train loop scales the loss to undo the averaging
-    device_ids = [info.local_rank] if next(model.parameters()).is_cuda else None
-    return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=bucket_cap_mb)
-
-
-def _fsdp(model, info: DistInfo, param_dtype: str = "auto"):
-    """FSDP2: parameters, gradients and optimizer state sharded over every rank, one unit per
-    block plus the root (embedding, final norm, head). Gathers run in `param_dtype`
-    (auto: bf16 on CUDA, fp32 on CPU); gradients reduce in fp32."""
-    import torch
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    if info.world == 1:
-        return model
-    on_cuda = next(model.parameters()).is_cuda
-    table = {"auto": torch.bfloat16 if on_cuda else torch.float32, "bf16": torch.bfloat16,
-             "fp32": torch.float32}
-    if param_dtype not in table:
-        raise ValueError(f"parallel.param_dtype={param_dtype!r} must be auto, bf16 or fp32")
-    mp = MixedPrecisionPolicy(param_dtype=table[param_dtype], reduce_dtype=torch.float32)
-    for block in model.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp, reshard_after_forward=False)  # root is needed right after
-    return model
+    def load_sharded(self, optimizer: torch.optim.Optimizer, folder) -> None:
+        """Collective: load a sharded checkpoint folder as this run is sharded now."""
+        from parallel.sharded_checkpoint import read
+        read(folder, self.model, optimizer)
 
 
-def _deepspeed(model, info: DistInfo, cfg):
-    from parallel.deepspeed_engine import deepspeed_engine
-    return deepspeed_engine(model, info, cfg)
+# engine(model, info) -> the module the train loop calls, or a Parallelized of its own
+Engine = Callable[[nn.Module, DistInfo], "nn.Module | Parallelized"]
 
 
-# engine(model, info, parallel cfg) -> the module the loop calls, or a Parallelized subclass
-ENGINES = {"single": lambda model, info, cfg: _single(model, info),
-           "ddp": lambda model, info, cfg: _ddp(model, info, cfg.get("bucket_cap_mb", 25)),
-           "fsdp": lambda model, info, cfg: _fsdp(model, info, cfg.get("param_dtype", "auto")),
-           "deepspeed": _deepspeed}
-
-
-def parallelize(model: nn.Module, info: DistInfo, engine_cfg, mesh: Mesh,
+def parallelize(model: nn.Module, info: DistInfo, engine: Engine, mesh: Mesh,
                 cp: CPSettings = CPSettings(), blocks: BlockWrapping = BlockWrapping()
                 ) -> Parallelized:
-    """Apply context parallelism, the block wrappers and the engine (see the module docstring)
+    """Apply context parallelism, the block wrappers and `engine` (see the module docstring)
     to `model` in place; `cp` as validated by CPSettings.from_config for this launch."""
-    engine = engine_cfg.engine
-    if engine not in ENGINES:
-        raise ValueError(f"parallel.engine={engine!r} is unknown; valid: {', '.join(ENGINES)}")
     chosen = apply_context_parallel(model, mesh, cp) if mesh.cp > 1 else {}
     apply_block_wrappers(model, blocks)
-    built = ENGINES[engine](model, info, engine_cfg)
+    built = engine(model, info)
     if isinstance(built, Parallelized):  # an engine with its own step and state (DeepSpeed)
         built.mesh, built.layout, built.cp_strategies = mesh, cp.layout, chosen
         return built
     return Parallelized(built, model, mesh, cp.layout, chosen)
 
 
-__all__ = ["BlockWrapping", "CPSettings", "DistInfo", "ENGINES", "Mesh", "Parallelized",
+__all__ = ["BlockWrapping", "CPSettings", "DistInfo", "Engine", "Mesh", "Parallelized",
            "build_mesh", "init_distributed", "parallelize"]

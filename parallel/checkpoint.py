@@ -1,10 +1,16 @@
 """Atomic, verified, resumable checkpoints.
 
-Layout: <ckpt_dir>/step_00000100/ holding model.pt, optim.pt (full, unsharded state dicts
-written by rank 0, whatever the engine: plain, DDP, FSDP2 or DeepSpeed ZeRO, gathered and
-scattered by the engine's `Parallelized.full_state_dicts` / `load_full_state_dicts`, so a
-checkpoint loads under any engine and world size), rank_<r>.pt (each rank's data-iterator state
-and RNG states) and meta.json (written last, with every file's size and sha256).
+Layout: <ckpt_dir>/step_00000100/ holding the model and optimizer state in one of two formats
+(`trainer.ckpt_format`):
+- full: model.pt, optim.pt (whole state dicts written by rank 0, whatever the engine: plain,
+  DDP, FSDP2 or DeepSpeed ZeRO, gathered and scattered by the engine's
+  `Parallelized.full_state_dicts` / `load_full_state_dicts`);
+- sharded: state/ (torch.distributed.checkpoint: each rank writes what it holds, nothing is
+  gathered; parallel/sharded_checkpoint.py) and scheduler.pt; optionally written in the
+  background (`trainer.ckpt_async`), completed by `complete_pending`.
+Both load under any world size (sharded: not under DeepSpeed) and in one process. Beside them:
+rank_<r>.pt (each rank's data-iterator state and RNG states) and meta.json (written last, with
+every file's size and sha256; each rank hashes the shard files it wrote).
 Every rank writes into a hidden temporary folder; once all are done, rank 0 renames it into
 place. A crash at any point leaves either the old set of complete checkpoints or the new one;
 leftover temporaries are removed by `clean_temporaries` at the next start.
@@ -32,12 +38,16 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from parallel import sharded_checkpoint as sharded
 from parallel.dist import DistInfo, barrier, broadcast_object
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TMP_PREFIX = ".tmp-step_"
 _CHUNK = 8 << 20   # bytes read per hash update: streams files of any size in bounded memory
 _SLACK = 1 << 20   # per-file allowance for pickle/zip framing in the free-space estimate
+
+
+FORMATS = ("full", "sharded")
 
 
 class CheckpointError(ValueError):
@@ -107,8 +117,8 @@ def _signature(path: Path) -> tuple | None:
     """Stat of every file in the folder; ctime changes on any write, so an unchanged signature
     means unchanged contents."""
     try:
-        return tuple(sorted((f.name, s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino)
-                            for f in path.iterdir() for s in [f.stat()]))
+        return tuple(sorted((str(f.relative_to(path)), s.st_size, s.st_mtime_ns, s.st_ctime_ns,
+                             s.st_ino) for f in path.rglob("*") if f.is_file() for s in [f.stat()]))
     except OSError:
         return None
 
@@ -271,11 +281,23 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+# an async sharded save still writing: completed by complete_pending (one at a time)
+_PENDING: dict | None = None
+
+
 def save_checkpoint(ckpt_dir: Path, step: int, info: DistInfo, par, optimizer, scheduler,
-                    data_state: dict, config: dict, keep: int = 2) -> Path:
+                    data_state: dict, config: dict, keep: int = 2, fmt: str = "full",
+                    async_save: bool = False) -> Path:
     """Collective: every rank calls it. `par` is the `parallel.Parallelized` of the run (its
-    engine gathers the full state). Returns the final folder; raises CheckpointError on every
-    rank if any rank fails to write (the temporary folder is removed, older checkpoints stay)."""
+    engine gathers the full state, or gives each rank's shards for fmt="sharded"). Returns the
+    final folder (with `async_save`, where it will be once `complete_pending` ran); raises
+    CheckpointError on every rank if any rank fails to write (the temporary folder is removed,
+    older checkpoints stay)."""
+    global _PENDING
+    if fmt not in FORMATS or (async_save and fmt != "sharded"):
+        raise ValueError(f"checkpoint format {fmt!r} (async {async_save}): full or sharded; "
+                         "async needs sharded")
+    complete_pending(info)
     final = ckpt_dir / f"step_{step:08d}"
     tmp = ckpt_dir / f"{_TMP_PREFIX}{step:08d}"
     prev = None
@@ -286,13 +308,19 @@ def save_checkpoint(ckpt_dir: Path, step: int, info: DistInfo, par, optimizer, s
         earlier = [p for p in complete_checkpoints(ckpt_dir) if _step_of(p) < step]
         prev = str(earlier[-1]) if earlier else None
     own = {"data": data_state, "rng": rng_state()}
-    model_sd, optim_sd = par.full_state_dicts(optimizer)  # collective; full tensors on rank 0
-    optim = {"optimizer": optim_sd, "scheduler": scheduler.state_dict()}
-    need = {"model.pt": _tensor_bytes(model_sd) + _SLACK, "optim.pt": _tensor_bytes(optim) + _SLACK}
+    if fmt == "full":
+        model_sd, optim_sd = par.full_state_dicts(optimizer)  # collective; full tensors on rank 0
+        optim = {"optimizer": optim_sd, "scheduler": scheduler.state_dict()}
+        need = {"model.pt": _tensor_bytes(model_sd) + _SLACK, "optim.pt": _tensor_bytes(optim) + _SLACK}
+        total = sum(need.values())
+    else:
+        state = par.sharded_state(optimizer)  # this rank's part, nothing gathered
+        need = {}
+        total = sum(_gather_objects(sharded.local_bytes(state))) + _SLACK * (info.world + 1)
     failure = None
     if info.is_main:
         # refuse before writing anything when the tensors alone cannot fit
-        total, free = sum(need.values()) + _SLACK * info.world, shutil.disk_usage(ckpt_dir).free
+        total, free = total + _SLACK * info.world, shutil.disk_usage(ckpt_dir).free
         if free < total:
             failure = f"it needs about {_mib(total)}, {_mib(free)} free"
     # every rank names rank 0's view; also keeps the other ranks from writing before rank 0
@@ -318,39 +346,100 @@ def save_checkpoint(ckpt_dir: Path, step: int, info: DistInfo, par, optimizer, s
                         f"{info.rank}: {type(err).__name__}: {err}); {kept}")
         return None
 
-    def finish():
-        # rank 0 hashes every file after all ranks wrote theirs: the folder is shared (rank 0
-        # renames it), the rank files are small, and no digests need gathering
-        files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
-                 for f in sorted(tmp.iterdir())}
-        meta = {"step": step, "world": info.world, "config": config, "files": files}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-        for f in tmp.iterdir():  # data on disk before the rename makes it visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())  # may be where a full disk shows (delayed allocation)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _VERIFIED[str(final)] = _signature(final)  # just hashed
-        # the folder just written is never pruned, even if newer steps are on disk (a resume
-        # that fell back past a corrupt newest checkpoint)
-        others = [p for p in complete_checkpoints(ckpt_dir) if p != final]
-        for old in others[:max(len(others) - (keep - 1), 0)] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-
     writes = [(f"rank_{info.rank}.pt", lambda: torch.save(own, tmp / f"rank_{info.rank}.pt"))]
-    if info.is_main:
+    if info.is_main and fmt == "full":
         writes += [("model.pt", lambda: torch.save(model_sd, tmp / "model.pt")),
                    ("optim.pt", lambda: torch.save(optim, tmp / "optim.pt"))]
+    elif info.is_main:
+        writes += [("scheduler.pt", lambda: torch.save(scheduler.state_dict(), tmp / "scheduler.pt"))]
     if failure is None:
         failure = next((f for f in _gather_objects(attempt(writes)) if f), None)
+    job = {"ckpt_dir": ckpt_dir, "step": step, "tmp": tmp, "final": final, "world": info.world,
+           "config": config, "keep": keep, "fmt": fmt, "kept": kept, "no_space": no_space}
+    if failure is None and fmt == "sharded":
+        # collective inside DCP, which shares any rank's exception with every rank
+        write = sharded.write_async if async_save else sharded.write
+        failure = attempt([(sharded.STATE_DIR, lambda: job.update(future=write(state, tmp)))])
+    if failure is None and async_save:
+        _PENDING = job
+        return final
+    _finish(job, info, failure, local_err)
+    return final
+
+
+def complete_pending(info: DistInfo) -> Path | None:
+    """Collective: wait for the async save in flight (if any) and complete its folder (digests,
+    meta.json, rename, pruning); returns it. Raises CheckpointError on every rank if any rank's
+    writer failed."""
+    global _PENDING
+    job, _PENDING = _PENDING, None
+    if job is None:
+        return None
+    failure = err = None
+    try:
+        job["future"].result()
+    except Exception as e:  # noqa: BLE001  (shared with every rank below)
+        err = e
+        failure = (job["no_space"] if _out_of_space(e, job["tmp"] / sharded.STATE_DIR, _SLACK)
+                   else f"could not write checkpoint step {job['step']} in {job['ckpt_dir']} "
+                        f"(background writer on rank {info.rank}: {type(e).__name__}: {e}); "
+                        f"{job['kept']}")
+    failure = next((f for f in _gather_objects(failure) if f), None)
+    _finish(job, info, failure, err)
+    return job["final"]
+
+
+def _finish(job: dict, info: DistInfo, failure: str | None, local_err) -> None:
+    """Collective: digests, meta.json, rename into place and pruning, or (on `failure`, known
+    to every rank) the temporary folder removed and CheckpointError raised everywhere."""
+    tmp, final, ckpt_dir = job["tmp"], job["final"], job["ckpt_dir"]
     if failure is None:
-        failure = broadcast_object(attempt([("meta.json", finish)]) if info.is_main else None)
+        # each rank hashes the shard files it wrote (no rank reads every byte); rank 0 the rest
+        own = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+               for f in (sharded.own_files(tmp, info.rank) if job["fmt"] == "sharded" else [])}
+        hashed = {}
+        for part in _gather_objects(own):
+            hashed.update(part)
+
+        def finish():
+            files = {name: hashed.get(name) or {"size": f.stat().st_size, "sha256": _sha256(f)}
+                     for f in sorted(tmp.rglob("*")) if f.is_file()
+                     for name in [str(f.relative_to(tmp))]}
+            meta = {"step": job["step"], "world": job["world"], "format": job["fmt"],
+                    "config": job["config"], "files": files}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
+            for f in tmp.iterdir():  # data on disk before the rename makes it visible
+                if f.is_file():  # (DCP syncs its own files)
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())  # may be where a full disk shows (delayed allocation)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _VERIFIED[str(final)] = _signature(final)  # just hashed
+            # the folder just written is never pruned, even if newer steps are on disk (a
+            # resume that fell back past a corrupt newest checkpoint)
+            others = [p for p in complete_checkpoints(ckpt_dir) if p != final]
+            keep = job["keep"]
+            for old in others[:max(len(others) - (keep - 1), 0)] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+
+        def attempt_finish() -> str | None:
+            nonlocal local_err
+            try:
+                finish()
+            except Exception as err:
+                local_err = err
+                if _out_of_space(err, tmp / "meta.json", _SLACK):
+                    return job["no_space"]
+                return (f"could not write checkpoint step {job['step']} in {ckpt_dir} (meta.json "
+                        f"on rank 0: {type(err).__name__}: {err}); {job['kept']}")
+            return None
+
+        failure = broadcast_object(attempt_finish() if info.is_main else None)
     if failure is not None:
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(failure) from local_err
-    return final
 
 
 def load_checkpoint(path: Path, info: DistInfo, par, optimizer, scheduler) -> tuple[int, dict]:
@@ -362,13 +451,17 @@ def load_checkpoint(path: Path, info: DistInfo, par, optimizer, scheduler) -> tu
                               "(trainer.resume=auto skips corrupt checkpoints)")
     meta = json.loads((path / "meta.json").read_text())
     multi = info.world > 1
-    # rank 0 reads the files and broadcasts (FSDP2 and ZeRO then keep each rank's shard)
-    read = info.is_main or not multi
-    model_sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True) if read else {}
-    opt = torch.load(path / "optim.pt", map_location="cpu", weights_only=False) if read else None
-    par.load_full_state_dicts(optimizer, model_sd, opt["optimizer"] if read else {}, multi)
-    sched = opt["scheduler"] if read else None
-    scheduler.load_state_dict(broadcast_object(sched) if multi else sched)
+    if meta.get("format", "full") == "sharded":
+        par.load_sharded(optimizer, path)  # collective; every rank reads its part
+        sched = torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False)
+    else:
+        # rank 0 reads the files and broadcasts (FSDP2 and ZeRO then keep each rank's shard)
+        read = info.is_main or not multi
+        model_sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True) if read else {}
+        opt = torch.load(path / "optim.pt", map_location="cpu", weights_only=False) if read else None
+        par.load_full_state_dicts(optimizer, model_sd, opt["optimizer"] if read else {}, multi)
+        sched = broadcast_object(opt["scheduler"] if read else None) if multi else opt["scheduler"]
+    scheduler.load_state_dict(sched)
     rank_file = path / f"rank_{info.rank}.pt"
     same_layout = meta["world"] == info.world and rank_file.is_file()
     # a different world size keeps the global data position (identical on every rank) and

@@ -68,6 +68,11 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# the keys of configs/parallel/deepspeed.yaml that read_settings reads
+OPTIONS = ("zero_stage", "reduce_bucket_size", "overlap_comm", "offload_optimizer",
+           "param_persistence_threshold")
+
+
 def read_settings(cfg) -> ZeroSettings:
     """The parallel.* keys of configs/parallel/deepspeed.yaml, checked; one line per mistake."""
     stage = cfg.get("zero_stage", 2)
@@ -115,9 +120,14 @@ def _no_inference_shm_op():
         comm.build_shm_op = saved
 
 
-def deepspeed_engine(model: torch.nn.Module, info: DistInfo, cfg):
-    """ENGINES["deepspeed"]: check the settings; one process runs the plain model."""
-    settings = read_settings(cfg)
+def deepspeed_engine(model: torch.nn.Module, info: DistInfo, **options):
+    """The engine of configs/parallel/deepspeed.yaml (`options`: its keys, see read_settings):
+    check the settings; one process runs the plain model."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"parallel.{unknown[0]} is not an option of parallel=deepspeed; valid: "
+                         f"{', '.join(OPTIONS)}")
+    settings = read_settings(options)
     if importlib.util.find_spec("deepspeed") is None:
         raise ValueError(INSTALL)
     if info.world == 1:
@@ -222,6 +232,17 @@ class DeepSpeedParallelized(Parallelized):
             return contextlib.nullcontext()
         import deepspeed
         return deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+
+    sharded_checkpoints = False  # ZeRO's partitions are flat buffers, not DTensors
+
+    def sharded_state(self, optimizer):
+        raise ValueError("trainer.ckpt_format=sharded is not available under parallel=deepspeed "
+                         "(ZeRO partitions are not DTensors); use full")
+
+    def load_sharded(self, optimizer, folder):
+        raise ValueError(f"checkpoint {folder} is sharded (torch.distributed.checkpoint), which "
+                         "parallel=deepspeed cannot load; resume it under parallel=fsdp or ddp, or "
+                         "export its model: python -m parallel.export")
 
     def full_state_dicts(self, optimizer):
         if self.settings.stage == 0:

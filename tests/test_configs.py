@@ -42,7 +42,7 @@ def test_attn_options_instantiate(compose, option):
 def test_parallel_options_instantiate(compose, option):
     cfg = compose(f"parallel={option}")
     model = Transformer(train.build_model_config(cfg, vocab=257))
-    par = parallelize(model, DistInfo(), cfg.parallel, Mesh())
+    par = parallelize(model, DistInfo(), train.build_engine(cfg.parallel), Mesh())
     assert par.model is model and par.mesh.dp == 1 and par.mesh.cp == 1
 
 
@@ -199,3 +199,38 @@ def test_optim_adam_trains_and_resumes(compose, tmp_path):
     assert {k for st in saved["optimizer"]["state"].values() for k in st} == {"step", "exp_avg", "exp_avg_sq"}
     train.run(compose(*args), tmp_path / "split")  # trainer.resume=auto
     assert losses(tmp_path / "split") == losses(tmp_path / "full")
+
+
+def test_engine_is_the_parallel_target(compose):
+    """parallel._target_ is called with (model, DistInfo) and the group's keys but backend; an
+    option the engine does not take is refused naming the group, before anything is built."""
+    cfg = compose("parallel=fsdp")
+    model = Transformer(train.build_model_config(cfg, vocab=257))
+    cfg.parallel.param_dtype = "fp16"
+    with pytest.raises(ValueError, match=r"^parallel.param_dtype='fp16' must be auto, bf16 or fp32$"):
+        parallelize(model, DistInfo(), train.build_engine(cfg.parallel), Mesh())
+    from omegaconf import OmegaConf
+    OmegaConf.set_struct(cfg, False)
+    cfg.parallel.param_dtype = "auto"
+    cfg.parallel.bucket_cap_mb = 25  # a DDP option
+    with pytest.raises(train.ConfigError, match=r"parallel \(_target_: parallel.engines.fsdp\) "
+                                                r"does not take these options: bucket_cap_mb"):
+        parallelize(model, DistInfo(), train.build_engine(cfg.parallel), Mesh())
+    del cfg.parallel.bucket_cap_mb
+    cfg.parallel._target_ = "tests.test_configs.wrap_in_marker"  # an engine of one's own
+    par = parallelize(model, DistInfo(), train.build_engine(cfg.parallel), Mesh())
+    # (Hydra imports tests.test_configs again: compare the class by name)
+    assert type(par.module).__name__ == "Marker" and par.module.options == {"param_dtype": "auto"}
+    cfg.parallel._target_ = "parallel.engines.no_such_engine"
+    with pytest.raises(train.ConfigError, match=r"^parallel \(_target_: parallel.engines.no_such"):
+        parallelize(model, DistInfo(), train.build_engine(cfg.parallel), Mesh())
+
+
+class Marker(torch.nn.Module):
+    def __init__(self, model, options):
+        super().__init__()
+        self.inner, self.options = model, options
+
+
+def wrap_in_marker(model, info, **options):
+    return Marker(model, options)

@@ -14,6 +14,7 @@ from attn import get_core
 from models import ModelConfig, Transformer
 from models.rope import Rotary
 from parallel import parallelize
+from parallel.engines import single
 from parallel.context import STRATEGIES, CPSettings, apply_context_parallel, strategy_for
 from parallel.dist import DistInfo
 from parallel.mesh import build_mesh
@@ -97,14 +98,7 @@ def model_case(mesh, info, pattern, layout, seed):
     s, n = ref(flat["input_ids"], flat["positions"], flat["labels"], flat["cu_seqlens"])
     (s / n).backward()
 
-    class P:  # parallel config stand-in
-        engine = "single"
-
-        @staticmethod
-        def get(k, d=None):
-            return getattr(P, k, d)
-
-    par = parallelize(model, DistInfo(), P, mesh, CPSettings(mesh.cp, "auto", layout, mesh.ulysses))
+    par = parallelize(model, DistInfo(), single, mesh, CPSettings(mesh.cp, "auto", layout, mesh.ulysses))
     loc = shard_batch(mb, mesh.cp, mesh.cp_rank, layout)
     sl, nl = par.module(loc["input_ids"], loc["positions"], loc["labels"], loc["cu_seqlens"])
     (sl / n).backward()

@@ -61,10 +61,10 @@ def runs(tmp_path_factory):
 # ----------------------------------------------------------------------------- settings
 def test_config_composes_and_one_process_runs_plain(compose):
     cfg = compose("parallel=deepspeed")
-    assert cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 2
+    assert cfg.parallel._target_.endswith("deepspeed_engine") and cfg.parallel.zero_stage == 2
     assert read_settings(cfg.parallel) == ZeroSettings(stage=2)
     model = train.Transformer(train.build_model_config(cfg, vocab=257))
-    par = parallelize(model, DistInfo(), cfg.parallel, Mesh())
+    par = parallelize(model, DistInfo(), train.build_engine(cfg.parallel), Mesh())
     assert type(par) is Parallelized and par.module is model
 
 
@@ -91,7 +91,7 @@ def test_missing_package_says_how_to_install(compose, monkeypatch):
     model = train.Transformer(train.build_model_config(cfg, vocab=257))
     with pytest.raises(ValueError, match="^parallel=deepspeed needs the deepspeed package: "
                                          "pip install deepspeed$"):
-        parallelize(model, DistInfo(), cfg.parallel, Mesh())
+        parallelize(model, DistInfo(), train.build_engine(cfg.parallel), Mesh())
 
 
 # ----------------------------------------------------------------------------- 2 gloo ranks
