@@ -353,13 +353,68 @@ def _wandb_id(out_dir: Path) -> str:
     return f.read_text().strip()
 
 
+def sweep_label(limit: int = 100) -> str:
+    """A multirun job's name: its values of the keys the command line sweeps (`attn=moba,
+    trainer.seq_len=8192` for `-m attn=flash,moba trainer.seq_len=2048,8192 model=350m`),
+    all its overrides when the command line is not this process's (a remote launcher); longer
+    than `limit` characters: cut, with a digest of the whole. configs/train.yaml names the
+    sweep's sub-folders with it (`${sweep_label:}`)."""
+    import hashlib
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    task = list(HydraConfig.get().overrides.task)
+    try:
+        given = OverridesParser.create().parse_overrides(
+            [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")])
+        swept = {o.key_or_group for o in given if o.is_sweep_override()}
+    except Exception:  # noqa: BLE001  (not a Hydra command line: no sweep to read)
+        swept = set()
+    mine = [o for o in task if o.split("=", 1)[0].lstrip("+~") in swept] or task
+    label = ",".join(mine).replace("/", "_")
+    if len(label) > limit:
+        label = label[:limit - 9] + "-" + hashlib.sha1(label.encode()).hexdigest()[:8]
+    return label
+
+
+def run_labels(run_cfg: DictConfig) -> tuple[str, str | None]:
+    """(run name, group): under a Hydra multirun, the job's `sweep_label` and the sweep
+    folder's name, so a sweep's runs read as one group; else run_name and no group."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return sweep_label() or run_cfg.run_name, Path(HydraConfig.get().sweep.dir).name
+    except ImportError:
+        pass
+    return run_cfg.run_name, None
+
+
+def attn_label(model_cfg) -> str:
+    """The attention of a run in a word: the family, or the families of a layer_pattern."""
+    return "+".join(dict.fromkeys(model_cfg.layer_families()))
+
+
 def wandb_run(out_dir: Path, run_cfg: DictConfig, *, project: str, entity: str | None, mode: str,
               tags: list):
-    """logger=wandb's sink: a W&B run in the run folder, continued when a job resumes there."""
+    """logger=wandb's sink: a W&B run in the run folder, continued when a job resumes there;
+    named and grouped by `run_labels`, tagged with the attention family."""
     import wandb
-    return wandb.init(project=project, entity=entity, mode=mode, tags=list(tags), name=run_cfg.run_name,
-                      dir=str(out_dir), config=OmegaConf.to_container(run_cfg, resolve=True),
-                      resume="allow", id=_wandb_id(out_dir))
+    name, group = run_labels(run_cfg)
+    pattern = run_cfg.model.get("layer_pattern")
+    family = "+".join(dict.fromkeys(pattern)) if pattern else run_cfg.attn.name
+    return wandb.init(project=project, entity=entity, mode=mode, tags=[*tags, family],
+                      name=name, group=group, dir=str(out_dir),
+                      config=OmegaConf.to_container(run_cfg, resolve=True), resume="allow",
+                      id=_wandb_id(out_dir))
+
+
+def write_summary(out_dir: Path, log: "MetricsLog", summary: dict) -> None:
+    """summary.json in the run folder (scripts/summarize.py reads it) and the W&B run's summary."""
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    sink_summary = getattr(log.sink, "summary", None)
+    if sink_summary is not None:
+        sink_summary.update({k: v for k, v in summary.items() if v is not None})
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -479,6 +534,7 @@ def _run(cfg, out_dir, tr, device, info, autocast, cp, blocks, mesh, accum, lock
     val_loss = float("nan")
     last_train_loss = float("nan")
     t_last, steps_since, loss_acc = time.perf_counter(), 0, 0.0
+    t_start, windows = time.perf_counter(), []  # (tokens/s, MFU, peak memory) per log window
     while step < stop:
         micro_batches = prefetch.next_step()
         n_local = sum(mb["n_counted"] for mb in micro_batches)
@@ -526,6 +582,8 @@ def _run(cfg, out_dir, tr, device, info, autocast, cp, blocks, mesh, accum, lock
                 torch.cuda.synchronize(device)
             dt = (time.perf_counter() - t_last) / steps_since
             tok_s = tokens_per_step / dt
+            windows.append((tok_s, flops_tok * tok_s / info.world / peak if peak else None,
+                            peak_memory_gb(device)))
             log.log({"step": step, "loss": loss_acc / steps_since, "lr": lr, "grad_norm": grad_norm,
                      "tokens_per_s": tok_s, "tgs": tok_s / info.world, "step_time_s": dt,
                      "mfu": flops_tok * tok_s / info.world / peak if peak else None,
@@ -558,24 +616,37 @@ def _run(cfg, out_dir, tr, device, info, autocast, cp, blocks, mesh, accum, lock
         bar.close()
     if info.is_main and start_step >= stop:
         print(f"nothing to train: already at step {step} of {tr.steps}")
-    if not validate:  # trainer.val_every=0: the last step's training loss is the run's result
-        if info.is_main:
-            print(f"final training loss {last_train_loss:.4f} at step {step} (validation off: "
-                  "trainer.val_every=0)")
-        log.close()
-        return last_train_loss
-    if math.isnan(val_loss):  # nothing left to train (already finished): still report
+    if validate and math.isnan(val_loss):  # nothing left to train (already finished): report
         val_loss = evaluate(model, val_batches, device, autocast)
     if info.is_main:
-        print(f"final validation loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f}) "
-              f"at step {step}")
+        if validate:
+            print(f"final validation loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f}) "
+                  f"at step {step}")
+        else:  # trainer.val_every=0: the last step's training loss is the run's result
+            print(f"final training loss {last_train_loss:.4f} at step {step} (validation off: "
+                  "trainer.val_every=0)")
+    # a resumed run that had nothing left to do keeps the summary of the invocation that trained
+    if info.is_main and (windows or not (out_dir / "summary.json").exists()):
+        # the first window holds the compile and warm-up steps: left out when others exist
+        steady = windows[1:] or windows
+        median = (lambda xs: sorted(xs)[len(xs) // 2] if xs else None)
+        write_summary(out_dir, log, {
+            "run_name": cfg.run_name, "attn": attn_label(model.cfg), "model": cfg.model.name,
+            "seq_len": tr.seq_len, "steps": step, "params": n_params,
+            "final_val_loss": val_loss if validate else None,
+            "final_train_loss": None if math.isnan(last_train_loss) else last_train_loss,
+            "tokens_per_s": median([w[0] for w in steady]),
+            "mfu": median([w[1] for w in steady if w[1] is not None]),
+            "peak_mem_gb": max((w[2] for w in windows), default=None),
+            "wall_s": time.perf_counter() - t_start})
     log.close()
-    return val_loss
+    return val_loss if validate else last_train_loss
 
 
 def _hydra_main():
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    OmegaConf.register_new_resolver("sweep_label", sweep_label, replace=True)
 
     @hydra.main(config_path="configs", config_name="train", version_base="1.3")
     def main(cfg: DictConfig) -> float:

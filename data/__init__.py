@@ -3,6 +3,9 @@
 `build_data(cfg, ...)` reads the `data` config group (configs/data/*.yaml):
     builtin: source, tokenizer, max_bytes, val_percent, val_batches, shuffle, document_mask,
              cache_dir
+    passkey: source, tokenizer, digits, max_bytes (of the builtin corpus the haystack comes
+             from), val_batches, cache_dir
+    mqar:    source, tokenizer, n_pairs, n_keys, n_values, val_batches
     hf:      source, tokenizer, path, name, data_files, builder, split, val_split,
              val_fraction, text_field, streaming, max_docs, val_batches, shuffle,
              document_mask, cache_dir
@@ -16,25 +19,30 @@ import logging
 import os
 import warnings
 
+import numpy as np
+
 from data.builtin import builtin_corpus
 from data.hf import HFSource, hf_corpus
 from data.loader import PackedBatches, val_batches
 from data.packing import cu_seqlens, num_rows, positions
+from data.synthetic import MQAR, Passkey, SyntheticBatches
 from data.token_cache import TokenizedCorpus
 from data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
 
 __all__ = ["ByteTokenizer", "HFTokenizer", "build_tokenizer", "PackedBatches", "val_batches",
            "build_data", "builtin_corpus", "hf_corpus", "HFSource", "TokenizedCorpus",
-           "num_rows", "positions", "cu_seqlens", "SOURCES", "default_cache_dir"]
+           "num_rows", "positions", "cu_seqlens", "SOURCES", "default_cache_dir", "synthetic_task"]
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("builtin", "hf")
+SOURCES = ("builtin", "hf", "passkey", "mqar")
 _COMMON_KEYS = {"source", "tokenizer", "val_batches", "shuffle", "document_mask", "cache_dir"}
 _KEYS = {
     "builtin": _COMMON_KEYS | {"max_bytes", "val_percent"},
     "hf": _COMMON_KEYS | {"path", "name", "data_files", "builder", "split", "val_split",
                           "val_fraction", "text_field", "streaming", "max_docs"},
+    "passkey": {"source", "tokenizer", "digits", "max_bytes", "val_batches", "cache_dir"},
+    "mqar": {"source", "tokenizer", "n_pairs", "n_keys", "n_values", "val_batches", "cache_dir"},
 }
 
 
@@ -81,6 +89,10 @@ def build_data(cfg, seq_len: int, micro_batch: int, grad_accum: int, dp_rank: in
                          "micro-batches per evaluation); trainer.val_every=0 turns validation off")
     tokenizer = build_tokenizer(str(_get(cfg, "tokenizer", "bytes")))
     cache_dir = os.path.expanduser(str(_get(cfg, "cache_dir") or default_cache_dir()))
+    if source in ("passkey", "mqar"):
+        loader = SyntheticBatches(synthetic_task(cfg, tokenizer, seq_len, cache_dir), seq_len,
+                                  micro_batch, grad_accum, dp_rank, dp_world, seed)
+        return tokenizer, loader, loader.validation(n_val) if with_val else []
 
     if source == "builtin":
         caps = {"max_bytes": int(_get(cfg, "max_bytes", 4_000_000)),
@@ -109,3 +121,27 @@ def build_data(cfg, seq_len: int, micro_batch: int, grad_accum: int, dp_rank: in
              source, tokenizer.name, len(train.tokens), len(train.doc_starts), loader.rows,
              loader.steps_per_epoch, 0 if val is None else len(val.tokens))
     return tokenizer, loader, val_list
+
+
+def _int(cfg, key: str, default: int) -> int:
+    value = _get(cfg, key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"data.{key}={value!r} must be an integer")
+    return value
+
+
+def synthetic_task(cfg, tokenizer, seq_len: int, cache_dir: str | None = None):
+    """The task of `data=passkey` / `data=mqar` (data/synthetic.py), checked against the
+    tokenizer and seq_len (passkey: its haystack is the builtin corpus's training split)."""
+    source = _get(cfg, "source")
+    if source == "mqar":
+        task = MQAR(n_pairs=_int(cfg, "n_pairs", 8), n_keys=_int(cfg, "n_keys", 64),
+                    n_values=_int(cfg, "n_values", 64))
+        task.check(tokenizer.vocab_size, seq_len)
+        return task
+    cache_dir = cache_dir or os.path.expanduser(str(_get(cfg, "cache_dir") or default_cache_dir()))
+    hay = builtin_corpus("train", tokenizer, cache_dir, max_bytes=_int(cfg, "max_bytes", 4_000_000))
+    tokens = hay.tokens[hay.tokens != tokenizer.bos_id]  # one running text, no separators
+    task = Passkey.build(tokenizer, tokens, digits=_int(cfg, "digits", 5))
+    task.sample(np.random.default_rng(0), seq_len)  # the row fits (one clear error if not)
+    return task

@@ -1,0 +1,78 @@
+"""Synthetic recall tasks (data/synthetic.py): the generators put what they say where they say,
+and the batches are the same stream under any split over ranks and micro-batches."""
+import numpy as np
+import pytest
+import torch
+
+from data.synthetic import IGNORE, MQAR, Passkey, SyntheticBatches
+from data.tokenizer import ByteTokenizer
+
+HAY = np.frombuffer(b"".join(b"line %d of some haystack text\n" % i for i in range(400)),
+                    dtype=np.uint8).astype(np.int64)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("T", [160, 777])
+def test_passkey_needle_is_where_it_says(depth, T):
+    tok = ByteTokenizer()
+    task = Passkey.build(tok, HAY, digits=5)
+    ids, labels, where = task.sample(np.random.default_rng(int(depth * 10) + T), T, depth)
+    assert ids.shape == labels.shape == (T,)
+    text = tok.decode(ids)
+    room = T - task.overhead()
+    start = text.index(" The pass key is ")
+    assert start == round(depth * room)  # the needle starts depth x haystack into the row
+    key = text[start + 17:start + 22]
+    assert key.isdigit() and key[0] != "0"
+    assert text[start + 22:].startswith(f". Remember it. {key} is the pass key. ")
+    assert text.endswith(f" What is the pass key? The pass key is {key}")
+    # labels: only the digits, each at the position before it
+    assert (labels != IGNORE).sum() == 5 and list(where) == list(range(T - 6, T - 1))
+    assert tok.decode(labels[where]) == key and list(ids[where + 1]) == list(labels[where])
+
+
+def test_passkey_refuses_rows_too_short():
+    task = Passkey.build(ByteTokenizer(), HAY)
+    with pytest.raises(ValueError, match="leaves no room for the haystack"):
+        task.sample(np.random.default_rng(0), task.overhead())
+
+
+@pytest.mark.parametrize("n_pairs,T", [(4, 64), (8, 64), (3, 33)])
+def test_mqar_labels_are_the_stored_values(n_pairs, T):
+    task = MQAR(n_pairs=8, n_keys=16, n_values=16)
+    ids, labels = task.sample(np.random.default_rng(T), T, n_pairs)
+    keys, values = ids[0:2 * n_pairs:2], ids[1:2 * n_pairs:2]
+    assert len(set(keys)) == n_pairs and len(set(values)) == n_pairs
+    assert keys.max() < 16 <= values.min() and values.max() < 32
+    store = dict(zip(keys, values))
+    scored = np.flatnonzero(labels != IGNORE)
+    assert len(scored) >= n_pairs and scored.min() == 2 * n_pairs  # none inside the store
+    assert all(labels[t] == store[ids[t]] for t in scored)
+    assert {ids[t] for t in scored[:n_pairs]} == set(keys)  # every pair queried first
+
+
+def test_mqar_settings_are_checked():
+    with pytest.raises(ValueError, match=r"data.n_pairs=20 must be <= data.n_keys=16"):
+        MQAR(n_pairs=20, n_keys=16, n_values=64).check(257, 128)
+    with pytest.raises(ValueError, match=r"beyond the tokenizer's vocabulary of 257"):
+        MQAR(n_keys=200, n_values=100).check(257, 128)
+    with pytest.raises(ValueError, match=r"trainer.seq_len=10 is too short"):
+        MQAR(n_pairs=8).check(257, 10)
+
+
+def test_batches_do_not_depend_on_the_split_and_resume():
+    task = MQAR(n_pairs=4, n_keys=16, n_values=16)
+    one = SyntheticBatches(task, 32, micro_batch=4, grad_accum=1, seed=3)
+    ranks = [SyntheticBatches(task, 32, micro_batch=1, grad_accum=2, dp_rank=r, dp_world=2,
+                              seed=3) for r in range(2)]
+    for _ in range(2):
+        whole = one.next_step()[0]["input_ids"]
+        parts = [r.next_step() for r in ranks]
+        # micro step m of rank r holds global rows (m * world + r) * micro_batch ...
+        order = [parts[0][0], parts[1][0], parts[0][1], parts[1][1]]
+        assert torch.equal(whole, torch.cat([p["input_ids"] for p in order]))
+    again = SyntheticBatches(task, 32, micro_batch=4, grad_accum=1, seed=99)
+    again.load_state_dict(one.state_dict())
+    assert torch.equal(again.next_step()[0]["labels"], one.next_step()[0]["labels"])
+    val = one.validation(2)
+    assert len(val) == 2 and not torch.equal(val[0]["input_ids"], whole[:4])
