@@ -152,15 +152,22 @@ def _(q, k, v, scale, cu_seqlens, q_offset, window):
 @torch.library.custom_op("longctx::flash_bwd", mutates_args=())
 def _flash_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   o: torch.Tensor, lse: torch.Tensor, scale: float,
-                  cu_seqlens: Optional[torch.Tensor], q_offset: int,
-                  window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  cu_seqlens: Optional[torch.Tensor], q_offset: int, window: Optional[int],
+                  dlse: Optional[torch.Tensor] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     seg = key_doc_bounds(cu_seqlens, k.shape[1])
-    return _bwd(do, q, k, v, o, lse, scale, seg, q_offset, window)
+    delta = None
+    if dlse is not None:
+        # lse = log sum_j exp(s_j) adds dlse * p_j to dS_j, and dS = P * (dP - delta): the
+        # gradient through lse is delta lowered by dlse, the kernels unchanged
+        from attn.common.softmax import bwd_delta
+        delta = bwd_delta(o.contiguous(), do.contiguous()) - dlse.float()
+    return _bwd(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=delta)
 
 
 @_flash_bwd_op.register_fake
-def _(do, q, k, v, o, lse, scale, cu_seqlens, q_offset, window):
+def _(do, q, k, v, o, lse, scale, cu_seqlens, q_offset, window, dlse=None):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
@@ -169,13 +176,15 @@ def _flash_setup(ctx, inputs, output):
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
     ctx.args = (scale, q_offset, window)
-    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # an unused lse (the common case) brings no dlse
 
 
-def _flash_backward(ctx, do, _dlse):
+def _flash_backward(ctx, do, dlse):
     q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
     scale, q_offset, window = ctx.args
-    dq, dk, dv = _flash_bwd_op(do, q, k, v, o, lse, scale, cu_seqlens, q_offset, window)
+    if do is None:  # only lse was used
+        do = torch.zeros_like(o)
+    dq, dk, dv = _flash_bwd_op(do, q, k, v, o, lse, scale, cu_seqlens, q_offset, window, dlse)
     return dq, dk, dv, None, None, None, None
 
 
@@ -184,7 +193,9 @@ _flash_fwd_op.register_autograd(_flash_backward, setup_context=_flash_setup)
 
 def flash_attn(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, window=None,
                return_lse: bool = False):
-    """Causal softmax attention ([B, T, H, D]); returns o, or (o, lse) with return_lse."""
+    """Causal softmax attention ([B, T, H, D]); returns o, or (o, lse) with return_lse. lse is
+    differentiable (as FlexAttention's): attention outputs can be merged by their lse and
+    trained through."""
     impl = _impl(q)
     scale = _check("flash_attn", q, k, v, scale, cu_seqlens, q_offset, window, impl)
     if impl == "ref":
