@@ -24,6 +24,9 @@
 #   e2e           bench_train.py with its defaults (350m against the HF Llama anchor)
 #   profile       train.py profiles of the 350m model, eager and compiled
 #                 (PROFILE_ATTN=flash PROFILE_T=8192 PROFILE_COMPILE="false true")
+#   recall        scripts/bench/bench_recall.py: each family trained on data=mqar at 8k, then
+#                 eval.py's passkey and MQAR grids at 8k and 32k (about 3 min per family at
+#                 300 steps: split the families over calls, e.g. "recall --families flash,moba")
 # Every part writes into $OUT/<part>/ (env only prints).
 #   run CMD...    any command in this environment (e.g. "run python3 scripts/tune/tune_flash.py")
 # Each part's output also goes to $OUT/<part>.log; a part that fails leaves the others running
@@ -49,7 +52,7 @@ declare -A TESTS=(
   [flash]="tests/attn/flash" [lightning]=$LINEAR_TESTS [linear-parts]=$LINEAR_TESTS
   [moba]="tests/attn/moba" [moba-parts]="tests/attn/moba" [moba-sweep]="tests/attn/moba"
   [nsa]="tests/attn/nsa" [nsa-parts]="tests/attn/nsa"
-  [train]=$TRAIN_TESTS [e2e]=$TRAIN_TESTS [profile]=$TRAIN_TESTS
+  [train]=$TRAIN_TESTS [e2e]=$TRAIN_TESTS [profile]=$TRAIN_TESTS [recall]="tests/test_eval.py"
 )
 PARTS="env tests run $(tr ' ' '\n' <<< "${!TESTS[*]}" | sort | tr '\n' ' ')"
 for word in "$@"; do
@@ -137,6 +140,8 @@ run_part() {  # run_part PART ARGS...
                     --steps 30 --steps-long 30 --warmup 10 --log-every 10 "$@" ;;
     e2e)          bench e2e "$limit" scripts/bench/bench_train.py "$@" ;;
     profile)      profile "$@" ;;
+    recall)       bench recall "$limit" scripts/bench/bench_recall.py --model 350m --seq-len 8192 \
+                    --steps 300 --data mqar --eval-lengths 8192,32768 "$@" ;;
     run)          eval "$*" ;;
   esac
 }
