@@ -85,6 +85,8 @@ def write_async(state: dict, folder: Path):
     global _ASYNC_GROUP
     if dist.is_initialized() and dist.get_world_size() > 1 and _ASYNC_GROUP is None:
         _ASYNC_GROUP = dist.new_group(backend="gloo")
+    if _single():  # DCP warns from its writer thread too, outside any catch_warnings here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     with _quiet():
         result = dcp.async_save(state, storage_writer=_writer(folder),
                                 process_group=_ASYNC_GROUP, no_dist=_single())
