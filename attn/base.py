@@ -86,7 +86,10 @@ class AttentionCore(nn.Module, ABC):
         """(fwd, bwd) softmax block primitives of a core declaring "lse_blocks":
         fwd(q, k, v, *, scale, causal=True, cu_seqlens=None) -> (o, lse [B, Hq, Tq] fp32),
         bwd(do, q, k, v, o, lse, *, scale, causal=True, cu_seqlens=None) -> (dq, dk, dv)."""
-        raise NotImplementedError(f"attn={self.family} declares no lse_blocks")
+        # parallel/context.py picks lse-block strategies (ring) only for cores declaring the
+        # capability, so this is reached only by a core that declares it without the primitives
+        raise ValueError(f"attn={self.family}: cp_capabilities has no 'lse_blocks', so it has no "
+                         "softmax block primitives (a core declaring it must override lse_blocks)")
 
     def attention_flops_per_token(self, seq_len: int) -> float:
         """Forward matmul FLOPs per token of the token-mixing part (projections excluded).

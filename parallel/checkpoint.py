@@ -240,16 +240,6 @@ def load_full_state_dicts(model, optimizer, model_sd: dict, optim_sd: dict, from
     set_optimizer_state_dict(model, optimizer, optim_sd, options=opts)
 
 
-def _tensor_bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
 def _gather_objects(obj) -> list:
     # parallel/dist.py has no all-gather of objects; every rank must learn every rank's outcome
     # (a rank that raised alone would leave the others waiting in the next collective)
@@ -311,7 +301,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, info: DistInfo, par, optimizer, s
     if fmt == "full":
         model_sd, optim_sd = par.full_state_dicts(optimizer)  # collective; full tensors on rank 0
         optim = {"optimizer": optim_sd, "scheduler": scheduler.state_dict()}
-        need = {"model.pt": _tensor_bytes(model_sd) + _SLACK, "optim.pt": _tensor_bytes(optim) + _SLACK}
+        need = {"model.pt": sharded.local_bytes(model_sd) + _SLACK,
+                "optim.pt": sharded.local_bytes(optim) + _SLACK}
         total = sum(need.values())
     else:
         state = par.sharded_state(optimizer)  # this rank's part, nothing gathered
