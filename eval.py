@@ -228,7 +228,8 @@ def evaluate(cfg: DictConfig, overrides: list[str] = ()) -> dict:
                                     int(e.seed), device, autocast)
     if e.mqar:
         d = run_cfg.data
-        shape = ({k: int(d[k]) for k in ("n_keys", "n_values")} if d.source == "mqar" else {})
+        trained = d.source in ("mqar", "recall")  # evaluate on the keys and values it learned
+        shape = {k: int(d[k]) for k in ("n_keys", "n_values")} if trained else {}
         pairs = list(e.mqar_pairs)
         task = MQAR(n_pairs=max(pairs), **shape)
         try:

@@ -6,6 +6,7 @@
     passkey: source, tokenizer, digits, max_bytes (of the builtin corpus the haystack comes
              from), val_batches, cache_dir
     mqar:    source, tokenizer, n_pairs, n_keys, n_values, val_batches
+    recall:  the mqar and passkey keys, and passkey_share (the fraction of passkey rows)
     hf:      source, tokenizer, path, name, data_files, builder, split, val_split,
              val_fraction, text_field, streaming, max_docs, val_batches, shuffle,
              document_mask, cache_dir
@@ -25,7 +26,7 @@ from data.builtin import builtin_corpus
 from data.hf import HFSource, hf_corpus
 from data.loader import PackedBatches, val_batches
 from data.packing import cu_seqlens, num_rows, positions
-from data.synthetic import MQAR, Passkey, SyntheticBatches
+from data.synthetic import MQAR, Mixture, Passkey, SyntheticBatches
 from data.token_cache import TokenizedCorpus
 from data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
 
@@ -35,7 +36,7 @@ __all__ = ["ByteTokenizer", "HFTokenizer", "build_tokenizer", "PackedBatches", "
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("builtin", "hf", "passkey", "mqar")
+SOURCES = ("builtin", "hf", "passkey", "mqar", "recall")
 _COMMON_KEYS = {"source", "tokenizer", "val_batches", "shuffle", "document_mask", "cache_dir"}
 _KEYS = {
     "builtin": _COMMON_KEYS | {"max_bytes", "val_percent"},
@@ -44,6 +45,7 @@ _KEYS = {
     "passkey": {"source", "tokenizer", "digits", "max_bytes", "val_batches", "cache_dir"},
     "mqar": {"source", "tokenizer", "n_pairs", "n_keys", "n_values", "val_batches", "cache_dir"},
 }
+_KEYS["recall"] = _KEYS["mqar"] | _KEYS["passkey"] | {"passkey_share"}
 
 
 def default_cache_dir() -> str:
@@ -89,7 +91,7 @@ def build_data(cfg, seq_len: int, micro_batch: int, grad_accum: int, dp_rank: in
                          "micro-batches per evaluation); trainer.val_every=0 turns validation off")
     tokenizer = build_tokenizer(str(_get(cfg, "tokenizer", "bytes")))
     cache_dir = os.path.expanduser(str(_get(cfg, "cache_dir") or default_cache_dir()))
-    if source in ("passkey", "mqar"):
+    if source in ("passkey", "mqar", "recall"):
         loader = SyntheticBatches(synthetic_task(cfg, tokenizer, seq_len, cache_dir), seq_len,
                                   micro_batch, grad_accum, dp_rank, dp_world, seed)
         return tokenizer, loader, loader.validation(n_val) if with_val else []
@@ -130,15 +132,35 @@ def _int(cfg, key: str, default: int) -> int:
     return value
 
 
+def _pairs(cfg) -> int | tuple:
+    value = _get(cfg, "n_pairs", 8)
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(n, int) and not isinstance(n, bool) for n in value):
+        return tuple(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"data.n_pairs={value!r} must be an integer or a list of integers")
+    return value
+
+
 def synthetic_task(cfg, tokenizer, seq_len: int, cache_dir: str | None = None):
-    """The task of `data=passkey` / `data=mqar` (data/synthetic.py), checked against the
-    tokenizer and seq_len (passkey: its haystack is the builtin corpus's training split)."""
+    """The task of `data=passkey` / `data=mqar` / `data=recall` (data/synthetic.py), checked
+    against the tokenizer and seq_len (passkey: its haystack is the builtin corpus's training
+    split; recall: rows of both, `passkey_share` of them passkey)."""
     source = _get(cfg, "source")
-    if source == "mqar":
-        task = MQAR(n_pairs=_int(cfg, "n_pairs", 8), n_keys=_int(cfg, "n_keys", 64),
+    if source in ("mqar", "recall"):
+        task = MQAR(n_pairs=_pairs(cfg), n_keys=_int(cfg, "n_keys", 64),
                     n_values=_int(cfg, "n_values", 64))
         task.check(tokenizer.vocab_size, seq_len)
-        return task
+        if source == "mqar":
+            return task
+        share = _get(cfg, "passkey_share", 0.5)
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+            raise ValueError(f"data.passkey_share={share!r} must be a number in (0, 1) "
+                             "(the fraction of passkey rows; data=mqar or data=passkey for one task)")
+        keys = {k: _get(cfg, k) for k in _KEYS["passkey"]}
+        passkey = synthetic_task({**{k: v for k, v in keys.items() if v is not None},
+                                  "source": "passkey"}, tokenizer, seq_len, cache_dir)
+        return Mixture(tasks=(task, passkey), weights=(1 - share, share))
     cache_dir = cache_dir or os.path.expanduser(str(_get(cfg, "cache_dir") or default_cache_dir()))
     hay = builtin_corpus("train", tokenizer, cache_dir, max_bytes=_int(cfg, "max_bytes", 4_000_000))
     tokens = hay.tokens[hay.tokens != tokenizer.bos_id]  # one running text, no separators

@@ -11,6 +11,10 @@ and eval.py measures the same tasks on any checkpoint.
   repetition from two disjoint token ranges), then queries: stored keys in random order, each
   followed by its value; the answer is each queried value (labels at the query keys).
   Chance: 1 / n_pairs for a model that copies some stored value, 1 / n_values otherwise.
+  `n_pairs` may be a list: each row draws its count from it, so a model trained on the mix
+  cannot learn where one count's query region starts instead of recalling.
+- Mixture: each row is one of several tasks, drawn with the given weights (`data=recall`:
+  MQAR and passkey rows in one run).
 
 `SyntheticBatches` serves either task to train.py like data/loader.PackedBatches: row i of
 step s is generated from the seed (seed, s, i) alone, so the global batch of a step does not
@@ -34,28 +38,38 @@ def _row_rng(seed: int, step: int, row: int) -> np.random.Generator:
 
 @dataclass(frozen=True)
 class MQAR:
-    n_pairs: int = 8
+    n_pairs: int | tuple = 8  # pairs per row, or the counts each row draws its own from
     n_keys: int = 64     # keys are token ids [first, first + n_keys)
     n_values: int = 64   # values follow: [first + n_keys, first + n_keys + n_values)
     first: int = 0       # first token id used (byte tokenizer: ids < 256 are all plain tokens)
 
+    @property
+    def pair_counts(self) -> tuple:
+        return tuple(self.n_pairs) if isinstance(self.n_pairs, (tuple, list)) else (self.n_pairs,)
+
     def check(self, vocab: int, seq_len: int) -> None:
-        if min(self.n_pairs, self.n_keys, self.n_values) < 1 or self.first < 0:
-            raise ValueError(f"data: mqar needs n_pairs, n_keys, n_values >= 1 (got {self.n_pairs}, "
-                             f"{self.n_keys}, {self.n_values})")
-        if self.n_pairs > min(self.n_keys, self.n_values):
+        counts = self.pair_counts
+        if (not counts or any(isinstance(n, bool) or not isinstance(n, int) for n in counts)
+                or min(*counts, self.n_keys, self.n_values) < 1 or self.first < 0):
+            raise ValueError(f"data: mqar needs n_pairs (an integer or a list of them), n_keys, "
+                             f"n_values >= 1 (got {self.n_pairs}, {self.n_keys}, {self.n_values})")
+        most = max(counts)
+        if most > min(self.n_keys, self.n_values):
             raise ValueError(f"data.n_pairs={self.n_pairs} must be <= data.n_keys={self.n_keys} and "
                              f"data.n_values={self.n_values} (keys and values do not repeat)")
         if self.first + self.n_keys + self.n_values > vocab:
             raise ValueError(f"data: mqar token ids reach {self.first + self.n_keys + self.n_values}"
                              f", beyond the tokenizer's vocabulary of {vocab}")
-        if seq_len < 2 * self.n_pairs + 2:
+        if seq_len < 2 * most + 2:
             raise ValueError(f"trainer.seq_len={seq_len} is too short for data.n_pairs="
                              f"{self.n_pairs} (needs 2 * n_pairs + 2 tokens)")
 
     def sample(self, rng: np.random.Generator, seq_len: int, n_pairs: int | None = None):
-        """(input ids, labels), int64 [seq_len] each."""
-        n = self.n_pairs if n_pairs is None else n_pairs
+        """(input ids, labels), int64 [seq_len] each; `n_pairs` None: the row's own count
+        (drawn from the list when n_pairs is one)."""
+        counts = self.pair_counts
+        n = n_pairs if n_pairs is not None else (
+            counts[0] if len(counts) == 1 else int(counts[rng.integers(len(counts))]))
         keys = rng.choice(self.n_keys, n, replace=False) + self.first
         values = rng.choice(self.n_values, n, replace=False) + self.first + self.n_keys
         ids = np.empty(seq_len + 1, dtype=np.int64)
@@ -118,6 +132,19 @@ class Passkey:
         answer = np.arange(seq_len - self.digits, seq_len)  # positions holding the digits
         labels[answer - 1] = ids[answer]  # each digit is predicted from the token before it
         return ids, labels, answer - 1
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Each row is one task of `tasks`, drawn with probabilities proportional to `weights`."""
+    tasks: tuple
+    weights: tuple
+
+    def sample(self, rng: np.random.Generator, seq_len: int):
+        """(input ids, labels) of one row of the task drawn for it."""
+        p = np.asarray(self.weights, dtype=float)
+        task = self.tasks[int(rng.choice(len(self.tasks), p=p / p.sum()))]
+        return task.sample(rng, seq_len)[:2]
 
 
 def _batch(rows: list[tuple]) -> dict:

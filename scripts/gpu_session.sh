@@ -24,9 +24,10 @@
 #   e2e           bench_train.py with its defaults (350m against the HF Llama anchor)
 #   profile       train.py profiles of the 350m model, eager and compiled
 #                 (PROFILE_ATTN=flash PROFILE_T=8192 PROFILE_COMPILE="false true")
-#   recall        scripts/bench/bench_recall.py: each family trained on data=mqar at 8k, then
-#                 eval.py's passkey and MQAR grids at 8k and 32k (about 3 min per family at
-#                 300 steps: split the families over calls, e.g. "recall --families flash,moba")
+#   recall        scripts/bench/bench_recall.py: each family trained on data=recall at 8k, then
+#                 eval.py's passkey and MQAR grids at 8k and 32k (2-4 min per family at the
+#                 defaults, compiled: split the families over calls, e.g. "recall --families
+#                 flash,moba --compile")
 # Every part writes into $OUT/<part>/ (env only prints).
 #   run CMD...    any command in this environment (e.g. "run python3 scripts/tune/tune_flash.py")
 # Each part's output also goes to $OUT/<part>.log; a part that fails leaves the others running
@@ -141,7 +142,7 @@ run_part() {  # run_part PART ARGS...
     e2e)          bench e2e "$limit" scripts/bench/bench_train.py "$@" ;;
     profile)      profile "$@" ;;
     recall)       bench recall "$limit" scripts/bench/bench_recall.py --model 350m --seq-len 8192 \
-                    --steps 300 --data mqar --eval-lengths 8192,32768 "$@" ;;
+                    --eval-lengths 8192,32768 "$@" ;;
     run)          eval "$*" ;;
   esac
 }

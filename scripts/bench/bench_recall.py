@@ -2,21 +2,26 @@
 and MQAR grids; one table and the heat maps.
 
     python3 scripts/bench/bench_recall.py --families flash,lightning,moba,nsa,hybrid \
-        --model 350m --seq-len 8192 --steps 300 --data mqar --eval-lengths 8192,32768 --out $OUT
+        --model 350m --seq-len 8192 --rows 2 --steps 500 --data recall --compile \
+        --eval-lengths 8192,32768 --out $OUT
 
 Per family: `train.py` (model, seq_len, global batch `--rows` × seq_len tokens per step, the
-same for every family; `hybrid` is 7 lightning : 1 flash layers) on `--data` (mqar: key-value
-recall rows, passkey: needle rows, builtin: the corpus), then `eval.py` on its last checkpoint
-at `--eval-lengths`. Each family's run gets `--family-timeout` seconds in all; a family that
-fails or runs out of time is a row saying so, and the others still run. Writes
-<out>/recall.json, recall.md, <out>/<family>/{eval.json,passkey.png,mqar.png,train.log,eval.log};
-the run folders (with their checkpoints) go to --work.
+same for every family; `hybrid` is 7 lightning : 1 flash layers) on `--data` (recall: MQAR
+rows of 8-64 pairs and passkey rows, configs/data/recall.yaml; mqar: key-value recall rows;
+passkey: needle rows; builtin: the corpus), then `eval.py` on its last checkpoint at
+`--eval-lengths`. Each family's run gets `--family-timeout` seconds in all; a family that fails
+or runs out of time is a row saying so, and the others still run. Writes <out>/recall.json,
+recall.md, <out>/<family>/{eval.json,passkey.png,mqar.png,train.log,eval.log,metrics.jsonl};
+the run folders (with their checkpoints) go to --work. `--plot FOLDER...` redraws
+<out>/recall_loss.png (training loss per family) and recall_mqar.png (MQAR accuracy per family
+and length) from finished result folders, e.g. two device calls' halves.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 HYBRID = ["attn=lightning", "model.layer_pattern=[" + ",".join(["lightning"] * 7 + ["flash"]) + "]"]
-DATA = {"mqar": ["data=mqar", "data.n_pairs=64", "data.n_keys=128", "data.n_values=128"],
+DATA = {"recall": ["data=recall"],
+        "mqar": ["data=mqar", "data.n_pairs=64", "data.n_keys=128", "data.n_values=128"],
         "passkey": ["data=passkey"], "builtin": ["data=builtin"]}
 
 
@@ -52,6 +58,8 @@ def one_family(family: str, a, out: Path) -> dict:
                  f"hydra.run.dir={run_dir}"]
     rc = run(train_cmd, a.family_timeout, folder / "train.log")
     row = {"family": family, "train_rc": rc, "train_s": round(time.time() - t0, 1)}
+    if (run_dir / "metrics.jsonl").exists():  # the loss curve (kilobytes) comes back with --out
+        shutil.copy(run_dir / "metrics.jsonl", folder / "metrics.jsonl")
     summary = run_dir / "summary.json"
     if summary.exists():
         s = json.loads(summary.read_text())
@@ -76,26 +84,71 @@ def mean(grid) -> float | None:
     return sum(cells) / len(cells) if cells else None
 
 
+def plot(folders: list[Path], out: Path) -> list[Path]:
+    """recall_loss.png (training loss by step, one line per family) and recall_mqar.png (MQAR
+    accuracy by pair count, one panel per evaluated length) from result folders' recall.json
+    and <family>/metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [(f, r) for f in folders for r in json.loads((f / "recall.json").read_text())["rows"]]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for folder, r in rows:
+        log = folder / r["family"] / "metrics.jsonl"
+        points = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+        points = [p for p in points if "loss" in p and "step" in p]
+        if points:
+            ax.plot([p["step"] for p in points], [p["loss"] for p in points], label=r["family"])
+    ax.set(xlabel="step", ylabel="training loss (answers only)", title="training loss")
+    ax.legend()
+    fig.tight_layout()
+    paths = [out / "recall_loss.png"]
+    fig.savefig(paths[0], dpi=120)
+    scored = [r for _, r in rows if r.get("mqar")]
+    if scored:
+        lengths = scored[0]["mqar"]["lengths"]
+        fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.6), squeeze=False)
+        for j, T in enumerate(lengths):
+            ax = axes[0][j]
+            for r in scored:
+                m = r["mqar"]
+                ax.plot(m["pairs"], [row[j] for row in m["accuracy"]], marker="o", label=r["family"])
+            ax.plot(m["pairs"], m["chance"], "k:", label="copying chance 1/n")
+            ax.set(xscale="log", xlabel="key-value pairs", ylabel="MQAR accuracy", ylim=(0, 1.02),
+                   title=f"length {T}")
+            ax.set_xticks(m["pairs"], [str(n) for n in m["pairs"]])
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / "recall_mqar.png")
+        fig.savefig(paths[-1], dpi=120)
+    plt.close("all")
+    return paths
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--families", default="flash,lightning,moba,nsa,hybrid")
     ap.add_argument("--model", default="350m")
     ap.add_argument("--seq-len", type=int, default=8192)
-    ap.add_argument("--rows", type=int, default=4, help="rows per step (global batch)")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--rows", type=int, default=2, help="rows per step (global batch)")
+    ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--data", default="mqar", choices=sorted(DATA))
+    ap.add_argument("--data", default="recall", choices=sorted(DATA))
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--eval-lengths", default="8192,32768")
-    ap.add_argument("--mqar-pairs", default="16,64")
+    ap.add_argument("--mqar-pairs", default="8,16,32,64")
     ap.add_argument("--depths", default="0.0,0.5,1.0")
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--family-timeout", type=float, default=900)
     ap.add_argument("--work", default="/tmp/bench_recall", help="run folders (checkpoints)")
     ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--plot", nargs="+", type=Path, help="only draw the figures of these folders")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    if a.plot:
+        print("\n".join(map(str, plot(a.plot, out))))
+        return
     os.environ.setdefault("FLASH_AUTOTUNE", "0")
     os.environ.setdefault("LINEAR_AUTOTUNE", "0")
     rows = []
@@ -117,6 +170,7 @@ def main() -> None:
             + f" | {note} |")
     (out / "recall.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot([out], out)
 
 
 if __name__ == "__main__":

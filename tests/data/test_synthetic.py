@@ -76,3 +76,39 @@ def test_batches_do_not_depend_on_the_split_and_resume():
     assert torch.equal(again.next_step()[0]["labels"], one.next_step()[0]["labels"])
     val = one.validation(2)
     assert len(val) == 2 and not torch.equal(val[0]["input_ids"], whole[:4])
+
+
+def test_mqar_rows_draw_their_pair_count_from_the_list():
+    task = MQAR(n_pairs=(2, 5, 8), n_keys=16, n_values=16)
+    task.check(257, 64)
+    seen = set()
+    for seed in range(60):
+        ids, labels = task.sample(np.random.default_rng(seed), 64)
+        n = int(np.flatnonzero(labels != IGNORE).min()) // 2  # queries start after 2n tokens
+        seen.add(n)
+        store = dict(zip(ids[0:2 * n:2], ids[1:2 * n:2]))
+        assert len(store) == n and all(labels[t] == store[ids[t]] for t in np.flatnonzero(labels != IGNORE))
+    assert seen == {2, 5, 8}
+    with pytest.raises(ValueError, match=r"data.seq_len|too short for data.n_pairs=\(2, 40\)"):
+        MQAR(n_pairs=(2, 40), n_keys=64, n_values=64).check(257, 64)
+    with pytest.raises(ValueError, match=r"an integer or a list"):
+        MQAR(n_pairs=(), n_keys=16, n_values=16).check(257, 64)
+
+
+def test_recall_mixture_has_both_tasks_at_its_share():
+    from data import synthetic_task
+    cfg = {"source": "recall", "n_pairs": [4, 8], "n_keys": 16, "n_values": 16,
+           "passkey_share": 0.25, "max_bytes": 200_000}
+    task = synthetic_task(cfg, ByteTokenizer(), 256)
+    mq = MQAR(n_pairs=8, n_keys=16, n_values=16)
+    kinds = []
+    for seed in range(400):
+        ids, labels = task.sample(np.random.default_rng(seed), 256)
+        scored = np.flatnonzero(labels != IGNORE)
+        passkey = len(scored) == 5 and list(scored) == list(range(250, 255))
+        assert passkey or (ids[scored] < mq.n_keys).all()  # an MQAR row scores at its keys
+        kinds.append(passkey)
+    assert 0.18 < np.mean(kinds) < 0.32  # 400 rows at p = 0.25: sd 0.022
+    for bad in (0, 1, "half", True):
+        with pytest.raises(ValueError, match="data.passkey_share"):
+            synthetic_task({**cfg, "passkey_share": bad}, ByteTokenizer(), 256)
