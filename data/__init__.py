@@ -5,7 +5,7 @@
              cache_dir
     passkey: source, tokenizer, digits, max_bytes (of the builtin corpus the haystack comes
              from), val_batches, cache_dir
-    mqar:    source, tokenizer, n_pairs, n_keys, n_values, val_batches
+    mqar:    source, tokenizer, n_pairs, n_keys, n_values, min_len, val_batches
     recall:  the mqar and passkey keys, and passkey_share (the fraction of passkey rows)
     hf:      source, tokenizer, path, name, data_files, builder, split, val_split,
              val_fraction, text_field, streaming, max_docs, val_batches, shuffle,
@@ -43,7 +43,8 @@ _KEYS = {
     "hf": _COMMON_KEYS | {"path", "name", "data_files", "builder", "split", "val_split",
                           "val_fraction", "text_field", "streaming", "max_docs"},
     "passkey": {"source", "tokenizer", "digits", "max_bytes", "val_batches", "cache_dir"},
-    "mqar": {"source", "tokenizer", "n_pairs", "n_keys", "n_values", "val_batches", "cache_dir"},
+    "mqar": {"source", "tokenizer", "n_pairs", "n_keys", "n_values", "min_len", "val_batches",
+             "cache_dir"},
 }
 _KEYS["recall"] = _KEYS["mqar"] | _KEYS["passkey"] | {"passkey_share"}
 
@@ -149,7 +150,7 @@ def synthetic_task(cfg, tokenizer, seq_len: int, cache_dir: str | None = None):
     source = _get(cfg, "source")
     if source in ("mqar", "recall"):
         task = MQAR(n_pairs=_pairs(cfg), n_keys=_int(cfg, "n_keys", 64),
-                    n_values=_int(cfg, "n_values", 64))
+                    n_values=_int(cfg, "n_values", 64), min_len=_int(cfg, "min_len", 0))
         task.check(tokenizer.vocab_size, seq_len)
         if source == "mqar":
             return task

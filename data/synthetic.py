@@ -13,6 +13,10 @@ and eval.py measures the same tasks on any checkpoint.
   Chance: 1 / n_pairs for a model that copies some stored value, 1 / n_values otherwise.
   `n_pairs` may be a list: each row draws its count from it, so a model trained on the mix
   cannot learn where one count's query region starts instead of recalling.
+  `min_len` > 0 packs a training row with independent instances, each its own document
+  (cu_seqlens, positions from 0), of lengths drawn log-uniformly in [min_len, seq_len]: every
+  distance up to seq_len is trained, and a row holds several examples instead of one (an 8k
+  row of one instance repeats its few pairs thousands of times: one example per row).
 - Mixture: each row is one of several tasks, drawn with the given weights (`data=recall`:
   MQAR and passkey rows in one run).
 
@@ -42,6 +46,7 @@ class MQAR:
     n_keys: int = 64     # keys are token ids [first, first + n_keys)
     n_values: int = 64   # values follow: [first + n_keys, first + n_keys + n_values)
     first: int = 0       # first token id used (byte tokenizer: ids < 256 are all plain tokens)
+    min_len: int = 0     # > 0: training rows are instances of log-uniform lengths >= min_len
 
     @property
     def pair_counts(self) -> tuple:
@@ -63,6 +68,10 @@ class MQAR:
         if seq_len < 2 * most + 2:
             raise ValueError(f"trainer.seq_len={seq_len} is too short for data.n_pairs="
                              f"{self.n_pairs} (needs 2 * n_pairs + 2 tokens)")
+        if self.min_len and not 2 * most + 2 <= self.min_len <= seq_len:
+            raise ValueError(f"data.min_len={self.min_len} must be 0 (one instance per row) or "
+                             f"in [2 * max(n_pairs) + 2, trainer.seq_len] = [{2 * most + 2}, "
+                             f"{seq_len}]")
 
     def sample(self, rng: np.random.Generator, seq_len: int, n_pairs: int | None = None):
         """(input ids, labels), int64 [seq_len] each; `n_pairs` None: the row's own count
@@ -84,6 +93,20 @@ class MQAR:
         labels = np.full(seq_len, IGNORE, dtype=np.int64)
         labels[q0:q0 + 2 * queries:2] = ids[q0 + 1:q0 + 2 * queries + 1:2]
         return ids[:seq_len], labels
+
+    def row(self, rng: np.random.Generator, seq_len: int):
+        """A training row: (ids, labels, document starts); one instance unless min_len > 0."""
+        if not self.min_len:
+            return (*self.sample(rng, seq_len), [0])
+        parts, starts, left = [], [], seq_len
+        while left:
+            n = int(np.exp(rng.uniform(np.log(self.min_len), np.log(seq_len))))
+            n = left if left - n < self.min_len else n  # no piece shorter than min_len
+            starts.append(seq_len - left)
+            parts.append(self.sample(rng, n))
+            left -= n
+        return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                starts)
 
 
 @dataclass(frozen=True)
@@ -133,6 +156,10 @@ class Passkey:
         labels[answer - 1] = ids[answer]  # each digit is predicted from the token before it
         return ids, labels, answer - 1
 
+    def row(self, rng: np.random.Generator, seq_len: int):
+        """A training row: (ids, labels, document starts), the needle at a random depth."""
+        return (*self.sample(rng, seq_len)[:2], [0])
+
 
 @dataclass(frozen=True)
 class Mixture:
@@ -140,20 +167,29 @@ class Mixture:
     tasks: tuple
     weights: tuple
 
-    def sample(self, rng: np.random.Generator, seq_len: int):
-        """(input ids, labels) of one row of the task drawn for it."""
+    def row(self, rng: np.random.Generator, seq_len: int):
+        """(ids, labels, document starts) of one row of the task drawn for it."""
         p = np.asarray(self.weights, dtype=float)
         task = self.tasks[int(rng.choice(len(self.tasks), p=p / p.sum()))]
-        return task.sample(rng, seq_len)[:2]
+        return task.row(rng, seq_len)
 
 
 def _batch(rows: list[tuple]) -> dict:
+    """Micro-batch dict of rows (ids, labels, document starts): positions count from each
+    document's start; cu_seqlens (flattened, int32) only when some row holds several."""
     ids = torch.from_numpy(np.stack([r[0] for r in rows]))
     labels = torch.from_numpy(np.stack([r[1] for r in rows]))
     B, T = ids.shape
-    return {"input_ids": ids, "labels": labels,
-            "positions": torch.arange(T, dtype=torch.int64).expand(B, T).contiguous(),
-            "cu_seqlens": None}
+    pos = np.tile(np.arange(T, dtype=np.int64), (B, 1))
+    for i, (_, _, starts) in enumerate(rows):
+        for a, b in zip(starts, [*starts[1:], T]):
+            pos[i, a:b] -= a
+    cu = None
+    if any(len(r[2]) > 1 for r in rows):
+        cu = torch.tensor([i * T + a for i, r in enumerate(rows) for a in r[2]] + [B * T],
+                          dtype=torch.int32)
+    return {"input_ids": ids, "labels": labels, "positions": torch.from_numpy(pos),
+            "cu_seqlens": cu}
 
 
 class SyntheticBatches:
@@ -169,7 +205,7 @@ class SyntheticBatches:
 
     def rows(self, step: int, first: int, count: int, seed: int | None = None) -> dict:
         seed = self.seed if seed is None else seed
-        return _batch([self.task.sample(_row_rng(seed, step, i), self.seq_len)[:2]
+        return _batch([self.task.row(_row_rng(seed, step, i), self.seq_len)
                        for i in range(first, first + count)])
 
     def next_step(self) -> list[dict]:

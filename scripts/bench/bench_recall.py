@@ -2,7 +2,7 @@
 and MQAR grids; one table and the heat maps.
 
     python3 scripts/bench/bench_recall.py --families flash,lightning,moba,nsa,hybrid \
-        --model 350m --seq-len 8192 --rows 2 --steps 500 --data recall --compile \
+        --model 350m --seq-len 8192 --rows 2 --steps 400 --data recall --compile \
         --eval-lengths 8192,32768 --out $OUT
 
 Per family: `train.py` (model, seq_len, global batch `--rows` × seq_len tokens per step, the
@@ -131,8 +131,8 @@ def main() -> None:
     ap.add_argument("--model", default="350m")
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--rows", type=int, default=2, help="rows per step (global batch)")
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--data", default="recall", choices=sorted(DATA))
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--eval-lengths", default="8192,32768")

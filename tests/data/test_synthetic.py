@@ -103,7 +103,7 @@ def test_recall_mixture_has_both_tasks_at_its_share():
     mq = MQAR(n_pairs=8, n_keys=16, n_values=16)
     kinds = []
     for seed in range(400):
-        ids, labels = task.sample(np.random.default_rng(seed), 256)
+        ids, labels, _ = task.row(np.random.default_rng(seed), 256)
         scored = np.flatnonzero(labels != IGNORE)
         passkey = len(scored) == 5 and list(scored) == list(range(250, 255))
         assert passkey or (ids[scored] < mq.n_keys).all()  # an MQAR row scores at its keys
