@@ -85,14 +85,16 @@ def _clamped(configs, names, dims):
 # BT = 64: the chunk (intra tile) of Lightning Attention-2. At D = 128, BV = 64 the [128, 64] fp32
 # state, the [64, 64] fp32 scores and the [64, 64] fp32 output live in registers: compiled for
 # sm_90 (tests/attn/linear/aot_compile.py) 8 warps take ~215 registers/thread without spills,
-# 4 warps ~230 with small spills in the reverse variant; the autotuner picks on the GPU.
+# 4 warps ~230 with small spills in the reverse variant. First: 64 x 64 with 4 warps, the
+# autotuner's pick for every role at D = 128 on the H100 and the H200 (docs/lightning_notes.md).
 # BV = D (one DV tile) computes each score tile once; BT = 32 halves the intra-chunk work and the
 # register tiles (no spills at BV = 128) but issues smaller MMAs.
-_OUT_CFGS = [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2),
+_OUT_CFGS = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2),
              (32, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2)]
-# (BA, BV, BT, warps, stages) of pass 1 (a plain decayed B^T V accumulation)
-_STATE_CFGS = [(64, 64, 64, 4, 2), (64, 64, 128, 4, 3), (128, 64, 64, 8, 2),
-               (128, 128, 64, 8, 2), (64, 64, 64, 4, 3), (32, 64, 64, 4, 2)]
+# (BA, BV, BT, warps, stages) of pass 1 (a plain decayed B^T V accumulation). First: the H200
+# autotuner's pick for three of its four roles (the fourth and the H100 took BV = 128).
+_STATE_CFGS = [(128, 64, 64, 8, 2), (128, 128, 64, 8, 2), (64, 64, 64, 4, 2), (64, 64, 128, 4, 3),
+               (64, 64, 64, 4, 3), (32, 64, 64, 4, 2)]
 _SCAN_TILE = 32  # pass 2 tile edge: (D/32)^2 * N * H programs, 4 KB of fp32 state per step
 
 _out_cfgs = [triton.Config({"BT": bt, "BV": bv}, num_warps=w, num_stages=s)

@@ -148,6 +148,9 @@ def kernel_breakdown(T, H, D, dtype, tokens):
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
+            # fresh .grad each time, as in the timing: else autograd's accumulation (one add
+            # kernel per input) shows up as if it were the op's
+            q.grad = k.grad = v.grad = None
             fn(q, k, v).backward(do)
         torch.cuda.synchronize()
     rows = {}

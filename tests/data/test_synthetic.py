@@ -112,3 +112,27 @@ def test_recall_mixture_has_both_tasks_at_its_share():
     for bad in (0, 1, "half", True):
         with pytest.raises(ValueError, match="data.passkey_share"):
             synthetic_task({**cfg, "passkey_share": bad}, ByteTokenizer(), 256)
+
+
+def test_packed_mqar_rows_are_instances_with_their_own_documents():
+    task = MQAR(n_pairs=(2, 4), n_keys=16, n_values=16, min_len=20)
+    task.check(257, 256)
+    batches = SyntheticBatches(task, 256, micro_batch=3, grad_accum=1, seed=5)
+    mb = batches.next_step()[0]
+    ids, labels, pos, cu = (mb[k].numpy() for k in ("input_ids", "labels", "positions", "cu_seqlens"))
+    assert cu.dtype == np.int32 and cu[0] == 0 and cu[-1] == 3 * 256 and (np.diff(cu) >= 20).all()
+    assert len(cu) > 4  # several instances per row on average (log-uniform lengths in [20, 256])
+    flat_ids, flat_labels, flat_pos = ids.reshape(-1), labels.reshape(-1), pos.reshape(-1)
+    for a, b in zip(cu[:-1], cu[1:]):
+        assert a // 256 == (b - 1) // 256  # no document crosses a row
+        assert list(flat_pos[a:b]) == list(range(b - a))  # positions restart per document
+        doc, lab = flat_ids[a:b], flat_labels[a:b]
+        scored = np.flatnonzero(lab != IGNORE)
+        n = scored.min() // 2  # the instance's pair count: its store is the first 2n tokens
+        assert n in (2, 4)
+        store = dict(zip(doc[0:2 * n:2], doc[1:2 * n:2]))
+        assert all(lab[t] == store[doc[t]] for t in scored)  # answers come from its own store
+    with pytest.raises(ValueError, match=r"data.min_len=9 must be 0 .* \[10, 256\]"):
+        MQAR(n_pairs=4, min_len=9).check(257, 256)
+    one = SyntheticBatches(MQAR(n_pairs=4), 64, micro_batch=2, grad_accum=1).next_step()[0]
+    assert one["cu_seqlens"] is None and (one["positions"][1] == torch.arange(64)).all()
