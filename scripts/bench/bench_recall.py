@@ -13,8 +13,10 @@ passkey: needle rows; builtin: the corpus), then `eval.py` on its last checkpoin
 or runs out of time is a row saying so, and the others still run. Writes <out>/recall.json,
 recall.md, <out>/<family>/{eval.json,passkey.png,mqar.png,train.log,eval.log,metrics.jsonl};
 the run folders (with their checkpoints) go to --work. `--plot FOLDER...` redraws
-<out>/recall_loss.png (training loss per family) and recall_mqar.png (MQAR accuracy per family
-and length) from finished result folders, e.g. two device calls' halves.
+<out>/recall_loss.png (training loss per family), recall_mqar.png (MQAR accuracy per family
+and length) and, for --data builtin (eval.py's position loss on), recall_position.png
+(validation loss by position at T and 2T) from finished result folders, e.g. two device calls'
+halves.
 """
 from __future__ import annotations
 
@@ -67,7 +69,8 @@ def one_family(family: str, a, out: Path) -> dict:
     if rc != 0:
         return row
     eval_cmd = [sys.executable, "eval.py", f"run={run_dir}", f"out={folder}",
-                "eval.position_loss=false", f"eval.samples={a.samples}",
+                f"eval.position_loss={str(a.data == 'builtin').lower()}", f"eval.samples={a.samples}",
+                f"eval.val_rows={a.val_rows}",
                 f"eval.passkey_lengths=[{lengths}]", f"eval.mqar_lengths=[{lengths}]",
                 f"eval.mqar_pairs=[{a.mqar_pairs}]", f"eval.depths=[{a.depths}]", "wandb=false"]
     rc = run(eval_cmd, a.family_timeout - (time.time() - t0), folder / "eval.log")
@@ -75,6 +78,8 @@ def one_family(family: str, a, out: Path) -> dict:
     if rc == 0:
         ev = json.loads((folder / "eval.json").read_text())
         row["passkey"], row["mqar"] = ev.get("passkey"), ev.get("mqar")
+        if "position_loss" in ev:
+            row["position_loss"] = ev["position_loss"]
     row["total_s"] = round(time.time() - t0, 1)
     return row
 
@@ -82,6 +87,12 @@ def one_family(family: str, a, out: Path) -> dict:
 def mean(grid) -> float | None:
     cells = [v for r in grid or [] for v in r if v is not None]
     return sum(cells) / len(cells) if cells else None
+
+
+def last_buckets(position_loss) -> str:
+    """'2.345 / 2.567': each length's loss in its last position bucket ('' without them)."""
+    cells = [p["loss"][-1] for p in (position_loss or {}).values()]
+    return " / ".join("–" if v is None else f"{v:.3f}" for v in cells)
 
 
 def plot(folders: list[Path], out: Path) -> list[Path]:
@@ -121,6 +132,23 @@ def plot(folders: list[Path], out: Path) -> list[Path]:
         fig.tight_layout()
         paths.append(out / "recall_mqar.png")
         fig.savefig(paths[-1], dpi=120)
+    with_pos = [r for _, r in rows if r.get("position_loss")]
+    if with_pos:
+        lengths = list(with_pos[0]["position_loss"])
+        fig, axes = plt.subplots(1, len(lengths), figsize=(4.8 * len(lengths), 3.6), squeeze=False)
+        for j, T in enumerate(lengths):
+            ax = axes[0][j]
+            for r in with_pos:
+                p = r["position_loss"].get(T)
+                if p:
+                    mid = [(a + b) / 2 for a, b in zip(p["edges"][:-1], p["edges"][1:])]
+                    ax.plot(mid, p["loss"], marker=".", label=r["family"])
+            ax.set(xlabel="position in the document", ylabel="validation loss",
+                   title=f"rows of {T} tokens")
+        axes[0][0].legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / "recall_position.png")
+        fig.savefig(paths[-1], dpi=120)
     plt.close("all")
     return paths
 
@@ -139,6 +167,8 @@ def main() -> None:
     ap.add_argument("--mqar-pairs", default="8,16,32,64")
     ap.add_argument("--depths", default="0.0,0.5,1.0")
     ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--val-rows", type=int, default=32,
+                    help="eval.val_rows: position-loss rows per length (capped by the split)")
     ap.add_argument("--family-timeout", type=float, default=900)
     ap.add_argument("--work", default="/tmp/bench_recall", help="run folders (checkpoints)")
     ap.add_argument("--out", default="bench_out")
@@ -157,8 +187,9 @@ def main() -> None:
         print(json.dumps(rows[-1])[:400], flush=True)
         (out / "recall.json").write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
     lines = [f"| family ({a.model}, T {a.seq_len}, {a.steps} steps × {a.rows} rows, data={a.data}) "
-             "| tokens/s | train loss | passkey acc (mean) | MQAR acc (mean) | note |",
-             "|---|---:|---:|---:|---:|---|"]
+             "| tokens/s | train loss | passkey acc (mean) | MQAR acc (mean) "
+             "| val loss, last position bucket at T / 2T | note |",
+             "|---|---:|---:|---:|---:|---|---|"]
     for r in rows:
         note = "" if r.get("eval_rc") == 0 else f"train exit {r['train_rc']}" + (
             f", eval exit {r['eval_rc']}" if "eval_rc" in r else "")
@@ -167,7 +198,7 @@ def main() -> None:
                  mean((r.get("mqar") or {}).get("accuracy"))]
         lines.append(f"| {r['family']} | " + " | ".join(
             "" if v is None else f"{v:,.0f}" if i == 0 else f"{v:.3f}" for i, v in enumerate(cells))
-            + f" | {note} |")
+            + f" | {last_buckets(r.get('position_loss'))} | {note} |")
     (out / "recall.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     plot([out], out)
