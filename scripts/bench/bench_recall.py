@@ -127,6 +127,7 @@ def plot(folders: list[Path], out: Path) -> list[Path]:
             ax.plot(m["pairs"], m["chance"], "k:", label="copying chance 1/n")
             ax.set(xscale="log", xlabel="key-value pairs", ylabel="MQAR accuracy", ylim=(0, 1.02),
                    title=f"length {T}")
+            ax.minorticks_off()  # log-axis minor labels would print over the pair counts
             ax.set_xticks(m["pairs"], [str(n) for n in m["pairs"]])
         axes[0][0].legend(fontsize=8)
         fig.tight_layout()
