@@ -156,8 +156,8 @@ def synthetic_task(cfg, tokenizer, seq_len: int, cache_dir: str | None = None):
             return task
         share = _get(cfg, "passkey_share", 0.5)
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
-            raise ValueError(f"data.passkey_share={share!r} must be a number in (0, 1) "
-                             "(the fraction of passkey rows; data=mqar or data=passkey for one task)")
+            raise ValueError(f"data.passkey_share={share!r} must be a number in (0, 1) (the "
+                             "fraction of passkey rows; data=mqar or data=passkey for one task)")
         keys = {k: _get(cfg, k) for k in _KEYS["passkey"]}
         passkey = synthetic_task({**{k: v for k, v in keys.items() if v is not None},
                                   "source": "passkey"}, tokenizer, seq_len, cache_dir)

@@ -29,6 +29,12 @@ INTERP_SMS = 3
 GRID_ORDER = os.environ.get("FLASH_GRID_ORDER", "grouped")
 if GRID_ORDER not in ("grouped", "rows"):
     raise ValueError(f"FLASH_GRID_ORDER={GRID_ORDER!r}: must be 'grouped' or 'rows'")
+# FLASH_FWD_AHEAD=1: the forward issues each chunk's q·k^T one chunk ahead of its softmax
+# (fwd.py _fwd_inner_ahead); off until an H200 A/B shows it pays (docs/flash_notes.md)
+_AHEAD = os.environ.get("FLASH_FWD_AHEAD", "0")
+if _AHEAD not in ("0", "1"):
+    raise ValueError(f"FLASH_FWD_AHEAD={_AHEAD!r}: must be 0 or 1")
+FWD_AHEAD = _AHEAD == "1"
 
 
 def launch_sms(device) -> int:

@@ -70,12 +70,97 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, start, end, qpos, lo, 
 
 
 @triton.jit
+def _qk(q, k_base, start_n, Tk, STRIDE_KT: tl.constexpr, BLOCK_N: tl.constexpr,
+        HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Raw scores q·k^T of the key chunk at start_n (unscaled, unmasked: their first use is
+    the softmax step, so an asynchronous product is not waited for before then)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    tile = offs_n[:, None] * STRIDE_KT + tl.arange(0, HEAD_DIM)[None, :]
+    k_ptrs = k_base + tl.cast(start_n, tl.int64) * STRIDE_KT + tile
+    if MASKED:
+        k = tl.load(k_ptrs, mask=(start_n + offs_n < Tk)[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    return mma(q, tl.trans(k), None, DOT_PREC)
+
+
+@triton.jit
+def _softmax_pv(acc, l_i, m_i, s, start_n, v_base, ks_base, qpos, lo, Tk, qk_scale,
+                STRIDE_KT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                HKV: tl.constexpr, MASKED: tl.constexpr, FP8: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    """The online-softmax step of _fwd_inner on the raw scores s of the chunk at start_n."""
+    kpos = start_n + tl.arange(0, BLOCK_N)
+    if FP8:
+        ks = tl.load(ks_base + kpos * HKV, mask=kpos < Tk, other=0.0)
+        s = s * qk_scale[:, None] * ks[None, :]
+    else:
+        s = s * qk_scale
+    if MASKED:
+        ok = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= lo[:, None]) \
+            & (kpos < Tk)[None, :]
+        s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    tile = tl.arange(0, BLOCK_N)[:, None] * STRIDE_KT + tl.arange(0, HEAD_DIM)[None, :]
+    v_ptrs = v_base + tl.cast(start_n, tl.int64) * STRIDE_KT + tile
+    if MASKED:
+        v = tl.load(v_ptrs, mask=(kpos < Tk)[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    acc = mma(cvt(p, v.dtype), v, acc, DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_inner_ahead(acc, l_i, m_i, q, k_base, v_base, ks_base, start, end, qpos, lo, Tk,
+                     qk_scale, STRIDE_KT: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, HKV: tl.constexpr, MASKED: tl.constexpr,
+                     FP8: tl.constexpr, DOT_PREC: tl.constexpr):
+    """_fwd_inner with the scores one chunk ahead (FLASH_FWD_AHEAD=1): the product q·k^T of
+    chunk j+1 is issued before the softmax of chunk j, so on Hopper the tensor cores can run it
+    while the softmax's exp2 and row sums run (FlashAttention-3's intra-warpgroup overlap).
+    Costs one more fp32 score tile in registers. Same results as _fwd_inner, bit for bit."""
+    n = tl.cdiv(end - start, BLOCK_N)
+    if n > 0:
+        s = _qk(q, k_base, start, Tk, STRIDE_KT, BLOCK_N, HEAD_DIM, MASKED, DOT_PREC)
+        for j in range(0, n - 1):
+            start_n = start + j * BLOCK_N
+            s_next = _qk(q, k_base, start_n + BLOCK_N, Tk, STRIDE_KT, BLOCK_N, HEAD_DIM, MASKED,
+                         DOT_PREC)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, start_n, v_base, ks_base, qpos, lo, Tk,
+                                        qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, HKV, MASKED, FP8,
+                                        DOT_PREC)
+            s = s_next
+        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, start + (n - 1) * BLOCK_N, v_base, ks_base,
+                                    qpos, lo, Tk, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, HKV,
+                                    MASKED, FP8, DOT_PREC)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_range(acc, l_i, m_i, q, k_base, v_base, ks_base, start, end, qpos, lo, Tk, qk_scale,
+               STRIDE_KT: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+               HKV: tl.constexpr, MASKED: tl.constexpr, FP8: tl.constexpr,
+               DOT_PREC: tl.constexpr, AHEAD: tl.constexpr):
+    if AHEAD:
+        return _fwd_inner_ahead(acc, l_i, m_i, q, k_base, v_base, ks_base, start, end, qpos, lo,
+                                Tk, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, HKV, MASKED, FP8,
+                                DOT_PREC)
+    return _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, start, end, qpos, lo, Tk,
+                      qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, HKV, MASKED, FP8, DOT_PREC)
+
+
+@triton.jit
 def _fwd_program(start_m, pid_bh, Q, K, V, O, LSE, SEG_START, QS, KS, qk_scale, q_offset,
                  window, Tq, Tk,
                  HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, FP8: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
+                 DOT_PREC: tl.constexpr, AHEAD: tl.constexpr):
     """O, lse of query rows start_m.. of (batch, query head) pid_bh."""
     b = pid_bh // HQ
     h = pid_bh % HQ
@@ -116,15 +201,15 @@ def _fwd_program(start_m, pid_bh, Q, K, V, O, LSE, SEG_START, QS, KS, qk_scale, 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30  # finite: a fully masked block gives p=0
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, kv_lo, f_lo, qpos, lo,
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, ks_base, kv_lo, f_lo, qpos, lo,
                                Tk, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, HKV, True, FP8,
-                               DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, f_lo, f_hi, qpos, lo,
+                               DOT_PREC, AHEAD)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, ks_base, f_lo, f_hi, qpos, lo,
                                Tk, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, HKV, False, FP8,
-                               DOT_PREC)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, ks_base, f_hi, kv_hi, qpos, lo,
+                               DOT_PREC, AHEAD)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, ks_base, f_hi, kv_hi, qpos, lo,
                                Tk, qk_scale, STRIDE_KT, BLOCK_N, HEAD_DIM, HKV, True, FP8,
-                               DOT_PREC)
+                               DOT_PREC, AHEAD)
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # only padding rows (never stored) have l == 0
     acc = acc / l_safe[:, None]
@@ -138,13 +223,13 @@ def _fwd_kernel(Q, K, V, O, LSE, SEG_START, QS, KS, qk_scale, q_offset, window, 
                 HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, FP8: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+                DOT_PREC: tl.constexpr, AHEAD: tl.constexpr):
     # heaviest (latest) query blocks first, rows in groups (common.heavy_first): the causal
     # tail of the grid is made of short blocks
     rank, pid_bh = heavy_first(n_sm)
     _fwd_program((tl.num_programs(0) - 1 - rank) * BLOCK_M, pid_bh, Q, K, V, O, LSE, SEG_START,
                  QS, KS, qk_scale, q_offset, window, Tq, Tk, HQ, HKV, HEAD_DIM, BLOCK_M, BLOCK_N,
-                 HAS_SEG, HAS_WINDOW, FP8, DOT_PREC)
+                 HAS_SEG, HAS_WINDOW, FP8, DOT_PREC, AHEAD)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +268,7 @@ def fwd_triton(q, k, v, scale, seg_start, q_offset, window, q_scale=None, k_scal
     args = (q, k, v, o, lse, seg, q_scale if fp8 else lse, k_scale if fp8 else lse,
             scale * LOG2E_F, q_offset, window or 0, tq, tk, common.launch_sms(q.device))
     meta = dict(HQ=hq, HKV=hkv, HEAD_DIM=d, HAS_SEG=has_seg, HAS_WINDOW=window is not None,
-                FP8=fp8, DOT_PREC=dot_precision(q.dtype))
+                FP8=fp8, DOT_PREC=dot_precision(q.dtype), AHEAD=common.FWD_AHEAD)
     if common.use_autotune("fwd"):
         grid = lambda m: (triton.cdiv(tq, m["BLOCK_M"]), B * hq)  # noqa: E731
         _fwd_tuned[grid](*args, **meta)

@@ -1,15 +1,20 @@
 """A/B of checkouts' attention kernels in one device run (a restructuring must not move them).
 
     python3 scripts/bench/ab_kernels.py old=<old checkout> new=. [more=<path> ...] --rounds 3 --out $OUT
+    python3 scripts/bench/ab_kernels.py plain=. ahead=.@FLASH_FWD_AHEAD=1 --cases flash,flash64 \
+        --mode fwd --rounds 5 --out $OUT             # one checkout, two settings of a switch
 
 The first checkout is the baseline. Each round times every case once per checkout, in order,
 each in a fresh process that imports `attn` from that checkout (all are packages named `attn`,
 so one process cannot hold two; alternating rounds cancel clock drift). Before the rounds, one
 untimed pass per checkout runs concurrently so the checkouts' kernels compile in parallel on the
 host's cores (Triton's cache is keyed by kernel source, so identical kernels compile once).
-Per case and checkout: the median over rounds of the median forward + backward time (CUDA
-events, after warm-up). Cases: flash (causal, GQA), lightning (batch 4), MoBA, NSA at 16k tokens
-per sequence, bf16, autotuning off (FLASH_AUTOTUNE=0, LINEAR_AUTOTUNE=0: the default configs).
+A checkout `NAME=PATH@VAR=VALUE@...` runs with those environment variables set (an A/B of a
+switch in one checkout). Per case and checkout: the median over rounds of the median forward +
+backward time (`--mode fwd`: forward only, under no_grad; CUDA events, after warm-up). Cases:
+flash (causal, GQA 16/4, D 128), flash64 (16 heads, D 64: the 350m model's layer), lightning
+(batch 4), MoBA, NSA at 16k tokens per sequence, bf16, autotuning off (FLASH_AUTOTUNE=0,
+LINEAR_AUTOTUNE=0: the default configs).
 Writes <out>/ab_kernels.json and .md.
 """
 from __future__ import annotations
@@ -22,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CASES = ("flash", "lightning", "moba", "nsa")
+CASES = ("flash", "lightning", "moba", "nsa")  # the default set; flash64 on request
 
 # one process: import attn from sys.argv[1], time every case, print {case: ms} as JSON
 WORKER = r"""
@@ -38,6 +43,10 @@ def case(name):
     if name == "flash":
         from attn.flash import flash_attn
         q, k, v = randn(1, T, H, D), randn(1, T, HKV, D), randn(1, T, HKV, D)
+        return lambda: flash_attn(q, k, v), (q, k, v)
+    if name == "flash64":
+        from attn.flash import flash_attn
+        q, k, v = (randn(2, T // 2, H, 64) for _ in range(3))
         return lambda: flash_attn(q, k, v), (q, k, v)
     if name == "lightning":
         from attn.lightning import lightning_attn
@@ -55,13 +64,17 @@ def case(name):
     g = [torch.rand(1, T, 64, device=dev, dtype=bf).requires_grad_() for _ in range(3)]
     return (lambda: nsa_attn(q, k, v, kc, vc, *g, gates_nonneg=True)), (q, k, v, kc, vc, *g)
 warm_only = sys.argv[3] == "warm"
+fwd_only = sys.argv[4] == "fwd"
 out = {}
 for name in sys.argv[2].split(","):
     fn, inputs = case(name)
-    do = None
     def step():
-        o = fn()
-        o.backward(torch.ones_like(o) if do is None else do)
+        if fwd_only:
+            with torch.no_grad():
+                fn()
+        else:
+            o = fn()
+            o.backward(torch.ones_like(o))
     for _ in range(1 if warm_only else 3):
         step()
     if warm_only:
@@ -76,11 +89,13 @@ print("AB_RESULT " + json.dumps(out))
 """
 
 
-def worker(root: str, cases: list[str], mode: str) -> subprocess.Popen:
+def worker(spec: str, cases: list[str], mode: str, timed: str) -> subprocess.Popen:
+    root, *settings = spec.split("@")
     env = dict(os.environ, FLASH_AUTOTUNE="0", LINEAR_AUTOTUNE="0")
     env.pop("TRITON_INTERPRET", None)
+    env.update(kv.split("=", 1) for kv in settings)
     return subprocess.Popen([sys.executable, "-c", WORKER, str(Path(root).resolve()),
-                             ",".join(cases), mode], stdout=subprocess.PIPE,
+                             ",".join(cases), mode, timed], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
@@ -94,28 +109,32 @@ def result(name: str, proc: subprocess.Popen) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkouts", nargs="+", help="NAME=PATH, baseline first")
+    ap.add_argument("checkouts", nargs="+", help="NAME=PATH[@VAR=VALUE...], baseline first")
     ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--mode", default="fwdbwd", choices=["fwdbwd", "fwd"])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default="bench_out")
     a = ap.parse_args()
     cases = a.cases.split(",")
     roots = dict(c.split("=", 1) for c in a.checkouts)
-    if len(roots) < 2 or any(not Path(p, "attn").is_dir() for p in roots.values()):
+    if len(roots) < 2 or any(not Path(p.split("@")[0], "attn").is_dir() for p in roots.values()):
         ap.error("give at least two NAME=PATH checkouts, each with an attn/ package")
-    warm = {name: worker(root, cases, "warm") for name, root in roots.items()}
+    if any("=" not in kv for p in roots.values() for kv in p.split("@")[1:]):
+        ap.error("settings after a checkout's path are @VAR=VALUE")
+    warm = {name: worker(root, cases, "warm", a.mode) for name, root in roots.items()}
     for name, proc in warm.items():
         result(name, proc)
     print("compiled", flush=True)
     runs = {name: [] for name in roots}
     for r in range(a.rounds):
         for name, root in roots.items():
-            runs[name].append(result(name, worker(root, cases, "time")))
+            runs[name].append(result(name, worker(root, cases, "time", a.mode)))
             print(f"round {r + 1} {name}: {runs[name][-1]}", flush=True)
     med = {name: {c: statistics.median(run[c] for run in runs[name]) for c in cases}
            for name in runs}
     base, *others = roots
-    rows = ["| case (16k, bf16, fwd+bwd) | " + " | ".join(f"{n} ms" for n in roots)
+    mode = "fwd+bwd" if a.mode == "fwdbwd" else "fwd"
+    rows = [f"| case (16k, bf16, {mode}) | " + " | ".join(f"{n} ms" for n in roots)
             + "".join(f" | {n} / {base}" for n in others) + " |",
             "|---" * (len(roots) + len(others) + 1) + "|"]
     rows += [f"| {c} | " + " | ".join(f"{med[n][c]:.3f}" for n in roots)
@@ -123,7 +142,8 @@ def main() -> None:
              for c in cases]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ab_kernels.json").write_text(json.dumps({"checkouts": roots, "runs": runs,
+    (out / "ab_kernels.json").write_text(json.dumps({"checkouts": roots, "mode": a.mode,
+                                                     "runs": runs,
                                                      "median_ms": med}, indent=1))
     (out / "ab_kernels.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))

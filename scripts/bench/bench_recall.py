@@ -69,8 +69,8 @@ def one_family(family: str, a, out: Path) -> dict:
     if rc != 0:
         return row
     eval_cmd = [sys.executable, "eval.py", f"run={run_dir}", f"out={folder}",
-                f"eval.position_loss={str(a.data == 'builtin').lower()}", f"eval.samples={a.samples}",
-                f"eval.val_rows={a.val_rows}",
+                f"eval.position_loss={str(a.data == 'builtin').lower()}",
+                f"eval.samples={a.samples}", f"eval.val_rows={a.val_rows}",
                 f"eval.passkey_lengths=[{lengths}]", f"eval.mqar_lengths=[{lengths}]",
                 f"eval.mqar_pairs=[{a.mqar_pairs}]", f"eval.depths=[{a.depths}]", "wandb=false"]
     rc = run(eval_cmd, a.family_timeout - (time.time() - t0), folder / "eval.log")
@@ -123,7 +123,8 @@ def plot(folders: list[Path], out: Path) -> list[Path]:
             ax = axes[0][j]
             for r in scored:
                 m = r["mqar"]
-                ax.plot(m["pairs"], [row[j] for row in m["accuracy"]], marker="o", label=r["family"])
+                ax.plot(m["pairs"], [row[j] for row in m["accuracy"]], marker="o",
+                        label=r["family"])
             ax.plot(m["pairs"], m["chance"], "k:", label="copying chance 1/n")
             ax.set(xscale="log", xlabel="key-value pairs", ylabel="MQAR accuracy", ylim=(0, 1.02),
                    title=f"length {T}")

@@ -4,7 +4,7 @@
     python3 scripts/tune/tune_flash.py --out OUT [--T 16384] [--tokens 32768] [--H 16]
         [--kv-heads H] [--window W] [--kernels fwd,dkdv,dq] [--no-fp8]              # GPU
     python3 scripts/tune/tune_flash.py --aot [--dims 64,128,256] [--kernels fwd,dkdv,dq]
-        [--dtype bf16|fp32] [--tma]                                                 # no GPU
+        [--dtype bf16|fp32] [--tma] [--ahead]                                       # no GPU
 
 GPU: sweep the candidates below one kernel at a time (each kernel keeps its best before the
 next is swept), split the backward's time by kernel, and measure the FP8 forward option (time
@@ -187,6 +187,7 @@ def aot_check(name, d, cfg, extra):
                  HAS_WINDOW=False, DOT_PREC="ieee" if P == "*fp32" else "tf32", **extra)
     if name == "fwd":
         const.setdefault("FP8", False)
+        const.setdefault("AHEAD", False)
     else:
         const.setdefault("TMA", False)
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
@@ -215,7 +216,10 @@ def aot(a):
         for d in [int(x) for x in a.dims.split(",")]:
             table = kernels()[name][1]
             for cfg in table[pick_dim(table, d, torch.float32 if a.dtype == "fp32" else None)]:
-                aot_check(name, d, cfg, {"TMA": True} if a.tma and name != "fwd" else {})
+                extra = {"TMA": True} if a.tma and name != "fwd" else {}
+                if a.ahead and name == "fwd":
+                    extra = {"AHEAD": True}
+                aot_check(name, d, cfg, extra)
 
 
 def main():
@@ -233,6 +237,8 @@ def main():
     ap.add_argument("--dims", default="64,128,256", help="--aot: head dims")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="--aot: inputs")
     ap.add_argument("--tma", action="store_true", help="--aot: dK/dV and dQ with TMA descriptors")
+    ap.add_argument("--ahead", action="store_true",
+                    help="--aot: the forward with scores one chunk ahead (FLASH_FWD_AHEAD=1)")
     a = ap.parse_args()
     if a.aot:
         aot(a)

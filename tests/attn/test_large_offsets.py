@@ -144,7 +144,7 @@ def _fwd_tile(start_m, Q, K, V, O, LSE, qk_scale, window, Tq, Tk, HQ: tl.constex
               DOT_PREC: tl.constexpr):
     flash_fwd._fwd_program(start_m, tl.program_id(1), Q, K, V, O, LSE, LSE, LSE, LSE, qk_scale,
                            0, window, Tq, Tk, HQ, HKV, HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SEG,
-                           HAS_WINDOW, False, DOT_PREC)
+                           HAS_WINDOW, False, DOT_PREC, False)
 
 
 @triton.jit

@@ -87,7 +87,8 @@ def test_mqar_rows_draw_their_pair_count_from_the_list():
         n = int(np.flatnonzero(labels != IGNORE).min()) // 2  # queries start after 2n tokens
         seen.add(n)
         store = dict(zip(ids[0:2 * n:2], ids[1:2 * n:2]))
-        assert len(store) == n and all(labels[t] == store[ids[t]] for t in np.flatnonzero(labels != IGNORE))
+        scored = np.flatnonzero(labels != IGNORE)
+        assert len(store) == n and all(labels[t] == store[ids[t]] for t in scored)
     assert seen == {2, 5, 8}
     with pytest.raises(ValueError, match=r"data.seq_len|too short for data.n_pairs=\(2, 40\)"):
         MQAR(n_pairs=(2, 40), n_keys=64, n_values=64).check(257, 64)
@@ -119,7 +120,8 @@ def test_packed_mqar_rows_are_instances_with_their_own_documents():
     task.check(257, 256)
     batches = SyntheticBatches(task, 256, micro_batch=3, grad_accum=1, seed=5)
     mb = batches.next_step()[0]
-    ids, labels, pos, cu = (mb[k].numpy() for k in ("input_ids", "labels", "positions", "cu_seqlens"))
+    ids, labels, pos, cu = (mb[k].numpy()
+                            for k in ("input_ids", "labels", "positions", "cu_seqlens"))
     assert cu.dtype == np.int32 and cu[0] == 0 and cu[-1] == 3 * 256 and (np.diff(cu) >= 20).all()
     assert len(cu) > 4  # several instances per row on average (log-uniform lengths in [20, 256])
     flat_ids, flat_labels, flat_pos = ids.reshape(-1), labels.reshape(-1), pos.reshape(-1)

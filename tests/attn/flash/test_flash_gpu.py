@@ -153,3 +153,18 @@ def test_gpu_tokens_heads_dim_past_2_31_causal(monkeypatch):
     monkeypatch.setenv("ATTN_IMPL", "triton")
     monkeypatch.setenv("FLASH_AUTOTUNE", "0")
     print(big_causal_case("cuda", T=2 ** 17 + 128, H=128, D=128, R=64))
+
+
+@pytest.mark.parametrize("case", [
+    dict(B=2, Tq=4096, Hq=16, D=128),
+    dict(B=1, Tq=3000, Tk=7001, q_offset=2500, Hq=4, Hkv=2, D=64, window=1000, cu="docs"),
+], ids=["plain", "offset-window-docs-D64"])
+def test_gpu_scores_ahead_forward(monkeypatch, case):
+    """FLASH_FWD_AHEAD compiled for the GPU: oracle rules as above (the backward is shared)."""
+    from attn.flash import common
+    monkeypatch.setattr(common, "FWD_AHEAD", True)
+    case = dict(case, dtype=bf16)
+    if case.get("cu") == "docs":
+        case["cu"] = random_docs(case.get("Tk", case["Tq"]), 12)
+    rep = check_case(monkeypatch, device="cuda", **case)
+    print({k: f"{a:.2e} (ref {b:.2e})" for k, (a, b) in rep.items()})
