@@ -56,7 +56,8 @@ def test_data_options_instantiate(compose, option, tmp_path):
                              for i in range(200)))
         extra = ["data.path=null", "data.builder=json", f"data.data_files={f}", "data.tokenizer=bytes", "data.val_fraction=0.2"]
     cfg = compose(f"data={option}", *extra)
-    T = 256 if option == "passkey" else 64  # room for the needle and the question
+    # room for the needle and the question, and recall's longest MQAR instance (64 pairs)
+    T = 256 if option in ("passkey", "recall") else 64
     tok, batches, val = build_data(cfg.data, seq_len=T, micro_batch=2, grad_accum=1, dp_rank=0,
                                    dp_world=1, seed=0)
     mb = batches.next_step()[0]
