@@ -60,7 +60,7 @@ def one_family(family: str, a, out: Path) -> dict:
                  f"trainer.steps={a.steps}", "trainer.log_every=10", "trainer.val_every=0",
                  f"trainer.ckpt_every={a.steps}", f"trainer.compile={str(a.compile).lower()}",
                  f"optim.lr={a.lr}", f"optim.warmup_steps={max(a.steps // 10, 1)}",
-                 f"hydra.run.dir={run_dir}"]
+                 f"hydra.run.dir={run_dir}", *a.set]
     rc = run(train_cmd, a.family_timeout, folder / "train.log")
     row = {"family": family, "train_rc": rc, "train_s": round(time.time() - t0, 1)}
     if (run_dir / "metrics.jsonl").exists():  # the loss curve (kilobytes) comes back with --out
@@ -168,6 +168,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--data", default="recall", choices=sorted(DATA))
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more train.py override (repeatable), e.g. data.min_len=0")
     ap.add_argument("--eval-lengths", default="8192,32768")
     ap.add_argument("--mqar-pairs", default="8,16,32,64")
     ap.add_argument("--depths", default="0.0,0.5,1.0")
