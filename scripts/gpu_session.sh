@@ -12,6 +12,8 @@
 #   tests         pytest -m gpu for the families of the other parts named in this call (all GPU
 #                 tests when none is), kernel autotuning off      -> $OUT/tests/pytest_gpu.log
 #   flash         scripts/bench/bench_attn.py (every attention backend)    -> $OUT/flash/
+#   ahead         A/B of the flash forward with FLASH_FWD_AHEAD=1 against without (ab_kernels.py,
+#                 forward only, D 128 and D 64, 5 alternating rounds)  -> $OUT/ahead/
 #   lightning     scripts/bench/bench_linear.py (linear, lightning vs fla) -> $OUT/lightning/
 #   moba          scripts/bench/bench_moba.py                              -> $OUT/moba/
 #   nsa           scripts/bench/bench_nsa.py                               -> $OUT/nsa/
@@ -50,7 +52,7 @@ case $1 in -h|--help) usage; exit 0;; esac
 LINEAR_TESTS="tests/attn/linear tests/attn/lightning"
 TRAIN_TESTS="tests/parallel/test_compile.py tests/attn/test_sdpa.py"
 declare -A TESTS=(
-  [flash]="tests/attn/flash" [lightning]=$LINEAR_TESTS [linear-parts]=$LINEAR_TESTS
+  [flash]="tests/attn/flash" [ahead]="tests/attn/flash" [lightning]=$LINEAR_TESTS [linear-parts]=$LINEAR_TESTS
   [moba]="tests/attn/moba" [moba-parts]="tests/attn/moba" [moba-sweep]="tests/attn/moba"
   [nsa]="tests/attn/nsa" [nsa-parts]="tests/attn/nsa"
   [train]=$TRAIN_TESTS [e2e]=$TRAIN_TESTS [profile]=$TRAIN_TESTS [recall]="tests/test_eval.py"
@@ -125,6 +127,8 @@ run_part() {  # run_part PART ARGS...
       done ;;
     tests)        gpu_tests "${WORDS[@]}" ;;
     flash)        bench flash "$limit" scripts/bench/bench_attn.py "$@" ;;
+    ahead)        bench ahead "$limit" scripts/bench/ab_kernels.py plain=. \
+                    ahead=.@FLASH_FWD_AHEAD=1 --cases flash,flash64 --mode fwd --rounds 5 "$@" ;;
     lightning)    bench lightning "$limit" scripts/bench/bench_linear.py "$@" ;;
     moba)         bench moba "$limit" scripts/bench/bench_moba.py "$@" ;;
     nsa)          bench nsa "$limit" scripts/bench/bench_nsa.py "$@" ;;
