@@ -21,7 +21,7 @@ import triton.language as tl
 from attn.common import alloc
 from attn.common.jit import LN2, LOG2E_F, cvt, mma
 from attn.common.launch import dot_precision, pick_dim
-from attn.common.softmax import row_lo
+from attn.common.softmax import row_lo, softmax_step
 from attn.dispatch import INTERPRET
 from attn.flash import common
 from attn.flash.common import heavy_first, row_lo_scalar
@@ -100,19 +100,14 @@ def _softmax_pv(acc, l_i, m_i, s, start_n, v_base, ks_base, qpos, lo, Tk, qk_sca
         ok = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= lo[:, None]) \
             & (kpos < Tk)[None, :]
         s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
     tile = tl.arange(0, BLOCK_N)[:, None] * STRIDE_KT + tl.arange(0, HEAD_DIM)[None, :]
     v_ptrs = v_base + tl.cast(start_n, tl.int64) * STRIDE_KT + tile
     if MASKED:
         v = tl.load(v_ptrs, mask=(kpos < Tk)[:, None], other=0.0)
     else:
         v = tl.load(v_ptrs)
-    acc = mma(cvt(p, v.dtype), v, acc, DOT_PREC)
-    return acc, l_i, m_new
+    acc, m_i, l_i = softmax_step(s, v, acc, m_i, l_i, DOT_PREC)
+    return acc, l_i, m_i
 
 
 @triton.jit
