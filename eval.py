@@ -96,9 +96,23 @@ def argmax_at(model: Transformer, ids: torch.Tensor, where: torch.Tensor) -> tor
     return (picked @ model.output_weight.t()).argmax(-1)
 
 
+def visible_context(shape, cu_seqlens) -> np.ndarray:
+    """int64 [B*T]: how many tokens each token attends to before itself, i.e. its offset in its
+    attention segment (the row, or the document piece inside the row under document masks).
+
+    This, not the RoPE position, is the x-axis of the position loss: a row that continues a
+    document carries positions beyond the row length, yet sees only the row."""
+    B, T = shape
+    if cu_seqlens is None:
+        return np.tile(np.arange(T, dtype=np.int64), B)
+    bounds = cu_seqlens.numpy().astype(np.int64)
+    lengths = np.diff(bounds)
+    return np.arange(B * T, dtype=np.int64) - np.repeat(bounds[:-1], lengths)
+
+
 def position_loss(model, cfg, lengths, buckets: int, rows: int, device, autocast) -> dict:
-    """Validation loss by position bucket at each length (rows of the run's validation split;
-    synthetic-task runs use the builtin corpus)."""
+    """Validation loss by bucket of visible context at each length (rows of the run's
+    validation split; synthetic-task runs use the builtin corpus)."""
     from data import build_data
     data_cfg = cfg.data if cfg.data.source in ("builtin", "hf") else OmegaConf.create(
         {"source": "builtin", "tokenizer": cfg.data.get("tokenizer", "bytes"),
@@ -114,9 +128,9 @@ def position_loss(model, cfg, lengths, buckets: int, rows: int, device, autocast
                 loss = token_losses(model, mb["input_ids"].to(device), mb["positions"].to(device),
                                     mb["labels"].to(device), None if mb["cu_seqlens"] is None
                                     else mb["cu_seqlens"].to(device)).double().cpu().numpy()
-            pos = mb["positions"].flatten().numpy()
+            ctx = visible_context(mb["input_ids"].shape, mb["cu_seqlens"])
             ok = mb["labels"].flatten().numpy() != IGNORE_INDEX
-            which = np.clip(np.searchsorted(edges, pos, side="right") - 1, 0, buckets - 1)
+            which = np.searchsorted(edges, ctx, side="right") - 1
             np.add.at(sums, which[ok], loss[ok])
             np.add.at(counts, which[ok], 1)
         out[str(T)] = {"edges": edges.tolist(), "tokens": counts.astype(int).tolist(),

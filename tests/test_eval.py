@@ -50,9 +50,20 @@ def test_writes_json_and_heatmaps_of_the_asked_shape(tiny_run, tmp_path):
     assert m["pairs"] == [2, 4] and [len(r) for r in m["accuracy"]] == [3, 3]
     assert m["accuracy"][1][0] is None and m["accuracy"][0][0] is not None  # 4 pairs need 10 tokens
     assert len(pos["loss"]) == 4 and pos["edges"] == [0, 16, 32, 48, 64] and sum(pos["tokens"]) > 0
+    assert pos["tokens"][-1] <= pos["tokens"][0]  # no bucket collects the positions beyond it
     for name in ("passkey.png", "mqar.png"):
         image = matplotlib.image.imread(tmp_path / "out" / name)
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_position_buckets_count_the_context_a_token_sees():
+    import torch
+    # rows of 6 without document masks: offsets in the row, whatever the RoPE positions say
+    assert evaluation.visible_context((2, 6), None).tolist() == [0, 1, 2, 3, 4, 5] * 2
+    # masked: a row starts a segment, and so does every bos (here at flat index 3 and 8)
+    cu = torch.tensor([0, 3, 6, 8, 12], dtype=torch.int32)
+    assert evaluation.visible_context((2, 6), cu).tolist() == [0, 1, 2, 0, 1, 2,
+                                                               0, 1, 0, 1, 2, 3]
 
 
 def test_a_mismatched_config_is_refused_naming_the_key(tiny_run):

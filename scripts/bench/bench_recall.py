@@ -105,7 +105,10 @@ def plot(folders: list[Path], out: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [(f, r) for f in folders for r in json.loads((f / "recall.json").read_text())["rows"]]
+    results = [(f, json.loads((f / "recall.json").read_text())) for f in folders]
+    rows = [(f, r) for f, res in results for r in res["rows"]]
+    # synthetic tasks score the answers only, corpus rows every token
+    corpus = all(res["args"].get("data") == "builtin" for _, res in results)
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for folder, r in rows:
         log = folder / r["family"] / "metrics.jsonl"
@@ -113,7 +116,8 @@ def plot(folders: list[Path], out: Path) -> list[Path]:
         points = [p for p in points if "loss" in p and "step" in p]
         if points:
             ax.plot([p["step"] for p in points], [p["loss"] for p in points], label=r["family"])
-    ax.set(xlabel="step", ylabel="training loss (answers only)", title="training loss")
+    ax.set(xlabel="step", ylabel="training loss" + ("" if corpus else " (answers only)"),
+           title="training loss")
     ax.legend()
     fig.tight_layout()
     paths = [out / "recall_loss.png"]
