@@ -12,7 +12,7 @@
 #   tests         pytest -m gpu for the families of the other parts named in this call (all GPU
 #                 tests when none is), kernel autotuning off      -> $OUT/tests/pytest_gpu.log
 #   flash         scripts/bench/bench_attn.py (every attention backend)    -> $OUT/flash/
-#   ahead         A/B of the flash forward with FLASH_FWD_AHEAD=1 against without (ab_kernels.py,
+#   ahead         A/B of the flash forward with FLASH_FWD_AHEAD=1 against =0 (ab_kernels.py,
 #                 forward only, D 128 and D 64, 5 alternating rounds)  -> $OUT/ahead/
 #   lightning     scripts/bench/bench_linear.py (linear, lightning vs fla) -> $OUT/lightning/
 #   moba          scripts/bench/bench_moba.py                              -> $OUT/moba/
@@ -40,7 +40,7 @@
 # put on PYTHONPATH; Triton and inductor compile into ./.cache, so a carried .cache (a previous
 # session's $OUT/cache.tgz unpacked) skips compilation, and then (or with KEEP_CACHE=1) the
 # session's cache is packed into $OUT/cache.tgz again. Per-part time limits: TEST_TIMEOUT
-# (default 900 s for all tests), BENCH_TIMEOUT (900 s per part).
+# (default 900 s for all tests), BENCH_TIMEOUT (900 s per part); TEST_K: a pytest -k filter.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -87,7 +87,8 @@ gpu_tests() {  # the GPU tests of the families named in this call, or all of the
   mkdir -p "$OUT/tests"
   # default kernel configs: autotuning every test shape would compile for many minutes
   FLASH_AUTOTUNE=0 LINEAR_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-900}" python3 -m pytest -m gpu \
-    -q -rfE -p no:cacheprovider ${paths:-tests} > "$OUT/tests/pytest_gpu.log" 2>&1
+    -q -rfE -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} ${paths:-tests} \
+    > "$OUT/tests/pytest_gpu.log" 2>&1
   local rc=$?
   tail -5 "$OUT/tests/pytest_gpu.log"; return $rc
 }
@@ -127,7 +128,7 @@ run_part() {  # run_part PART ARGS...
       done ;;
     tests)        gpu_tests "${WORDS[@]}" ;;
     flash)        bench flash "$limit" scripts/bench/bench_attn.py "$@" ;;
-    ahead)        bench ahead "$limit" scripts/bench/ab_kernels.py plain=. \
+    ahead)        bench ahead "$limit" scripts/bench/ab_kernels.py plain=.@FLASH_FWD_AHEAD=0 \
                     ahead=.@FLASH_FWD_AHEAD=1 --cases flash,flash64 --mode fwd --rounds 5 "$@" ;;
     lightning)    bench lightning "$limit" scripts/bench/bench_linear.py "$@" ;;
     moba)         bench moba "$limit" scripts/bench/bench_moba.py "$@" ;;

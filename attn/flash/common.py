@@ -29,12 +29,22 @@ INTERP_SMS = 3
 GRID_ORDER = os.environ.get("FLASH_GRID_ORDER", "grouped")
 if GRID_ORDER not in ("grouped", "rows"):
     raise ValueError(f"FLASH_GRID_ORDER={GRID_ORDER!r}: must be 'grouped' or 'rows'")
-# FLASH_FWD_AHEAD=1: the forward issues each chunk's q·k^T one chunk ahead of its softmax
-# (fwd.py _fwd_inner_ahead); off until an H200 A/B shows it pays (docs/flash_notes.md)
-_AHEAD = os.environ.get("FLASH_FWD_AHEAD", "0")
-if _AHEAD not in ("0", "1"):
-    raise ValueError(f"FLASH_FWD_AHEAD={_AHEAD!r}: must be 0 or 1")
-FWD_AHEAD = _AHEAD == "1"
+# FLASH_FWD_AHEAD: the forward issues each chunk's q·k^T one chunk ahead of its softmax (fwd.py
+# _fwd_inner_ahead). auto (default): on for 16-bit inputs of the D = 128 tile lists, where it
+# pays on the H200 (16k forward 0.85x the time); off at D = 64 (1.33x: the second score tile
+# costs occupancy) and for the dims and FP8 not measured. docs/flash_notes.md, run 11.
+_AHEAD = os.environ.get("FLASH_FWD_AHEAD", "auto")
+if _AHEAD not in ("auto", "0", "1"):
+    raise ValueError(f"FLASH_FWD_AHEAD={_AHEAD!r}: must be auto, 0 or 1")
+FWD_AHEAD = None if _AHEAD == "auto" else _AHEAD == "1"  # None: the auto rule
+
+
+def fwd_ahead(tile_dim: int, fp8: bool) -> bool:
+    """Whether the forward runs scores-ahead for a call whose tile list is that of tile_dim
+    (pick_dim's entry: fp32 takes the entry of twice its head dim)."""
+    if FWD_AHEAD is not None:
+        return FWD_AHEAD
+    return tile_dim == 128 and not fp8
 
 
 def launch_sms(device) -> int:

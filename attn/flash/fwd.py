@@ -263,7 +263,8 @@ def fwd_triton(q, k, v, scale, seg_start, q_offset, window, q_scale=None, k_scal
     args = (q, k, v, o, lse, seg, q_scale if fp8 else lse, k_scale if fp8 else lse,
             scale * LOG2E_F, q_offset, window or 0, tq, tk, common.launch_sms(q.device))
     meta = dict(HQ=hq, HKV=hkv, HEAD_DIM=d, HAS_SEG=has_seg, HAS_WINDOW=window is not None,
-                FP8=fp8, DOT_PREC=dot_precision(q.dtype), AHEAD=common.FWD_AHEAD)
+                FP8=fp8, DOT_PREC=dot_precision(q.dtype),
+                AHEAD=common.fwd_ahead(pick_dim(FWD_CFGS, d, v.dtype), fp8))
     if common.use_autotune("fwd"):
         grid = lambda m: (triton.cdiv(tq, m["BLOCK_M"]), B * hq)  # noqa: E731
         _fwd_tuned[grid](*args, **meta)

@@ -1,7 +1,7 @@
 """A/B of checkouts' attention kernels in one device run (a restructuring must not move them).
 
     python3 scripts/bench/ab_kernels.py old=<old checkout> new=. [more=<path> ...] --rounds 3 --out $OUT
-    python3 scripts/bench/ab_kernels.py plain=. ahead=.@FLASH_FWD_AHEAD=1 --cases flash,flash64 \
+    python3 scripts/bench/ab_kernels.py plain=.@FLASH_FWD_AHEAD=0 ahead=.@FLASH_FWD_AHEAD=1 --cases flash,flash64 \
         --mode fwd --rounds 5 --out $OUT             # one checkout, two settings of a switch
 
 The first checkout is the baseline. Each round times every case once per checkout, in order,

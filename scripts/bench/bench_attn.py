@@ -7,6 +7,7 @@
 
 Backends (missing ones are skipped with a note, so later families plug in by existing):
   flash       our Triton FlashAttention (attn.flash.flash_attn)
+  flash_plain the same with the forward's scores-ahead loop off (FLASH_FWD_AHEAD=0): its A/B
   sdpa_flash  torch SDPA, FlashAttention-2 backend      sdpa_cudnn  torch SDPA, cuDNN backend
   flex        torch FlexAttention, compiled, causal block mask
   fla         flash-linear-attention parallel_attn (Triton), when importable
@@ -51,6 +52,18 @@ def _bhtd(B, T, H, Hkv, D, dtype):
 def make_flash(B, T, H, Hkv, D, dtype):
     from attn.flash import flash_attn
     return flash_attn, _bthd(B, T, H, Hkv, D, dtype)
+
+
+def make_flash_plain(B, T, H, Hkv, D, dtype):
+    from attn.flash import common, flash_attn
+
+    def fn(q, k, v):
+        saved, common.FWD_AHEAD = common.FWD_AHEAD, False
+        try:
+            return flash_attn(q, k, v)
+        finally:
+            common.FWD_AHEAD = saved
+    return fn, _bthd(B, T, H, Hkv, D, dtype)
 
 
 def make_flash_variant(bwd_mode):
@@ -149,6 +162,7 @@ def make_nsa(B, T, H, Hkv, D, dtype):
 
 BACKENDS = {
     "flash": make_flash,
+    "flash_plain": make_flash_plain,
     "flash_split": make_flash_variant("split"),
     "flash_fused": make_flash_variant("fused"),
     "sdpa_flash": _make_sdpa("FLASH_ATTENTION"),
@@ -160,7 +174,8 @@ BACKENDS = {
     "moba": make_moba,
     "nsa": make_nsa,
 }
-SOFTMAX_EXACT = {"flash", "flash_split", "flash_fused", "sdpa_flash", "sdpa_cudnn", "flex", "fla"}
+SOFTMAX_EXACT = {"flash", "flash_plain", "flash_split", "flash_fused", "sdpa_flash", "sdpa_cudnn",
+                 "flex", "fla"}
 
 
 # ----------------------------------------------------------------------------- measuring

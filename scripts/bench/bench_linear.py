@@ -15,13 +15,15 @@ differs from ours by design (error ~1): a speed peer only.
 Shapes: H = 16, D = 128, bf16, [B, T, H, D]; B = max(tokens // T, 1), so 32k tokens per batch up
 to T = 32k and B = 1 (T tokens) beyond: the issue's 4k/16k (32k tokens) and 64k (64k tokens).
 Times: median ms of triton.testing.do_bench (forward under no_grad; forward+backward with a fixed
-upstream gradient), ns per token = ms / (B*T), per-token flatness = max/min over T. Our lightning
+upstream gradient), ns per token = ms / (B*T), per-token flatness = max/min over T; next to them
+the kernels' own GPU time per call (torch.profiler), which the host cannot inflate. Our lightning
 uses the ALiBi slopes of layer 0 of 24 (depth factor 1 + 1e-5), the same for fla_gla.
 Writes bench_linear.json and bench_linear.md into --out.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import os
 import time
@@ -129,11 +131,34 @@ def _bench_one(name, B, T, H, D, dtype, modes, warmup, rep):
         else:
             ms = do_bench(lambda: fn(q, k, v).backward(do), warmup=warmup, rep=rep,
                           grad_to_none=[q, k, v], return_mode="median")
+        kernel_ms = None
+        if cuda:
+            call = (lambda: fn(q, k, v)) if mode == "fwd" else (lambda: fn(q, k, v).backward(do))
+            with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
+                kernel_ms = device_ms(call, [q, k, v])
         rows.append(dict(backend=name, mode=mode, B=B, T=T, H=H, D=D,
-                         dtype=str(dtype).replace("torch.", ""), ms=ms,
+                         dtype=str(dtype).replace("torch.", ""), ms=ms, kernel_ms=kernel_ms,
                          ns_per_token=ms * 1e6 / (B * T),
                          peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0))
     return rows, out.detach()
+
+
+def device_ms(call, inputs, n: int = 5) -> float:
+    """GPU time of one call, summed over its kernels (torch.profiler, n calls): the time the
+    kernels take whatever the host does between them. Where the wall time (do_bench) is well
+    above it, the call waited on the host (launches, allocations), not on its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            for t in inputs:  # fresh gradients, as in the timing (no accumulation kernels)
+                t.grad = None
+            call()
+        torch.cuda.synchronize()
+    from torch.autograd import DeviceType
+    total = sum(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+                for e in prof.key_averages() if e.device_type == DeviceType.CUDA)  # kernels only
+    return total / n / 1e3
 
 
 def kernel_breakdown(T, H, D, dtype, tokens):
@@ -212,6 +237,26 @@ def write(out_dir, records, meta, modes, errors):
             rows.append((f"{ours} / {theirs} (goal <= {GOAL})", cells + [""]))
         lines += md_table(mode, [seq_label(t) for t in seqlens] + ["flat (max/min ns/token)"],
                           rows)
+    for mode in modes:  # GPU time of the kernels alone: where wall >> kernels, the host limits
+        rows = []
+        for b in backends:
+            cells = []
+            for t in seqlens:
+                r = get(b, mode, t)
+                k = r.get("kernel_ms") if r else None
+                cells.append(f"{k:.3f} (wall {r['ms'] / k:.2f}x)" if k else "-")
+            rows.append((b, cells))
+        for ours, theirs in PEERS:
+            if ours in backends and theirs in backends:
+                cells = []
+                for t in seqlens:
+                    r, f = get(ours, mode, t), get(theirs, mode, t)
+                    ok = r and f and r.get("kernel_ms") and f.get("kernel_ms")
+                    cells.append(f"{r['kernel_ms'] / f['kernel_ms']:.2f}x" if ok else "-")
+                rows.append((f"{ours} / {theirs}", cells))
+        lines += [f"Kernel time of one call, {mode} (ms, torch.profiler; wall = the median above):",
+                  ""]
+        lines += md_table(mode, [seq_label(t) for t in seqlens], rows)
     lines.append("Issue's fla 0.6 chunk_lightning_attn (ms): "
                  + ", ".join(f"{m} T={t // 1024}k {v}" for (m, t), v in ISSUE_FLA.items()))
     if errors:

@@ -43,3 +43,16 @@ def test_heavy_first_is_a_grouped_permutation(n_blk, n_rows, n_sm):
         pos, first = pos + size * n_blk, first + size
     if n_sm == 0:
         assert order == [(r, w) for w in range(n_rows) for r in range(n_blk)]
+
+
+def test_scores_ahead_rule(monkeypatch):
+    """FLASH_FWD_AHEAD=auto: on for the 16-bit D = 128 tile list only (measured to pay there);
+    0 / 1 force it either way."""
+    monkeypatch.setattr(common, "FWD_AHEAD", None)
+    assert common.fwd_ahead(128, fp8=False)
+    assert not common.fwd_ahead(64, fp8=False) and not common.fwd_ahead(256, fp8=False)
+    assert not common.fwd_ahead(128, fp8=True)
+    monkeypatch.setattr(common, "FWD_AHEAD", False)
+    assert not common.fwd_ahead(128, fp8=False)
+    monkeypatch.setattr(common, "FWD_AHEAD", True)
+    assert common.fwd_ahead(64, fp8=False)
