@@ -244,8 +244,10 @@ FWD_CFGS = {
 INTERP_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 16}  # interpreter: small blocks, many block edges
 
 _cfgs, _prune = common.tuned_configs(FWD_CFGS)
+# AHEAD is part of the key: the scores-ahead loop has its own best config (and 128x128/8/3 does
+# not fit its shared memory), so a shape tuned with it on must not lend its pick to it off
 _fwd_tuned = triton.autotune(_cfgs, key=["Tq", "Tk", "HEAD_DIM", "HQ", "HKV", "HAS_SEG",
-                                          "HAS_WINDOW", "FP8"],
+                                          "HAS_WINDOW", "FP8", "AHEAD"],
                              prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
 
 

@@ -327,7 +327,20 @@ def main(argv=None):
                       f"{r['tflops']:6.1f} TFLOP/s  err={r['rel_err_vs_sdpa_flash']}"
                       f"  ({time.time() - t0:.0f}s)", flush=True)
         write_outputs(a.out, records, meta, modes, quiet=True)  # partial results survive
+    meta["flash_tuned"] = flash_tuned_configs()
     write_outputs(a.out, records, meta, modes)
+
+
+def flash_tuned_configs() -> dict:
+    """The autotuner's pick per kernel and key of our flash (empty with autotuning off)."""
+    try:
+        from attn.flash import bwd, fwd
+        kernels = {"fwd": fwd._fwd_tuned, "dkdv": bwd._dkdv_tuned, "dq": bwd._dq_tuned,
+                   "fused": bwd._fused_tuned}
+        return {name: {str(k): str(c) for k, c in getattr(t, "cache", {}).items()}
+                for name, t in kernels.items()}
+    except Exception as e:  # informational only
+        return {"error": repr(e)}
 
 
 if __name__ == "__main__":
