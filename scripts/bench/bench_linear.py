@@ -131,13 +131,14 @@ def _bench_one(name, B, T, H, D, dtype, modes, warmup, rep):
         else:
             ms = do_bench(lambda: fn(q, k, v).backward(do), warmup=warmup, rep=rep,
                           grad_to_none=[q, k, v], return_mode="median")
-        kernel_ms = None
+        kernel_ms = host = None
         if cuda:
             call = (lambda: fn(q, k, v)) if mode == "fwd" else (lambda: fn(q, k, v).backward(do))
             with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
                 kernel_ms = device_ms(call, [q, k, v])
+                host = host_ms(call, [q, k, v])
         rows.append(dict(backend=name, mode=mode, B=B, T=T, H=H, D=D,
-                         dtype=str(dtype).replace("torch.", ""), ms=ms, kernel_ms=kernel_ms,
+                         dtype=str(dtype).replace("torch.", ""), ms=ms, kernel_ms=kernel_ms, host_ms=host,
                          ns_per_token=ms * 1e6 / (B * T),
                          peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0))
     return rows, out.detach()
@@ -159,6 +160,21 @@ def device_ms(call, inputs, n: int = 5) -> float:
     total = sum(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
                 for e in prof.key_averages() if e.device_type == DeviceType.CUDA)  # kernels only
     return total / n / 1e3
+
+
+def host_ms(call, inputs, n: int = 20) -> float:
+    """Median host time to issue one call (from a synchronized start, without waiting for the
+    GPU): if it approaches the kernel time, the GPU waits on the host between launches."""
+    times = []
+    for _ in range(n):
+        for t in inputs:
+            t.grad = None
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return sorted(times)[n // 2]
 
 
 def kernel_breakdown(T, H, D, dtype, tokens):
@@ -244,7 +260,9 @@ def write(out_dir, records, meta, modes, errors):
             for t in seqlens:
                 r = get(b, mode, t)
                 k = r.get("kernel_ms") if r else None
-                cells.append(f"{k:.3f} (wall {r['ms'] / k:.2f}x)" if k else "-")
+                h = r.get("host_ms") if r else None
+                cells.append(f"{k:.3f} (wall {r['ms'] / k:.2f}x, host {h:.3f})" if k and h
+                             else f"{k:.3f} (wall {r['ms'] / k:.2f}x)" if k else "-")
             rows.append((b, cells))
         for ours, theirs in PEERS:
             if ours in backends and theirs in backends:
@@ -254,7 +272,8 @@ def write(out_dir, records, meta, modes, errors):
                     ok = r and f and r.get("kernel_ms") and f.get("kernel_ms")
                     cells.append(f"{r['kernel_ms'] / f['kernel_ms']:.2f}x" if ok else "-")
                 rows.append((f"{ours} / {theirs}", cells))
-        lines += [f"Kernel time of one call, {mode} (ms, torch.profiler; wall = the median above):",
+        lines += [f"Kernel time of one call, {mode} (ms, torch.profiler; wall = the median above; "
+                  "host = the median time to issue the call):",
                   ""]
         lines += md_table(mode, [seq_label(t) for t in seqlens], rows)
     lines.append("Issue's fla 0.6 chunk_lightning_attn (ms): "
