@@ -125,20 +125,25 @@ def _bench_one(name, B, T, H, D, dtype, modes, warmup, rep):
     for mode in modes:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+            before = device_allocs()
         if mode == "fwd":
             with torch.no_grad():
                 ms = do_bench(lambda: fn(q, k, v), warmup=warmup, rep=rep, return_mode="median")
         else:
             ms = do_bench(lambda: fn(q, k, v).backward(do), warmup=warmup, rep=rep,
                           grad_to_none=[q, k, v], return_mode="median")
-        kernel_ms = host = None
+        kernel_ms = host = allocs = None
         if cuda:
+            # cudaMalloc / cudaFree calls while timing: each free synchronizes the device, so
+            # an allocator that frees and refills every repeat makes the wall time kernel + host
+            allocs = [a - b for a, b in zip(device_allocs(), before)]
             call = (lambda: fn(q, k, v)) if mode == "fwd" else (lambda: fn(q, k, v).backward(do))
             with torch.no_grad() if mode == "fwd" else contextlib.nullcontext():
                 kernel_ms = device_ms(call, [q, k, v])
                 host = host_ms(call, [q, k, v])
         rows.append(dict(backend=name, mode=mode, B=B, T=T, H=H, D=D,
                          dtype=str(dtype).replace("torch.", ""), ms=ms, kernel_ms=kernel_ms, host_ms=host,
+                         device_mallocs_frees=allocs,
                          ns_per_token=ms * 1e6 / (B * T),
                          peak_mem_gb=torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0))
     return rows, out.detach()
@@ -160,6 +165,12 @@ def device_ms(call, inputs, n: int = 5) -> float:
     total = sum(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
                 for e in prof.key_averages() if e.device_type == DeviceType.CUDA)  # kernels only
     return total / n / 1e3
+
+
+def device_allocs() -> list:
+    """[cudaMalloc calls, cudaFree calls] of the caching allocator so far."""
+    st = torch.cuda.memory_stats()
+    return [st.get("num_device_alloc", 0), st.get("num_device_free", 0)]
 
 
 def host_ms(call, inputs, n: int = 20) -> float:
@@ -261,8 +272,10 @@ def write(out_dir, records, meta, modes, errors):
                 r = get(b, mode, t)
                 k = r.get("kernel_ms") if r else None
                 h = r.get("host_ms") if r else None
-                cells.append(f"{k:.3f} (wall {r['ms'] / k:.2f}x, host {h:.3f})" if k and h
-                             else f"{k:.3f} (wall {r['ms'] / k:.2f}x)" if k else "-")
+                m = (r or {}).get("device_mallocs_frees")
+                extra = (f", host {h:.3f}" if h else "") + (f", cudaMalloc/Free {m[0]}/{m[1]}"
+                                                             if m and any(m) else "")
+                cells.append(f"{k:.3f} (wall {r['ms'] / k:.2f}x{extra})" if k else "-")
             rows.append((b, cells))
         for ours, theirs in PEERS:
             if ours in backends and theirs in backends:
