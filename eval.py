@@ -133,7 +133,8 @@ def position_loss(model, cfg, lengths, buckets: int, rows: int, device, autocast
             which = np.searchsorted(edges, ctx, side="right") - 1
             np.add.at(sums, which[ok], loss[ok])
             np.add.at(counts, which[ok], 1)
-        out[str(T)] = {"edges": edges.tolist(), "tokens": counts.astype(int).tolist(),
+        out[str(T)] = {"axis": "visible context", "edges": edges.tolist(),
+                       "tokens": counts.astype(int).tolist(),
                        "loss": [float(s / c) if c else None for s, c in zip(sums, counts)]}
     return out
 
@@ -280,7 +281,7 @@ def report(result: dict) -> str:
     lines = [f"checkpoint {result['checkpoint']} (step {result['step']}, attn {result['attn']})"]
     for T, r in result.get("position_loss", {}).items():
         losses = " ".join("-" if v is None else f"{v:.3f}" for v in r["loss"])
-        lines.append(f"loss by position, T={T}: {losses}")
+        lines.append(f"loss by visible context bucket, T={T}: {losses}")
     if "passkey" in result:
         p = result["passkey"]
         lines.append("passkey accuracy (rows: length; columns: depth " +

@@ -30,9 +30,9 @@ GRID_ORDER = os.environ.get("FLASH_GRID_ORDER", "grouped")
 if GRID_ORDER not in ("grouped", "rows"):
     raise ValueError(f"FLASH_GRID_ORDER={GRID_ORDER!r}: must be 'grouped' or 'rows'")
 # FLASH_FWD_AHEAD: the forward issues each chunk's q·k^T one chunk ahead of its softmax (fwd.py
-# _fwd_inner_ahead). auto (default): on for 16-bit inputs of the D = 128 tile lists, where it
-# pays on the H200 (16k forward 0.85x the time); off at D = 64 (1.33x: the second score tile
-# costs occupancy) and for the dims and FP8 not measured. docs/flash_notes.md, run 11.
+# _fwd_inner_ahead). auto (default): on for 16-bit inputs of the D = 128 tile list, where the
+# H200 A/B shows it pays; off at D = 64 (the second score tile costs occupancy) and for the
+# dims and FP8 not measured (docs/flash_notes.md, run 11).
 _AHEAD = os.environ.get("FLASH_FWD_AHEAD", "auto")
 if _AHEAD not in ("auto", "0", "1"):
     raise ValueError(f"FLASH_FWD_AHEAD={_AHEAD!r}: must be auto, 0 or 1")

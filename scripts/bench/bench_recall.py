@@ -152,7 +152,11 @@ def plot(folders: list[Path], out: Path) -> list[Path]:
                 if p:
                     mid = [(a + b) / 2 for a, b in zip(p["edges"][:-1], p["edges"][1:])]
                     ax.plot(mid, p["loss"], marker=".", label=r["family"])
-            ax.set(xlabel="position in the document", ylabel="validation loss",
+            # eval.json before the visible-context buckets has no axis: RoPE positions
+            axis = next((r["position_loss"][T].get("axis") for r in with_pos
+                         if r["position_loss"].get(T)), None) or "position in the document"
+            ax.set(xlabel=f"{axis} (tokens)" if axis == "visible context" else axis,
+                   ylabel="validation loss",
                    title=f"rows of {T} tokens")
         axes[0][0].legend(fontsize=8)
         fig.tight_layout()
