@@ -10,8 +10,8 @@ rows sees [c_lo(last), c_hi(first)): key tiles inside the latter run unmasked, t
 masked, all others are never loaded. Dually compressed row c is seen by the positions
 [pf(c), pl(c)] (its block's last key .. its document's last position), which bounds the query
 tiles of the dK/dV kernel. Without documents the bounds are computed in the kernels; with
-cu_seqlens they come as int32 arrays built by torch ops on the device (one host sync: the
-row-count check).
+cu_seqlens they come as int32 arrays built by torch ops on the device (no host sync in the
+padded layout; the exact layout's row-count check reads one value).
 """
 from __future__ import annotations
 
@@ -114,16 +114,17 @@ class CmpPlan:
         tk = _check(q, k_cmp, v_cmp, cmp_block, cmp_stride, cu_seqlens, q_offset, tk)
         B, tq, hq, d = q.shape
         tc, hkv = k_cmp.shape[1], k_cmp.shape[2]
-        if cu_seqlens is None:
-            want = num_cmp_blocks(tk, cmp_block, cmp_stride)
-        else:
+        want = num_cmp_blocks(tk, cmp_block, cmp_stride)
+        if cu_seqlens is not None:
             cu_c = cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)
-            want = int(cu_c[-1])
+            if tc != want:  # not the padded layout: the exact count (one host read)
+                want = int(cu_c[-1])
         if tc != want:
             raise ValueError(f"cmp_attn: k_cmp has {tc} compressed rows (dim 1), but tk={tk} keys "
                              f"with cmp_block={cmp_block}, cmp_stride={cmp_stride}"
                              f"{' and these cu_seqlens' if cu_seqlens is not None else ''} make "
-                             f"{want} (complete blocks per document, see attn/nsa/ref.py)")
+                             f"{want} (complete blocks per document, or with documents the "
+                             f"padded no-document count; see attn/nsa/ref.py)")
         self.bounds = None
         if cu_seqlens is not None and tc > 0 and tq > 0:
             self.bounds = _doc_bounds(cu_seqlens, cu_c, tq, tc, q_offset, cmp_block, cmp_stride)
@@ -143,7 +144,10 @@ def _doc_bounds(cu_seqlens, cu_c, tq, tc, q_offset, cmp_block, cmp_stride):
     c_lo = cu_c[doc]
     c_hi = torch.minimum(c_lo + n, cu_c[doc + 1])
     c = torch.arange(tc, device=cu.device)
-    cdoc = torch.searchsorted(cu_c[1:], c, right=True)
+    used = c < cu_c[-1]  # all rows but a padded layout's trailing ones
+    cdoc = torch.searchsorted(cu_c[1:], c, right=True).clamp_(max=cu_c.numel() - 2)
     pf = cu[cdoc] + (c - cu_c[cdoc]) * cmp_stride + cmp_block - 1
     pl = cu[cdoc + 1] - 1
+    # an unused row is seen by no position: the empty range [BIG, -1] (no dK/dV work, zeros)
+    pf, pl = torch.where(used, pf, int(BIG)), torch.where(used, pl, -1)
     return tuple(t.to(torch.int32).contiguous() for t in (c_lo, c_hi, pf, pl))

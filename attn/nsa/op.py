@@ -48,14 +48,17 @@ def compress(k, v, cmp_block: int, cmp_stride: int, *, cu_seqlens=None, fn=None)
 
     k, v [B, T, Hkv, D]; fn(blocks, which) maps blocks [B, Tc, cmp_block, Hkv, D] to
     [B, Tc, Hkv, D], with which = "k" or "v" (so a layer can use one MLP for each).
-    Blocks never cross a document boundary; the result is in the layout above."""
+    Blocks never cross a document boundary. With cu_seqlens the result is the padded layout of
+    attn/nsa/ref.py (Tc(T) rows, the documents' blocks first): its shape comes from T alone, so
+    no host read of cu_seqlens (torch.compile traces it in one graph)."""
     if k.dim() != 4 or k.shape != v.shape:
         raise ValueError(f"compress: k {tuple(k.shape)}, v {tuple(v.shape)}: expected k, v "
                          "[B, T, Hkv, D]")
     _check_blocks(cmp_block, cmp_stride, "compress: ")
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, k.shape[0], k.shape[1], "compress: ")
-    starts, _ = cmp_block_starts(k.shape[1], cmp_block, cmp_stride, cu_seqlens, k.device)
+    starts, _ = cmp_block_starts(k.shape[1], cmp_block, cmp_stride, cu_seqlens, k.device,
+                                 rows=num_cmp_blocks(k.shape[1], cmp_block, cmp_stride))
     idx = starts[:, None] + torch.arange(cmp_block, device=k.device)    # [Tc, cmp_block]
     out = []
     for t, which in ((k, "k"), (v, "v")):
@@ -84,11 +87,14 @@ def _check(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block, cmp_stride, se
     if window < 1:
         raise ValueError(f"nsa_attn: window={window} must be >= 1")
     if cu_seqlens is not None:
-        # with documents Tc is read from cu_seqlens: torch.compile cannot trace that read, so
-        # there only the op body checks it (CmpPlan, same rule)
-        tc = None if torch.compiler.is_compiling() else \
-            int(cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)[-1])
-        rule = "Σ over documents of ⌊(L−cmp_block)/cmp_stride⌋+1 (complete blocks)"
+        # with documents k_cmp is padded to the no-document count (compress's form) or exact;
+        # the exact count is read from cu_seqlens, which torch.compile cannot trace: there only
+        # the op body checks it (CmpPlan, same rule)
+        tc = k_cmp.shape[1]
+        if tc != num_cmp_blocks(tk, cmp_block, cmp_stride) and not torch.compiler.is_compiling():
+            tc = int(cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)[-1])
+        rule = ("Σ over documents of ⌊(L−cmp_block)/cmp_stride⌋+1 (complete blocks), or the "
+                "padded ⌊(Tk−cmp_block)/cmp_stride⌋+1")
     else:
         tc = num_cmp_blocks(tk, cmp_block, cmp_stride)
         rule = "⌊(Tk−cmp_block)/cmp_stride⌋+1, 0 when Tk < cmp_block"

@@ -20,8 +20,12 @@ o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa, gates [B, T, Hq].
 Compressed layout. Without cu_seqlens, k_cmp/v_cmp are [B, Tc, Hkv, D] with
 Tc = ⌊(T − cmp_block)/cmp_stride⌋ + 1 (0 when T < cmp_block). With cu_seqlens (B == 1) each
 document d of length L_d contributes its own Tc(L_d) blocks (never crossing a boundary) and
-k_cmp/v_cmp are the per-document blocks concatenated in document order: [1, Σ_d Tc(L_d), Hkv, D].
-`cmp_cu_seqlens` gives the matching boundaries over the compressed axis. With q_offset the
+k_cmp/v_cmp are the per-document blocks concatenated in document order: [1, Σ_d Tc(L_d), Hkv, D],
+or that padded to [1, Tc(Tk), Hkv, D] with unused trailing rows (Σ_d Tc(L_d) ≤ Tc(Tk): cmp_block
+≥ cmp_stride). `compress` returns the padded form: its row count comes from the shapes, not from
+cu_seqlens' values, so torch.compile traces it without a host read. Every function here tells
+the two forms apart by the row count. `cmp_cu_seqlens` gives the boundaries over the compressed
+axis. With q_offset the
 queries are a shard at absolute positions q_offset.. against the full keys and the full
 compressed keys described by cu_seqlens (for a key prefix [0, end), as all-gather CP passes,
 that is the compressed blocks complete inside the prefix: exactly those visible to its queries).
@@ -52,13 +56,30 @@ def cmp_cu_seqlens(cu_seqlens: torch.Tensor, cmp_block: int, cmp_stride: int) ->
     return torch.cat([n.new_zeros(1), n.cumsum(0)]).to(torch.int32)
 
 
-def cmp_block_starts(tk: int, cmp_block: int, cmp_stride: int, cu_seqlens=None, device=None):
-    """(absolute start position, document start) of every compressed block, int64 [Tc] each,
-    in the layout above."""
+def cmp_block_starts(tk: int, cmp_block: int, cmp_stride: int, cu_seqlens=None, device=None,
+                     rows=None):
+    """(absolute start position, document start) of every compressed row, int64 [rows] each,
+    in the layout above. With cu_seqlens, rows = Tc(Tk) (the no-document count) asks for the
+    padded form, built by device ops alone: its unused rows start at 0 with document start −1
+    (no query's document); any other rows (None: the exact count) the exact form."""
     if cu_seqlens is None:  # host arithmetic only: no copy to or from the device
         c = torch.arange(num_cmp_blocks(tk, cmp_block, cmp_stride), device=device)
         return c * cmp_stride, torch.zeros_like(c)
-    return _doc_block_starts(cu_seqlens.to(device), cmp_block, cmp_stride, device)
+    cu = cu_seqlens.to(device)
+    padded = num_cmp_blocks(tk, cmp_block, cmp_stride)
+    if rows == padded:
+        return _padded_block_starts(cu, cmp_block, cmp_stride, padded, device)
+    return _doc_block_starts(cu, cmp_block, cmp_stride, device)
+
+
+def _padded_block_starts(cu, cmp_block: int, cmp_stride: int, rows: int, device):
+    cu_c = cmp_cu_seqlens(cu, cmp_block, cmp_stride).long()
+    c = torch.arange(rows, device=device)
+    used = c < cu_c[-1]
+    doc = torch.searchsorted(cu_c[1:], c, right=True).clamp_(max=cu_c.numel() - 2)
+    dstart = cu.long()[doc]
+    start = dstart + (c - cu_c[doc]) * cmp_stride
+    return torch.where(used, start, 0), torch.where(used, dstart, -1)
 
 
 # With documents the number of compressed blocks is read off cu_seqlens. Under torch.compile
@@ -102,7 +123,7 @@ def selection_scores(p_cmp, tk: int, *, cmp_block, cmp_stride, sel_block, cu_seq
     kstart = _doc_starts(cu_seqlens, tk, dev)
     qpos = torch.arange(tq, device=dev) + q_offset
     qstart = kstart[qpos]
-    cstart, cdoc = cmp_block_starts(tk, cmp_block, cmp_stride, cu_seqlens, dev)
+    cstart, cdoc = cmp_block_starts(tk, cmp_block, cmp_stride, cu_seqlens, dev, rows=tc)
     kpos = torch.arange(tk, device=dev)
     krel = (kpos - kstart) // sel_block
     gid = torch.unique(kstart * (tk + 1) + krel, return_inverse=True)[1]  # [Tk]
@@ -143,7 +164,8 @@ def nsa_branches(q, k, v, k_cmp, v_cmp, *, cmp_block=32, cmp_stride=16, sel_bloc
     qstart = kstart[qpos]                                                # [Tq]
 
     # ---- compressed branch
-    cstart, cdoc = cmp_block_starts(tk, cmp_block, cmp_stride, cu_seqlens, dev)   # [Tc]
+    cstart, cdoc = cmp_block_starts(tk, cmp_block, cmp_stride, cu_seqlens, dev,
+                                    rows=k_cmp.shape[1])                   # [Tc]
     cmask = (cdoc[None, :] == qstart[:, None]) & (cstart[None, :] + cmp_block - 1 <= qpos[:, None])
     kc = k_cmp.to(ct).transpose(1, 2).repeat_interleave(g, dim=1)       # [B, Hq, Tc, D]
     vc = v_cmp.to(ct).transpose(1, 2).repeat_interleave(g, dim=1)
@@ -203,7 +225,8 @@ def cmp_attn_ref(q, k_cmp, v_cmp, *, cmp_block=32, cmp_stride=16, scale=None, cu
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     kstart = _doc_starts(cu_seqlens, tk, dev)
     qpos = torch.arange(tq, device=dev) + q_offset
-    cstart, cdoc = cmp_block_starts(tk, cmp_block, cmp_stride, cu_seqlens, dev)
+    cstart, cdoc = cmp_block_starts(tk, cmp_block, cmp_stride, cu_seqlens, dev,
+                                    rows=k_cmp.shape[1])
     cmask = (cdoc[None, :] == kstart[qpos][:, None]) \
         & (cstart[None, :] + cmp_block - 1 <= qpos[:, None])             # [Tq, Tc]
     qf = q.to(ct).transpose(1, 2)

@@ -201,7 +201,9 @@ def test_bad_input():
         ((q.transpose(1, 2).contiguous().transpose(1, 2), kc, kc), kw, "contiguous"),
         ((q, kc, kc), dict(kw, cmp_stride=0), "cmp_stride"),
         ((q, kc, kc), dict(kw, cu_seqlens=torch.tensor([0, 64])), "int32"),
-        ((q, kc, kc), dict(kw, cu_seqlens=torch.tensor([0, 40, 64], dtype=torch.int32)),
+        # with documents: the exact rows (9 + 5 = 14) or the padded Tc(64) = 15, not 13
+        ((q, kc[:, :-2], kc[:, :-2]), dict(kw, cu_seqlens=torch.tensor([0, 40, 64],
+                                                                      dtype=torch.int32)),
          "compressed rows"),
         ((q[0], kc, kc), kw, "4-D"),
     ]

@@ -14,6 +14,7 @@ from torch._dynamo.backends.registry import lookup_backend
 from attn.common import alloc
 from attn.nsa import NSACore, nsa_attn
 from attn.nsa.op import compress
+from attn.nsa.ref import cmp_cu_seqlens
 from test_nsa_op import docs, poisoned
 
 KW = dict(cmp_block=4, cmp_stride=2, sel_block=8, topk=4, window=6)
@@ -52,8 +53,8 @@ def assert_same(got, want, names):
 def test_compiled_equals_eager_with_documents_signed_gates():
     """GQA 2, documents, signed gates with gates_nonneg=None: eager nsa_attn reads the gates,
     compiled defers to the backward op; both take the signed path. A second call with another
-    document count (another k_cmp length) recompiles and still matches; a k_cmp length that
-    does not fit cu_seqlens still raises."""
+    document count (k_cmp in the padded layout: the same length) still matches; a k_cmp length
+    that fits neither layout of cu_seqlens still raises."""
     T = 32
     targets = []
     aot_eager = lookup_backend("aot_eager")
@@ -71,10 +72,12 @@ def test_compiled_equals_eager_with_documents_signed_gates():
         ts = inputs(1, T, 2, 1, cu, signed=True)
         do = torch.randn_like(ts[0])
         assert_same(fwd_bwd(compiled, ts, do, cu), fwd_bwd(fn, ts, do, cu), NAMES)
-    # k_cmp of 4 documents against a single document (more complete blocks): the length rule
-    # reads cu_seqlens, so under compile the op checks it when it runs
+    # the exact rows of 4 documents against a single document (whose exact and padded counts
+    # are both larger): the exact rule reads cu_seqlens, so under compile the op checks it
+    n4 = int(cmp_cu_seqlens(cu, KW["cmp_block"], KW["cmp_stride"])[-1])
+    exact = [*ts[:3], ts[3][:, :n4], ts[4][:, :n4], *ts[5:]]
     with pytest.raises(ValueError, match="k_cmp has"):
-        compiled(*ts, torch.tensor([0, T], dtype=torch.int32))
+        compiled(*exact, torch.tensor([0, T], dtype=torch.int32))
     assert any("nsa_fwd" in t for t in targets), targets
     assert not any("nsa_bwd" in t or "select" in t for t in targets), targets
 

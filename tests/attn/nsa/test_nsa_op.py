@@ -18,8 +18,8 @@ from attn.common import alloc
 from attn.nsa import nsa_attn
 from attn.nsa.gate_mix import gate_mix, gate_mix_bwd
 from attn.nsa.op import compress
-from attn.nsa.ref import (_doc_starts, _masked_softmax, cmp_block_starts, nsa_attn_ref,
-                          selection_scores)
+from attn.nsa.ref import (_doc_starts, _masked_softmax, cmp_block_starts, cmp_cu_seqlens,
+                          nsa_attn_ref, selection_scores)
 
 bf16 = torch.bfloat16
 
@@ -47,7 +47,8 @@ def min_gap(q, kc, T, kw, cu, off):
     hq, hkv, d = q.shape[2], kc.shape[2], q.shape[3]
     kstart = _doc_starts(cu, T, "cpu")
     qpos = torch.arange(q.shape[1]) + off
-    cstart, cdoc = cmp_block_starts(T, kw["cmp_block"], kw["cmp_stride"], cu, "cpu")
+    cstart, cdoc = cmp_block_starts(T, kw["cmp_block"], kw["cmp_stride"], cu, "cpu",
+                                    rows=kc.shape[1])
     cmask = (cdoc[None, :] == kstart[qpos][:, None]) \
         & (cstart[None, :] + kw["cmp_block"] - 1 <= qpos[:, None])
     kd = kc.double().transpose(1, 2).repeat_interleave(hq // hkv, 1)
@@ -159,3 +160,30 @@ def test_gate_mix_matches_torch(monkeypatch):
         assert torch.allclose(deltas[i], want, atol=1e-5), i
     with pytest.raises(ValueError, match="deltas"):
         gate_mix_bwd(do, *(t.detach() for t in os_), g.detach(), deltas=deltas[:, :1])
+
+
+def test_padded_and_exact_compressed_layouts_agree(monkeypatch):
+    """With documents k_cmp may come exact (the documents' blocks only) or padded to the
+    no-document count (compress's form: no host read). The Triton path gives the same output and
+    gradients for both; the padded rows get a zero gradient, whatever they hold."""
+    monkeypatch.setattr(alloc, "empty", poisoned)
+    monkeypatch.setenv("ATTN_IMPL", "triton")
+    kw = dict(cmp_block=4, cmp_stride=2, sel_block=8, topk=5, window=9)
+    T, cu = 130, docs(130, 5)
+    q, k, v, kc, vc, *gates = make(1, T, 4, 1, 16, torch.float32, kw, cu, 0)
+    n = int(cmp_cu_seqlens(cu, kw["cmp_block"], kw["cmp_stride"])[-1])
+    assert kc.shape[1] == (T - 4) // 2 + 1 > n                    # padded, with unused rows
+    do = torch.randn_like(q)
+
+    def run(kc, vc):
+        ts = [t.detach().clone().requires_grad_(True) for t in (q, k, v, kc, vc, *gates)]
+        o = nsa_attn(*ts, **kw, cu_seqlens=cu)
+        o.backward(do)
+        return [o.detach()] + [t.grad for t in ts]
+
+    padded, exact = run(kc, vc), run(kc[:, :n], vc[:, :n])
+    for i, (a, b) in enumerate(zip(padded, exact)):
+        if i in (4, 5):                                             # dk_cmp, dv_cmp
+            assert torch.equal(a[:, n:], torch.zeros_like(a[:, n:]))
+            a = a[:, :n]
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), i

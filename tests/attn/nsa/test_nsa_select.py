@@ -37,7 +37,7 @@ def ref_sets(q, kc, T, cb, cs, sb, topk, cu, q_offset):
     g = hq // hkv
     kstart = _doc_starts(cu, T, "cpu")
     qpos = torch.arange(tq) + q_offset
-    cstart, cdoc = cmp_block_starts(T, cb, cs, cu, "cpu")
+    cstart, cdoc = cmp_block_starts(T, cb, cs, cu, "cpu", rows=kc.shape[1])
     cmask = (cdoc[None, :] == kstart[qpos][:, None]) & (cstart[None, :] + cb - 1 <= qpos[:, None])
     kd = kc.double().transpose(1, 2).repeat_interleave(g, 1)
     p = _masked_softmax((q.double().transpose(1, 2) @ kd.transpose(-1, -2)) * d ** -0.5, cmask)
