@@ -22,7 +22,7 @@ import triton.language as tl
 from attn.common.checks import check_cu_seqlens, check_qkv
 from attn.common.launch import pick_dim
 from attn.dispatch import INTERPRET
-from attn.nsa.ref import cmp_cu_seqlens, num_cmp_blocks
+from attn.nsa.ref import cmp_cu_seqlens, cmp_rows
 
 HEAD_DIMS = (16, 32, 64, 128)
 BIG = tl.constexpr(2 ** 30)  # past every position and every compressed row (int32 sentinel)
@@ -114,11 +114,7 @@ class CmpPlan:
         tk = _check(q, k_cmp, v_cmp, cmp_block, cmp_stride, cu_seqlens, q_offset, tk)
         B, tq, hq, d = q.shape
         tc, hkv = k_cmp.shape[1], k_cmp.shape[2]
-        want = num_cmp_blocks(tk, cmp_block, cmp_stride)
-        if cu_seqlens is not None:
-            cu_c = cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)
-            if tc != want:  # not the padded layout: the exact count (one host read)
-                want = int(cu_c[-1])
+        want = cmp_rows(tk, cmp_block, cmp_stride, cu_seqlens, tc)
         if tc != want:
             raise ValueError(f"cmp_attn: k_cmp has {tc} compressed rows (dim 1), but tk={tk} keys "
                              f"with cmp_block={cmp_block}, cmp_stride={cmp_stride}"
@@ -127,6 +123,7 @@ class CmpPlan:
                              f"padded no-document count; see attn/nsa/ref.py)")
         self.bounds = None
         if cu_seqlens is not None and tc > 0 and tq > 0:
+            cu_c = cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)
             self.bounds = _doc_bounds(cu_seqlens, cu_c, tq, tc, q_offset, cmp_block, cmp_stride)
         self.scale = float(d ** -0.5 if scale is None else scale)
         self.cmp_block, self.cmp_stride, self.q_offset = cmp_block, cmp_stride, q_offset

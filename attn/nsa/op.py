@@ -24,8 +24,9 @@ in ref.py).
 
 Compressed layout (see ref.py): without cu_seqlens k_cmp/v_cmp are [B, Tc(T), Hkv, D]; with
 cu_seqlens (B == 1) they are each document's complete blocks concatenated in document order,
-[1, Σ_d Tc(L_d), Hkv, D], and `cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)` gives the
-boundaries on the compressed axis. `compress` produces exactly that layout.
+[1, Σ_d Tc(L_d), Hkv, D], or that padded with unused rows to [1, Tc(T), Hkv, D] (the form
+`compress` produces: no host read); `cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)` gives
+the boundaries on the compressed axis.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ from attn.common import alloc
 from attn.common.checks import check_cu_seqlens, check_cu_values, check_qkv, check_triton_inputs
 from attn.common.documents import block_table, key_doc_bounds
 from attn.dispatch import impl_for
-from attn.nsa.ref import cmp_block_starts, cmp_cu_seqlens, nsa_attn_ref, num_cmp_blocks
+from attn.nsa.ref import (cmp_block_starts, cmp_cu_seqlens, cmp_rows, nsa_attn_ref,
+                          num_cmp_blocks)
 
 _HEAD_DIMS = (16, 32, 64, 128)
 
@@ -90,9 +92,9 @@ def _check(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block, cmp_stride, se
         # with documents k_cmp is padded to the no-document count (compress's form) or exact;
         # the exact count is read from cu_seqlens, which torch.compile cannot trace: there only
         # the op body checks it (CmpPlan, same rule)
-        tc = k_cmp.shape[1]
-        if tc != num_cmp_blocks(tk, cmp_block, cmp_stride) and not torch.compiler.is_compiling():
-            tc = int(cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)[-1])
+        padded = k_cmp.shape[1] == num_cmp_blocks(tk, cmp_block, cmp_stride)
+        tc = None if torch.compiler.is_compiling() and not padded else \
+            cmp_rows(tk, cmp_block, cmp_stride, cu_seqlens, k_cmp.shape[1])
         rule = ("Σ over documents of ⌊(L−cmp_block)/cmp_stride⌋+1 (complete blocks), or the "
                 "padded ⌊(Tk−cmp_block)/cmp_stride⌋+1")
     else:

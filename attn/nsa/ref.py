@@ -68,11 +68,13 @@ def cmp_block_starts(tk: int, cmp_block: int, cmp_stride: int, cu_seqlens=None, 
     cu = cu_seqlens.to(device)
     padded = num_cmp_blocks(tk, cmp_block, cmp_stride)
     if rows == padded:
-        return _padded_block_starts(cu, cmp_block, cmp_stride, padded, device)
-    return _doc_block_starts(cu, cmp_block, cmp_stride, device)
+        return _block_starts(cu, cmp_block, cmp_stride, padded, device)
+    return _exact_block_starts(cu, cmp_block, cmp_stride, device)
 
 
-def _padded_block_starts(cu, cmp_block: int, cmp_stride: int, rows: int, device):
+def _block_starts(cu, cmp_block: int, cmp_stride: int, rows: int, device):
+    """Starts of `rows` compressed rows, the documents' blocks first; rows past them (a padded
+    layout's) start at 0 with document start −1."""
     cu_c = cmp_cu_seqlens(cu, cmp_block, cmp_stride).long()
     c = torch.arange(rows, device=device)
     used = c < cu_c[-1]
@@ -82,18 +84,24 @@ def _padded_block_starts(cu, cmp_block: int, cmp_stride: int, rows: int, device)
     return torch.where(used, start, 0), torch.where(used, dstart, -1)
 
 
-# With documents the number of compressed blocks is read off cu_seqlens. Under torch.compile
-# this runs outside the graph (a graph break; the starts enter the graph with a dynamic size):
-# traced with an unbacked block count, inductor's code hits a device-side assert (torch 2.11,
+# The exact layout's row count is read off cu_seqlens. Under torch.compile this runs outside the
+# graph (a graph break; the starts enter the graph with a dynamic size): traced with an unbacked
+# block count, inductor's code hits a device-side assert (torch 2.11,
 # tests/parallel/test_compile.py::test_gpu_inductor_model_matches_eager[nsa-*]).
 @torch.compiler.disable
-def _doc_block_starts(cu, cmp_block: int, cmp_stride: int, device):
-    cu_c = cmp_cu_seqlens(cu, cmp_block, cmp_stride).long()
-    tc = int(cu_c[-1])
-    c = torch.arange(tc, device=device)
-    doc = torch.searchsorted(cu_c[1:], c, right=True)
-    dstart = cu.long()[doc]
-    return dstart + (c - cu_c[doc]) * cmp_stride, dstart
+def _exact_block_starts(cu, cmp_block: int, cmp_stride: int, device):
+    tc = int(cmp_cu_seqlens(cu, cmp_block, cmp_stride)[-1])
+    return _block_starts(cu, cmp_block, cmp_stride, tc, device)
+
+
+def cmp_rows(tk: int, cmp_block: int, cmp_stride: int, cu_seqlens, rows: int) -> int:
+    """The compressed row count k_cmp must have when it has `rows`: Tc(Tk) without documents;
+    with them `rows` itself if that is the padded count Tc(Tk), else the exact count (one host
+    read of cu_seqlens)."""
+    padded = num_cmp_blocks(tk, cmp_block, cmp_stride)
+    if cu_seqlens is None or rows == padded:
+        return padded
+    return int(cmp_cu_seqlens(cu_seqlens, cmp_block, cmp_stride)[-1])
 
 
 def _doc_starts(cu_seqlens, tk: int, device) -> torch.Tensor:

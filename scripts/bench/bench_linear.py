@@ -149,22 +149,29 @@ def _bench_one(name, B, T, H, D, dtype, modes, warmup, rep):
     return rows, out.detach()
 
 
-def device_ms(call, inputs, n: int = 5) -> float:
-    """GPU time of one call, summed over its kernels (torch.profiler, n calls): the time the
-    kernels take whatever the host does between them. Where the wall time (do_bench) is well
-    above it, the call waited on the host (launches, allocations), not on its kernels."""
+def kernel_times(call, inputs, n: int) -> dict:
+    """{kernel name: (calls, GPU us)} over n calls (torch.profiler, kernels only). Each call
+    starts with fresh gradients, as in the timing: else autograd's accumulation (one add kernel
+    per input) shows up as if it were the op's."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
-            for t in inputs:  # fresh gradients, as in the timing (no accumulation kernels)
+            for t in inputs:
                 t.grad = None
             call()
         torch.cuda.synchronize()
-    from torch.autograd import DeviceType
-    total = sum(getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-                for e in prof.key_averages() if e.device_type == DeviceType.CUDA)  # kernels only
-    return total / n / 1e3
+    return {e.key: (e.count, getattr(e, "device_time_total", None)
+                    or getattr(e, "cuda_time_total", 0))
+            for e in prof.key_averages() if e.device_type == DeviceType.CUDA}
+
+
+def device_ms(call, inputs, n: int = 5) -> float:
+    """GPU time of one call, summed over its kernels: the time the kernels take whatever the
+    host does between them. Where the wall time (do_bench) is well above it, the call waited on
+    the host (launches, allocations), not on its kernels."""
+    return sum(us for _, us in kernel_times(call, inputs, n).values()) / n / 1e3
 
 
 def device_allocs() -> list:
@@ -190,26 +197,15 @@ def host_ms(call, inputs, n: int = 20) -> float:
 
 def kernel_breakdown(T, H, D, dtype, tokens):
     """GPU time per kernel of one forward+backward of our lightning op (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
     B = max(tokens // T, 1)
     fn, _ = make("lightning", B, T, H, D, dtype)
     q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=dtype).requires_grad_()
                for _ in range(3))
     do = torch.randn_like(q)
     fn(q, k, v).backward(do)  # compiled and tuned already by the timing runs
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            # fresh .grad each time, as in the timing: else autograd's accumulation (one add
-            # kernel per input) shows up as if it were the op's
-            q.grad = k.grad = v.grad = None
-            fn(q, k, v).backward(do)
-        torch.cuda.synchronize()
-    rows = {}
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t > 0:
-            rows[e.key] = dict(calls=e.count // 3, us_per_step=t / 3)
+    times = kernel_times(lambda: fn(q, k, v).backward(do), [q, k, v], 3)
+    rows = {key: dict(calls=calls // 3, us_per_step=us / 3)
+            for key, (calls, us) in times.items() if us > 0}
     return dict(T=T, B=B, kernels=dict(sorted(rows.items(), key=lambda kv: -kv[1]["us_per_step"])))
 
 
