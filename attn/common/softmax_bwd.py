@@ -29,11 +29,7 @@ Memory plan of the shared loops (one program = a resident tile, the other operan
   dQ (dq_ranges): registers Q, dO [BLOCK_M, D], lse, delta [BLOCK_M], fp32 dQ [BLOCK_M, D]
       (EXACT_DELTA: also fp32 P·K [BLOCK_M, D] and rowsum(P ⊙ dP) [BLOCK_M]); streams K, V
       [BLOCK_N, D]; the caller stores dQ once.
-  DQ_ATOMIC (flash's FLASH_BWD=atomic): dkdv_rows also forms dS K for each row chunk and adds
-      it, scaled, to an fp32 dQ accumulator shaped like Q (TMA reduce-add on the GPU, else
-      fp32 atomics): 5 block products per tile pair instead of the 7 of a separate dQ pass,
-      at the price of a summation order that changes from run to run.
-No loads or stores beyond those; no atomics unless DQ_ATOMIC.
+No loads or stores beyond those; no atomics.
 """
 from __future__ import annotations
 
@@ -96,18 +92,6 @@ def dkdv_acc(dk, dv, p_t, q, do, v, delta, DOT_PREC: tl.constexpr):
 
 
 @triton.jit
-def dkdv_dq_acc(dk, dv, p_t, q, do, k, v, delta, DOT_PREC: tl.constexpr):
-    """dkdv_acc plus this pair's dQ contribution dS K [BLOCK_M, D] (unscaled, fp32) from the
-    same rounded dSᵀ that dK uses."""
-    dv = mma(cvt(p_t, do.dtype), do, dv, DOT_PREC)
-    dp_t = mma(v, tl.trans(do), None, DOT_PREC)
-    ds_t = cvt(p_t * (dp_t - delta[None, :]), q.dtype)
-    dk = mma(ds_t, q, dk, DOT_PREC)
-    dq = mma(tl.trans(ds_t), k, None, DOT_PREC)
-    return dk, dv, dq
-
-
-@triton.jit
 def dq_probs(q, k, lse2, kpos, qpos, lo, hi, Tk, qk_scale, MASK: tl.constexpr,
              DOT_PREC: tl.constexpr):
     """P [BLOCK_M, BLOCK_N] of query tile q and key tile k at key positions kpos.
@@ -150,16 +134,13 @@ def dkdv_rows(dk, dv, k, v, q_base, do_base, qd, dod, row0, col, lse_ptr, delta_
               STRIDE_QT: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
               MASK: tl.constexpr, HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr,
               LSE_PAD: tl.constexpr, JUST_IN_TIME: tl.constexpr, DOT_PREC: tl.constexpr,
-              TMA: tl.constexpr, dq_base=None, dqd=None, dq_scale=1.0,
-              DQ_ATOMIC: tl.constexpr = False, DQ_TMA: tl.constexpr = False):
+              TMA: tl.constexpr):
     """Query rows [start, end) of one head, BLOCK_M at a time, into dK, dV of the key tile; Q,
     dO tiles through the descriptors qd, dod at (row0 + row, col) when TMA. Two statement
     orders, each the one a family's kernel was tuned with (either changes the other's SASS):
     JUST_IN_TIME: every value formed right before its first use (row bound, Q's address, Q,
     lse, P, dO's address, dO, delta); else both addresses first, the row bound after Q's load,
-    delta before dO. LSE_PAD: the lse of rows past Tq (masked out of P: no result uses it).
-    DQ_ATOMIC: dQ of each chunk times dq_scale added into the fp32 accumulator at dq_base (the
-    tile's layout is Q's), through the descriptor dqd (TMA reduce-add) when DQ_TMA."""
+    delta before dO. LSE_PAD: the lse of rows past Tq (masked out of P: no result uses it)."""
     MASKED: tl.constexpr = MASK != MASK_NONE
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -195,17 +176,7 @@ def dkdv_rows(dk, dv, k, v, q_base, do_base, qd, dod, row0, col, lse_ptr, delta_
                 do = dod.load([row0 + start_m, col])
             else:
                 do = _load(do_ptrs, (rows < Tq)[:, None], MASKED)
-        if DQ_ATOMIC:
-            dk, dv, dq = dkdv_dq_acc(dk, dv, p_t, q, do, k, v, delta, DOT_PREC)
-            dq = dq * dq_scale
-            if DQ_TMA:  # rows past the batch's end fall outside dqd and are dropped
-                dqd.atomic_add([row0 + start_m, col], dq)
-            elif MASKED:
-                tl.atomic_add(dq_base + row + tile, dq, mask=(rows < Tq)[:, None], sem="relaxed")
-            else:
-                tl.atomic_add(dq_base + row + tile, dq, sem="relaxed")
-        else:
-            dk, dv = dkdv_acc(dk, dv, p_t, q, do, v, delta, DOT_PREC)
+        dk, dv = dkdv_acc(dk, dv, p_t, q, do, v, delta, DOT_PREC)
     return dk, dv
 
 
@@ -215,13 +186,10 @@ def dkdv_heads(k, v, Q, DO, LSE, DELTA, b, hkv, m_lo, f_lo, f_hi, m_hi, key_lo, 
                HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
                HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, LSE_PAD: tl.constexpr,
-               JUST_IN_TIME: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
-               DQ_ACC=None, dq_scale=1.0, DQ_ATOMIC: tl.constexpr = False,
-               DQ_TMA: tl.constexpr = False):
+               JUST_IN_TIME: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr):
     """fp32 (dK unscaled, dV) of the key tile k, v of (batch b, KV head hkv) from every query
     head of its GQA group: rows [m_lo, f_lo) and [f_hi, m_hi) masked by MASK, [f_lo, f_hi)
-    unmasked (every pair visible). DQ_ATOMIC: also adds dq_scale · dS K into DQ_ACC (fp32,
-    Q's layout; DQ_TMA: through a descriptor, as TMA does Q and dO)."""
+    unmasked (every pair visible)."""
     GROUP: tl.constexpr = HQ // HKV
     STRIDE_QT: tl.constexpr = HQ * HEAD_DIM
     if TMA:
@@ -233,11 +201,6 @@ def dkdv_heads(k, v, Q, DO, LSE, DELTA, b, hkv, m_lo, f_lo, f_hi, m_hi, key_lo, 
     else:
         qd = Q  # unused
         dod = DO
-    if DQ_TMA:
-        dqd = tl.make_tensor_descriptor(DQ_ACC, shape=[(b + 1) * Tq, HQ * HEAD_DIM],
-                                        strides=[STRIDE_QT, 1], block_shape=[BLOCK_M, HEAD_DIM])
-    else:
-        dqd = DQ_ACC  # unused
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for g in range(GROUP):
@@ -245,25 +208,21 @@ def dkdv_heads(k, v, Q, DO, LSE, DELTA, b, hkv, m_lo, f_lo, f_hi, m_hi, key_lo, 
         q_base = Q + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
         do_base = DO + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
         row_base = (b * HQ + h).to(tl.int64) * Tq
-        if DQ_ATOMIC:
-            dq_base = DQ_ACC + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
-        else:
-            dq_base = DQ_ACC  # unused
         dk, dv = dkdv_rows(dk, dv, k, v, q_base, do_base, qd, dod, b * Tq, h * HEAD_DIM,
                            LSE + row_base, DELTA + row_base, m_lo, f_lo, key_lo, key_hi,
                            SEG_START, window, q_offset, Tq, qk_scale, STRIDE_QT, BLOCK_M,
                            HEAD_DIM, MASK, HAS_SEG, HAS_WINDOW, LSE_PAD, JUST_IN_TIME, DOT_PREC,
-                           TMA, dq_base, dqd, dq_scale, DQ_ATOMIC, DQ_TMA)
+                           TMA)
         dk, dv = dkdv_rows(dk, dv, k, v, q_base, do_base, qd, dod, b * Tq, h * HEAD_DIM,
                            LSE + row_base, DELTA + row_base, f_lo, f_hi, key_lo, key_hi,
                            SEG_START, window, q_offset, Tq, qk_scale, STRIDE_QT, BLOCK_M,
                            HEAD_DIM, MASK_NONE, HAS_SEG, HAS_WINDOW, LSE_PAD, JUST_IN_TIME,
-                           DOT_PREC, TMA, dq_base, dqd, dq_scale, DQ_ATOMIC, DQ_TMA)
+                           DOT_PREC, TMA)
         dk, dv = dkdv_rows(dk, dv, k, v, q_base, do_base, qd, dod, b * Tq, h * HEAD_DIM,
                            LSE + row_base, DELTA + row_base, f_hi, m_hi, key_lo, key_hi,
                            SEG_START, window, q_offset, Tq, qk_scale, STRIDE_QT, BLOCK_M,
                            HEAD_DIM, MASK, HAS_SEG, HAS_WINDOW, LSE_PAD, JUST_IN_TIME, DOT_PREC,
-                           TMA, dq_base, dqd, dq_scale, DQ_ATOMIC, DQ_TMA)
+                           TMA)
     return dk, dv
 
 

@@ -1,12 +1,8 @@
 """Backward kernels: dK/dV (one program per key block and KV head, looping over the query heads
 of its GQA group) and dQ (one program per query block and query head).
 
-Deterministic by default (FLASH_BWD=split or fused): every output element is written by exactly
-one program, no atomics. The price is that the score tile is recomputed in both kernels (7 block
-products instead of 5). FLASH_BWD=atomic (opt-in) has no dQ kernel: the dK/dV programs add
-scale · dS K of every tile pair into an fp32 dQ accumulator (TMA reduce-add on Hopper, else fp32
-atomics), 5 products per pair; dQ is then the accumulator cast to Q's dtype. Its summation order
-varies, so reruns differ in the last bits (as flash-attn's and cuDNN's default backward).
+Deterministic: every output element is written by exactly one program, no atomics. The price is
+that the score tile is recomputed in both kernels (7 block products instead of 5).
 
 Memory plan
   preprocess : delta = rowsum(O * dO) fp32 [B, Hq, Tq] (attn/common/softmax.py)
@@ -15,8 +11,6 @@ Memory plan
                the group; writes dK, dV once (KV dtype), so GQA costs no atomics and no copies
   dQ         : registers Q, dO tiles, fp32 accumulator dQ [BLOCK_M, D]; streams K, V tiles;
                writes dQ once
-  atomic     : dK/dV as above, plus per streamed tile an fp32 [BLOCK_M, D] dQ part reduced into
-               an fp32 [B, Tq, Hq, D] accumulator (zeroed before), cast once afterwards
 The math and the streaming loops are attn/common/softmax_bwd.py's (dkdv_heads, dq_ranges with
 MASK_CAUSAL); this file decides which blocks each program visits, the launch order and configs.
 Masking as in the forward (common.py); dK/dV walks query blocks with hi(s) per key.
@@ -25,7 +19,6 @@ from __future__ import annotations
 
 import os
 
-import torch
 import triton
 import triton.language as tl
 
@@ -45,10 +38,8 @@ def _dkdv_program(start_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, S
                   HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-                  TMA: tl.constexpr, DQ_ACC=None, DQ_ATOMIC: tl.constexpr = False,
-                  DQ_TMA: tl.constexpr = False):
-    """dK, dV of keys start_n.. of (batch, KV head) pid_bh; DQ_ATOMIC: and their share of dQ,
-    added into DQ_ACC (DQ_TMA: by TMA reduce-add)."""
+                  TMA: tl.constexpr):
+    """dK, dV of keys start_n.. of (batch, KV head) pid_bh."""
     b = pid_bh // HKV
     hkv = pid_bh % HKV
     STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
@@ -78,8 +69,7 @@ def _dkdv_program(start_n, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, S
     # MASK_CAUSAL takes the key positions as key_lo (key_hi unused)
     dk, dv = dkdv_heads(k, v, Q, DO, LSE, DELTA, b, hkv, m_lo, f_lo, f_hi, m_hi, offs_n, offs_n,
                         SEG_START, window, q_offset, Tq, qk_scale, HQ, HKV, HEAD_DIM, BLOCK_M,
-                        BLOCK_N, MASK_CAUSAL, HAS_SEG, HAS_WINDOW, 0.0, False, DOT_PREC, TMA,
-                        DQ_ACC, scale, DQ_ATOMIC, DQ_TMA)
+                        BLOCK_N, MASK_CAUSAL, HAS_SEG, HAS_WINDOW, 0.0, False, DOT_PREC, TMA)
     tl.store(DK + kv_off, cvt(dk * scale, DK.dtype.element_ty), mask=n_ok[:, None])
     tl.store(DV + kv_off, cvt(dv, DV.dtype.element_ty), mask=n_ok[:, None])
 
@@ -96,22 +86,6 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEG_START, SEG_END, scale, qk_
     _dkdv_program(rank * BLOCK_N, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV,
                   SEG_START, SEG_END, scale, qk_scale, q_offset, window, Tq, Tk, HQ, HKV,
                   HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SEG, HAS_WINDOW, DOT_PREC, TMA)
-
-
-@triton.jit
-def _dkdv_dq_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, SEG_START, SEG_END, scale,
-                    qk_scale, q_offset, window, Tq, Tk, n_sm,
-                    HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HAS_SEG: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr,
-                    TMA: tl.constexpr, DQ_TMA: tl.constexpr):
-    """FLASH_BWD=atomic: _dkdv_kernel that also adds each tile pair's dQ into DQ_ACC (fp32, Q's
-    layout, zeroed by the caller); DQ_TMA: by TMA reduce-add (the interpreter has none)."""
-    rank, pid_bh = heavy_first(n_sm)
-    _dkdv_program(rank * BLOCK_N, pid_bh, Q, K, V, DO, LSE, DELTA, DK, DV,
-                  SEG_START, SEG_END, scale, qk_scale, q_offset, window, Tq, Tk, HQ, HKV,
-                  HEAD_DIM, BLOCK_M, BLOCK_N, HAS_SEG, HAS_WINDOW, DOT_PREC, TMA, DQ_ACC, True,
-                  DQ_TMA)
 
 
 @triton.jit
@@ -238,27 +212,12 @@ FUSED_CFGS = {
     512: [(16, 32, 32, 32, 4, 2)],
 }
 INTERP_FUSED = (16, 32, 32, 16)
-
-# FLASH_BWD=atomic: the dK/dV kernel with the dQ product and its reduce-add per tile pair;
-# (BLOCK_M, BLOCK_N, warps, stages) as DKDV_CFGS, the extra fp32 [BLOCK_M, D] dQ tile in
-# registers (scripts/tune/tune_flash.py --aot --kernels dkdv_dq: registers and spills)
-DKDV_DQ_CFGS = {
-    64: [(32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 3)],
-    128: [(64, 128, 8, 3), (64, 64, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2)],
-    256: [(32, 64, 8, 2), (16, 64, 8, 2), (32, 32, 4, 2)],
-    512: [(16, 32, 4, 2), (16, 16, 4, 2)],  # fp32 at D = 256 (tests only)
-}
-BWD_MODES = ("split", "fused", "atomic")
-BWD_MODE = "split"  # default of FLASH_BWD: deterministic
+BWD_MODE = "split"  # default of FLASH_BWD (split | fused)
 
 _KEY = ["Tq", "Tk", "HEAD_DIM", "HQ", "HKV", "HAS_SEG", "HAS_WINDOW"]
 _c, _p = common.tuned_configs(DKDV_CFGS)
 _dkdv_tuned = triton.autotune(_c, key=_KEY + ["TMA"],
                               prune_configs_by={"early_config_prune": _p})(_dkdv_kernel)
-_c, _p = common.tuned_configs(DKDV_DQ_CFGS)
-# reset_to_zero: every tuning run adds into the accumulator
-_dkdv_dq_tuned = triton.autotune(_c, key=_KEY + ["TMA", "DQ_TMA"], reset_to_zero=["DQ_ACC"],
-                                 prune_configs_by={"early_config_prune": _p})(_dkdv_dq_kernel)
 _c, _p = common.tuned_configs(DQ_CFGS)
 # restore_value: the tuning runs launch several configs on the same DQ, which ACC adds to
 _dq_tuned = triton.autotune(_c, key=_KEY + ["TMA"], restore_value=["DQ"],
@@ -320,20 +279,8 @@ def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=None, dq
                 DOT_PREC=dot_precision(q.dtype))
     w = window or 0
     mode = os.environ.get("FLASH_BWD", BWD_MODE)
-    if mode not in BWD_MODES:
-        raise ValueError(f"FLASH_BWD={mode!r}: must be one of {', '.join(BWD_MODES)}")
-    if mode == "atomic":
-        acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # scale · Σ dS K
-        tma = use_tma("dkdv", q, do)
-        _launch("dkdv_dq", _dkdv_dq_tuned, _dkdv_dq_kernel, DKDV_DQ_CFGS, INTERP_DKDV, tk,
-                B * hkv, (q, k, v, do, lse, delta, dk, dv, acc, seg_start, seg_end, scale,
-                          scale * LOG2E_F, q_offset, w, tq, tk, common.launch_sms(q.device)),
-                dict(meta, TMA=tma, DQ_TMA=tma and not INTERPRET), "BLOCK_N")
-        if dq_acc is None:
-            dq.copy_(acc)
-        else:
-            dq_acc.add_(acc)  # fp32 sum, one rounding to dq's dtype
-        return dq, dk, dv
+    if mode not in ("split", "fused"):
+        raise ValueError(f"FLASH_BWD={mode!r}: must be 'split' or 'fused'")
     if mode == "fused":
         # the fused kernel's dQ programs overwrite: with dq_acc, a separate sum afterwards
         dq_f = dq if dq_acc is None else alloc.empty(q.shape, q.dtype, q.device)

@@ -8,7 +8,6 @@
 Backends (missing ones are skipped with a note, so later families plug in by existing):
   flash       our Triton FlashAttention (attn.flash.flash_attn)
   flash_plain the same with the forward's scores-ahead loop off (FLASH_FWD_AHEAD=0): its A/B
-  flash_split, flash_fused, flash_atomic   the same with FLASH_BWD forced: the backward's A/B
   sdpa_flash  torch SDPA, FlashAttention-2 backend      sdpa_cudnn  torch SDPA, cuDNN backend
   flex        torch FlexAttention, compiled, causal block mask
   fla         flash-linear-attention parallel_attn (Triton), when importable
@@ -166,7 +165,6 @@ BACKENDS = {
     "flash_plain": make_flash_plain,
     "flash_split": make_flash_variant("split"),
     "flash_fused": make_flash_variant("fused"),
-    "flash_atomic": make_flash_variant("atomic"),
     "sdpa_flash": _make_sdpa("FLASH_ATTENTION"),
     "sdpa_cudnn": _make_sdpa("CUDNN_ATTENTION"),
     "flex": make_flex,
@@ -176,8 +174,7 @@ BACKENDS = {
     "moba": make_moba,
     "nsa": make_nsa,
 }
-SOFTMAX_EXACT = {"flash", "flash_plain", "flash_split", "flash_fused", "flash_atomic",
-                 "sdpa_flash", "sdpa_cudnn",
+SOFTMAX_EXACT = {"flash", "flash_plain", "flash_split", "flash_fused", "sdpa_flash", "sdpa_cudnn",
                  "flex", "fla"}
 
 

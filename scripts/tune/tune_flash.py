@@ -3,7 +3,7 @@
 
     python3 scripts/tune/tune_flash.py --out OUT [--T 16384] [--tokens 32768] [--H 16]
         [--kv-heads H] [--window W] [--kernels fwd,dkdv,dq] [--no-fp8]              # GPU
-    python3 scripts/tune/tune_flash.py --aot [--dims 64,128,256] [--kernels fwd,dkdv,dq,dkdv_dq]
+    python3 scripts/tune/tune_flash.py --aot [--dims 64,128,256] [--kernels fwd,dkdv,dq]
         [--dtype bf16|fp32] [--tma] [--ahead]                                       # no GPU
 
 GPU: sweep the candidates below one kernel at a time (each kernel keeps its best before the
@@ -154,10 +154,6 @@ def sigs():
         "dkdv": dict(Q=P, K=P, V=P, DO=P, LSE="*fp32", DELTA="*fp32", DK=P, DV=P,
                      SEG_START="*i32", SEG_END="*i32", scale="fp32", qk_scale="fp32",
                      q_offset="i32", window="i32", Tq="i32", Tk="i32", n_sm="i32"),
-        "dkdv_dq": dict(Q=P, K=P, V=P, DO=P, LSE="*fp32", DELTA="*fp32", DK=P, DV=P,
-                        DQ_ACC="*fp32", SEG_START="*i32", SEG_END="*i32", scale="fp32",
-                        qk_scale="fp32", q_offset="i32", window="i32", Tq="i32", Tk="i32",
-                        n_sm="i32"),
         "dq": dict(Q=P, K=P, V=P, DO=P, LSE="*fp32", DELTA="*fp32", DQ=P, SEG_START="*i32",
                    scale="fp32", qk_scale="fp32", q_offset="i32", window="i32", Tq="i32",
                    Tk="i32", n_sm="i32"),
@@ -168,8 +164,7 @@ def kernels():
     """name -> (kernel, its autotune config table)."""
     from attn.flash import bwd, fwd
     return {"fwd": (fwd._fwd_kernel, fwd.FWD_CFGS), "dkdv": (bwd._dkdv_kernel, bwd.DKDV_CFGS),
-            "dq": (bwd._dq_kernel, bwd.DQ_CFGS),
-            "dkdv_dq": (bwd._dkdv_dq_kernel, bwd.DKDV_DQ_CFGS)}
+            "dq": (bwd._dq_kernel, bwd.DQ_CFGS)}
 
 
 def ptxas():
@@ -195,8 +190,6 @@ def aot_check(name, d, cfg, extra):
         const.setdefault("AHEAD", False)
     else:
         const.setdefault("TMA", False)
-    if name == "dkdv_dq":
-        const.setdefault("DQ_TMA", const["TMA"])
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": w, "num_stages": s})
     ptx = k.asm["ptx"]
@@ -208,7 +201,7 @@ def aot_check(name, d, cfg, extra):
     regs = re.findall(r"Used (\d+) registers", rep)
     spill = re.findall(r"(\d+) bytes spill stores", rep)
     ops = {}
-    for m in re.findall(r"cp\.reduce\.async\.bulk\.tensor|red\.global|atom\.global|cp\.async\.bulk\.tensor|cp\.async\.cg|ld\.global\.v4|ld\.global\.b16|"
+    for m in re.findall(r"cp\.async\.bulk\.tensor|cp\.async\.cg|ld\.global\.v4|ld\.global\.b16|"
                         r"wgmma\.mma_async|mma\.sync", ptx):
         ops[m] = ops.get(m, 0) + 1
     print(f"{name:5s} D={d:3d} BM={bm:3d} BN={bn:3d} warps={w} stages={s}: regs={regs[0]:>3s} "

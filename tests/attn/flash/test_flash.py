@@ -101,7 +101,7 @@ def test_primitives_match_autograd_and_are_deterministic(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["split", "fused", "atomic"])
+@pytest.mark.parametrize("mode", ["split", "fused"])
 def test_bwd_given_delta_and_dq_accumulator(monkeypatch, mode):
     """flash_bwd(delta=, dq=): the caller's delta replaces the preprocess, and dQ is added to the
     given tensor (one rounding) and returned; dK, dV as without the options."""
@@ -226,27 +226,6 @@ def test_fused_backward(monkeypatch, case):
     """FLASH_BWD=fused: dK/dV and dQ programs in one launch give the same results."""
     monkeypatch.setenv("FLASH_BWD", "fused")
     check_case(monkeypatch, D=16, device=DEV, **case)
-
-
-@pytest.mark.parametrize("case", [dict(Tq=90, Tk=130, q_offset=37, Hq=4, Hkv=2, window=25,
-                                       cu=[0, 5, 6, 64, 100, 130]),
-                                  dict(B=2, Tq=75, Hq=4, Hkv=1, dtype=torch.bfloat16),
-                                  dict(Tq=33, Tk=70, Hq=2)])
-def test_atomic_backward(monkeypatch, case):
-    """FLASH_BWD=atomic: dQ added by the dK/dV programs (fp32 atomics here; TMA reduce-add on
-    Hopper, tests/attn/flash/test_flash_gpu.py) matches the reference, with documents, window,
-    q_offset, GQA, two batches and ragged tiles (Tq not a multiple of any block)."""
-    monkeypatch.setenv("FLASH_BWD", "atomic")
-    check_case(monkeypatch, D=16, device=DEV, **case)
-
-
-def test_bwd_mode_checked(monkeypatch):
-    monkeypatch.setenv("ATTN_IMPL", "triton")
-    monkeypatch.setenv("FLASH_BWD", "atomics")
-    q = torch.randn(1, 8, 2, 16, device=DEV, requires_grad=True)
-    o = flash_attn(q, q, q)
-    with pytest.raises(ValueError, match="FLASH_BWD='atomics': must be one of split, fused, atomic"):
-        o.sum().backward()
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 5e-6), (torch.bfloat16, 1e-2)])

@@ -33,19 +33,6 @@ def test_gpu_cases(monkeypatch, case):
     print({k: f"{a:.2e} (ref {b:.2e})" for k, (a, b) in rep.items()})
 
 
-@pytest.mark.parametrize("case", [
-    dict(B=2, Tq=2048, Hq=16, D=128),
-    dict(B=1, Tq=3000, Tk=7001, q_offset=2500, Hq=8, Hkv=2, D=128, window=1000, cu="docs"),
-    dict(B=1, Tq=4096, Hq=8, Hkv=4, D=64),
-    dict(B=1, Tq=777, Hq=4, Hkv=2, D=128, dtype=torch.float32),
-], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()).replace("torch.", ""))
-def test_gpu_atomic_backward(monkeypatch, case):
-    """FLASH_BWD=atomic on the GPU: dQ by TMA reduce-add (pointer atomics where TMA is off),
-    same oracle and tolerances as the deterministic backward."""
-    monkeypatch.setenv("FLASH_BWD", "atomic")
-    test_gpu_cases(monkeypatch, case)
-
-
 def test_gpu_deterministic_backward(monkeypatch):
     monkeypatch.setenv("ATTN_IMPL", "triton")
     q = torch.randn(1, 4096, 16, 128, device="cuda", dtype=bf16, requires_grad=True)
