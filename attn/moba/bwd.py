@@ -31,7 +31,7 @@ from attn.common.softmax import bwd_delta
 from attn.common.softmax_bwd import MASK_BOUNDS, MASK_NONE, dkdv_acc, dkdv_probs
 from attn.dispatch import INTERPRET
 from attn.moba.fwd import dq_triton
-from attn.moba.routed import block_program, even_blocks, grid_order
+from attn.moba.routed import even_blocks
 
 
 @triton.jit
@@ -63,16 +63,14 @@ def _dkdv_rows(dk, dv, k, v, rows, r_ok, qpos, lo, hi, q_base, do_base, lse_ptr,
 
 @triton.jit
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, KBLK, BLK_END, ROWPTR, ENTRIES, scale,
-                 qk_scale, q_offset, Tq, Tk, NB, NBH,
+                 qk_scale, q_offset, Tq, Tk, NB,
                  HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSEL: tl.constexpr,
-                 ROUTED: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr,
-                 BLOCK_MAJOR: tl.constexpr):
+                 ROUTED: tl.constexpr, ALIGNED: tl.constexpr, DOT_PREC: tl.constexpr):
     """ALIGNED: every key tile lies inside one block (no documents, BLOCK_N divides the block
-    size), so a routed row pairs with every key of the tile. One program per (key tile,
-    batch·KV head), in routed.block_program's order (a key tile as a block, SPLIT 1)."""
-    tile, _, pid_bh = block_program(NBH, 1, BLOCK_MAJOR)
-    start_n = tile * BLOCK_N
+    size), so a routed row pairs with every key of the tile."""
+    start_n = tl.program_id(0) * BLOCK_N
+    pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     hkv = pid_bh % HKV
     GROUP: tl.constexpr = HQ // HKV
@@ -169,11 +167,11 @@ def bwd_triton(do, q, k, v, o, lse, sel, table, scale, q_offset, index=None, blo
     bm, bn, w, s = INTERP_DKDV if INTERPRET else GPU_DKDV
     if not INTERPRET and q.dtype == torch.float32 and d == 128:
         bm = 32
-    _dkdv_kernel[(triton.cdiv(tk, bn) * B * hkv,)](
+    _dkdv_kernel[(triton.cdiv(tk, bn), B * hkv)](
         q, k, v, do, lse, delta, dk, dv, kblk, blk_end, rowptr, entries, scale, scale * LOG2E_F,
-        q_offset, tq, tk, nb, B * hkv, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
+        q_offset, tq, tk, nb, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
         NSEL=sel.shape[-1], ROUTED=routed,
         ALIGNED=not has_docs and even_blocks(block_size, bn),
-        DOT_PREC=dot_precision(q.dtype), BLOCK_MAJOR=grid_order() == "blocks",
+        DOT_PREC=dot_precision(q.dtype),
         num_warps=w, num_stages=s)
     return dq, dk, dv

@@ -11,8 +11,8 @@ the interpreter and as its reference): ENTRIES int32 lists, per
 ascending; ROWPTR [B·Hq·NB + 1] int32 offsets. The backward's dK/dV kernel reuses it.
 
 Memory plan
-  _routed_fwd_kernel : SPLIT programs per (block, batch·head) (launch order: block_program),
-      interleaving its entries BLOCK_M at a time (gathered Q rows [BLOCK_M, D]); streams the block's K, V in BLOCK_N chunks with an
+  _routed_fwd_kernel : SPLIT programs per (block, batch·head), interleaving its entries BLOCK_M at
+      a time (gathered Q rows [BLOCK_M, D]); streams the block's K, V in BLOCK_N chunks with an
       online softmax (fp32 acc [BLOCK_M, D]); writes the normalised partial output
       OP [B·Hq, Tq·NSEL, D] (in the input dtype: partial_dtype) and its log2-domain
       lse LP fp32 [B·Hq, Tq·NSEL] per entry.
@@ -24,8 +24,6 @@ Transient memory: NSEL rows of D per query and head (OP in the forward, DQP in t
 per element for 16-bit inputs: at 64k, H = 16, top-3 that is 512 MiB instead of the 1 GiB of fp32.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -66,41 +64,6 @@ def routed_entries(sel, nb: int):
     return rowptr, (order % (tq * nsel)).to(torch.int32)
 
 
-# Launch order of the block-centric grids (routed kernels here, dK/dV in bwd.py), read at every
-# launch: "blocks" (default) starts block 0 of every head first, then block 1, ...: early blocks
-# carry the most routed rows (block 0 is a candidate for every later query), so the heaviest
-# programs start first and the light ones fill the tail; "rows" walks one head's blocks after
-# another, which starts the last head's heavy programs near the end of the grid.
-GRID_ORDERS = ("blocks", "rows")
-
-
-def grid_order() -> str:
-    order = os.environ.get("MOBA_GRID_ORDER", "blocks")
-    if order not in GRID_ORDERS:
-        raise ValueError(f"MOBA_GRID_ORDER={order!r}: must be 'blocks' or 'rows'")
-    return order
-
-
-@triton.jit
-def block_program(n_rows, SPLIT: tl.constexpr, BLOCK_MAJOR: tl.constexpr):
-    """(block j, split z, row) of this program in a 1-D grid of n_blocks · SPLIT · n_rows programs
-    (row: batch·head). The SPLIT programs of one (block, row) are neighbours either way, so they
-    run together and share the block's K/V in L2. BLOCK_MAJOR: blocks slowest (heavy first over
-    all rows); else rows slowest."""
-    lin = tl.program_id(0)
-    if BLOCK_MAJOR:
-        j = lin // (SPLIT * n_rows)
-        r = lin % (SPLIT * n_rows)
-        row = r // SPLIT
-    else:
-        n_blk = tl.num_programs(0) // (SPLIT * n_rows)
-        row = lin // (SPLIT * n_blk)
-        r = lin % (SPLIT * n_blk)
-        j = r // SPLIT
-    return j, r % SPLIT, row
-
-
-
 @triton.jit
 def chunk_scores(q, k_base, v_base, start_n, offs_n, end, qk_scale, STRIDE_KT: tl.constexpr,
                  HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
@@ -128,12 +91,15 @@ def chunk_scores(q, k_base, v_base, start_n, offs_n, end, qk_scale, STRIDE_KT: t
 
 @triton.jit
 def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_scale, Tq, Tk, NB,
-                       NBH,
                        HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSEL: tl.constexpr,
-                       SPLIT: tl.constexpr, EVEN: tl.constexpr, DOT_PREC: tl.constexpr,
-                       BLOCK_MAJOR: tl.constexpr):
-    j, z, pid_bh = block_program(NBH, SPLIT, BLOCK_MAJOR)
+                       SPLIT: tl.constexpr, EVEN: tl.constexpr, DOT_PREC: tl.constexpr):
+    # the SPLIT programs of one (block, head) are neighbours on grid axis 0, so they run at the
+    # same time and share the block's K/V in L2 (on a third grid axis they would run a whole
+    # grid slice apart; docs/moba_notes.md)
+    j = tl.program_id(0) // SPLIT
+    z = tl.program_id(0) % SPLIT
+    pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
     hkv = h // (HQ // HKV)
@@ -186,12 +152,13 @@ def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_
 
 @triton.jit
 def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, BLK_END,
-                      qk_scale, Tq, Tk, NB, NBH,
+                      qk_scale, Tq, Tk, NB,
                       HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSEL: tl.constexpr,
-                      SPLIT: tl.constexpr, EVEN: tl.constexpr, DOT_PREC: tl.constexpr,
-                      BLOCK_MAJOR: tl.constexpr):
-    j, z, pid_bh = block_program(NBH, SPLIT, BLOCK_MAJOR)
+                      SPLIT: tl.constexpr, EVEN: tl.constexpr, DOT_PREC: tl.constexpr):
+    j = tl.program_id(0) // SPLIT  # (block, split) pairs on axis 0: see the forward
+    z = tl.program_id(0) % SPLIT
+    pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
     hkv = h // (HQ // HKV)
@@ -278,11 +245,11 @@ def routed_fwd(q, k, v, index, table, scale_log2, nsel: int, block_size=None):
     lp = alloc.empty((B * hq, tq * nsel), torch.float32, q.device)
     bm, bn, w, s = _cfg(q.dtype, d)
     split = INTERP_SPLIT if INTERPRET else GPU_SPLIT
-    _routed_fwd_kernel[(nb * split * B * hq,)](
-        q, k, v, op, lp, rowptr, entries, blk_start, blk_end, scale_log2, tq, tk, nb, B * hq,
-        HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel, SPLIT=split,
-        EVEN=even_blocks(block_size, bn), DOT_PREC=dot_precision(q.dtype),
-        BLOCK_MAJOR=grid_order() == "blocks", num_warps=w, num_stages=s)
+    _routed_fwd_kernel[(nb * split, B * hq)](
+        q, k, v, op, lp, rowptr, entries, blk_start, blk_end, scale_log2, tq, tk, nb, HQ=hq,
+        HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel, SPLIT=split,
+        EVEN=even_blocks(block_size, bn), DOT_PREC=dot_precision(q.dtype), num_warps=w,
+        num_stages=s)
     return op, lp
 
 
@@ -296,9 +263,9 @@ def routed_dq(do, q, k, v, lse, delta, index, table, scale_log2, nsel: int, bloc
     dqp = alloc.empty((B * hq, tq * nsel, d), partial_dtype(q.dtype), q.device)
     bm, bn, w, s = _cfg(q.dtype, d)
     split = INTERP_SPLIT if INTERPRET else GPU_SPLIT
-    _routed_dq_kernel[(nb * split * B * hq,)](
+    _routed_dq_kernel[(nb * split, B * hq)](
         q, k, v, do, lse, delta, dqp, rowptr, entries, blk_start, blk_end, scale_log2, tq, tk,
-        nb, B * hq, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel, SPLIT=split,
-        EVEN=even_blocks(block_size, bn), DOT_PREC=dot_precision(q.dtype),
-        BLOCK_MAJOR=grid_order() == "blocks", num_warps=w, num_stages=s)
+        nb, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel, SPLIT=split,
+        EVEN=even_blocks(block_size, bn), DOT_PREC=dot_precision(q.dtype), num_warps=w,
+        num_stages=s)
     return dqp

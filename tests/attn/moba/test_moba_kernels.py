@@ -138,28 +138,6 @@ def test_backward_is_deterministic(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(g1, g2))
 
 
-@pytest.mark.parametrize("cu", [None, "docs"])
-def test_grid_orders_give_identical_results(monkeypatch, cu):
-    """MOBA_GRID_ORDER only reorders the programs of the routed and dK/dV grids (one writer per
-    element): both orders give bit-identical outputs and gradients (batch 2, GQA, documents)."""
-    monkeypatch.setenv("ATTN_IMPL", "triton")
-    T = 72
-    cu = None if cu is None else random_docs(T, 4)
-    q = torch.randn(2 if cu is None else 1, T, 4, 16, requires_grad=True)
-    k = torch.randn(q.shape[0], T, 2, 16, requires_grad=True)
-    v = torch.randn(q.shape[0], T, 2, 16, requires_grad=True)
-    do = torch.randn_like(q)
-    runs = []
-    for order in ("rows", "blocks"):
-        monkeypatch.setenv("MOBA_GRID_ORDER", order)
-        o = moba_attn(q, k, v, block_size=8, topk=3, cu_seqlens=cu)
-        runs.append((o, *torch.autograd.grad(o, (q, k, v), do)))
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
-    monkeypatch.setenv("MOBA_GRID_ORDER", "heads")
-    with pytest.raises(ValueError, match="MOBA_GRID_ORDER='heads': must be 'blocks' or 'rows'"):
-        moba_attn(q, k, v, block_size=8, topk=3, cu_seqlens=cu)
-
-
 def test_bad_arguments(monkeypatch):
     monkeypatch.setenv("ATTN_IMPL", "triton")
     q, k = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 1, 16)
