@@ -14,6 +14,9 @@
 #   flash         scripts/bench/bench_attn.py (every attention backend)    -> $OUT/flash/
 #   ahead         A/B of the flash forward with FLASH_FWD_AHEAD=1 against =0 (ab_kernels.py,
 #                 forward only, D 128 and D 64, 5 alternating rounds)  -> $OUT/ahead/
+#   gluon         the Gluon forward (FLASH_FWD_IMPL=gluon) against the Triton one, cuDNN and
+#                 Flex: bench_attn.py at 4k / 16k / 64k, D 128, then D 64 at 8k / 16k
+#                                                                         -> $OUT/gluon/, gluon64/
 #   lightning     scripts/bench/bench_linear.py (linear, lightning vs fla) -> $OUT/lightning/
 #   moba          scripts/bench/bench_moba.py                              -> $OUT/moba/
 #   nsa           scripts/bench/bench_nsa.py                               -> $OUT/nsa/
@@ -52,7 +55,8 @@ case $1 in -h|--help) usage; exit 0;; esac
 LINEAR_TESTS="tests/attn/linear tests/attn/lightning"
 TRAIN_TESTS="tests/parallel/test_compile.py tests/attn/test_sdpa.py"
 declare -A TESTS=(
-  [flash]="tests/attn/flash" [ahead]="tests/attn/flash" [lightning]=$LINEAR_TESTS [linear-parts]=$LINEAR_TESTS
+  [flash]="tests/attn/flash" [ahead]="tests/attn/flash" [gluon]="tests/attn/flash/test_fwd_gluon.py"
+  [lightning]=$LINEAR_TESTS [linear-parts]=$LINEAR_TESTS
   [moba]="tests/attn/moba" [moba-parts]="tests/attn/moba" [moba-sweep]="tests/attn/moba"
   [nsa]="tests/attn/nsa" [nsa-parts]="tests/attn/nsa"
   [train]=$TRAIN_TESTS [e2e]=$TRAIN_TESTS [profile]=$TRAIN_TESTS [recall]="tests/test_eval.py"
@@ -130,6 +134,10 @@ run_part() {  # run_part PART ARGS...
     flash)        bench flash "$limit" scripts/bench/bench_attn.py "$@" ;;
     ahead)        bench ahead "$limit" scripts/bench/ab_kernels.py plain=.@FLASH_FWD_AHEAD=0 \
                     ahead=.@FLASH_FWD_AHEAD=1 --cases flash,flash64 --mode fwd --rounds 5 "$@" ;;
+    gluon)        bench gluon "$limit" scripts/bench/bench_attn.py --backends \
+                    flash,flash_gluon,sdpa_cudnn,flex --seqlens 4096,16384,65536 "$@" \
+                    && bench gluon64 "$limit" scripts/bench/bench_attn.py --backends \
+                    flash,flash_gluon,sdpa_cudnn --seqlens 8192,16384 --head-dim 64 "$@" ;;
     lightning)    bench lightning "$limit" scripts/bench/bench_linear.py "$@" ;;
     moba)         bench moba "$limit" scripts/bench/bench_moba.py "$@" ;;
     nsa)          bench nsa "$limit" scripts/bench/bench_nsa.py "$@" ;;

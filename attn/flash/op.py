@@ -11,7 +11,8 @@ The primitives also take causal=False (ring attention's off-diagonal blocks: eve
 every key; then no documents, window or q_offset), and copy non-contiguous inputs (ring passes
 slices); flash_attn is always causal and rejects non-contiguous inputs.
 Implementation: Triton on CUDA tensors, ref.py on CPU tensors; ATTN_IMPL=triton|ref forces one
-(TRITON_INTERPRET=1 with ATTN_IMPL=triton runs the kernels on CPU tensors).
+(TRITON_INTERPRET=1 with ATTN_IMPL=triton runs the kernels on CPU tensors). FLASH_FWD_IMPL=gluon
+takes the Gluon forward for Hopper (fwd_gluon.py; its scope is checked, nothing falls back).
 """
 from __future__ import annotations
 
@@ -59,10 +60,23 @@ def flash_fwd(q, k, v, *, scale=None, causal: bool = True, cu_seqlens=None, q_of
         with torch.no_grad():
             return flash_attn_ref(q, k, v, scale=scale, cu_seqlens=cu_seqlens,
                                   q_offset=q_offset, window=window, causal=causal)
-    from attn.flash.fwd import fwd_triton
     seg = key_doc_bounds(cu_seqlens, k.shape[1])
-    return fwd_triton(q, k, v, scale, None if seg is None else seg[0],
-                      _kernel_offset(causal, q_offset, k.shape[1]), window)
+    return _fwd_kernel(q, k, v, scale, None if seg is None else seg[0],
+                       _kernel_offset(causal, q_offset, k.shape[1]), window)
+
+
+def _fwd_kernel(q, k, v, scale, seg_start, q_offset, window):
+    """The forward kernel FLASH_FWD_IMPL names (common.FWD_IMPL), on checked inputs."""
+    from attn.flash import common
+    if common.FWD_IMPL == "gluon":
+        if seg_start is not None or window is not None or q_offset != 0 \
+                or q.shape[1] != k.shape[1]:
+            raise ValueError("FLASH_FWD_IMPL=gluon runs causal attention with Tq = Tk and no "
+                             "cu_seqlens, window, q_offset or causal=False; unset it for these")
+        from attn.flash.fwd_gluon import fwd_gluon
+        return fwd_gluon(q, k, v, scale)
+    from attn.flash.fwd import fwd_triton
+    return fwd_triton(q, k, v, scale, seg_start, q_offset, window)
 
 
 def flash_bwd(do, q, k, v, o, lse, *, scale=None, causal: bool = True, cu_seqlens=None,
@@ -135,11 +149,10 @@ def _bwd(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=None, dq=None)
 def _flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   cu_seqlens: Optional[torch.Tensor], q_offset: int,
                   window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    from attn.flash.fwd import fwd_triton
     check_cu_values(cu_seqlens, k.shape[1])
     seg = key_doc_bounds(cu_seqlens, k.shape[1])
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return fwd_triton(q, k, v, scale, None if seg is None else seg[0], q_offset, window)
+    return _fwd_kernel(q, k, v, scale, None if seg is None else seg[0], q_offset, window)
 
 
 @_flash_fwd_op.register_fake

@@ -8,6 +8,7 @@
 Backends (missing ones are skipped with a note, so later families plug in by existing):
   flash       our Triton FlashAttention (attn.flash.flash_attn)
   flash_plain the same with the forward's scores-ahead loop off (FLASH_FWD_AHEAD=0): its A/B
+  flash_gluon the same with the Gluon forward for Hopper (FLASH_FWD_IMPL=gluon, fwd_gluon.py)
   sdpa_flash  torch SDPA, FlashAttention-2 backend      sdpa_cudnn  torch SDPA, cuDNN backend
   flex        torch FlexAttention, compiled, causal block mask
   fla         flash-linear-attention parallel_attn (Triton), when importable
@@ -63,6 +64,19 @@ def make_flash_plain(B, T, H, Hkv, D, dtype):
             return flash_attn(q, k, v)
         finally:
             common.FWD_AHEAD = saved
+    return fn, _bthd(B, T, H, Hkv, D, dtype)
+
+
+def make_flash_gluon(B, T, H, Hkv, D, dtype):
+    """Our op with the Gluon forward for Hopper (FLASH_FWD_IMPL=gluon; backward: the Triton one)."""
+    from attn.flash import common, flash_attn
+
+    def fn(q, k, v):
+        saved, common.FWD_IMPL = common.FWD_IMPL, "gluon"
+        try:
+            return flash_attn(q, k, v)
+        finally:
+            common.FWD_IMPL = saved
     return fn, _bthd(B, T, H, Hkv, D, dtype)
 
 
@@ -163,6 +177,7 @@ def make_nsa(B, T, H, Hkv, D, dtype):
 BACKENDS = {
     "flash": make_flash,
     "flash_plain": make_flash_plain,
+    "flash_gluon": make_flash_gluon,
     "flash_split": make_flash_variant("split"),
     "flash_fused": make_flash_variant("fused"),
     "sdpa_flash": _make_sdpa("FLASH_ATTENTION"),
@@ -174,8 +189,8 @@ BACKENDS = {
     "moba": make_moba,
     "nsa": make_nsa,
 }
-SOFTMAX_EXACT = {"flash", "flash_plain", "flash_split", "flash_fused", "sdpa_flash", "sdpa_cudnn",
-                 "flex", "fla"}
+SOFTMAX_EXACT = {"flash", "flash_plain", "flash_gluon", "flash_split", "flash_fused",
+                 "sdpa_flash", "sdpa_cudnn", "flex", "fla"}
 
 
 # ----------------------------------------------------------------------------- measuring
