@@ -8,7 +8,8 @@
 
 GPU: sweep the candidates below one kernel at a time (each kernel keeps its best before the
 next is swept), split the backward's time by kernel, and measure the FP8 forward option (time
-and error); prints tables and writes flash_tune.json into --out. --window / --kv-heads sweep
+and error); `--kernels gluon` times the Gluon forward's (BLOCK_N, STAGES) candidates next to the
+Triton forward (no window); prints tables and writes flash_tune.json into --out. --window / --kv-heads sweep
 the sliding-window case (NSA's window branch: --T 65536 --tokens 65536 --H 64 --kv-heads 4
 --window 512); TFLOP/s then count the visible pairs only.
 
@@ -48,9 +49,34 @@ CANDIDATES = {
            (64, 32, 4, 3), (64, 64, 8, 3), (128, 128, 8, 2)],
 }
 
+# the Gluon forward (fwd_gluon.py, --kernels gluon): (BLOCK_N, STAGES) per head dim, BLOCK_M 128;
+# all compile without spills within 227 KB (tests/attn/flash/gluon_aot.py checks the defaults)
+GLUON_CANDIDATES = {128: [(64, 3), (64, 4), (32, 4), (32, 6)],
+                    64: [(128, 3), (128, 4), (64, 3), (64, 4)]}
+
 
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def gluon_sweep(q, k, v, fl, bench):
+    """Forward ms of the Gluon kernel per (BLOCK_N, STAGES), with the Triton forward (default
+    config) in the same call."""
+    from attn.flash import common, flash_fwd
+    from attn.flash.fwd_gluon import fwd_gluon
+    D = q.shape[-1]
+    common.OVERRIDE.pop("fwd", None)
+    rows = [dict(cfg="triton", ms=bench(lambda: flash_fwd(q, k, v)))]
+    for bn, st in GLUON_CANDIDATES[D]:
+        try:
+            rows.append(dict(cfg=[bn, st], ms=bench(lambda: fwd_gluon(q, k, v, D ** -0.5,
+                                                                      block_n=bn, stages=st))))
+        except Exception as e:  # out of resources etc.
+            print(f"gluon {bn} {st}: {type(e).__name__}: {str(e)[:80]}")
+    for r in rows:
+        print(f"fwd {str(r['cfg']):10s}: {r['ms']:7.3f} ms  {fl / r['ms'] / 1e9:5.0f} TFLOP/s",
+              flush=True)
+    return rows
 
 
 def sweep(a):
@@ -74,6 +100,9 @@ def sweep(a):
     best = {}
     for kind in a.kernels.split(","):
         rows = []
+        if kind == "gluon":  # not part of the autotune lists: timed next to the Triton forward
+            res["sweeps"]["gluon"] = gluon_sweep(q, k, v, fl, bench)
+            continue
         for cfg in CANDIDATES[kind]:
             common.OVERRIDE[kind] = cfg
             try:
