@@ -14,8 +14,8 @@
 #   flash         scripts/bench/bench_attn.py (every attention backend)    -> $OUT/flash/
 #   ahead         A/B of the flash forward with FLASH_FWD_AHEAD=1 against =0 (ab_kernels.py,
 #                 forward only, D 128 and D 64, 5 alternating rounds)  -> $OUT/ahead/
-#   gluon         the Gluon forward (FLASH_FWD_IMPL=gluon) against the Triton one, cuDNN and
-#                 Flex: bench_attn.py at 4k / 16k / 64k, D 128, then D 64 at 8k / 16k
+#   gluon         the Gluon forwards (FLASH_FWD_IMPL=gluon, gluon-ws) against the Triton one,
+#                 cuDNN and Flex: bench_attn.py at 4k / 16k / 64k, D 128, then D 64 at 8k / 16k
 #                                                                         -> $OUT/gluon/, gluon64/
 #   lightning     scripts/bench/bench_linear.py (linear, lightning vs fla) -> $OUT/lightning/
 #   moba          scripts/bench/bench_moba.py                              -> $OUT/moba/
@@ -135,9 +135,10 @@ run_part() {  # run_part PART ARGS...
     ahead)        bench ahead "$limit" scripts/bench/ab_kernels.py plain=.@FLASH_FWD_AHEAD=0 \
                     ahead=.@FLASH_FWD_AHEAD=1 --cases flash,flash64 --mode fwd --rounds 5 "$@" ;;
     gluon)        bench gluon "$limit" scripts/bench/bench_attn.py --backends \
-                    flash,flash_gluon,sdpa_cudnn,flex --seqlens 4096,16384,65536 "$@" \
-                    && bench gluon64 "$limit" scripts/bench/bench_attn.py --backends \
-                    flash,flash_gluon,sdpa_cudnn --seqlens 8192,16384 --head-dim 64 "$@" ;;
+                    flash,flash_gluon,flash_gluon_ws,sdpa_cudnn,flex --seqlens 4096,16384,65536 \
+                    "$@" && bench gluon64 "$limit" scripts/bench/bench_attn.py --backends \
+                    flash,flash_gluon,flash_gluon_ws,sdpa_cudnn --seqlens 8192,16384 \
+                    --head-dim 64 "$@" ;;
     lightning)    bench lightning "$limit" scripts/bench/bench_linear.py "$@" ;;
     moba)         bench moba "$limit" scripts/bench/bench_moba.py "$@" ;;
     nsa)          bench nsa "$limit" scripts/bench/bench_nsa.py "$@" ;;

@@ -203,9 +203,17 @@ def _fwd_gluon_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, T,
 GLUON_CFG = {64: (128, 128, 3), 128: (128, 64, 3)}
 
 
-def fwd_gluon(q, k, v, scale, block_n=None, stages=None):
-    """(o, lse) of causal attention through the Gluon kernel; raises ValueError outside its
-    scope (see the module docstring)."""
+# the warp-specialized variant (fwd_gluon_ws.py): its (BLOCK_M, BLOCK_N, STAGES) (at D = 64 a
+# 128-key tile leaves the 24-register producer 8 bytes of stack with triton 3.6), and the
+# registers per consumer thread after the producer warp gives its own back (setmaxnreg; Triton
+# balances the default partition to match)
+GLUON_WS_CFG = {64: (128, 64, 4), 128: (128, 64, 3)}
+WS_CONSUMER_REGS = 240
+
+
+def fwd_gluon(q, k, v, scale, block_n=None, stages=None, ws=False):
+    """(o, lse) of causal attention through the Gluon kernel (ws: the warp-specialized one);
+    raises ValueError outside its scope (see the module docstring)."""
     B, T, hq, d = q.shape
     hkv = k.shape[2]
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
@@ -213,7 +221,7 @@ def fwd_gluon(q, k, v, scale, block_n=None, stages=None):
     if q.dtype not in (torch.bfloat16, torch.float16) or d not in GLUON_CFG:
         raise ValueError(f"the Gluon flash forward takes bf16/fp16 and D in {sorted(GLUON_CFG)}; "
                          f"got {q.dtype}, D={d}")
-    bm, bn, st = GLUON_CFG[d]
+    bm, bn, st = (GLUON_WS_CFG if ws else GLUON_CFG)[d]
     bn, st = block_n or bn, stages or st
     if st < 3 or bm % bn:
         # each step waits for K_{j+1}, which the step before loaded only when STAGES >= 3
@@ -226,15 +234,21 @@ def fwd_gluon(q, k, v, scale, block_n=None, stages=None):
     o = alloc.empty(q.shape, q.dtype, q.device)
     lse = alloc.empty((B, hq, T), torch.float32, q.device)
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_lay = gl.NVMMASharedLayout.get_default_for([bm, d], gdt)
+    q_rows = bm // 2 if ws else bm   # Q / O tiles: one per consumer warpgroup with ws
+    q_lay = gl.NVMMASharedLayout.get_default_for([q_rows, d], gdt)
     kv_lay = gl.NVMMASharedLayout.get_default_for([bn, d], gdt)
     q2, o2 = q.view(B * T, hq * d), o.view(B * T, hq * d)
     k2, v2 = k.view(B * T, hkv * d), v.view(B * T, hkv * d)
-    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [bm, d], q_lay)
-    o_desc = TensorDescriptor(o2, list(o2.shape), list(o2.stride()), [bm, d], q_lay)
+    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [q_rows, d], q_lay)
+    o_desc = TensorDescriptor(o2, list(o2.shape), list(o2.stride()), [q_rows, d], q_lay)
     k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [bn, d], kv_lay)
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, d], kv_lay)
-    _fwd_gluon_kernel[(T // bm, B * hq)](q_desc, k_desc, v_desc, o_desc, lse, scale * LOG2E_F,
-                                         T, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
-                                         STAGES=st, num_warps=8)
+    args = (q_desc, k_desc, v_desc, o_desc, lse, scale * LOG2E_F, T)
+    meta = dict(HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st)
+    if ws:
+        from attn.flash.fwd_gluon_ws import _fwd_gluon_ws_kernel
+        _fwd_gluon_ws_kernel[(T // bm, B * hq)](*args, **meta, CONSUMER_REGS=WS_CONSUMER_REGS,
+                                                num_warps=4)
+    else:
+        _fwd_gluon_kernel[(T // bm, B * hq)](*args, **meta, num_warps=8)
     return o, lse

@@ -68,13 +68,14 @@ def flash_fwd(q, k, v, *, scale=None, causal: bool = True, cu_seqlens=None, q_of
 def _fwd_kernel(q, k, v, scale, seg_start, q_offset, window):
     """The forward kernel FLASH_FWD_IMPL names (common.FWD_IMPL), on checked inputs."""
     from attn.flash import common
-    if common.FWD_IMPL == "gluon":
+    if common.FWD_IMPL != "triton":
         if seg_start is not None or window is not None or q_offset != 0 \
                 or q.shape[1] != k.shape[1]:
-            raise ValueError("FLASH_FWD_IMPL=gluon runs causal attention with Tq = Tk and no "
-                             "cu_seqlens, window, q_offset or causal=False; unset it for these")
+            raise ValueError(f"FLASH_FWD_IMPL={common.FWD_IMPL} runs causal attention with "
+                             "Tq = Tk and no cu_seqlens, window, q_offset or causal=False; unset "
+                             "it for these")
         from attn.flash.fwd_gluon import fwd_gluon
-        return fwd_gluon(q, k, v, scale)
+        return fwd_gluon(q, k, v, scale, ws=common.FWD_IMPL == "gluon-ws")
     from attn.flash.fwd import fwd_triton
     return fwd_triton(q, k, v, scale, seg_start, q_offset, window)
 

@@ -8,7 +8,8 @@
 Backends (missing ones are skipped with a note, so later families plug in by existing):
   flash       our Triton FlashAttention (attn.flash.flash_attn)
   flash_plain the same with the forward's scores-ahead loop off (FLASH_FWD_AHEAD=0): its A/B
-  flash_gluon the same with the Gluon forward for Hopper (FLASH_FWD_IMPL=gluon, fwd_gluon.py)
+  flash_gluon the same with the Gluon forward for Hopper (FLASH_FWD_IMPL=gluon, fwd_gluon.py);
+  flash_gluon_ws with its warp-specialized variant (FLASH_FWD_IMPL=gluon-ws, fwd_gluon_ws.py)
   sdpa_flash  torch SDPA, FlashAttention-2 backend      sdpa_cudnn  torch SDPA, cuDNN backend
   flex        torch FlexAttention, compiled, causal block mask
   fla         flash-linear-attention parallel_attn (Triton), when importable
@@ -67,17 +68,19 @@ def make_flash_plain(B, T, H, Hkv, D, dtype):
     return fn, _bthd(B, T, H, Hkv, D, dtype)
 
 
-def make_flash_gluon(B, T, H, Hkv, D, dtype):
-    """Our op with the Gluon forward for Hopper (FLASH_FWD_IMPL=gluon; backward: the Triton one)."""
-    from attn.flash import common, flash_attn
+def make_flash_gluon(impl):
+    """Our op with a Gluon forward for Hopper (FLASH_FWD_IMPL=impl; backward: the Triton one)."""
+    def make(B, T, H, Hkv, D, dtype):
+        from attn.flash import common, flash_attn
 
-    def fn(q, k, v):
-        saved, common.FWD_IMPL = common.FWD_IMPL, "gluon"
-        try:
-            return flash_attn(q, k, v)
-        finally:
-            common.FWD_IMPL = saved
-    return fn, _bthd(B, T, H, Hkv, D, dtype)
+        def fn(q, k, v):
+            saved, common.FWD_IMPL = common.FWD_IMPL, impl
+            try:
+                return flash_attn(q, k, v)
+            finally:
+                common.FWD_IMPL = saved
+        return fn, _bthd(B, T, H, Hkv, D, dtype)
+    return make
 
 
 def make_flash_variant(bwd_mode):
@@ -177,7 +180,8 @@ def make_nsa(B, T, H, Hkv, D, dtype):
 BACKENDS = {
     "flash": make_flash,
     "flash_plain": make_flash_plain,
-    "flash_gluon": make_flash_gluon,
+    "flash_gluon": make_flash_gluon("gluon"),
+    "flash_gluon_ws": make_flash_gluon("gluon-ws"),
     "flash_split": make_flash_variant("split"),
     "flash_fused": make_flash_variant("fused"),
     "sdpa_flash": _make_sdpa("FLASH_ATTENTION"),
@@ -189,8 +193,8 @@ BACKENDS = {
     "moba": make_moba,
     "nsa": make_nsa,
 }
-SOFTMAX_EXACT = {"flash", "flash_plain", "flash_gluon", "flash_split", "flash_fused",
-                 "sdpa_flash", "sdpa_cudnn", "flex", "fla"}
+SOFTMAX_EXACT = {"flash", "flash_plain", "flash_gluon", "flash_gluon_ws", "flash_split",
+                 "flash_fused", "sdpa_flash", "sdpa_cudnn", "flex", "fla"}
 
 
 # ----------------------------------------------------------------------------- measuring

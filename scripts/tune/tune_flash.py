@@ -60,21 +60,22 @@ def rel(a, b):
 
 
 def gluon_sweep(q, k, v, fl, bench):
-    """Forward ms of the Gluon kernel per (BLOCK_N, STAGES), with the Triton forward (default
-    config) in the same call."""
+    """Forward ms of the Gluon kernels (plain and warp-specialized) per (BLOCK_N, STAGES), with
+    the Triton forward (default config) in the same call."""
     from attn.flash import common, flash_fwd
     from attn.flash.fwd_gluon import fwd_gluon
     D = q.shape[-1]
     common.OVERRIDE.pop("fwd", None)
     rows = [dict(cfg="triton", ms=bench(lambda: flash_fwd(q, k, v)))]
     for bn, st in GLUON_CANDIDATES[D]:
-        try:
-            rows.append(dict(cfg=[bn, st], ms=bench(lambda: fwd_gluon(q, k, v, D ** -0.5,
-                                                                      block_n=bn, stages=st))))
-        except Exception as e:  # out of resources etc.
-            print(f"gluon {bn} {st}: {type(e).__name__}: {str(e)[:80]}")
+        for ws in (False, True):
+            try:
+                rows.append(dict(cfg=[bn, st, "ws" if ws else "plain"], ms=bench(
+                    lambda: fwd_gluon(q, k, v, D ** -0.5, block_n=bn, stages=st, ws=ws))))
+            except Exception as e:  # out of resources etc.
+                print(f"gluon {bn} {st} ws={ws}: {type(e).__name__}: {str(e)[:80]}")
     for r in rows:
-        print(f"fwd {str(r['cfg']):10s}: {r['ms']:7.3f} ms  {fl / r['ms'] / 1e9:5.0f} TFLOP/s",
+        print(f"fwd {str(r['cfg']):22s}: {r['ms']:7.3f} ms  {fl / r['ms'] / 1e9:5.0f} TFLOP/s",
               flush=True)
     return rows
 
