@@ -82,10 +82,14 @@ def _softmax(s, m_i, l_i, qk_scale, j, q0, BLOCK_M: gl.constexpr, BLOCK_N: gl.co
 
 
 @gluon.jit
-def _step(j, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v_desc, row0,
-          col, n, q0, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def _step(j, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar, empty, k_desc, v_desc,
+          row0, col, n, q0, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
           STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-          p_layout: gl.constexpr, MASKED: gl.constexpr):
+          p_layout: gl.constexpr, MASKED: gl.constexpr, WS: gl.constexpr):
+    """Step j of the loop for the BLOCK_M rows at q0 (module docstring). The stage of block j − 1
+    is then free: WS (fwd_gluon_ws.py) arrives on its `empty` barrier for the producer warp;
+    otherwise this program loads block j − 1 + STAGES into it (k_desc, v_desc, row0, col; `empty`
+    unused)."""
     st = j % STAGES
     pst = (j - 1) % STAGES
     mbarrier.wait(k_bar.index(st), (j // STAGES) & 1)
@@ -101,9 +105,12 @@ def _step(j, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v
     # within blocks, so the softmax cannot be moved below the wait for P·V that follows
     mbarrier.wait(k_bar.index((j + 1) % STAGES), ((j + 1) // STAGES) & 1, pred=j + 1 < n)
     acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
-    cta_sync()  # both warpgroups are done with stage pst
-    _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, j - 1 + STAGES, row0, col, n,
-             BLOCK_N, STAGES)
+    cta_sync()  # every warp of the program (WS: of the partition) is done with stage pst
+    if WS:
+        mbarrier.arrive(empty.index(pst), count=1)  # one elected arrive for the partition
+    else:
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, j - 1 + STAGES, row0, col, n,
+                 BLOCK_N, STAGES)
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     # P_{j−1}'s registers are read by the product in flight until the wait above: handing them
     # over only here keeps ptxas from giving them to the softmax (it would, and then wait for
@@ -111,6 +118,60 @@ def _step(j, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar, k_desc, v
     p16 = _handover(gl.convert_layout(p.to(q_smem.dtype), p_layout), p16,
                     q_smem.dtype == gl.bfloat16)
     return acc, p16, m_i, l_i
+
+
+@gluon.jit
+def _attend_rows(q_smem, o_desc, LSE, k_smem, v_smem, k_bar, v_bar, empty, k_desc, v_desc, row0,
+                 col, h, q0, n, pid_bh, T, qk_scale, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                 NUM_WARPS: gl.constexpr, WS: gl.constexpr):
+    """The BLOCK_M rows at q0 once their Q tile is in q_smem: block 0, the steps over blocks
+    1 .. n − 1, the last P·V, then O (through q_smem, by TMA) and lse stored. NUM_WARPS warps
+    (4 per warpgroup of 64 rows); WS: see _step."""
+    # wgmma layouts: warps along M (16 rows each), one instruction spans N
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+
+    # block 0 (masked when it is on the diagonal): S_0 and its softmax, no P·V yet
+    mbarrier.wait(k_bar.index(0), 0)
+    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)),
+                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                      is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+    m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))  # finite: no NaN
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, 0, q0, BLOCK_M, BLOCK_N, s_layout,
+                                  True)
+    p16 = gl.convert_layout(p.to(q_smem.dtype), p_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+    n_full = q0 // BLOCK_N           # blocks every row of the tile sees whole
+    for j in range(1, n_full):
+        acc, p16, m_i, l_i = _step(j, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar,
+                                   empty, k_desc, v_desc, row0, col, n, q0, qk_scale, BLOCK_M,
+                                   BLOCK_N, STAGES, s_layout, o_layout, p_layout, False, WS)
+    for j in range(gl.maximum(n_full, 1), n):
+        acc, p16, m_i, l_i = _step(j, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar,
+                                   empty, k_desc, v_desc, row0, col, n, q0, qk_scale, BLOCK_M,
+                                   BLOCK_N, STAGES, s_layout, o_layout, p_layout, True, WS)
+
+    # the last block's P·V
+    last = n - 1
+    mbarrier.wait(v_bar.index(last % STAGES), (last // STAGES) & 1)
+    acc = warpgroup_mma(p16, v_smem.index(last % STAGES), acc, is_async=True)
+    acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
+
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    acc = acc / l_o[:, None]
+    q_smem.store(acc.to(q_smem.dtype))   # Q is no longer read: its tile stages O
+    fence_async_shared()
+    tma_store(o_desc, [row0 + q0, h * HEAD_DIM], q_smem)
+    rows = q0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    gl.store(LSE + pid_bh.to(gl.int64) * T + rows, (m_i + gl.log2(l_i)) * LN2)
+    tma.store_wait(pendings=0)
 
 
 @gluon.jit
@@ -127,13 +188,6 @@ def _fwd_gluon_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, T,
     row0 = b * T                     # first row of this batch in the [B·T, H·D] views
     col = hkv * HEAD_DIM
 
-    # wgmma layouts: 8 warps along M (16 rows each, two warpgroups), one instruction spans N
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-
     q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
@@ -147,49 +201,15 @@ def _fwd_gluon_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, T,
     fence_async_shared()
 
     n = (q0 + BLOCK_M) // BLOCK_N    # causal: key blocks 0 .. n−1
-    n_full = q0 // BLOCK_N           # blocks every row of the tile sees whole
     mbarrier.expect(q_bar, q_desc.block_type.nbytes)
     tma_load(q_desc, [row0 + q0, h * HEAD_DIM], q_bar, q_smem)
     for i in gl.static_range(STAGES):
         _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, i, row0, col, n, BLOCK_N, STAGES)
-
-    # block 0 (masked when it is on the diagonal): S_0 and its softmax, no P·V yet
     mbarrier.wait(q_bar, 0)
-    mbarrier.wait(k_bar.index(0), 0)
-    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)),
-                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                      is_async=True)
-    s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-    m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))  # finite: no NaN
-    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
-    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, 0, q0, BLOCK_M, BLOCK_N, s_layout,
-                                  True)
-    p16 = gl.convert_layout(p.to(q_desc.dtype), p_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-
-    for j in range(1, n_full):
-        acc, p16, m_i, l_i = _step(j, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar,
-                                   k_desc, v_desc, row0, col, n, q0, qk_scale, BLOCK_M, BLOCK_N,
-                                   STAGES, s_layout, o_layout, p_layout, False)
-    for j in range(gl.maximum(n_full, 1), n):
-        acc, p16, m_i, l_i = _step(j, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar,
-                                   k_desc, v_desc, row0, col, n, q0, qk_scale, BLOCK_M, BLOCK_N,
-                                   STAGES, s_layout, o_layout, p_layout, True)
-
-    # the last block's P·V
-    last = n - 1
-    mbarrier.wait(v_bar.index(last % STAGES), (last // STAGES) & 1)
-    acc = warpgroup_mma(p16, v_smem.index(last % STAGES), acc, is_async=True)
-    acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
-
-    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-    acc = acc / l_o[:, None]
-    q_smem.store(acc.to(q_desc.dtype))   # Q is no longer read: its tile stages O
-    fence_async_shared()
-    tma_store(o_desc, [row0 + q0, h * HEAD_DIM], q_smem)
-    rows = q0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    gl.store(LSE + pid_bh.to(gl.int64) * T + rows, (m_i + gl.log2(l_i)) * LN2)
-    tma.store_wait(pendings=0)
+    # 8 warps: two warpgroups of 64 rows; `empty` unused without WS
+    _attend_rows(q_smem, o_desc, LSE, k_smem, v_smem, k_bar, v_bar, k_bar, k_desc, v_desc, row0,
+                 col, h, q0, n, pid_bh, T, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
+                 num_warps, False)
     mbarrier.invalidate(q_bar)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(k_bar.index(i))

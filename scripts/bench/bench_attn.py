@@ -56,29 +56,20 @@ def make_flash(B, T, H, Hkv, D, dtype):
     return flash_attn, _bthd(B, T, H, Hkv, D, dtype)
 
 
-def make_flash_plain(B, T, H, Hkv, D, dtype):
-    from attn.flash import common, flash_attn
-
-    def fn(q, k, v):
-        saved, common.FWD_AHEAD = common.FWD_AHEAD, False
-        try:
-            return flash_attn(q, k, v)
-        finally:
-            common.FWD_AHEAD = saved
-    return fn, _bthd(B, T, H, Hkv, D, dtype)
-
-
-def make_flash_gluon(impl):
-    """Our op with a Gluon forward for Hopper (FLASH_FWD_IMPL=impl; backward: the Triton one)."""
+def make_flash_setting(name, value):
+    """Our op with one switch of attn/flash/common.py set for the call (restored after it):
+    FWD_AHEAD=False is flash_plain (FLASH_FWD_AHEAD=0), FWD_IMPL="gluon" / "gluon-ws" the Gluon
+    forwards for Hopper (FLASH_FWD_IMPL; the backward stays the Triton one)."""
     def make(B, T, H, Hkv, D, dtype):
         from attn.flash import common, flash_attn
 
         def fn(q, k, v):
-            saved, common.FWD_IMPL = common.FWD_IMPL, impl
+            saved = getattr(common, name)
+            setattr(common, name, value)
             try:
                 return flash_attn(q, k, v)
             finally:
-                common.FWD_IMPL = saved
+                setattr(common, name, saved)
         return fn, _bthd(B, T, H, Hkv, D, dtype)
     return make
 
@@ -179,9 +170,9 @@ def make_nsa(B, T, H, Hkv, D, dtype):
 
 BACKENDS = {
     "flash": make_flash,
-    "flash_plain": make_flash_plain,
-    "flash_gluon": make_flash_gluon("gluon"),
-    "flash_gluon_ws": make_flash_gluon("gluon-ws"),
+    "flash_plain": make_flash_setting("FWD_AHEAD", False),
+    "flash_gluon": make_flash_setting("FWD_IMPL", "gluon"),
+    "flash_gluon_ws": make_flash_setting("FWD_IMPL", "gluon-ws"),
     "flash_split": make_flash_variant("split"),
     "flash_fused": make_flash_variant("fused"),
     "sdpa_flash": _make_sdpa("FLASH_ATTENTION"),

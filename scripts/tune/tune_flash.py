@@ -6,12 +6,12 @@
     python3 scripts/tune/tune_flash.py --aot [--dims 64,128,256] [--kernels fwd,dkdv,dq]
         [--dtype bf16|fp32] [--tma] [--ahead]                                       # no GPU
 
-GPU: sweep the candidates below one kernel at a time (each kernel keeps its best before the
-next is swept), split the backward's time by kernel, and measure the FP8 forward option (time
-and error); `--kernels gluon` times the Gluon forward's (BLOCK_N, STAGES) candidates next to the
-Triton forward (no window); prints tables and writes flash_tune.json into --out. --window / --kv-heads sweep
-the sliding-window case (NSA's window branch: --T 65536 --tokens 65536 --H 64 --kv-heads 4
---window 512); TFLOP/s then count the visible pairs only.
+GPU: sweep the candidates below one kernel at a time (each kernel keeps its best before the next is
+swept), split the backward's time by kernel, and measure the FP8 forward option (time and error);
+`--kernels gluon` times the Gluon forward's (BLOCK_N, STAGES) candidates next to the Triton forward
+(no window); prints tables and writes flash_tune.json into --out. --window / --kv-heads sweep the
+sliding-window case (NSA's window branch: --T 65536 --tokens 65536 --H 64 --kv-heads 4 --window
+512); TFLOP/s then count the visible pairs only.
 
 --aot: compile every config of the autotune lists for sm_90a with the ptxas that ships with
 triton (the newest one it bundles) and report, per config, registers, spills, shared memory and

@@ -1,8 +1,9 @@
-"""Compile the Gluon flash forward (attn/flash/fwd_gluon.py) for sm_90a without a GPU:
-`python gluon_aot.py` prints registers, stack and shared memory of each GLUON_CFG entry (and the
-STAGES = 4 variants, and GLUON_WS_CFG's for the warp-specialized kernel of fwd_gluon_ws.py) and exits non-zero when one fails to compile, spills or exceeds 227 KB of
-shared memory. Run by tests/attn/flash/test_fwd_gluon.py in a subprocess (Gluon kernels are
-compiled, never interpreted); uses the ptxas / cuobjdump that ship with the triton wheel."""
+"""Compile the Gluon flash forward (attn/flash/fwd_gluon.py) for sm_90a without a GPU: `python
+gluon_aot.py` prints registers, stack and shared memory of each GLUON_CFG entry (and the STAGES
+= 4 variants, and GLUON_WS_CFG's for the warp-specialized kernel of fwd_gluon_ws.py) and exits
+non-zero when one fails to compile, spills or exceeds 227 KB of shared memory. Run by
+tests/attn/flash/test_fwd_gluon.py in a subprocess (Gluon kernels are compiled, never
+interpreted); uses the ptxas / cuobjdump that ship with the triton wheel."""
 from __future__ import annotations
 
 import os
