@@ -17,7 +17,8 @@ into it; rescale O by exp2(m_old − m_new). Scores in the log2 domain; the row 
 raw scores and scaled once per row. Masking: key blocks below the tile's first row need none
 (the first loop); the BLOCK_M / BLOCK_N blocks on the diagonal mask kpos > qpos (the second).
 Scope: Tq = Tk, no documents, no window, q_offset 0, T a multiple of BLOCK_M, D 64 or 128,
-16-bit inputs, GQA; checked in fwd_gluon().
+16-bit inputs, GQA; checked in fwd_gluon(). fwd_gluon_ws.py runs the same rows (_attend_rows,
+_step) in a warp-specialized program.
 """
 from __future__ import annotations
 
@@ -46,11 +47,9 @@ def _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, blk, row0, col, n,
     if blk < n:
         st = blk % STAGES
         mbarrier.expect(k_bar.index(st), k_desc.block_type.nbytes)
-        tma_load(k_desc, [row0 + blk * BLOCK_N, col], k_bar.index(st),
-                                        k_smem.index(st))
+        tma_load(k_desc, [row0 + blk * BLOCK_N, col], k_bar.index(st), k_smem.index(st))
         mbarrier.expect(v_bar.index(st), v_desc.block_type.nbytes)
-        tma_load(v_desc, [row0 + blk * BLOCK_N, col], v_bar.index(st),
-                                        v_smem.index(st))
+        tma_load(v_desc, [row0 + blk * BLOCK_N, col], v_bar.index(st), v_smem.index(st))
 
 
 @gluon.jit
