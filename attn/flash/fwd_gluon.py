@@ -222,25 +222,19 @@ def _fwd_gluon_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, T,
 GLUON_CFG = {64: (128, 128, 3), 128: (128, 64, 3)}
 
 
-# the warp-specialized variant (fwd_gluon_ws.py): its (BLOCK_M, BLOCK_N, STAGES) (at D = 64 a
-# 128-key tile leaves the 24-register producer 8 bytes of stack with triton 3.6), and the
-# registers per consumer thread after the producer warp gives its own back (setmaxnreg; Triton
-# balances the default partition to match)
-GLUON_WS_CFG = {64: (128, 64, 4), 128: (128, 64, 3)}
-WS_CONSUMER_REGS = 240
-
-
-def fwd_gluon(q, k, v, scale, block_n=None, stages=None, ws=False):
-    """(o, lse) of causal attention through the Gluon kernel (ws: the warp-specialized one);
-    raises ValueError outside its scope (see the module docstring)."""
+def prepare(q, k, v, scale, cfg, q_rows_per_tile=1, block_n=None, stages=None):
+    """Checks (the scope of the module docstring; ValueError outside it) and launch arguments
+    shared by both Gluon kernels: (o, lse, args, meta, grid). cfg: the kernel's table of
+    (BLOCK_M, BLOCK_N, STAGES) per head dim; the Q / O descriptors cover BLOCK_M //
+    q_rows_per_tile rows (fwd_gluon_ws.py: one tile per consumer warpgroup)."""
     B, T, hq, d = q.shape
     hkv = k.shape[2]
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         raise ValueError("the Gluon flash forward needs a Hopper GPU (sm_90)")
-    if q.dtype not in (torch.bfloat16, torch.float16) or d not in GLUON_CFG:
-        raise ValueError(f"the Gluon flash forward takes bf16/fp16 and D in {sorted(GLUON_CFG)}; "
+    if q.dtype not in (torch.bfloat16, torch.float16) or d not in cfg:
+        raise ValueError(f"the Gluon flash forward takes bf16/fp16 and D in {sorted(cfg)}; "
                          f"got {q.dtype}, D={d}")
-    bm, bn, st = (GLUON_WS_CFG if ws else GLUON_CFG)[d]
+    bm, bn, st = cfg[d]
     bn, st = block_n or bn, stages or st
     if st < 3 or bm % bn:
         # each step waits for K_{j+1}, which the step before loaded only when STAGES >= 3
@@ -253,7 +247,7 @@ def fwd_gluon(q, k, v, scale, block_n=None, stages=None, ws=False):
     o = alloc.empty(q.shape, q.dtype, q.device)
     lse = alloc.empty((B, hq, T), torch.float32, q.device)
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_rows = bm // 2 if ws else bm   # Q / O tiles: one per consumer warpgroup with ws
+    q_rows = bm // q_rows_per_tile
     q_lay = gl.NVMMASharedLayout.get_default_for([q_rows, d], gdt)
     kv_lay = gl.NVMMASharedLayout.get_default_for([bn, d], gdt)
     q2, o2 = q.view(B * T, hq * d), o.view(B * T, hq * d)
@@ -264,10 +258,11 @@ def fwd_gluon(q, k, v, scale, block_n=None, stages=None, ws=False):
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, d], kv_lay)
     args = (q_desc, k_desc, v_desc, o_desc, lse, scale * LOG2E_F, T)
     meta = dict(HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st)
-    if ws:
-        from attn.flash.fwd_gluon_ws import _fwd_gluon_ws_kernel
-        _fwd_gluon_ws_kernel[(T // bm, B * hq)](*args, **meta, CONSUMER_REGS=WS_CONSUMER_REGS,
-                                                num_warps=4)
-    else:
-        _fwd_gluon_kernel[(T // bm, B * hq)](*args, **meta, num_warps=8)
+    return o, lse, args, meta, (T // bm, B * hq)
+
+
+def fwd_gluon(q, k, v, scale, block_n=None, stages=None):
+    """(o, lse) of causal attention through the Gluon kernel."""
+    o, lse, args, meta, grid = prepare(q, k, v, scale, GLUON_CFG, 1, block_n, stages)
+    _fwd_gluon_kernel[grid](*args, **meta, num_warps=8)
     return o, lse

@@ -24,7 +24,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
-from attn.flash.fwd_gluon import _attend_rows, tma_load
+from attn.flash.fwd_gluon import _attend_rows, prepare, tma_load
 
 HALF_M = gl.constexpr(64)     # rows per consumer warpgroup (one wgmma M tile)
 CONSUMER_WARPS = gl.constexpr(4)
@@ -115,3 +115,21 @@ def _fwd_gluon_ws_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, T,
         (_consumer_rows_64_127, consumer_args),
         (_producer, (k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, row0, col, n)),
     ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, 24])
+
+
+# launch
+
+# (BLOCK_M, BLOCK_N, STAGES) per head dim (at D = 64 a 128-key tile leaves the 24-register
+# producer 8 bytes of stack with triton 3.6), and the registers per consumer thread after the
+# producer warp gives its own back (setmaxnreg; Triton balances the default partition to match)
+GLUON_WS_CFG = {64: (128, 64, 4), 128: (128, 64, 3)}
+WS_CONSUMER_REGS = 240
+
+
+def fwd_gluon_ws(q, k, v, scale, block_n=None, stages=None):
+    """(o, lse) of causal attention through the warp-specialized Gluon kernel (fwd_gluon's
+    scope and checks)."""
+    o, lse, args, meta, grid = prepare(q, k, v, scale, GLUON_WS_CFG, 2, block_n, stages)
+    _fwd_gluon_ws_kernel[grid](*args, **meta, CONSUMER_REGS=WS_CONSUMER_REGS,
+                               num_warps=CONSUMER_WARPS)
+    return o, lse

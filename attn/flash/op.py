@@ -74,8 +74,11 @@ def _fwd_kernel(q, k, v, scale, seg_start, q_offset, window):
             raise ValueError(f"FLASH_FWD_IMPL={common.FWD_IMPL} runs causal attention with "
                              "Tq = Tk and no cu_seqlens, window, q_offset or causal=False; unset "
                              "it for these")
+        if common.FWD_IMPL == "gluon-ws":
+            from attn.flash.fwd_gluon_ws import fwd_gluon_ws
+            return fwd_gluon_ws(q, k, v, scale)
         from attn.flash.fwd_gluon import fwd_gluon
-        return fwd_gluon(q, k, v, scale, ws=common.FWD_IMPL == "gluon-ws")
+        return fwd_gluon(q, k, v, scale)
     from attn.flash.fwd import fwd_triton
     return fwd_triton(q, k, v, scale, seg_start, q_offset, window)
 

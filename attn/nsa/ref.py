@@ -78,8 +78,8 @@ def _block_starts(cu, cmp_block: int, cmp_stride: int, rows: int, device):
     cu_c = cmp_cu_seqlens(cu, cmp_block, cmp_stride).long()
     c = torch.arange(rows, device=device)
     used = c < cu_c[-1]
-    # the whole boundary list, not cu_c[1:]: inductor's CUDA searchsorted cannot take a sliced
-    # boundary tensor (NotImplementedError: SliceView, torch 2.11); cu_c[0] = 0 <= c adds the 1
+    # the whole boundary list, not cu_c[1:]: inductor's CUDA searchsorted rejects a sliced
+    # boundary tensor (a SliceView, torch 2.11); cu_c[0] = 0 <= c adds the 1
     doc = (torch.searchsorted(cu_c, c, right=True) - 1).clamp(max=cu_c.numel() - 2)
     dstart = cu.long()[doc]
     start = dstart + (c - cu_c[doc]) * cmp_stride

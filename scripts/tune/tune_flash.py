@@ -64,14 +64,16 @@ def gluon_sweep(q, k, v, fl, bench):
     the Triton forward (default config) in the same call."""
     from attn.flash import common, flash_fwd
     from attn.flash.fwd_gluon import fwd_gluon
+    from attn.flash.fwd_gluon_ws import fwd_gluon_ws
     D = q.shape[-1]
     common.OVERRIDE.pop("fwd", None)
     rows = [dict(cfg="triton", ms=bench(lambda: flash_fwd(q, k, v)))]
     for bn, st in GLUON_CANDIDATES[D]:
         for ws in (False, True):
             try:
+                fn = fwd_gluon_ws if ws else fwd_gluon
                 rows.append(dict(cfg=[bn, st, "ws" if ws else "plain"], ms=bench(
-                    lambda: fwd_gluon(q, k, v, D ** -0.5, block_n=bn, stages=st, ws=ws))))
+                    lambda: fn(q, k, v, D ** -0.5, block_n=bn, stages=st))))
             except Exception as e:  # out of resources etc.
                 print(f"gluon {bn} {st} ws={ws}: {type(e).__name__}: {str(e)[:80]}")
     for r in rows:

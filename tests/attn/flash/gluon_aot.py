@@ -41,7 +41,7 @@ def compile_cfg(d: int, bm: int, bn: int, stages: int, dtype=gl.bfloat16, ws=Fal
     warps = 4 if ws else 8
     const = dict(HQ=4, HKV=2, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages)
     if ws:
-        const["CONSUMER_REGS"] = G.WS_CONSUMER_REGS
+        const["CONSUMER_REGS"] = WS.WS_CONSUMER_REGS
     const["num_warps"] = warps
     sig.update({k: "constexpr" for k in const})
     kernel = WS._fwd_gluon_ws_kernel if ws else G._fwd_gluon_kernel
@@ -59,7 +59,7 @@ def compile_cfg(d: int, bm: int, bn: int, stages: int, dtype=gl.bfloat16, ws=Fal
 def main() -> int:
     jobs = [(d, *cfg, False) for d, cfg in G.GLUON_CFG.items()]
     jobs += [(d, bm, bn, 4, False) for d, (bm, bn, _) in G.GLUON_CFG.items()]
-    jobs += [(d, *cfg, True) for d, cfg in G.GLUON_WS_CFG.items()]
+    jobs += [(d, *cfg, True) for d, cfg in WS.GLUON_WS_CFG.items()]
     failed = 0
     for d, bm, bn, st, ws in jobs:
         for dt in (gl.bfloat16, gl.float16):
