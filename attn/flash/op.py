@@ -12,7 +12,8 @@ every key; then no documents, window or q_offset), and copy non-contiguous input
 slices); flash_attn is always causal and rejects non-contiguous inputs.
 Implementation: Triton on CUDA tensors, ref.py on CPU tensors; ATTN_IMPL=triton|ref forces one
 (TRITON_INTERPRET=1 with ATTN_IMPL=triton runs the kernels on CPU tensors). FLASH_FWD_IMPL=gluon
-takes the Gluon forward for Hopper (fwd_gluon.py; its scope is checked, nothing falls back).
+| gluon-ws takes a Gluon forward for Hopper (fwd_gluon.py, fwd_gluon_ws.py; their scope is
+checked, nothing falls back).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from attn.common.checks import check_bwd_buffers, check_cu_values, check_qkv
 from attn.common.documents import key_doc_bounds
 from attn.dispatch import impl_for
+from attn.flash import common
 from attn.flash.ref import flash_attn_ref, flash_bwd_ref
 
 _HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -67,7 +69,6 @@ def flash_fwd(q, k, v, *, scale=None, causal: bool = True, cu_seqlens=None, q_of
 
 def _fwd_kernel(q, k, v, scale, seg_start, q_offset, window):
     """The forward kernel FLASH_FWD_IMPL names (common.FWD_IMPL), on checked inputs."""
-    from attn.flash import common
     if common.FWD_IMPL != "triton":
         if seg_start is not None or window is not None or q_offset != 0 \
                 or q.shape[1] != k.shape[1]:
