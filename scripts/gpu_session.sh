@@ -12,10 +12,10 @@
 #   tests         pytest -m gpu for the families of the other parts named in this call (all GPU
 #                 tests when none is), kernel autotuning off      -> $OUT/tests/pytest_gpu.log
 #   flash         scripts/bench/bench_attn.py (every attention backend)    -> $OUT/flash/
-#   ahead         A/B of the flash forward with FLASH_FWD_AHEAD=1 against =0 (ab_kernels.py,
-#                 forward only, D 128 and D 64, 5 alternating rounds)  -> $OUT/ahead/
-#   gluon         the Gluon forwards (FLASH_FWD_IMPL=gluon, gluon-ws) against the Triton one,
-#                 cuDNN and Flex: bench_attn.py at 4k / 16k / 64k, D 128, then D 64 at 8k / 16k
+#   ahead         A/B of the Triton flash forward with FLASH_FWD_AHEAD=1 against =0
+#                 (ab_kernels.py, forward only, D 128 and D 64, 5 alternating rounds) -> $OUT/ahead/
+#   gluon         flash (the Gluon forward on Hopper) against its Triton forward, cuDNN, Flex and
+#                 fla: bench_attn.py at 4k / 16k / 64k, D 128, then D 64 at 8k / 16k
 #                                                                         -> $OUT/gluon/, gluon64/
 #   lightning     scripts/bench/bench_linear.py (linear, lightning vs fla) -> $OUT/lightning/
 #   moba          scripts/bench/bench_moba.py                              -> $OUT/moba/
@@ -132,12 +132,12 @@ run_part() {  # run_part PART ARGS...
       done ;;
     tests)        gpu_tests "${WORDS[@]}" ;;
     flash)        bench flash "$limit" scripts/bench/bench_attn.py "$@" ;;
-    ahead)        bench ahead "$limit" scripts/bench/ab_kernels.py plain=.@FLASH_FWD_AHEAD=0 \
+    ahead)        FLASH_FWD_IMPL=triton bench ahead "$limit" scripts/bench/ab_kernels.py plain=.@FLASH_FWD_AHEAD=0 \
                     ahead=.@FLASH_FWD_AHEAD=1 --cases flash,flash64 --mode fwd --rounds 5 "$@" ;;
     gluon)        bench gluon "$limit" scripts/bench/bench_attn.py --backends \
-                    flash,flash_gluon,flash_gluon_ws,sdpa_cudnn,flex --seqlens 4096,16384,65536 \
+                    flash,flash_triton,sdpa_cudnn,flex,fla --seqlens 4096,16384,65536 \
                     "$@" && bench gluon64 "$limit" scripts/bench/bench_attn.py --backends \
-                    flash,flash_gluon,flash_gluon_ws,sdpa_cudnn --seqlens 8192,16384 \
+                    flash,flash_triton,sdpa_cudnn,flex --seqlens 8192,16384 \
                     --head-dim 64 "$@" ;;
     lightning)    bench lightning "$limit" scripts/bench/bench_linear.py "$@" ;;
     moba)         bench moba "$limit" scripts/bench/bench_moba.py "$@" ;;

@@ -37,14 +37,13 @@ _AHEAD = os.environ.get("FLASH_FWD_AHEAD", "auto")
 if _AHEAD not in ("auto", "0", "1"):
     raise ValueError(f"FLASH_FWD_AHEAD={_AHEAD!r}: must be auto, 0 or 1")
 FWD_AHEAD = None if _AHEAD == "auto" else _AHEAD == "1"  # None: the auto rule
-# FLASH_FWD_IMPL: the forward kernel of the flash family's own ops (flash_attn, flash_fwd):
-# triton (default, fwd.py), gluon (fwd_gluon.py: Hopper only; causal, Tq = Tk, no documents,
-# window or q_offset) or gluon-ws (its warp-specialized variant, fwd_gluon_ws.py); opt-in until
-# their H200 timing is in (docs/flash_notes.md, run 15). Other families calling fwd.py (NSA's
-# window branch) keep the Triton kernel.
-FWD_IMPL = os.environ.get("FLASH_FWD_IMPL", "triton")
-if FWD_IMPL not in ("triton", "gluon", "gluon-ws"):
-    raise ValueError(f"FLASH_FWD_IMPL={FWD_IMPL!r}: must be triton, gluon or gluon-ws")
+# FLASH_FWD_IMPL: the forward kernel of the flash family's own ops (flash_attn, flash_fwd and
+# the CP primitives): auto (default: fwd_gluon.py's warp-specialized kernel on Hopper for the
+# inputs in its scope, fwd.py otherwise), triton (fwd.py always) or gluon (fwd_gluon.py always;
+# an error outside its scope), for NSA's window branch too.
+FWD_IMPL = os.environ.get("FLASH_FWD_IMPL", "auto")
+if FWD_IMPL not in ("auto", "triton", "gluon"):
+    raise ValueError(f"FLASH_FWD_IMPL={FWD_IMPL!r}: must be auto, triton or gluon")
 
 
 def fwd_ahead(tile_dim: int, fp8: bool) -> bool:

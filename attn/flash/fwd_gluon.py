@@ -1,24 +1,34 @@
-"""Forward kernel in Gluon for Hopper (sm_90): causal softmax attention with the softmax of key
-block j overlapping the P·V product of block j − 1 (FlashAttention-3's intra-warpgroup
-pipelining), K/V streamed by TMA into a ring of shared-memory stages.
+"""Forward kernel in Gluon for Hopper (sm_90): FlashAttention-3's warp-specialized forward, the
+default flash forward on Hopper within its scope (op.fwd_kernel, FLASH_FWD_IMPL).
 
-Memory plan (one program = BLOCK_M query rows of one (batch, query head), 8 warps: two
-warpgroups of 64 rows each):
-  shared    : Q tile [BLOCK_M, D] (TMA, also the staging tile of O's TMA store), STAGES stages of
-              K and V tiles [BLOCK_N, D], one mbarrier per tile (TMA completion)
-  registers : O accumulator [BLOCK_M, D] fp32, the score tile of block j [BLOCK_M, BLOCK_N] fp32,
-              P of block j − 1 (input dtype, the wgmma's register A operand, read by the product
-              in flight), row max and sum fp32
-  HBM writes: O once (TMA store), lse once [BLOCK_M] fp32
-Step j: wait K_j; issue S_j = Q·K_jᵀ; issue O += P_{j−1}·V_{j−1}; wait for S_j only (wgmma groups
-retire in order, so O's product stays in flight); softmax of S_j; wait for O's product; free the
-stage of block j − 1 (a CTA barrier: both warpgroups have read it) and load block j − 1 + STAGES
-into it; rescale O by exp2(m_old − m_new). Scores in the log2 domain; the row max is taken on the
-raw scores and scaled once per row. Masking: key blocks below the tile's first row need none
-(the first loop); the BLOCK_M / BLOCK_N blocks on the diagonal mask kpos > qpos (the second).
-Scope: Tq = Tk, no documents, no window, q_offset 0, T a multiple of BLOCK_M, D 64 or 128,
-16-bit inputs, GQA; checked in fwd_gluon(). fwd_gluon_ws.py runs the same rows (_attend_rows,
-_step) in a warp-specialized program.
+Partitions of one program (BLOCK_M = 128 query rows of one (batch, query head)):
+  consumer 0 (the default partition, 4 warps) : rows 0..63 of the tile
+  consumer 1 (worker, 4 warps)                : rows 64..127
+  producer   (worker, 1 warp)                 : TMA loads of every K/V block into the ring
+Each consumer walks its 64 rows with the softmax of key block j overlapping its own P·V product
+of block j − 1 (intra-warpgroup pipelining, _step) and writes its O half and lse. The stage ring
+is guarded by mbarriers both ways: `ready` (TMA completion, per K and per V tile) and `empty`
+(count 2: each consumer arrives once it has read a stage), so the consumers never wait for each
+other: their softmax and product phases drift apart and interleave on the tensor cores (FA3's
+ping-pong, not enforced); the loop's only barriers are each consumer's own (128-thread named
+barriers), none across the warpgroups.
+
+Memory plan: shared Q 2 x [64, D] (also the staging tiles of the O stores), STAGES x K and V
+[BLOCK_N, D]; registers per consumer thread: O [64, D] fp32 / 128 threads, S [64, BLOCK_N] fp32,
+P of block j − 1 16-bit (the wgmma's register A operand, read by the product in flight).
+HBM writes: O once (TMA store), lse once.
+
+Positions and masking: query row i is at q_offset + i, keys at 0..Tk−1; row p sees the keys
+lo(p) <= s <= p, s < Tk, lo(p) = max(document start of p, p − window + 1, 0) (causal=False is
+q_offset = Tk − 1, see op._kernel_offset). The program walks key blocks j0 .. n−1: from the block
+of its first row's lo to the block of its last row (clamped to Tk); both consumers walk the same
+blocks (a block a consumer's rows cannot see gives p = 0 and is still read and released). Per
+consumer, blocks that every one of its rows sees whole skip the mask; the others (first block,
+document or window edge, diagonal, past Tk) are masked. Scores in the log2 domain; the row max
+is taken on the raw scores and scaled once per row.
+
+Scope (fwd_gluon's checks; the op takes the Triton forward outside it unless FLASH_FWD_IMPL=gluon
+demands this one): a Hopper GPU, bf16 / fp16, D 64 or 128, Tq a multiple of 128 when B > 1.
 """
 from __future__ import annotations
 
@@ -33,23 +43,13 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from attn.common import alloc
 from attn.common.jit import LOG2E_F
 
-# names that moved between triton 3.6 (the GPU image) and 3.9: a CTA-wide barrier, the TMA copies
+# names that moved between triton 3.6 (the GPU image) and 3.9: a partition-wide barrier, TMA
 cta_sync = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
 LN2 = gl.constexpr(0.6931471805599453)  # ln(2): lse leaves the log2 domain
-
-
-@gluon.jit
-def _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, blk, row0, col, n,
-             BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """TMA loads of key block blk (if blk < n) into stage blk % STAGES."""
-    if blk < n:
-        st = blk % STAGES
-        mbarrier.expect(k_bar.index(st), k_desc.block_type.nbytes)
-        tma_load(k_desc, [row0 + blk * BLOCK_N, col], k_bar.index(st), k_smem.index(st))
-        mbarrier.expect(v_bar.index(st), v_desc.block_type.nbytes)
-        tma_load(v_desc, [row0 + blk * BLOCK_N, col], v_bar.index(st), v_smem.index(st))
+HALF_M = gl.constexpr(64)     # rows per consumer warpgroup (one wgmma M tile)
+CONSUMER_WARPS = gl.constexpr(4)
 
 
 @gluon.jit
@@ -66,13 +66,14 @@ def _handover(new, old, BF16: gl.constexpr):
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, qk_scale, j, q0, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+def _softmax(s, m_i, l_i, qk_scale, j, qpos, lo, Tk, BLOCK_N: gl.constexpr,
              s_layout: gl.constexpr, MASKED: gl.constexpr):
     """Online-softmax update on raw scores s of key block j: (p fp32, alpha, m_new, l_new)."""
     if MASKED:
         kpos = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        qpos = q0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-        s = gl.where(kpos[None, :] <= qpos[:, None], s, float("-inf"))
+        ok = (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] >= lo[:, None]) \
+            & (kpos[None, :] < Tk)
+        s = gl.where(ok, s, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
     p = gl.exp2(s * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
@@ -81,35 +82,30 @@ def _softmax(s, m_i, l_i, qk_scale, j, q0, BLOCK_M: gl.constexpr, BLOCK_N: gl.co
 
 
 @gluon.jit
-def _step(j, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar, empty, k_desc, v_desc,
-          row0, col, n, q0, qk_scale, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-          STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-          p_layout: gl.constexpr, MASKED: gl.constexpr, WS: gl.constexpr):
-    """Step j of the loop for the BLOCK_M rows at q0 (module docstring). The stage of block j − 1
-    is then free: WS (fwd_gluon_ws.py) arrives on its `empty` barrier for the producer warp;
-    otherwise this program loads block j − 1 + STAGES into it (k_desc, v_desc, row0, col; `empty`
-    unused)."""
-    st = j % STAGES
-    pst = (j - 1) % STAGES
-    mbarrier.wait(k_bar.index(st), (j // STAGES) & 1)
+def _step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar, empty, qpos, lo,
+          Tk, qk_scale, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
+          p_layout: gl.constexpr, o_layout: gl.constexpr, MASKED: gl.constexpr):
+    """Key block j (ring slot j − j0): wait K_j; issue S_j = Q·K_jᵀ; issue O += P_{j−1}·V_{j−1};
+    wait for S_j only (wgmma groups retire in order, so O's product stays in flight); softmax of
+    S_j; wait for the product; release the stage of block j − 1 to the producer; rescale O."""
+    r = j - j0
+    st = r % STAGES
+    pst = (r - 1) % STAGES
+    mbarrier.wait(k_bar.index(st), (r // STAGES) & 1)
     s = warpgroup_mma(q_smem, k_smem.index(st).permute((1, 0)),
-                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                      gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
                       is_async=True)
-    mbarrier.wait(v_bar.index(pst), ((j - 1) // STAGES) & 1)
+    mbarrier.wait(v_bar.index(pst), ((r - 1) // STAGES) & 1)
     acc = warpgroup_mma(p16, v_smem.index(pst), acc, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))       # S_j done, P·V still running
-    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, j, q0, BLOCK_M, BLOCK_N, s_layout,
+    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, j, qpos, lo, Tk, BLOCK_N, s_layout,
                                   MASKED)
     # K_{j+1}'s barrier (needed next step anyway) closes a basic block here: ptxas schedules
     # within blocks, so the softmax cannot be moved below the wait for P·V that follows
-    mbarrier.wait(k_bar.index((j + 1) % STAGES), ((j + 1) // STAGES) & 1, pred=j + 1 < n)
+    mbarrier.wait(k_bar.index((r + 1) % STAGES), ((r + 1) // STAGES) & 1, pred=j + 1 < n)
     acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
-    cta_sync()  # every warp of the program (WS: of the partition) is done with stage pst
-    if WS:
-        mbarrier.arrive(empty.index(pst), count=1)  # one elected arrive for the partition
-    else:
-        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, j - 1 + STAGES, row0, col, n,
-                 BLOCK_N, STAGES)
+    cta_sync()  # every warp of this consumer is done with stage pst
+    mbarrier.arrive(empty.index(pst), count=1)  # one elected arrive for the partition
     acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
     # P_{j−1}'s registers are read by the product in flight until the wait above: handing them
     # over only here keeps ptxas from giving them to the softmax (it would, and then wait for
@@ -120,149 +116,228 @@ def _step(j, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar, empty, k_
 
 
 @gluon.jit
-def _attend_rows(q_smem, o_desc, LSE, k_smem, v_smem, k_bar, v_bar, empty, k_desc, v_desc, row0,
-                 col, h, q0, n, pid_bh, T, qk_scale, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                 NUM_WARPS: gl.constexpr, WS: gl.constexpr):
-    """The BLOCK_M rows at q0 once their Q tile is in q_smem: block 0, the steps over blocks
-    1 .. n − 1, the last P·V, then O (through q_smem, by TMA) and lse stored. NUM_WARPS warps
-    (4 per warpgroup of 64 rows); WS: see _step."""
+def _attend_rows(q_smem, o_desc, LSE, SEG, k_smem, v_smem, k_bar, v_bar, empty, row_q, h, qh,
+                 j0, n, pid_bh, Tq, Tk, q_offset, window, has_seg, qk_scale,
+                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+    """The 64 rows at qh (of Tq) once their Q tile is in q_smem: block j0, the steps over
+    j0 + 1 .. n − 1 in three ranges (masked, whole, masked), the last P·V, then O (through
+    q_smem, by TMA) and lse stored."""
     # wgmma layouts: warps along M (16 rows each), one instruction spans N
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NUM_WARPS, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1], instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
 
-    # block 0 (masked when it is on the diagonal): S_0 and its softmax, no P·V yet
+    rows = qh + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
+    row_ok = rows < Tq
+    qpos = q_offset + rows
+    lo = gl.maximum(qpos - window + 1, 0)
+    lo = gl.maximum(lo, gl.load(SEG + qpos, mask=row_ok & (has_seg != 0), other=0))
+    # [j0 + 1, f_lo) masked (document / window edge), [f_lo, f_hi) whole, [f_hi, n) masked
+    # (diagonal, past Tk)
+    lo_last = gl.max(gl.where(row_ok, lo, 0), axis=0)
+    f_lo = gl.minimum(gl.maximum(gl.cdiv(lo_last, BLOCK_N), j0 + 1), n)
+    f_hi = gl.maximum(gl.minimum((q_offset + qh + 1) // BLOCK_N, Tk // BLOCK_N), f_lo)
+
+    # block j0 (ring slot 0): S and its softmax, no P·V yet
     mbarrier.wait(k_bar.index(0), 0)
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)),
-                      gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                      gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
                       is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
-    m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))  # finite: no NaN
-    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
-    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, 0, q0, BLOCK_M, BLOCK_N, s_layout,
+    m_i = gl.full([HALF_M], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))  # finite: no NaN
+    l_i = gl.zeros([HALF_M], gl.float32, gl.SliceLayout(1, s_layout))
+    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, j0, qpos, lo, Tk, BLOCK_N, s_layout,
                                   True)
     p16 = gl.convert_layout(p.to(q_smem.dtype), p_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+    acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
 
-    n_full = q0 // BLOCK_N           # blocks every row of the tile sees whole
-    for j in range(1, n_full):
-        acc, p16, m_i, l_i = _step(j, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar,
-                                   empty, k_desc, v_desc, row0, col, n, q0, qk_scale, BLOCK_M,
-                                   BLOCK_N, STAGES, s_layout, o_layout, p_layout, False, WS)
-    for j in range(gl.maximum(n_full, 1), n):
-        acc, p16, m_i, l_i = _step(j, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar,
-                                   empty, k_desc, v_desc, row0, col, n, q0, qk_scale, BLOCK_M,
-                                   BLOCK_N, STAGES, s_layout, o_layout, p_layout, True, WS)
+    for j in range(j0 + 1, f_lo):
+        acc, p16, m_i, l_i = _step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar,
+                                   v_bar, empty, qpos, lo, Tk, qk_scale, BLOCK_N, STAGES,
+                                   s_layout, p_layout, o_layout, True)
+    for j in range(f_lo, f_hi):
+        acc, p16, m_i, l_i = _step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar,
+                                   v_bar, empty, qpos, lo, Tk, qk_scale, BLOCK_N, STAGES,
+                                   s_layout, p_layout, o_layout, False)
+    for j in range(f_hi, n):
+        acc, p16, m_i, l_i = _step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar,
+                                   v_bar, empty, qpos, lo, Tk, qk_scale, BLOCK_N, STAGES,
+                                   s_layout, p_layout, o_layout, True)
 
-    # the last block's P·V
-    last = n - 1
+    # the last block's P·V (its stage needs no release: the producer is done)
+    last = n - 1 - j0
     mbarrier.wait(v_bar.index(last % STAGES), (last // STAGES) & 1)
     acc = warpgroup_mma(p16, v_smem.index(last % STAGES), acc, is_async=True)
     acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
 
-    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-    acc = acc / l_o[:, None]
+    # l > 0 on every row < Tq (it sees its own key); rows past Tq are never stored
+    l_safe = gl.where(l_i > 0.0, l_i, 1.0)
+    acc = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
     q_smem.store(acc.to(q_smem.dtype))   # Q is no longer read: its tile stages O
     fence_async_shared()
-    tma_store(o_desc, [row0 + q0, h * HEAD_DIM], q_smem)
-    rows = q0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-    gl.store(LSE + pid_bh.to(gl.int64) * T + rows, (m_i + gl.log2(l_i)) * LN2)
+    tma_store(o_desc, [row_q + qh, h * HEAD_DIM], q_smem)
+    gl.store(LSE + pid_bh.to(gl.int64) * Tq + rows, (m_i + gl.log2(l_safe)) * LN2, mask=row_ok)
     tma.store_wait(pendings=0)
 
 
 @gluon.jit
-def _fwd_gluon_kernel(q_desc, k_desc, v_desc, o_desc, LSE, qk_scale, T,
-                      HQ: gl.constexpr, HKV: gl.constexpr, HEAD_DIM: gl.constexpr,
-                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                      num_warps: gl.constexpr):
-    # heaviest (latest) query blocks first
-    q0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
+def _producer(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, row_k, col, j0, n):
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    STAGES: gl.constexpr = k_smem.shape[0]
+    for j in range(j0, n):
+        r = j - j0
+        st = r % STAGES
+        # the stage's previous block (r − STAGES) must have been released by both consumers
+        mbarrier.wait(empty.index(st), ((r // STAGES) + 1) & 1, pred=r >= STAGES)
+        mbarrier.expect(k_bar.index(st), k_desc.block_type.nbytes)
+        tma_load(k_desc, [row_k + j * BLOCK_N, col], k_bar.index(st), k_smem.index(st))
+        mbarrier.expect(v_bar.index(st), v_desc.block_type.nbytes)
+        tma_load(v_desc, [row_k + j * BLOCK_N, col], v_bar.index(st), v_smem.index(st))
+
+
+@gluon.jit
+def _consumer(q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,
+              qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n, pid_bh,
+              HALF: gl.constexpr):
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+    qh = q0 + HALF * HALF_M           # this consumer's first row
+    q_half = q_smem.index(HALF)
+    bar = q_bar.index(HALF)
+    mbarrier.expect(bar, q_desc.block_type.nbytes)
+    tma_load(q_desc, [row_q + qh, h * HEAD_DIM], bar, q_half)
+    mbarrier.wait(bar, 0)
+    _attend_rows(q_half, o_desc, LSE, SEG, k_smem, v_smem, k_bar, v_bar, empty, row_q, h, qh,
+                 j0, n, pid_bh, Tq, Tk, q_offset, window, has_seg, qk_scale, k_smem.shape[1],
+                 HEAD_DIM, k_smem.shape[0])
+
+
+# partition entry points take runtime values only (the constants come from the descriptors and
+# shared-memory shapes), so each consumer half has its own
+@gluon.jit
+def _consumer_rows_0_63(q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar,
+                        empty, qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n,
+                        pid_bh):
+    _consumer(q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,
+              qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n, pid_bh, 0)
+
+
+@gluon.jit
+def _consumer_rows_64_127(q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar,
+                          empty, qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0,
+                          n, pid_bh):
+    _consumer(q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,
+              qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n, pid_bh, 1)
+
+
+@gluon.jit
+def _fwd_gluon_kernel(q_desc, k_desc, v_desc, o_desc, LSE, SEG, qk_scale, Tq, Tk, q_offset,
+                      window, has_seg, HQ: gl.constexpr, HKV: gl.constexpr,
+                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                      STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                      PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    gl.static_assert(BLOCK_M == 2 * HALF_M)
+    gl.static_assert(num_warps == CONSUMER_WARPS)
+    q0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M   # heaviest tiles first
     pid_bh = gl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
     hkv = h // (HQ // HKV)
-    row0 = b * T                     # first row of this batch in the [B·T, H·D] views
+    row_q = b * Tq                   # first row of this batch in the [B·T, H·D] views
+    row_k = b * Tk
     col = hkv * HEAD_DIM
+    # key blocks j0 .. n − 1: from the first row's lo to the last row (module docstring)
+    q_first = q_offset + q0
+    lo_first = gl.maximum(q_first - window + 1, 0)
+    lo_first = gl.maximum(lo_first, gl.load(SEG + q_first, mask=has_seg != 0, other=0))
+    j0 = lo_first // BLOCK_N
+    n = gl.cdiv(gl.minimum(q_offset + gl.minimum(q0 + BLOCK_M, Tq), Tk), BLOCK_N)
 
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, HALF_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bar.index(i), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_bar.index(i), count=1)
         mbarrier.init(v_bar.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)   # one arrival per consumer
     fence_async_shared()
 
-    n = (q0 + BLOCK_M) // BLOCK_N    # causal: key blocks 0 .. n−1
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma_load(q_desc, [row0 + q0, h * HEAD_DIM], q_bar, q_smem)
-    for i in gl.static_range(STAGES):
-        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, i, row0, col, n, BLOCK_N, STAGES)
-    mbarrier.wait(q_bar, 0)
-    # 8 warps: two warpgroups of 64 rows; `empty` unused without WS
-    _attend_rows(q_smem, o_desc, LSE, k_smem, v_smem, k_bar, v_bar, k_bar, k_desc, v_desc, row0,
-                 col, h, q0, n, pid_bh, T, qk_scale, BLOCK_M, BLOCK_N, HEAD_DIM, STAGES,
-                 num_warps, False)
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(k_bar.index(i))
-        mbarrier.invalidate(v_bar.index(i))
+    consumer_args = (q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,
+                     qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n, pid_bh)
+    gl.warp_specialize([
+        (_consumer_rows_0_63, consumer_args),
+        (_consumer_rows_64_127, consumer_args),
+        (_producer, (k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, row_k, col, j0, n)),
+    ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-# (BLOCK_M, BLOCK_N, STAGES) per head dim. Shared memory: Q BLOCK_M x D + STAGES x (K + V)
-# BLOCK_N x D each, 16-bit: 128 KB at D = 128 (BLOCK_N = 64: a 128-key tile would need 224 KB
-# for 3 stages), 112 KB at D = 64. 8 warps; ptxas (triton 3.6, sm_90a): 160 / 204 registers, no
-# spills. STAGES >= 3: step j waits for K_{j+1}, which step j − 1 loaded.
-GLUON_CFG = {64: (128, 128, 3), 128: (128, 64, 3)}
+# launch
+
+# (BLOCK_M, BLOCK_N, STAGES) per head dim. Shared memory: Q 128 x D + STAGES x (K + V) BLOCK_N x D,
+# 16-bit: 224 KB at D = 128 (of 227), 144 KB at D = 64; fastest of the H200 sweep
+# (docs/flash_notes.md, run 17). STAGES >= 3: a consumer holds stage j − 1 (its P·V in flight)
+# while it waits for K_{j+1}.
+GLUON_CFG = {64: (128, 128, 4), 128: (128, 128, 3)}
+# registers per thread after setmaxnreg: 2 x 128 consumer threads x 240 + 32 producer threads
+# x 24 = 62208 of the SM's 65536 (ptxas spills one value with 128-key blocks: D = 64 on triton
+# 3.6, D = 128 on 3.9; tests/attn/flash/gluon_aot.py allows that one)
+CONSUMER_REGS, PRODUCER_REGS = 240, 24
+NO_WINDOW = 1 << 30  # a window no sequence reaches: lo = 0
 
 
-def prepare(q, k, v, scale, cfg, q_rows_per_tile=1, block_n=None, stages=None):
-    """Checks (the scope of the module docstring; ValueError outside it) and launch arguments
-    shared by both Gluon kernels: (o, lse, args, meta, grid). cfg: the kernel's table of
-    (BLOCK_M, BLOCK_N, STAGES) per head dim; the Q / O descriptors cover BLOCK_M //
-    q_rows_per_tile rows (fwd_gluon_ws.py: one tile per consumer warpgroup)."""
-    B, T, hq, d = q.shape
-    hkv = k.shape[2]
+def scope_error(q, k) -> str | None:
+    """Why the Gluon forward cannot run (q, k) (checked inputs of flash_fwd), or None."""
+    B, tq, _, d = q.shape
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
-        raise ValueError("the Gluon flash forward needs a Hopper GPU (sm_90)")
-    if q.dtype not in (torch.bfloat16, torch.float16) or d not in cfg:
-        raise ValueError(f"the Gluon flash forward takes bf16/fp16 and D in {sorted(cfg)}; "
-                         f"got {q.dtype}, D={d}")
-    bm, bn, st = cfg[d]
+        return "the Gluon flash forward needs a Hopper GPU (sm_90)"
+    if q.dtype not in (torch.bfloat16, torch.float16) or d not in GLUON_CFG:
+        return f"the Gluon flash forward takes bf16/fp16 and D in {sorted(GLUON_CFG)}; got " \
+               f"{q.dtype}, D={d}"
+    if B > 1 and tq % GLUON_CFG[d][0]:
+        return f"the Gluon flash forward needs Tq a multiple of {GLUON_CFG[d][0]} when B > 1 " \
+               f"(a tile must not run into the next batch); got B={B}, Tq={tq}"
+    return None
+
+
+def fwd_gluon(q, k, v, scale, seg_start=None, q_offset=0, window=None, block_n=None,
+              stages=None):
+    """(o, lse) of op.fwd_kernel's contract (seg_start: each key position's document start,
+    int32 [Tk]; q_offset, window as there) through the Gluon kernel; ValueError outside its
+    scope. block_n, stages: tuning overrides."""
+    why = scope_error(q, k)
+    if why is not None:
+        raise ValueError(why)
+    B, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    bm, bn, st = GLUON_CFG[d]
     bn, st = block_n or bn, stages or st
-    if st < 3 or bm % bn:
-        # each step waits for K_{j+1}, which the step before loaded only when STAGES >= 3
-        raise ValueError(f"the Gluon flash forward needs STAGES >= 3 and BLOCK_N dividing "
-                         f"BLOCK_M; got STAGES={st}, BLOCK_N={bn}")
-    if k.shape[1] != T or T % bm or hq % hkv:
-        raise ValueError(f"the Gluon flash forward needs Tq = Tk, a multiple of {bm}, and Hq a "
-                         f"multiple of Hkv; got Tq={T}, Tk={k.shape[1]}, Hq={hq}, Hkv={hkv}")
+    if st < 3 or bn not in (32, 64, 128):
+        raise ValueError(f"the Gluon flash forward needs STAGES >= 3 and BLOCK_N in 32/64/128; "
+                         f"got STAGES={st}, BLOCK_N={bn}")
     q, k, v = (t.contiguous() for t in (q, k, v))
     o = alloc.empty(q.shape, q.dtype, q.device)
-    lse = alloc.empty((B, hq, T), torch.float32, q.device)
+    lse = alloc.empty((B, hq, tq), torch.float32, q.device)
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_rows = bm // q_rows_per_tile
-    q_lay = gl.NVMMASharedLayout.get_default_for([q_rows, d], gdt)
+    q_lay = gl.NVMMASharedLayout.get_default_for([HALF_M.value, d], gdt)
     kv_lay = gl.NVMMASharedLayout.get_default_for([bn, d], gdt)
-    q2, o2 = q.view(B * T, hq * d), o.view(B * T, hq * d)
-    k2, v2 = k.view(B * T, hkv * d), v.view(B * T, hkv * d)
-    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [q_rows, d], q_lay)
-    o_desc = TensorDescriptor(o2, list(o2.shape), list(o2.stride()), [q_rows, d], q_lay)
+    q2, o2 = q.view(B * tq, hq * d), o.view(B * tq, hq * d)
+    k2, v2 = k.view(B * tk, hkv * d), v.view(B * tk, hkv * d)
+    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [HALF_M.value, d], q_lay)
+    o_desc = TensorDescriptor(o2, list(o2.shape), list(o2.stride()), [HALF_M.value, d], q_lay)
     k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [bn, d], kv_lay)
     v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, d], kv_lay)
-    args = (q_desc, k_desc, v_desc, o_desc, lse, scale * LOG2E_F, T)
-    meta = dict(HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st)
-    return o, lse, args, meta, (T // bm, B * hq)
-
-
-def fwd_gluon(q, k, v, scale, block_n=None, stages=None):
-    """(o, lse) of causal attention through the Gluon kernel."""
-    o, lse, args, meta, grid = prepare(q, k, v, scale, GLUON_CFG, 1, block_n, stages)
-    _fwd_gluon_kernel[grid](*args, **meta, num_warps=8)
+    has_seg = seg_start is not None
+    seg = seg_start if has_seg else lse.view(torch.int32)  # never read without documents
+    _fwd_gluon_kernel[(triton.cdiv(tq, bm), B * hq)](
+        q_desc, k_desc, v_desc, o_desc, lse, seg, scale * LOG2E_F, tq, tk, q_offset,
+        NO_WINDOW if window is None else window, int(has_seg), HQ=hq, HKV=hkv, HEAD_DIM=d,
+        BLOCK_M=bm, BLOCK_N=bn, STAGES=st, CONSUMER_REGS=CONSUMER_REGS,
+        PRODUCER_REGS=PRODUCER_REGS, num_warps=CONSUMER_WARPS)
     return o, lse

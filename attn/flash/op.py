@@ -11,9 +11,9 @@ The primitives also take causal=False (ring attention's off-diagonal blocks: eve
 every key; then no documents, window or q_offset), and copy non-contiguous inputs (ring passes
 slices); flash_attn is always causal and rejects non-contiguous inputs.
 Implementation: Triton on CUDA tensors, ref.py on CPU tensors; ATTN_IMPL=triton|ref forces one
-(TRITON_INTERPRET=1 with ATTN_IMPL=triton runs the kernels on CPU tensors). FLASH_FWD_IMPL=gluon
-| gluon-ws takes a Gluon forward for Hopper (fwd_gluon.py, fwd_gluon_ws.py; their scope is
-checked, nothing falls back).
+(TRITON_INTERPRET=1 with ATTN_IMPL=triton runs the kernels on CPU tensors). The forward on Hopper
+is the Gluon kernel (fwd_gluon.py) for the inputs in its scope (16-bit, D 64 / 128), fwd.py
+otherwise; FLASH_FWD_IMPL=triton | gluon forces one (gluon: an error outside its scope).
 """
 from __future__ import annotations
 
@@ -63,23 +63,27 @@ def flash_fwd(q, k, v, *, scale=None, causal: bool = True, cu_seqlens=None, q_of
             return flash_attn_ref(q, k, v, scale=scale, cu_seqlens=cu_seqlens,
                                   q_offset=q_offset, window=window, causal=causal)
     seg = key_doc_bounds(cu_seqlens, k.shape[1])
-    return _fwd_kernel(q, k, v, scale, None if seg is None else seg[0],
+    return fwd_kernel(q, k, v, scale, None if seg is None else seg[0],
                        _kernel_offset(causal, q_offset, k.shape[1]), window)
 
 
-def _fwd_kernel(q, k, v, scale, seg_start, q_offset, window):
-    """The forward kernel FLASH_FWD_IMPL names (common.FWD_IMPL), on checked inputs."""
+def _gluon_scope_error(q, k):
+    """Why the Gluon forward cannot take (q, k), or None (imports it only on Hopper)."""
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "the Gluon flash forward needs a Hopper GPU (sm_90)"
+    from attn.flash.fwd_gluon import scope_error
+    return scope_error(q, k)
+
+
+def fwd_kernel(q, k, v, scale, seg_start, q_offset, window):
+    """The forward kernel FLASH_FWD_IMPL selects (common.FWD_IMPL), on checked inputs."""
     if common.FWD_IMPL != "triton":
-        if seg_start is not None or window is not None or q_offset != 0 \
-                or q.shape[1] != k.shape[1]:
-            raise ValueError(f"FLASH_FWD_IMPL={common.FWD_IMPL} runs causal attention with "
-                             "Tq = Tk and no cu_seqlens, window, q_offset or causal=False; unset "
-                             "it for these")
-        if common.FWD_IMPL == "gluon-ws":
-            from attn.flash.fwd_gluon_ws import fwd_gluon_ws
-            return fwd_gluon_ws(q, k, v, scale)
-        from attn.flash.fwd_gluon import fwd_gluon
-        return fwd_gluon(q, k, v, scale)
+        why = _gluon_scope_error(q, k)
+        if why is None:
+            from attn.flash.fwd_gluon import fwd_gluon
+            return fwd_gluon(q, k, v, scale, seg_start, q_offset, window)
+        if common.FWD_IMPL == "gluon":
+            raise ValueError(f"FLASH_FWD_IMPL=gluon: {why}; unset it (auto) for these inputs")
     from attn.flash.fwd import fwd_triton
     return fwd_triton(q, k, v, scale, seg_start, q_offset, window)
 
@@ -157,7 +161,7 @@ def _flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     check_cu_values(cu_seqlens, k.shape[1])
     seg = key_doc_bounds(cu_seqlens, k.shape[1])
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _fwd_kernel(q, k, v, scale, None if seg is None else seg[0], q_offset, window)
+    return fwd_kernel(q, k, v, scale, None if seg is None else seg[0], q_offset, window)
 
 
 @_flash_fwd_op.register_fake

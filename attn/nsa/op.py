@@ -175,7 +175,7 @@ def _nsa_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.
                 cu_seqlens: Optional[torch.Tensor], q_offset: int,
                 gates_nonneg: Optional[bool]) -> _FWD_OUT:
     """(o, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel); gates [B, T, Hq, 3]."""
-    from attn.flash.fwd import fwd_triton
+    from attn.flash.op import fwd_kernel as window_fwd
     from attn.nsa.cmp import fwd_triton as cmp_fwd
     from attn.nsa.gate_mix import gate_mix_fwd
     from attn.nsa.select import select_blocks
@@ -194,7 +194,7 @@ def _nsa_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.
                         cu_seqlens=cu_seqlens, cu_cmp=cu_cmp, q_offset=q_offset)
     o_slc, lse_slc = slc_attn_fwd(q, k, v, sel, table[2], table[3], scale=scale,
                                   sel_block=sel_block, q_offset=q_offset)
-    o_swa, lse_swa = fwd_triton(q, k, v, scale, None if seg is None else seg[0], q_offset,
+    o_swa, lse_swa = window_fwd(q, k, v, scale, None if seg is None else seg[0], q_offset,
                                 window)
     o = gate_mix_fwd(o_cmp, o_slc, o_swa, gates)
     return o, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel

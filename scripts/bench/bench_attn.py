@@ -6,10 +6,9 @@
     python3 scripts/bench/bench_attn.py --replot OUT/bench_attn.json --out OUT  # no GPU needed
 
 Backends (missing ones are skipped with a note, so later families plug in by existing):
-  flash       our Triton FlashAttention (attn.flash.flash_attn)
-  flash_plain the same with the forward's scores-ahead loop off (FLASH_FWD_AHEAD=0): its A/B
-  flash_gluon the same with the Gluon forward for Hopper (FLASH_FWD_IMPL=gluon, fwd_gluon.py);
-  flash_gluon_ws with its warp-specialized variant (FLASH_FWD_IMPL=gluon-ws, fwd_gluon_ws.py)
+  flash       our FlashAttention (attn.flash.flash_attn; on Hopper the Gluon forward)
+  flash_triton the same with the Triton forward everywhere (FLASH_FWD_IMPL=triton): its A/B
+  flash_plain the Triton forward with its scores-ahead loop off (FLASH_FWD_AHEAD=0)
   sdpa_flash  torch SDPA, FlashAttention-2 backend      sdpa_cudnn  torch SDPA, cuDNN backend
   flex        torch FlexAttention, compiled, causal block mask
   fla         flash-linear-attention parallel_attn (Triton), when importable
@@ -56,20 +55,22 @@ def make_flash(B, T, H, Hkv, D, dtype):
     return flash_attn, _bthd(B, T, H, Hkv, D, dtype)
 
 
-def make_flash_setting(name, value):
-    """Our op with one switch of attn/flash/common.py set for the call (restored after it):
-    FWD_AHEAD=False is flash_plain (FLASH_FWD_AHEAD=0), FWD_IMPL="gluon" / "gluon-ws" the Gluon
-    forwards for Hopper (FLASH_FWD_IMPL; the backward stays the Triton one)."""
+def make_flash_setting(**settings):
+    """Our op with switches of attn/flash/common.py set for the call (restored after it):
+    FWD_IMPL="triton" is flash_triton (FLASH_FWD_IMPL=triton), with FWD_AHEAD=False
+    flash_plain (FLASH_FWD_AHEAD=0)."""
     def make(B, T, H, Hkv, D, dtype):
         from attn.flash import common, flash_attn
 
         def fn(q, k, v):
-            saved = getattr(common, name)
-            setattr(common, name, value)
+            saved = {name: getattr(common, name) for name in settings}
+            for name, value in settings.items():
+                setattr(common, name, value)
             try:
                 return flash_attn(q, k, v)
             finally:
-                setattr(common, name, saved)
+                for name, value in saved.items():
+                    setattr(common, name, value)
         return fn, _bthd(B, T, H, Hkv, D, dtype)
     return make
 
@@ -170,9 +171,8 @@ def make_nsa(B, T, H, Hkv, D, dtype):
 
 BACKENDS = {
     "flash": make_flash,
-    "flash_plain": make_flash_setting("FWD_AHEAD", False),
-    "flash_gluon": make_flash_setting("FWD_IMPL", "gluon"),
-    "flash_gluon_ws": make_flash_setting("FWD_IMPL", "gluon-ws"),
+    "flash_triton": make_flash_setting(FWD_IMPL="triton"),
+    "flash_plain": make_flash_setting(FWD_IMPL="triton", FWD_AHEAD=False),
     "flash_split": make_flash_variant("split"),
     "flash_fused": make_flash_variant("fused"),
     "sdpa_flash": _make_sdpa("FLASH_ATTENTION"),
@@ -184,7 +184,7 @@ BACKENDS = {
     "moba": make_moba,
     "nsa": make_nsa,
 }
-SOFTMAX_EXACT = {"flash", "flash_plain", "flash_gluon", "flash_gluon_ws", "flash_split",
+SOFTMAX_EXACT = {"flash", "flash_triton", "flash_plain", "flash_split",
                  "flash_fused", "sdpa_flash", "sdpa_cudnn", "flex", "fla"}
 
 
