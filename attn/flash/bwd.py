@@ -301,10 +301,18 @@ def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=None, dq
         if dq_acc is not None:
             dq_acc.add_(dq_f)
         return dq, dk, dv
-    _launch("dkdv", _dkdv_tuned, _dkdv_kernel, DKDV_CFGS, INTERP_DKDV, tk, B * hkv,
-            (q, k, v, do, lse, delta, dk, dv, seg_start, seg_end, scale, scale * LOG2E_F,
-             q_offset, w, tq, tk, common.launch_sms(q.device)),
-            dict(meta, TMA=use_tma("dkdv", q, do)), "BLOCK_N")
+    if common.DKDV_IMPL == "gluon":
+        from attn.flash.bwd_gluon import dkdv_gluon
+        try:
+            dk, dv = dkdv_gluon(do, q, k, v, lse, delta, scale, seg[1] if has_seg else None,
+                                q_offset, window)
+        except ValueError as e:
+            raise ValueError(f"FLASH_DKDV_IMPL=gluon: {e}") from None
+    else:
+        _launch("dkdv", _dkdv_tuned, _dkdv_kernel, DKDV_CFGS, INTERP_DKDV, tk, B * hkv,
+                (q, k, v, do, lse, delta, dk, dv, seg_start, seg_end, scale, scale * LOG2E_F,
+                 q_offset, w, tq, tk, common.launch_sms(q.device)),
+                dict(meta, TMA=use_tma("dkdv", q, do)), "BLOCK_N")
     _launch("dq", _dq_tuned, _dq_kernel, DQ_CFGS, INTERP_DQ, tq, B * hq,
             (q, k, v, do, lse, delta, dq, seg_start, scale, scale * LOG2E_F, q_offset, w, tq, tk,
              common.launch_sms(q.device)),
