@@ -14,7 +14,8 @@
 #   flash         scripts/bench/bench_attn.py (every attention backend)    -> $OUT/flash/
 #   ahead         A/B of the Triton flash forward with FLASH_FWD_AHEAD=1 against =0
 #                 (ab_kernels.py, forward only, D 128 and D 64, 5 alternating rounds) -> $OUT/ahead/
-#   gluon         flash (the Gluon forward on Hopper) against its Triton forward, cuDNN, Flex and
+#   gluon         flash (the Gluon forward on Hopper), with the Gluon dK/dV kernel
+#                 (FLASH_DKDV_IMPL=gluon) and with the Triton forward, against cuDNN, Flex and
 #                 fla: bench_attn.py at 4k / 16k / 64k, D 128, then D 64 at 8k / 16k
 #                                                                         -> $OUT/gluon/, gluon64/
 #   lightning     scripts/bench/bench_linear.py (linear, lightning vs fla) -> $OUT/lightning/
@@ -55,7 +56,7 @@ case $1 in -h|--help) usage; exit 0;; esac
 LINEAR_TESTS="tests/attn/linear tests/attn/lightning"
 TRAIN_TESTS="tests/parallel/test_compile.py tests/attn/test_sdpa.py"
 declare -A TESTS=(
-  [flash]="tests/attn/flash" [ahead]="tests/attn/flash" [gluon]="tests/attn/flash/test_fwd_gluon.py"
+  [flash]="tests/attn/flash" [ahead]="tests/attn/flash" [gluon]="tests/attn/flash/test_fwd_gluon.py tests/attn/flash/test_bwd_gluon.py"
   [lightning]=$LINEAR_TESTS [linear-parts]=$LINEAR_TESTS
   [moba]="tests/attn/moba" [moba-parts]="tests/attn/moba" [moba-sweep]="tests/attn/moba"
   [nsa]="tests/attn/nsa" [nsa-parts]="tests/attn/nsa"
@@ -135,10 +136,10 @@ run_part() {  # run_part PART ARGS...
     ahead)        FLASH_FWD_IMPL=triton bench ahead "$limit" scripts/bench/ab_kernels.py plain=.@FLASH_FWD_AHEAD=0 \
                     ahead=.@FLASH_FWD_AHEAD=1 --cases flash,flash64 --mode fwd --rounds 5 "$@" ;;
     gluon)        bench gluon "$limit" scripts/bench/bench_attn.py --backends \
-                    flash,flash_triton,sdpa_cudnn,flex,fla --seqlens 4096,16384,65536 \
-                    "$@" && bench gluon64 "$limit" scripts/bench/bench_attn.py --backends \
-                    flash,flash_triton,sdpa_cudnn,flex --seqlens 8192,16384 \
-                    --head-dim 64 "$@" ;;
+                    flash,flash_dkdv_gluon,flash_triton,sdpa_cudnn,flex,fla --seqlens \
+                    4096,16384,65536 "$@" && bench gluon64 "$limit" scripts/bench/bench_attn.py \
+                    --backends flash,flash_dkdv_gluon,flash_triton,sdpa_cudnn,flex --seqlens \
+                    8192,16384 --head-dim 64 "$@" ;;
     lightning)    bench lightning "$limit" scripts/bench/bench_linear.py "$@" ;;
     moba)         bench moba "$limit" scripts/bench/bench_moba.py "$@" ;;
     nsa)          bench nsa "$limit" scripts/bench/bench_nsa.py "$@" ;;
