@@ -271,16 +271,17 @@ def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=None, dq
     if delta is None:
         delta = bwd_delta(o, do)
     dq = alloc.empty(q.shape, q.dtype, q.device) if dq_acc is None else dq_acc
-    dk = alloc.empty(k.shape, k.dtype, k.device)
-    dv = alloc.empty(v.shape, v.dtype, v.device)
+    mode = os.environ.get("FLASH_BWD", BWD_MODE)
+    if mode not in ("split", "fused"):
+        raise ValueError(f"FLASH_BWD={mode!r}: must be 'split' or 'fused'")
+    if common.DKDV_IMPL == "triton" or mode == "fused":   # else dkdv_gluon allocates them
+        dk = alloc.empty(k.shape, k.dtype, k.device)
+        dv = alloc.empty(v.shape, v.dtype, v.device)
     has_seg = seg is not None
     seg_start, seg_end = seg if has_seg else (delta, delta)  # dummies, never read
     meta = dict(HQ=hq, HKV=hkv, HEAD_DIM=d, HAS_SEG=has_seg, HAS_WINDOW=window is not None,
                 DOT_PREC=dot_precision(q.dtype))
     w = window or 0
-    mode = os.environ.get("FLASH_BWD", BWD_MODE)
-    if mode not in ("split", "fused"):
-        raise ValueError(f"FLASH_BWD={mode!r}: must be 'split' or 'fused'")
     if mode == "fused":
         # the fused kernel's dQ programs overwrite: with dq_acc, a separate sum afterwards
         dq_f = dq if dq_acc is None else alloc.empty(q.shape, q.dtype, q.device)
