@@ -9,6 +9,7 @@
 GPU: sweep the candidates below one kernel at a time (each kernel keeps its best before the next is
 swept), split the backward's time by kernel, and measure the FP8 forward option (time and error);
 `--kernels gluon` times the Gluon forward's (BLOCK_N, STAGES) candidates next to the Triton forward
+and `--kernels gluon-dkdv` the Gluon dK/dV kernel's (BLOCK_M, STAGES) next to the Triton dK/dV
 (no window); prints tables and writes flash_tune.json into --out. --window / --kv-heads sweep the
 sliding-window case (NSA's window branch: --T 65536 --tokens 65536 --H 64 --kv-heads 4 --window
 512); TFLOP/s then count the visible pairs only.
@@ -56,6 +57,11 @@ GLUON_CANDIDATES = {128: [(128, 3), (64, 3), (64, 4), (64, 5)],
                     64: [(128, 4), (128, 3), (64, 4), (64, 6)]}
 
 
+# the Gluon dK/dV kernel (bwd_gluon.py, --kernels gluon-dkdv): (BLOCK_M, STAGES), BLOCK_N 128; at
+# D = 128 64-query blocks spill 144 bytes (triton 3.6), timed to see what the spill costs
+GLUON_DKDV_CANDIDATES = {128: [(32, 6), (32, 4), (64, 4)], 64: [(64, 4), (64, 6), (32, 6)]}
+
+
 def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
@@ -77,6 +83,42 @@ def gluon_sweep(q, k, v, fl, bench):
     for r in rows:
         print(f"fwd {str(r['cfg']):22s}: {r['ms']:7.3f} ms  {fl / r['ms'] / 1e9:5.0f} TFLOP/s",
               flush=True)
+    return rows
+
+
+def gluon_dkdv_sweep(q, k, v, do, o, lse, fl, bench):
+    """dK/dV ms of the Gluon kernel per (BLOCK_M, STAGES), with the Triton dK/dV kernel (default
+    config, launched alone through FLASH_BWD's split path minus dQ) in the same call, and the
+    largest relative difference of dK, dV between them."""
+    from attn.common.softmax import bwd_delta
+    from attn.flash import bwd as B
+    from attn.flash.bwd_gluon import dkdv_gluon
+    D = q.shape[-1]
+    scale = D ** -0.5
+    delta = bwd_delta(o, do)
+    dk_t, dv_t = (torch.empty_like(t) for t in (k, v))
+
+    def triton_dkdv():
+        B._launch("dkdv", B._dkdv_tuned, B._dkdv_kernel, B.DKDV_CFGS, B.INTERP_DKDV, k.shape[1],
+                  k.shape[0] * k.shape[2],
+                  (q, k, v, do, lse, delta, dk_t, dv_t, delta, delta, scale, scale * B.LOG2E_F,
+                   0, 0, q.shape[1], k.shape[1], B.common.launch_sms(q.device)),
+                  dict(HQ=q.shape[2], HKV=k.shape[2], HEAD_DIM=D, HAS_SEG=False,
+                       HAS_WINDOW=False, DOT_PREC=B.dot_precision(q.dtype),
+                       TMA=B.use_tma("dkdv", q, do)), "BLOCK_N")
+    rows = [dict(cfg="triton", ms=bench(triton_dkdv))]
+    for bm, st in GLUON_DKDV_CANDIDATES[D]:
+        try:
+            ms = bench(lambda: dkdv_gluon(do, q, k, v, lse, delta, scale, None, 0, None,
+                                          block_m=bm, stages=st))
+            dk, dv = dkdv_gluon(do, q, k, v, lse, delta, scale, None, 0, None, block_m=bm,
+                                stages=st)
+            rows.append(dict(cfg=[bm, st], ms=ms, err=max(rel(dk, dk_t), rel(dv, dv_t))))
+        except Exception as e:  # out of resources etc.
+            print(f"gluon dkdv {bm} {st}: {type(e).__name__}: {str(e)[:80]}")
+    for r in rows:  # dK/dV: 4 block products per pair, twice the forward's 2
+        print(f"dkdv {str(r['cfg']):14s}: {r['ms']:7.3f} ms  {fl * 2 / r['ms'] / 1e9:5.0f} "
+              f"TFLOP/s  err {r.get('err', 0):.1e}", flush=True)
     return rows
 
 
@@ -104,6 +146,9 @@ def sweep(a):
         rows = []
         if kind == "gluon":  # not part of the autotune lists: timed next to the Triton forward
             res["sweeps"]["gluon"] = gluon_sweep(q, k, v, fl, bench)
+            continue
+        if kind == "gluon-dkdv":  # likewise, next to the Triton dK/dV kernel
+            res["sweeps"]["gluon-dkdv"] = gluon_dkdv_sweep(q, k, v, do, o, lse, fl, bench)
             continue
         for cfg in CANDIDATES[kind]:
             common.OVERRIDE[kind] = cfg
