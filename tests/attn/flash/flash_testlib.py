@@ -12,6 +12,7 @@ lse (fp32 in every case): relative error <= 1e-5.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from attn.common import alloc
@@ -98,3 +99,41 @@ def check_case(monkeypatch, *, B=1, Tq=64, Tk=None, Hq=2, Hkv=None, D=16,
             assert e_k <= e_n, (name, "kernel", e_k, "naive same-dtype", e_n)
             assert e_k <= 2 * e_r + 1e-4, (name, "kernel", e_k, "ref.py", e_r)
     return report
+
+
+# the op tests of the Gluon kernels (test_fwd_gluon.py, test_bwd_gluon.py): GQA, D 64 / 128, fp16,
+# every mask of the contract (documents, window, q_offset as a CP shard has it), ragged T
+GLUON_CASES = [
+    dict(B=2, Tq=1024, Hq=8, D=128),
+    dict(B=1, Tq=4096, Hq=8, Hkv=2, D=128),
+    dict(B=2, Tq=2048, Hq=4, D=64),
+    dict(B=1, Tq=4096, Hq=4, Hkv=1, D=64),
+    dict(B=1, Tq=128, Hq=2, D=128),
+    dict(B=1, Tq=2048, Hq=4, Hkv=2, D=128, dtype=torch.float16),
+    dict(B=1, Tq=1000, Hq=4, Hkv=2, D=128),                           # ragged last tile
+    dict(B=1, Tq=3000, Hq=4, Hkv=2, D=128, cu=[0, 700, 701, 2100, 3000]),
+    dict(B=1, Tq=2048, Hq=4, D=64, cu=[0, 128, 1500, 2048]),
+    dict(B=2, Tq=2048, Hq=4, Hkv=2, D=128, window=300),
+    dict(B=2, Tq=2048, Hq=4, Hkv=2, D=64, window=300),
+    dict(B=1, Tq=1024, Tk=3000, q_offset=1900, Hq=4, Hkv=2, D=128),    # a CP shard
+    dict(B=1, Tq=1024, Tk=2500, q_offset=1300, Hq=4, D=64, window=700,
+         cu=[0, 900, 1800, 2500]),
+]
+
+
+def gluon_case_id(c: dict) -> str:
+    return "-".join(f"{k}{v}" for k, v in c.items() if k != "cu").replace("torch.", "") \
+        + ("-docs" if "cu" in c else "")
+
+
+def skip_unless_hopper():
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels are for Hopper (sm_90)")
+
+
+def check_gluon_case(monkeypatch, case: dict):
+    """check_case on CUDA for one of GLUON_CASES (bf16 unless it names a dtype), with the
+    Gluon kernel the caller selected; prints the errors."""
+    skip_unless_hopper()
+    rep = check_case(monkeypatch, device="cuda", **{"dtype": torch.bfloat16, **case})
+    print({k: f"{a:.2e} (ref {b:.2e})" for k, (a, b) in rep.items()})

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from attn.flash import common, flash_attn, flash_bwd, flash_fwd
-from flash_testlib import check_case
+from flash_testlib import GLUON_CASES, check_gluon_case, gluon_case_id, skip_unless_hopper
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
 
@@ -37,33 +37,12 @@ def test_gluon_demanded_off_hopper_raises(monkeypatch):
         o.sum().backward()
 
 
-def _hopper():
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the Gluon kernels are for Hopper (sm_90)")
-
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [
-    dict(B=2, Tq=1024, Hq=8, D=128),
-    dict(B=1, Tq=4096, Hq=8, Hkv=2, D=128),
-    dict(B=2, Tq=2048, Hq=4, D=64),
-    dict(B=1, Tq=2048, Hq=4, Hkv=1, D=64),
-    dict(B=1, Tq=2048, Hq=4, Hkv=2, D=128, dtype=torch.float16),
-    dict(B=1, Tq=1000, Hq=4, Hkv=2, D=128),                           # ragged last tiles
-    dict(B=1, Tq=3000, Hq=4, Hkv=2, D=128, cu=[0, 700, 701, 2100, 3000]),
-    dict(B=2, Tq=2048, Hq=4, Hkv=2, D=64, window=300),
-    dict(B=1, Tq=1024, Tk=3000, q_offset=1900, Hq=4, Hkv=2, D=128),    # a CP shard
-    dict(B=1, Tq=1024, Tk=2500, q_offset=1300, Hq=4, D=64, window=700,
-         cu=[0, 900, 1800, 2500]),
-], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items() if k != "cu")
-   .replace("torch.", "") + ("-docs" if "cu" in c else ""))
+@pytest.mark.parametrize("case", GLUON_CASES, ids=gluon_case_id)
 def test_gpu_gluon_dkdv_in_the_op(monkeypatch, case):
-    _hopper()
     monkeypatch.setattr(common, "DKDV_IMPL", "gluon")
-    case = dict(case)
-    case.setdefault("dtype", torch.bfloat16)
-    rep = check_case(monkeypatch, device="cuda", **case)
-    print({k: f"{a:.2e} (ref {b:.2e})" for k, (a, b) in rep.items()})
+    check_gluon_case(monkeypatch, case)
 
 
 @pytest.mark.gpu
@@ -73,7 +52,7 @@ def test_gpu_gluon_dkdv_in_the_op(monkeypatch, case):
 def test_gpu_gluon_dkdv_matches_triton(monkeypatch, D, kw):
     """dK, dV as the Triton dK/dV kernel's to rounding (fp32 sums in another order, 16-bit
     outputs: one rounding apart, ~1e-3 relative); dQ is the same kernel in both."""
-    _hopper()
+    skip_unless_hopper()
     q_off = kw.get("q_offset", 0)
     tk = 2048 + q_off
     q, do = (torch.randn(2, 2048, 8, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from attn.flash import common, flash_attn, flash_fwd
-from flash_testlib import check_case
+from flash_testlib import GLUON_CASES, check_gluon_case, gluon_case_id, skip_unless_hopper
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", "..", ".."))
@@ -56,35 +56,12 @@ def test_gluon_demanded_off_hopper_raises(monkeypatch):
         flash_fwd(q, q, q, causal=False)
 
 
-def _hopper():
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the Gluon forward is for Hopper (sm_90)")
-
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [
-    dict(B=2, Tq=1024, Hq=8, D=128),
-    dict(B=1, Tq=4096, Hq=8, Hkv=2, D=128),
-    dict(B=2, Tq=2048, Hq=4, D=64),
-    dict(B=1, Tq=4096, Hq=4, Hkv=1, D=64),
-    dict(B=1, Tq=128, Hq=2, D=128),
-    dict(B=1, Tq=2048, Hq=4, Hkv=2, D=128, dtype=torch.float16),
-    dict(B=1, Tq=1000, Hq=4, Hkv=2, D=128),                           # ragged last tile
-    dict(B=1, Tq=3000, Hq=4, Hkv=2, D=128, cu=[0, 700, 701, 2100, 3000]),
-    dict(B=1, Tq=2048, Hq=4, D=64, cu=[0, 128, 1500, 2048]),
-    dict(B=2, Tq=2048, Hq=4, Hkv=2, D=128, window=300),
-    dict(B=1, Tq=1024, Tk=3000, q_offset=1900, Hq=4, Hkv=2, D=128),    # a CP shard
-    dict(B=1, Tq=1024, Tk=2500, q_offset=1300, Hq=4, D=64, window=700,
-         cu=[0, 900, 1800, 2500]),
-], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items() if k != "cu")
-   .replace("torch.", "") + ("-docs" if "cu" in c else ""))
+@pytest.mark.parametrize("case", GLUON_CASES, ids=gluon_case_id)
 def test_gpu_gluon_forward_in_the_op(monkeypatch, case):
-    _hopper()
     monkeypatch.setattr(common, "FWD_IMPL", "gluon")
-    case = dict(case)
-    case.setdefault("dtype", torch.bfloat16)
-    rep = check_case(monkeypatch, device="cuda", **case)
-    print({k: f"{a:.2e} (ref {b:.2e})" for k, (a, b) in rep.items()})
+    check_gluon_case(monkeypatch, case)
 
 
 @pytest.mark.gpu
@@ -95,7 +72,7 @@ def test_gpu_gluon_forward_in_the_op(monkeypatch, case):
                          ids=["causal", "full", "window-offset", "docs-offset"])
 def test_gpu_gluon_matches_the_triton_forward(monkeypatch, D, block_n, stages, kw):
     """Same o and lse as the Triton forward to rounding (both fp32 softmax, 16-bit P)."""
-    _hopper()
+    skip_unless_hopper()
     from attn.flash.fwd_gluon import fwd_gluon
     from attn.flash.op import _kernel_offset
     from attn.common.documents import key_doc_bounds
@@ -129,7 +106,7 @@ def test_gpu_gluon_matches_the_triton_forward(monkeypatch, D, block_n, stages, k
 def test_gpu_scope(monkeypatch):
     """Out of scope: =gluon raises naming the rule; auto runs the Triton forward (same result
     as =triton, bit for bit)."""
-    _hopper()
+    skip_unless_hopper()
     monkeypatch.setenv("FLASH_AUTOTUNE", "0")
     cases = [((1, 256, 2, 32), torch.bfloat16, "D in"), ((1, 256, 2, 64), torch.float32, "bf16"),
              ((2, 200, 2, 64), torch.bfloat16, "multiple of 128")]
