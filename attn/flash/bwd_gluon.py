@@ -24,20 +24,18 @@ past Tq). Scope: fwd_gluon.scope_error's, and Tk a multiple of 128 when B > 1.
 """
 from __future__ import annotations
 
-import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
                                                               warpgroup_mma, warpgroup_mma_wait)
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attn.common import alloc
 from attn.common.jit import LOG2E_F
-from attn.flash.fwd_gluon import NO_WINDOW, cta_sync, scope_error, tma_load, tma_store
+from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, PRODUCER_REGS, cta_sync,
+                                  mask_args, scope_error, tile_desc, tma_load, tma_store)
 
 HALF_N = gl.constexpr(64)      # keys per consumer warpgroup (one wgmma M tile)
-CONSUMER_WARPS = gl.constexpr(4)
 LOG2E = gl.constexpr(1.4426950408889634)  # log2(e): lse into the log2 domain
 
 
@@ -241,7 +239,6 @@ def _dkdv_gluon_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, D
 # 64-query blocks spill 144 bytes (dK, dV 128 registers a thread, Sᵀ, dPᵀ, P fp32 and the lse /
 # delta columns on top), 32-query blocks none. Not yet timed on a GPU.
 DKDV_CFG = {64: (64, 128, 4), 128: (32, 128, 6)}
-CONSUMER_REGS, PRODUCER_REGS = 240, 24   # as fwd_gluon.py: 62208 of the SM's 65536
 
 
 def dkdv_scope_error(q, k) -> str | None:
@@ -270,21 +267,12 @@ def dkdv_gluon(do, q, k, v, lse, delta, scale, seg_end, q_offset, window, block_
     q, k, v, do = (t.contiguous() for t in (q, k, v, do))
     dk = alloc.empty(k.shape, k.dtype, k.device)
     dv = alloc.empty(v.shape, v.dtype, v.device)
-    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_lay = gl.NVMMASharedLayout.get_default_for([bm, d], gdt)
-    k_lay = gl.NVMMASharedLayout.get_default_for([HALF_N.value, d], gdt)
-
-    def desc(t, rows, lay):
-        t2 = t.view(t.shape[0] * t.shape[1], t.shape[2] * d)
-        return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [rows, d], lay)
-
-    has_seg = seg_end is not None
-    seg = seg_end if has_seg else lse.view(torch.int32)   # never read without documents
+    seg, win, has_seg = mask_args(seg_end, window, lse)
+    half = HALF_N.value
     _dkdv_gluon_kernel[(triton.cdiv(tk, bn), B * hkv)](
-        desc(q, bm, q_lay), desc(k, HALF_N.value, k_lay), desc(v, HALF_N.value, k_lay),
-        desc(do, bm, q_lay), desc(dk, HALF_N.value, k_lay), desc(dv, HALF_N.value, k_lay),
-        lse, delta, seg, scale * LOG2E_F, scale, tq, tk, q_offset,
-        NO_WINDOW if window is None else window, int(has_seg), hq, hq // hkv, HEAD_DIM=d,
-        BLOCK_M=bm, BLOCK_N=bn, STAGES=st, CONSUMER_REGS=CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, num_warps=CONSUMER_WARPS)
+        tile_desc(q, bm), tile_desc(k, half), tile_desc(v, half), tile_desc(do, bm),
+        tile_desc(dk, half), tile_desc(dv, half), lse, delta, seg, scale * LOG2E_F, scale, tq,
+        tk, q_offset, win, has_seg, hq, hq // hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn,
+        STAGES=st, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+        num_warps=CONSUMER_WARPS)
     return dk, dv

@@ -306,6 +306,24 @@ def scope_error(q, k) -> str | None:
     return None
 
 
+def tile_desc(t, rows: int):
+    """TMA descriptor of a contiguous [B, T, H, D] 16-bit tensor viewed as [B·T, H·D], tiles of
+    [rows, D] in the default swizzled shared layout."""
+    B, T, H, d = t.shape
+    t2 = t.view(B * T, H * d)
+    gdt = gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16
+    return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [rows, d],
+                            gl.NVMMASharedLayout.get_default_for([rows, d], gdt))
+
+
+def mask_args(seg, window, lse):
+    """(SEG pointer, window, has_seg) kernel arguments of the Gluon kernels: without documents
+    the lse buffer stands in for SEG (never read), without a window NO_WINDOW."""
+    has_seg = seg is not None
+    return (seg if has_seg else lse.view(torch.int32), NO_WINDOW if window is None else window,
+            int(has_seg))
+
+
 def fwd_gluon(q, k, v, scale, seg_start=None, q_offset=0, window=None, block_n=None,
               stages=None):
     """(o, lse) of op.fwd_kernel's contract (seg_start: each key position's document start,
@@ -324,20 +342,10 @@ def fwd_gluon(q, k, v, scale, seg_start=None, q_offset=0, window=None, block_n=N
     q, k, v = (t.contiguous() for t in (q, k, v))
     o = alloc.empty(q.shape, q.dtype, q.device)
     lse = alloc.empty((B, hq, tq), torch.float32, q.device)
-    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_lay = gl.NVMMASharedLayout.get_default_for([HALF_M.value, d], gdt)
-    kv_lay = gl.NVMMASharedLayout.get_default_for([bn, d], gdt)
-    q2, o2 = q.view(B * tq, hq * d), o.view(B * tq, hq * d)
-    k2, v2 = k.view(B * tk, hkv * d), v.view(B * tk, hkv * d)
-    q_desc = TensorDescriptor(q2, list(q2.shape), list(q2.stride()), [HALF_M.value, d], q_lay)
-    o_desc = TensorDescriptor(o2, list(o2.shape), list(o2.stride()), [HALF_M.value, d], q_lay)
-    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [bn, d], kv_lay)
-    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [bn, d], kv_lay)
-    has_seg = seg_start is not None
-    seg = seg_start if has_seg else lse.view(torch.int32)  # never read without documents
+    seg, win, has_seg = mask_args(seg_start, window, lse)
     _fwd_gluon_kernel[(triton.cdiv(tq, bm), B * hq)](
-        q_desc, k_desc, v_desc, o_desc, lse, seg, scale * LOG2E_F, tq, tk, q_offset,
-        NO_WINDOW if window is None else window, int(has_seg), HQ=hq, HKV=hkv, HEAD_DIM=d,
+        tile_desc(q, HALF_M.value), tile_desc(k, bn), tile_desc(v, bn), tile_desc(o, HALF_M.value),
+        lse, seg, scale * LOG2E_F, tq, tk, q_offset, win, has_seg, HQ=hq, HKV=hkv, HEAD_DIM=d,
         BLOCK_M=bm, BLOCK_N=bn, STAGES=st, CONSUMER_REGS=CONSUMER_REGS,
         PRODUCER_REGS=PRODUCER_REGS, num_warps=CONSUMER_WARPS)
     return o, lse

@@ -17,7 +17,6 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.runtime.jit import mangle_type
 
 from attn.flash import bwd_gluon as BG
@@ -29,9 +28,8 @@ SMEM_MAX = 227 * 1024  # sm_90's shared memory per block
 
 def _desc(d: int, rows: int, dtype):
     # a descriptor type as the launcher mangles it (a host tensor stands in for a device one)
-    t = torch.empty(1024, 4 * d, dtype=torch.bfloat16 if dtype == gl.bfloat16 else torch.float16)
-    return mangle_type(TensorDescriptor(t, list(t.shape), list(t.stride()), [rows, d],
-                                        gl.NVMMASharedLayout.get_default_for([rows, d], dtype)))
+    t = torch.empty(1, 1024, 4, d, dtype=torch.bfloat16 if dtype == gl.bfloat16 else torch.float16)
+    return mangle_type(G.tile_desc(t, rows))
 
 
 def _compile(kernel, sig: dict, const: dict) -> dict:
