@@ -14,9 +14,9 @@
 #   flash         scripts/bench/bench_attn.py (every attention backend)    -> $OUT/flash/
 #   ahead         A/B of the Triton flash forward with FLASH_FWD_AHEAD=1 against =0
 #                 (ab_kernels.py, forward only, D 128 and D 64, 5 alternating rounds) -> $OUT/ahead/
-#   gluon         flash (the Gluon forward on Hopper), with the Gluon dK/dV kernel
-#                 (FLASH_DKDV_IMPL=gluon) and with the Triton forward, against cuDNN, Flex and
-#                 fla: bench_attn.py at 4k / 16k / 64k, D 128, then D 64 at 8k / 16k
+#   gluon         flash (the Gluon forward and dK/dV on Hopper), with the Triton dK/dV kernel
+#                 (FLASH_DKDV_IMPL=triton) and with the Triton kernels only, against cuDNN, Flex
+#                 and fla: bench_attn.py at 4k / 16k / 64k, D 128, then D 64 at 8k / 16k
 #                                                                         -> $OUT/gluon/, gluon64/
 #   lightning     scripts/bench/bench_linear.py (linear, lightning vs fla) -> $OUT/lightning/
 #   moba          scripts/bench/bench_moba.py                              -> $OUT/moba/
@@ -136,9 +136,9 @@ run_part() {  # run_part PART ARGS...
     ahead)        FLASH_FWD_IMPL=triton bench ahead "$limit" scripts/bench/ab_kernels.py plain=.@FLASH_FWD_AHEAD=0 \
                     ahead=.@FLASH_FWD_AHEAD=1 --cases flash,flash64 --mode fwd --rounds 5 "$@" ;;
     gluon)        bench gluon "$limit" scripts/bench/bench_attn.py --backends \
-                    flash,flash_dkdv_gluon,flash_triton,sdpa_cudnn,flex,fla --seqlens \
+                    flash,flash_dkdv_triton,flash_triton,sdpa_cudnn,flex,fla --seqlens \
                     4096,16384,65536 "$@" && bench gluon64 "$limit" scripts/bench/bench_attn.py \
-                    --backends flash,flash_dkdv_gluon,flash_triton,sdpa_cudnn,flex --seqlens \
+                    --backends flash,flash_dkdv_triton,flash_triton,sdpa_cudnn,flex --seqlens \
                     8192,16384 --head-dim 64 "$@" ;;
     lightning)    bench lightning "$limit" scripts/bench/bench_linear.py "$@" ;;
     moba)         bench moba "$limit" scripts/bench/bench_moba.py "$@" ;;

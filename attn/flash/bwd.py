@@ -262,6 +262,20 @@ def _launch(kind, tuned, plain, fixed, interp, n_rows, n_progs, args, meta, blk)
                                                  num_warps=w, num_stages=s)
 
 
+def _dkdv_gluon(q, k) -> bool:
+    """Whether the split backward's dK/dV runs bwd_gluon.py's kernel (FLASH_DKDV_IMPL, see
+    common.py); ValueError when it is demanded outside its scope."""
+    if common.DKDV_IMPL == "triton":
+        return False
+    why = common.hopper_error(q, "Gluon dK/dV kernel")
+    if why is None:
+        from attn.flash.bwd_gluon import dkdv_scope_error
+        why = dkdv_scope_error(q, k)
+    if why is not None and common.DKDV_IMPL == "gluon":
+        raise ValueError(f"FLASH_DKDV_IMPL=gluon: {why}; unset it (auto) for these inputs")
+    return why is None
+
+
 def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=None, dq_acc=None):
     """Launch the backward kernels on checked arguments (see op.py); returns (dq, dk, dv).
     delta: rowsum(o·do) fp32 [B, Hq, Tq] when the caller has it; dq_acc: a tensor like q that
@@ -274,7 +288,8 @@ def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=None, dq
     mode = os.environ.get("FLASH_BWD", BWD_MODE)
     if mode not in ("split", "fused"):
         raise ValueError(f"FLASH_BWD={mode!r}: must be 'split' or 'fused'")
-    if common.DKDV_IMPL == "triton" or mode == "fused":   # else dkdv_gluon allocates them
+    gluon = mode == "split" and _dkdv_gluon(q, k)
+    if not gluon:   # else dkdv_gluon allocates them
         dk = alloc.empty(k.shape, k.dtype, k.device)
         dv = alloc.empty(v.shape, v.dtype, v.device)
     has_seg = seg is not None
@@ -302,13 +317,10 @@ def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=None, dq
         if dq_acc is not None:
             dq_acc.add_(dq_f)
         return dq, dk, dv
-    if common.DKDV_IMPL == "gluon":
+    if gluon:
         from attn.flash.bwd_gluon import dkdv_gluon
-        try:
-            dk, dv = dkdv_gluon(do, q, k, v, lse, delta, scale, seg[1] if has_seg else None,
-                                q_offset, window)
-        except ValueError as e:
-            raise ValueError(f"FLASH_DKDV_IMPL=gluon: {e}") from None
+        dk, dv = dkdv_gluon(do, q, k, v, lse, delta, scale, seg[1] if has_seg else None,
+                            q_offset, window)
     else:
         _launch("dkdv", _dkdv_tuned, _dkdv_kernel, DKDV_CFGS, INTERP_DKDV, tk, B * hkv,
                 (q, k, v, do, lse, delta, dk, dv, seg_start, seg_end, scale, scale * LOG2E_F,

@@ -1,5 +1,6 @@
-"""dK/dV kernel in Gluon for Hopper (sm_90), warp-specialized like fwd_gluon.py; opt-in with
-FLASH_DKDV_IMPL=gluon (the dQ kernel stays bwd.py's).
+"""dK/dV kernel in Gluon for Hopper (sm_90), warp-specialized like fwd_gluon.py: the split
+backward's dK/dV on Hopper within its scope (bwd._dkdv_gluon, FLASH_DKDV_IMPL); the dQ kernel
+stays bwd.py's.
 
 Partitions of one program (BLOCK_N = 128 keys of one (batch, KV head)):
   consumer 0 (the default partition, 4 warps) : keys 0..63 of the tile
@@ -235,10 +236,12 @@ def _dkdv_gluon_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, D
 # launch
 
 # (BLOCK_M, BLOCK_N, STAGES) per head dim. Shared memory: K, V 128 x D + STAGES x (Q, dO)
-# BLOCK_M x D, 16-bit: 160 KB at D = 128, 96 KB at D = 64. Registers (ptxas, sm_90a): at D = 128
-# 64-query blocks spill 144 bytes (dK, dV 128 registers a thread, Sᵀ, dPᵀ, P fp32 and the lse /
-# delta columns on top), 32-query blocks none. Not yet timed on a GPU.
-DKDV_CFG = {64: (64, 128, 4), 128: (32, 128, 6)}
+# BLOCK_M x D, 16-bit: 192 KB at D = 128, 96 KB at D = 64. Registers (ptxas, sm_90a, triton 3.6):
+# at D = 128 64-query blocks spill 144 bytes (dK, dV take 128 registers a thread, Sᵀ, dPᵀ 64 more)
+# and still beat the spill-free 32-query blocks by 10 % on the H200 (docs/flash_notes.md, row 18);
+# triton 3.9's code generation spills 632 bytes there (72 with 32-query blocks): 32 on it
+_BM128 = 64 if triton.__version__.startswith("3.6") else 32
+DKDV_CFG = {64: (64, 128, 4), 128: (_BM128, 128, 4 if _BM128 == 64 else 6)}
 
 
 def dkdv_scope_error(q, k) -> str | None:

@@ -44,11 +44,19 @@ FWD_AHEAD = None if _AHEAD == "auto" else _AHEAD == "1"  # None: the auto rule
 FWD_IMPL = os.environ.get("FLASH_FWD_IMPL", "auto")
 if FWD_IMPL not in ("auto", "triton", "gluon"):
     raise ValueError(f"FLASH_FWD_IMPL={FWD_IMPL!r}: must be auto, triton or gluon")
-# FLASH_DKDV_IMPL: the dK/dV kernel of the split backward: triton (default, bwd.py) or gluon
-# (bwd_gluon.py, Hopper, opt-in until timed; an error outside its scope)
-DKDV_IMPL = os.environ.get("FLASH_DKDV_IMPL", "triton")
-if DKDV_IMPL not in ("triton", "gluon"):
-    raise ValueError(f"FLASH_DKDV_IMPL={DKDV_IMPL!r}: must be triton or gluon")
+# FLASH_DKDV_IMPL: the dK/dV kernel of the split backward: auto (default: bwd_gluon.py's
+# warp-specialized kernel on Hopper for the inputs in its scope, bwd.py's otherwise), triton or
+# gluon (an error outside its scope)
+DKDV_IMPL = os.environ.get("FLASH_DKDV_IMPL", "auto")
+if DKDV_IMPL not in ("auto", "triton", "gluon"):
+    raise ValueError(f"FLASH_DKDV_IMPL={DKDV_IMPL!r}: must be auto, triton or gluon")
+
+
+def hopper_error(t: torch.Tensor, kernel: str) -> str | None:
+    """Why the Gluon `kernel` (sm_90 only) cannot run on t's device, or None."""
+    if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] == 9:
+        return None
+    return f"the {kernel} needs a Hopper GPU (sm_90)"
 
 
 def fwd_ahead(tile_dim: int, fp8: bool) -> bool:

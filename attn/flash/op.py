@@ -69,8 +69,9 @@ def flash_fwd(q, k, v, *, scale=None, causal: bool = True, cu_seqlens=None, q_of
 
 def _gluon_scope_error(q, k):
     """Why the Gluon forward cannot take (q, k), or None (imports it only on Hopper)."""
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
-        return "the Gluon flash forward needs a Hopper GPU (sm_90)"
+    why = common.hopper_error(q, "Gluon flash forward")
+    if why is not None:
+        return why
     from attn.flash.fwd_gluon import scope_error
     return scope_error(q, k)
 

@@ -6,10 +6,10 @@
     python3 scripts/bench/bench_attn.py --replot OUT/bench_attn.json --out OUT  # no GPU needed
 
 Backends (missing ones are skipped with a note, so later families plug in by existing):
-  flash       our FlashAttention (attn.flash.flash_attn; on Hopper the Gluon forward)
-  flash_triton the same with the Triton forward everywhere (FLASH_FWD_IMPL=triton): its A/B
+  flash       our FlashAttention (attn.flash.flash_attn; on Hopper the Gluon forward and dK/dV)
+  flash_triton the same with the Triton kernels everywhere (FLASH_FWD_IMPL=FLASH_DKDV_IMPL=triton)
+  flash_dkdv_triton flash with the Triton dK/dV kernel (FLASH_DKDV_IMPL=triton): its A/B
   flash_plain the Triton forward with its scores-ahead loop off (FLASH_FWD_AHEAD=0)
-  flash_dkdv_gluon flash with the Gluon dK/dV kernel (FLASH_DKDV_IMPL=gluon, bwd_gluon.py)
   sdpa_flash  torch SDPA, FlashAttention-2 backend      sdpa_cudnn  torch SDPA, cuDNN backend
   flex        torch FlexAttention, compiled, causal block mask
   fla         flash-linear-attention parallel_attn (Triton), when importable
@@ -58,8 +58,8 @@ def make_flash(B, T, H, Hkv, D, dtype):
 
 def make_flash_setting(**settings):
     """Our op with switches of attn/flash/common.py set for the call (restored after it):
-    FWD_IMPL="triton" is flash_triton (FLASH_FWD_IMPL=triton), with FWD_AHEAD=False
-    flash_plain (FLASH_FWD_AHEAD=0); DKDV_IMPL="gluon" flash_dkdv_gluon."""
+    FWD_IMPL="triton" with DKDV_IMPL="triton" is flash_triton, DKDV_IMPL="triton" alone
+    flash_dkdv_triton, FWD_IMPL="triton" with FWD_AHEAD=False flash_plain (FLASH_FWD_AHEAD=0)."""
     def make(B, T, H, Hkv, D, dtype):
         from attn.flash import common, flash_attn
 
@@ -172,9 +172,9 @@ def make_nsa(B, T, H, Hkv, D, dtype):
 
 BACKENDS = {
     "flash": make_flash,
-    "flash_triton": make_flash_setting(FWD_IMPL="triton"),
+    "flash_triton": make_flash_setting(FWD_IMPL="triton", DKDV_IMPL="triton"),
     "flash_plain": make_flash_setting(FWD_IMPL="triton", FWD_AHEAD=False),
-    "flash_dkdv_gluon": make_flash_setting(DKDV_IMPL="gluon"),
+    "flash_dkdv_triton": make_flash_setting(DKDV_IMPL="triton"),
     "flash_split": make_flash_variant("split"),
     "flash_fused": make_flash_variant("fused"),
     "sdpa_flash": _make_sdpa("FLASH_ATTENTION"),
@@ -186,7 +186,7 @@ BACKENDS = {
     "moba": make_moba,
     "nsa": make_nsa,
 }
-SOFTMAX_EXACT = {"flash", "flash_triton", "flash_plain", "flash_dkdv_gluon", "flash_split",
+SOFTMAX_EXACT = {"flash", "flash_triton", "flash_plain", "flash_dkdv_triton", "flash_split",
                  "flash_fused", "sdpa_flash", "sdpa_cudnn", "flex", "fla"}
 
 

@@ -92,11 +92,13 @@ def main() -> int:
             try:
                 r = (compile_cfg if kind == "fwd" else compile_dkdv)(d, bm, bn, st, dt)
                 bad = too_big(r)
-                if kind == "dkdv" and not triton.__version__.startswith("3.6"):
-                    # the opt-in dK/dV kernel is spill-free with triton 3.6 (the GPU image's);
-                    # 3.9's code generation spills in it (72 / 216 bytes at D = 128 / 64): its
-                    # compile and shared memory are checked here, its spills reported
-                    bad = r["smem"] > SMEM_MAX
+                if kind == "dkdv":
+                    # the dK/dV kernel's 64-query blocks at D = 128 spill 144 bytes with triton
+                    # 3.6 (the GPU image's; faster than its spill-free config there); other
+                    # versions' code generation spills more (3.9: 72 / 216 bytes at D = 128 /
+                    # 64 with bwd_gluon's configs for it): checked for compile and shared memory
+                    bad = r["smem"] > SMEM_MAX or (triton.__version__.startswith("3.6")
+                                                   and r["stack"] > 144)
                 failed += bad
                 print(f"{name:40s} {r}{' FAILED: spills or shared memory' if bad else ''}",
                       flush=True)
