@@ -128,7 +128,8 @@ def sweep(a):
     from attn.flash import common, flash_bwd, flash_fwd
     from attn.flash.op import flash_fwd_fp8, quantize_fp8
     from attn.flash.ref import flash_attn_ref
-    common.FWD_IMPL = "triton"  # fwd.py's configs are tuned here; gluon_sweep calls fwd_gluon
+    # fwd.py's and bwd.py's configs are tuned here; the gluon sweeps call the Gluon kernels
+    common.FWD_IMPL, common.DKDV_IMPL = "triton", "triton"
     T, H, D, W = a.T, a.H, a.D, a.window
     Hkv = a.kv_heads or H
     B = max(a.tokens // T, 1)
