@@ -12,6 +12,9 @@
 #   tests         pytest -m gpu for the families of the other parts named in this call (all GPU
 #                 tests when none is), kernel autotuning off      -> $OUT/tests/pytest_gpu.log
 #   flash         scripts/bench/bench_attn.py (every attention backend)    -> $OUT/flash/
+#   nsa-cmp       A/B of NSA's compressed-branch forward: NSA_CMP_IMPL=triton against =gluon
+#                 (ab_kernels.py, the whole NSA layer at 16k and 64k, 64 / 4 heads, forward and
+#                 forward + backward, 3 alternating rounds each)              -> $OUT/nsa-cmp/
 #   ahead         A/B of the Triton flash forward with FLASH_FWD_AHEAD=1 against =0
 #                 (ab_kernels.py, forward only, D 128 and D 64, 5 alternating rounds) -> $OUT/ahead/
 #   gluon         flash (the Gluon forward and dK/dV on Hopper), with the Triton dK/dV kernel
@@ -60,6 +63,7 @@ declare -A TESTS=(
   [lightning]=$LINEAR_TESTS [linear-parts]=$LINEAR_TESTS
   [moba]="tests/attn/moba" [moba-parts]="tests/attn/moba" [moba-sweep]="tests/attn/moba"
   [nsa]="tests/attn/nsa" [nsa-parts]="tests/attn/nsa"
+  [nsa-cmp]="tests/attn/nsa/test_nsa_cmp_gluon.py tests/attn/nsa/test_nsa_cmp.py"
   [train]=$TRAIN_TESTS [e2e]=$TRAIN_TESTS [profile]=$TRAIN_TESTS [recall]="tests/test_eval.py"
 )
 PARTS="env tests run $(tr ' ' '\n' <<< "${!TESTS[*]}" | sort | tr '\n' ' ')"
@@ -140,6 +144,11 @@ run_part() {  # run_part PART ARGS...
                     4096,16384,65536 "$@" && bench gluon64 "$limit" scripts/bench/bench_attn.py \
                     --backends flash,flash_dkdv_triton,flash_triton,sdpa_cudnn,flex --seqlens \
                     8192,16384 --head-dim 64 "$@" ;;
+    nsa-cmp)      for mode in fwd fwdbwd; do
+                    bench nsa-cmp/$mode "$limit" scripts/bench/ab_kernels.py \
+                      triton=.@NSA_CMP_IMPL=triton gluon=.@NSA_CMP_IMPL=gluon --cases nsa,nsa64k \
+                      --mode $mode --rounds 3 "$@" || return 1
+                  done ;;
     lightning)    bench lightning "$limit" scripts/bench/bench_linear.py "$@" ;;
     moba)         bench moba "$limit" scripts/bench/bench_moba.py "$@" ;;
     nsa)          bench nsa "$limit" scripts/bench/bench_nsa.py "$@" ;;

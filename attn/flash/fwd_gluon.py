@@ -29,6 +29,10 @@ is taken on the raw scores and scaled once per row.
 
 Scope (fwd_gluon's checks; the op takes the Triton forward outside it unless FLASH_FWD_IMPL=gluon
 demands this one): a Hopper GPU, bf16 / fp16, D 64 or 128, Tq a multiple of 128 when B > 1.
+
+Pooled keys (POOLED, pooled_fwd_gluon): the same kernel with each row's key range [lo, hi) read
+from an array instead of the masks above; NSA's compressed-branch forward under
+NSA_CMP_IMPL=gluon (attn/nsa/cmp.py).
 """
 from __future__ import annotations
 
@@ -118,10 +122,11 @@ def _step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar, em
 @gluon.jit
 def _attend_rows(q_smem, o_desc, LSE, SEG, k_smem, v_smem, k_bar, v_bar, empty, row_q, h, qh,
                  j0, n, pid_bh, Tq, Tk, q_offset, window, has_seg, qk_scale,
-                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr):
+                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                 POOLED: gl.constexpr):
     """The 64 rows at qh (of Tq) once their Q tile is in q_smem: block j0, the steps over
     j0 + 1 .. n − 1 in three ranges (masked, whole, masked), the last P·V, then O (through
-    q_smem, by TMA) and lse stored."""
+    q_smem, by TMA) and lse stored. POOLED: the kernel docstring's pooled-key mode."""
     # wgmma layouts: warps along M (16 rows each), one instruction spans N
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1], instr_shape=[16, BLOCK_N, 16])
@@ -131,14 +136,24 @@ def _attend_rows(q_smem, o_desc, LSE, SEG, k_smem, v_smem, k_bar, v_bar, empty, 
 
     rows = qh + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
     row_ok = rows < Tq
-    qpos = q_offset + rows
-    lo = gl.maximum(qpos - window + 1, 0)
-    lo = gl.maximum(lo, gl.load(SEG + qpos, mask=row_ok & (has_seg != 0), other=0))
-    # [j0 + 1, f_lo) masked (document / window edge), [f_lo, f_hi) whole, [f_hi, n) masked
-    # (diagonal, past Tk)
-    lo_last = gl.max(gl.where(row_ok, lo, 0), axis=0)
-    f_lo = gl.minimum(gl.maximum(gl.cdiv(lo_last, BLOCK_N), j0 + 1), n)
-    f_hi = gl.maximum(gl.minimum((q_offset + qh + 1) // BLOCK_N, Tk // BLOCK_N), f_lo)
+    if POOLED:
+        # each row's keys [lo, hi) from SEG; the mask's "key <= qpos" is then "key < hi"
+        lo = gl.load(SEG + rows, mask=row_ok, other=0)
+        hi = gl.load(SEG + Tq + rows, mask=row_ok, other=0)
+        qpos = hi - 1
+        lo_last = gl.max(gl.where(row_ok, lo, 0), axis=0)
+        hi_first = gl.min(gl.where(row_ok, hi, Tk), axis=0)
+        f_lo = gl.minimum(gl.maximum(gl.cdiv(lo_last, BLOCK_N), j0 + 1), n)
+        f_hi = gl.maximum(gl.minimum(hi_first // BLOCK_N, n), f_lo)
+    else:
+        qpos = q_offset + rows
+        lo = gl.maximum(qpos - window + 1, 0)
+        lo = gl.maximum(lo, gl.load(SEG + qpos, mask=row_ok & (has_seg != 0), other=0))
+        # [j0 + 1, f_lo) masked (document / window edge), [f_lo, f_hi) whole, [f_hi, n) masked
+        # (diagonal, past Tk)
+        lo_last = gl.max(gl.where(row_ok, lo, 0), axis=0)
+        f_lo = gl.minimum(gl.maximum(gl.cdiv(lo_last, BLOCK_N), j0 + 1), n)
+        f_hi = gl.maximum(gl.minimum((q_offset + qh + 1) // BLOCK_N, Tk // BLOCK_N), f_lo)
 
     # block j0 (ring slot 0): S and its softmax, no P·V yet
     mbarrier.wait(k_bar.index(0), 0)
@@ -172,13 +187,17 @@ def _attend_rows(q_smem, o_desc, LSE, SEG, k_smem, v_smem, k_bar, v_bar, empty, 
     acc = warpgroup_mma(p16, v_smem.index(last % STAGES), acc, is_async=True)
     acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
 
-    # l > 0 on every row < Tq (it sees its own key); rows past Tq are never stored
+    # l > 0 on every row < Tq (it sees its own key; pooled: unless its range is empty, then
+    # o = 0 and lse = +inf); rows past Tq are never stored
     l_safe = gl.where(l_i > 0.0, l_i, 1.0)
     acc = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
     q_smem.store(acc.to(q_smem.dtype))   # Q is no longer read: its tile stages O
     fence_async_shared()
     tma_store(o_desc, [row_q + qh, h * HEAD_DIM], q_smem)
-    gl.store(LSE + pid_bh.to(gl.int64) * Tq + rows, (m_i + gl.log2(l_safe)) * LN2, mask=row_ok)
+    lse = (m_i + gl.log2(l_safe)) * LN2
+    if POOLED:
+        lse = gl.where(l_i > 0.0, lse, float("inf"))
+    gl.store(LSE + pid_bh.to(gl.int64) * Tq + rows, lse, mask=row_ok)
     tma.store_wait(pendings=0)
 
 
@@ -200,7 +219,7 @@ def _producer(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, row_k, col, j
 @gluon.jit
 def _consumer(q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,
               qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n, pid_bh,
-              HALF: gl.constexpr):
+              HALF: gl.constexpr, POOLED: gl.constexpr):
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
     qh = q0 + HALF * HALF_M           # this consumer's first row
     q_half = q_smem.index(HALF)
@@ -210,17 +229,17 @@ def _consumer(q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_
     mbarrier.wait(bar, 0)
     _attend_rows(q_half, o_desc, LSE, SEG, k_smem, v_smem, k_bar, v_bar, empty, row_q, h, qh,
                  j0, n, pid_bh, Tq, Tk, q_offset, window, has_seg, qk_scale, k_smem.shape[1],
-                 HEAD_DIM, k_smem.shape[0])
+                 HEAD_DIM, k_smem.shape[0], POOLED)
 
 
 # partition entry points take runtime values only (the constants come from the descriptors and
-# shared-memory shapes), so each consumer half has its own
+# shared-memory shapes), so each consumer half (and mode) has its own
 @gluon.jit
 def _consumer_rows_0_63(q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar,
                         empty, qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n,
                         pid_bh):
     _consumer(q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,
-              qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n, pid_bh, 0)
+              qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n, pid_bh, 0, False)
 
 
 @gluon.jit
@@ -228,7 +247,23 @@ def _consumer_rows_64_127(q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_sme
                           empty, qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0,
                           n, pid_bh):
     _consumer(q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,
-              qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n, pid_bh, 1)
+              qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n, pid_bh, 1, False)
+
+
+@gluon.jit
+def _pooled_rows_0_63(q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar,
+                      empty, qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n,
+                      pid_bh):
+    _consumer(q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,
+              qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n, pid_bh, 0, True)
+
+
+@gluon.jit
+def _pooled_rows_64_127(q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar,
+                        empty, qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n,
+                        pid_bh):
+    _consumer(q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,
+              qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n, pid_bh, 1, True)
 
 
 @gluon.jit
@@ -236,7 +271,12 @@ def _fwd_gluon_kernel(q_desc, k_desc, v_desc, o_desc, LSE, SEG, qk_scale, Tq, Tk
                       window, has_seg, HQ: gl.constexpr, HKV: gl.constexpr,
                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                       STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                      PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                      PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+                      POOLED: gl.constexpr = False):
+    """POOLED (NSA's compressed branch, attn/nsa/cmp.py): the keys are pooled blocks, and query
+    row i sees the keys [lo(i), hi(i)) given as int32 SEG[i], SEG[Tq + i] (both non-decreasing
+    in i; q_offset, window and has_seg unused); a row with an empty range gets o = 0, lse = +inf.
+    Otherwise the module docstring's masks."""
     gl.static_assert(BLOCK_M == 2 * HALF_M)
     gl.static_assert(num_warps == CONSUMER_WARPS)
     q0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M   # heaviest tiles first
@@ -247,12 +287,19 @@ def _fwd_gluon_kernel(q_desc, k_desc, v_desc, o_desc, LSE, SEG, qk_scale, Tq, Tk
     row_q = b * Tq                   # first row of this batch in the [B·T, H·D] views
     row_k = b * Tk
     col = hkv * HEAD_DIM
-    # key blocks j0 .. n − 1: from the first row's lo to the last row (module docstring)
-    q_first = q_offset + q0
-    lo_first = gl.maximum(q_first - window + 1, 0)
-    lo_first = gl.maximum(lo_first, gl.load(SEG + q_first, mask=has_seg != 0, other=0))
-    j0 = lo_first // BLOCK_N
-    n = gl.cdiv(gl.minimum(q_offset + gl.minimum(q0 + BLOCK_M, Tq), Tk), BLOCK_N)
+    if POOLED:
+        # key blocks from the first row's lo to the last row's hi; at least one (rows that see
+        # nothing run one block fully masked)
+        j0 = gl.load(SEG + q0) // BLOCK_N
+        n = gl.maximum(gl.cdiv(gl.load(SEG + Tq + gl.minimum(q0 + BLOCK_M, Tq) - 1), BLOCK_N),
+                       j0 + 1)
+    else:
+        # key blocks j0 .. n − 1: from the first row's lo to the last row (module docstring)
+        q_first = q_offset + q0
+        lo_first = gl.maximum(q_first - window + 1, 0)
+        lo_first = gl.maximum(lo_first, gl.load(SEG + q_first, mask=has_seg != 0, other=0))
+        j0 = lo_first // BLOCK_N
+        n = gl.cdiv(gl.minimum(q_offset + gl.minimum(q0 + BLOCK_M, Tq), Tk), BLOCK_N)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, HALF_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
@@ -271,11 +318,19 @@ def _fwd_gluon_kernel(q_desc, k_desc, v_desc, o_desc, LSE, SEG, qk_scale, Tq, Tk
 
     consumer_args = (q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,
                      qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n, pid_bh)
-    gl.warp_specialize([
-        (_consumer_rows_0_63, consumer_args),
-        (_consumer_rows_64_127, consumer_args),
-        (_producer, (k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, row_k, col, j0, n)),
-    ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    producer_args = (k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, row_k, col, j0, n)
+    if POOLED:
+        gl.warp_specialize([
+            (_pooled_rows_0_63, consumer_args),
+            (_pooled_rows_64_127, consumer_args),
+            (_producer, producer_args),
+        ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    else:
+        gl.warp_specialize([
+            (_consumer_rows_0_63, consumer_args),
+            (_consumer_rows_64_127, consumer_args),
+            (_producer, producer_args),
+        ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 # launch
@@ -332,20 +387,41 @@ def fwd_gluon(q, k, v, scale, seg_start=None, q_offset=0, window=None, block_n=N
     why = scope_error(q, k)
     if why is not None:
         raise ValueError(why)
-    B, tq, hq, d = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
-    bm, bn, st = GLUON_CFG[d]
+    bn, st = GLUON_CFG[q.shape[-1]][1:]
     bn, st = block_n or bn, stages or st
     if st < 3 or bn not in (32, 64, 128):
         raise ValueError(f"the Gluon flash forward needs STAGES >= 3 and BLOCK_N in 32/64/128; "
                          f"got STAGES={st}, BLOCK_N={bn}")
+    return _launch(q, k, v, scale, seg_start, q_offset, window, bn, st, False)
+
+
+def pooled_fwd_gluon(q, k, v, scale, bounds):
+    """(o, lse) of attention over pooled keys (k, v [B, Tk, Hkv, D]: NSA's compressed rows,
+    attn/nsa/cmp.py's contract): query row i sees the keys [bounds[0, i], bounds[1, i]) (int32
+    [2, Tq], both non-decreasing in i); a row with an empty range gets o = 0, lse = +inf.
+    ValueError outside scope_error's scope."""
+    why = scope_error(q, k)
+    if why is not None:
+        raise ValueError(why)
+    tq = q.shape[1]
+    if bounds.shape != (2, tq) or bounds.dtype != torch.int32 or not bounds.is_contiguous():
+        raise ValueError(f"pooled key bounds must be a contiguous int32 [2, Tq] = [2, {tq}] "
+                         f"tensor, got {bounds.dtype} {tuple(bounds.shape)}")
+    bn, st = GLUON_CFG[q.shape[-1]][1:]
+    return _launch(q, k, v, scale, bounds, 0, None, bn, st, True)
+
+
+def _launch(q, k, v, scale, seg, q_offset, window, bn, st, pooled):
+    B, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    bm = GLUON_CFG[d][0]
     q, k, v = (t.contiguous() for t in (q, k, v))
     o = alloc.empty(q.shape, q.dtype, q.device)
     lse = alloc.empty((B, hq, tq), torch.float32, q.device)
-    seg, win, has_seg = mask_args(seg_start, window, lse)
+    seg, win, has_seg = mask_args(seg, window, lse)
     _fwd_gluon_kernel[(triton.cdiv(tq, bm), B * hq)](
         tile_desc(q, HALF_M.value), tile_desc(k, bn), tile_desc(v, bn), tile_desc(o, HALF_M.value),
         lse, seg, scale * LOG2E_F, tq, tk, q_offset, win, has_seg, HQ=hq, HKV=hkv, HEAD_DIM=d,
         BLOCK_M=bm, BLOCK_N=bn, STAGES=st, CONSUMER_REGS=CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, num_warps=CONSUMER_WARPS)
+        PRODUCER_REGS=PRODUCER_REGS, num_warps=CONSUMER_WARPS, POOLED=pooled)
     return o, lse

@@ -6,6 +6,11 @@ and a deterministic backward (cmp_bwd.py). Definition: attn/nsa/ref.py's `cmp_at
     cmp_attn_bwd(do, q, k_cmp, v_cmp, o, lse, *, same keywords) -> (dq, dk_cmp, dv_cmp)
     cmp_attn(q, k_cmp, v_cmp, *, same keywords) -> (o, lse), differentiable w.r.t. q, k_cmp, v_cmp
 
+Forward kernel: NSA_CMP_IMPL=triton (default) is this file's; NSA_CMP_IMPL=gluon is
+attn/flash/fwd_gluon.py's warp-specialized kernel in its pooled-key mode (Hopper, 16-bit,
+D 64 / 128, Tq a multiple of 128 when B > 1; an error naming the rule outside that scope),
+opt-in until timed on a GPU. The backward is cmp_bwd.py's in both.
+
 Memory plan (forward; exp2 domain s2 = q.k * scale * log2(e)): one program = BLOCK_M query rows
 of one (batch, query head). Registers: Q tile [BLOCK_M, D], fp32 accumulator [BLOCK_M, D], running
 max / sum [BLOCK_M], one score tile [BLOCK_M, BLOCK_N]. Streams K_cmp, V_cmp tiles [BLOCK_N, D]
@@ -13,6 +18,8 @@ of the query head's KV head (GQA: shared rows, never a repeated copy). Writes O,
 Masking: masked / unmasked / masked key tiles from the rows' bounds (cmp_plan.py).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -23,7 +30,11 @@ from attn.common.checks import check_bwd_buffers
 from attn.common.jit import LN2, LOG2E_F, cvt, mma
 from attn.common.launch import dot_precision
 from attn.nsa.cmp_bwd import bwd_triton
-from attn.nsa.cmp_plan import CmpPlan, launch_cfg, q_tile, tile_load
+from attn.nsa.cmp_plan import CmpPlan, launch_cfg, q_tile, row_bounds, tile_load
+
+CMP_IMPL = os.environ.get("NSA_CMP_IMPL", "triton")
+if CMP_IMPL not in ("triton", "gluon"):
+    raise ValueError(f"NSA_CMP_IMPL={CMP_IMPL!r}: must be triton or gluon")
 
 
 @triton.jit
@@ -93,13 +104,32 @@ def _fwd_kernel(Q, K, V, O, LSE, CLO, CHI, qk_scale, q_offset, cmp_block, cmp_st
 FWD_CFGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
 
 
+def fwd(q, k_cmp, v_cmp, plan):
+    """(o, lse) of the checked arguments in `plan` (CmpPlan) through the kernel NSA_CMP_IMPL
+    selects (module docstring)."""
+    B, tq, hq, d, tc, hkv = plan.shape
+    if tc == 0 or tq == 0:  # no compressed row at all: every row is empty
+        return (alloc.empty(q.shape, q.dtype, q.device).zero_(),
+                alloc.empty((B, hq, tq), torch.float32, q.device).fill_(float("inf")))
+    if CMP_IMPL == "gluon":
+        from attn.flash.common import hopper_error
+        why = hopper_error(q, "Gluon flash forward")
+        if why is None:
+            from attn.flash.fwd_gluon import pooled_fwd_gluon
+            try:
+                return pooled_fwd_gluon(q, k_cmp, v_cmp, plan.scale, row_bounds(plan))
+            except ValueError as e:  # outside the kernel's scope
+                why = str(e)
+        raise ValueError(f"NSA_CMP_IMPL=gluon: {why}; unset it for these inputs")
+    return fwd_triton(q, k_cmp, v_cmp, plan)
+
+
 def fwd_triton(q, k_cmp, v_cmp, plan):
-    """(o, lse) of the checked arguments in `plan` (CmpPlan)."""
+    """(o, lse) of the checked arguments in `plan` (CmpPlan), at least one query row and one
+    compressed row, through this file's kernel."""
     B, tq, hq, d, tc, hkv = plan.shape
     o = alloc.empty(q.shape, q.dtype, q.device)
     lse = alloc.empty((B, hq, tq), torch.float32, q.device)
-    if tc == 0 or tq == 0:  # no compressed row at all: every row is empty
-        return o.zero_(), lse.fill_(float("inf"))
     has_docs = plan.bounds is not None
     c_lo, c_hi = plan.bounds[:2] if has_docs else (lse, lse)  # dummies, never read
     bm, bn, w, s = launch_cfg(FWD_CFGS, d, q.dtype)
@@ -119,7 +149,7 @@ def cmp_attn_fwd(q, k_cmp, v_cmp, *, scale, cmp_block, cmp_stride, cu_seqlens=No
     """Forward (no autograd): (o [B, Tq, Hq, D] q.dtype, lse [B, Hq, Tq] fp32, natural log;
     rows that see no compressed row get o = 0, lse = +inf). scale None: D**-0.5."""
     plan = CmpPlan(q, k_cmp, v_cmp, scale, cmp_block, cmp_stride, cu_seqlens, q_offset, tk)
-    return fwd_triton(q, k_cmp, v_cmp, plan)
+    return fwd(q, k_cmp, v_cmp, plan)
 
 
 def cmp_attn_bwd(do, q, k_cmp, v_cmp, o, lse, *, scale, cmp_block, cmp_stride, cu_seqlens=None,
@@ -148,7 +178,7 @@ class CmpAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_cmp, v_cmp, scale, cmp_block, cmp_stride, cu_seqlens, q_offset, tk):
         plan = CmpPlan(q, k_cmp, v_cmp, scale, cmp_block, cmp_stride, cu_seqlens, q_offset, tk)
-        o, lse = fwd_triton(q, k_cmp, v_cmp, plan)
+        o, lse = fwd(q, k_cmp, v_cmp, plan)
         ctx.save_for_backward(q, k_cmp, v_cmp, o, lse)
         ctx.plan = plan
         ctx.mark_non_differentiable(lse)

@@ -128,6 +128,22 @@ class CmpPlan:
         self.scale = float(d ** -0.5 if scale is None else scale)
         self.cmp_block, self.cmp_stride, self.q_offset = cmp_block, cmp_stride, q_offset
         self.shape = (B, tq, hq, d, tc, hkv)
+        self.device = q.device
+
+
+def row_bounds(plan: CmpPlan) -> torch.Tensor:
+    """int32 [2, Tq], contiguous: each query row's compressed rows [c_lo, c_hi) (module
+    docstring), from the document bounds or, without documents, the stride rule (device ops
+    only)."""
+    if plan.bounds is not None:
+        return torch.stack(plan.bounds[:2]).contiguous()
+    tq, tc = plan.shape[1], plan.shape[4]
+    # c_hi = #{r >= 0 : r·stride + cmp_block − 1 <= p}: (p − cmp_block + 1 + stride) // stride,
+    # 0 below the first block's last key
+    x = torch.arange(tq, device=plan.device) + (plan.q_offset - plan.cmp_block + 1
+                                                 + plan.cmp_stride)
+    hi = (x.clamp_min(0) // plan.cmp_stride).clamp_max(tc)
+    return torch.stack([torch.zeros_like(hi), hi]).to(torch.int32).contiguous()
 
 
 def _doc_bounds(cu_seqlens, cu_c, tq, tc, q_offset, cmp_block, cmp_stride):

@@ -176,7 +176,7 @@ def _nsa_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.
                 gates_nonneg: Optional[bool]) -> _FWD_OUT:
     """(o, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel); gates [B, T, Hq, 3]."""
     from attn.flash.op import fwd_kernel as window_fwd
-    from attn.nsa.cmp import fwd_triton as cmp_fwd
+    from attn.nsa.cmp import fwd as cmp_fwd
     from attn.nsa.gate_mix import gate_mix_fwd
     from attn.nsa.select import select_blocks
     from attn.nsa.slc import slc_attn_fwd

@@ -13,8 +13,8 @@ A checkout `NAME=PATH@VAR=VALUE@...` runs with those environment variables set (
 switch in one checkout). Per case and checkout: the median over rounds of triton's do_bench median
 of back-to-back forward + backward calls (`--mode fwd`: forward only, under no_grad). Cases:
 flash (causal, GQA 16/4, D 128), flash64 (16 heads, D 64: the 350m model's layer), lightning
-(batch 4), MoBA, NSA at 16k tokens per sequence, bf16, autotuning off (FLASH_AUTOTUNE=0,
-LINEAR_AUTOTUNE=0: the default configs).
+(batch 4), MoBA, NSA (64 / 4 heads) at 16k tokens per sequence; nsa64k: NSA at 64k on request;
+bf16, autotuning off (FLASH_AUTOTUNE=0, LINEAR_AUTOTUNE=0: the default configs).
 Writes <out>/ab_kernels.json and .md.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CASES = ("flash", "lightning", "moba", "nsa")  # the default set; flash64 on request
+CASES = ("flash", "lightning", "moba", "nsa")  # the default set; flash64, nsa64k on request
 
 # one process: import attn from sys.argv[1], time every case, print {case: ms} as JSON
 WORKER = r"""
@@ -59,10 +59,11 @@ def case(name):
         q, k, v = randn(1, T, H, D), randn(1, T, HKV, D), randn(1, T, HKV, D)
         return lambda: moba_attn(q, k, v, block_size=512, topk=3), (q, k, v)
     from attn.nsa import nsa_attn
-    q, k, v = randn(1, T, 64, D), randn(1, T, HKV, D), randn(1, T, HKV, D)
-    tc = (T - 32) // 16 + 1
+    t = 4 * T if name == "nsa64k" else T
+    q, k, v = randn(1, t, 64, D), randn(1, t, HKV, D), randn(1, t, HKV, D)
+    tc = (t - 32) // 16 + 1
     kc, vc = randn(1, tc, HKV, D), randn(1, tc, HKV, D)
-    g = [torch.rand(1, T, 64, device=dev, dtype=bf).requires_grad_() for _ in range(3)]
+    g = [torch.rand(1, t, 64, device=dev, dtype=bf).requires_grad_() for _ in range(3)]
     return (lambda: nsa_attn(q, k, v, kc, vc, *g, gates_nonneg=True)), (q, k, v, kc, vc, *g)
 warm_only = sys.argv[3] == "warm"
 fwd_only = sys.argv[4] == "fwd"

@@ -1,6 +1,7 @@
 """Compile the Gluon flash kernels (attn/flash/fwd_gluon.py, bwd_gluon.py) for sm_90a without a
 GPU: `python gluon_aot.py` prints registers, stack and shared memory of each GLUON_CFG entry, of
-the forward's 64-key-block variants tune_flash.py sweeps and of each DKDV_CFG entry, and exits
+the forward's 64-key-block variants tune_flash.py sweeps, of its pooled-key mode (NSA's
+compressed branch) and of each DKDV_CFG entry, and exits
 non-zero when one fails to compile, spills or exceeds 227 KB of shared memory. Run by
 tests/attn/flash/test_fwd_gluon.py in a subprocess (Gluon kernels are compiled, never
 interpreted); uses the ptxas / cuobjdump that ship with the triton wheel."""
@@ -49,15 +50,17 @@ def _compile(kernel, sig: dict, const: dict) -> dict:
                 local_ops=len(re.findall(r"\b(?:STL|LDL)\b", sass)))
 
 
-def compile_cfg(d: int, bm: int, bn: int, stages: int, dtype=gl.bfloat16) -> dict:
-    """The forward (fwd_gluon.py) at (BLOCK_M, BLOCK_N, STAGES)."""
+def compile_cfg(d: int, bm: int, bn: int, stages: int, dtype=gl.bfloat16,
+                pooled: bool = False) -> dict:
+    """The forward (fwd_gluon.py) at (BLOCK_M, BLOCK_N, STAGES); pooled: its pooled-key mode
+    (NSA's compressed branch)."""
     q, kv = _desc(d, G.HALF_M.value, dtype), _desc(d, bn, dtype)
     sig = {"q_desc": q, "k_desc": kv, "v_desc": kv, "o_desc": q, "LSE": "*fp32", "SEG": "*i32",
            "qk_scale": "fp32", "Tq": "i32", "Tk": "i32", "q_offset": "i32", "window": "i32",
            "has_seg": "i32"}
     const = dict(HQ=4, HKV=2, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
                  CONSUMER_REGS=G.CONSUMER_REGS, PRODUCER_REGS=G.PRODUCER_REGS,
-                 num_warps=G.CONSUMER_WARPS.value)
+                 num_warps=G.CONSUMER_WARPS.value, POOLED=pooled)
     return _compile(G._fwd_gluon_kernel, sig, const)
 
 
@@ -84,13 +87,17 @@ def too_big(r: dict) -> bool:
 def main() -> int:
     jobs = [("fwd", d, *cfg) for d, cfg in G.GLUON_CFG.items()]
     jobs += [("fwd", d, bm, 64, 4) for d, (bm, _, _) in G.GLUON_CFG.items()]
+    jobs += [("pooled", d, *cfg) for d, cfg in G.GLUON_CFG.items()]
     jobs += [("dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
     failed = 0
     for kind, d, bm, bn, st in jobs:
         for dt in (gl.bfloat16, gl.float16):
             name = f"{kind} D={d} {bm}x{bn} stages={st} {dt}"
             try:
-                r = (compile_cfg if kind == "fwd" else compile_dkdv)(d, bm, bn, st, dt)
+                if kind == "dkdv":
+                    r = compile_dkdv(d, bm, bn, st, dt)
+                else:
+                    r = compile_cfg(d, bm, bn, st, dt, pooled=kind == "pooled")
                 bad = too_big(r)
                 if kind == "dkdv":
                     # the dK/dV kernel's 64-query blocks at D = 128 spill 144 bytes with triton
