@@ -12,7 +12,7 @@
 #   tests         pytest -m gpu for the families of the other parts named in this call (all GPU
 #                 tests when none is), kernel autotuning off      -> $OUT/tests/pytest_gpu.log
 #   flash         scripts/bench/bench_attn.py (every attention backend)    -> $OUT/flash/
-#   nsa-cmp       A/B of NSA's compressed-branch forward: NSA_CMP_IMPL=triton against =gluon
+#   nsa-cmp       A/B of NSA's compressed-branch kernels: NSA_CMP_IMPL=triton against =gluon
 #                 (ab_kernels.py, the whole NSA layer at 16k and 64k, 64 / 4 heads, forward and
 #                 forward + backward, 3 alternating rounds each)              -> $OUT/nsa-cmp/
 #   ahead         A/B of the Triton flash forward with FLASH_FWD_AHEAD=1 against =0

@@ -6,10 +6,11 @@ and a deterministic backward (cmp_bwd.py). Definition: attn/nsa/ref.py's `cmp_at
     cmp_attn_bwd(do, q, k_cmp, v_cmp, o, lse, *, same keywords) -> (dq, dk_cmp, dv_cmp)
     cmp_attn(q, k_cmp, v_cmp, *, same keywords) -> (o, lse), differentiable w.r.t. q, k_cmp, v_cmp
 
-Forward kernel: NSA_CMP_IMPL=triton (default) is this file's; NSA_CMP_IMPL=gluon is
-attn/flash/fwd_gluon.py's warp-specialized kernel in its pooled-key mode (Hopper, 16-bit,
-D 64 / 128, Tq a multiple of 128 when B > 1; an error naming the rule outside that scope),
-opt-in until timed on a GPU. The backward is cmp_bwd.py's in both.
+Kernels (cmp_plan.CMP_IMPL, NSA_CMP_IMPL): triton (default) is this file's forward and
+cmp_bwd.py's backward; gluon (opt-in until timed on a GPU) runs the forward through
+attn/flash/fwd_gluon.py's warp-specialized kernel in its pooled-key mode and the dK/dV through
+cmp_bwd_gluon.py (Hopper, 16-bit, D 64 / 128, Tq and Tc multiples of 128 when B > 1; an error
+naming the rule outside that scope); the dQ kernel is cmp_bwd.py's in both.
 
 Memory plan (forward; exp2 domain s2 = q.k * scale * log2(e)): one program = BLOCK_M query rows
 of one (batch, query head). Registers: Q tile [BLOCK_M, D], fp32 accumulator [BLOCK_M, D], running
@@ -18,8 +19,6 @@ of the query head's KV head (GQA: shared rows, never a repeated copy). Writes O,
 Masking: masked / unmasked / masked key tiles from the rows' bounds (cmp_plan.py).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -30,11 +29,8 @@ from attn.common.checks import check_bwd_buffers
 from attn.common.jit import LN2, LOG2E_F, cvt, mma
 from attn.common.launch import dot_precision
 from attn.nsa.cmp_bwd import bwd_triton
+from attn.nsa import cmp_plan
 from attn.nsa.cmp_plan import CmpPlan, launch_cfg, q_tile, row_bounds, tile_load
-
-CMP_IMPL = os.environ.get("NSA_CMP_IMPL", "triton")
-if CMP_IMPL not in ("triton", "gluon"):
-    raise ValueError(f"NSA_CMP_IMPL={CMP_IMPL!r}: must be triton or gluon")
 
 
 @triton.jit
@@ -111,7 +107,7 @@ def fwd(q, k_cmp, v_cmp, plan):
     if tc == 0 or tq == 0:  # no compressed row at all: every row is empty
         return (alloc.empty(q.shape, q.dtype, q.device).zero_(),
                 alloc.empty((B, hq, tq), torch.float32, q.device).fill_(float("inf")))
-    if CMP_IMPL == "gluon":
+    if cmp_plan.CMP_IMPL == "gluon":
         from attn.flash.common import hopper_error
         why = hopper_error(q, "Gluon flash forward")
         if why is None:

@@ -9,11 +9,14 @@ bounds are non-decreasing in p, so a query tile sees [c_lo(first), c_hi(last)) a
 rows sees [c_lo(last), c_hi(first)): key tiles inside the latter run unmasked, those around it
 masked, all others are never loaded. Dually compressed row c is seen by the positions
 [pf(c), pl(c)] (its block's last key .. its document's last position), which bounds the query
-tiles of the dK/dV kernel. Without documents the bounds are computed in the kernels; with
+tiles of the dK/dV kernel. Without documents the Triton kernels compute the bounds; with
 cu_seqlens they come as int32 arrays built by torch ops on the device (no host sync in the
-padded layout; the exact layout's row-count check reads one value).
+padded layout; the exact layout's row-count check reads one value). The Gluon kernels
+(NSA_CMP_IMPL=gluon) read them as arrays in both cases (row_bounds, key_bounds).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -24,6 +27,10 @@ from attn.common.launch import pick_dim
 from attn.dispatch import INTERPRET
 from attn.nsa.ref import cmp_cu_seqlens, cmp_rows
 
+# NSA_CMP_IMPL: the compressed branch's kernels, triton (default) or gluon (attn/nsa/cmp.py)
+CMP_IMPL = os.environ.get("NSA_CMP_IMPL", "triton")
+if CMP_IMPL not in ("triton", "gluon"):
+    raise ValueError(f"NSA_CMP_IMPL={CMP_IMPL!r}: must be triton or gluon")
 HEAD_DIMS = (16, 32, 64, 128)
 BIG = tl.constexpr(2 ** 30)  # past every position and every compressed row (int32 sentinel)
 INTERP_BLOCKS = (16, 16, 4, 1)  # interpreter: small tiles, many tile edges
@@ -144,6 +151,18 @@ def row_bounds(plan: CmpPlan) -> torch.Tensor:
                                                  + plan.cmp_stride)
     hi = (x.clamp_min(0) // plan.cmp_stride).clamp_max(tc)
     return torch.stack([torch.zeros_like(hi), hi]).to(torch.int32).contiguous()
+
+
+def key_bounds(plan: CmpPlan) -> torch.Tensor:
+    """int32 [2, Tc], contiguous: each compressed row's query positions [pf, pl] (module
+    docstring), from the document bounds or, without documents, pf = c·stride + cmp_block − 1
+    and pl = the last query position (device ops only)."""
+    if plan.bounds is not None:
+        return torch.stack(plan.bounds[2:]).contiguous()
+    tq, tc = plan.shape[1], plan.shape[4]
+    pf = torch.arange(tc, device=plan.device) * plan.cmp_stride + (plan.cmp_block - 1)
+    pl = torch.full_like(pf, plan.q_offset + tq - 1)
+    return torch.stack([pf, pl]).to(torch.int32).contiguous()
 
 
 def _doc_bounds(cu_seqlens, cu_c, tq, tc, q_offset, cmp_block, cmp_stride):

@@ -1,7 +1,8 @@
 """Compile the Gluon flash kernels (attn/flash/fwd_gluon.py, bwd_gluon.py) for sm_90a without a
 GPU: `python gluon_aot.py` prints registers, stack and shared memory of each GLUON_CFG entry, of
 the forward's 64-key-block variants tune_flash.py sweeps, of its pooled-key mode (NSA's
-compressed branch) and of each DKDV_CFG entry, and exits
+compressed branch) and of each DKDV_CFG entry (flash's dK/dV kernel and NSA's pooled one,
+attn/nsa/cmp_bwd_gluon.py), and exits
 non-zero when one fails to compile, spills or exceeds 227 KB of shared memory. Run by
 tests/attn/flash/test_fwd_gluon.py in a subprocess (Gluon kernels are compiled, never
 interpreted); uses the ptxas / cuobjdump that ship with the triton wheel."""
@@ -22,6 +23,7 @@ from triton.runtime.jit import mangle_type
 
 from attn.flash import bwd_gluon as BG
 from attn.flash import fwd_gluon as G
+from attn.nsa import cmp_bwd_gluon as CG
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 SMEM_MAX = 227 * 1024  # sm_90's shared memory per block
@@ -77,11 +79,37 @@ def compile_dkdv(d: int, bm: int, bn: int, stages: int, dtype=gl.bfloat16) -> di
     return _compile(BG._dkdv_gluon_kernel, sig, const)
 
 
-def too_big(r: dict) -> bool:
-    """Spills beyond one value, or more shared memory than sm_90 has. ptxas spills one value of
-    the forward's 128-key configs (8 bytes of stack, a few local loads of one slot), D = 64
-    with the 3.6 ptxas, D = 128 with 3.9's; more is a register plan gone wrong."""
-    return r["stack"] > 8 or r["smem"] > SMEM_MAX
+def compile_pooled_dkdv(d: int, bm: int, bn: int, stages: int, dtype=gl.bfloat16) -> dict:
+    """NSA's compressed-branch dK/dV (attn/nsa/cmp_bwd_gluon.py) at (BLOCK_M, BLOCK_N, STAGES)."""
+    q, kv = _desc(d, bm, dtype), _desc(d, BG.HALF_N.value, dtype)
+    sig = {"q_desc": q, "k_desc": kv, "v_desc": kv, "do_desc": q, "LSE": "*fp32",
+           "DELTA": "*fp32", "PFL": "*i32", "DK": "*fp32", "DV": "*fp32", "qk_scale": "fp32",
+           "scale": "fp32", "Tq": "i32", "Tc": "i32", "q_offset": "i32", "hq": "i32",
+           "group": "i32", "n_b": "i32", "chunk_blocks": "i32"}
+    const = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
+                 CONSUMER_REGS=BG.CONSUMER_REGS, PRODUCER_REGS=BG.PRODUCER_REGS,
+                 num_warps=BG.CONSUMER_WARPS.value)
+    return _compile(CG._pooled_dkdv_kernel, sig, const)
+
+
+# bytes of stack (spilled registers) each kind may take with triton 3.6's ptxas (the GPU image's):
+# the forwards spill one value (8 bytes, a few local loads of one slot) at 128-key blocks; the
+# dK/dV kernels' 64-query blocks at D = 128 spill 144 bytes (flash; measured faster than the
+# spill-free 32-query blocks) and 176 (pooled: its fp32 partial stores on top). More is a
+# register plan gone wrong. Other versions' code generation spills elsewhere (3.9: the forward
+# one value at D = 128; the flash dK/dV 72 / 216 bytes at D = 128 / 64 with the configs
+# bwd_gluon.py takes there): for them the forwards keep the 8-byte rule and the dK/dV kernels
+# are checked for compiling and shared memory only.
+STACK_36 = {"fwd": 8, "pooled": 8, "dkdv": 144, "pooled-dkdv": 176}
+
+
+def too_big(kind: str, r: dict) -> bool:
+    """More stack than STACK_36 allows, or more shared memory than sm_90 has."""
+    if r["smem"] > SMEM_MAX:
+        return True
+    if triton.__version__.startswith("3.6"):
+        return r["stack"] > STACK_36[kind]
+    return kind in ("fwd", "pooled") and r["stack"] > 8
 
 
 def main() -> int:
@@ -89,6 +117,7 @@ def main() -> int:
     jobs += [("fwd", d, bm, 64, 4) for d, (bm, _, _) in G.GLUON_CFG.items()]
     jobs += [("pooled", d, *cfg) for d, cfg in G.GLUON_CFG.items()]
     jobs += [("dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
+    jobs += [("pooled-dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
     failed = 0
     for kind, d, bm, bn, st in jobs:
         for dt in (gl.bfloat16, gl.float16):
@@ -96,16 +125,11 @@ def main() -> int:
             try:
                 if kind == "dkdv":
                     r = compile_dkdv(d, bm, bn, st, dt)
+                elif kind == "pooled-dkdv":
+                    r = compile_pooled_dkdv(d, bm, bn, st, dt)
                 else:
                     r = compile_cfg(d, bm, bn, st, dt, pooled=kind == "pooled")
-                bad = too_big(r)
-                if kind == "dkdv":
-                    # the dK/dV kernel's 64-query blocks at D = 128 spill 144 bytes with triton
-                    # 3.6 (the GPU image's; faster than its spill-free config there); other
-                    # versions' code generation spills more (3.9: 72 / 216 bytes at D = 128 /
-                    # 64 with bwd_gluon's configs for it): checked for compile and shared memory
-                    bad = r["smem"] > SMEM_MAX or (triton.__version__.startswith("3.6")
-                                                   and r["stack"] > 144)
+                bad = too_big(kind, r)
                 failed += bad
                 print(f"{name:40s} {r}{' FAILED: spills or shared memory' if bad else ''}",
                       flush=True)

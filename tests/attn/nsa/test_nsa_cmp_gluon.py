@@ -1,11 +1,11 @@
-"""The compressed branch's forward through the Gluon flash kernel in its pooled-key mode
-(NSA_CMP_IMPL=gluon: attn/nsa/cmp.py `fwd`, attn/flash/fwd_gluon.py `pooled_fwd_gluon`).
-Its sm_90a compilation is checked with the other Gluon kernels (tests/attn/flash/gluon_aot.py).
-On the CPU: the setting is validated, off Hopper the demand raises instead of substituting the
-Triton kernel, and the rows' key ranges the kernel reads (cmp_plan.row_bounds) are checked
-against the definition. On the GPU (`-m gpu`): the whole branch (this forward, cmp_bwd.py's
-backward) against the float64 definition with test_nsa_cmp.py's check and tolerances (outputs
-poisoned), and o, lse against the Triton forward."""
+"""The compressed branch through the Gluon kernels (NSA_CMP_IMPL=gluon: the forward is
+attn/flash/fwd_gluon.py's `pooled_fwd_gluon`, the dK/dV attn/nsa/cmp_bwd_gluon.py's, the dQ
+cmp_bwd.py's). Their sm_90a compilation is checked with the other Gluon kernels
+(tests/attn/flash/gluon_aot.py). On the CPU: the setting is validated, off Hopper the demand
+raises instead of substituting the Triton kernels, and the ranges the kernels read
+(cmp_plan.row_bounds, key_bounds) are checked against the definition. On the GPU (`-m gpu`):
+the whole branch against the float64 definition with test_nsa_cmp.py's check and tolerances
+(outputs poisoned), o, lse, dk, dv against the Triton kernels, a deterministic backward."""
 from __future__ import annotations
 
 import os
@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
-from attn.nsa import cmp
-from attn.nsa.cmp_plan import CmpPlan, row_bounds
+from attn.nsa import cmp, cmp_plan
+from attn.nsa.cmp_plan import CmpPlan, key_bounds, row_bounds
 from attn.nsa.ref import cmp_cu_seqlens, num_cmp_blocks
 from test_nsa_cmp import check_case, random_docs
 
@@ -26,19 +26,25 @@ bf16, fp16 = torch.bfloat16, torch.float16
 
 def test_unknown_impl_is_refused():
     env = dict(os.environ, PYTHONPATH=ROOT, NSA_CMP_IMPL="cuda")
-    r = subprocess.run([sys.executable, "-c", "import attn.nsa.cmp"], env=env,
+    r = subprocess.run([sys.executable, "-c", "import attn.nsa.cmp_plan"], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     assert "NSA_CMP_IMPL='cuda': must be triton or gluon" in r.stderr
 
 
 def test_gluon_demanded_off_hopper_raises(monkeypatch):
-    monkeypatch.setattr(cmp, "CMP_IMPL", "gluon")
+    monkeypatch.setattr(cmp_plan, "CMP_IMPL", "gluon")
     q = torch.randn(1, 64, 4, 16)
     kc = torch.randn(1, num_cmp_blocks(64, 8, 4), 2, 16)
     with pytest.raises(ValueError, match="NSA_CMP_IMPL=gluon: the Gluon flash forward needs a "
                                          "Hopper GPU"):
         cmp.cmp_attn_fwd(q, kc, kc, scale=None, cmp_block=8, cmp_stride=4)
+    monkeypatch.setattr(cmp_plan, "CMP_IMPL", "triton")
+    o, lse = cmp.cmp_attn_fwd(q, kc, kc, scale=None, cmp_block=8, cmp_stride=4)
+    monkeypatch.setattr(cmp_plan, "CMP_IMPL", "gluon")
+    with pytest.raises(ValueError, match="NSA_CMP_IMPL=gluon: the Gluon dK/dV kernel needs a "
+                                         "Hopper GPU"):
+        cmp.cmp_attn_bwd(o, q, kc, kc, o, lse, scale=None, cmp_block=8, cmp_stride=4)
 
 
 @pytest.mark.parametrize("tk,tq,q_offset,cb,stride", [
@@ -63,6 +69,30 @@ def test_row_bounds_follow_the_definition(tk, tq, q_offset, cb, stride):
     assert torch.equal(docs, got)
 
 
+@pytest.mark.parametrize("tk,tq,q_offset,cb,stride", [
+    (300, 300, 0, 32, 16), (300, 100, 200, 32, 16), (64, 40, 24, 4, 2)], ids=str)
+def test_key_bounds_follow_the_definition(tk, tq, q_offset, cb, stride):
+    """Compressed row c is seen by the positions [c·stride + cb − 1, last position]: by
+    counting the rows whose c_hi passes c; and the document path's bounds with one document
+    (whose last position is the last query's: queries end at tk)."""
+    tc = num_cmp_blocks(tk, cb, stride)
+    q = torch.randn(1, tq, 2, 16)
+    kc = torch.randn(1, tc, 1, 16)
+    plan = CmpPlan(q, kc, kc, None, cb, stride, None, q_offset, tk)
+    got = key_bounds(plan)
+    assert got.dtype == torch.int32 and got.shape == (2, tc) and got.is_contiguous()
+    hi = row_bounds(plan)[1]
+    p = torch.arange(q_offset, q_offset + tq)
+    for c in range(tc):
+        seen = p[hi > c]                       # the query positions that see row c
+        if seen.numel():
+            assert int(got[0, c]) <= int(seen[0]) and int(got[1, c]) == int(seen[-1])
+            assert int(got[0, c]) == c * stride + cb - 1
+    one_doc = torch.tensor([0, tk], dtype=torch.int32)
+    docs = key_bounds(CmpPlan(q, kc, kc, None, cb, stride, one_doc, q_offset, tk))
+    assert torch.equal(docs, got)
+
+
 # ---- GPU cases (`pytest -m gpu tests/attn/nsa/test_nsa_cmp_gluon.py`)
 
 @pytest.mark.gpu
@@ -79,7 +109,7 @@ def test_row_bounds_follow_the_definition(tk, tq, q_offset, cb, stride):
 def test_gpu_gluon_cmp(monkeypatch, case):
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernels need a Hopper GPU")
-    monkeypatch.setattr(cmp, "CMP_IMPL", "gluon")
+    monkeypatch.setattr(cmp_plan, "CMP_IMPL", "gluon")
     monkeypatch.setenv("FLASH_AUTOTUNE", "0")
     case = dict(case)
     case.setdefault("tk", 4096)
@@ -95,9 +125,10 @@ def test_gpu_gluon_cmp(monkeypatch, case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("docs", [False, True], ids=["plain", "docs"])
 def test_gpu_gluon_cmp_matches_triton(monkeypatch, docs):
-    """o, lse as the Triton forward's at NSA's 64 / 4 heads, T = 8k: lse to fp32 rounding; o one
-    bf16 rounding apart at most (P rounded after other running maxima with 128-key blocks, as
-    the flash forward's Gluon-against-Triton test), +inf rows equal."""
+    """o, lse, dq, dk, dv as the Triton kernels' at NSA's 64 / 4 heads, T = 8k (each backward
+    from its own forward's o, lse): lse to fp32 rounding; the 16-bit outputs one rounding apart
+    at most (P rounded after other running maxima with 128-key blocks, as the flash forward's
+    Gluon-against-Triton test; fp32 partial sums in another order), +inf rows equal."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernels need a Hopper GPU")
     tk, cb, stride = 8192, 32, 16
@@ -106,14 +137,54 @@ def test_gpu_gluon_cmp_matches_triton(monkeypatch, docs):
     q = torch.randn(1, tk, 64, 128, device="cuda", dtype=bf16)
     kc, vc = (torch.randn(1, tc, 4, 128, device="cuda", dtype=bf16) for _ in range(2))
     kw = dict(scale=None, cmp_block=cb, cmp_stride=stride, cu_seqlens=cu)
+    do = torch.randn_like(q)
     out = {}
     for impl in ("triton", "gluon"):
-        monkeypatch.setattr(cmp, "CMP_IMPL", impl)
-        out[impl] = cmp.cmp_attn_fwd(q, kc, vc, **kw)
-    (o_t, lse_t), (o_g, lse_g) = out["triton"], out["gluon"]
+        monkeypatch.setattr(cmp_plan, "CMP_IMPL", impl)
+        o, lse = cmp.cmp_attn_fwd(q, kc, vc, **kw)
+        out[impl] = (o, lse, *cmp.cmp_attn_bwd(do, q, kc, vc, o, lse, **kw))
+    (o_t, lse_t), (o_g, lse_g) = out["triton"][:2], out["gluon"][:2]
     inf = torch.isinf(lse_t)
     assert torch.equal(torch.isinf(lse_g), inf)
     e_lse = ((lse_g - lse_t).abs()[~inf] / (1 + lse_t.abs()[~inf])).max().item()
     e_o = ((o_g.float() - o_t.float()).norm() / o_t.float().norm()).item()
     print(f"lse {e_lse:.2e} o {e_o:.2e}")
     assert e_lse < 1e-5 and e_o < 3e-3, (e_lse, e_o)
+    for name, t, g in zip(("dq", "dk", "dv"), out["triton"][2:], out["gluon"][2:]):
+        err = ((g.float() - t.float()).norm() / t.float().norm()).item()
+        print(name, f"{err:.2e}")
+        assert err < 3e-3, (name, err)
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_cmp_deterministic_backward(monkeypatch):
+    """T = 16k with documents, 16 / 4 heads: the split dK/dV partials are summed in a fixed
+    order, so two backward passes agree bit for bit."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels need a Hopper GPU")
+    monkeypatch.setattr(cmp_plan, "CMP_IMPL", "gluon")
+    tk, cb, stride = 16384, 32, 16
+    cu = random_docs(tk, 5).cuda()
+    tc = int(cmp_cu_seqlens(cu, cb, stride)[-1])
+    q = torch.randn(1, tk, 16, 128, device="cuda", dtype=bf16)
+    kc, vc = (torch.randn(1, tc, 4, 128, device="cuda", dtype=bf16) for _ in range(2))
+    do = torch.randn_like(q)
+    kw = dict(scale=None, cmp_block=cb, cmp_stride=stride, cu_seqlens=cu)
+    o, lse = cmp.cmp_attn_fwd(q, kc, vc, **kw)
+    g1 = cmp.cmp_attn_bwd(do, q, kc, vc, o, lse, **kw)
+    g2 = cmp.cmp_attn_bwd(do, q, kc, vc, o, lse, **kw)
+    for a, b in zip(g1, g2):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,hq,hkv,docs,off", [(2048, 64, 4, False, 0), (4096, 16, 4, True, 0),
+                                               (4096, 8, 2, True, 1536)])
+def test_gpu_gluon_nsa_layer_matches_ref(monkeypatch, T, hq, hkv, docs, off):
+    """The whole NSA layer (gate fold, three branches) with the Gluon compressed branch against
+    ref.py: test_nsa_gpu.py's check and tolerance."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels need a Hopper GPU")
+    from test_nsa_gpu import test_nsa_gpu_matches_ref as layer_check
+    monkeypatch.setattr(cmp_plan, "CMP_IMPL", "gluon")
+    layer_check(monkeypatch, T, hq, hkv, docs, off)
