@@ -76,7 +76,7 @@ def _dkdv_step(it, i, dk, dv, k_c, v_c, q_smem, do_smem, ready, empty, LSE_h, DE
 
 
 @gluon.jit
-def _dkdv_rows(dk, dv, it, start, end, k_c, v_c, q_smem, do_smem, ready, empty, LSE_h, DELTA_h,
+def dkdv_rows(dk, dv, it, start, end, k_c, v_c, q_smem, do_smem, ready, empty, LSE_h, DELTA_h,
                kpos, hi_k, q_offset, Tq, qk_scale, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                s_layout: gl.constexpr, p_layout: gl.constexpr, MASKED: gl.constexpr):
     """Query blocks [start, end) of one head; it: the ring slot of block start."""
@@ -126,13 +126,13 @@ def _consumer(k_desc, v_desc, dk_desc, dv_desc, LSE, DELTA, SEG_END, q_smem, do_
     it = m_lo * 0
     for g in range(group):
         row = (b * hq + hkv * group + g).to(gl.int64) * Tq
-        dk, dv, it = _dkdv_rows(dk, dv, it, m_lo, f_lo, k_c, v_c, q_smem, do_smem, ready, empty,
+        dk, dv, it = dkdv_rows(dk, dv, it, m_lo, f_lo, k_c, v_c, q_smem, do_smem, ready, empty,
                                 LSE + row, DELTA + row, kpos, hi_k, q_offset, Tq, qk_scale,
                                 BLOCK_M, STAGES, s_layout, p_layout, True)
-        dk, dv, it = _dkdv_rows(dk, dv, it, f_lo, f_hi, k_c, v_c, q_smem, do_smem, ready, empty,
+        dk, dv, it = dkdv_rows(dk, dv, it, f_lo, f_hi, k_c, v_c, q_smem, do_smem, ready, empty,
                                 LSE + row, DELTA + row, kpos, hi_k, q_offset, Tq, qk_scale,
                                 BLOCK_M, STAGES, s_layout, p_layout, False)
-        dk, dv, it = _dkdv_rows(dk, dv, it, f_hi, m_hi, k_c, v_c, q_smem, do_smem, ready, empty,
+        dk, dv, it = dkdv_rows(dk, dv, it, f_hi, m_hi, k_c, v_c, q_smem, do_smem, ready, empty,
                                 LSE + row, DELTA + row, kpos, hi_k, q_offset, Tq, qk_scale,
                                 BLOCK_M, STAGES, s_layout, p_layout, True)
 
@@ -165,7 +165,7 @@ def _consumer_keys_64_127(k_desc, v_desc, dk_desc, dv_desc, LSE, DELTA, SEG_END,
 
 
 @gluon.jit
-def _producer(q_desc, do_desc, q_smem, do_smem, ready, empty, row_q, hkv, group, m_lo, m_hi):
+def qdo_producer(q_desc, do_desc, q_smem, do_smem, ready, empty, row_q, hkv, group, m_lo, m_hi):
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
     STAGES: gl.constexpr = q_smem.shape[0]
@@ -228,7 +228,7 @@ def _dkdv_gluon_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, D
     gl.warp_specialize([
         (_consumer_keys_0_63, consumer_args),
         (_consumer_keys_64_127, consumer_args),
-        (_producer, (q_desc, do_desc, q_smem, do_smem, ready, empty, row_q, hkv, group, m_lo,
+        (qdo_producer, (q_desc, do_desc, q_smem, do_smem, ready, empty, row_q, hkv, group, m_lo,
                      m_hi)),
     ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
 

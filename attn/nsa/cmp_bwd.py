@@ -5,7 +5,7 @@ Memory plan (fp32 accumulators; P = exp2(s2 - lse2) from the saved lse, +inf giv
   dQ         : one program = BLOCK_M query rows of one (batch, query head), like the forward;
                writes dQ once and replaces its rows of delta by the exact delta (below).
   dK/dV      : one program = BLOCK_N compressed rows of one (batch, KV head) and one split of
-               the query rows (_dkdv_chunk). Registers: K, V tiles and dK, dV [BLOCK_N, D]; loops
+               the query rows (dkdv_chunk). Registers: K, V tiles and dK, dV [BLOCK_N, D]; loops
                over the G query heads of the group and the query tiles of its split that see the
                key tile, streaming Q, dO [BLOCK_M, D], lse, delta. Writes dK, dV once (several
                splits: fp32 partials, summed in a fixed order). No atomics: deterministic.
@@ -41,7 +41,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PF, PL, scale, qk_scale, q_off
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr,
                  DOT_PREC: tl.constexpr, TMA: tl.constexpr):
     # compressed tile 0 is seen by the most queries: program 0 is the heaviest, it runs first.
-    # Axis 2 splits the query rows (see _dkdv_chunk).
+    # Axis 2 splits the query rows (see dkdv_chunk).
     start_n = tl.program_id(0) * BLOCK_N
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -147,7 +147,7 @@ DKDV_MIN_ROWS = 1024
 INTERP_CHUNK = 64
 
 
-def _dkdv_chunk(tq, n_progs, bm):
+def dkdv_chunk(tq, n_progs, bm):
     """Query rows per dK/dV split (a multiple of bm)."""
     if INTERPRET:
         return INTERP_CHUNK
@@ -185,7 +185,7 @@ def bwd_triton(do, q, k_cmp, v_cmp, o, lse, plan, delta=None, gates=None):
         return dq, dk, dv
     bm, bn, w, s = launch_cfg(DKDV_CFGS, d, q.dtype)
     grid = (triton.cdiv(tc, bn), B * hkv)
-    chunk = _dkdv_chunk(tq, grid[0] * grid[1], bm)
+    chunk = dkdv_chunk(tq, grid[0] * grid[1], bm)
     splits = triton.cdiv(tq, chunk)
     if splits > 1:
         dk_out = alloc.empty((splits, *k_cmp.shape), torch.float32, q.device)

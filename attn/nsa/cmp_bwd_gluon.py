@@ -31,10 +31,10 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from attn.common import alloc
 from attn.common.jit import LOG2E_F
-from attn.flash.bwd_gluon import DKDV_CFG, HALF_N, _dkdv_rows, _producer, dkdv_scope_error
+from attn.flash.bwd_gluon import DKDV_CFG, HALF_N, dkdv_rows, dkdv_scope_error, qdo_producer
 from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, PRODUCER_REGS, tile_desc,
                                   tma_load)
-from attn.nsa.cmp_bwd import _dkdv_chunk
+from attn.nsa.cmp_bwd import dkdv_chunk
 from attn.nsa.cmp_plan import BIG, key_bounds
 
 
@@ -75,13 +75,13 @@ def _consumer(k_desc, v_desc, LSE, DELTA, PFL, DK, DV, q_smem, do_smem, k_smem, 
     it = m_lo * 0
     for g in range(group):
         row = (b * hq + hkv * group + g).to(gl.int64) * Tq
-        dk, dv, it = _dkdv_rows(dk, dv, it, m_lo, f_lo, k_c, v_c, q_smem, do_smem, ready, empty,
+        dk, dv, it = dkdv_rows(dk, dv, it, m_lo, f_lo, k_c, v_c, q_smem, do_smem, ready, empty,
                                 LSE + row, DELTA + row, pf, pl, q_offset, Tq, qk_scale,
                                 BLOCK_M, STAGES, s_layout, p_layout, True)
-        dk, dv, it = _dkdv_rows(dk, dv, it, f_lo, f_hi, k_c, v_c, q_smem, do_smem, ready, empty,
+        dk, dv, it = dkdv_rows(dk, dv, it, f_lo, f_hi, k_c, v_c, q_smem, do_smem, ready, empty,
                                 LSE + row, DELTA + row, pf, pl, q_offset, Tq, qk_scale,
                                 BLOCK_M, STAGES, s_layout, p_layout, False)
-        dk, dv, it = _dkdv_rows(dk, dv, it, f_hi, m_hi, k_c, v_c, q_smem, do_smem, ready, empty,
+        dk, dv, it = dkdv_rows(dk, dv, it, f_hi, m_hi, k_c, v_c, q_smem, do_smem, ready, empty,
                                 LSE + row, DELTA + row, pf, pl, q_offset, Tq, qk_scale,
                                 BLOCK_M, STAGES, s_layout, p_layout, True)
 
@@ -162,7 +162,7 @@ def _pooled_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, PFL, DK, DV
     gl.warp_specialize([
         (_consumer_keys_0_63, consumer_args),
         (_consumer_keys_64_127, consumer_args),
-        (_producer, (q_desc, do_desc, q_smem, do_smem, ready, empty, row_q, hkv, group, m_lo,
+        (qdo_producer, (q_desc, do_desc, q_smem, do_smem, ready, empty, row_q, hkv, group, m_lo,
                      m_hi)),
     ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -179,7 +179,7 @@ def dkdv_pooled_gluon(do, q, k_cmp, v_cmp, lse, delta, plan, block_m=None, stage
     B, tq, hq, d, tc, hkv = plan.shape
     bm, bn, st = DKDV_CFG[d]
     bm, st = block_m or bm, stages or st
-    chunk = _dkdv_chunk(tq, triton.cdiv(tc, bn) * B * hkv, bm)
+    chunk = dkdv_chunk(tq, triton.cdiv(tc, bn) * B * hkv, bm)
     splits = triton.cdiv(tq, chunk)
     q, k_cmp, v_cmp, do = (t.contiguous() for t in (q, k_cmp, v_cmp, do))
     dk = alloc.empty((splits, *k_cmp.shape), torch.float32, q.device)
