@@ -9,8 +9,8 @@ and a deterministic backward (cmp_bwd.py). Definition: attn/nsa/ref.py's `cmp_at
 Kernels (cmp_plan.CMP_IMPL, NSA_CMP_IMPL): triton (default) is this file's forward and
 cmp_bwd.py's backward; gluon (opt-in until timed on a GPU) runs the forward through
 attn/flash/fwd_gluon.py's warp-specialized kernel in its pooled-key mode and the dK/dV through
-cmp_bwd_gluon.py (Hopper, 16-bit, D 64 / 128, Tq and Tc multiples of 128 when B > 1; an error
-naming the rule outside that scope); the dQ kernel is cmp_bwd.py's in both.
+cmp_bwd_gluon.py (Hopper, 16-bit, D 64 / 128, Tq a multiple of 128 when B > 1; an error naming
+the rule outside that scope); the dQ kernel is cmp_bwd.py's in both.
 
 Memory plan (forward; exp2 domain s2 = q.k * scale * log2(e)): one program = BLOCK_M query rows
 of one (batch, query head). Registers: Q tile [BLOCK_M, D], fp32 accumulator [BLOCK_M, D], running

@@ -18,8 +18,9 @@ mask.
 
 Output: fp32 partials [splits, B, Tc, Hkv, D] written by plain stores from registers (one writer
 per element, zeros where a split sees nothing), summed in a fixed order on the host:
-deterministic. Scope: bwd_gluon.dkdv_scope_error's (Hopper, 16-bit, D 64 / 128, Tc a multiple
-of 128 when B > 1).
+deterministic. Scope: fwd_gluon.scope_error's (Hopper, 16-bit, D 64 / 128, Tq a multiple of 128
+when B > 1); any Tc (key tiles past Tc read the next batch's rows, masked, and the partial stores
+are masked: no TMA store runs into the next batch).
 """
 from __future__ import annotations
 
@@ -31,9 +32,9 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from attn.common import alloc
 from attn.common.jit import LOG2E_F
-from attn.flash.bwd_gluon import DKDV_CFG, HALF_N, dkdv_rows, dkdv_scope_error, qdo_producer
-from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, PRODUCER_REGS, tile_desc,
-                                  tma_load)
+from attn.flash.bwd_gluon import DKDV_CFG, HALF_N, dkdv_rows, qdo_producer
+from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, PRODUCER_REGS, scope_error,
+                                  tile_desc, tma_load)
 from attn.nsa.cmp_bwd import dkdv_chunk
 from attn.nsa.cmp_plan import BIG, key_bounds
 
@@ -173,9 +174,9 @@ def dkdv_pooled_gluon(do, q, k_cmp, v_cmp, lse, delta, plan, block_m=None, stage
     """(dk_cmp, dv_cmp) of cmp_bwd.py's contract (lse as the forward's, or folded with the gate;
     delta: the exact delta the dQ kernel wrote) through the Gluon kernel; ValueError outside
     its scope. block_m, stages: tuning overrides (the flash dK/dV kernel's defaults)."""
-    why = dkdv_scope_error(q, k_cmp)
+    why = scope_error(q, k_cmp)
     if why is not None:
-        raise ValueError(why)
+        raise ValueError(why.replace("Gluon flash forward", "Gluon compressed dK/dV kernel"))
     B, tq, hq, d, tc, hkv = plan.shape
     bm, bn, st = DKDV_CFG[d]
     bm, st = block_m or bm, stages or st

@@ -42,8 +42,8 @@ def test_gluon_demanded_off_hopper_raises(monkeypatch):
     monkeypatch.setattr(cmp_plan, "CMP_IMPL", "triton")
     o, lse = cmp.cmp_attn_fwd(q, kc, kc, scale=None, cmp_block=8, cmp_stride=4)
     monkeypatch.setattr(cmp_plan, "CMP_IMPL", "gluon")
-    with pytest.raises(ValueError, match="NSA_CMP_IMPL=gluon: the Gluon dK/dV kernel needs a "
-                                         "Hopper GPU"):
+    with pytest.raises(ValueError, match="NSA_CMP_IMPL=gluon: the Gluon compressed dK/dV kernel "
+                                         "needs a Hopper GPU"):
         cmp.cmp_attn_bwd(o, q, kc, kc, o, lse, scale=None, cmp_block=8, cmp_stride=4)
 
 
