@@ -34,7 +34,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from attn.common import alloc
 from attn.common.jit import LOG2E_F
 from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, PRODUCER_REGS, cta_sync,
-                                  mask_args, scope_error, tile_desc, tma_load, tma_store)
+                                  mask_args, mma_layout, scope_error, tile_desc, tma_load,
+                                  tma_store)
 
 HALF_N = gl.constexpr(64)      # keys per consumer warpgroup (one wgmma M tile)
 LOG2E = gl.constexpr(1.4426950408889634)  # log2(e): lse into the log2 domain
@@ -89,25 +90,76 @@ def dkdv_rows(dk, dv, it, start, end, k_c, v_c, q_smem, do_smem, ready, empty, L
 
 
 @gluon.jit
+def kv_half(k_desc, v_desc, k_smem, v_smem, kv_bar, row_k, kc, col, HALF: gl.constexpr):
+    """This consumer's K, V tiles (keys kc .. kc + 63), loaded by TMA and waited for."""
+    k_c = k_smem.index(HALF)
+    v_c = v_smem.index(HALF)
+    bar = kv_bar.index(HALF)
+    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma_load(k_desc, [row_k + kc, col], bar, k_c)
+    tma_load(v_desc, [row_k + kc, col], bar, v_c)
+    mbarrier.wait(bar, 0)
+    return k_c, v_c
+
+
+@gluon.jit
+def dkdv_heads(dk, dv, k_c, v_c, q_smem, do_smem, ready, empty, LSE, DELTA, kpos, hi_k, q_offset,
+               Tq, qk_scale, b, hq, hkv, group, m_lo, f_lo, f_hi, m_hi, s_layout: gl.constexpr,
+               p_layout: gl.constexpr):
+    """dK, dV of this consumer's keys over every query head of the GQA group, query blocks
+    [m_lo, f_lo) masked, [f_lo, f_hi) whole, [f_hi, m_hi) masked (the producer's order)."""
+    BLOCK_M: gl.constexpr = q_smem.shape[1]
+    STAGES: gl.constexpr = q_smem.shape[0]
+    it = m_lo * 0
+    for g in range(group):
+        row = (b * hq + hkv * group + g).to(gl.int64) * Tq
+        dk, dv, it = dkdv_rows(dk, dv, it, m_lo, f_lo, k_c, v_c, q_smem, do_smem, ready, empty,
+                               LSE + row, DELTA + row, kpos, hi_k, q_offset, Tq, qk_scale,
+                               BLOCK_M, STAGES, s_layout, p_layout, True)
+        dk, dv, it = dkdv_rows(dk, dv, it, f_lo, f_hi, k_c, v_c, q_smem, do_smem, ready, empty,
+                               LSE + row, DELTA + row, kpos, hi_k, q_offset, Tq, qk_scale,
+                               BLOCK_M, STAGES, s_layout, p_layout, False)
+        dk, dv, it = dkdv_rows(dk, dv, it, f_hi, m_hi, k_c, v_c, q_smem, do_smem, ready, empty,
+                               LSE + row, DELTA + row, kpos, hi_k, q_offset, Tq, qk_scale,
+                               BLOCK_M, STAGES, s_layout, p_layout, True)
+    return dk, dv
+
+
+@gluon.jit
+def dkdv_ring(q_desc, do_desc, k_desc, v_desc, STAGES: gl.constexpr):
+    """Shared memory and barriers of a dK/dV program: the (Q, dO) stage ring with its ready /
+    empty barriers (empty: one arrival per consumer), both consumers' K, V halves and their
+    load barriers."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM],
+                                        do_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [2, HALF_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [2, HALF_N, HEAD_DIM], v_desc.layout)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(kv_bar.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)   # one arrival per consumer
+    fence_async_shared()
+    return q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty
+
+
+@gluon.jit
 def _consumer(k_desc, v_desc, dk_desc, dv_desc, LSE, DELTA, SEG_END, q_smem, do_smem, k_smem,
               v_smem, kv_bar, ready, empty, qk_scale, scale, Tq, Tk, q_offset, window, has_seg,
               hq, group, row_k, k0, col, b, hkv, m_lo, m_hi, HALF: gl.constexpr):
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
     BLOCK_M: gl.constexpr = q_smem.shape[1]
-    STAGES: gl.constexpr = q_smem.shape[0]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1], instr_shape=[16, BLOCK_M, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = mma_layout(BLOCK_M)
+    o_layout: gl.constexpr = mma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    k_c = k_smem.index(HALF)
-    v_c = v_smem.index(HALF)
-    bar = kv_bar.index(HALF)
     kc = k0 + HALF * HALF_N            # this consumer's first key
-    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma_load(k_desc, [row_k + kc, col], bar, k_c)
-    tma_load(v_desc, [row_k + kc, col], bar, v_c)
-    mbarrier.wait(bar, 0)
+    k_c, v_c = kv_half(k_desc, v_desc, k_smem, v_smem, kv_bar, row_k, kc, col, HALF)
 
     # per key: the last query position that sees it (op.py's rule, key side)
     kpos = kc + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, s_layout))
@@ -123,18 +175,9 @@ def _consumer(k_desc, v_desc, dk_desc, dv_desc, LSE, DELTA, SEG_END, q_smem, do_
 
     dk = gl.zeros([HALF_N, HEAD_DIM], gl.float32, o_layout)
     dv = gl.zeros([HALF_N, HEAD_DIM], gl.float32, o_layout)
-    it = m_lo * 0
-    for g in range(group):
-        row = (b * hq + hkv * group + g).to(gl.int64) * Tq
-        dk, dv, it = dkdv_rows(dk, dv, it, m_lo, f_lo, k_c, v_c, q_smem, do_smem, ready, empty,
-                                LSE + row, DELTA + row, kpos, hi_k, q_offset, Tq, qk_scale,
-                                BLOCK_M, STAGES, s_layout, p_layout, True)
-        dk, dv, it = dkdv_rows(dk, dv, it, f_lo, f_hi, k_c, v_c, q_smem, do_smem, ready, empty,
-                                LSE + row, DELTA + row, kpos, hi_k, q_offset, Tq, qk_scale,
-                                BLOCK_M, STAGES, s_layout, p_layout, False)
-        dk, dv, it = dkdv_rows(dk, dv, it, f_hi, m_hi, k_c, v_c, q_smem, do_smem, ready, empty,
-                                LSE + row, DELTA + row, kpos, hi_k, q_offset, Tq, qk_scale,
-                                BLOCK_M, STAGES, s_layout, p_layout, True)
+    dk, dv = dkdv_heads(dk, dv, k_c, v_c, q_smem, do_smem, ready, empty, LSE, DELTA, kpos, hi_k,
+                        q_offset, Tq, qk_scale, b, hq, hkv, group, m_lo, f_lo, f_hi, m_hi,
+                        s_layout, p_layout)
 
     # K and V are no longer read: their tiles stage dK (scaled) and dV for the TMA stores
     k_c.store((dk * scale).to(k_c.dtype))
@@ -207,21 +250,8 @@ def _dkdv_gluon_kernel(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE, D
     m_lo = gl.maximum(k0 - q_offset, 0) // BLOCK_M
     m_hi = gl.maximum(gl.cdiv(gl.minimum(hi_last - q_offset + 1, Tq), BLOCK_M), m_lo)
 
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM],
-                                        do_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [2, HALF_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [2, HALF_N, HEAD_DIM], v_desc.layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(kv_bar.index(i), count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)   # one arrival per consumer
-    fence_async_shared()
-
+    q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty = dkdv_ring(q_desc, do_desc, k_desc,
+                                                                      v_desc, STAGES)
     consumer_args = (k_desc, v_desc, dk_desc, dv_desc, LSE, DELTA, SEG_END, q_smem, do_smem,
                      k_smem, v_smem, kv_bar, ready, empty, qk_scale, scale, Tq, Tk, q_offset,
                      window, has_seg, hq, group, row_k, k0, col, b, hkv, m_lo, m_hi)

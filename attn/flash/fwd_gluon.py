@@ -56,6 +56,14 @@ HALF_M = gl.constexpr(64)     # rows per consumer warpgroup (one wgmma M tile)
 CONSUMER_WARPS = gl.constexpr(4)
 
 
+@gluon.constexpr_function
+def mma_layout(n):
+    """The wgmma accumulator layout of a consumer warpgroup's [64, n] tile: warps along M (16
+    rows each), one instruction spans n."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS.value, 1],
+                                     instr_shape=[16, n, 16])
+
+
 @gluon.jit
 def _handover(new, old, BF16: gl.constexpr):
     """new + 0·old, two 16-bit values per register: an instruction ptxas sees reading old's
@@ -127,11 +135,8 @@ def _attend_rows(q_smem, o_desc, LSE, SEG, k_smem, v_smem, k_bar, v_bar, empty, 
     """The 64 rows at qh (of Tq) once their Q tile is in q_smem: block j0, the steps over
     j0 + 1 .. n − 1 in three ranges (masked, whole, masked), the last P·V, then O (through
     q_smem, by TMA) and lse stored. POOLED: the kernel docstring's pooled-key mode."""
-    # wgmma layouts: warps along M (16 rows each), one instruction spans N
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1], instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = mma_layout(BLOCK_N)
+    o_layout: gl.constexpr = mma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
 
     rows = qh + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))

@@ -28,13 +28,12 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
 from attn.common import alloc
 from attn.common.jit import LOG2E_F
-from attn.flash.bwd_gluon import DKDV_CFG, HALF_N, dkdv_rows, qdo_producer
-from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, PRODUCER_REGS, scope_error,
-                                  tile_desc, tma_load)
+from attn.flash.bwd_gluon import DKDV_CFG, HALF_N, dkdv_heads, dkdv_ring, kv_half, qdo_producer
+from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, PRODUCER_REGS, mma_layout,
+                                  scope_error, tile_desc)
 from attn.nsa.cmp_bwd import dkdv_chunk
 from attn.nsa.cmp_plan import BIG, key_bounds
 
@@ -45,20 +44,11 @@ def _consumer(k_desc, v_desc, LSE, DELTA, PFL, DK, DV, q_smem, do_smem, k_smem, 
               z, n_b, m_lo, m_hi, HALF: gl.constexpr):
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
     BLOCK_M: gl.constexpr = q_smem.shape[1]
-    STAGES: gl.constexpr = q_smem.shape[0]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1], instr_shape=[16, BLOCK_M, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1], instr_shape=[16, HEAD_DIM, 16])
+    s_layout: gl.constexpr = mma_layout(BLOCK_M)
+    o_layout: gl.constexpr = mma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    k_c = k_smem.index(HALF)
-    v_c = v_smem.index(HALF)
-    bar = kv_bar.index(HALF)
     kc = k0 + HALF * HALF_N            # this consumer's first key
-    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma_load(k_desc, [row_k + kc, col], bar, k_c)
-    tma_load(v_desc, [row_k + kc, col], bar, v_c)
-    mbarrier.wait(bar, 0)
+    k_c, v_c = kv_half(k_desc, v_desc, k_smem, v_smem, kv_bar, row_k, kc, col, HALF)
 
     # per key the positions [pf, pl] that see it; keys past Tc: the empty range
     keys = kc + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, s_layout))
@@ -73,18 +63,9 @@ def _consumer(k_desc, v_desc, LSE, DELTA, PFL, DK, DV, q_smem, do_smem, k_smem, 
 
     dk = gl.zeros([HALF_N, HEAD_DIM], gl.float32, o_layout)
     dv = gl.zeros([HALF_N, HEAD_DIM], gl.float32, o_layout)
-    it = m_lo * 0
-    for g in range(group):
-        row = (b * hq + hkv * group + g).to(gl.int64) * Tq
-        dk, dv, it = dkdv_rows(dk, dv, it, m_lo, f_lo, k_c, v_c, q_smem, do_smem, ready, empty,
-                                LSE + row, DELTA + row, pf, pl, q_offset, Tq, qk_scale,
-                                BLOCK_M, STAGES, s_layout, p_layout, True)
-        dk, dv, it = dkdv_rows(dk, dv, it, f_lo, f_hi, k_c, v_c, q_smem, do_smem, ready, empty,
-                                LSE + row, DELTA + row, pf, pl, q_offset, Tq, qk_scale,
-                                BLOCK_M, STAGES, s_layout, p_layout, False)
-        dk, dv, it = dkdv_rows(dk, dv, it, f_hi, m_hi, k_c, v_c, q_smem, do_smem, ready, empty,
-                                LSE + row, DELTA + row, pf, pl, q_offset, Tq, qk_scale,
-                                BLOCK_M, STAGES, s_layout, p_layout, True)
+    dk, dv = dkdv_heads(dk, dv, k_c, v_c, q_smem, do_smem, ready, empty, LSE, DELTA, pf, pl,
+                        q_offset, Tq, qk_scale, b, hq, hkv, group, m_lo, f_lo, f_hi, m_hi,
+                        s_layout, p_layout)
 
     # this split's fp32 partials [splits, B, Tc, Hkv, D]: int64 base of the (split, batch, key
     # tile), int32 offsets inside it
@@ -142,21 +123,8 @@ def _pooled_dkdv_kernel(q_desc, k_desc, v_desc, do_desc, LSE, DELTA, PFL, DK, DV
                       (z + 1) * chunk_blocks)
     m_hi = gl.maximum(m_hi, m_lo)
 
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(do_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM],
-                                        do_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [2, HALF_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [2, HALF_N, HEAD_DIM], v_desc.layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(kv_bar.index(i), count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)   # one arrival per consumer
-    fence_async_shared()
-
+    q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty = dkdv_ring(q_desc, do_desc, k_desc,
+                                                                      v_desc, STAGES)
     consumer_args = (k_desc, v_desc, LSE, DELTA, PFL, DK, DV, q_smem, do_smem, k_smem, v_smem,
                      kv_bar, ready, empty, qk_scale, scale, Tq, Tc, q_offset, hq, group, row_k,
                      k0, col, b, hkv, z, n_b, m_lo, m_hi)

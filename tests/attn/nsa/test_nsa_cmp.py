@@ -237,9 +237,14 @@ def test_gpu(monkeypatch, case):
 
 
 @pytest.mark.gpu
-def test_gpu_deterministic_backward(monkeypatch):
+@pytest.mark.parametrize("impl", ["triton", "gluon"])
+def test_gpu_deterministic_backward(monkeypatch, impl):
     """T = 16k with documents: the split dK/dV partials are summed in a fixed order, so two
-    backward passes agree bit for bit."""
+    backward passes agree bit for bit (the Triton kernels, and NSA_CMP_IMPL=gluon's)."""
+    from attn.nsa import cmp_plan
+    if impl == "gluon" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels need a Hopper GPU")
+    monkeypatch.setattr(cmp_plan, "CMP_IMPL", impl)
     monkeypatch.setattr(alloc, "empty", nan_empty)
     tk, cb, stride = 16384, 32, 16
     cu = random_docs(tk, 5).cuda()

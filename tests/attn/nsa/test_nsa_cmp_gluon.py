@@ -5,7 +5,8 @@ cmp_bwd.py's). Their sm_90a compilation is checked with the other Gluon kernels
 raises instead of substituting the Triton kernels, and the ranges the kernels read
 (cmp_plan.row_bounds, key_bounds) are checked against the definition. On the GPU (`-m gpu`):
 the whole branch against the float64 definition with test_nsa_cmp.py's check and tolerances
-(outputs poisoned), o, lse, dk, dv against the Triton kernels, a deterministic backward."""
+(outputs poisoned), o, lse, dq, dk, dv against the Triton kernels, and the whole layer;
+its deterministic backward: test_nsa_cmp.py's test_gpu_deterministic_backward."""
 from __future__ import annotations
 
 import os
@@ -154,27 +155,6 @@ def test_gpu_gluon_cmp_matches_triton(monkeypatch, docs):
         err = ((g.float() - t.float()).norm() / t.float().norm()).item()
         print(name, f"{err:.2e}")
         assert err < 3e-3, (name, err)
-
-
-@pytest.mark.gpu
-def test_gpu_gluon_cmp_deterministic_backward(monkeypatch):
-    """T = 16k with documents, 16 / 4 heads: the split dK/dV partials are summed in a fixed
-    order, so two backward passes agree bit for bit."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the Gluon kernels need a Hopper GPU")
-    monkeypatch.setattr(cmp_plan, "CMP_IMPL", "gluon")
-    tk, cb, stride = 16384, 32, 16
-    cu = random_docs(tk, 5).cuda()
-    tc = int(cmp_cu_seqlens(cu, cb, stride)[-1])
-    q = torch.randn(1, tk, 16, 128, device="cuda", dtype=bf16)
-    kc, vc = (torch.randn(1, tc, 4, 128, device="cuda", dtype=bf16) for _ in range(2))
-    do = torch.randn_like(q)
-    kw = dict(scale=None, cmp_block=cb, cmp_stride=stride, cu_seqlens=cu)
-    o, lse = cmp.cmp_attn_fwd(q, kc, vc, **kw)
-    g1 = cmp.cmp_attn_bwd(do, q, kc, vc, o, lse, **kw)
-    g2 = cmp.cmp_attn_bwd(do, q, kc, vc, o, lse, **kw)
-    for a, b in zip(g1, g2):
-        assert torch.isfinite(a).all() and torch.equal(a, b)
 
 
 @pytest.mark.gpu
