@@ -63,7 +63,7 @@ declare -A TESTS=(
   [lightning]=$LINEAR_TESTS [linear-parts]=$LINEAR_TESTS
   [moba]="tests/attn/moba" [moba-parts]="tests/attn/moba" [moba-sweep]="tests/attn/moba"
   [nsa]="tests/attn/nsa" [nsa-parts]="tests/attn/nsa"
-  [nsa-cmp]="tests/attn/nsa/test_nsa_cmp_gluon.py tests/attn/nsa/test_nsa_cmp.py"
+  [nsa-cmp]="tests/attn/nsa/test_nsa_cmp_gluon.py tests/attn/nsa/test_nsa_cmp.py tests/attn/nsa/test_nsa_gpu.py"
   [train]=$TRAIN_TESTS [e2e]=$TRAIN_TESTS [profile]=$TRAIN_TESTS [recall]="tests/test_eval.py"
 )
 PARTS="env tests run $(tr ' ' '\n' <<< "${!TESTS[*]}" | sort | tr '\n' ' ')"
