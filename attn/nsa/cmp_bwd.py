@@ -5,9 +5,9 @@ Memory plan (fp32 accumulators; P = exp2(s2 - lse2) from the saved lse, +inf giv
   dQ         : one program = BLOCK_M query rows of one (batch, query head), like the forward;
                writes dQ once and replaces its rows of delta by the exact delta (below).
   dK/dV      : one program = BLOCK_N compressed rows of one (batch, KV head) and one split of
-               the query rows (dkdv_chunk). Registers: K, V tiles and dK, dV [BLOCK_N, D]; loops
-               over the G query heads of the group and the query tiles of its split that see the
-               key tile, streaming Q, dO [BLOCK_M, D], lse, delta. Writes dK, dV once (several
+               the query rows (cmp_plan.dkdv_chunk). Registers: K, V tiles and dK, dV
+               [BLOCK_N, D]; loops over the G query heads of the group and the query tiles of
+               its split that see the key tile, streaming Q, dO [BLOCK_M, D], lse, delta. Writes dK, dV once (several
                splits: fp32 partials, summed in a fixed order). No atomics: deterministic.
 dV = P^T dO, dS = P * (dO V^T - delta), dK = scale * dS^T Q, dQ = scale * dS K: the math and the
 streaming loops are attn/common/softmax_bwd.py's (dkdv_heads, dq_ranges with MASK_BOUNDS, the
@@ -29,9 +29,8 @@ from attn.common.jit import LOG2E, LOG2E_F, cvt
 from attn.common.launch import dot_precision, use_tma
 from attn.common.softmax import bwd_delta
 from attn.common.softmax_bwd import MASK_BOUNDS, dkdv_heads, dq_ranges
-from attn.dispatch import INTERPRET
 from attn.nsa import cmp_plan
-from attn.nsa.cmp_plan import BIG, launch_cfg, q_tile
+from attn.nsa.cmp_plan import BIG, dkdv_chunk, launch_cfg, q_tile
 
 
 @triton.jit
@@ -41,7 +40,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, PF, PL, scale, qk_scale, q_off
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr,
                  DOT_PREC: tl.constexpr, TMA: tl.constexpr):
     # compressed tile 0 is seen by the most queries: program 0 is the heaviest, it runs first.
-    # Axis 2 splits the query rows (see dkdv_chunk).
+    # Axis 2 splits the query rows (see cmp_plan.dkdv_chunk).
     start_n = tl.program_id(0) * BLOCK_N
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -136,24 +135,6 @@ TMA = {kind: os.environ.get("NSA_CMP_TMA", "1") != "0" for kind in ("dq", "dkdv"
 DKDV_CFGS = {64: (64, 64, 4, 3), 128: (64, 128, 8, 3), 256: (32, 64, 4, 2)}
 # dQ: BLOCK_M query rows resident, BLOCK_N compressed rows streamed
 DQ_CFGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
-
-# dK/dV row splits: the first compressed tiles are seen by nearly every query row, so one
-# program per key tile leaves the heaviest program G * Tq rows of work. The rows are cut into
-# chunks (fp32 partials, summed in a fixed order) until the grid has about DKDV_PROGRAMS
-# programs, each chunk at least DKDV_MIN_ROWS rows (interpreter: INTERP_CHUNK rows, so the
-# tests cover several splits).
-DKDV_PROGRAMS = 2048
-DKDV_MIN_ROWS = 1024
-INTERP_CHUNK = 64
-
-
-def dkdv_chunk(tq, n_progs, bm):
-    """Query rows per dK/dV split (a multiple of bm)."""
-    if INTERPRET:
-        return INTERP_CHUNK
-    splits = max(1, min(triton.cdiv(DKDV_PROGRAMS, n_progs), tq // DKDV_MIN_ROWS))
-    return triton.cdiv(triton.cdiv(tq, splits), bm) * bm
-
 
 def bwd_triton(do, q, k_cmp, v_cmp, o, lse, plan, delta=None, gates=None):
     """delta: rowsum(o·do) fp32 [B, Hq, Tq] when the caller has it (overwritten by the exact

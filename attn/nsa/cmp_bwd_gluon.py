@@ -34,8 +34,7 @@ from attn.common.jit import LOG2E_F
 from attn.flash.bwd_gluon import DKDV_CFG, HALF_N, dkdv_heads, dkdv_ring, kv_half, qdo_producer
 from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, PRODUCER_REGS, mma_layout,
                                   scope_error, tile_desc)
-from attn.nsa.cmp_bwd import dkdv_chunk
-from attn.nsa.cmp_plan import BIG, key_bounds
+from attn.nsa.cmp_plan import BIG, dkdv_chunk, key_bounds
 
 
 @gluon.jit

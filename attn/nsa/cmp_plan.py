@@ -82,6 +82,24 @@ def tile_load(ptrs, ok, MASKED: tl.constexpr, OTHER: tl.constexpr = 0.0):
     return x
 
 
+# dK/dV row splits: the first compressed tiles are seen by nearly every query row, so one
+# program per key tile leaves the heaviest program G * Tq rows of work. The rows are cut into
+# chunks (fp32 partials, summed in a fixed order) until the grid has about DKDV_PROGRAMS
+# programs, each chunk at least DKDV_MIN_ROWS rows (interpreter: INTERP_CHUNK rows, so the
+# tests cover several splits).
+DKDV_PROGRAMS = 2048
+DKDV_MIN_ROWS = 1024
+INTERP_CHUNK = 64
+
+
+def dkdv_chunk(tq, n_progs, bm):
+    """Query rows per dK/dV split (a multiple of bm)."""
+    if INTERPRET:
+        return INTERP_CHUNK
+    splits = max(1, min(triton.cdiv(DKDV_PROGRAMS, n_progs), tq // DKDV_MIN_ROWS))
+    return triton.cdiv(triton.cdiv(tq, splits), bm) * bm
+
+
 def launch_cfg(table, d, dtype):
     """(BLOCK_M, BLOCK_N, warps, stages) of a kernel from its per-head-dim table."""
     return INTERP_BLOCKS if INTERPRET else table[pick_dim(table, d, dtype)]
