@@ -6,25 +6,17 @@ oracle with flash_testlib's tolerances (documents, window, q_offset, GQA, D 64, 
 T), outputs poisoned; and dK, dV against the Triton dK/dV kernel to rounding."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from attn.flash import common, flash_attn, flash_bwd, flash_fwd
 from flash_testlib import GLUON_CASES, check_gluon_case, gluon_case_id, skip_unless_hopper
-
-ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
+from import_refusal import assert_import_refuses
 
 
 def test_unknown_impl_is_refused():
-    env = dict(os.environ, PYTHONPATH=ROOT, FLASH_DKDV_IMPL="cuda")
-    r = subprocess.run([sys.executable, "-c", "import attn.flash"], env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
-    assert "FLASH_DKDV_IMPL='cuda': must be auto, triton or gluon" in r.stderr
+    assert_import_refuses("attn.flash", "FLASH_DKDV_IMPL", "cuda",
+                          "FLASH_DKDV_IMPL='cuda': must be auto, triton or gluon")
 
 
 def test_gluon_demanded_off_hopper_raises(monkeypatch):
@@ -35,7 +27,6 @@ def test_gluon_demanded_off_hopper_raises(monkeypatch):
     with pytest.raises(ValueError, match="FLASH_DKDV_IMPL=gluon: the Gluon dK/dV kernel needs "
                                          "a Hopper GPU"):
         o.sum().backward()
-
 
 
 @pytest.mark.gpu

@@ -9,28 +9,21 @@ the whole branch against the float64 definition with test_nsa_cmp.py's check and
 its deterministic backward: test_nsa_cmp.py's test_gpu_deterministic_backward."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from attn.nsa import cmp, cmp_plan
 from attn.nsa.cmp_plan import CmpPlan, key_bounds, row_bounds
 from attn.nsa.ref import cmp_cu_seqlens, num_cmp_blocks
+from import_refusal import assert_import_refuses
 from test_nsa_cmp import check_case, random_docs
 
-ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
 bf16, fp16 = torch.bfloat16, torch.float16
 
 
 def test_unknown_impl_is_refused():
-    env = dict(os.environ, PYTHONPATH=ROOT, NSA_CMP_IMPL="cuda")
-    r = subprocess.run([sys.executable, "-c", "import attn.nsa.cmp_plan"], env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0
-    assert "NSA_CMP_IMPL='cuda': must be triton or gluon" in r.stderr
+    assert_import_refuses("attn.nsa.cmp_plan", "NSA_CMP_IMPL", "cuda",
+                          "NSA_CMP_IMPL='cuda': must be triton or gluon")
 
 
 def test_gluon_demanded_off_hopper_raises(monkeypatch):
