@@ -20,6 +20,8 @@ top-k indices carry no gradient).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -30,8 +32,15 @@ from attn.common.launch import dot_precision
 from attn.common.softmax import bwd_delta
 from attn.common.softmax_bwd import MASK_BOUNDS, MASK_NONE, dkdv_acc, dkdv_probs
 from attn.dispatch import INTERPRET
+from attn.flash.common import hopper_error
 from attn.moba.fwd import dq_triton
 from attn.moba.routed import even_blocks
+
+# MOBA_DKDV_IMPL: the dK/dV kernel: triton (default: _dkdv_kernel below), gluon (dkdv_gluon.py's
+# warp-specialized kernel, Hopper; an error outside its scope) or auto (gluon within its scope)
+DKDV_IMPL = os.environ.get("MOBA_DKDV_IMPL", "triton")
+if DKDV_IMPL not in ("auto", "triton", "gluon"):
+    raise ValueError(f"MOBA_DKDV_IMPL={DKDV_IMPL!r}: must be auto, triton or gluon")
 
 
 @triton.jit
@@ -149,6 +158,23 @@ GPU_DKDV = (32, 64, 4, 2)
 INTERP_DKDV = (16, 16, 4, 1)
 
 
+def _dkdv_gluon(q, k, block_size, has_docs, q_offset, routed) -> bool:
+    """Whether dK/dV runs dkdv_gluon.py's kernel (MOBA_DKDV_IMPL); ValueError when it is
+    demanded outside its scope."""
+    if DKDV_IMPL == "triton":
+        return False
+    why = hopper_error(q, "MoBA Gluon dK/dV kernel")
+    if why is None:
+        from attn.moba.dkdv_gluon import dkdv_scope_error
+        why = dkdv_scope_error(q, k, block_size, has_docs, q_offset)
+    if why is None and not routed:
+        why = "the MoBA Gluon dK/dV kernel needs routed blocks (topk >= 2)"
+    if why is not None and DKDV_IMPL == "gluon":
+        raise ValueError(f"MOBA_DKDV_IMPL=gluon: {why}; unset it (triton) or set auto for these "
+                         "inputs")
+    return why is None
+
+
 def bwd_triton(do, q, k, v, o, lse, sel, table, scale, q_offset, index=None, block_size=None,
                has_docs=True):
     """(dq, dk, dv) for MoBA given the forward's o, lse, selection and its inverse index
@@ -161,6 +187,10 @@ def bwd_triton(do, q, k, v, o, lse, sel, table, scale, q_offset, index=None, blo
     delta = bwd_delta(o, do)
     dq = dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index, block_size)
     routed = index is not None
+    if _dkdv_gluon(q, k, block_size, has_docs, q_offset, routed):
+        from attn.moba.dkdv_gluon import dkdv_gluon
+        dk, dv = dkdv_gluon(do, q, k, v, lse, delta, index, nb, sel.shape[-1], scale, block_size)
+        return dq, dk, dv
     rowptr, entries = index if routed else (blk_start, blk_start)  # dummies, never read
     dk = alloc.empty(k.shape, k.dtype, k.device)
     dv = alloc.empty(v.shape, v.dtype, v.device)

@@ -13,7 +13,8 @@ A checkout `NAME=PATH@VAR=VALUE@...` runs with those environment variables set (
 switch in one checkout). Per case and checkout: the median over rounds of triton's do_bench median
 of back-to-back forward + backward calls (`--mode fwd`: forward only, under no_grad). Cases:
 flash (causal, GQA 16/4, D 128), flash64 (16 heads, D 64: the 350m model's layer), lightning
-(batch 4), MoBA, NSA (64 / 4 heads) at 16k tokens per sequence; nsa64k: NSA at 64k on request;
+(batch 4), MoBA, NSA (64 / 4 heads) at 16k tokens per sequence; on request moba64k (16 / 16
+heads: bench_moba.py's layer) and nsa64k at 64k;
 bf16, autotuning off (FLASH_AUTOTUNE=0, LINEAR_AUTOTUNE=0: the default configs).
 Writes <out>/ab_kernels.json and .md.
 """
@@ -27,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CASES = ("flash", "lightning", "moba", "nsa")  # the default set; flash64, nsa64k on request
+CASES = ("flash", "lightning", "moba", "nsa")  # the default set; flash64, moba64k, nsa64k on request
 
 # one process: import attn from sys.argv[1], time every case, print {case: ms} as JSON
 WORKER = r"""
@@ -54,9 +55,10 @@ def case(name):
         q, k, v = (randn(4, T, H, D) for _ in range(3))  # one sequence: launch-bound, +-10 %
         slopes = torch.linspace(0.01, 0.5, H, device=dev)
         return lambda: lightning_attn(q, k, v, slopes)[0], (q, k, v)
-    if name == "moba":
+    if name in ("moba", "moba64k"):
         from attn.moba import moba_attn
-        q, k, v = randn(1, T, H, D), randn(1, T, HKV, D), randn(1, T, HKV, D)
+        t, hkv = (4 * T, H) if name == "moba64k" else (T, HKV)
+        q, k, v = randn(1, t, H, D), randn(1, t, hkv, D), randn(1, t, hkv, D)
         return lambda: moba_attn(q, k, v, block_size=512, topk=3), (q, k, v)
     from attn.nsa import nsa_attn
     t = 4 * T if name == "nsa64k" else T
