@@ -6,11 +6,12 @@ and a deterministic backward (cmp_bwd.py). Definition: attn/nsa/ref.py's `cmp_at
     cmp_attn_bwd(do, q, k_cmp, v_cmp, o, lse, *, same keywords) -> (dq, dk_cmp, dv_cmp)
     cmp_attn(q, k_cmp, v_cmp, *, same keywords) -> (o, lse), differentiable w.r.t. q, k_cmp, v_cmp
 
-Kernels (cmp_plan.CMP_IMPL, NSA_CMP_IMPL): triton (default) is this file's forward and
-cmp_bwd.py's backward; gluon (opt-in until timed on a GPU) runs the forward through
-attn/flash/fwd_gluon.py's warp-specialized kernel in its pooled-key mode and the dK/dV through
-cmp_bwd_gluon.py (Hopper, 16-bit, D 64 / 128, Tq a multiple of 128 when B > 1; an error naming
-the rule outside that scope); the dQ kernel is cmp_bwd.py's in both.
+Kernels (cmp_plan.CMP_IMPL, NSA_CMP_IMPL): triton is this file's forward and cmp_bwd.py's
+backward; gluon runs the forward through attn/flash/fwd_gluon.py's warp-specialized kernel in its
+pooled-key mode and the dK/dV through cmp_bwd_gluon.py (Hopper, 16-bit, D 64 / 128, Tq a multiple
+of 128 when B > 1; an error naming the rule outside that scope); auto (default) takes gluon within
+that scope (H200, 64k, 64 / 4 heads: the NSA layer 4.5 % faster, docs/nsa_notes.md), triton
+otherwise. The dQ kernel is cmp_bwd.py's in all.
 
 Memory plan (forward; exp2 domain s2 = q.k * scale * log2(e)): one program = BLOCK_M query rows
 of one (batch, query head). Registers: Q tile [BLOCK_M, D], fp32 accumulator [BLOCK_M, D], running
@@ -107,16 +108,9 @@ def fwd(q, k_cmp, v_cmp, plan):
     if tc == 0 or tq == 0:  # no compressed row at all: every row is empty
         return (alloc.empty(q.shape, q.dtype, q.device).zero_(),
                 alloc.empty((B, hq, tq), torch.float32, q.device).fill_(float("inf")))
-    if cmp_plan.CMP_IMPL == "gluon":
-        from attn.flash.common import hopper_error
-        why = hopper_error(q, "Gluon flash forward")
-        if why is None:
-            from attn.flash.fwd_gluon import pooled_fwd_gluon
-            try:
-                return pooled_fwd_gluon(q, k_cmp, v_cmp, plan.scale, row_bounds(plan))
-            except ValueError as e:  # outside the kernel's scope
-                why = str(e)
-        raise ValueError(f"NSA_CMP_IMPL=gluon: {why}; unset it for these inputs")
+    if cmp_plan.gluon_kernels(q, k_cmp, "Gluon flash forward"):
+        from attn.flash.fwd_gluon import pooled_fwd_gluon
+        return pooled_fwd_gluon(q, k_cmp, v_cmp, plan.scale, row_bounds(plan))
     return fwd_triton(q, k_cmp, v_cmp, plan)
 
 

@@ -157,12 +157,9 @@ def bwd_triton(do, q, k_cmp, v_cmp, o, lse, plan, delta=None, gates=None):
         q, k_cmp, v_cmp, do, lse, delta, dq, c_lo, c_hi, delta if gates is None else gates, *args,
         **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s,
         TMA=TMA["dq"] and use_tma("dq", k_cmp, v_cmp), HAS_GATE=gates is not None)
-    if cmp_plan.CMP_IMPL == "gluon":
+    if cmp_plan.gluon_kernels(q, k_cmp, "Gluon compressed dK/dV kernel"):
         from attn.nsa.cmp_bwd_gluon import dkdv_pooled_gluon
-        try:
-            dk, dv = dkdv_pooled_gluon(do, q, k_cmp, v_cmp, lse, delta, plan)
-        except ValueError as e:
-            raise ValueError(f"NSA_CMP_IMPL=gluon: {e}; unset it for these inputs") from None
+        dk, dv = dkdv_pooled_gluon(do, q, k_cmp, v_cmp, lse, delta, plan)
         return dq, dk, dv
     bm, bn, w, s = launch_cfg(DKDV_CFGS, d, q.dtype)
     grid = (triton.cdiv(tc, bn), B * hkv)

@@ -27,13 +27,31 @@ from attn.common.launch import pick_dim
 from attn.dispatch import INTERPRET
 from attn.nsa.ref import cmp_cu_seqlens, cmp_rows
 
-# NSA_CMP_IMPL: the compressed branch's kernels, triton (default) or gluon (attn/nsa/cmp.py)
-CMP_IMPL = os.environ.get("NSA_CMP_IMPL", "triton")
-if CMP_IMPL not in ("triton", "gluon"):
-    raise ValueError(f"NSA_CMP_IMPL={CMP_IMPL!r}: must be triton or gluon")
+# NSA_CMP_IMPL: the compressed branch's kernels (attn/nsa/cmp.py): auto (default: the Gluon
+# kernels on Hopper within their scope, the Triton ones otherwise), triton, or gluon (an error
+# outside their scope)
+CMP_IMPL = os.environ.get("NSA_CMP_IMPL", "auto")
+if CMP_IMPL not in ("auto", "triton", "gluon"):
+    raise ValueError(f"NSA_CMP_IMPL={CMP_IMPL!r}: must be auto, triton or gluon")
 HEAD_DIMS = (16, 32, 64, 128)
 BIG = tl.constexpr(2 ** 30)  # past every position and every compressed row (int32 sentinel)
 INTERP_BLOCKS = (16, 16, 4, 1)  # interpreter: small tiles, many tile edges
+
+
+def gluon_kernels(q, k_cmp, kernel: str) -> bool:
+    """Whether the compressed branch runs its Gluon kernels (NSA_CMP_IMPL; kernel names the one
+    asking, for the error): ValueError when they are demanded outside their scope (a Hopper GPU,
+    fwd_gluon.scope_error's inputs)."""
+    if CMP_IMPL == "triton":
+        return False
+    from attn.flash.common import hopper_error
+    why = hopper_error(q, kernel)
+    if why is None:
+        from attn.flash.fwd_gluon import scope_error
+        why = scope_error(q, k_cmp)
+    if why is not None and CMP_IMPL == "gluon":
+        raise ValueError(f"NSA_CMP_IMPL=gluon: {why}; unset it (auto) for these inputs")
+    return why is None
 
 
 @triton.jit

@@ -23,7 +23,7 @@ bf16, fp16 = torch.bfloat16, torch.float16
 
 def test_unknown_impl_is_refused():
     assert_import_refuses("attn.nsa.cmp_plan", "NSA_CMP_IMPL", "cuda",
-                          "NSA_CMP_IMPL='cuda': must be triton or gluon")
+                          "NSA_CMP_IMPL='cuda': must be auto, triton or gluon")
 
 
 def test_gluon_demanded_off_hopper_raises(monkeypatch):
@@ -33,8 +33,9 @@ def test_gluon_demanded_off_hopper_raises(monkeypatch):
     with pytest.raises(ValueError, match="NSA_CMP_IMPL=gluon: the Gluon flash forward needs a "
                                          "Hopper GPU"):
         cmp.cmp_attn_fwd(q, kc, kc, scale=None, cmp_block=8, cmp_stride=4)
-    monkeypatch.setattr(cmp_plan, "CMP_IMPL", "triton")
+    monkeypatch.setattr(cmp_plan, "CMP_IMPL", "auto")   # the default: Triton off Hopper
     o, lse = cmp.cmp_attn_fwd(q, kc, kc, scale=None, cmp_block=8, cmp_stride=4)
+    cmp.cmp_attn_bwd(o, q, kc, kc, o, lse, scale=None, cmp_block=8, cmp_stride=4)
     monkeypatch.setattr(cmp_plan, "CMP_IMPL", "gluon")
     with pytest.raises(ValueError, match="NSA_CMP_IMPL=gluon: the Gluon compressed dK/dV kernel "
                                          "needs a Hopper GPU"):
