@@ -13,8 +13,9 @@ For every query head of the GQA group it walks
 Partitions (bwd_gluon.py's): two consumer warpgroups of 64 keys each (K, V in shared memory,
 dK, dV [64, D] fp32 in registers, the same per-block step), a 1-warp producer that fills the
 stage ring: per block, Q and dO [BLOCK_M, D] and the rows' lse and delta [BLOCK_M] fp32, by
-cp.async, SUB_M rows at a time (its 24 registers hold one sub-tile's addresses), from row ids it
-computes (a) or loads (b). Each producer thread then arms a cp.async arrive on the stage's
+cp.async, SUB_M rows at a time (its 24 registers hold one sub-tile's addresses). Routed row ids
+come with one load per block, a block ahead, staged through shared memory into the copy layout,
+so no copy waits on a load. Each producer thread then arms a cp.async arrive on the stage's
 `ready` barrier (it lands once that thread's copies have), and one elected arrive makes up the
 barrier's count of 1. cp.async writes through the generic proxy and wgmma reads through the
 async proxy: each consumer fences after its barrier wait. Shared memory: K, V 128 x D, STAGES x
@@ -151,11 +152,12 @@ def _consumer_keys_64_127(k_desc, v_desc, dk_desc, dv_desc, ROWPTR, q_smem, do_s
 
 
 @gluon.jit
-def _fill(Q_h, DO_h, LSE_h, DELTA_h, ROWS, first, cnt, st, q_smem, do_smem, lse_smem, delta_smem,
-          ready, stride_t, GATHER: gl.constexpr):
-    """One stage: the BLOCK_M rows first.. (GATHER: the row ids ROWS[first..], entries past cnt
-    are padding) copied by cp.async, Q and dO SUB_M rows at a time, lse and delta per row;
-    padding rows copy nothing, so the stage holds zeros there (cp.async's zero fill) and give
+def _fill(Q_h, DO_h, LSE_h, DELTA_h, ids, ids_smem, first, cnt, st, q_smem, do_smem, lse_smem,
+          delta_smem, ready, stride_t, GATHER: gl.constexpr):
+    """One stage: BLOCK_M rows (GATHER: the row ids `ids`, loaded a stage ahead, of which those
+    at or past cnt are padding; else the rows first..) copied by cp.async, Q and dO SUB_M rows
+    at a time (their ids read back from ids_smem in the copy layout), lse and delta per row.
+    Padding rows copy nothing, so the stage holds zeros there (cp.async's zero fill): they give
     P·dO = 0 (dO = 0) and dS = P·(dP − delta) = 0 (dP = 0, delta = 0)."""
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
@@ -164,24 +166,26 @@ def _fill(Q_h, DO_h, LSE_h, DELTA_h, ROWS, first, cnt, st, q_smem, do_smem, lse_
     line: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
     sub = gl.arange(0, SUB_M, layout=gl.SliceLayout(1, tile))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, tile))
+    if GATHER:
+        cta_sync()                     # the previous stage's ids are read
+        ids_smem.store(ids)
+        cta_sync()
     for r0 in gl.static_range(0, BLOCK_M, SUB_M):
-        idx = r0 + sub
-        ok = idx < cnt
+        ok = r0 + sub < cnt
         if GATHER:
-            rows = gl.load(ROWS + first + idx, mask=ok, other=0)
+            rows = ids_smem.slice(r0, SUB_M).load(gl.SliceLayout(1, tile))
         else:
-            rows = first + idx
+            rows = first + r0 + sub
         offs = rows.to(gl.int64)[:, None] * stride_t + cols[None, :]
         cp_async(q_smem.index(st).slice(r0, SUB_M), Q_h + offs, mask=ok[:, None])
         cp_async(do_smem.index(st).slice(r0, SUB_M), DO_h + offs, mask=ok[:, None])
     idx = gl.arange(0, BLOCK_M, layout=line)
-    ok = idx < cnt
     if GATHER:
-        rows = gl.load(ROWS + first + idx, mask=ok, other=0)
+        rows = ids
     else:
         rows = first + idx
-    cp_async(lse_smem.index(st), LSE_h + rows, mask=ok)
-    cp_async(delta_smem.index(st), DELTA_h + rows, mask=ok)
+    cp_async(lse_smem.index(st), LSE_h + rows, mask=idx < cnt)
+    cp_async(delta_smem.index(st), DELTA_h + rows, mask=idx < cnt)
     async_copy.mbarrier_arrive(ready.index(st))   # armed per thread: lands with its copies
     mbarrier.arrive(ready.index(st), count=1)      # the barrier's count of 1 (elected thread)
 
@@ -190,29 +194,39 @@ def _fill(Q_h, DO_h, LSE_h, DELTA_h, ROWS, first, cnt, st, q_smem, do_smem, lse_
 def _producer(Q, DO, LSE, DELTA, ROWPTR, ROWS, q_smem, do_smem, lse_smem, delta_smem, ready,
               empty, Tq, hq, group, NB, b, hkv, j, m_lo, m_hi):
     """Fills the ring in the consumers' order: per query head of the group, the own rows'
-    blocks [m_lo, m_hi), then the block's routed rows BLOCK_M at a time."""
+    blocks [m_lo, m_hi), then the block's routed rows BLOCK_M at a time, their ids loaded one
+    stage ahead (so the copies wait on no load)."""
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
     STAGES: gl.constexpr = q_smem.shape[0]
+    line: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
+    ids_smem = gl.allocate_shared_memory(gl.int32, [BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1,
+                                                                                      [0]))
+    idx = gl.arange(0, BLOCK_M, layout=line)
     stride_t = hq * HEAD_DIM
     it = m_lo * 0
     for g in range(group):
         h = hkv * group + g
         bh = (b * hq + h).to(gl.int64)
         base = b.to(gl.int64) * Tq * stride_t + h * HEAD_DIM
+        beg = gl.load(ROWPTR + bh * NB + j)
+        cnt = gl.load(ROWPTR + bh * NB + j + 1) - beg
+        ids_next = gl.load(ROWS + beg + idx, mask=idx < cnt, other=0)
         for i in range(m_lo, m_hi):
             st = it % STAGES
             # the stage's previous block (it − STAGES) must have been released by both consumers
             mbarrier.wait(empty.index(st), ((it // STAGES) + 1) & 1, pred=it >= STAGES)
-            _fill(Q + base, DO + base, LSE + bh * Tq, DELTA + bh * Tq, ROWS, i * BLOCK_M, BLOCK_M,
-                  st, q_smem, do_smem, lse_smem, delta_smem, ready, stride_t, False)
+            _fill(Q + base, DO + base, LSE + bh * Tq, DELTA + bh * Tq, ids_next, ids_smem,
+                  i * BLOCK_M, BLOCK_M, st, q_smem, do_smem, lse_smem, delta_smem, ready,
+                  stride_t, False)
             it += 1
-        beg = gl.load(ROWPTR + bh * NB + j)
-        cnt = gl.load(ROWPTR + bh * NB + j + 1) - beg
         for c in range(0, gl.cdiv(cnt, BLOCK_M)):
+            ids = ids_next
+            nxt = (c + 1) * BLOCK_M + idx
+            ids_next = gl.load(ROWS + beg + nxt, mask=nxt < cnt, other=0)
             st = it % STAGES
             mbarrier.wait(empty.index(st), ((it // STAGES) + 1) & 1, pred=it >= STAGES)
-            _fill(Q + base, DO + base, LSE + bh * Tq, DELTA + bh * Tq, ROWS, beg + c * BLOCK_M,
+            _fill(Q + base, DO + base, LSE + bh * Tq, DELTA + bh * Tq, ids, ids_smem, 0,
                   cnt - c * BLOCK_M, st, q_smem, do_smem, lse_smem, delta_smem, ready, stride_t,
                   True)
             it += 1

@@ -134,7 +134,7 @@ def compile_moba_routed(d: int, dtype=gl.bfloat16) -> dict:
 # one value at D = 128; the flash dK/dV 72 / 216 bytes at D = 128 / 64 with the configs
 # bwd_gluon.py takes there): for them the forwards keep the 8-byte rule and the dK/dV kernels
 # are checked for compiling and shared memory only.
-STACK_36 = {"fwd": 8, "pooled": 8, "dkdv": 144, "pooled-dkdv": 176, "moba-dkdv": 104,
+STACK_36 = {"fwd": 8, "pooled": 8, "dkdv": 144, "pooled-dkdv": 176, "moba-dkdv": 120,
             "moba-routed": 0}
 
 
