@@ -15,10 +15,9 @@
 #   nsa-cmp       A/B of NSA's compressed-branch kernels: NSA_CMP_IMPL=triton against =gluon
 #                 (ab_kernels.py, the whole NSA layer at 16k and 64k, 64 / 4 heads, forward and
 #                 forward + backward, 3 alternating rounds each)              -> $OUT/nsa-cmp/
-#   moba-gluon    A/B of MoBA's Gluon kernels (ab_kernels.py, forward + backward, moba (16k, GQA
-#                 16/4) and moba64k (64k, 16/16), 3 alternating rounds): the Triton kernels, the
-#                 Gluon dK/dV (MOBA_DKDV_IMPL=gluon), and with it the Gluon routed forward
-#                 (MOBA_ROUTED_IMPL=gluon)                                   -> $OUT/moba-gluon/
+#   moba-gluon    A/B of MoBA's dK/dV kernels, MOBA_DKDV_IMPL=triton against =gluon (ab_kernels.py,
+#                 forward + backward, moba (16k, GQA 16/4) and moba64k (64k, 16/16), 3 alternating
+#                 rounds)                                                    -> $OUT/moba-gluon/
 #   ahead         A/B of the Triton flash forward with FLASH_FWD_AHEAD=1 against =0
 #                 (ab_kernels.py, forward only, D 128 and D 64, 5 alternating rounds) -> $OUT/ahead/
 #   gluon         flash (the Gluon forward and dK/dV on Hopper), with the Triton dK/dV kernel
@@ -66,7 +65,7 @@ declare -A TESTS=(
   [flash]="tests/attn/flash" [ahead]="tests/attn/flash" [gluon]="tests/attn/flash/test_fwd_gluon.py tests/attn/flash/test_bwd_gluon.py"
   [lightning]=$LINEAR_TESTS [linear-parts]=$LINEAR_TESTS
   [moba]="tests/attn/moba" [moba-parts]="tests/attn/moba" [moba-sweep]="tests/attn/moba"
-  [moba-gluon]="tests/attn/moba/test_moba_dkdv_gluon.py tests/attn/moba/test_moba_routed_gluon.py"
+  [moba-gluon]="tests/attn/moba/test_moba_dkdv_gluon.py"
   [nsa]="tests/attn/nsa" [nsa-parts]="tests/attn/nsa"
   [nsa-cmp]="tests/attn/nsa/test_nsa_cmp_gluon.py tests/attn/nsa/test_nsa_cmp.py tests/attn/nsa/test_nsa_gpu.py"
   [train]=$TRAIN_TESTS [e2e]=$TRAIN_TESTS [profile]=$TRAIN_TESTS [recall]="tests/test_eval.py"
@@ -154,9 +153,8 @@ run_part() {  # run_part PART ARGS...
                       triton=.@NSA_CMP_IMPL=triton gluon=.@NSA_CMP_IMPL=gluon --cases nsa,nsa64k \
                       --mode $mode --rounds 3 "$@" || return 1
                   done ;;
-    moba-gluon)   bench moba-gluon "$limit" scripts/bench/ab_kernels.py triton=. \
-                    dkdv=.@MOBA_DKDV_IMPL=gluon gluon=.@MOBA_DKDV_IMPL=gluon@MOBA_ROUTED_IMPL=gluon \
-                    --cases moba,moba64k --mode fwdbwd --rounds 3 "$@" ;;
+    moba-gluon)   bench moba-gluon "$limit" scripts/bench/ab_kernels.py triton=.@MOBA_DKDV_IMPL=triton \
+                    gluon=.@MOBA_DKDV_IMPL=gluon --cases moba,moba64k --mode fwdbwd --rounds 3 "$@" ;;
     lightning)    bench lightning "$limit" scripts/bench/bench_linear.py "$@" ;;
     moba)         bench moba "$limit" scripts/bench/bench_moba.py "$@" ;;
     nsa)          bench nsa "$limit" scripts/bench/bench_nsa.py "$@" ;;

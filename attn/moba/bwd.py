@@ -16,7 +16,8 @@ dK = scale · dSᵀ Q, dQ = scale · dS K, per tile pair by attn/common/softmax_
 with MASK_BOUNDS: each key's window of query positions, and dkdv_acc; dQ: dq_acc, in fwd.py and
 routed.py); the row walks (own block, gathered routed rows) are MoBA's own. No gradient flows
 through the gate (the selection is piecewise constant), as in the paper and in ref.py (its
-top-k indices carry no gradient).
+top-k indices carry no gradient). On Hopper, MOBA_DKDV_IMPL=gluon|auto runs dK/dV through
+dkdv_gluon.py's warp-specialized kernel instead (same walk, same result up to rounding).
 """
 from __future__ import annotations
 

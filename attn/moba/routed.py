@@ -22,11 +22,9 @@ The per-query-tile kernels (fwd.py) then add the own block and merge the NSEL pa
 row: output through their lse, dQ by summation; every element has one writer, no atomics.
 Transient memory: NSEL rows of D per query and head (OP in the forward, DQP in the backward),
 2 bytes per element for 16-bit inputs: at 64k, H = 16, top-3 that is 512 MiB instead of the
-1 GiB of fp32. On Hopper, MOBA_ROUTED_IMPL=gluon|auto runs the forward through routed_gluon.py.
+1 GiB of fp32.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -38,14 +36,6 @@ from attn.common.launch import dot_precision
 from attn.common.softmax import softmax_step
 from attn.common.softmax_bwd import dq_acc
 from attn.dispatch import INTERPRET
-from attn.flash.common import hopper_error
-
-# MOBA_ROUTED_IMPL: the routed forward: triton (default: _routed_fwd_kernel below), gluon
-# (routed_gluon.py's warp-specialized kernel, Hopper; an error outside its scope) or auto (gluon
-# within its scope)
-ROUTED_IMPL = os.environ.get("MOBA_ROUTED_IMPL", "triton")
-if ROUTED_IMPL not in ("auto", "triton", "gluon"):
-    raise ValueError(f"MOBA_ROUTED_IMPL={ROUTED_IMPL!r}: must be auto, triton or gluon")
 
 
 def partial_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -244,25 +234,9 @@ def even_blocks(block_size, block_n: int) -> bool:
     return block_size is not None and block_size % block_n == 0
 
 
-def _routed_gluon(q, k, block_size, has_docs) -> bool:
-    """Whether the routed forward runs routed_gluon.py's kernel (MOBA_ROUTED_IMPL); ValueError
-    when it is demanded outside its scope."""
-    if ROUTED_IMPL == "triton":
-        return False
-    why = hopper_error(q, "MoBA Gluon routed forward")
-    if why is None:
-        from attn.moba.routed_gluon import routed_scope_error
-        why = routed_scope_error(q, k, block_size, has_docs)
-    if why is not None and ROUTED_IMPL == "gluon":
-        raise ValueError(f"MOBA_ROUTED_IMPL=gluon: {why}; unset it (triton) or set auto for "
-                         "these inputs")
-    return why is None
-
-
-def routed_fwd(q, k, v, index, table, scale_log2, nsel: int, block_size=None, has_docs=True):
+def routed_fwd(q, k, v, index, table, scale_log2, nsel: int, block_size=None):
     """(OP, LP): normalised partial output and log2 lse of every (row, slot) entry. block_size
-    (None: unknown) lets the kernel drop the key mask when its key chunk divides the block;
-    has_docs (unknown: True) whether the blocks restart at documents."""
+    (None: unknown) lets the kernel drop the key mask when its key chunk divides the block."""
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     _, _, blk_start, blk_end = table
@@ -270,9 +244,6 @@ def routed_fwd(q, k, v, index, table, scale_log2, nsel: int, block_size=None, ha
     rowptr, entries = index
     op = alloc.empty((B * hq, tq * nsel, d), partial_dtype(q.dtype), q.device)
     lp = alloc.empty((B * hq, tq * nsel), torch.float32, q.device)
-    if _routed_gluon(q, k, block_size, has_docs):
-        from attn.moba.routed_gluon import routed_fwd_gluon
-        return routed_fwd_gluon(q, k, v, index, nb, nsel, scale_log2, block_size, op, lp)
     bm, bn, w, s = _cfg(q.dtype, d)
     split = INTERP_SPLIT if INTERPRET else GPU_SPLIT
     _routed_fwd_kernel[(nb * split, B * hq)](

@@ -28,7 +28,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-CASES = ("flash", "lightning", "moba", "nsa")  # the default set; flash64, moba64k, nsa64k on request
+CASES = ("flash", "lightning", "moba", "nsa")  # default; flash64, moba64k, nsa64k on request
 
 # one process: import attn from sys.argv[1], time every case, print {case: ms} as JSON
 WORKER = r"""

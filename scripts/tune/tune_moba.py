@@ -58,11 +58,10 @@ def stage_times(T, H, Hkv, D, block, topk, warmup, rep):
     r["index"] = bench(lambda: routed_entries_triton(sel, nb))
     index = routed_entries_triton(sel, nb)
     nsel = sel.shape[-1]
-    # no documents: MOBA_ROUTED_IMPL applies as in the op
     r["routed_fwd"] = bench(lambda: routed.routed_fwd(q, k, v, index, table, scale * LOG2E_F,
-                                                      nsel, block, False))
+                                                      nsel, block))
     r["fwd_after_gate"] = bench(lambda: mf.fwd_triton(q, k, v, sel, table, scale, 0, index,
-                                                      block, False))
+                                                      block))
     r["tile_fwd"] = r["fwd_after_gate"] - r["routed_fwd"]
     r["fwd"] = bench(lambda: op.moba_fwd(q, k, v, block_size=block, topk=topk))
     o, lse, sel, table, index = op.moba_fwd(q, k, v, block_size=block, topk=topk)

@@ -2,11 +2,10 @@
 for sm_90a without a GPU: `python gluon_aot.py` prints registers, stack and shared memory of
 each GLUON_CFG entry, of the forward's 64-key-block variants tune_flash.py sweeps, of its
 pooled-key mode (NSA's compressed branch), of each DKDV_CFG entry (flash's dK/dV kernel, NSA's
-pooled one, attn/nsa/cmp_bwd_gluon.py, MoBA's gathering one, attn/moba/dkdv_gluon.py) and of
-MoBA's routed forward (attn/moba/routed_gluon.py), and exits non-zero when one fails to
-compile, spills or exceeds 227 KB of shared memory. Run by tests/attn/flash/test_fwd_gluon.py in
-a subprocess (Gluon kernels are compiled, never interpreted); uses the ptxas / cuobjdump that
-ship with the triton wheel."""
+pooled one, attn/nsa/cmp_bwd_gluon.py, MoBA's gathering one, attn/moba/dkdv_gluon.py), and
+exits non-zero when one fails to compile, spills or exceeds 227 KB of shared memory. Run by
+tests/attn/flash/test_fwd_gluon.py in a subprocess (Gluon kernels are compiled, never
+interpreted); uses the ptxas / cuobjdump that ship with the triton wheel."""
 from __future__ import annotations
 
 import os
@@ -25,7 +24,6 @@ from triton.runtime.jit import mangle_type
 from attn.flash import bwd_gluon as BG
 from attn.flash import fwd_gluon as G
 from attn.moba import dkdv_gluon as MG
-from attn.moba import routed_gluon as MR
 from attn.nsa import cmp_bwd_gluon as CG
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -113,19 +111,6 @@ def compile_moba_dkdv(d: int, bm: int, bn: int, stages: int, dtype=gl.bfloat16) 
     return _compile(MG._moba_dkdv_kernel, sig, const, aligned=("Q", "DO"))
 
 
-def compile_moba_routed(d: int, dtype=gl.bfloat16) -> dict:
-    """MoBA's routed forward with gathering consumers (attn/moba/routed_gluon.py)."""
-    q, kv = _desc(d, G.HALF_M.value, dtype), _desc(d, MR.TILE, dtype)
-    ptr = "*bf16" if dtype == gl.bfloat16 else "*fp16"
-    sig = {"Q": ptr, "q_desc": q, "k_desc": kv, "v_desc": kv, "OP": ptr, "LP": "*fp32",
-           "ENTRIES": "*i32", "ROWPTR": "*i32", "WORK": "*i32", "qk_scale": "fp32", "Tq": "i32",
-           "Tk": "i32", "NB": "i32", "hq": "i32", "group": "i32", "nsel": "i32", "n_work": "i32",
-           "block_size": "i32"}
-    const = dict(HEAD_DIM=d, BLOCK_N=MR.TILE, STAGES=MR.STAGES, CONSUMER_REGS=G.CONSUMER_REGS,
-                 PRODUCER_REGS=G.PRODUCER_REGS, num_warps=G.CONSUMER_WARPS.value)
-    return _compile(MR._routed_fwd_kernel, sig, const, aligned=("Q", "OP"))
-
-
 # bytes of stack (spilled registers) each kind may take with triton 3.6's ptxas (the GPU image's):
 # the forwards spill one value (8 bytes, a few local loads of one slot) at 128-key blocks; the
 # dK/dV kernels' 64-query blocks at D = 128 spill 144 bytes (flash; measured faster than the
@@ -134,8 +119,7 @@ def compile_moba_routed(d: int, dtype=gl.bfloat16) -> dict:
 # one value at D = 128; the flash dK/dV 72 / 216 bytes at D = 128 / 64 with the configs
 # bwd_gluon.py takes there): for them the forwards keep the 8-byte rule and the dK/dV kernels
 # are checked for compiling and shared memory only.
-STACK_36 = {"fwd": 8, "pooled": 8, "dkdv": 144, "pooled-dkdv": 176, "moba-dkdv": 120,
-            "moba-routed": 0}
+STACK_36 = {"fwd": 8, "pooled": 8, "dkdv": 144, "pooled-dkdv": 176, "moba-dkdv": 120}
 
 
 def too_big(kind: str, r: dict) -> bool:
@@ -144,7 +128,7 @@ def too_big(kind: str, r: dict) -> bool:
         return True
     if triton.__version__.startswith("3.6"):
         return r["stack"] > STACK_36[kind]
-    return kind in ("fwd", "pooled", "moba-routed") and r["stack"] > 8
+    return kind in ("fwd", "pooled") and r["stack"] > 8
 
 
 def main() -> int:
@@ -154,7 +138,6 @@ def main() -> int:
     jobs += [("dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
     jobs += [("pooled-dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
     jobs += [("moba-dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
-    jobs += [("moba-routed", d, 128, MR.TILE, MR.STAGES) for d in G.GLUON_CFG]
     failed = 0
     for kind, d, bm, bn, st in jobs:
         for dt in (gl.bfloat16, gl.float16):
@@ -166,8 +149,6 @@ def main() -> int:
                     r = compile_pooled_dkdv(d, bm, bn, st, dt)
                 elif kind == "moba-dkdv":
                     r = compile_moba_dkdv(d, bm, bn, st, dt)
-                elif kind == "moba-routed":
-                    r = compile_moba_routed(d, dt)
                 else:
                     r = compile_cfg(d, bm, bn, st, dt, pooled=kind == "pooled")
                 bad = too_big(kind, r)
