@@ -3,17 +3,13 @@
 cp.async (Hopper's TMA loads boxes, it cannot gather rows). Under MOBA_DKDV_IMPL (bwd.py); the dQ
 kernels stay fwd.py's and routed.py's.
 
-A work item = 128 keys of one (batch, KV head), inside one block (block_size a multiple of 128).
+One program = 128 keys of one (batch, KV head), inside one block (block_size a multiple of 128).
 For every query head of the GQA group it walks
   (a) the own-block rows: positions from the tile's first key to the block's end, BLOCK_M at a
       time (a row sees the keys of its block at or before it);
   (b) the routed rows of the block: the inverse index (routed.py) lists, per (batch, query head,
       block), the entries row·NSEL + slot that chose it (ROWS: their rows, divided once on the
       host); BLOCK_M at a time, every row sees every key of the (earlier, complete) block.
-The kernel is persistent (one program per SM, items p, p + programs, ...): a MoBA item walks few
-row blocks (~20 at 64k with 16 KV heads), so a program per item left its K/V load, pipeline fill
-and dK/dV stores exposed, one program per SM. Here the producer runs on into the next item's
-rows, and each consumer loads the next item's K/V half into a second buffer while it works.
 Partitions (bwd_gluon.py's): two consumer warpgroups of 64 keys each (K, V in shared memory,
 dK, dV [64, D] fp32 in registers, the same per-block step), a 1-warp producer that fills the
 stage ring: per block, Q and dO [BLOCK_M, D] and the rows' lse and delta [BLOCK_M] fp32, by
@@ -22,7 +18,8 @@ come with one load per block, a block ahead, staged through shared memory into t
 so no copy waits on a load. Each producer thread then arms a cp.async arrive on the stage's
 `ready` barrier (it lands once that thread's copies have), and one elected arrive makes up the
 barrier's count of 1. cp.async writes through the generic proxy and wgmma reads through the
-async proxy: each consumer fences after its barrier wait. Shared memory: DKDV_CFG below.
+async proxy: each consumer fences after its barrier wait. Shared memory: K, V 128 x D, STAGES x
+(Q, dO) BLOCK_M x D (16-bit) and (lse, delta) BLOCK_M (fp32): 194 KB at D = 128 (64, 4 stages).
 
 Masking: own rows at a position before a key give P = 0 (blocks holding such rows are masked,
 later ones whole); the padding rows of a block's last routed chunk are zeros in the stage
@@ -34,7 +31,6 @@ Deterministic: every dK, dV element has one writer; rows are added in a fixed or
 """
 from __future__ import annotations
 
-import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -44,18 +40,15 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from attn.common import alloc
 from attn.common.jit import LOG2E_F
-from attn.flash.bwd_gluon import HALF_N, LOG2E
+from attn.flash.bwd_gluon import DKDV_CFG, HALF_N, LOG2E, dkdv_ring, kv_half
 from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, PRODUCER_REGS, cta_sync,
-                                  mma_layout, scope_error, tile_desc, tma_load, tma_store)
+                                  mma_layout, scope_error, tile_desc, tma_store)
 
 # cp.async into shared memory (renamed between triton 3.6, the GPU image, and 3.9)
 cp_async = async_copy.async_load if hasattr(async_copy, "async_load") \
     else async_copy.async_copy_global_to_shared
 SUB_M = gl.constexpr(8)   # rows per producer copy step: 4 (D 128) or 2 (D 64) 16-byte copies
-TILE = 128                # keys per work item; block_size and Tk multiples of it
-# (BLOCK_M, STAGES) per head dim. Shared memory: K, V 2 buffers x 128 x D + STAGES x (Q, dO)
-# BLOCK_M x D (16-bit) + (lse, delta): 193 KB at D = 128, 129 KB at D = 64
-DKDV_CFG = {64: (64, 4), 128: (32, 4)}
+TILE = 128                # keys per program; block_size and Tk multiples of it
 
 
 @gluon.jit
@@ -93,112 +86,69 @@ def _step(it, dk, dv, k_c, v_c, q_smem, do_smem, lse_smem, delta_smem, ready, em
 
 
 @gluon.jit
-def _item(item, n_bh, Tq, hq, group, block_size, BLOCK_M: gl.constexpr):
-    """Work item -> (b, hkv, k0, block j, own-row blocks [m_lo, m_hi)): key tile `item // n_bh`
-    of (batch, KV head) `item % n_bh` (KV heads fastest: every head's block-0 tiles, chosen by
-    the most rows, come first). Own rows run from k0 to the block's end; BLOCK_M divides both."""
-    hkv_n = hq // group
-    pid_bh = item % n_bh
-    k0 = (item // n_bh) * (2 * HALF_N)
-    j = k0 // block_size
-    m_hi = gl.cdiv(gl.minimum((j + 1) * block_size, Tq), BLOCK_M)
-    return pid_bh // hkv_n, pid_bh % hkv_n, k0, j, k0 // BLOCK_M, m_hi
-
-
-@gluon.jit
-def _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, item, n_bh, Tq, hq, group,
-             slot, HALF: gl.constexpr):
-    """Issue the TMA loads of this consumer's K, V half of `item` into `slot`."""
-    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
-    hkv_n = hq // group
-    pid_bh = item % n_bh
-    row = (pid_bh // hkv_n) * Tq + (item // n_bh) * (2 * HALF_N) + HALF * HALF_N
-    bar = kv_bar.index(slot)
-    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma_load(k_desc, [row, (pid_bh % hkv_n) * HEAD_DIM], bar, k_smem.index(slot))
-    tma_load(v_desc, [row, (pid_bh % hkv_n) * HEAD_DIM], bar, v_smem.index(slot))
-
-
-@gluon.jit
 def _consumer(k_desc, v_desc, dk_desc, dv_desc, ROWPTR, q_smem, do_smem, lse_smem, delta_smem,
-              k_smem, v_smem, kv_bar, ready, empty, qk_scale, scale, Tq, hq, group, NB,
-              block_size, n_bh, n_items, HALF: gl.constexpr):
+              k_smem, v_smem, kv_bar, ready, empty, qk_scale, scale, hq, group, NB, row_k, k0, col,
+              b, hkv, j, m_lo, m_hi, HALF: gl.constexpr):
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     STAGES: gl.constexpr = q_smem.shape[0]
     s_layout: gl.constexpr = mma_layout(BLOCK_M)
     o_layout: gl.constexpr = mma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    kc = k0 + HALF * HALF_N            # this consumer's first key
+    k_c, v_c = kv_half(k_desc, v_desc, k_smem, v_smem, kv_bar, row_k, kc, col, HALF)
+    kpos = kc + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, s_layout))
     rel = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))
-    pid = gl.program_id(0)
-    n_prog = gl.num_programs(0)
-    # K, V of the first item; each item then issues its successor's into the other buffer
-    # (slots 2·buffer + HALF), so they load while this item runs
-    _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, pid, n_bh, Tq, hq, group, HALF, HALF)
-    it = pid * 0                       # ring slot counter, the producer's order
-    t = pid * 0                        # items done
-    for item in range(pid, n_items, n_prog):
-        slot = (t % 2) * 2 + HALF
-        if item + n_prog < n_items:    # the other buffer's last stores were waited for
-            _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, item + n_prog, n_bh, Tq, hq, group,
-                     ((t + 1) % 2) * 2 + HALF, HALF)
-        b, hkv, k0, j, m_lo, m_hi = _item(item, n_bh, Tq, hq, group, block_size, BLOCK_M)
-        kc = k0 + HALF * HALF_N        # this consumer's first key
-        k_c = k_smem.index(slot)
-        v_c = v_smem.index(slot)
-        mbarrier.wait(kv_bar.index(slot), (t // 2) & 1)
-        kpos = kc + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, s_layout))
-        # own rows: blocks [m_lo, f_lo) hold rows before this consumer's last key (masked), the
-        # blocks from f_lo on see all of its keys
-        f_lo = gl.minimum(gl.maximum(gl.cdiv(kc + HALF_N - 1, BLOCK_M), m_lo), m_hi)
-        dk = gl.zeros([HALF_N, HEAD_DIM], gl.float32, o_layout)
-        dv = gl.zeros([HALF_N, HEAD_DIM], gl.float32, o_layout)
-        for g in range(group):         # the producer's order: heads, own rows, routed rows
-            bh = (b * hq + hkv * group + g).to(gl.int64)
-            for i in range(m_lo, f_lo):
-                dk, dv = _step(it, dk, dv, k_c, v_c, q_smem, do_smem, lse_smem, delta_smem,
-                               ready, empty, i * BLOCK_M + rel, kpos, qk_scale, BLOCK_M, STAGES,
-                               s_layout, p_layout, True)
-                it += 1
-            for i in range(f_lo, m_hi):
-                dk, dv = _step(it, dk, dv, k_c, v_c, q_smem, do_smem, lse_smem, delta_smem,
-                               ready, empty, rel, kpos, qk_scale, BLOCK_M, STAGES, s_layout,
-                               p_layout, False)
-                it += 1
-            cnt = gl.load(ROWPTR + bh * NB + j + 1) - gl.load(ROWPTR + bh * NB + j)
-            for c in range(0, gl.cdiv(cnt, BLOCK_M)):
-                dk, dv = _step(it, dk, dv, k_c, v_c, q_smem, do_smem, lse_smem, delta_smem,
-                               ready, empty, rel, kpos, qk_scale, BLOCK_M, STAGES, s_layout,
-                               p_layout, False)
-                it += 1
-        # K and V are no longer read: their tiles stage dK (scaled) and dV for the TMA stores,
-        # waited for before the buffer takes the item after next
-        k_c.store((dk * scale).to(k_c.dtype))
-        v_c.store(dv.to(v_c.dtype))
-        fence_async_shared()
-        tma_store(dk_desc, [b * Tq + kc, hkv * HEAD_DIM], k_c)
-        tma_store(dv_desc, [b * Tq + kc, hkv * HEAD_DIM], v_c)
-        tma.store_wait(pendings=0)
-        t += 1
+    # own rows: blocks [m_lo, f_lo) hold rows before this consumer's last key (masked), the
+    # blocks from f_lo on see all of its keys
+    f_lo = gl.minimum(gl.maximum(gl.cdiv(kc + HALF_N - 1, BLOCK_M), m_lo), m_hi)
+
+    dk = gl.zeros([HALF_N, HEAD_DIM], gl.float32, o_layout)
+    dv = gl.zeros([HALF_N, HEAD_DIM], gl.float32, o_layout)
+    it = m_lo * 0
+    for g in range(group):             # the producer's order: heads, own rows, routed rows
+        bh = (b * hq + hkv * group + g).to(gl.int64)
+        for i in range(m_lo, f_lo):
+            dk, dv = _step(it, dk, dv, k_c, v_c, q_smem, do_smem, lse_smem, delta_smem, ready,
+                           empty, i * BLOCK_M + rel, kpos, qk_scale, BLOCK_M, STAGES, s_layout,
+                           p_layout, True)
+            it += 1
+        for i in range(f_lo, m_hi):
+            dk, dv = _step(it, dk, dv, k_c, v_c, q_smem, do_smem, lse_smem, delta_smem, ready,
+                           empty, rel, kpos, qk_scale, BLOCK_M, STAGES, s_layout, p_layout, False)
+            it += 1
+        cnt = gl.load(ROWPTR + bh * NB + j + 1) - gl.load(ROWPTR + bh * NB + j)
+        for c in range(0, gl.cdiv(cnt, BLOCK_M)):
+            dk, dv = _step(it, dk, dv, k_c, v_c, q_smem, do_smem, lse_smem, delta_smem, ready,
+                           empty, rel, kpos, qk_scale, BLOCK_M, STAGES, s_layout, p_layout, False)
+            it += 1
+
+    # K and V are no longer read: their tiles stage dK (scaled) and dV for the TMA stores
+    k_c.store((dk * scale).to(k_c.dtype))
+    v_c.store(dv.to(v_c.dtype))
+    fence_async_shared()
+    tma_store(dk_desc, [row_k + kc, col], k_c)
+    tma_store(dv_desc, [row_k + kc, col], v_c)
+    tma.store_wait(pendings=0)
 
 
 # partition entry points take runtime values only (bwd_gluon.py), one per consumer half
 @gluon.jit
 def _consumer_keys_0_63(k_desc, v_desc, dk_desc, dv_desc, ROWPTR, q_smem, do_smem, lse_smem,
-                        delta_smem, k_smem, v_smem, kv_bar, ready, empty, qk_scale, scale, Tq, hq,
-                        group, NB, block_size, n_bh, n_items):
+                        delta_smem, k_smem, v_smem, kv_bar, ready, empty, qk_scale, scale, hq,
+                        group, NB, row_k, k0, col, b, hkv, j, m_lo, m_hi):
     _consumer(k_desc, v_desc, dk_desc, dv_desc, ROWPTR, q_smem, do_smem, lse_smem, delta_smem,
-              k_smem, v_smem, kv_bar, ready, empty, qk_scale, scale, Tq, hq, group, NB,
-              block_size, n_bh, n_items, 0)
+              k_smem, v_smem, kv_bar, ready, empty, qk_scale, scale, hq, group, NB, row_k, k0, col,
+              b, hkv, j, m_lo, m_hi, 0)
 
 
 @gluon.jit
 def _consumer_keys_64_127(k_desc, v_desc, dk_desc, dv_desc, ROWPTR, q_smem, do_smem, lse_smem,
-                          delta_smem, k_smem, v_smem, kv_bar, ready, empty, qk_scale, scale, Tq,
-                          hq, group, NB, block_size, n_bh, n_items):
+                          delta_smem, k_smem, v_smem, kv_bar, ready, empty, qk_scale, scale, hq,
+                          group, NB, row_k, k0, col, b, hkv, j, m_lo, m_hi):
     _consumer(k_desc, v_desc, dk_desc, dv_desc, ROWPTR, q_smem, do_smem, lse_smem, delta_smem,
-              k_smem, v_smem, kv_bar, ready, empty, qk_scale, scale, Tq, hq, group, NB,
-              block_size, n_bh, n_items, 1)
+              k_smem, v_smem, kv_bar, ready, empty, qk_scale, scale, hq, group, NB, row_k, k0, col,
+              b, hkv, j, m_lo, m_hi, 1)
 
 
 @gluon.jit
@@ -242,10 +192,10 @@ def _fill(Q_h, DO_h, LSE_h, DELTA_h, ids, ids_smem, first, cnt, st, q_smem, do_s
 
 @gluon.jit
 def _producer(Q, DO, LSE, DELTA, ROWPTR, ROWS, q_smem, do_smem, lse_smem, delta_smem, ready,
-              empty, Tq, hq, group, NB, block_size, n_bh, n_items):
-    """Fills the ring in the consumers' order: per item, per query head of the group, the own
-    rows' blocks [m_lo, m_hi), then the block's routed rows BLOCK_M at a time, their ids loaded
-    one stage ahead (so the copies wait on no load). Runs ahead across items."""
+              empty, Tq, hq, group, NB, b, hkv, j, m_lo, m_hi):
+    """Fills the ring in the consumers' order: per query head of the group, the own rows'
+    blocks [m_lo, m_hi), then the block's routed rows BLOCK_M at a time, their ids loaded one
+    stage ahead (so the copies wait on no load)."""
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
     STAGES: gl.constexpr = q_smem.shape[0]
@@ -254,73 +204,70 @@ def _producer(Q, DO, LSE, DELTA, ROWPTR, ROWS, q_smem, do_smem, lse_smem, delta_
                                                                                       [0]))
     idx = gl.arange(0, BLOCK_M, layout=line)
     stride_t = hq * HEAD_DIM
-    pid = gl.program_id(0)
-    it = pid * 0
-    for item in range(pid, n_items, gl.num_programs(0)):
-        b, hkv, k0, j, m_lo, m_hi = _item(item, n_bh, Tq, hq, group, block_size, BLOCK_M)
-        for g in range(group):
-            h = hkv * group + g
-            bh = (b * hq + h).to(gl.int64)
-            base = b.to(gl.int64) * Tq * stride_t + h * HEAD_DIM
-            beg = gl.load(ROWPTR + bh * NB + j)
-            cnt = gl.load(ROWPTR + bh * NB + j + 1) - beg
-            ids_next = gl.load(ROWS + beg + idx, mask=idx < cnt, other=0)
-            for i in range(m_lo, m_hi):
-                st = it % STAGES
-                # the stage's previous block (it − STAGES) must have been released by both
-                # consumers
-                mbarrier.wait(empty.index(st), ((it // STAGES) + 1) & 1, pred=it >= STAGES)
-                _fill(Q + base, DO + base, LSE + bh * Tq, DELTA + bh * Tq, ids_next, ids_smem,
-                      i * BLOCK_M, BLOCK_M, st, q_smem, do_smem, lse_smem, delta_smem, ready,
-                      stride_t, False)
-                it += 1
-            for c in range(0, gl.cdiv(cnt, BLOCK_M)):
-                ids = ids_next
-                nxt = (c + 1) * BLOCK_M + idx
-                ids_next = gl.load(ROWS + beg + nxt, mask=nxt < cnt, other=0)
-                st = it % STAGES
-                mbarrier.wait(empty.index(st), ((it // STAGES) + 1) & 1, pred=it >= STAGES)
-                _fill(Q + base, DO + base, LSE + bh * Tq, DELTA + bh * Tq, ids, ids_smem, 0,
-                      cnt - c * BLOCK_M, st, q_smem, do_smem, lse_smem, delta_smem, ready,
-                      stride_t, True)
-                it += 1
+    it = m_lo * 0
+    for g in range(group):
+        h = hkv * group + g
+        bh = (b * hq + h).to(gl.int64)
+        base = b.to(gl.int64) * Tq * stride_t + h * HEAD_DIM
+        beg = gl.load(ROWPTR + bh * NB + j)
+        cnt = gl.load(ROWPTR + bh * NB + j + 1) - beg
+        ids_next = gl.load(ROWS + beg + idx, mask=idx < cnt, other=0)
+        for i in range(m_lo, m_hi):
+            st = it % STAGES
+            # the stage's previous block (it − STAGES) must have been released by both consumers
+            mbarrier.wait(empty.index(st), ((it // STAGES) + 1) & 1, pred=it >= STAGES)
+            _fill(Q + base, DO + base, LSE + bh * Tq, DELTA + bh * Tq, ids_next, ids_smem,
+                  i * BLOCK_M, BLOCK_M, st, q_smem, do_smem, lse_smem, delta_smem, ready,
+                  stride_t, False)
+            it += 1
+        for c in range(0, gl.cdiv(cnt, BLOCK_M)):
+            ids = ids_next
+            nxt = (c + 1) * BLOCK_M + idx
+            ids_next = gl.load(ROWS + beg + nxt, mask=nxt < cnt, other=0)
+            st = it % STAGES
+            mbarrier.wait(empty.index(st), ((it // STAGES) + 1) & 1, pred=it >= STAGES)
+            _fill(Q + base, DO + base, LSE + bh * Tq, DELTA + bh * Tq, ids, ids_smem, 0,
+                  cnt - c * BLOCK_M, st, q_smem, do_smem, lse_smem, delta_smem, ready, stride_t,
+                  True)
+            it += 1
 
 
 @gluon.jit
-def _moba_dkdv_kernel(Q, DO, q_desc, k_desc, v_desc, dk_desc, dv_desc, LSE, DELTA, ROWPTR, ROWS,
-                      qk_scale, scale, Tq, hq, group, block_size, NB, n_bh, n_items,
-                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                      STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+def _moba_dkdv_kernel(Q, DO, q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, LSE, DELTA,
+                      ROWPTR, ROWS, qk_scale, scale, Tq, hq, group, block_size, NB,
+                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                       PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
-    """Persistent: program p takes the items p, p + programs, ... (_item). q_desc: only the
-    ring's tile shape, dtype and shared layout (the rows are gathered)."""
+    """q_desc, do_desc: only the ring's shape, dtype and shared layout (the rows are gathered)."""
     gl.static_assert(BLOCK_N == 2 * HALF_N)
     gl.static_assert(num_warps == CONSUMER_WARPS)
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
-    do_smem = gl.allocate_shared_memory(q_desc.dtype, [STAGES, BLOCK_M, HEAD_DIM], q_desc.layout)
+    # (batch, KV head) on axis 0: every head's first key tiles (block 0, chosen by the most
+    # rows) launch before any head's later ones
+    pid_bh = gl.program_id(0)
+    k0 = gl.program_id(1) * BLOCK_N
+    hkv_n = hq // group
+    b = pid_bh // hkv_n
+    hkv = pid_bh % hkv_n
+    row_k = b * Tq                     # Tk == Tq: first key row of this batch in [B·T, H·D]
+    col = hkv * HEAD_DIM
+    j = k0 // block_size
+    # own rows: [k0, end of the block), BLOCK_M divides both (multiples of 128)
+    m_lo = k0 // BLOCK_M
+    m_hi = gl.cdiv(gl.minimum((j + 1) * block_size, Tq), BLOCK_M)
+
+    q_smem, do_smem, k_smem, v_smem, kv_bar, ready, empty = dkdv_ring(q_desc, do_desc, k_desc,
+                                                                      v_desc, STAGES)
     rows_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], rows_layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], rows_layout)
-    # K, V halves: slot 2·buffer + consumer, two buffers (this item's, the next one's)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [4, HALF_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [4, HALF_N, HEAD_DIM], v_desc.layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(4):
-        mbarrier.init(kv_bar.index(i), count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)   # one arrival per consumer
-    fence_async_shared()
     consumer_args = (k_desc, v_desc, dk_desc, dv_desc, ROWPTR, q_smem, do_smem, lse_smem,
-                     delta_smem, k_smem, v_smem, kv_bar, ready, empty, qk_scale, scale, Tq, hq,
-                     group, NB, block_size, n_bh, n_items)
+                     delta_smem, k_smem, v_smem, kv_bar, ready, empty, qk_scale, scale, hq, group,
+                     NB, row_k, k0, col, b, hkv, j, m_lo, m_hi)
     gl.warp_specialize([
         (_consumer_keys_0_63, consumer_args),
         (_consumer_keys_64_127, consumer_args),
         (_producer, (Q, DO, LSE, DELTA, ROWPTR, ROWS, q_smem, do_smem, lse_smem, delta_smem,
-                     ready, empty, Tq, hq, group, NB, block_size, n_bh, n_items)),
+                     ready, empty, Tq, hq, group, NB, b, hkv, j, m_lo, m_hi)),
     ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -346,13 +293,14 @@ def dkdv_gluon(do, q, k, v, lse, delta, index, nb: int, nsel: int, scale, block_
                block_m=None, stages=None):
     """(dk, dv) of bwd.py's contract (index: routed.py's inverse index, nb blocks; nsel routed
     slots per row; delta = rowsum(o·do) fp32 [B, Hq, Tq]); ValueError outside the scope
-    (no documents, q_offset 0). block_m, stages: tuning overrides."""
+    (no documents, q_offset 0). block_m, stages: tuning overrides (the flash kernel's
+    defaults)."""
     why = dkdv_scope_error(q, k, block_size, False, 0)
     if why is not None:
         raise ValueError(why)
     B, tq, hq, d = q.shape
     hkv = k.shape[2]
-    bm, st = DKDV_CFG[d]
+    bm, bn, st = DKDV_CFG[d]
     bm, st = block_m or bm, stages or st
     rowptr, entries = index
     rows = entries // nsel   # the entries' query rows (row·NSEL + slot): no division in the loops
@@ -360,11 +308,10 @@ def dkdv_gluon(do, q, k, v, lse, delta, index, nb: int, nsel: int, scale, block_
     dk = alloc.empty(k.shape, k.dtype, k.device)
     dv = alloc.empty(v.shape, v.dtype, v.device)
     half = HALF_N.value
-    n_items = triton.cdiv(tq, TILE) * B * hkv
-    programs = min(n_items, torch.cuda.get_device_properties(q.device).multi_processor_count)
-    _moba_dkdv_kernel[(programs,)](
-        q, do, tile_desc(q, bm), tile_desc(k, half), tile_desc(v, half), tile_desc(dk, half),
-        tile_desc(dv, half), lse, delta, rowptr, rows, scale * LOG2E_F, scale, tq, hq, hq // hkv,
-        block_size, nb, B * hkv, n_items, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=TILE, STAGES=st,
-        CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=CONSUMER_WARPS)
+    _moba_dkdv_kernel[(B * hkv, triton.cdiv(tq, bn))](
+        q, do, tile_desc(q, bm), tile_desc(do, bm), tile_desc(k, half), tile_desc(v, half),
+        tile_desc(dk, half), tile_desc(dv, half), lse, delta, rowptr, rows, scale * LOG2E_F,
+        scale, tq, hq, hq // hkv, block_size, nb, HEAD_DIM=d, BLOCK_M=bm,
+        BLOCK_N=bn, STAGES=st, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+        num_warps=CONSUMER_WARPS)
     return dk, dv

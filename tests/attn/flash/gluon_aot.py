@@ -97,18 +97,19 @@ def compile_pooled_dkdv(d: int, bm: int, bn: int, stages: int, dtype=gl.bfloat16
     return _compile(CG._pooled_dkdv_kernel, sig, const)
 
 
-def compile_moba_dkdv(d: int, bm: int, stages: int, dtype=gl.bfloat16) -> dict:
-    """MoBA's persistent dK/dV with the cp.async-gathering producer (attn/moba/dkdv_gluon.py)."""
+def compile_moba_dkdv(d: int, bm: int, bn: int, stages: int, dtype=gl.bfloat16) -> dict:
+    """MoBA's dK/dV with the cp.async-gathering producer (attn/moba/dkdv_gluon.py)."""
     q, kv = _desc(d, bm, dtype), _desc(d, BG.HALF_N.value, dtype)
     ptr = "*bf16" if dtype == gl.bfloat16 else "*fp16"
-    sig = {"Q": ptr, "DO": ptr, "q_desc": q, "k_desc": kv, "v_desc": kv, "dk_desc": kv,
-           "dv_desc": kv, "LSE": "*fp32", "DELTA": "*fp32", "ROWPTR": "*i32", "ROWS": "*i32",
-           "qk_scale": "fp32", "scale": "fp32", "Tq": "i32", "hq": "i32", "group": "i32",
-           "block_size": "i32", "NB": "i32", "n_bh": "i32", "n_items": "i32"}
-    const = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=MG.TILE, STAGES=stages,
+    sig = {"Q": ptr, "DO": ptr, "q_desc": q, "do_desc": q, "k_desc": kv, "v_desc": kv,
+           "dk_desc": kv, "dv_desc": kv, "LSE": "*fp32", "DELTA": "*fp32", "ROWPTR": "*i32",
+           "ROWS": "*i32", "qk_scale": "fp32", "scale": "fp32", "Tq": "i32", "hq": "i32",
+           "group": "i32", "block_size": "i32", "NB": "i32"}
+    const = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
                  CONSUMER_REGS=BG.CONSUMER_REGS, PRODUCER_REGS=BG.PRODUCER_REGS,
                  num_warps=BG.CONSUMER_WARPS.value)
     return _compile(MG._moba_dkdv_kernel, sig, const, aligned=("Q", "DO"))
+
 
 # bytes of stack (spilled registers) each kind may take with triton 3.6's ptxas (the GPU image's):
 # the forwards spill one value (8 bytes, a few local loads of one slot) at 128-key blocks; the
@@ -118,7 +119,7 @@ def compile_moba_dkdv(d: int, bm: int, stages: int, dtype=gl.bfloat16) -> dict:
 # one value at D = 128; the flash dK/dV 72 / 216 bytes at D = 128 / 64 with the configs
 # bwd_gluon.py takes there): for them the forwards keep the 8-byte rule and the dK/dV kernels
 # are checked for compiling and shared memory only.
-STACK_36 = {"fwd": 8, "pooled": 8, "dkdv": 144, "pooled-dkdv": 176, "moba-dkdv": 136}
+STACK_36 = {"fwd": 8, "pooled": 8, "dkdv": 144, "pooled-dkdv": 176, "moba-dkdv": 120}
 
 
 def too_big(kind: str, r: dict) -> bool:
@@ -136,7 +137,7 @@ def main() -> int:
     jobs += [("pooled", d, *cfg) for d, cfg in G.GLUON_CFG.items()]
     jobs += [("dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
     jobs += [("pooled-dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
-    jobs += [("moba-dkdv", d, bm, MG.TILE, st) for d, (bm, st) in MG.DKDV_CFG.items()]
+    jobs += [("moba-dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
     failed = 0
     for kind, d, bm, bn, st in jobs:
         for dt in (gl.bfloat16, gl.float16):
@@ -147,7 +148,7 @@ def main() -> int:
                 elif kind == "pooled-dkdv":
                     r = compile_pooled_dkdv(d, bm, bn, st, dt)
                 elif kind == "moba-dkdv":
-                    r = compile_moba_dkdv(d, bm, st, dt)
+                    r = compile_moba_dkdv(d, bm, bn, st, dt)
                 else:
                     r = compile_cfg(d, bm, bn, st, dt, pooled=kind == "pooled")
                 bad = too_big(kind, r)
