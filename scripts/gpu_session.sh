@@ -18,6 +18,9 @@
 #   moba-gluon    A/B of MoBA's dK/dV kernels, MOBA_DKDV_IMPL=triton against =gluon (ab_kernels.py,
 #                 forward + backward, moba (16k, GQA 16/4) and moba64k (64k, 16/16), 3 alternating
 #                 rounds)                                                    -> $OUT/moba-gluon/
+#   moba-ncu      Nsight Compute on MoBA's dK/dV kernel at 64k (16 / 16 heads), the Triton one and
+#                 the Gluon one (MOBA_DKDV_IMPL): speed of light, memory, warp states, occupancy
+#                 (tune_moba.py --once; --clock-control none)     -> $OUT/moba-ncu/{triton,gluon}.txt
 #   ahead         A/B of the Triton flash forward with FLASH_FWD_AHEAD=1 against =0
 #                 (ab_kernels.py, forward only, D 128 and D 64, 5 alternating rounds) -> $OUT/ahead/
 #   gluon         flash (the Gluon forward and dK/dV on Hopper), with the Triton dK/dV kernel
@@ -66,6 +69,7 @@ declare -A TESTS=(
   [lightning]=$LINEAR_TESTS [linear-parts]=$LINEAR_TESTS
   [moba]="tests/attn/moba" [moba-parts]="tests/attn/moba" [moba-sweep]="tests/attn/moba"
   [moba-gluon]="tests/attn/moba/test_moba_dkdv_gluon.py"
+  [moba-ncu]="tests/attn/moba/test_moba_dkdv_gluon.py"
   [nsa]="tests/attn/nsa" [nsa-parts]="tests/attn/nsa"
   [nsa-cmp]="tests/attn/nsa/test_nsa_cmp_gluon.py tests/attn/nsa/test_nsa_cmp.py tests/attn/nsa/test_nsa_gpu.py"
   [train]=$TRAIN_TESTS [e2e]=$TRAIN_TESTS [profile]=$TRAIN_TESTS [recall]="tests/test_eval.py"
@@ -155,6 +159,17 @@ run_part() {  # run_part PART ARGS...
                   done ;;
     moba-gluon)   bench moba-gluon "$limit" scripts/bench/ab_kernels.py triton=.@MOBA_DKDV_IMPL=triton \
                     gluon=.@MOBA_DKDV_IMPL=gluon --cases moba,moba64k --mode fwdbwd --rounds 3 "$@" ;;
+    moba-ncu)     mkdir -p "$OUT/moba-ncu"
+                  for impl in triton gluon; do
+                    MOBA_DKDV_IMPL=$impl timeout "$limit" ncu --clock-control none \
+                      --kernel-name regex:dkdv_kernel --launch-count 1 --section SpeedOfLight \
+                      --section MemoryWorkloadAnalysis --section WarpStateStats \
+                      --section LaunchStats --section Occupancy --section SchedulerStats \
+                      python3 scripts/tune/tune_moba.py --once --seqlens 65536 "$@" \
+                      > "$OUT/moba-ncu/$impl.txt" 2>&1 || return 1
+                    grep -E "Duration|Throughput|Registers|Achieved Occupancy|Stall|Issued" \
+                      "$OUT/moba-ncu/$impl.txt" | head -30
+                  done ;;
     lightning)    bench lightning "$limit" scripts/bench/bench_linear.py "$@" ;;
     moba)         bench moba "$limit" scripts/bench/bench_moba.py "$@" ;;
     nsa)          bench nsa "$limit" scripts/bench/bench_nsa.py "$@" ;;

@@ -15,7 +15,8 @@ Stages, each timed alone (median ms, triton.testing.do_bench) on the inputs of o
   dkdv       bwd.py dK/dV kernel;    bwd  moba_bwd total
 --sweep times routed_fwd / routed_dq / tile kernels / dkdv over launch configs by rebinding the
 module-level config constants (GPU_ROUTED, GPU_SPLIT, GPU_CFG, GPU_DKDV). Writes
-moba_parts.json into --out.
+moba_parts.json into --out. --once: one forward + backward of the op at the first seqlen, no
+timing (a target for `ncu`: scripts/gpu_session.sh moba-ncu).
 """
 from __future__ import annotations
 
@@ -136,10 +137,21 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=10, help="ms")
     ap.add_argument("--rep", type=int, default=50, help="ms")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--once", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     a = ap.parse_args(argv)
-    os.makedirs(a.out, exist_ok=True)
     hkv = a.kv_heads or a.heads
+    if a.once:
+        from attn.moba import moba_attn
+        T = int(a.seqlens.split(",")[0])
+        q = torch.randn(1, T, a.heads, a.head_dim, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, T, hkv, a.head_dim, device="cuda", dtype=torch.bfloat16)
+                for _ in range(2))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        moba_attn(q, k, v, block_size=a.block, topk=a.topk).sum().backward()
+        torch.cuda.synchronize()
+        return
+    os.makedirs(a.out, exist_ok=True)
     res = {"meta": {"device": torch.cuda.get_device_name(), "H": a.heads, "Hkv": hkv,
                     "D": a.head_dim, "block": a.block, "topk": a.topk}, "stages": {}, "sweep": {}}
     for T in [int(t) for t in a.seqlens.split(",")]:
