@@ -11,9 +11,10 @@ For every query head of the GQA group it walks
       block), the entries row·NSEL + slot that chose it (ROWS: their rows, divided once on the
       host); BLOCK_M at a time, every row sees every key of the (earlier, complete) block.
 Partitions (bwd_gluon.py's): two consumer warpgroups of 64 keys each (K, V in shared memory,
-dK, dV [64, D] fp32 in registers, the same per-block step), a 1-warp producer that fills the
-stage ring: per block, Q and dO [BLOCK_M, D] and the rows' lse and delta [BLOCK_M] fp32, by
-cp.async, SUB_M rows at a time (its 24 registers hold one sub-tile's addresses). Routed row ids
+dK, dV [64, D] fp32 in registers, the same per-block step), a producer of PRODUCER_WARPS warps
+that fills the stage ring: per block, Q and dO [BLOCK_M, D] and the rows' lse and delta
+[BLOCK_M] fp32, by cp.async, SUB_M rows per warp at a time (its 24 registers hold one
+sub-tile's addresses). Routed row ids
 come with one load per block, a block ahead, staged through shared memory into the copy layout,
 so no copy waits on a load. Each producer thread then arms a cp.async arrive on the stage's
 `ready` barrier (it lands once that thread's copies have), and one elected arrive makes up the
@@ -49,6 +50,9 @@ cp_async = async_copy.async_load if hasattr(async_copy, "async_load") \
     else async_copy.async_copy_global_to_shared
 SUB_M = gl.constexpr(8)   # rows per producer copy step: 4 (D 128) or 2 (D 64) 16-byte copies
 TILE = 128                # keys per program; block_size and Tk multiples of it
+# warps of the producer partition: 1 (measured, docs/moba_notes.md); 2 or 4 split each stage's
+# copies between them at the same registers (the partition is allocated a warpgroup either way)
+PRODUCER_WARPS = 1
 
 
 @gluon.jit
@@ -156,29 +160,32 @@ def _fill(Q_h, DO_h, LSE_h, DELTA_h, ids, ids_smem, first, cnt, st, q_smem, do_s
           delta_smem, ready, stride_t, GATHER: gl.constexpr):
     """One stage: BLOCK_M rows (GATHER: the row ids `ids`, loaded a stage ahead, of which those
     at or past cnt are padding; else the rows first..) copied by cp.async, Q and dO SUB_M rows
-    at a time (their ids read back from ids_smem in the copy layout), lse and delta per row.
-    Padding rows copy nothing, so the stage holds zeros there (cp.async's zero fill): they give
-    P·dO = 0 (dO = 0) and dS = P·(dP − delta) = 0 (dP = 0, delta = 0)."""
+    per producer warp at a time (their ids read back from ids_smem in the copy layout), lse and
+    delta per row. Padding rows copy nothing, so the stage holds zeros there (cp.async's zero
+    fill): they give P·dO = 0 (dO = 0) and dS = P·(dP − delta) = 0 (dP = 0, delta = 0)."""
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
-    TPR: gl.constexpr = HEAD_DIM // 8  # one warp, 16-byte pieces: HEAD_DIM / 8 threads a row
-    tile: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [1, 1], [1, 0])
-    line: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
-    sub = gl.arange(0, SUB_M, layout=gl.SliceLayout(1, tile))
+    PW: gl.constexpr = gl.num_warps()  # the producer's warps
+    STEP: gl.constexpr = SUB_M * PW    # rows per copy step
+    TPR: gl.constexpr = HEAD_DIM // 8  # 16-byte pieces: HEAD_DIM / 8 threads span a row
+    tile: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [PW, 1], [1, 0])
+    SPT: gl.constexpr = BLOCK_M // (32 * PW) if BLOCK_M >= 32 * PW else 1
+    line: gl.constexpr = gl.BlockedLayout([SPT], [32], [PW], [0])
+    sub = gl.arange(0, STEP, layout=gl.SliceLayout(1, tile))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, tile))
     if GATHER:
         cta_sync()                     # the previous stage's ids are read
         ids_smem.store(ids)
         cta_sync()
-    for r0 in gl.static_range(0, BLOCK_M, SUB_M):
+    for r0 in gl.static_range(0, BLOCK_M, STEP):
         ok = r0 + sub < cnt
         if GATHER:
-            rows = ids_smem.slice(r0, SUB_M).load(gl.SliceLayout(1, tile))
+            rows = ids_smem.slice(r0, STEP).load(gl.SliceLayout(1, tile))
         else:
             rows = first + r0 + sub
         offs = rows.to(gl.int64)[:, None] * stride_t + cols[None, :]
-        cp_async(q_smem.index(st).slice(r0, SUB_M), Q_h + offs, mask=ok[:, None])
-        cp_async(do_smem.index(st).slice(r0, SUB_M), DO_h + offs, mask=ok[:, None])
+        cp_async(q_smem.index(st).slice(r0, STEP), Q_h + offs, mask=ok[:, None])
+        cp_async(do_smem.index(st).slice(r0, STEP), DO_h + offs, mask=ok[:, None])
     idx = gl.arange(0, BLOCK_M, layout=line)
     if GATHER:
         rows = ids
@@ -187,6 +194,8 @@ def _fill(Q_h, DO_h, LSE_h, DELTA_h, ids, ids_smem, first, cnt, st, q_smem, do_s
     cp_async(lse_smem.index(st), LSE_h + rows, mask=idx < cnt)
     cp_async(delta_smem.index(st), DELTA_h + rows, mask=idx < cnt)
     async_copy.mbarrier_arrive(ready.index(st))   # armed per thread: lands with its copies
+    if PW > 1:
+        cta_sync()                     # every warp has armed its arrive
     mbarrier.arrive(ready.index(st), count=1)      # the barrier's count of 1 (elected thread)
 
 
@@ -199,7 +208,9 @@ def _producer(Q, DO, LSE, DELTA, ROWPTR, ROWS, q_smem, do_smem, lse_smem, delta_
     BLOCK_M: gl.constexpr = q_smem.shape[1]
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
     STAGES: gl.constexpr = q_smem.shape[0]
-    line: gl.constexpr = gl.BlockedLayout([BLOCK_M // 32], [32], [1], [0])
+    PW: gl.constexpr = gl.num_warps()
+    SPT: gl.constexpr = BLOCK_M // (32 * PW) if BLOCK_M >= 32 * PW else 1
+    line: gl.constexpr = gl.BlockedLayout([SPT], [32], [PW], [0])
     ids_smem = gl.allocate_shared_memory(gl.int32, [BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1,
                                                                                       [0]))
     idx = gl.arange(0, BLOCK_M, layout=line)
@@ -237,7 +248,8 @@ def _moba_dkdv_kernel(Q, DO, q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, 
                       ROWPTR, ROWS, qk_scale, scale, Tq, hq, group, block_size, NB,
                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                       BLOCK_N: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                      PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                      PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+                      PRODUCER_WARPS: gl.constexpr = 1):
     """q_desc, do_desc: only the ring's shape, dtype and shared layout (the rows are gathered)."""
     gl.static_assert(BLOCK_N == 2 * HALF_N)
     gl.static_assert(num_warps == CONSUMER_WARPS)
@@ -268,7 +280,7 @@ def _moba_dkdv_kernel(Q, DO, q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, 
         (_consumer_keys_64_127, consumer_args),
         (_producer, (Q, DO, LSE, DELTA, ROWPTR, ROWS, q_smem, do_smem, lse_smem, delta_smem,
                      ready, empty, Tq, hq, group, NB, b, hkv, j, m_lo, m_hi)),
-    ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    ], [CONSUMER_WARPS, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 # launch
@@ -290,11 +302,11 @@ def dkdv_scope_error(q, k, block_size, has_docs: bool, q_offset: int) -> str | N
 
 
 def dkdv_gluon(do, q, k, v, lse, delta, index, nb: int, nsel: int, scale, block_size: int,
-               block_m=None, stages=None):
+               block_m=None, stages=None, producer_warps=None):
     """(dk, dv) of bwd.py's contract (index: routed.py's inverse index, nb blocks; nsel routed
     slots per row; delta = rowsum(o·do) fp32 [B, Hq, Tq]); ValueError outside the scope
-    (no documents, q_offset 0). block_m, stages: tuning overrides (the flash kernel's
-    defaults)."""
+    (no documents, q_offset 0). block_m, stages, producer_warps: tuning overrides (the flash
+    kernel's defaults, PRODUCER_WARPS)."""
     why = dkdv_scope_error(q, k, block_size, False, 0)
     if why is not None:
         raise ValueError(why)
@@ -313,5 +325,5 @@ def dkdv_gluon(do, q, k, v, lse, delta, index, nb: int, nsel: int, scale, block_
         tile_desc(dk, half), tile_desc(dv, half), lse, delta, rowptr, rows, scale * LOG2E_F,
         scale, tq, hq, hq // hkv, block_size, nb, HEAD_DIM=d, BLOCK_M=bm,
         BLOCK_N=bn, STAGES=st, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
-        num_warps=CONSUMER_WARPS)
+        num_warps=CONSUMER_WARPS, PRODUCER_WARPS=producer_warps or PRODUCER_WARPS)
     return dk, dv

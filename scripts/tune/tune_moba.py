@@ -15,8 +15,9 @@ Stages, each timed alone (median ms, triton.testing.do_bench) on the inputs of o
   dkdv       bwd.py dK/dV kernel;    bwd  moba_bwd total
 --sweep times routed_fwd / routed_dq / tile kernels / dkdv over launch configs by rebinding the
 module-level config constants (GPU_ROUTED, GPU_SPLIT, GPU_CFG, GPU_DKDV). Writes
-moba_parts.json into --out. --once: one forward + backward of the op at the first seqlen, no
-timing (a target for `ncu`: scripts/gpu_session.sh moba-ncu).
+moba_parts.json into --out; on Hopper it also times the Gluon dK/dV kernel alone
+(dkdv_gluon.py) over (BLOCK_M, STAGES, producer warps). --once: one forward + backward of the
+op at the first seqlen, no timing (a target for `ncu`: scripts/gpu_session.sh moba-ncu).
 """
 from __future__ import annotations
 
@@ -123,6 +124,14 @@ def sweep(args_pack, warmup, rep):
         run("bwd", cfg, lambda: mb.bwd_triton(do, q, k, v, o, lse, sel, table, scale, 0, index,
                                               block, False))
     mb.GPU_DKDV = keep[3]
+    # the Gluon dK/dV kernel (Hopper, in its scope): (BLOCK_M, STAGES, producer warps)
+    from attn.moba import dkdv_gluon as mg
+    if torch.cuda.get_device_capability()[0] == 9 and \
+            mg.dkdv_scope_error(q, k, block, False, 0) is None:
+        nb = table[2].numel()
+        for bm, st, pw in [(64, 4, 1), (64, 4, 2), (64, 4, 4), (32, 6, 1), (32, 6, 4)]:
+            run("dkdv_gluon", (bm, st, pw), lambda: mg.dkdv_gluon(
+                do, q, k, v, lse, delta, index, nb, nsel, scale, block, bm, st, pw))
     return out
 
 

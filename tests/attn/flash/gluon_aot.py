@@ -2,10 +2,10 @@
 for sm_90a without a GPU: `python gluon_aot.py` prints registers, stack and shared memory of
 each GLUON_CFG entry, of the forward's 64-key-block variants tune_flash.py sweeps, of its
 pooled-key mode (NSA's compressed branch), of each DKDV_CFG entry (flash's dK/dV kernel, NSA's
-pooled one, attn/nsa/cmp_bwd_gluon.py, MoBA's gathering one, attn/moba/dkdv_gluon.py), and
-exits non-zero when one fails to compile, spills or exceeds 227 KB of shared memory. Run by
-tests/attn/flash/test_fwd_gluon.py in a subprocess (Gluon kernels are compiled, never
-interpreted); uses the ptxas / cuobjdump that ship with the triton wheel."""
+pooled one, attn/nsa/cmp_bwd_gluon.py, MoBA's gathering one, attn/moba/dkdv_gluon.py, with
+1 and 4 producer warps), and exits non-zero when one fails to compile, spills or exceeds 227 KB
+of shared memory. Run by tests/attn/flash/test_fwd_gluon.py in a subprocess (Gluon kernels are
+compiled, never interpreted); uses the ptxas / cuobjdump that ship with the triton wheel."""
 from __future__ import annotations
 
 import os
@@ -97,7 +97,8 @@ def compile_pooled_dkdv(d: int, bm: int, bn: int, stages: int, dtype=gl.bfloat16
     return _compile(CG._pooled_dkdv_kernel, sig, const)
 
 
-def compile_moba_dkdv(d: int, bm: int, bn: int, stages: int, dtype=gl.bfloat16) -> dict:
+def compile_moba_dkdv(d: int, bm: int, bn: int, stages: int, dtype=gl.bfloat16,
+                      producer_warps: int = 1) -> dict:
     """MoBA's dK/dV with the cp.async-gathering producer (attn/moba/dkdv_gluon.py)."""
     q, kv = _desc(d, bm, dtype), _desc(d, BG.HALF_N.value, dtype)
     ptr = "*bf16" if dtype == gl.bfloat16 else "*fp16"
@@ -107,7 +108,7 @@ def compile_moba_dkdv(d: int, bm: int, bn: int, stages: int, dtype=gl.bfloat16) 
            "group": "i32", "block_size": "i32", "NB": "i32"}
     const = dict(HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
                  CONSUMER_REGS=BG.CONSUMER_REGS, PRODUCER_REGS=BG.PRODUCER_REGS,
-                 num_warps=BG.CONSUMER_WARPS.value)
+                 num_warps=BG.CONSUMER_WARPS.value, PRODUCER_WARPS=producer_warps)
     return _compile(MG._moba_dkdv_kernel, sig, const, aligned=("Q", "DO"))
 
 
@@ -119,7 +120,8 @@ def compile_moba_dkdv(d: int, bm: int, bn: int, stages: int, dtype=gl.bfloat16) 
 # one value at D = 128; the flash dK/dV 72 / 216 bytes at D = 128 / 64 with the configs
 # bwd_gluon.py takes there): for them the forwards keep the 8-byte rule and the dK/dV kernels
 # are checked for compiling and shared memory only.
-STACK_36 = {"fwd": 8, "pooled": 8, "dkdv": 144, "pooled-dkdv": 176, "moba-dkdv": 120}
+STACK_36 = {"fwd": 8, "pooled": 8, "dkdv": 144, "pooled-dkdv": 176, "moba-dkdv": 120,
+            "moba-dkdv-pw4": 112}
 
 
 def too_big(kind: str, r: dict) -> bool:
@@ -138,6 +140,7 @@ def main() -> int:
     jobs += [("dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
     jobs += [("pooled-dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
     jobs += [("moba-dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
+    jobs += [("moba-dkdv-pw4", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
     failed = 0
     for kind, d, bm, bn, st in jobs:
         for dt in (gl.bfloat16, gl.float16):
@@ -147,8 +150,8 @@ def main() -> int:
                     r = compile_dkdv(d, bm, bn, st, dt)
                 elif kind == "pooled-dkdv":
                     r = compile_pooled_dkdv(d, bm, bn, st, dt)
-                elif kind == "moba-dkdv":
-                    r = compile_moba_dkdv(d, bm, bn, st, dt)
+                elif kind.startswith("moba-dkdv"):
+                    r = compile_moba_dkdv(d, bm, bn, st, dt, 4 if kind.endswith("pw4") else 1)
                 else:
                     r = compile_cfg(d, bm, bn, st, dt, pooled=kind == "pooled")
                 bad = too_big(kind, r)

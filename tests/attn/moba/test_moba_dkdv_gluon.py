@@ -80,6 +80,24 @@ def test_gpu_against_triton_and_deterministic(monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("pw", [2, 4])
+def test_gpu_producer_warps_same_result(monkeypatch, pw):
+    """More producer warps only split the copies: dK, dV bit for bit as with one."""
+    from attn.moba import dkdv_gluon
+    monkeypatch.setenv("ATTN_IMPL", "triton")
+    T = 8192
+    q = torch.randn(1, T, 8, 128, device="cuda", dtype=bf16)
+    k, v = (torch.randn(1, T, 2, 128, device="cuda", dtype=bf16) for _ in range(2))
+    do = torch.randn_like(q)
+    kw = dict(block_size=512, topk=3)
+    one = _grads(monkeypatch, "gluon", q, k, v, do, **kw)
+    monkeypatch.setattr(dkdv_gluon, "PRODUCER_WARPS", pw)
+    more = _grads(monkeypatch, "gluon", q, k, v, do, **kw)
+    for name, a, b in zip("qkv", one, more):
+        assert torch.equal(a, b), f"d{name} differs with {pw} producer warps"
+
+
+@gpu
 def test_gpu_auto_outside_scope(monkeypatch):
     """Documents: auto runs the Triton kernel, gluon names the rule."""
     monkeypatch.setattr(moba_bwd, "DKDV_IMPL", "auto")
