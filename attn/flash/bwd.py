@@ -265,15 +265,11 @@ def _launch(kind, tuned, plain, fixed, interp, n_rows, n_progs, args, meta, blk)
 def _dkdv_gluon(q, k) -> bool:
     """Whether the split backward's dK/dV runs bwd_gluon.py's kernel (FLASH_DKDV_IMPL, see
     common.py); ValueError when it is demanded outside its scope."""
-    if common.DKDV_IMPL == "triton":
-        return False
-    why = common.hopper_error(q, "Gluon dK/dV kernel")
-    if why is None:
+    def scope():
         from attn.flash.bwd_gluon import dkdv_scope_error
-        why = dkdv_scope_error(q, k)
-    if why is not None and common.DKDV_IMPL == "gluon":
-        raise ValueError(f"FLASH_DKDV_IMPL=gluon: {why}; unset it (auto) for these inputs")
-    return why is None
+        return dkdv_scope_error(q, k)
+    return common.gluon_chosen("FLASH_DKDV_IMPL", common.DKDV_IMPL, q, "Gluon dK/dV kernel",
+                               scope)
 
 
 def bwd_triton(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=None, dq_acc=None):

@@ -37,19 +37,23 @@ _AHEAD = os.environ.get("FLASH_FWD_AHEAD", "auto")
 if _AHEAD not in ("auto", "0", "1"):
     raise ValueError(f"FLASH_FWD_AHEAD={_AHEAD!r}: must be auto, 0 or 1")
 FWD_AHEAD = None if _AHEAD == "auto" else _AHEAD == "1"  # None: the auto rule
+
+
+def impl_setting(var: str, default: str) -> str:
+    """A Gluon-or-Triton kernel choice read from the environment at import: auto (the Gluon
+    kernel on Hopper within its scope, the Triton one otherwise), triton or gluon (the Gluon
+    kernel, an error outside its scope); anything else is refused naming the variable."""
+    value = os.environ.get(var, default)
+    if value not in ("auto", "triton", "gluon"):
+        raise ValueError(f"{var}={value!r}: must be auto, triton or gluon")
+    return value
+
+
 # FLASH_FWD_IMPL: the forward kernel of the flash family's own ops (flash_attn, flash_fwd and
-# the CP primitives): auto (default: fwd_gluon.py's warp-specialized kernel on Hopper for the
-# inputs in its scope, fwd.py otherwise), triton (fwd.py always) or gluon (fwd_gluon.py always;
-# an error outside its scope), for NSA's window branch too.
-FWD_IMPL = os.environ.get("FLASH_FWD_IMPL", "auto")
-if FWD_IMPL not in ("auto", "triton", "gluon"):
-    raise ValueError(f"FLASH_FWD_IMPL={FWD_IMPL!r}: must be auto, triton or gluon")
-# FLASH_DKDV_IMPL: the dK/dV kernel of the split backward: auto (default: bwd_gluon.py's
-# warp-specialized kernel on Hopper for the inputs in its scope, bwd.py's otherwise), triton or
-# gluon (an error outside its scope)
-DKDV_IMPL = os.environ.get("FLASH_DKDV_IMPL", "auto")
-if DKDV_IMPL not in ("auto", "triton", "gluon"):
-    raise ValueError(f"FLASH_DKDV_IMPL={DKDV_IMPL!r}: must be auto, triton or gluon")
+# the CP primitives), fwd_gluon.py's warp-specialized kernel or fwd.py's, for NSA's window
+# branch too; FLASH_DKDV_IMPL: the split backward's dK/dV kernel, bwd_gluon.py's or bwd.py's
+FWD_IMPL = impl_setting("FLASH_FWD_IMPL", "auto")
+DKDV_IMPL = impl_setting("FLASH_DKDV_IMPL", "auto")
 
 
 def hopper_error(t: torch.Tensor, kernel: str) -> str | None:
@@ -57,6 +61,19 @@ def hopper_error(t: torch.Tensor, kernel: str) -> str | None:
     if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] == 9:
         return None
     return f"the {kernel} needs a Hopper GPU (sm_90)"
+
+
+def gluon_chosen(var: str, impl: str, t: torch.Tensor, kernel: str, scope) -> bool:
+    """Whether the Gluon `kernel` runs under the setting var=impl (impl_setting): never for
+    triton; for auto and gluon on a Hopper GPU when scope() (why these inputs are outside the
+    kernel's scope, or None; called on Hopper only) is None; gluon elsewhere raises ValueError
+    naming the setting and the rule."""
+    if impl == "triton":
+        return False
+    why = hopper_error(t, kernel) or scope()
+    if why is not None and impl == "gluon":
+        raise ValueError(f"{var}=gluon: {why}; unset it or set {var}=auto for these inputs")
+    return why is None
 
 
 def fwd_ahead(tile_dim: int, fp8: bool) -> bool:

@@ -68,23 +68,17 @@ def flash_fwd(q, k, v, *, scale=None, causal: bool = True, cu_seqlens=None, q_of
 
 
 def _gluon_scope_error(q, k):
-    """Why the Gluon forward cannot take (q, k), or None (imports it only on Hopper)."""
-    why = common.hopper_error(q, "Gluon flash forward")
-    if why is not None:
-        return why
+    """Why the Gluon forward cannot take (q, k) on a Hopper GPU, or None (imported only there)."""
     from attn.flash.fwd_gluon import scope_error
     return scope_error(q, k)
 
 
 def fwd_kernel(q, k, v, scale, seg_start, q_offset, window):
     """The forward kernel FLASH_FWD_IMPL selects (common.FWD_IMPL), on checked inputs."""
-    if common.FWD_IMPL != "triton":
-        why = _gluon_scope_error(q, k)
-        if why is None:
-            from attn.flash.fwd_gluon import fwd_gluon
-            return fwd_gluon(q, k, v, scale, seg_start, q_offset, window)
-        if common.FWD_IMPL == "gluon":
-            raise ValueError(f"FLASH_FWD_IMPL=gluon: {why}; unset it (auto) for these inputs")
+    if common.gluon_chosen("FLASH_FWD_IMPL", common.FWD_IMPL, q, "Gluon flash forward",
+                           lambda: _gluon_scope_error(q, k)):
+        from attn.flash.fwd_gluon import fwd_gluon
+        return fwd_gluon(q, k, v, scale, seg_start, q_offset, window)
     from attn.flash.fwd import fwd_triton
     return fwd_triton(q, k, v, scale, seg_start, q_offset, window)
 

@@ -21,8 +21,6 @@ dkdv_gluon.py's warp-specialized kernel instead (same walk, same result up to ro
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -33,15 +31,14 @@ from attn.common.launch import dot_precision
 from attn.common.softmax import bwd_delta
 from attn.common.softmax_bwd import MASK_BOUNDS, MASK_NONE, dkdv_acc, dkdv_probs
 from attn.dispatch import INTERPRET
-from attn.flash.common import hopper_error
+from attn.flash.common import gluon_chosen, impl_setting
 from attn.moba.fwd import dq_triton
 from attn.moba.routed import even_blocks
 
-# MOBA_DKDV_IMPL: the dK/dV kernel: triton (default: _dkdv_kernel below), gluon (dkdv_gluon.py's
-# warp-specialized kernel, Hopper; an error outside its scope) or auto (gluon within its scope)
-DKDV_IMPL = os.environ.get("MOBA_DKDV_IMPL", "triton")
-if DKDV_IMPL not in ("auto", "triton", "gluon"):
-    raise ValueError(f"MOBA_DKDV_IMPL={DKDV_IMPL!r}: must be auto, triton or gluon")
+# MOBA_DKDV_IMPL: the dK/dV kernel, triton (default: _dkdv_kernel below; the Gluon kernel is
+# slower at 64k with 16 KV heads, docs/moba_notes.md), auto or gluon (dkdv_gluon.py's
+# warp-specialized kernel; attn/flash/common.py's impl_setting)
+DKDV_IMPL = impl_setting("MOBA_DKDV_IMPL", "triton")
 
 
 @triton.jit
@@ -162,18 +159,12 @@ INTERP_DKDV = (16, 16, 4, 1)
 def _dkdv_gluon(q, k, block_size, has_docs, q_offset, routed) -> bool:
     """Whether dK/dV runs dkdv_gluon.py's kernel (MOBA_DKDV_IMPL); ValueError when it is
     demanded outside its scope."""
-    if DKDV_IMPL == "triton":
-        return False
-    why = hopper_error(q, "MoBA Gluon dK/dV kernel")
-    if why is None:
+    def scope():
+        if not routed:
+            return "the MoBA Gluon dK/dV kernel needs routed blocks (topk >= 2)"
         from attn.moba.dkdv_gluon import dkdv_scope_error
-        why = dkdv_scope_error(q, k, block_size, has_docs, q_offset)
-    if why is None and not routed:
-        why = "the MoBA Gluon dK/dV kernel needs routed blocks (topk >= 2)"
-    if why is not None and DKDV_IMPL == "gluon":
-        raise ValueError(f"MOBA_DKDV_IMPL=gluon: {why}; unset it (triton) or set auto for these "
-                         "inputs")
-    return why is None
+        return dkdv_scope_error(q, k, block_size, has_docs, q_offset)
+    return gluon_chosen("MOBA_DKDV_IMPL", DKDV_IMPL, q, "MoBA Gluon dK/dV kernel", scope)
 
 
 def bwd_triton(do, q, k, v, o, lse, sel, table, scale, q_offset, index=None, block_size=None,

@@ -14,13 +14,13 @@ Partitions (bwd_gluon.py's): two consumer warpgroups of 64 keys each (K, V in sh
 dK, dV [64, D] fp32 in registers, the same per-block step), a producer of PRODUCER_WARPS warps
 that fills the stage ring: per block, Q and dO [BLOCK_M, D] and the rows' lse and delta
 [BLOCK_M] fp32, by cp.async, SUB_M rows per warp at a time (its 24 registers hold one
-sub-tile's addresses). Routed row ids
-come with one load per block, a block ahead, staged through shared memory into the copy layout,
-so no copy waits on a load. Each producer thread then arms a cp.async arrive on the stage's
-`ready` barrier (it lands once that thread's copies have), and one elected arrive makes up the
-barrier's count of 1. cp.async writes through the generic proxy and wgmma reads through the
-async proxy: each consumer fences after its barrier wait. Shared memory: K, V 128 x D, STAGES x
-(Q, dO) BLOCK_M x D (16-bit) and (lse, delta) BLOCK_M (fp32): 194 KB at D = 128 (64, 4 stages).
+sub-tile's addresses). Routed row ids come with one load per block, a block ahead, staged
+through shared memory into the copy layout, so no copy waits on a load. Each producer thread
+then arms a cp.async arrive on the stage's `ready` barrier (it lands once that thread's copies
+have), and one elected arrive makes up the barrier's count of 1. cp.async writes through the
+generic proxy and wgmma reads through the async proxy: each consumer fences after its barrier
+wait. Shared memory: K, V 128 x D, STAGES x (Q, dO) BLOCK_M x D (16-bit) and (lse, delta)
+BLOCK_M (fp32): 194 KB at D = 128 (64, 4 stages).
 
 Masking: own rows at a position before a key give P = 0 (blocks holding such rows are masked,
 later ones whole); the padding rows of a block's last routed chunk are zeros in the stage

@@ -16,8 +16,6 @@ padded layout; the exact layout's row-count check reads one value). The Gluon ke
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -25,14 +23,12 @@ import triton.language as tl
 from attn.common.checks import check_cu_seqlens, check_qkv
 from attn.common.launch import pick_dim
 from attn.dispatch import INTERPRET
+from attn.flash.common import gluon_chosen, impl_setting
 from attn.nsa.ref import cmp_cu_seqlens, cmp_rows
 
-# NSA_CMP_IMPL: the compressed branch's kernels (attn/nsa/cmp.py): auto (default: the Gluon
-# kernels on Hopper within their scope, the Triton ones otherwise), triton, or gluon (an error
-# outside their scope)
-CMP_IMPL = os.environ.get("NSA_CMP_IMPL", "auto")
-if CMP_IMPL not in ("auto", "triton", "gluon"):
-    raise ValueError(f"NSA_CMP_IMPL={CMP_IMPL!r}: must be auto, triton or gluon")
+# NSA_CMP_IMPL: the compressed branch's kernels (attn/nsa/cmp.py), Gluon or Triton
+# (attn/flash/common.py's impl_setting)
+CMP_IMPL = impl_setting("NSA_CMP_IMPL", "auto")
 HEAD_DIMS = (16, 32, 64, 128)
 BIG = tl.constexpr(2 ** 30)  # past every position and every compressed row (int32 sentinel)
 INTERP_BLOCKS = (16, 16, 4, 1)  # interpreter: small tiles, many tile edges
@@ -42,16 +38,10 @@ def gluon_kernels(q, k_cmp, kernel: str) -> bool:
     """Whether the compressed branch runs its Gluon kernels (NSA_CMP_IMPL; kernel names the one
     asking, for the error): ValueError when they are demanded outside their scope (a Hopper GPU,
     fwd_gluon.scope_error's inputs)."""
-    if CMP_IMPL == "triton":
-        return False
-    from attn.flash.common import hopper_error
-    why = hopper_error(q, kernel)
-    if why is None:
+    def scope():
         from attn.flash.fwd_gluon import scope_error
-        why = scope_error(q, k_cmp)
-    if why is not None and CMP_IMPL == "gluon":
-        raise ValueError(f"NSA_CMP_IMPL=gluon: {why}; unset it (auto) for these inputs")
-    return why is None
+        return scope_error(q, k_cmp)
+    return gluon_chosen("NSA_CMP_IMPL", CMP_IMPL, q, kernel, scope)
 
 
 @triton.jit
