@@ -16,8 +16,9 @@ dK = scale · dSᵀ Q, dQ = scale · dS K, per tile pair by attn/common/softmax_
 with MASK_BOUNDS: each key's window of query positions, and dkdv_acc; dQ: dq_acc, in fwd.py and
 routed.py); the row walks (own block, gathered routed rows) are MoBA's own. No gradient flows
 through the gate (the selection is piecewise constant), as in the paper and in ref.py (its
-top-k indices carry no gradient). On Hopper, MOBA_DKDV_IMPL=gluon|auto runs dK/dV through
-dkdv_gluon.py's warp-specialized kernel instead (same walk, same result up to rounding).
+top-k indices carry no gradient). On Hopper, within its scope, dK/dV runs through
+dkdv_gluon.py's warp-specialized kernel instead (MOBA_DKDV_IMPL=auto, the default; same walk,
+same result up to rounding); =triton forces the kernel here, =gluon demands the Gluon one.
 """
 from __future__ import annotations
 
@@ -35,10 +36,10 @@ from attn.flash.common import gluon_chosen, impl_setting
 from attn.moba.fwd import dq_triton
 from attn.moba.routed import even_blocks
 
-# MOBA_DKDV_IMPL: the dK/dV kernel, triton (default: _dkdv_kernel below; the Gluon kernel is
-# slower at 64k with 16 KV heads, docs/moba_notes.md), auto or gluon (dkdv_gluon.py's
-# warp-specialized kernel; attn/flash/common.py's impl_setting)
-DKDV_IMPL = impl_setting("MOBA_DKDV_IMPL", "triton")
+# MOBA_DKDV_IMPL: the dK/dV kernel, auto (default: dkdv_gluon.py's warp-specialized kernel on
+# Hopper within its scope, _dkdv_kernel below otherwise), triton or gluon (attn/flash/common.py's
+# impl_setting)
+DKDV_IMPL = impl_setting("MOBA_DKDV_IMPL", "auto")
 
 
 @triton.jit

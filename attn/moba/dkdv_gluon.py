@@ -50,9 +50,10 @@ cp_async = async_copy.async_load if hasattr(async_copy, "async_load") \
     else async_copy.async_copy_global_to_shared
 SUB_M = gl.constexpr(8)   # rows per producer copy step: 4 (D 128) or 2 (D 64) 16-byte copies
 TILE = 128                # keys per program; block_size and Tk multiples of it
-# warps of the producer partition: 1 (measured, docs/moba_notes.md); 2 or 4 split each stage's
-# copies between them at the same registers (the partition is allocated a warpgroup either way)
-PRODUCER_WARPS = 1
+# warps of the producer partition, splitting each stage's copies at the same registers (the
+# partition is allocated a warpgroup either way): 4 (64k, 16 / 16 heads: 2.46 ms, against 3.16
+# with 2 and 4.72 with 1; docs/moba_notes.md)
+PRODUCER_WARPS = 4
 
 
 @gluon.jit

@@ -2,7 +2,7 @@
 """MoBA per-stage times and launch-config sweep on the GPU (what scripts/bench/bench_moba.py's
 total is made of).
 
-    python3 scripts/tune/tune_moba.py --out OUT [--seqlens 16384,65536] [--sweep]
+    python3 scripts/tune/tune_moba.py --out OUT [--seqlens 16384,65536] [--sweep [--kernels K,...]]
 
 Stages, each timed alone (median ms, triton.testing.do_bench) on the inputs of one forward:
   table      block table (torch ops)
@@ -16,7 +16,8 @@ Stages, each timed alone (median ms, triton.testing.do_bench) on the inputs of o
 --sweep times routed_fwd / routed_dq / tile kernels / dkdv over launch configs by rebinding the
 module-level config constants (GPU_ROUTED, GPU_SPLIT, GPU_CFG, GPU_DKDV). Writes
 moba_parts.json into --out; on Hopper it also times the Gluon dK/dV kernel alone
-(dkdv_gluon.py) over (BLOCK_M, STAGES, producer warps). --once: one forward + backward of the
+(dkdv_gluon.py) over (BLOCK_M, STAGES, producer warps); --kernels picks the groups (gate,
+routed, tile, bwd, dkdv_gluon). --once: one forward + backward of the
 op at the first seqlen, no timing (a target for `ncu`: scripts/gpu_session.sh moba-ncu).
 """
 from __future__ import annotations
@@ -80,8 +81,9 @@ def stage_times(T, H, Hkv, D, block, topk, warmup, rep):
     return r, (q, k, v, do, o, lse, delta, sel, table, index, scale, nsel, block)
 
 
-def sweep(args_pack, warmup, rep):
-    """Times of each kernel over launch configs (module constants rebound, then restored)."""
+def sweep(args_pack, warmup, rep, kinds=None):
+    """Times of each kernel over launch configs (module constants rebound, then restored);
+    kinds: the groups to sweep (gate, routed, tile, bwd, dkdv_gluon), None for all."""
     from triton.testing import do_bench
     from attn.common.jit import LOG2E_F
     from attn.moba import bwd as mb, fwd as mf, gate, routed
@@ -97,12 +99,15 @@ def sweep(args_pack, warmup, rep):
         out.append({"kernel": kind, "cfg": list(cfg), "ms": ms})
         print(kind, cfg, ms, flush=True)
 
-    for cfg in [(64, 32, 4), (128, 32, 8), (128, 64, 8), (64, 64, 4), (32, 32, 4)]:
+    def want(kind):
+        return kinds is None or kind in kinds
+
+    for cfg in [(64, 32, 4), (128, 32, 8), (128, 64, 8), (64, 64, 4), (32, 32, 4)] * want("gate"):
         keep_gate, gate.GPU_TOPK = gate.GPU_TOPK, cfg
         run("gate", cfg, lambda: gate.select_blocks(q, k, table, nsel + 1, 0))
         gate.GPU_TOPK = keep_gate
     keep = (routed.GPU_ROUTED, routed.GPU_SPLIT, dict(mf.GPU_CFG), mb.GPU_DKDV)
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)]:
+    for bm, bn, w, s in [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)] * want("routed"):
         for split in (4,):
             routed.GPU_ROUTED, routed.GPU_SPLIT = (bm, bn, w, s), split
             run("routed_fwd", (bm, bn, w, s, split), lambda: routed.routed_fwd(
@@ -111,7 +116,7 @@ def sweep(args_pack, warmup, rep):
                 do, q, k, v, lse, delta, index, table, scale * LOG2E_F, nsel, block))
     routed.GPU_ROUTED, routed.GPU_SPLIT = keep[0], keep[1]
     op_, lp = routed.routed_fwd(q, k, v, index, table, scale * LOG2E_F, nsel)
-    for cfg in [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)]:
+    for cfg in [(64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 3)] * want("tile"):
         mf.GPU_CFG["fwd"] = mf.GPU_CFG["dq"] = cfg
         run("fwd_after_gate", cfg, lambda: mf.fwd_triton(q, k, v, sel, table, scale, 0, index,
                                                          block))
@@ -119,14 +124,14 @@ def sweep(args_pack, warmup, rep):
                                             index, block))
     mf.GPU_CFG.update(keep[2])
     for cfg in [(32, 64, 4, 2), (32, 64, 4, 3), (64, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2),
-                (64, 64, 8, 2)]:
+                (64, 64, 8, 2)] * want("bwd"):
         mb.GPU_DKDV = cfg
         run("bwd", cfg, lambda: mb.bwd_triton(do, q, k, v, o, lse, sel, table, scale, 0, index,
                                               block, False))
     mb.GPU_DKDV = keep[3]
     # the Gluon dK/dV kernel (Hopper, in its scope): (BLOCK_M, STAGES, producer warps)
     from attn.moba import dkdv_gluon as mg
-    if torch.cuda.get_device_capability()[0] == 9 and \
+    if want("dkdv_gluon") and torch.cuda.get_device_capability()[0] == 9 and \
             mg.dkdv_scope_error(q, k, block, False, 0) is None:
         nb = table[2].numel()
         for bm, st, pw in [(64, 4, 1), (64, 4, 2), (64, 4, 4), (32, 6, 1), (32, 6, 4)]:
@@ -146,6 +151,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=10, help="ms")
     ap.add_argument("--rep", type=int, default=50, help="ms")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--kernels", default=None,
+                    help="--sweep: comma list of gate, routed, tile, bwd, dkdv_gluon (default all)")
     ap.add_argument("--once", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     a = ap.parse_args(argv)
@@ -168,7 +175,8 @@ def main(argv=None):
         res["stages"][T] = r
         print(T, json.dumps({k: round(v, 3) for k, v in r.items()}), flush=True)
         if a.sweep:
-            res["sweep"][T] = sweep(pack, a.warmup, a.rep)
+            res["sweep"][T] = sweep(pack, a.warmup, a.rep,
+                                    None if a.kernels is None else a.kernels.split(","))
         with open(os.path.join(a.out, "moba_parts.json"), "w") as f:
             json.dump(res, f, indent=1)
 
