@@ -36,8 +36,6 @@ NSA_CMP_IMPL=gluon (attn/nsa/cmp.py).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from triton.experimental import gluon
@@ -96,14 +94,13 @@ def _softmax(s, m_i, l_i, qk_scale, j, qpos, lo, Tk, BLOCK_N: gl.constexpr,
 
 
 @gluon.jit
-def _step(j, j_r, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar, empty, qpos,
-          lo, Tk, qk_scale, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
+def _step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar, empty, qpos, lo,
+          Tk, qk_scale, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
           p_layout: gl.constexpr, o_layout: gl.constexpr, MASKED: gl.constexpr):
-    """Key block j (ring slot j − j_r: j_r is the block that would have taken slot 0): wait
-    K_j; issue S_j = Q·K_jᵀ; issue O += P_{j−1}·V_{j−1}; wait for S_j only (wgmma groups retire
-    in order, so O's product stays in flight); softmax of S_j; wait for the product; release
-    the stage of block j − 1 to the producer; rescale O."""
-    r = j - j_r
+    """Key block j (ring slot j − j0): wait K_j; issue S_j = Q·K_jᵀ; issue O += P_{j−1}·V_{j−1};
+    wait for S_j only (wgmma groups retire in order, so O's product stays in flight); softmax of
+    S_j; wait for the product; release the stage of block j − 1 to the producer; rescale O."""
+    r = j - j0
     st = r % STAGES
     pst = (r - 1) % STAGES
     mbarrier.wait(k_bar.index(st), (r // STAGES) & 1)
@@ -131,13 +128,13 @@ def _step(j, j_r, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar, e
 
 
 @gluon.jit
-def _rows_loop(q_smem, SEG, k_smem, v_smem, k_bar, v_bar, empty, qh, j0, n, rb, Tq, Tk, q_offset,
-               window, has_seg, qk_scale, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-               STAGES: gl.constexpr, POOLED: gl.constexpr):
-    """The 64 rows at qh (of Tq) once their Q tile is in q_smem: block j0 (ring slot rb), the
-    steps over j0 + 1 .. n − 1 in three ranges (masked, whole, masked); returns (O unscaled,
-    P of block n − 1 not yet multiplied by V, m, l). POOLED: the kernel docstring's pooled-key
-    mode. After it returns, Q is read no more."""
+def _attend_rows(q_smem, o_desc, LSE, SEG, k_smem, v_smem, k_bar, v_bar, empty, row_q, h, qh,
+                 j0, n, pid_bh, Tq, Tk, q_offset, window, has_seg, qk_scale,
+                 BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
+                 POOLED: gl.constexpr):
+    """The 64 rows at qh (of Tq) once their Q tile is in q_smem: block j0, the steps over
+    j0 + 1 .. n − 1 in three ranges (masked, whole, masked), the last P·V, then O (through
+    q_smem, by TMA) and lse stored. POOLED: the kernel docstring's pooled-key mode."""
     s_layout: gl.constexpr = mma_layout(BLOCK_N)
     o_layout: gl.constexpr = mma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -163,9 +160,9 @@ def _rows_loop(q_smem, SEG, k_smem, v_smem, k_bar, v_bar, empty, qh, j0, n, rb, 
         f_lo = gl.minimum(gl.maximum(gl.cdiv(lo_last, BLOCK_N), j0 + 1), n)
         f_hi = gl.maximum(gl.minimum((q_offset + qh + 1) // BLOCK_N, Tk // BLOCK_N), f_lo)
 
-    # block j0 (ring slot rb): S and its softmax, no P·V yet
-    mbarrier.wait(k_bar.index(rb % STAGES), (rb // STAGES) & 1)
-    s = warpgroup_mma(q_smem, k_smem.index(rb % STAGES).permute((1, 0)),
+    # block j0 (ring slot 0): S and its softmax, no P·V yet
+    mbarrier.wait(k_bar.index(0), 0)
+    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)),
                       gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
                       is_async=True)
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
@@ -177,94 +174,44 @@ def _rows_loop(q_smem, SEG, k_smem, v_smem, k_bar, v_bar, empty, qh, j0, n, rb, 
     acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
 
     for j in range(j0 + 1, f_lo):
-        acc, p16, m_i, l_i = _step(j, j0 - rb, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem,
-                                   k_bar, v_bar, empty, qpos, lo, Tk, qk_scale, BLOCK_N, STAGES,
+        acc, p16, m_i, l_i = _step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar,
+                                   v_bar, empty, qpos, lo, Tk, qk_scale, BLOCK_N, STAGES,
                                    s_layout, p_layout, o_layout, True)
     for j in range(f_lo, f_hi):
-        acc, p16, m_i, l_i = _step(j, j0 - rb, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem,
-                                   k_bar, v_bar, empty, qpos, lo, Tk, qk_scale, BLOCK_N, STAGES,
+        acc, p16, m_i, l_i = _step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar,
+                                   v_bar, empty, qpos, lo, Tk, qk_scale, BLOCK_N, STAGES,
                                    s_layout, p_layout, o_layout, False)
     for j in range(f_hi, n):
-        acc, p16, m_i, l_i = _step(j, j0 - rb, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem,
-                                   k_bar, v_bar, empty, qpos, lo, Tk, qk_scale, BLOCK_N, STAGES,
+        acc, p16, m_i, l_i = _step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar,
+                                   v_bar, empty, qpos, lo, Tk, qk_scale, BLOCK_N, STAGES,
                                    s_layout, p_layout, o_layout, True)
-    return acc, p16, m_i, l_i
 
-
-@gluon.jit
-def _rows_finish(acc, p16, m_i, l_i, q_smem, o_desc, OUT, LSE, v_smem, v_bar, empty, row_q, h, qh,
-                 last, pid_bh, Tq, hq, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                 POOLED: gl.constexpr, PERSIST: gl.constexpr):
-    """The last block's P·V (ring slot last), then O and lse of the 64 rows at qh stored:
-    through q_smem by TMA, or (PERSIST: q_smem already holds the next item's Q) from registers;
-    PERSIST also releases the last stage, which the producer refills for the next item."""
-    s_layout: gl.constexpr = mma_layout(v_smem.shape[1])
-    o_layout: gl.constexpr = mma_layout(HEAD_DIM)
+    # the last block's P·V (its stage needs no release: the producer is done)
+    last = n - 1 - j0
     mbarrier.wait(v_bar.index(last % STAGES), (last // STAGES) & 1)
     acc = warpgroup_mma(p16, v_smem.index(last % STAGES), acc, is_async=True)
     acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
-    if PERSIST:
-        cta_sync()  # every warp of this consumer is done with the stage
-        mbarrier.arrive(empty.index(last % STAGES), count=1)
 
     # l > 0 on every row < Tq (it sees its own key; pooled: unless its range is empty, then
     # o = 0 and lse = +inf); rows past Tq are never stored
     l_safe = gl.where(l_i > 0.0, l_i, 1.0)
     acc = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
-    if PERSIST:
-        o_rows = qh + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, o_layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        # element offsets in int64: B·Tq·HQ·D may pass 2^31
-        o_off = ((row_q + o_rows).to(gl.int64) * hq + h) * HEAD_DIM
-        gl.store(OUT + (o_off[:, None] + cols[None, :]), acc.to(OUT.dtype.element_ty),
-                 mask=(o_rows < Tq)[:, None] & (cols < HEAD_DIM)[None, :])
-    else:
-        q_smem.store(acc.to(q_smem.dtype))   # Q is no longer read: its tile stages O
-        fence_async_shared()
-        tma_store(o_desc, [row_q + qh, h * HEAD_DIM], q_smem)
-    rows = qh + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
+    q_smem.store(acc.to(q_smem.dtype))   # Q is no longer read: its tile stages O
+    fence_async_shared()
+    tma_store(o_desc, [row_q + qh, h * HEAD_DIM], q_smem)
     lse = (m_i + gl.log2(l_safe)) * LN2
     if POOLED:
         lse = gl.where(l_i > 0.0, lse, float("inf"))
-    gl.store(LSE + pid_bh.to(gl.int64) * Tq + rows, lse, mask=rows < Tq)
-    if not PERSIST:
-        tma.store_wait(pendings=0)
+    gl.store(LSE + pid_bh.to(gl.int64) * Tq + rows, lse, mask=row_ok)
+    tma.store_wait(pendings=0)
 
 
 @gluon.jit
-def _item(t, n_qtiles):
-    """Work item t of the persistent grid: (first query row, batch·head); heads in turn, each
-    from its heaviest query tile (the last) down, as the one-program-per-tile grid."""
-    return (n_qtiles - 1 - t % n_qtiles) * (2 * HALF_M), t // n_qtiles
-
-
-@gluon.jit
-def _key_blocks(q0, SEG, Tq, Tk, q_offset, window, has_seg, BLOCK_N: gl.constexpr,
-                POOLED: gl.constexpr):
-    """The key blocks j0 .. n − 1 the tile at q0 walks (the kernel docstring's rules)."""
-    if POOLED:
-        # from the first row's lo to the last row's hi; at least one (rows that see nothing run
-        # one block fully masked)
-        j0 = gl.load(SEG + q0) // BLOCK_N
-        n = gl.maximum(gl.cdiv(gl.load(SEG + Tq + gl.minimum(q0 + 2 * HALF_M, Tq) - 1), BLOCK_N),
-                       j0 + 1)
-    else:
-        # from the first row's lo to the last row (module docstring)
-        q_first = q_offset + q0
-        lo_first = gl.maximum(q_first - window + 1, 0)
-        lo_first = gl.maximum(lo_first, gl.load(SEG + q_first, mask=has_seg != 0, other=0))
-        j0 = lo_first // BLOCK_N
-        n = gl.cdiv(gl.minimum(q_offset + gl.minimum(q0 + 2 * HALF_M, Tq), Tk), BLOCK_N)
-    return j0, n
-
-
-@gluon.jit
-def _produce(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, row_k, col, j0, n, rb):
-    """TMA loads of key blocks j0 .. n − 1 into ring slots rb, rb + 1, ..."""
+def _producer(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, row_k, col, j0, n):
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     STAGES: gl.constexpr = k_smem.shape[0]
     for j in range(j0, n):
-        r = j - j0 + rb
+        r = j - j0
         st = r % STAGES
         # the stage's previous block (r − STAGES) must have been released by both consumers
         mbarrier.wait(empty.index(st), ((r // STAGES) + 1) & 1, pred=r >= STAGES)
@@ -275,28 +222,19 @@ def _produce(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, row_k, col, j0
 
 
 @gluon.jit
-def _producer(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, row_k, col, j0, n):
-    _produce(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, row_k, col, j0, n, 0)
-
-
-@gluon.jit
 def _consumer(q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,
               qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n, pid_bh,
               HALF: gl.constexpr, POOLED: gl.constexpr):
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = k_smem.shape[1]
-    STAGES: gl.constexpr = k_smem.shape[0]
     qh = q0 + HALF * HALF_M           # this consumer's first row
     q_half = q_smem.index(HALF)
     bar = q_bar.index(HALF)
     mbarrier.expect(bar, q_desc.block_type.nbytes)
     tma_load(q_desc, [row_q + qh, h * HEAD_DIM], bar, q_half)
     mbarrier.wait(bar, 0)
-    acc, p16, m_i, l_i = _rows_loop(q_half, SEG, k_smem, v_smem, k_bar, v_bar, empty, qh, j0, n,
-                                    0, Tq, Tk, q_offset, window, has_seg, qk_scale, BLOCK_N,
-                                    HEAD_DIM, STAGES, POOLED)
-    _rows_finish(acc, p16, m_i, l_i, q_half, o_desc, LSE, LSE, v_smem, v_bar, empty, row_q, h,
-                 qh, n - 1 - j0, pid_bh, Tq, 1, HEAD_DIM, STAGES, POOLED, False)
+    _attend_rows(q_half, o_desc, LSE, SEG, k_smem, v_smem, k_bar, v_bar, empty, row_q, h, qh,
+                 j0, n, pid_bh, Tq, Tk, q_offset, window, has_seg, qk_scale, k_smem.shape[1],
+                 HEAD_DIM, k_smem.shape[0], POOLED)
 
 
 # partition entry points take runtime values only (the constants come from the descriptors and
@@ -334,93 +272,40 @@ def _pooled_rows_64_127(q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem,
 
 
 @gluon.jit
-def _persistent_producer(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, SEG, Tq, Tk,
-                         q_offset, window, has_seg, n_qtiles, n_items, hq, group, pooled):
-    """Every item of this program in turn into the one ring (slots counted across items)."""
-    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    rb = 0
-    for t in range(gl.program_id(0), n_items, gl.num_programs(0)):
-        q0, bh = _item(t, n_qtiles)
-        if pooled != 0:
-            j0, n = _key_blocks(q0, SEG, Tq, Tk, q_offset, window, has_seg, BLOCK_N, True)
-        else:
-            j0, n = _key_blocks(q0, SEG, Tq, Tk, q_offset, window, has_seg, BLOCK_N, False)
-        _produce(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, (bh // hq) * Tk,
-                 (bh % hq) // group * HEAD_DIM, j0, n, rb)
-        rb += n - j0
-
-
-@gluon.jit
-def _persistent_rows(q_desc, OUT, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,
-                     qk_scale, Tq, Tk, q_offset, window, has_seg, n_qtiles, n_items, hq, half,
-                     POOLED: gl.constexpr):
-    """Rows half·64 .. half·64 + 63 of every item of this program: the next item's Q rows are
-    loaded into this consumer's Q tile as soon as the current item's last S is done, under
-    its last P·V and the stores; O goes out from registers (the Q tile is taken)."""
-    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = k_smem.shape[1]
-    STAGES: gl.constexpr = k_smem.shape[0]
-    q_half = q_smem.index(half)
-    bar = q_bar.index(half)
-    step = gl.num_programs(0)
-    q0, bh = _item(gl.program_id(0), n_qtiles)
-    mbarrier.expect(bar, q_desc.block_type.nbytes)
-    tma_load(q_desc, [(bh // hq) * Tq + q0 + half * HALF_M, (bh % hq) * HEAD_DIM], bar, q_half)
-    rb = 0
-    phase = 0
-    for t in range(gl.program_id(0), n_items, step):
-        q0, bh = _item(t, n_qtiles)
-        row_q = (bh // hq) * Tq
-        h = bh % hq
-        qh = q0 + half * HALF_M
-        j0, n = _key_blocks(q0, SEG, Tq, Tk, q_offset, window, has_seg, BLOCK_N, POOLED)
-        mbarrier.wait(bar, phase)
-        acc, p16, m_i, l_i = _rows_loop(q_half, SEG, k_smem, v_smem, k_bar, v_bar, empty, qh,
-                                        j0, n, rb, Tq, Tk, q_offset, window, has_seg, qk_scale,
-                                        BLOCK_N, HEAD_DIM, STAGES, POOLED)
-        nq0, nbh = _item(t + step, n_qtiles)
-        more = t + step < n_items
-        mbarrier.expect(bar, q_desc.block_type.nbytes, pred=more)
-        tma_load(q_desc, [(nbh // hq) * Tq + nq0 + half * HALF_M, (nbh % hq) * HEAD_DIM], bar,
-                 q_half, pred=more)
-        _rows_finish(acc, p16, m_i, l_i, q_half, q_desc, OUT, LSE, v_smem, v_bar, empty, row_q, h,
-                     qh, rb + n - 1 - j0, bh, Tq, hq, HEAD_DIM, STAGES, POOLED, True)
-        rb += n - j0
-        phase ^= 1
-
-
-@gluon.jit
-def _persistent_flash(q_desc, OUT, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,
-                      qk_scale, Tq, Tk, q_offset, window, has_seg, n_qtiles, n_items, hq, half):
-    _persistent_rows(q_desc, OUT, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,
-                     qk_scale, Tq, Tk, q_offset, window, has_seg, n_qtiles, n_items, hq, half,
-                     False)
-
-
-@gluon.jit
-def _persistent_pooled(q_desc, OUT, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,
-                       qk_scale, Tq, Tk, q_offset, window, has_seg, n_qtiles, n_items, hq, half):
-    _persistent_rows(q_desc, OUT, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,
-                     qk_scale, Tq, Tk, q_offset, window, has_seg, n_qtiles, n_items, hq, half,
-                     True)
-
-
-@gluon.jit
 def _fwd_gluon_kernel(q_desc, k_desc, v_desc, o_desc, LSE, SEG, qk_scale, Tq, Tk, q_offset,
-                      window, has_seg, OUT, n_items, HQ: gl.constexpr, HKV: gl.constexpr,
+                      window, has_seg, HQ: gl.constexpr, HKV: gl.constexpr,
                       HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                       STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                       PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
-                      POOLED: gl.constexpr = False, PERSIST: gl.constexpr = False):
+                      POOLED: gl.constexpr = False):
     """POOLED (NSA's compressed branch, attn/nsa/cmp.py): the keys are pooled blocks, and query
     row i sees the keys [lo(i), hi(i)) given as int32 SEG[i], SEG[Tq + i] (both non-decreasing
     in i; q_offset, window and has_seg unused); a row with an empty range gets o = 0, lse = +inf.
-    Otherwise the module docstring's masks. PERSIST: a 1-D grid of at most one program per SM,
-    program p taking the work items (query tile, batch·head) p, p + programs, ... of the n_items
-    (_item's order); OUT is then O's pointer (o_desc unused), else o_desc stores it."""
+    Otherwise the module docstring's masks."""
     gl.static_assert(BLOCK_M == 2 * HALF_M)
     gl.static_assert(num_warps == CONSUMER_WARPS)
+    q0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M   # heaviest tiles first
+    pid_bh = gl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hkv = h // (HQ // HKV)
+    row_q = b * Tq                   # first row of this batch in the [B·T, H·D] views
+    row_k = b * Tk
+    col = hkv * HEAD_DIM
+    if POOLED:
+        # key blocks from the first row's lo to the last row's hi; at least one (rows that see
+        # nothing run one block fully masked)
+        j0 = gl.load(SEG + q0) // BLOCK_N
+        n = gl.maximum(gl.cdiv(gl.load(SEG + Tq + gl.minimum(q0 + BLOCK_M, Tq) - 1), BLOCK_N),
+                       j0 + 1)
+    else:
+        # key blocks j0 .. n − 1: from the first row's lo to the last row (module docstring)
+        q_first = q_offset + q0
+        lo_first = gl.maximum(q_first - window + 1, 0)
+        lo_first = gl.maximum(lo_first, gl.load(SEG + q_first, mask=has_seg != 0, other=0))
+        j0 = lo_first // BLOCK_N
+        n = gl.cdiv(gl.minimum(q_offset + gl.minimum(q0 + BLOCK_M, Tq), Tk), BLOCK_N)
+
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, HALF_M, HEAD_DIM], q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
@@ -436,51 +321,21 @@ def _fwd_gluon_kernel(q_desc, k_desc, v_desc, o_desc, LSE, SEG, qk_scale, Tq, Tk
         mbarrier.init(empty.index(i), count=2)   # one arrival per consumer
     fence_async_shared()
 
-    if PERSIST:
-        # partition arguments are runtime values: the head counts and halves become scalars
-        n_qtiles = gl.cdiv(Tq, BLOCK_M)
-        hq = gl.to_tensor(HQ)
-        args = (q_desc, OUT, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty, qk_scale,
-                Tq, Tk, q_offset, window, has_seg, n_qtiles, n_items, hq)
-        producer_args = (k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, SEG, Tq, Tk,
-                         q_offset, window, has_seg, n_qtiles, n_items, hq,
-                         gl.to_tensor(HQ // HKV), gl.to_tensor(POOLED))
-        if POOLED:
-            gl.warp_specialize([(_persistent_pooled, args + (gl.to_tensor(0),)),
-                                (_persistent_pooled, args + (gl.to_tensor(1),)),
-                                (_persistent_producer, producer_args)],
-                               [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
-        else:
-            gl.warp_specialize([(_persistent_flash, args + (gl.to_tensor(0),)),
-                                (_persistent_flash, args + (gl.to_tensor(1),)),
-                                (_persistent_producer, producer_args)],
-                               [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    consumer_args = (q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,
+                     qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n, pid_bh)
+    producer_args = (k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, row_k, col, j0, n)
+    if POOLED:
+        gl.warp_specialize([
+            (_pooled_rows_0_63, consumer_args),
+            (_pooled_rows_64_127, consumer_args),
+            (_producer, producer_args),
+        ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
-        q0 = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M   # heaviest tiles first
-        pid_bh = gl.program_id(1)
-        b = pid_bh // HQ
-        h = pid_bh % HQ
-        hkv = h // (HQ // HKV)
-        row_q = b * Tq                   # first row of this batch in the [B·T, H·D] views
-        row_k = b * Tk
-        col = hkv * HEAD_DIM
-        j0, n = _key_blocks(q0, SEG, Tq, Tk, q_offset, window, has_seg, BLOCK_N, POOLED)
-        consumer_args = (q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar,
-                         empty, qk_scale, Tq, Tk, q_offset, window, has_seg, row_q, h, q0, j0, n,
-                         pid_bh)
-        producer_args = (k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, row_k, col, j0, n)
-        if POOLED:
-            gl.warp_specialize([
-                (_pooled_rows_0_63, consumer_args),
-                (_pooled_rows_64_127, consumer_args),
-                (_producer, producer_args),
-            ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
-        else:
-            gl.warp_specialize([
-                (_consumer_rows_0_63, consumer_args),
-                (_consumer_rows_64_127, consumer_args),
-                (_producer, producer_args),
-            ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        gl.warp_specialize([
+            (_consumer_rows_0_63, consumer_args),
+            (_consumer_rows_64_127, consumer_args),
+            (_producer, producer_args),
+        ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 # launch
@@ -494,15 +349,6 @@ GLUON_CFG = {64: (128, 128, 4), 128: (128, 128, 3)}
 # x 24 = 62208 of the SM's 65536 (ptxas spills one value with 128-key blocks: D = 64 on triton
 # 3.6, D = 128 on 3.9; tests/attn/flash/gluon_aot.py allows that one)
 CONSUMER_REGS, PRODUCER_REGS = 240, 24
-# persistent grid (one program per SM walking its work items, PERSIST in the kernel) per mode:
-# flash (causal / documents), window (a sliding window: short key ranges), pooled (NSA's
-# compressed branch); FLASH_FWD_PERSIST=0 / 1 overrides all three (A/B runs)
-PERSIST = {"flash": False, "window": False, "pooled": False}
-_persist_env = os.environ.get("FLASH_FWD_PERSIST", "auto")
-if _persist_env not in ("auto", "0", "1"):
-    raise ValueError(f"FLASH_FWD_PERSIST={_persist_env!r}: must be auto, 0 or 1")
-if _persist_env != "auto":
-    PERSIST = dict.fromkeys(PERSIST, _persist_env == "1")
 NO_WINDOW = 1 << 30  # a window no sequence reaches: lo = 0
 
 
@@ -539,10 +385,10 @@ def mask_args(seg, window, lse):
 
 
 def fwd_gluon(q, k, v, scale, seg_start=None, q_offset=0, window=None, block_n=None,
-              stages=None, persist=None):
+              stages=None):
     """(o, lse) of op.fwd_kernel's contract (seg_start: each key position's document start,
     int32 [Tk]; q_offset, window as there) through the Gluon kernel; ValueError outside its
-    scope. block_n, stages, persist (bool): tuning overrides."""
+    scope. block_n, stages: tuning overrides."""
     why = scope_error(q, k)
     if why is not None:
         raise ValueError(why)
@@ -551,12 +397,10 @@ def fwd_gluon(q, k, v, scale, seg_start=None, q_offset=0, window=None, block_n=N
     if st < 3 or bn not in (32, 64, 128):
         raise ValueError(f"the Gluon flash forward needs STAGES >= 3 and BLOCK_N in 32/64/128; "
                          f"got STAGES={st}, BLOCK_N={bn}")
-    if persist is None:
-        persist = PERSIST["window" if window is not None else "flash"]
-    return _launch(q, k, v, scale, seg_start, q_offset, window, bn, st, False, persist)
+    return _launch(q, k, v, scale, seg_start, q_offset, window, bn, st, False)
 
 
-def pooled_fwd_gluon(q, k, v, scale, bounds, persist=None):
+def pooled_fwd_gluon(q, k, v, scale, bounds):
     """(o, lse) of attention over pooled keys (k, v [B, Tk, Hkv, D]: NSA's compressed rows,
     attn/nsa/cmp.py's contract): query row i sees the keys [bounds[0, i], bounds[1, i]) (int32
     [2, Tq], both non-decreasing in i); a row with an empty range gets o = 0, lse = +inf.
@@ -569,11 +413,10 @@ def pooled_fwd_gluon(q, k, v, scale, bounds, persist=None):
         raise ValueError(f"pooled key bounds must be a contiguous int32 [2, Tq] = [2, {tq}] "
                          f"tensor, got {bounds.dtype} {tuple(bounds.shape)}")
     bn, st = GLUON_CFG[q.shape[-1]][1:]
-    return _launch(q, k, v, scale, bounds, 0, None, bn, st, True,
-                   PERSIST["pooled"] if persist is None else persist)
+    return _launch(q, k, v, scale, bounds, 0, None, bn, st, True)
 
 
-def _launch(q, k, v, scale, seg, q_offset, window, bn, st, pooled, persist):
+def _launch(q, k, v, scale, seg, q_offset, window, bn, st, pooled):
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     bm = GLUON_CFG[d][0]
@@ -581,14 +424,9 @@ def _launch(q, k, v, scale, seg, q_offset, window, bn, st, pooled, persist):
     o = alloc.empty(q.shape, q.dtype, q.device)
     lse = alloc.empty((B, hq, tq), torch.float32, q.device)
     seg, win, has_seg = mask_args(seg, window, lse)
-    n_items = triton.cdiv(tq, bm) * B * hq
-    if persist:
-        grid = (min(n_items, torch.cuda.get_device_properties(q.device).multi_processor_count),)
-    else:
-        grid = (triton.cdiv(tq, bm), B * hq)
-    _fwd_gluon_kernel[grid](
+    _fwd_gluon_kernel[(triton.cdiv(tq, bm), B * hq)](
         tile_desc(q, HALF_M.value), tile_desc(k, bn), tile_desc(v, bn), tile_desc(o, HALF_M.value),
-        lse, seg, scale * LOG2E_F, tq, tk, q_offset, win, has_seg, o, n_items, HQ=hq, HKV=hkv,
-        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=st, CONSUMER_REGS=CONSUMER_REGS,
-        PRODUCER_REGS=PRODUCER_REGS, num_warps=CONSUMER_WARPS, POOLED=pooled, PERSIST=persist)
+        lse, seg, scale * LOG2E_F, tq, tk, q_offset, win, has_seg, HQ=hq, HKV=hkv, HEAD_DIM=d,
+        BLOCK_M=bm, BLOCK_N=bn, STAGES=st, CONSUMER_REGS=CONSUMER_REGS,
+        PRODUCER_REGS=PRODUCER_REGS, num_warps=CONSUMER_WARPS, POOLED=pooled)
     return o, lse

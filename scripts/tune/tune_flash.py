@@ -8,8 +8,7 @@
 
 GPU: sweep the candidates below one kernel at a time (each kernel keeps its best before the next is
 swept), split the backward's time by kernel, and measure the FP8 forward option (time and error);
-`--kernels gluon` times the Gluon forward's (BLOCK_N, STAGES) candidates (and its default config on
-both grids, persistent and one program per tile) next to the Triton forward
+`--kernels gluon` times the Gluon forward's (BLOCK_N, STAGES) candidates next to the Triton forward
 and `--kernels gluon-dkdv` the Gluon dK/dV kernel's (BLOCK_M, STAGES) next to the Triton dK/dV
 (no window); prints tables and writes flash_tune.json into --out. --window / --kv-heads sweep the
 sliding-window case (NSA's window branch: --T 65536 --tokens 65536 --H 64 --kv-heads 4 --window
@@ -69,24 +68,19 @@ def rel(a, b):
 
 
 def gluon_sweep(q, k, v, W, fl, bench):
-    """Forward ms of the Gluon kernel per (BLOCK_N, STAGES), then of the default config on the
-    persistent grid and on the one-program-per-tile grid, with the Triton forward (default
+    """Forward ms of the Gluon kernel per (BLOCK_N, STAGES), with the Triton forward (default
     config) in the same call; window W (None: causal)."""
     from attn.flash import common, flash_fwd
-    from attn.flash.fwd_gluon import GLUON_CFG, fwd_gluon
+    from attn.flash.fwd_gluon import fwd_gluon
     D = q.shape[-1]
     common.OVERRIDE.pop("fwd", None)
     rows = [dict(cfg="triton", ms=bench(lambda: flash_fwd(q, k, v, window=W)))]
-    default = list(GLUON_CFG[D][1:])
-    for cfg in GLUON_CANDIDATES[D] + [default + ["persistent"], default + ["grid"]]:
-        bn, st = cfg[:2]
-        persist = None if len(cfg) == 2 else cfg[2] == "persistent"
+    for bn, st in GLUON_CANDIDATES[D]:
         try:
-            rows.append(dict(cfg=list(cfg), ms=bench(
-                lambda: fwd_gluon(q, k, v, D ** -0.5, window=W, block_n=bn, stages=st,
-                                  persist=persist))))
+            rows.append(dict(cfg=[bn, st], ms=bench(
+                lambda: fwd_gluon(q, k, v, D ** -0.5, window=W, block_n=bn, stages=st))))
         except Exception as e:  # out of resources etc.
-            print(f"gluon {cfg}: {type(e).__name__}: {str(e)[:80]}")
+            print(f"gluon {bn} {st}: {type(e).__name__}: {str(e)[:80]}")
     for r in rows:
         print(f"fwd {str(r['cfg']):22s}: {r['ms']:7.3f} ms  {fl / r['ms'] / 1e9:5.0f} TFLOP/s",
               flush=True)

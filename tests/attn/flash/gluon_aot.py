@@ -1,12 +1,11 @@
 """Compile the Gluon kernels (attn/flash/fwd_gluon.py, bwd_gluon.py and the ones built on them)
 for sm_90a without a GPU: `python gluon_aot.py` prints registers, stack and shared memory of
 each GLUON_CFG entry, of the forward's 64-key-block variants tune_flash.py sweeps, of its
-pooled-key mode (NSA's compressed branch), of both on the persistent grid, of each DKDV_CFG
-entry (flash's dK/dV kernel, NSA's pooled one, attn/nsa/cmp_bwd_gluon.py, MoBA's gathering
-one, attn/moba/dkdv_gluon.py, with 1 and 4 producer warps), and exits non-zero when one fails to
-compile, spills or exceeds 227 KB of shared memory. Run by tests/attn/flash/test_fwd_gluon.py in
-a subprocess (Gluon kernels are compiled, never interpreted); uses the ptxas / cuobjdump that
-ship with the triton wheel."""
+pooled-key mode (NSA's compressed branch), of each DKDV_CFG entry (flash's dK/dV kernel, NSA's
+pooled one, attn/nsa/cmp_bwd_gluon.py, MoBA's gathering one, attn/moba/dkdv_gluon.py, with
+1 and 4 producer warps), and exits non-zero when one fails to compile, spills or exceeds 227 KB
+of shared memory. Run by tests/attn/flash/test_fwd_gluon.py in a subprocess (Gluon kernels are
+compiled, never interpreted); uses the ptxas / cuobjdump that ship with the triton wheel."""
 from __future__ import annotations
 
 import os
@@ -59,17 +58,16 @@ def _compile(kernel, sig: dict, const: dict, aligned=()) -> dict:
 
 
 def compile_cfg(d: int, bm: int, bn: int, stages: int, dtype=gl.bfloat16,
-                pooled: bool = False, persist: bool = False) -> dict:
+                pooled: bool = False) -> dict:
     """The forward (fwd_gluon.py) at (BLOCK_M, BLOCK_N, STAGES); pooled: its pooled-key mode
-    (NSA's compressed branch); persist: on the persistent grid."""
+    (NSA's compressed branch)."""
     q, kv = _desc(d, G.HALF_M.value, dtype), _desc(d, bn, dtype)
     sig = {"q_desc": q, "k_desc": kv, "v_desc": kv, "o_desc": q, "LSE": "*fp32", "SEG": "*i32",
            "qk_scale": "fp32", "Tq": "i32", "Tk": "i32", "q_offset": "i32", "window": "i32",
-           "has_seg": "i32", "OUT": "*bf16" if dtype == gl.bfloat16 else "*fp16",
-           "n_items": "i32"}
+           "has_seg": "i32"}
     const = dict(HQ=4, HKV=2, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, STAGES=stages,
                  CONSUMER_REGS=G.CONSUMER_REGS, PRODUCER_REGS=G.PRODUCER_REGS,
-                 num_warps=G.CONSUMER_WARPS.value, POOLED=pooled, PERSIST=persist)
+                 num_warps=G.CONSUMER_WARPS.value, POOLED=pooled)
     return _compile(G._fwd_gluon_kernel, sig, const)
 
 
@@ -120,11 +118,10 @@ def compile_moba_dkdv(d: int, bm: int, bn: int, stages: int, dtype=gl.bfloat16,
 # spill-free 32-query blocks) and 176 (pooled: its fp32 partial stores on top). More is a
 # register plan gone wrong. Other versions' code generation spills elsewhere (3.9: the forward
 # one value at D = 128; the flash dK/dV 72 / 216 bytes at D = 128 / 64 with the configs
-# bwd_gluon.py takes there; the persistent pooled forward 24 bytes at D = 128): for them the
-# one-program-per-tile forwards keep the 8-byte rule, the persistent ones and the dK/dV kernels
+# bwd_gluon.py takes there): for them the forwards keep the 8-byte rule and the dK/dV kernels
 # are checked for compiling and shared memory only.
-STACK_36 = {"fwd": 8, "pooled": 8, "persist": 8, "pooled-persist": 8, "dkdv": 144,
-            "pooled-dkdv": 176, "moba-dkdv": 120, "moba-dkdv-pw4": 112}
+STACK_36 = {"fwd": 8, "pooled": 8, "dkdv": 144, "pooled-dkdv": 176, "moba-dkdv": 120,
+            "moba-dkdv-pw4": 112}
 
 
 def too_big(kind: str, r: dict) -> bool:
@@ -140,8 +137,6 @@ def main() -> int:
     jobs = [("fwd", d, *cfg) for d, cfg in G.GLUON_CFG.items()]
     jobs += [("fwd", d, bm, 64, 4) for d, (bm, _, _) in G.GLUON_CFG.items()]
     jobs += [("pooled", d, *cfg) for d, cfg in G.GLUON_CFG.items()]
-    jobs += [("persist", d, *cfg) for d, cfg in G.GLUON_CFG.items()]
-    jobs += [("pooled-persist", d, *cfg) for d, cfg in G.GLUON_CFG.items()]
     jobs += [("dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
     jobs += [("pooled-dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
     jobs += [("moba-dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
@@ -158,8 +153,7 @@ def main() -> int:
                 elif kind.startswith("moba-dkdv"):
                     r = compile_moba_dkdv(d, bm, bn, st, dt, 4 if kind.endswith("pw4") else 1)
                 else:
-                    r = compile_cfg(d, bm, bn, st, dt, pooled=kind.startswith("pooled"),
-                                    persist=kind.endswith("persist"))
+                    r = compile_cfg(d, bm, bn, st, dt, pooled=kind == "pooled")
                 bad = too_big(kind, r)
                 failed += bad
                 print(f"{name:40s} {r}{' FAILED: spills or shared memory' if bad else ''}",
