@@ -18,6 +18,8 @@
 #   moba-gluon    A/B of MoBA's dK/dV kernels, MOBA_DKDV_IMPL=triton against =gluon (ab_kernels.py,
 #                 forward + backward, moba (16k, GQA 16/4) and moba64k (64k, 16/16), 3 alternating
 #                 rounds)                                                    -> $OUT/moba-gluon/
+#   moba-routed   A/B of MoBA's routed forward, MOBA_ROUTED_IMPL=triton against =gluon (as moba-gluon)
+#                                                                            -> $OUT/moba-routed/
 #   moba-ncu      Nsight Compute on MoBA's dK/dV kernel at 64k (16 / 16 heads), the Triton one and
 #                 the Gluon one (MOBA_DKDV_IMPL): speed of light, memory, warp states, occupancy
 #                 (tune_moba.py --once; --clock-control none)     -> $OUT/moba-ncu/{triton,gluon}.txt
@@ -70,6 +72,7 @@ declare -A TESTS=(
   [moba]="tests/attn/moba" [moba-parts]="tests/attn/moba" [moba-sweep]="tests/attn/moba"
   [moba-gluon]="tests/attn/moba/test_moba_dkdv_gluon.py"
   [moba-ncu]="tests/attn/moba/test_moba_dkdv_gluon.py"
+  [moba-routed]="tests/attn/moba/test_moba_routed_gluon.py"
   [nsa]="tests/attn/nsa" [nsa-parts]="tests/attn/nsa"
   [nsa-cmp]="tests/attn/nsa/test_nsa_cmp_gluon.py tests/attn/nsa/test_nsa_cmp.py tests/attn/nsa/test_nsa_gpu.py"
   [train]=$TRAIN_TESTS [e2e]=$TRAIN_TESTS [profile]=$TRAIN_TESTS [recall]="tests/test_eval.py"
@@ -159,6 +162,9 @@ run_part() {  # run_part PART ARGS...
                   done ;;
     moba-gluon)   bench moba-gluon "$limit" scripts/bench/ab_kernels.py triton=.@MOBA_DKDV_IMPL=triton \
                     gluon=.@MOBA_DKDV_IMPL=gluon --cases moba,moba64k --mode fwdbwd --rounds 3 "$@" ;;
+    moba-routed)  bench moba-routed "$limit" scripts/bench/ab_kernels.py \
+                    triton=.@MOBA_ROUTED_IMPL=triton gluon=.@MOBA_ROUTED_IMPL=gluon \
+                    --cases moba,moba64k --mode fwdbwd --rounds 3 "$@" ;;
     moba-ncu)     mkdir -p "$OUT/moba-ncu"
                   for impl in triton gluon; do
                     MOBA_DKDV_IMPL=$impl timeout "$limit" ncu --clock-control none \

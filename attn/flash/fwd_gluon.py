@@ -6,7 +6,7 @@ Partitions of one program (BLOCK_M = 128 query rows of one (batch, query head)):
   consumer 1 (worker, 4 warps)                : rows 64..127
   producer   (worker, 1 warp)                 : TMA loads of every K/V block into the ring
 Each consumer walks its 64 rows with the softmax of key block j overlapping its own P·V product
-of block j − 1 (intra-warpgroup pipelining, _step) and writes its O half and lse. The stage ring
+of block j − 1 (intra-warpgroup pipelining, fwd_step) and writes its O half and lse. The stage ring
 is guarded by mbarriers both ways: `ready` (TMA completion, per K and per V tile) and `empty`
 (count 2: each consumer arrives once it has read a stage), so the consumers never wait for each
 other: their softmax and product phases drift apart and interleave on the tensor cores (FA3's
@@ -78,7 +78,7 @@ def _handover(new, old, BF16: gl.constexpr):
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, qk_scale, j, qpos, lo, Tk, BLOCK_N: gl.constexpr,
+def online_softmax(s, m_i, l_i, qk_scale, j, qpos, lo, Tk, BLOCK_N: gl.constexpr,
              s_layout: gl.constexpr, MASKED: gl.constexpr):
     """Online-softmax update on raw scores s of key block j: (p fp32, alpha, m_new, l_new)."""
     if MASKED:
@@ -94,7 +94,7 @@ def _softmax(s, m_i, l_i, qk_scale, j, qpos, lo, Tk, BLOCK_N: gl.constexpr,
 
 
 @gluon.jit
-def _step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar, empty, qpos, lo,
+def fwd_step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar, empty, qpos, lo,
           Tk, qk_scale, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
           p_layout: gl.constexpr, o_layout: gl.constexpr, MASKED: gl.constexpr):
     """Key block j (ring slot j − j0): wait K_j; issue S_j = Q·K_jᵀ; issue O += P_{j−1}·V_{j−1};
@@ -110,7 +110,7 @@ def _step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar, v_bar, em
     mbarrier.wait(v_bar.index(pst), ((r - 1) // STAGES) & 1)
     acc = warpgroup_mma(p16, v_smem.index(pst), acc, is_async=True)
     s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))       # S_j done, P·V still running
-    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, j, qpos, lo, Tk, BLOCK_N, s_layout,
+    p, alpha, m_i, l_i = online_softmax(s, m_i, l_i, qk_scale, j, qpos, lo, Tk, BLOCK_N, s_layout,
                                   MASKED)
     # K_{j+1}'s barrier (needed next step anyway) closes a basic block here: ptxas schedules
     # within blocks, so the softmax cannot be moved below the wait for P·V that follows
@@ -168,21 +168,21 @@ def _attend_rows(q_smem, o_desc, LSE, SEG, k_smem, v_smem, k_bar, v_bar, empty, 
     s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
     m_i = gl.full([HALF_M], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))  # finite: no NaN
     l_i = gl.zeros([HALF_M], gl.float32, gl.SliceLayout(1, s_layout))
-    p, alpha, m_i, l_i = _softmax(s, m_i, l_i, qk_scale, j0, qpos, lo, Tk, BLOCK_N, s_layout,
+    p, alpha, m_i, l_i = online_softmax(s, m_i, l_i, qk_scale, j0, qpos, lo, Tk, BLOCK_N, s_layout,
                                   True)
     p16 = gl.convert_layout(p.to(q_smem.dtype), p_layout)
     acc = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
 
     for j in range(j0 + 1, f_lo):
-        acc, p16, m_i, l_i = _step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar,
+        acc, p16, m_i, l_i = fwd_step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar,
                                    v_bar, empty, qpos, lo, Tk, qk_scale, BLOCK_N, STAGES,
                                    s_layout, p_layout, o_layout, True)
     for j in range(f_lo, f_hi):
-        acc, p16, m_i, l_i = _step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar,
+        acc, p16, m_i, l_i = fwd_step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar,
                                    v_bar, empty, qpos, lo, Tk, qk_scale, BLOCK_N, STAGES,
                                    s_layout, p_layout, o_layout, False)
     for j in range(f_hi, n):
-        acc, p16, m_i, l_i = _step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar,
+        acc, p16, m_i, l_i = fwd_step(j, j0, n, acc, p16, m_i, l_i, q_smem, k_smem, v_smem, k_bar,
                                    v_bar, empty, qpos, lo, Tk, qk_scale, BLOCK_N, STAGES,
                                    s_layout, p_layout, o_layout, True)
 

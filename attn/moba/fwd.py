@@ -191,16 +191,18 @@ def _cfg(kind, dtype, d):
     return bm, bn, w, s
 
 
-def fwd_triton(q, k, v, sel, table, scale, q_offset, index=None, block_size=None):
+def fwd_triton(q, k, v, sel, table, scale, q_offset, index=None, block_size=None,
+               has_docs=True):
     """o [B, Tq, Hq, D] (q.dtype), lse [B, Hq, Tq] fp32, given the selection SEL and its inverse
-    index (routed.routed_entries; None when nothing is routed, topk == 1)."""
+    index (routed.routed_entries; None when nothing is routed, topk == 1); has_docs (unknown:
+    True) whether the blocks restart at documents."""
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     kblk, _, blk_start, _ = table
     nsel = sel.shape[-1]
     routed = index is not None
     if routed:
-        op, lp = routed_fwd(q, k, v, index, table, scale * LOG2E_F, nsel, block_size)
+        op, lp = routed_fwd(q, k, v, index, table, scale * LOG2E_F, nsel, block_size, has_docs)
     o = alloc.empty(q.shape, q.dtype, q.device)
     lse = alloc.empty((B, hq, tq), torch.float32, q.device)
     if not routed:

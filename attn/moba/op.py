@@ -71,7 +71,8 @@ def moba_fwd(q, k, v, *, block_size: int = 512, topk: int = 3, scale=None, cu_se
     table = block_table(cu_seqlens, k.shape[1], block_size, q.device)
     sel = select_blocks(q, k, table, topk, q_offset)
     index = _routed_index(sel, table, topk)
-    o, lse = fwd_triton(q, k, v, sel, table, scale, q_offset, index, block_size)
+    o, lse = fwd_triton(q, k, v, sel, table, scale, q_offset, index, block_size,
+                        cu_seqlens is not None)
     return o, lse, sel, table, index
 
 

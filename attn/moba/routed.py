@@ -22,7 +22,8 @@ The per-query-tile kernels (fwd.py) then add the own block and merge the NSEL pa
 row: output through their lse, dQ by summation; every element has one writer, no atomics.
 Transient memory: NSEL rows of D per query and head (OP in the forward, DQP in the backward),
 2 bytes per element for 16-bit inputs: at 64k, H = 16, top-3 that is 512 MiB instead of the
-1 GiB of fp32.
+1 GiB of fp32. On Hopper the forward runs through routed_gluon.py within its scope
+(MOBA_ROUTED_IMPL=auto, the default; =triton forces the kernel below).
 """
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ from attn.common.launch import dot_precision
 from attn.common.softmax import softmax_step
 from attn.common.softmax_bwd import dq_acc
 from attn.dispatch import INTERPRET
+from attn.flash.common import gluon_chosen, impl_setting
+
+# MOBA_ROUTED_IMPL: the routed forward, auto (default: routed_gluon.py's warp-specialized kernel
+# on Hopper within its scope, _routed_fwd_kernel below otherwise), triton or gluon
+# (attn/flash/common.py's impl_setting)
+ROUTED_IMPL = impl_setting("MOBA_ROUTED_IMPL", "auto")
 
 
 def partial_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -234,9 +241,19 @@ def even_blocks(block_size, block_n: int) -> bool:
     return block_size is not None and block_size % block_n == 0
 
 
-def routed_fwd(q, k, v, index, table, scale_log2, nsel: int, block_size=None):
+def _routed_gluon(q, k, block_size, has_docs) -> bool:
+    """Whether the routed forward runs routed_gluon.py's kernel (MOBA_ROUTED_IMPL); ValueError
+    when it is demanded outside its scope."""
+    def scope():
+        from attn.moba.routed_gluon import routed_scope_error
+        return routed_scope_error(q, k, block_size, has_docs)
+    return gluon_chosen("MOBA_ROUTED_IMPL", ROUTED_IMPL, q, "MoBA Gluon routed forward", scope)
+
+
+def routed_fwd(q, k, v, index, table, scale_log2, nsel: int, block_size=None, has_docs=True):
     """(OP, LP): normalised partial output and log2 lse of every (row, slot) entry. block_size
-    (None: unknown) lets the kernel drop the key mask when its key chunk divides the block."""
+    (None: unknown) lets the kernel drop the key mask when its key chunk divides the block;
+    has_docs (unknown: True) whether the blocks restart at documents."""
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     _, _, blk_start, blk_end = table
@@ -244,6 +261,9 @@ def routed_fwd(q, k, v, index, table, scale_log2, nsel: int, block_size=None):
     rowptr, entries = index
     op = alloc.empty((B * hq, tq * nsel, d), partial_dtype(q.dtype), q.device)
     lp = alloc.empty((B * hq, tq * nsel), torch.float32, q.device)
+    if _routed_gluon(q, k, block_size, has_docs):
+        from attn.moba.routed_gluon import routed_fwd_gluon
+        return routed_fwd_gluon(q, k, v, index, nb, nsel, scale_log2, block_size, op, lp)
     bm, bn, w, s = _cfg(q.dtype, d)
     split = INTERP_SPLIT if INTERPRET else GPU_SPLIT
     _routed_fwd_kernel[(nb * split, B * hq)](

@@ -16,9 +16,10 @@ Stages, each timed alone (median ms, triton.testing.do_bench) on the inputs of o
 --sweep times routed_fwd / routed_dq / tile kernels / dkdv over launch configs by rebinding the
 module-level config constants (GPU_ROUTED, GPU_SPLIT, GPU_CFG, GPU_DKDV). Writes
 moba_parts.json into --out; on Hopper it also times the Gluon dK/dV kernel alone
-(dkdv_gluon.py) over (BLOCK_M, STAGES, producer warps); --kernels picks the groups (gate,
-routed, tile, bwd, dkdv_gluon). --once: one forward + backward of the
-op at the first seqlen, no timing (a target for `ncu`: scripts/gpu_session.sh moba-ncu).
+(dkdv_gluon.py) over (BLOCK_M, STAGES, producer warps) and the Gluon routed forward
+(routed_gluon.py) over programs per (block, head); --kernels picks the groups (gate, routed,
+tile, bwd, routed_gluon, dkdv_gluon). --once: one forward + backward of the op at the first
+seqlen, no timing (a target for `ncu`: scripts/gpu_session.sh moba-ncu).
 """
 from __future__ import annotations
 
@@ -61,10 +62,11 @@ def stage_times(T, H, Hkv, D, block, topk, warmup, rep):
     r["index"] = bench(lambda: routed_entries_triton(sel, nb))
     index = routed_entries_triton(sel, nb)
     nsel = sel.shape[-1]
+    # no documents: MOBA_ROUTED_IMPL picks the routed forward as in the op
     r["routed_fwd"] = bench(lambda: routed.routed_fwd(q, k, v, index, table, scale * LOG2E_F,
-                                                      nsel, block))
+                                                      nsel, block, False))
     r["fwd_after_gate"] = bench(lambda: mf.fwd_triton(q, k, v, sel, table, scale, 0, index,
-                                                      block))
+                                                      block, False))
     r["tile_fwd"] = r["fwd_after_gate"] - r["routed_fwd"]
     r["fwd"] = bench(lambda: op.moba_fwd(q, k, v, block_size=block, topk=topk))
     o, lse, sel, table, index = op.moba_fwd(q, k, v, block_size=block, topk=topk)
@@ -83,7 +85,8 @@ def stage_times(T, H, Hkv, D, block, topk, warmup, rep):
 
 def sweep(args_pack, warmup, rep, kinds=None):
     """Times of each kernel over launch configs (module constants rebound, then restored);
-    kinds: the groups to sweep (gate, routed, tile, bwd, dkdv_gluon), None for all."""
+    kinds: the groups to sweep (gate, routed, tile, bwd, routed_gluon, dkdv_gluon), None for
+    all."""
     from triton.testing import do_bench
     from attn.common.jit import LOG2E_F
     from attn.moba import bwd as mb, fwd as mf, gate, routed
@@ -129,6 +132,14 @@ def sweep(args_pack, warmup, rep, kinds=None):
         run("bwd", cfg, lambda: mb.bwd_triton(do, q, k, v, o, lse, sel, table, scale, 0, index,
                                               block, False))
     mb.GPU_DKDV = keep[3]
+    # the Gluon routed forward (Hopper, in its scope): programs per (block, head)
+    from attn.moba import routed_gluon as mr
+    if want("routed_gluon") and torch.cuda.get_device_capability()[0] == 9 and \
+            mr.routed_scope_error(q, k, block, False) is None:
+        nb = table[2].numel()
+        for split in (2, 4, 8):
+            run("routed_gluon", (split,), lambda: mr.routed_fwd_gluon(
+                q, k, v, index, nb, nsel, scale * LOG2E_F, block, op_, lp, split))
     # the Gluon dK/dV kernel (Hopper, in its scope): (BLOCK_M, STAGES, producer warps)
     from attn.moba import dkdv_gluon as mg
     if want("dkdv_gluon") and torch.cuda.get_device_capability()[0] == 9 and \
@@ -152,7 +163,8 @@ def main(argv=None):
     ap.add_argument("--rep", type=int, default=50, help="ms")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--kernels", default=None,
-                    help="--sweep: comma list of gate, routed, tile, bwd, dkdv_gluon (default all)")
+                    help="--sweep: comma list of gate, routed, tile, bwd, routed_gluon, dkdv_gluon "
+                         "(default all)")
     ap.add_argument("--once", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     a = ap.parse_args(argv)

@@ -24,6 +24,7 @@ from triton.runtime.jit import mangle_type
 from attn.flash import bwd_gluon as BG
 from attn.flash import fwd_gluon as G
 from attn.moba import dkdv_gluon as MG
+from attn.moba import routed_gluon as MR
 from attn.nsa import cmp_bwd_gluon as CG
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -112,16 +113,29 @@ def compile_moba_dkdv(d: int, bm: int, bn: int, stages: int, dtype=gl.bfloat16,
     return _compile(MG._moba_dkdv_kernel, sig, const, aligned=("Q", "DO"))
 
 
+def compile_moba_routed(d: int, dtype=gl.bfloat16) -> dict:
+    """MoBA's routed forward with the cp.async-gathering producer (attn/moba/routed_gluon.py)."""
+    q, kv = _desc(d, G.HALF_M.value, dtype), _desc(d, MR.BLOCK_N.value, dtype)
+    ptr = "*bf16" if dtype == gl.bfloat16 else "*fp16"
+    sig = {"Q": ptr, "q_desc": q, "k_desc": kv, "v_desc": kv, "OP": ptr, "LP": "*fp32",
+           "ENTRIES": "*i32", "ROWS": "*i32", "ROWPTR": "*i32", "qk_scale": "fp32", "Tq": "i32",
+           "Tk": "i32", "NB": "i32", "hq": "i32", "group": "i32", "nsel": "i32", "split": "i32",
+           "block_size": "i32"}
+    const = dict(HEAD_DIM=d, CONSUMER_REGS=G.CONSUMER_REGS, PRODUCER_REGS=G.PRODUCER_REGS,
+                 num_warps=G.CONSUMER_WARPS.value, PRODUCER_WARPS=MR.PRODUCER_WARPS)
+    return _compile(MR._routed_fwd_kernel, sig, const, aligned=("Q", "OP"))
+
+
 # bytes of stack (spilled registers) each kind may take with triton 3.6's ptxas (the GPU image's):
 # the forwards spill one value (8 bytes, a few local loads of one slot) at 128-key blocks; the
 # dK/dV kernels' 64-query blocks at D = 128 spill 144 bytes (flash; measured faster than the
 # spill-free 32-query blocks) and 176 (pooled: its fp32 partial stores on top). More is a
 # register plan gone wrong. Other versions' code generation spills elsewhere (3.9: the forward
 # one value at D = 128; the flash dK/dV 72 / 216 bytes at D = 128 / 64 with the configs
-# bwd_gluon.py takes there): for them the forwards keep the 8-byte rule and the dK/dV kernels
-# are checked for compiling and shared memory only.
+# bwd_gluon.py takes there; MoBA's routed forward 48 / 16 bytes): for them the flash forwards
+# keep the 8-byte rule and the other kernels are checked for compiling and shared memory only.
 STACK_36 = {"fwd": 8, "pooled": 8, "dkdv": 144, "pooled-dkdv": 176, "moba-dkdv": 120,
-            "moba-dkdv-pw4": 112}
+            "moba-dkdv-pw4": 112, "moba-routed": 0}
 
 
 def too_big(kind: str, r: dict) -> bool:
@@ -141,6 +155,7 @@ def main() -> int:
     jobs += [("pooled-dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
     jobs += [("moba-dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
     jobs += [("moba-dkdv-pw4", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
+    jobs += [("moba-routed", d, 128, MR.BLOCK_N.value, MR.STAGES.value) for d in G.GLUON_CFG]
     failed = 0
     for kind, d, bm, bn, st in jobs:
         for dt in (gl.bfloat16, gl.float16):
@@ -150,6 +165,8 @@ def main() -> int:
                     r = compile_dkdv(d, bm, bn, st, dt)
                 elif kind == "pooled-dkdv":
                     r = compile_pooled_dkdv(d, bm, bn, st, dt)
+                elif kind == "moba-routed":
+                    r = compile_moba_routed(d, dt)
                 elif kind.startswith("moba-dkdv"):
                     r = compile_moba_dkdv(d, bm, bn, st, dt, 4 if kind.endswith("pw4") else 1)
                 else:
