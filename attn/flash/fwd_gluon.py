@@ -207,18 +207,24 @@ def _attend_rows(q_smem, o_desc, LSE, SEG, k_smem, v_smem, k_bar, v_bar, empty, 
 
 
 @gluon.jit
+def kv_load(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, r, row, col):
+    """The K, V tiles at (row, col) by TMA into ring slot r (stage r % STAGES) once both
+    consumers have released the slot's previous use (r − STAGES)."""
+    STAGES: gl.constexpr = k_smem.shape[0]
+    st = r % STAGES
+    mbarrier.wait(empty.index(st), ((r // STAGES) + 1) & 1, pred=r >= STAGES)
+    mbarrier.expect(k_bar.index(st), k_desc.block_type.nbytes)
+    tma_load(k_desc, [row, col], k_bar.index(st), k_smem.index(st))
+    mbarrier.expect(v_bar.index(st), v_desc.block_type.nbytes)
+    tma_load(v_desc, [row, col], v_bar.index(st), v_smem.index(st))
+
+
+@gluon.jit
 def _producer(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, row_k, col, j0, n):
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-    STAGES: gl.constexpr = k_smem.shape[0]
     for j in range(j0, n):
-        r = j - j0
-        st = r % STAGES
-        # the stage's previous block (r − STAGES) must have been released by both consumers
-        mbarrier.wait(empty.index(st), ((r // STAGES) + 1) & 1, pred=r >= STAGES)
-        mbarrier.expect(k_bar.index(st), k_desc.block_type.nbytes)
-        tma_load(k_desc, [row_k + j * BLOCK_N, col], k_bar.index(st), k_smem.index(st))
-        mbarrier.expect(v_bar.index(st), v_desc.block_type.nbytes)
-        tma_load(v_desc, [row_k + j * BLOCK_N, col], v_bar.index(st), v_smem.index(st))
+        kv_load(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, j - j0, row_k + j * BLOCK_N,
+                col)
 
 
 @gluon.jit

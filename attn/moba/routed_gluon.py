@@ -35,8 +35,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, HALF_M, PRODUCER_REGS, cta_sync,
-                                  fwd_step, mma_layout, online_softmax, scope_error, tile_desc,
-                                  tma_load)
+                                  fwd_step, kv_load, mma_layout, online_softmax, scope_error,
+                                  tile_desc)
 from attn.moba.dkdv_gluon import SUB_M, cp_async
 
 TILE = gl.constexpr(128)    # entries per chunk: 64 per consumer
@@ -106,14 +106,9 @@ def _producer(Q, ROWS, ROWPTR, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, 
         mbarrier.wait(q_free.index(slot), ((c // 2) + 1) & 1, pred=c >= 2)
         _gather(Q_h, ids, ids_smem, end - first - c * step, q_smem, slot, q_ready.index(slot),
                 stride_t)
-        for t in range(n_tiles):
-            r = c * n_tiles + t
-            st = r % STAGES
-            mbarrier.wait(empty.index(st), ((r // STAGES) + 1) & 1, pred=r >= STAGES)
-            mbarrier.expect(k_bar.index(st), k_desc.block_type.nbytes)
-            tma_load(k_desc, [row_k + t * BLOCK_N, col], k_bar.index(st), k_smem.index(st))
-            mbarrier.expect(v_bar.index(st), v_desc.block_type.nbytes)
-            tma_load(v_desc, [row_k + t * BLOCK_N, col], v_bar.index(st), v_smem.index(st))
+        for t in range(n_tiles):               # ring slots counted across chunks
+            kv_load(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, c * n_tiles + t,
+                    row_k + t * BLOCK_N, col)
 
 
 @gluon.jit
