@@ -18,8 +18,8 @@
 #   moba-gluon    A/B of MoBA's dK/dV kernels, MOBA_DKDV_IMPL=triton against =gluon (ab_kernels.py,
 #                 forward + backward, moba (16k, GQA 16/4) and moba64k (64k, 16/16), 3 alternating
 #                 rounds)                                                    -> $OUT/moba-gluon/
-#   moba-routed   A/B of MoBA's routed forward, MOBA_ROUTED_IMPL=triton against =gluon (as moba-gluon)
-#                                                                            -> $OUT/moba-routed/
+#   moba-routed   A/B of MoBA's routed forward, MOBA_ROUTED_IMPL=triton against =gluon, and of its
+#                 routed dQ, MOBA_ROUTED_DQ_IMPL (as moba-gluon)     -> $OUT/moba-routed/, -dq/
 #   moba-ncu      Nsight Compute on MoBA's dK/dV kernel at 64k (16 / 16 heads), the Triton one and
 #                 the Gluon one (MOBA_DKDV_IMPL): speed of light, memory, warp states, occupancy
 #                 (tune_moba.py --once; --clock-control none)     -> $OUT/moba-ncu/{triton,gluon}.txt
@@ -164,6 +164,9 @@ run_part() {  # run_part PART ARGS...
                     gluon=.@MOBA_DKDV_IMPL=gluon --cases moba,moba64k --mode fwdbwd --rounds 3 "$@" ;;
     moba-routed)  bench moba-routed "$limit" scripts/bench/ab_kernels.py \
                     triton=.@MOBA_ROUTED_IMPL=triton gluon=.@MOBA_ROUTED_IMPL=gluon \
+                    --cases moba,moba64k --mode fwdbwd --rounds 3 "$@" \
+                  && bench moba-routed-dq "$limit" scripts/bench/ab_kernels.py \
+                    triton=.@MOBA_ROUTED_DQ_IMPL=triton gluon=.@MOBA_ROUTED_DQ_IMPL=gluon \
                     --cases moba,moba64k --mode fwdbwd --rounds 3 "$@" ;;
     moba-ncu)     mkdir -p "$OUT/moba-ncu"
                   for impl in triton gluon; do

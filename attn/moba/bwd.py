@@ -178,7 +178,8 @@ def bwd_triton(do, q, k, v, o, lse, sel, table, scale, q_offset, index=None, blo
     kblk, _, blk_start, blk_end = table
     nb = blk_start.numel()
     delta = bwd_delta(o, do)
-    dq = dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index, block_size)
+    dq = dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index, block_size,
+                   has_docs)
     routed = index is not None
     if _dkdv_gluon(q, k, block_size, has_docs, q_offset, routed):
         from attn.moba.dkdv_gluon import dkdv_gluon

@@ -217,14 +217,14 @@ def fwd_triton(q, k, v, sel, table, scale, q_offset, index=None, block_size=None
 
 
 def dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index=None,
-              block_size=None):
+              block_size=None, has_docs=True):
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     kblk, _, blk_start, _ = table
     nsel = sel.shape[-1]
     routed = index is not None
     dqp = routed_dq(do, q, k, v, lse, delta, index, table, scale * LOG2E_F, nsel,
-                    block_size) if routed \
+                    block_size, has_docs) if routed \
         else lse  # dummy, never read
     dq = alloc.empty(q.shape, q.dtype, q.device)
     bm, bn, w, s = _cfg("dq", q.dtype, d)

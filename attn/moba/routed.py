@@ -23,7 +23,8 @@ row: output through their lse, dQ by summation; every element has one writer, no
 Transient memory: NSEL rows of D per query and head (OP in the forward, DQP in the backward),
 2 bytes per element for 16-bit inputs: at 64k, H = 16, top-3 that is 512 MiB instead of the
 1 GiB of fp32. On Hopper the forward runs through routed_gluon.py within its scope
-(MOBA_ROUTED_IMPL=auto, the default; =triton forces the kernel below).
+(MOBA_ROUTED_IMPL=auto, the default; =triton forces the kernel below); MOBA_ROUTED_DQ_IMPL=
+gluon|auto runs the dQ through routed_dq_gluon.py.
 """
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ from attn.flash.common import gluon_chosen, impl_setting
 # on Hopper within its scope, _routed_fwd_kernel below otherwise), triton or gluon
 # (attn/flash/common.py's impl_setting)
 ROUTED_IMPL = impl_setting("MOBA_ROUTED_IMPL", "auto")
+# MOBA_ROUTED_DQ_IMPL: the routed dQ, triton (default: _routed_dq_kernel below; the Gluon kernel
+# has not run on a GPU yet), auto or gluon (routed_dq_gluon.py's warp-specialized kernel)
+ROUTED_DQ_IMPL = impl_setting("MOBA_ROUTED_DQ_IMPL", "triton")
 
 
 def partial_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -274,14 +278,29 @@ def routed_fwd(q, k, v, index, table, scale_log2, nsel: int, block_size=None, ha
     return op, lp
 
 
-def routed_dq(do, q, k, v, lse, delta, index, table, scale_log2, nsel: int, block_size=None):
-    """DQP: the unscaled dQ share (Σ dS·K) of every (row, slot) entry's routed block."""
+def _routed_dq_gluon(q, k, block_size, has_docs) -> bool:
+    """Whether the routed dQ runs routed_dq_gluon.py's kernel (MOBA_ROUTED_DQ_IMPL); ValueError
+    when it is demanded outside its scope."""
+    def scope():
+        from attn.moba.routed_gluon import routed_scope_error
+        return routed_scope_error(q, k, block_size, has_docs)
+    return gluon_chosen("MOBA_ROUTED_DQ_IMPL", ROUTED_DQ_IMPL, q, "MoBA Gluon routed dQ", scope)
+
+
+def routed_dq(do, q, k, v, lse, delta, index, table, scale_log2, nsel: int, block_size=None,
+              has_docs=True):
+    """DQP: the unscaled dQ share (Σ dS·K) of every (row, slot) entry's routed block; has_docs
+    (unknown: True) whether the blocks restart at documents."""
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     _, _, blk_start, blk_end = table
     nb = blk_start.numel()
     rowptr, entries = index
     dqp = alloc.empty((B * hq, tq * nsel, d), partial_dtype(q.dtype), q.device)
+    if _routed_dq_gluon(q, k, block_size, has_docs):
+        from attn.moba.routed_dq_gluon import routed_dq_gluon
+        return routed_dq_gluon(do, q, k, v, lse, delta, index, nb, nsel, scale_log2, block_size,
+                               dqp)
     bm, bn, w, s = _cfg(q.dtype, d)
     split = INTERP_SPLIT if INTERPRET else GPU_SPLIT
     _routed_dq_kernel[(nb * split, B * hq)](

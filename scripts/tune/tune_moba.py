@@ -16,10 +16,11 @@ Stages, each timed alone (median ms, triton.testing.do_bench) on the inputs of o
 --sweep times routed_fwd / routed_dq / tile kernels / dkdv over launch configs by rebinding the
 module-level config constants (GPU_ROUTED, GPU_SPLIT, GPU_CFG, GPU_DKDV). Writes
 moba_parts.json into --out; on Hopper it also times the Gluon dK/dV kernel alone
-(dkdv_gluon.py) over (BLOCK_M, STAGES, producer warps) and the Gluon routed forward
-(routed_gluon.py) over programs per (block, head); --kernels picks the groups (gate, routed,
-tile, bwd, routed_gluon, dkdv_gluon). --once: one forward + backward of the op at the first
-seqlen, no timing (a target for `ncu`: scripts/gpu_session.sh moba-ncu).
+(dkdv_gluon.py) over (BLOCK_M, STAGES, producer warps) and the Gluon routed forward and dQ
+(routed_gluon.py, routed_dq_gluon.py) over programs per (block, head); --kernels picks the
+groups (gate, routed, tile, bwd, routed_gluon, routed_dq_gluon, dkdv_gluon). --once: one
+forward + backward of the op at the first seqlen, no timing (a target for `ncu`:
+scripts/gpu_session.sh moba-ncu).
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def stage_times(T, H, Hkv, D, block, topk, warmup, rep):
     delta = torch.empty(1, H, T, device="cuda", dtype=torch.float32)
     _bwd_preprocess[(T // 64, H)](o, do, delta, T, H=H, HEAD_DIM=D, BLOCK_M=64)
     r["routed_dq"] = bench(lambda: routed.routed_dq(do, q, k, v, lse, delta, index, table,
-                                                    scale * LOG2E_F, nsel, block))
+                                                    scale * LOG2E_F, nsel, block, False))
     r["dq"] = bench(lambda: mf.dq_triton(do, q, k, v, lse, delta, sel, table, scale, 0, index,
                                          block))
     r["tile_dq"] = r["dq"] - r["routed_dq"]
@@ -85,8 +86,8 @@ def stage_times(T, H, Hkv, D, block, topk, warmup, rep):
 
 def sweep(args_pack, warmup, rep, kinds=None):
     """Times of each kernel over launch configs (module constants rebound, then restored);
-    kinds: the groups to sweep (gate, routed, tile, bwd, routed_gluon, dkdv_gluon), None for
-    all."""
+    kinds: the groups to sweep (gate, routed, tile, bwd, routed_gluon, routed_dq_gluon,
+    dkdv_gluon), None for all."""
     from triton.testing import do_bench
     from attn.common.jit import LOG2E_F
     from attn.moba import bwd as mb, fwd as mf, gate, routed
@@ -134,12 +135,18 @@ def sweep(args_pack, warmup, rep, kinds=None):
     mb.GPU_DKDV = keep[3]
     # the Gluon routed forward (Hopper, in its scope): programs per (block, head)
     from attn.moba import routed_gluon as mr
-    if want("routed_gluon") and torch.cuda.get_device_capability()[0] == 9 and \
+    if (want("routed_gluon") or want("routed_dq_gluon")) and \
+            torch.cuda.get_device_capability()[0] == 9 and \
             mr.routed_scope_error(q, k, block, False) is None:
         nb = table[2].numel()
-        for split in (2, 4, 8):
+        for split in (2, 4, 8) * want("routed_gluon"):
             run("routed_gluon", (split,), lambda: mr.routed_fwd_gluon(
                 q, k, v, index, nb, nsel, scale * LOG2E_F, block, op_, lp, split))
+        from attn.moba import routed_dq_gluon as md
+        dqp = torch.empty_like(op_)
+        for split in (2, 4, 8) * want("routed_dq_gluon"):
+            run("routed_dq_gluon", (split,), lambda: md.routed_dq_gluon(
+                do, q, k, v, lse, delta, index, nb, nsel, scale * LOG2E_F, block, dqp, split))
     # the Gluon dK/dV kernel (Hopper, in its scope): (BLOCK_M, STAGES, producer warps)
     from attn.moba import dkdv_gluon as mg
     if want("dkdv_gluon") and torch.cuda.get_device_capability()[0] == 9 and \
@@ -163,8 +170,8 @@ def main(argv=None):
     ap.add_argument("--rep", type=int, default=50, help="ms")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--kernels", default=None,
-                    help="--sweep: comma list of gate, routed, tile, bwd, routed_gluon, dkdv_gluon "
-                         "(default all)")
+                    help="--sweep: comma list of gate, routed, tile, bwd, routed_gluon, "
+                         "routed_dq_gluon, dkdv_gluon (default all)")
     ap.add_argument("--once", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     a = ap.parse_args(argv)

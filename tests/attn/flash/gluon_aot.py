@@ -24,6 +24,7 @@ from triton.runtime.jit import mangle_type
 from attn.flash import bwd_gluon as BG
 from attn.flash import fwd_gluon as G
 from attn.moba import dkdv_gluon as MG
+from attn.moba import routed_dq_gluon as MD
 from attn.moba import routed_gluon as MR
 from attn.nsa import cmp_bwd_gluon as CG
 
@@ -126,6 +127,20 @@ def compile_moba_routed(d: int, dtype=gl.bfloat16) -> dict:
     return _compile(MR._routed_fwd_kernel, sig, const, aligned=("Q", "OP"))
 
 
+def compile_moba_routed_dq(d: int, dtype=gl.bfloat16) -> dict:
+    """MoBA's routed dQ with the cp.async-gathering producer (attn/moba/routed_dq_gluon.py)."""
+    q, kv = _desc(d, G.HALF_M.value, dtype), _desc(d, MR.BLOCK_N.value, dtype)
+    ptr = "*bf16" if dtype == gl.bfloat16 else "*fp16"
+    sig = {"Q": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "q_desc": q, "k_desc": kv,
+           "v_desc": kv, "DQP": ptr, "ENTRIES": "*i32", "ROWS": "*i32", "ROWPTR": "*i32",
+           "qk_scale": "fp32", "Tq": "i32", "Tk": "i32", "NB": "i32", "hq": "i32",
+           "group": "i32", "nsel": "i32", "split": "i32", "block_size": "i32"}
+    const = dict(HEAD_DIM=d, STAGES=MD.DQ_STAGES[d], CONSUMER_REGS=G.CONSUMER_REGS,
+                 PRODUCER_REGS=G.PRODUCER_REGS, num_warps=G.CONSUMER_WARPS.value,
+                 PRODUCER_WARPS=MR.PRODUCER_WARPS)
+    return _compile(MD._routed_dq_kernel, sig, const, aligned=("Q", "DO", "LSE", "DELTA", "DQP"))
+
+
 # bytes of stack (spilled registers) each kind may take with triton 3.6's ptxas (the GPU image's):
 # the forwards spill one value (8 bytes, a few local loads of one slot) at 128-key blocks; the
 # dK/dV kernels' 64-query blocks at D = 128 spill 144 bytes (flash; measured faster than the
@@ -135,7 +150,7 @@ def compile_moba_routed(d: int, dtype=gl.bfloat16) -> dict:
 # bwd_gluon.py takes there; MoBA's routed forward 48 / 16 bytes): for them the flash forwards
 # keep the 8-byte rule and the other kernels are checked for compiling and shared memory only.
 STACK_36 = {"fwd": 8, "pooled": 8, "dkdv": 144, "pooled-dkdv": 176, "moba-dkdv": 120,
-            "moba-dkdv-pw4": 112, "moba-routed": 0}
+            "moba-dkdv-pw4": 112, "moba-routed": 0, "moba-routed-dq": 0}
 
 
 def too_big(kind: str, r: dict) -> bool:
@@ -156,6 +171,7 @@ def main() -> int:
     jobs += [("moba-dkdv", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
     jobs += [("moba-dkdv-pw4", d, *cfg) for d, cfg in BG.DKDV_CFG.items()]
     jobs += [("moba-routed", d, 128, MR.BLOCK_N.value, MR.STAGES.value) for d in G.GLUON_CFG]
+    jobs += [("moba-routed-dq", d, 128, MR.BLOCK_N.value, MD.DQ_STAGES[d]) for d in G.GLUON_CFG]
     failed = 0
     for kind, d, bm, bn, st in jobs:
         for dt in (gl.bfloat16, gl.float16):
@@ -167,6 +183,8 @@ def main() -> int:
                     r = compile_pooled_dkdv(d, bm, bn, st, dt)
                 elif kind == "moba-routed":
                     r = compile_moba_routed(d, dt)
+                elif kind == "moba-routed-dq":
+                    r = compile_moba_routed_dq(d, dt)
                 elif kind.startswith("moba-dkdv"):
                     r = compile_moba_dkdv(d, bm, bn, st, dt, 4 if kind.endswith("pw4") else 1)
                 else:
