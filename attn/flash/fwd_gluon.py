@@ -207,6 +207,25 @@ def _attend_rows(q_smem, o_desc, LSE, SEG, k_smem, v_smem, k_bar, v_bar, empty, 
 
 
 @gluon.jit
+def kv_ring(k_desc, v_desc, STAGES: gl.constexpr):
+    """The K/V stage ring in shared memory, STAGES x [BLOCK_N, D] each (the descriptors' tiles),
+    with its barriers initialised: k_bar, v_bar (TMA completion), empty (one arrival per
+    consumer). The caller fences before the partitions start."""
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape,
+                                       k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape,
+                                       v_desc.layout)
+    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bar.index(i), count=1)
+        mbarrier.init(v_bar.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)   # one arrival per consumer
+    return k_smem, v_smem, k_bar, v_bar, empty
+
+
+@gluon.jit
 def kv_load(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, r, row, col):
     """The K, V tiles at (row, col) by TMA into ring slot r (stage r % STAGES) once both
     consumers have released the slot's previous use (r − STAGES)."""
@@ -313,18 +332,10 @@ def _fwd_gluon_kernel(q_desc, k_desc, v_desc, o_desc, LSE, SEG, qk_scale, Tq, Tk
         n = gl.cdiv(gl.minimum(q_offset + gl.minimum(q0 + BLOCK_M, Tq), Tk), BLOCK_N)
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, HALF_M, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(q_bar.index(i), count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bar.index(i), count=1)
-        mbarrier.init(v_bar.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)   # one arrival per consumer
+    k_smem, v_smem, k_bar, v_bar, empty = kv_ring(k_desc, v_desc, STAGES)
     fence_async_shared()
 
     consumer_args = (q_desc, o_desc, LSE, SEG, q_smem, q_bar, k_smem, v_smem, k_bar, v_bar, empty,

@@ -5,10 +5,10 @@ Grid and work as routed_gluon.py's: SPLIT programs per (batch·query head, block
 taking the chunks z, z + SPLIT, ... of 128 entries of the block's inverse-index list. Partitions:
   consumer 0 (default, 4 warps) : entries 0..63 of each chunk
   consumer 1 (worker, 4 warps)  : entries 64..127
-  producer   (worker, PRODUCER_WARPS warps) : per chunk, the 128 rows' Q and dO by cp.async into
-      a ring of two chunk slots, with their lse and delta (row ids loaded a chunk ahead), then
-      the block's K/V tiles by TMA into the K/V ring (fwd_gluon.kv_load, slots counted across
-      chunks)
+  producer   (worker, PRODUCER_WARPS warps) : routed_gluon.chunk_producer: per chunk, the 128
+      rows' Q and dO by cp.async into a ring of two chunk slots, with their lse and delta (row
+      ids loaded a chunk ahead), then the block's K/V tiles by TMA into the K/V ring (slots
+      counted across chunks)
 Per key tile a consumer issues S = Q·Kᵀ and dP = dO·Vᵀ together, waits for S, forms
 P = exp2(S·qk_scale − lse·log2 e), waits for dP, dS = P ⊙ (dP − delta) (a register operand),
 dQ += dS·K; then releases the stage. No masks: the block lies wholly before its routed rows and
@@ -26,15 +26,15 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier,
                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from attn.flash.bwd_gluon import LOG2E
 from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, HALF_M, PRODUCER_REGS, cta_sync,
-                                  kv_load, mma_layout, tile_desc)
-from attn.moba.dkdv_gluon import SUB_M, cp_async
-from attn.moba.routed_gluon import BLOCK_N, PRODUCER_WARPS, SPLIT, TILE, routed_scope_error
+                                  kv_ring, mma_layout, tile_desc)
+from attn.moba.routed_gluon import (BLOCK_N, PRODUCER_WARPS, SPLIT, TILE, chunk_barriers,
+                                    chunk_producer, routed_scope_error, routed_work,
+                                    store_entries)
 
 # K/V ring stages per head dim (shared memory in the module docstring; 2 stages suffice for the
 # step's order, more let the producer run ahead)
@@ -42,77 +42,12 @@ DQ_STAGES = {64: 4, 128: 3}
 
 
 @gluon.jit
-def _gather(Q_h, DO_h, LSE_h, DELTA_h, ids, ids_smem, cnt, q_smem, do_smem, lse_smem,
-            delta_smem, slot, bar, stride_t):
-    """The chunk's 128 rows (ids, valid below cnt) into ring slot `slot`: Q and dO into its two
-    [64, D] halves, SUB_M rows per producer warp at a time, lse and delta per row; all by
-    cp.async, padding rows copy nothing (zero fill). Each thread arms a cp.async arrive on bar,
-    one elected arrive makes its count."""
-    HEAD_DIM: gl.constexpr = q_smem.shape[2]
-    PW: gl.constexpr = gl.num_warps()
-    STEP: gl.constexpr = SUB_M * PW
-    TPR: gl.constexpr = HEAD_DIM // 8  # 16-byte pieces: HEAD_DIM / 8 threads span a row
-    tile: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [PW, 1], [1, 0])
-    SPT: gl.constexpr = TILE // (32 * PW) if TILE >= 32 * PW else 1
-    line: gl.constexpr = gl.BlockedLayout([SPT], [32], [PW], [0])
-    sub = gl.arange(0, STEP, layout=gl.SliceLayout(1, tile))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, tile))
-    cta_sync()                         # the previous chunk's ids are read
-    ids_smem.store(ids)
-    cta_sync()
-    for r0 in gl.static_range(0, TILE, STEP):
-        rows = ids_smem.slice(r0, STEP).load(gl.SliceLayout(1, tile))
-        offs = rows.to(gl.int64)[:, None] * stride_t + cols[None, :]
-        ok = (r0 + sub < cnt)[:, None]
-        half = 2 * slot + r0 // HALF_M
-        cp_async(q_smem.index(half).slice(r0 % HALF_M, STEP), Q_h + offs, mask=ok)
-        cp_async(do_smem.index(half).slice(r0 % HALF_M, STEP), DO_h + offs, mask=ok)
-    idx = gl.arange(0, TILE, layout=line)
-    cp_async(lse_smem.index(slot), LSE_h + ids, mask=idx < cnt)
-    cp_async(delta_smem.index(slot), DELTA_h + ids, mask=idx < cnt)
-    async_copy.mbarrier_arrive(bar)    # armed per thread: lands with its copies
-    if PW > 1:
-        cta_sync()                     # every warp has armed its arrive
-    mbarrier.arrive(bar, count=1)      # the barrier's count of 1 (elected thread)
-
-
-@gluon.jit
 def _producer(Q, DO, LSE, DELTA, ROWS, ROWPTR, k_desc, v_desc, q_smem, do_smem, lse_smem,
               delta_smem, k_smem, v_smem, q_ready, q_free, k_bar, v_bar, empty, Tq, Tk, hq, group,
               NB, block_size, grp, c0, cstep, nch):
-    HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
-    PW: gl.constexpr = gl.num_warps()
-    SPT: gl.constexpr = TILE // (32 * PW) if TILE >= 32 * PW else 1
-    line: gl.constexpr = gl.BlockedLayout([SPT], [32], [PW], [0])
-    ids_smem = gl.allocate_shared_memory(gl.int32, [TILE], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    bh = grp // NB
-    b = bh // hq
-    h = bh % hq
-    stride_t = hq * HEAD_DIM
-    base = b.to(gl.int64) * Tq * stride_t + h * HEAD_DIM
-    row_base = bh.to(gl.int64) * Tq                 # lse, delta [B·Hq, Tq]
-    row_k = b * Tk + (grp % NB) * block_size        # the block's first key row
-    col = (h // group) * HEAD_DIM
-    n_tiles = block_size // BLOCK_N
-    beg = gl.load(ROWPTR + grp)
-    end = gl.load(ROWPTR + grp + 1)
-    idx = gl.arange(0, TILE, layout=line)
-    first = beg + c0 * TILE                         # this program's chunk c starts at
-    ids_next = gl.load(ROWS + first + idx, mask=first + idx < end, other=0)  # first + c·step
-    step = cstep * TILE
-    for c in range(nch):
-        ids = ids_next
-        nxt = first + (c + 1) * step + idx
-        ids_next = gl.load(ROWS + nxt, mask=nxt < end, other=0)
-        slot = c % 2
-        # the slot's previous chunk (c − 2) must have been written out by both consumers
-        mbarrier.wait(q_free.index(slot), ((c // 2) + 1) & 1, pred=c >= 2)
-        _gather(Q + base, DO + base, LSE + row_base, DELTA + row_base, ids, ids_smem,
-                end - first - c * step, q_smem, do_smem, lse_smem, delta_smem, slot,
-                q_ready.index(slot), stride_t)
-        for t in range(n_tiles):               # ring slots counted across chunks
-            kv_load(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, c * n_tiles + t,
-                    row_k + t * BLOCK_N, col)
+    chunk_producer(Q, DO, LSE, DELTA, ROWS, ROWPTR, k_desc, v_desc, q_smem, do_smem, lse_smem,
+                   delta_smem, k_smem, v_smem, q_ready, q_free, k_bar, v_bar, empty, Tq, Tk, hq,
+                   group, NB, block_size, grp, c0, cstep, nch, True)
 
 
 @gluon.jit
@@ -129,8 +64,6 @@ def _consumer(DQP, ENTRIES, ROWPTR, q_smem, do_smem, lse_smem, delta_smem, k_sme
     n_tiles = block_size // BLOCK_N
     bh = (grp // NB).to(gl.int64)
     end = gl.load(ROWPTR + grp + 1)
-    i = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, rows_l))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, rows_l))
     first = gl.load(ROWPTR + grp) + c0 * TILE + HALF * HALF_M    # this consumer's entries
     for c in range(nch):
         slot = c % 2
@@ -163,13 +96,8 @@ def _consumer(DQP, ENTRIES, ROWPTR, q_smem, do_smem, lse_smem, delta_smem, k_sme
             cta_sync()         # every warp of this consumer is done with the stage
             mbarrier.arrive(empty.index(st), count=1)
 
-        # the partial Σ dS·K (unscaled) through qs (Q is no longer read) into row stores
-        qs.store(dq.to(qs.dtype))
-        cta_sync()
-        ok = first + c * cstep * TILE + i < end
-        e = gl.load(ENTRIES + first + c * cstep * TILE + i, mask=ok, other=0).to(gl.int64) \
-            + bh * Tq * nsel
-        gl.store(DQP + e[:, None] * HEAD_DIM + cols[None, :], qs.load(rows_l), mask=ok[:, None])
+        # the partial Σ dS·K (unscaled) through qs (Q is no longer read)
+        store_entries(DQP, ENTRIES, qs, dq, first + c * cstep * TILE, end, bh, Tq, nsel, rows_l)
         cta_sync()                             # every warp has read the slot
         mbarrier.arrive(q_free.index(slot), count=1)
 
@@ -201,10 +129,7 @@ def _routed_dq_kernel(Q, DO, LSE, DELTA, q_desc, k_desc, v_desc, DQP, ENTRIES, R
                       PRODUCER_WARPS: gl.constexpr):
     """q_desc: only the Q / dO tiles' shape, dtype and shared layout (the rows are gathered)."""
     gl.static_assert(num_warps == CONSUMER_WARPS)
-    c0 = gl.program_id(0) % split          # this program's chunks: c0, c0 + split, ...
-    grp = gl.program_id(1) * NB + gl.program_id(0) // split       # bh·NB + block
-    chunks = gl.cdiv(gl.load(ROWPTR + grp + 1) - gl.load(ROWPTR + grp), TILE)
-    nch = gl.cdiv(gl.maximum(chunks - c0, 0), split)
+    grp, c0, nch = routed_work(ROWPTR, NB, split)
     if nch == 0:
         return
 
@@ -213,20 +138,8 @@ def _routed_dq_kernel(Q, DO, LSE, DELTA, q_desc, k_desc, v_desc, DQP, ENTRIES, R
     rows_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     lse_smem = gl.allocate_shared_memory(gl.float32, [2, TILE], rows_layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [2, TILE], rows_layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(q_ready.index(i), count=1)
-        mbarrier.init(q_free.index(i), count=2)    # one arrival per consumer
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bar.index(i), count=1)
-        mbarrier.init(v_bar.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)
+    q_ready, q_free = chunk_barriers()
+    k_smem, v_smem, k_bar, v_bar, empty = kv_ring(k_desc, v_desc, STAGES)
     fence_async_shared()
 
     consumer_args = (DQP, ENTRIES, ROWPTR, q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem,

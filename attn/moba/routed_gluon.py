@@ -35,8 +35,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma, warpgroup_mma_wait)
 
 from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, HALF_M, PRODUCER_REGS, cta_sync,
-                                  fwd_step, kv_load, mma_layout, online_softmax, scope_error,
-                                  tile_desc)
+                                  fwd_step, kv_load, kv_ring, mma_layout, online_softmax,
+                                  scope_error, tile_desc)
 from attn.moba.dkdv_gluon import SUB_M, cp_async
 
 TILE = gl.constexpr(128)    # entries per chunk: 64 per consumer
@@ -50,9 +50,11 @@ PRODUCER_WARPS = 4          # gathering warps (dkdv_gluon.py: one warp cannot ke
 
 
 @gluon.jit
-def _gather(Q_h, ids, ids_smem, cnt, q_smem, slot, bar, stride_t):
-    """The chunk's 128 Q rows (ids, valid below cnt) into ring slot `slot` (its two [64, D]
-    halves) by cp.async, SUB_M rows per producer warp at a time; padding rows copy nothing (zero
+def gather_chunk(Q_h, DO_h, LSE_h, DELTA_h, ids, ids_smem, cnt, q_smem, do_smem, lse_smem,
+                 delta_smem, slot, bar, stride_t, DQ: gl.constexpr):
+    """The chunk's 128 rows (ids, valid below cnt) into ring slot `slot`: their Q rows into the
+    slot's two [64, D] halves by cp.async, SUB_M rows per producer warp at a time; DQ (the routed
+    dQ) their dO rows likewise and their lse, delta per row. Padding rows copy nothing (zero
     fill). Each thread arms a cp.async arrive on bar, one elected arrive makes its count."""
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
     PW: gl.constexpr = gl.num_warps()
@@ -67,8 +69,16 @@ def _gather(Q_h, ids, ids_smem, cnt, q_smem, slot, bar, stride_t):
     for r0 in gl.static_range(0, TILE, STEP):
         rows = ids_smem.slice(r0, STEP).load(gl.SliceLayout(1, tile))
         offs = rows.to(gl.int64)[:, None] * stride_t + cols[None, :]
-        half = q_smem.index(2 * slot + r0 // HALF_M)
-        cp_async(half.slice(r0 % HALF_M, STEP), Q_h + offs, mask=(r0 + sub < cnt)[:, None])
+        ok = (r0 + sub < cnt)[:, None]
+        half = 2 * slot + r0 // HALF_M
+        cp_async(q_smem.index(half).slice(r0 % HALF_M, STEP), Q_h + offs, mask=ok)
+        if DQ:
+            cp_async(do_smem.index(half).slice(r0 % HALF_M, STEP), DO_h + offs, mask=ok)
+    if DQ:
+        SPT: gl.constexpr = TILE // (32 * PW) if TILE >= 32 * PW else 1
+        idx = gl.arange(0, TILE, layout=gl.BlockedLayout([SPT], [32], [PW], [0]))  # ids' layout
+        cp_async(lse_smem.index(slot), LSE_h + ids, mask=idx < cnt)
+        cp_async(delta_smem.index(slot), DELTA_h + ids, mask=idx < cnt)
     async_copy.mbarrier_arrive(bar)    # armed per thread: lands with its copies
     if PW > 1:
         cta_sync()                     # every warp has armed its arrive
@@ -76,8 +86,12 @@ def _gather(Q_h, ids, ids_smem, cnt, q_smem, slot, bar, stride_t):
 
 
 @gluon.jit
-def _producer(Q, ROWS, ROWPTR, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_free, k_bar,
-              v_bar, empty, Tq, Tk, hq, group, NB, block_size, grp, c0, cstep, nch):
+def chunk_producer(Q, DO, LSE, DELTA, ROWS, ROWPTR, k_desc, v_desc, q_smem, do_smem, lse_smem,
+                   delta_smem, k_smem, v_smem, q_ready, q_free, k_bar, v_bar, empty, Tq, Tk, hq,
+                   group, NB, block_size, grp, c0, cstep, nch, DQ: gl.constexpr):
+    """The producer of both routed kernels: per chunk c0 + c·cstep of group grp, its rows into
+    the chunk ring (gather_chunk; row ids loaded a chunk ahead), then the block's K/V tiles into
+    the K/V ring (slots counted across chunks)."""
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
     PW: gl.constexpr = gl.num_warps()
     SPT: gl.constexpr = TILE // (32 * PW) if TILE >= 32 * PW else 1
@@ -87,7 +101,8 @@ def _producer(Q, ROWS, ROWPTR, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, 
     b = bh // hq
     h = bh % hq
     stride_t = hq * HEAD_DIM
-    Q_h = Q + b.to(gl.int64) * Tq * stride_t + h * HEAD_DIM
+    base = b.to(gl.int64) * Tq * stride_t + h * HEAD_DIM
+    row_base = bh.to(gl.int64) * Tq                 # lse, delta [B·Hq, Tq]
     row_k = b * Tk + (grp % NB) * block_size        # the block's first key row
     col = (h // group) * HEAD_DIM
     n_tiles = block_size // BLOCK_N
@@ -104,11 +119,37 @@ def _producer(Q, ROWS, ROWPTR, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, 
         slot = c % 2
         # the slot's previous chunk (c − 2) must have been written out by both consumers
         mbarrier.wait(q_free.index(slot), ((c // 2) + 1) & 1, pred=c >= 2)
-        _gather(Q_h, ids, ids_smem, end - first - c * step, q_smem, slot, q_ready.index(slot),
-                stride_t)
+        gather_chunk(Q + base, DO + base, LSE + row_base, DELTA + row_base, ids, ids_smem,
+                     end - first - c * step, q_smem, do_smem, lse_smem, delta_smem, slot,
+                     q_ready.index(slot), stride_t, DQ)
         for t in range(n_tiles):               # ring slots counted across chunks
             kv_load(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, c * n_tiles + t,
                     row_k + t * BLOCK_N, col)
+
+
+@gluon.jit
+def _producer(Q, ROWS, ROWPTR, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_free, k_bar,
+              v_bar, empty, Tq, Tk, hq, group, NB, block_size, grp, c0, cstep, nch):
+    # Q rows only: dO, lse, delta and their tiles are not read (DQ false)
+    chunk_producer(Q, Q, Q, Q, ROWS, ROWPTR, k_desc, v_desc, q_smem, q_smem, q_smem, q_smem,
+                   k_smem, v_smem, q_ready, q_free, k_bar, v_bar, empty, Tq, Tk, hq, group, NB,
+                   block_size, grp, c0, cstep, nch, False)
+
+
+@gluon.jit
+def store_entries(OUT, ENTRIES, tile, val, first, end, bh, Tq, nsel, rows_l: gl.constexpr):
+    """val [64, D] (a consumer's chunk result) written to OUT's rows of the entries
+    ENTRIES[first + i] below end, staged through tile (a shared [64, D] tile no longer read);
+    returns the entries' flat row indices e and their mask, for per-row outputs."""
+    HEAD_DIM: gl.constexpr = tile.shape[1]
+    tile.store(val.to(tile.dtype))
+    cta_sync()
+    i = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, rows_l))
+    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, rows_l))
+    ok = first + i < end
+    e = gl.load(ENTRIES + first + i, mask=ok, other=0).to(gl.int64) + bh * Tq * nsel
+    gl.store(OUT + e[:, None] * HEAD_DIM + cols[None, :], tile.load(rows_l), mask=ok[:, None])
+    return e, ok
 
 
 @gluon.jit
@@ -124,8 +165,6 @@ def _consumer(OP, LP, ENTRIES, ROWPTR, q_smem, k_smem, v_smem, q_ready, q_free, 
     n_tiles = block_size // BLOCK_N
     bh = (grp // NB).to(gl.int64)
     end = gl.load(ROWPTR + grp + 1)
-    i = gl.arange(0, HALF_M, layout=gl.SliceLayout(1, rows_l))
-    cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, rows_l))
     first = gl.load(ROWPTR + grp) + c0 * TILE + HALF * HALF_M    # this consumer's entries
     for c in range(nch):
         slot = c % 2
@@ -157,15 +196,11 @@ def _consumer(OP, LP, ENTRIES, ROWPTR, q_smem, k_smem, v_smem, q_ready, q_free, 
         cta_sync()
         mbarrier.arrive(empty.index(last % STAGES), count=1)   # the producer refills it
 
-        # O (normalised; every row sees the whole block, so l > 0) through q_half into row stores
+        # O (normalised; every row sees the whole block, so l > 0) through q_half (Q is no
+        # longer read: the products were waited for)
         acc = acc / gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))[:, None]
-        q_half.store(acc.to(q_half.dtype))     # Q is no longer read (the products were waited)
-        cta_sync()
-        ok = first + c * cstep * TILE + i < end
-        e = gl.load(ENTRIES + first + c * cstep * TILE + i, mask=ok, other=0).to(gl.int64) \
-            + bh * Tq * nsel
-        gl.store(OP + e[:, None] * HEAD_DIM + cols[None, :], q_half.load(rows_l),
-                 mask=ok[:, None])
+        e, ok = store_entries(OP, ENTRIES, q_half, acc, first + c * cstep * TILE, end, bh, Tq,
+                              nsel, rows_l)
         gl.store(LP + e, gl.convert_layout(m_i + gl.log2(l_i), gl.SliceLayout(1, rows_l)),
                  mask=ok)
         cta_sync()                             # every warp has read the slot
@@ -188,36 +223,42 @@ def _entries_64_127(OP, LP, ENTRIES, ROWPTR, q_smem, k_smem, v_smem, q_ready, q_
 
 
 @gluon.jit
+def routed_work(ROWPTR, NB, split):
+    """This program's (group bh·NB + block, first chunk c0, chunk count): the chunks c0,
+    c0 + split, ... of the group's entries. The split programs of one (block, head) are
+    neighbours on axis 0 (routed.py's order): they share the block's K, V in L2."""
+    c0 = gl.program_id(0) % split
+    grp = gl.program_id(1) * NB + gl.program_id(0) // split
+    chunks = gl.cdiv(gl.load(ROWPTR + grp + 1) - gl.load(ROWPTR + grp), TILE)
+    return grp, c0, gl.cdiv(gl.maximum(chunks - c0, 0), split)
+
+
+@gluon.jit
+def chunk_barriers():
+    """The chunk ring's barriers, initialised: q_ready (the producer's copies landed), q_free
+    (one arrival per consumer once it has written the chunk out), two slots."""
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(q_free.index(i), count=2)
+    return q_ready, q_free
+
+
+@gluon.jit
 def _routed_fwd_kernel(Q, q_desc, k_desc, v_desc, OP, LP, ENTRIES, ROWS, ROWPTR, qk_scale, Tq, Tk,
                        NB, hq, group, nsel, split, block_size, HEAD_DIM: gl.constexpr,
                        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
                        num_warps: gl.constexpr, PRODUCER_WARPS: gl.constexpr):
     """q_desc: only the Q tiles' shape, dtype and shared layout (the rows are gathered)."""
     gl.static_assert(num_warps == CONSUMER_WARPS)
-    # the split programs of one (block, head) are neighbours on axis 0 (routed.py's order): they
-    # share the block's K, V in L2
-    c0 = gl.program_id(0) % split          # this program's chunks: c0, c0 + split, ...
-    grp = gl.program_id(1) * NB + gl.program_id(0) // split       # bh·NB + block
-    chunks = gl.cdiv(gl.load(ROWPTR + grp + 1) - gl.load(ROWPTR + grp), TILE)
-    nch = gl.cdiv(gl.maximum(chunks - c0, 0), split)
+    grp, c0, nch = routed_work(ROWPTR, NB, split)
     if nch == 0:
         return
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [4, HALF_M, HEAD_DIM], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(q_ready.index(i), count=1)
-        mbarrier.init(q_free.index(i), count=2)    # one arrival per consumer
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_bar.index(i), count=1)
-        mbarrier.init(v_bar.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)
+    q_ready, q_free = chunk_barriers()
+    k_smem, v_smem, k_bar, v_bar, empty = kv_ring(k_desc, v_desc, STAGES)
     fence_async_shared()
 
     consumer_args = (OP, LP, ENTRIES, ROWPTR, q_smem, k_smem, v_smem, q_ready, q_free, k_bar,
