@@ -23,6 +23,8 @@
 #   moba-ncu      Nsight Compute on MoBA's dK/dV kernel at 64k (16 / 16 heads), the Triton one and
 #                 the Gluon one (MOBA_DKDV_IMPL): speed of light, memory, warp states, occupancy
 #                 (tune_moba.py --once; --clock-control none)     -> $OUT/moba-ncu/{triton,gluon}.txt
+#                 MOBA_NCU_KERNEL: another kernel's name regex (e.g. _topk_kernel), MOBA_NCU_IMPLS:
+#                 the MOBA_DKDV_IMPL values to profile (default "triton gluon")
 #   ahead         A/B of the Triton flash forward with FLASH_FWD_AHEAD=1 against =0
 #                 (ab_kernels.py, forward only, D 128 and D 64, 5 alternating rounds) -> $OUT/ahead/
 #   gluon         flash (the Gluon forward and dK/dV on Hopper), with the Triton dK/dV kernel
@@ -169,9 +171,10 @@ run_part() {  # run_part PART ARGS...
                     triton=.@MOBA_ROUTED_DQ_IMPL=triton gluon=.@MOBA_ROUTED_DQ_IMPL=gluon \
                     --cases moba,moba64k --mode fwdbwd --rounds 3 "$@" ;;
     moba-ncu)     mkdir -p "$OUT/moba-ncu"
-                  for impl in triton gluon; do
+                  for impl in ${MOBA_NCU_IMPLS:-triton gluon}; do
                     MOBA_DKDV_IMPL=$impl timeout "$limit" ncu --clock-control none \
-                      --kernel-name regex:dkdv_kernel --launch-count 1 --section SpeedOfLight \
+                      --kernel-name "regex:${MOBA_NCU_KERNEL:-dkdv_kernel}" --launch-count 1 \
+                      --section SpeedOfLight \
                       --section MemoryWorkloadAnalysis --section WarpStateStats \
                       --section LaunchStats --section Occupancy --section SchedulerStats \
                       python3 scripts/tune/tune_moba.py --once --seqlens 65536 "$@" \

@@ -23,8 +23,8 @@ row: output through their lse, dQ by summation; every element has one writer, no
 Transient memory: NSEL rows of D per query and head (OP in the forward, DQP in the backward),
 2 bytes per element for 16-bit inputs: at 64k, H = 16, top-3 that is 512 MiB instead of the
 1 GiB of fp32. On Hopper the forward runs through routed_gluon.py within its scope
-(MOBA_ROUTED_IMPL=auto, the default; =triton forces the kernel below); MOBA_ROUTED_DQ_IMPL=
-gluon|auto runs the dQ through routed_dq_gluon.py.
+(MOBA_ROUTED_IMPL=auto, the default; =triton forces the kernel below), the dQ through
+routed_dq_gluon.py (MOBA_ROUTED_DQ_IMPL, the same settings).
 """
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ from attn.flash.common import gluon_chosen, impl_setting
 # on Hopper within its scope, _routed_fwd_kernel below otherwise), triton or gluon
 # (attn/flash/common.py's impl_setting)
 ROUTED_IMPL = impl_setting("MOBA_ROUTED_IMPL", "auto")
-# MOBA_ROUTED_DQ_IMPL: the routed dQ, triton (default: _routed_dq_kernel below; the Gluon kernel
-# has not run on a GPU yet), auto or gluon (routed_dq_gluon.py's warp-specialized kernel)
-ROUTED_DQ_IMPL = impl_setting("MOBA_ROUTED_DQ_IMPL", "triton")
+# MOBA_ROUTED_DQ_IMPL: the routed dQ, auto (default: routed_dq_gluon.py's warp-specialized kernel
+# on Hopper within its scope, _routed_dq_kernel below otherwise), triton or gluon
+ROUTED_DQ_IMPL = impl_setting("MOBA_ROUTED_DQ_IMPL", "auto")
 
 
 def partial_dtype(dtype: torch.dtype) -> torch.dtype:

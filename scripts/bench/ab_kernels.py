@@ -11,7 +11,9 @@ untimed pass per checkout runs concurrently so the checkouts' kernels compile in
 host's cores (Triton's cache is keyed by kernel source, so identical kernels compile once).
 A checkout `NAME=PATH@VAR=VALUE@...` runs with those environment variables set (an A/B of a
 switch in one checkout). Per case and checkout: the median over rounds of triton's do_bench median
-of back-to-back forward + backward calls (`--mode fwd`: forward only, under no_grad). Cases:
+of back-to-back forward + backward calls (`--mode fwd`: forward only, under no_grad), and the
+host's time per call (enqueued behind a sleeping GPU: a case whose host time nears its GPU time
+is launch-bound). Cases:
 flash (causal, GQA 16/4, D 128), flash64 (16 heads, D 64: the 350m model's layer), lightning
 (batch 4), MoBA, NSA (64 / 4 heads) at 16k tokens per sequence; on request moba64k (16 / 16
 heads: bench_moba.py's layer) and nsa64k at 64k;
@@ -32,7 +34,7 @@ CASES = ("flash", "lightning", "moba", "nsa")  # default; flash64, moba64k, nsa6
 
 # one process: import attn from sys.argv[1], time every case, print {case: ms} as JSON
 WORKER = r"""
-import json, sys
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
 from triton.testing import do_bench
@@ -69,7 +71,7 @@ def case(name):
     return (lambda: nsa_attn(q, k, v, kc, vc, *g, gates_nonneg=True)), (q, k, v, kc, vc, *g)
 warm_only = sys.argv[3] == "warm"
 fwd_only = sys.argv[4] == "fwd"
-out = {}
+out, host = {}, {}
 for name in sys.argv[2].split(","):
     fn, inputs = case(name)
     def step():
@@ -86,7 +88,16 @@ for name in sys.argv[2].split(","):
     # single synchronized calls counted the host's launch time too (0.95 ms for a 0.75 ms
     # forward, +-10 % from call to call)
     out[name] = do_bench(step, warmup=25, rep=150, grad_to_none=inputs, return_mode="median")
-print("AB_RESULT " + json.dumps(out))
+    # the host's time per call: the GPU is held busy by a sleep kernel, so enqueuing 10 calls
+    # measures only Python, autograd and launch work (a host sync inside the op shows as ~1 s)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2 ** 31)  # ~1 s of GPU clock cycles, longer than 10 enqueued calls
+    t0 = time.perf_counter()
+    for _ in range(10):
+        step()
+    host[name] = (time.perf_counter() - t0) * 100  # ms per call
+    torch.cuda.synchronize()
+print("AB_RESULT " + json.dumps({"gpu": out, "host": host}))
 """
 
 
@@ -127,25 +138,33 @@ def main() -> None:
         result(name, proc)
     print("compiled", flush=True)
     runs = {name: [] for name in roots}
+    host = {name: [] for name in roots}
     for r in range(a.rounds):
         for name, root in roots.items():
-            runs[name].append(result(name, worker(root, cases, "time", a.mode)))
-            print(f"round {r + 1} {name}: {runs[name][-1]}", flush=True)
+            res = result(name, worker(root, cases, "time", a.mode))
+            runs[name].append(res["gpu"])
+            host[name].append(res["host"])
+            print(f"round {r + 1} {name}: {res['gpu']} host {res['host']}", flush=True)
     med = {name: {c: statistics.median(run[c] for run in runs[name]) for c in cases}
            for name in runs}
+    host_med = {name: {c: statistics.median(run[c] for run in host[name]) for c in cases}
+                for name in runs}
     base, *others = roots
     mode = "fwd+bwd" if a.mode == "fwdbwd" else "fwd"
     rows = [f"| case (16k, bf16, {mode}) | " + " | ".join(f"{n} ms" for n in roots)
-            + "".join(f" | {n} / {base}" for n in others) + " |",
-            "|---" * (len(roots) + len(others) + 1) + "|"]
+            + "".join(f" | {n} / {base}" for n in others)
+            + "".join(f" | {n} host ms" for n in roots) + " |",
+            "|---" * (2 * len(roots) + len(others) + 1) + "|"]
     rows += [f"| {c} | " + " | ".join(f"{med[n][c]:.3f}" for n in roots)
-             + "".join(f" | {med[n][c] / med[base][c]:.3f}" for n in others) + " |"
+             + "".join(f" | {med[n][c] / med[base][c]:.3f}" for n in others)
+             + "".join(f" | {host_med[n][c]:.3f}" for n in roots) + " |"
              for c in cases]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ab_kernels.json").write_text(json.dumps({"checkouts": roots, "mode": a.mode,
-                                                     "runs": runs,
-                                                     "median_ms": med}, indent=1))
+                                                     "runs": runs, "median_ms": med,
+                                                     "host_runs": host,
+                                                     "host_median_ms": host_med}, indent=1))
     (out / "ab_kernels.md").write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
 

@@ -106,7 +106,8 @@ def sweep(args_pack, warmup, rep, kinds=None):
     def want(kind):
         return kinds is None or kind in kinds
 
-    for cfg in [(64, 32, 4), (128, 32, 8), (128, 64, 8), (64, 64, 4), (32, 32, 4)] * want("gate"):
+    for cfg in [(64, 32, 4), (128, 32, 8), (128, 64, 8), (64, 64, 4), (32, 32, 4), (128, 32, 4),
+                (64, 16, 4), (256, 32, 8)] * want("gate"):
         keep_gate, gate.GPU_TOPK = gate.GPU_TOPK, cfg
         run("gate", cfg, lambda: gate.select_blocks(q, k, table, nsel + 1, 0))
         gate.GPU_TOPK = keep_gate
