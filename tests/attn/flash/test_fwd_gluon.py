@@ -37,6 +37,22 @@ def test_compiles_for_sm90_without_spills():
     assert r.stdout.count("regs") == 36, r.stdout
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows, d", [(64, 128), (128, 64), (64, 64)])
+def test_tile_descriptor(dtype, rows, d):
+    """tile_desc (its shared layout built once per (rows, D, dtype)): the [B·T, H·D] view of the
+    tensor, [rows, D] tiles, and the default swizzled layout of that tile and dtype."""
+    from triton.experimental.gluon import language as gl
+    from attn.flash.fwd_gluon import tile_desc
+    t = torch.empty(2, 96, 3, d, dtype=dtype)
+    for _ in range(2):  # the second call takes the cached layout
+        desc = tile_desc(t, rows)
+        gdt = gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+        assert desc.layout == gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
+        assert list(desc.shape) == [2 * 96, 3 * d] and list(desc.strides) == [3 * d, 1]
+        assert list(desc.block_shape) == [rows, d] and desc.base.data_ptr() == t.data_ptr()
+
+
 def test_unknown_impl_is_refused():
     assert_import_refuses("attn.flash", "FLASH_FWD_IMPL", "gluon-ws",
                           "FLASH_FWD_IMPL='gluon-ws': must be auto, triton or gluon")
