@@ -10,15 +10,17 @@ Memory plan
   block table (attn/common/documents.py, torch on the device): KBLK, FIRSTB int32 [Tk];
                  BLK_START, BLK_END int32 [NB]
   _pool_kernel : one program per (block, batch·KV head); streams the block's keys in BLOCK_N
-                 rows, fp32 column sums by MMA with ones ([16, D] in registers); writes MK fp32
-                 [B, NB, Hkv, D] (the block mean; incomplete last blocks are pooled too but are
-                 never candidates)
+                 rows, fp32 column sums by MMA with ones ([16, D] in registers); writes the
+                 block mean once (incomplete last blocks are pooled too but are never
+                 candidates): MK fp32 [B, NB, Hkv, D] for fp32 keys; for 16-bit keys the mean
+                 split in three parts of K's dtype, hi + mid + lo (24 significant bits, like
+                 fp32), MK [3, B, NB, Hkv, D]
   _topk_kernel : one program per (BLOCK_M queries, batch·query head); the query tile [BLOCK_M, D]
                  in registers, a running top-(k−1) per row ([BLOCK_M, KP] values and block ids,
                  KP = next power of 2 ≥ k−1, ≤ 16); streams the block means of the tile's
-                 candidate range BLOCK_J blocks at a time ([BLOCK_J, D], read once per tile),
-                 scores them with MMAs (16-bit inputs: the fp32 means split in three 16-bit
-                 parts, fp32-accurate) and merges the chunk in k−1 rounds of (max, argmax);
+                 candidate range BLOCK_J blocks at a time ([BLOCK_J, D] per part, read once
+                 per tile), scores them with MMAs (16-bit inputs: one per part, fp32-accurate)
+                 and merges the chunk in k−1 rounds of (max, argmax);
                  writes SEL int32 [B, Hq, Tq, k−1] once (−1: no block in that slot).
 Gate scores are q·mean(K_block) in fp32 without the softmax scale (a positive factor does not
 change the ranking; the ref scores in float64). Ties go to the earlier block.
@@ -38,7 +40,7 @@ from attn.dispatch import INTERPRET
 @triton.jit
 def _pool_kernel(K, MK, BLK_START, BLK_END, Tk, NB,
                  HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                 DOT_PREC: tl.constexpr):
+                 DOT_PREC: tl.constexpr, SPLIT3: tl.constexpr):
     j = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
@@ -62,11 +64,23 @@ def _pool_kernel(K, MK, BLK_START, BLK_END, Tk, NB,
                      mask=(kpos < end)[:, None], other=0.0)
         acc = mma(ones, kt, acc, DOT_PREC)
     mean = tl.max(acc, 0) / (end - start).to(tl.float32)
-    tl.store(MK + ((b.to(tl.int64) * NB + j) * HKV + hkv) * HEAD_DIM + offs_d, mean)
+    mk_off = ((b.to(tl.int64) * NB + j) * HKV + hkv) * HEAD_DIM + offs_d
+    if SPLIT3:
+        # the fp32 mean as hi + mid + lo in K's 16-bit dtype (24 significant bits, like fp32),
+        # split once here rather than by every query tile that scores the block
+        part = tl.cast(tl.num_programs(0), tl.int64) * tl.num_programs(1) * HEAD_DIM  # B·NB·Hkv·D
+        hi = cvt(mean, K.dtype.element_ty)
+        r1 = mean - hi.to(tl.float32)
+        mid = cvt(r1, K.dtype.element_ty)
+        tl.store(MK + mk_off, hi)
+        tl.store(MK + part + mk_off, mid)
+        tl.store(MK + 2 * part + mk_off, cvt(r1 - mid.to(tl.float32), K.dtype.element_ty))
+    else:
+        tl.store(MK + mk_off, mean)
 
 
 @triton.jit
-def _topk_kernel(Q, MK, SEL, KBLK, FIRSTB, q_offset, Tq, NB,
+def _topk_kernel(Q, MK, SEL, KBLK, FIRSTB, q_offset, Tq, NB, B,
                  HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, NSEL: tl.constexpr,
                  KP: tl.constexpr, SPLIT3: tl.constexpr):
@@ -97,21 +111,22 @@ def _topk_kernel(Q, MK, SEL, KBLK, FIRSTB, q_offset, Tq, NB,
     j_hi = tl.max(tl.where(m_ok, c_hi, 0), 0)
     mk_base = MK + (b.to(tl.int64) * NB * HKV + hkv) * HEAD_DIM
     offs_j = tl.arange(0, BLOCK_J)
+    part = tl.cast(B, tl.int64) * NB * HKV * HEAD_DIM  # one part of the split means
     for j0 in range(j_lo, j_hi, BLOCK_J):
         jj = j0 + offs_j
-        mk = tl.load(mk_base + jj[:, None] * (HKV * HEAD_DIM) + offs_d[None, :],
-                     mask=(jj < j_hi)[:, None], other=0.0)                  # [BLOCK_J, D] fp32
+        mk_tile = mk_base + jj[:, None] * (HKV * HEAD_DIM) + offs_d[None, :]
+        j_ok = (jj < j_hi)[:, None]
         if SPLIT3:
-            # fp32 means as hi + mid + lo in q's 16-bit dtype (24 significant bits, like fp32);
-            # q is exact in its dtype, so three MMAs give fp32-accurate scores on tensor cores
-            hi = cvt(mk, q.dtype)
-            r1 = mk - hi.to(tl.float32)
-            mid = cvt(r1, q.dtype)
-            lo = cvt(r1 - mid.to(tl.float32), q.dtype)
+            # the means' hi + mid + lo parts (_pool_kernel), in q's 16-bit dtype; q is exact in
+            # its dtype, so three MMAs give fp32-accurate scores on tensor cores
+            hi = tl.load(mk_tile, mask=j_ok, other=0.0)                     # [BLOCK_J, D]
+            mid = tl.load(mk_tile + part, mask=j_ok, other=0.0)
+            lo = tl.load(mk_tile + 2 * part, mask=j_ok, other=0.0)
             s = mma(q, tl.trans(hi), None, "tf32")
             s = mma(q, tl.trans(mid), s, "tf32")
             s = mma(q, tl.trans(lo), s, "tf32")
         else:
+            mk = tl.load(mk_tile, mask=j_ok, other=0.0)                     # [BLOCK_J, D] fp32
             s = mma(q, tl.trans(mk), None, "ieee")                          # [BLOCK_M, BLOCK_J]
         valid = (jj[None, :] >= c_lo[:, None]) & (jj[None, :] < c_hi[:, None])
         s = tl.where(valid, s, float("-inf"))
@@ -137,30 +152,49 @@ def _topk_kernel(Q, MK, SEL, KBLK, FIRSTB, q_offset, Tq, NB,
 INTERP_POOL_N = 16  # interpreter: keys per pooling chunk (small: many chunk edges)
 INTERP_TOPK_M = 16  # interpreter: query rows per top-k tile
 GPU_POOL_N = 64  # keys per pooling chunk on the GPU
-GPU_TOPK = (128, 32, 8)  # (BLOCK_M, BLOCK_J, warps) of the top-k kernel: the sweep's fastest
+# (BLOCK_M, BLOCK_J, warps, stages) of the top-k kernel: the sweep's fastest (H200, 64k; stages of
+# the split means' loads: 3 take 106 KB of shared memory at D 128, 2 take 82, 1 takes 57)
+GPU_TOPK = (128, 32, 8, 3)
 
 
 def select_blocks(q, k, table, topk: int, q_offset: int):
     """SEL int32 [B, Hq, Tq, max(topk−1, 1)]: global ids of each row's chosen earlier blocks,
     −1 in unused slots (all −1 when topk == 1: the query's own block only)."""
     B, tq, hq, d = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
-    kblk, firstb, blk_start, blk_end = table
+    hkv = k.shape[2]
+    kblk, firstb, blk_start, _ = table
     nb = blk_start.numel()
     nsel = topk - 1
     if nsel == 0:
         return torch.full((B, hq, tq, 1), -1, dtype=torch.int32, device=q.device)
-    mk = alloc.empty((B, nb, hkv, d), torch.float32, q.device)
-    pool_n = INTERP_POOL_N if INTERPRET else GPU_POOL_N
-    _pool_kernel[(nb, B * hkv)](k, mk, blk_start, blk_end, tk, nb, HKV=hkv, HEAD_DIM=d,
-                                BLOCK_N=pool_n, DOT_PREC=dot_precision(k.dtype),
-                                num_warps=4, num_stages=1 if INTERPRET else 3)
+    mk = pool_means(k, table)
     sel = alloc.empty((B, hq, tq, nsel), torch.int32, q.device)
-    bm, bj, w = (INTERP_TOPK_M, 16, 4) if INTERPRET else GPU_TOPK
-    _topk_kernel[(triton.cdiv(tq, bm), B * hq)](q, mk, sel, kblk, firstb, q_offset, tq, nb,
+    bm, bj, w, st = (INTERP_TOPK_M, 16, 4, 1) if INTERPRET else GPU_TOPK
+    _topk_kernel[(triton.cdiv(tq, bm), B * hq)](q, mk, sel, kblk, firstb, q_offset, tq, nb, B,
                                                  HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm,
                                                  BLOCK_J=bj, NSEL=nsel,
                                                  KP=triton.next_power_of_2(nsel),
-                                                 SPLIT3=q.dtype in (torch.bfloat16, torch.float16),
-                                                 num_warps=w)
+                                                 SPLIT3=_split3(q.dtype), num_warps=w,
+                                                 num_stages=st)
     return sel
+
+
+def _split3(dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def pool_means(k, table):
+    """The block means of k [B, Tk, Hkv, D]: fp32 [B, NB, Hkv, D] for fp32 keys; for 16-bit
+    keys their hi, mid, lo parts in k's dtype, [3, B, NB, Hkv, D] (hi + mid + lo = the fp32
+    mean)."""
+    B, tk, hkv, d = k.shape
+    _, _, blk_start, blk_end = table
+    nb = blk_start.numel()
+    split3 = _split3(k.dtype)
+    mk = alloc.empty((3, B, nb, hkv, d) if split3 else (B, nb, hkv, d),
+                     k.dtype if split3 else torch.float32, k.device)
+    pool_n = INTERP_POOL_N if INTERPRET else GPU_POOL_N
+    _pool_kernel[(nb, B * hkv)](k, mk, blk_start, blk_end, tk, nb, HKV=hkv, HEAD_DIM=d,
+                                BLOCK_N=pool_n, DOT_PREC=dot_precision(k.dtype), SPLIT3=split3,
+                                num_warps=4, num_stages=1 if INTERPRET else 3)
+    return mk

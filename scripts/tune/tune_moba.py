@@ -54,10 +54,7 @@ def stage_times(T, H, Hkv, D, block, topk, warmup, rep):
     r["gate"] = bench(lambda: gate.select_blocks(q, k, table, topk, 0))
     sel = gate.select_blocks(q, k, table, topk, 0)
     nb = table[2].numel()
-    mk = torch.empty(1, nb, Hkv, D, device="cuda", dtype=torch.float32)
-    r["gate_pool"] = bench(lambda: gate._pool_kernel[(nb, Hkv)](
-        k, mk, table[2], table[3], T, nb, HKV=Hkv, HEAD_DIM=D, BLOCK_N=64, DOT_PREC="tf32",
-        num_warps=4, num_stages=3))
+    r["gate_pool"] = bench(lambda: gate.pool_means(k, table))
     from attn.moba.index import routed_entries_triton
     r["index_torch"] = bench(lambda: routed.routed_entries(sel, nb))
     r["index"] = bench(lambda: routed_entries_triton(sel, nb))
@@ -106,8 +103,8 @@ def sweep(args_pack, warmup, rep, kinds=None):
     def want(kind):
         return kinds is None or kind in kinds
 
-    for cfg in [(64, 32, 4), (128, 32, 8), (128, 64, 8), (64, 64, 4), (32, 32, 4), (128, 32, 4),
-                (64, 16, 4), (256, 32, 8)] * want("gate"):
+    for cfg in [(128, 32, 8, 3), (128, 32, 8, 2), (128, 32, 8, 1), (128, 32, 4, 2),
+                (64, 32, 4, 2), (64, 32, 4, 1), (256, 32, 8, 2), (128, 64, 8, 2)] * want("gate"):
         keep_gate, gate.GPU_TOPK = gate.GPU_TOPK, cfg
         run("gate", cfg, lambda: gate.select_blocks(q, k, table, nsel + 1, 0))
         gate.GPU_TOPK = keep_gate

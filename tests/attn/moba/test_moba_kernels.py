@@ -187,3 +187,29 @@ def test_lse_of_the_forward_primitive(monkeypatch):
     exact = s.masked_fill(~mask, float("-inf")).logsumexp(-1)
     assert lse.dtype == torch.float32 and lse.shape == (1, 4, tq)
     assert (lse.double() - exact).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, bf16, fp16])
+def test_pool_means_and_their_split(monkeypatch, dtype):
+    """gate.pool_means: fp32 block means for fp32 keys; for 16-bit keys three parts in the keys'
+    dtype, hi = the mean rounded to it (within half a unit), hi + mid + lo = the mean to fp32
+    rounding (the gate
+    scores with them on tensor cores); documents restart the blocks, short last blocks too."""
+    from attn.common.documents import block_table
+    from attn.moba import gate
+    monkeypatch.setattr(gate.alloc, "empty", nan_empty)
+    cu = random_docs(90, 4)
+    k = torch.randn(1, 90, 2, 32).to(dtype)
+    table = block_table(cu, 90, 16, k.device)
+    _, _, start, end = table
+    mean = torch.stack([k[0, s:e].double().mean(0) for s, e in zip(start.tolist(), end.tolist())])
+    mk = gate.pool_means(k, table)
+    if dtype == torch.float32:
+        assert mk.shape == (1, start.numel(), 2, 32) and mk.dtype == torch.float32
+        assert rel(mk[0], mean) < 1e-6
+        return
+    assert mk.shape == (3, 1, start.numel(), 2, 32) and mk.dtype == dtype
+    total = mk[0, 0].double() + mk[1, 0].double() + mk[2, 0].double()
+    assert (total - mean).abs().max().item() <= 2e-7 * mean.abs().max().item() + 1e-7
+    half_ulp = torch.finfo(dtype).eps / 2 * mean.abs() * 1.01  # hi: the mean rounded to dtype
+    assert ((mk[0, 0].double() - mean).abs() <= half_ulp + 1e-30).all()
