@@ -100,63 +100,87 @@ def moba_bwd(do, q, k, v, o, lse, sel, table, index, *, scale=None, q_offset: in
 
 # The Triton forward and backward as PyTorch custom ops: torch.compile sees one opaque op per
 # attention call and compiles the model around it; eager runs go through the same ops. A custom
-# op's outputs need shapes known from its inputs' shapes, which the block table (NB blocks:
-# data-dependent with documents) and the inverse index (ROWPTR [B·Hq·NB + 1]) lack: the forward
-# returns o, lse and sel only, and the backward rebuilds table and index from sel and cu_seqlens.
-# The rebuild is cheap (docs/moba_notes.md): the index is one counting sort over sel; the table is
-# cached without documents and with them costs a handful of O(Tk) torch ops and one host sync
-# (the block count). It also frees the index (the size of sel) between forward and backward.
+# op's outputs need shapes known from its inputs' shapes. Without documents they are: NB =
+# cdiv(Tk, block_size), so the forward also returns the inverse index (ROWPTR [B·Hq·NB + 1],
+# ENTRIES [B·Hq·Tq·NSEL]: 4 bytes per (row, slot)) and the backward reuses it. With documents
+# the block count is data-dependent: the forward returns empty index tensors and the backward
+# rebuilds table and index from sel and cu_seqlens (one counting sort over sel, a handful of
+# O(Tk) torch ops and one host sync for the table; docs/moba_notes.md).
+def _index_shapes(B, tq, hq, tk, block_size, topk, has_docs):
+    """Shapes of the index tensors the forward op returns (empty when the backward rebuilds)."""
+    if has_docs or topk == 1:
+        return (0,), (0,)
+    return (B * hq * -(-tk // block_size) + 1,), (B * hq * tq * (topk - 1),)
+
+
 @torch.library.custom_op("longctx::moba_fwd", mutates_args=())
 def _moba_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  block_size: int, topk: int, cu_seqlens: Optional[torch.Tensor],
-                 q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor]:
     check_cu_values(cu_seqlens, k.shape[1])
     # the kernels assume the contiguous layout; a compiled graph could hand other strides
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o, lse, sel, _, _ = moba_fwd(q, k, v, block_size=block_size, topk=topk, scale=scale,
-                                 cu_seqlens=cu_seqlens, q_offset=q_offset)
-    return o, lse, sel
+    o, lse, sel, _, index = moba_fwd(q, k, v, block_size=block_size, topk=topk, scale=scale,
+                                     cu_seqlens=cu_seqlens, q_offset=q_offset)
+    if cu_seqlens is not None or index is None:
+        rowptr, entries = sel.new_empty((0,)), sel.new_empty((0,))  # outputs must not alias
+    else:
+        rowptr, entries = index
+    B, tq, hq, _ = q.shape
+    shapes = _index_shapes(B, tq, hq, k.shape[1], block_size, topk, cu_seqlens is not None)
+    if (rowptr.shape, entries.shape) != shapes:  # the fake below must promise the same shapes
+        raise RuntimeError(f"moba_fwd: index shapes {tuple(rowptr.shape)}, "
+                           f"{tuple(entries.shape)} differ from {shapes}")
+    return o, lse, sel, rowptr, entries
 
 
 @_moba_fwd_op.register_fake
 def _(q, k, v, scale, block_size, topk, cu_seqlens, q_offset):
     B, tq, hq, _ = q.shape
+    rowptr, entries = _index_shapes(B, tq, hq, k.shape[1], block_size, topk,
+                                    cu_seqlens is not None)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty((B, hq, tq), dtype=torch.float32),
-            q.new_empty((B, hq, tq, max(topk - 1, 1)), dtype=torch.int32))
+            q.new_empty((B, hq, tq, max(topk - 1, 1)), dtype=torch.int32),
+            q.new_empty(rowptr, dtype=torch.int32), q.new_empty(entries, dtype=torch.int32))
 
 
 @torch.library.custom_op("longctx::moba_bwd", mutates_args=())
 def _moba_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 o: torch.Tensor, lse: torch.Tensor, sel: torch.Tensor, scale: float,
-                 block_size: int, topk: int, cu_seqlens: Optional[torch.Tensor],
+                 o: torch.Tensor, lse: torch.Tensor, sel: torch.Tensor, rowptr: torch.Tensor,
+                 entries: torch.Tensor, scale: float, block_size: int, topk: int,
+                 cu_seqlens: Optional[torch.Tensor],
                  q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v, o, lse, sel = (t.contiguous() for t in (q, k, v, o, lse, sel))
     table = block_table(cu_seqlens, k.shape[1], block_size, q.device)
-    index = _routed_index(sel, table, topk)
+    if rowptr.numel():
+        index = (rowptr.contiguous(), entries.contiguous())   # the forward's
+    else:
+        index = _routed_index(sel, table, topk)
     return moba_bwd(do, q, k, v, o, lse, sel, table, index, scale=scale, q_offset=q_offset,
                     block_size=block_size, cu_seqlens=cu_seqlens)
 
 
 @_moba_bwd_op.register_fake
-def _(do, q, k, v, o, lse, sel, scale, block_size, topk, cu_seqlens, q_offset):
+def _(do, q, k, v, o, lse, sel, rowptr, entries, scale, block_size, topk, cu_seqlens, q_offset):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _moba_setup(ctx, inputs, output):
     q, k, v, scale, block_size, topk, cu_seqlens, q_offset = inputs
-    o, lse, sel = output
-    ctx.save_for_backward(q, k, v, o, lse, sel, cu_seqlens)
+    o, lse, sel, rowptr, entries = output
+    ctx.save_for_backward(q, k, v, o, lse, sel, rowptr, entries, cu_seqlens)
     ctx.args = (scale, block_size, topk, q_offset)
-    ctx.mark_non_differentiable(lse, sel)
-    ctx.set_materialize_grads(False)  # no zero gradients built for lse and sel
+    ctx.mark_non_differentiable(lse, sel, rowptr, entries)
+    ctx.set_materialize_grads(False)  # no zero gradients built for lse, sel and the index
 
 
-def _moba_backward(ctx, do, _dlse, _dsel):
-    q, k, v, o, lse, sel, cu_seqlens = ctx.saved_tensors
+def _moba_backward(ctx, do, _dlse, _dsel, _drowptr, _dentries):
+    q, k, v, o, lse, sel, rowptr, entries, cu_seqlens = ctx.saved_tensors
     scale, block_size, topk, q_offset = ctx.args
-    dq, dk, dv = _moba_bwd_op(do, q, k, v, o, lse, sel, scale, block_size, topk, cu_seqlens,
-                              q_offset)
+    dq, dk, dv = _moba_bwd_op(do, q, k, v, o, lse, sel, rowptr, entries, scale, block_size, topk,
+                              cu_seqlens, q_offset)
     return dq, dk, dv, None, None, None, None, None
 
 
