@@ -43,7 +43,7 @@ def use_tma(kind: str, *tensors) -> bool:
     if not TMA.get(kind, False):
         return False
     dev = tensors[0].device
-    if not INTERPRET and (dev.type != "cuda" or _capability(dev.index)[0] < 9):
+    if not INTERPRET and (dev.type != "cuda" or device_capability(dev.index)[0] < 9):
         return False
     if any(t.data_ptr() % 16 for t in tensors):
         return False
@@ -55,8 +55,9 @@ def use_tma(kind: str, *tensors) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _capability(index: int):
-    """(major, minor) of CUDA device `index`, asked once (use_tma runs on every launch)."""
+def device_capability(index: int):
+    """(major, minor) of CUDA device `index`, asked once per device (the launch paths ask on
+    every call; torch asks the driver's device properties each time)."""
     return torch.cuda.get_device_capability(index)
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attn.common.launch import pick_dim
+from attn.common.launch import device_capability, pick_dim
 from attn.dispatch import INTERPRET
 
 # SMs the launch order plans for (interpreter: a small number, so the tests' tiny grids get
@@ -58,7 +58,7 @@ DKDV_IMPL = impl_setting("FLASH_DKDV_IMPL", "auto")
 
 def hopper_error(t: torch.Tensor, kernel: str) -> str | None:
     """Why the Gluon `kernel` (sm_90 only) cannot run on t's device, or None."""
-    if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] == 9:
+    if t.is_cuda and device_capability(t.device.index)[0] == 9:
         return None
     return f"the {kernel} needs a Hopper GPU (sm_90)"
 

@@ -48,6 +48,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attn.common import alloc
 from attn.common.jit import LOG2E_F
+from attn.common.launch import device_capability
 
 # names that moved between triton 3.6 (the GPU image) and 3.9: a partition-wide barrier, TMA
 cta_sync = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
@@ -374,7 +375,7 @@ NO_WINDOW = 1 << 30  # a window no sequence reaches: lo = 0
 def scope_error(q, k) -> str | None:
     """Why the Gluon forward cannot run (q, k) (checked inputs of flash_fwd), or None."""
     B, tq, _, d = q.shape
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
+    if not q.is_cuda or device_capability(q.device.index)[0] != 9:
         return "the Gluon flash forward needs a Hopper GPU (sm_90)"
     if q.dtype not in (torch.bfloat16, torch.float16) or d not in GLUON_CFG:
         return f"the Gluon flash forward takes bf16/fp16 and D in {sorted(GLUON_CFG)}; got " \
