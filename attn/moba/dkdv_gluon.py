@@ -51,9 +51,16 @@ cp_async = async_copy.async_load if hasattr(async_copy, "async_load") \
 SUB_M = gl.constexpr(8)   # rows per producer copy step: 4 (D 128) or 2 (D 64) 16-byte copies
 TILE = 128                # keys per program; block_size and Tk multiples of it
 # warps of the producer partition, splitting each stage's copies at the same registers (the
-# partition is allocated a warpgroup either way): 4 (64k, 16 / 16 heads: 2.46 ms, against 3.16
-# with 2 and 4.72 with 1; docs/moba_notes.md)
+# partition is allocated a warpgroup either way): fewer starve the consumers (docs/moba_notes.md)
 PRODUCER_WARPS = 4
+
+
+@gluon.constexpr_function
+def row_copy_layout(head_dim, warps):
+    """Register layout of [rows, head_dim] 16-bit row copies: 16-byte pieces (8 elements),
+    head_dim / 8 threads span a row, the warps stacked along the rows."""
+    tpr = head_dim // 8
+    return gl.BlockedLayout([1, 8], [32 // tpr, tpr], [warps, 1], [1, 0])
 
 
 @gluon.jit
@@ -168,8 +175,7 @@ def _fill(Q_h, DO_h, LSE_h, DELTA_h, ids, ids_smem, first, cnt, st, q_smem, do_s
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
     PW: gl.constexpr = gl.num_warps()  # the producer's warps
     STEP: gl.constexpr = SUB_M * PW    # rows per copy step
-    TPR: gl.constexpr = HEAD_DIM // 8  # 16-byte pieces: HEAD_DIM / 8 threads span a row
-    tile: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [PW, 1], [1, 0])
+    tile: gl.constexpr = row_copy_layout(HEAD_DIM, PW)
     SPT: gl.constexpr = BLOCK_M // (32 * PW) if BLOCK_M >= 32 * PW else 1
     line: gl.constexpr = gl.BlockedLayout([SPT], [32], [PW], [0])
     sub = gl.arange(0, STEP, layout=gl.SliceLayout(1, tile))

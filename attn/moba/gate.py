@@ -152,9 +152,8 @@ def _topk_kernel(Q, MK, SEL, KBLK, FIRSTB, q_offset, Tq, NB, B,
 INTERP_POOL_N = 16  # interpreter: keys per pooling chunk (small: many chunk edges)
 INTERP_TOPK_M = 16  # interpreter: query rows per top-k tile
 GPU_POOL_N = 64  # keys per pooling chunk on the GPU
-# (BLOCK_M, BLOCK_J, warps, stages) of the top-k kernel: (128, 32, 8) was the fastest of the H200
-# sweep at 64k before the means' split moved to _pool_kernel (docs/moba_notes.md); stages of the
-# parts' loads: 3 take 106 KB of shared memory at D 128, 2 take 82, 1 takes 57
+# (BLOCK_M, BLOCK_J, warps, stages) of the top-k kernel, stages of the means' parts loads
+# (docs/moba_notes.md: sweeps, shared memory per stage count)
 GPU_TOPK = (128, 32, 8, 3)
 
 

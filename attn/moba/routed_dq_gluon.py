@@ -33,14 +33,15 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from attn.flash.bwd_gluon import LOG2E
 from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, HALF_M, PRODUCER_REGS, cta_sync,
                                   kv_ring, mma_layout, tile_desc)
+from attn.moba.dkdv_gluon import row_copy_layout
 from attn.moba.routed_gluon import (BLOCK_N, PRODUCER_WARPS, TILE, chunk_barriers,
-                                    chunk_producer, routed_scope_error, routed_work,
-                                    store_entries)
+                                    chunk_producer, consumer_entries, routed_scope_error,
+                                    routed_work, store_entries)
 
 # K/V ring stages per head dim (shared memory in the module docstring; 2 stages suffice for the
 # step's order, more let the producer run ahead)
 DQ_STAGES = {64: 4, 128: 3}
-# programs per (block, head): 2 (H200, 64k, 16 heads: 1.52 ms against 1.58 with 4 and 1.66 with 8)
+# programs per (block, head): the H200 sweep's fastest (docs/moba_notes.md, session 23)
 DQ_SPLIT = 2
 
 
@@ -62,12 +63,9 @@ def _consumer(DQP, ENTRIES, ROWPTR, q_smem, do_smem, lse_smem, delta_smem, k_sme
     s_layout: gl.constexpr = mma_layout(BLOCK_N)
     o_layout: gl.constexpr = mma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    TPR: gl.constexpr = HEAD_DIM // 8
-    rows_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [CONSUMER_WARPS, 1], [1, 0])
+    rows_l: gl.constexpr = row_copy_layout(HEAD_DIM, CONSUMER_WARPS)
     n_tiles = block_size // BLOCK_N
-    bh = (grp // NB).to(gl.int64)
-    end = gl.load(ROWPTR + grp + 1)
-    first = gl.load(ROWPTR + grp) + c0 * TILE + HALF * HALF_M    # this consumer's entries
+    bh, end, first = consumer_entries(ROWPTR, grp, NB, c0, HALF)
     for c in range(nch):
         slot = c % 2
         qs = q_smem.index(2 * slot + HALF)

@@ -37,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, HALF_M, PRODUCER_REGS, cta_sync,
                                   fwd_step, kv_load, kv_ring, mma_layout, online_softmax,
                                   scope_error, tile_desc)
-from attn.moba.dkdv_gluon import SUB_M, cp_async
+from attn.moba.dkdv_gluon import SUB_M, cp_async, row_copy_layout
 
 TILE = gl.constexpr(128)    # entries per chunk: 64 per consumer
 BLOCK_N = gl.constexpr(64)  # keys per K/V ring stage (128-key stages leave no room for the Q ring)
@@ -59,8 +59,7 @@ def gather_chunk(Q_h, DO_h, LSE_h, DELTA_h, ids, ids_smem, cnt, q_smem, do_smem,
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
     PW: gl.constexpr = gl.num_warps()
     STEP: gl.constexpr = SUB_M * PW
-    TPR: gl.constexpr = HEAD_DIM // 8  # 16-byte pieces: HEAD_DIM / 8 threads span a row
-    tile: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [PW, 1], [1, 0])
+    tile: gl.constexpr = row_copy_layout(HEAD_DIM, PW)
     sub = gl.arange(0, STEP, layout=gl.SliceLayout(1, tile))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, tile))
     cta_sync()                         # the previous chunk's ids are read
@@ -137,6 +136,16 @@ def _producer(Q, ROWS, ROWPTR, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, 
 
 
 @gluon.jit
+def consumer_entries(ROWPTR, grp, NB, c0, HALF: gl.constexpr):
+    """(bh, end, first) of a consumer of group grp (= bh·NB + block): its batch·head (int64),
+    the end of the group's entries and this consumer's first entry (its half of chunk c0)."""
+    bh = (grp // NB).to(gl.int64)
+    end = gl.load(ROWPTR + grp + 1)
+    first = gl.load(ROWPTR + grp) + c0 * TILE + HALF * HALF_M
+    return bh, end, first
+
+
+@gluon.jit
 def store_entries(OUT, ENTRIES, tile, val, first, end, bh, Tq, nsel, rows_l: gl.constexpr):
     """val [64, D] (a consumer's chunk result) written to OUT's rows of the entries
     ENTRIES[first + i] below end, staged through tile (a shared [64, D] tile no longer read);
@@ -160,12 +169,9 @@ def _consumer(OP, LP, ENTRIES, ROWPTR, q_smem, k_smem, v_smem, q_ready, q_free, 
     s_layout: gl.constexpr = mma_layout(BLOCK_N)
     o_layout: gl.constexpr = mma_layout(HEAD_DIM)
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    TPR: gl.constexpr = HEAD_DIM // 8
-    rows_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [CONSUMER_WARPS, 1], [1, 0])
+    rows_l: gl.constexpr = row_copy_layout(HEAD_DIM, CONSUMER_WARPS)
     n_tiles = block_size // BLOCK_N
-    bh = (grp // NB).to(gl.int64)
-    end = gl.load(ROWPTR + grp + 1)
-    first = gl.load(ROWPTR + grp) + c0 * TILE + HALF * HALF_M    # this consumer's entries
+    bh, end, first = consumer_entries(ROWPTR, grp, NB, c0, HALF)
     for c in range(nch):
         slot = c % 2
         q_half = q_smem.index(2 * slot + HALF)
