@@ -13,7 +13,7 @@ A checkout `NAME=PATH@VAR=VALUE@...` runs with those environment variables set (
 switch in one checkout). Per case and checkout: the median over rounds of triton's do_bench median
 of back-to-back forward + backward calls (`--mode fwd`: forward only, under no_grad), and the
 host's time per call (enqueued behind a sleeping GPU: a case whose host time nears its GPU time
-is launch-bound). Cases:
+is launch-bound). Cases (scripts/bench/layer_cases.py, shared with scripts/tune/host_profile.py):
 flash (causal, GQA 16/4, D 128), flash64 (16 heads, D 64: the 350m model's layer), lightning
 (batch 4), MoBA, NSA (64 / 4 heads) at 16k tokens per sequence; on request moba64k (16 / 16
 heads: bench_moba.py's layer) and nsa64k at 64k;
@@ -36,39 +36,11 @@ CASES = ("flash", "lightning", "moba", "nsa")  # default; flash64, moba64k, nsa6
 WORKER = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
+sys.path.insert(1, sys.argv[5])  # scripts/bench: layer_cases.py
 import torch
 from triton.testing import do_bench
+from layer_cases import case
 torch.manual_seed(0)
-dev, bf = "cuda", torch.bfloat16
-T, H, HKV, D = 16384, 16, 4, 128
-def randn(*shape, grad=True):
-    return torch.randn(*shape, device=dev, dtype=bf).requires_grad_(grad)
-def case(name):
-    if name == "flash":
-        from attn.flash import flash_attn
-        q, k, v = randn(1, T, H, D), randn(1, T, HKV, D), randn(1, T, HKV, D)
-        return lambda: flash_attn(q, k, v), (q, k, v)
-    if name == "flash64":
-        from attn.flash import flash_attn
-        q, k, v = (randn(2, T // 2, H, 64) for _ in range(3))
-        return lambda: flash_attn(q, k, v), (q, k, v)
-    if name == "lightning":
-        from attn.lightning import lightning_attn
-        q, k, v = (randn(4, T, H, D) for _ in range(3))  # one sequence: launch-bound, +-10 %
-        slopes = torch.linspace(0.01, 0.5, H, device=dev)
-        return lambda: lightning_attn(q, k, v, slopes)[0], (q, k, v)
-    if name in ("moba", "moba64k"):
-        from attn.moba import moba_attn
-        t, hkv = (4 * T, H) if name == "moba64k" else (T, HKV)
-        q, k, v = randn(1, t, H, D), randn(1, t, hkv, D), randn(1, t, hkv, D)
-        return lambda: moba_attn(q, k, v, block_size=512, topk=3), (q, k, v)
-    from attn.nsa import nsa_attn
-    t = 4 * T if name == "nsa64k" else T
-    q, k, v = randn(1, t, 64, D), randn(1, t, HKV, D), randn(1, t, HKV, D)
-    tc = (t - 32) // 16 + 1
-    kc, vc = randn(1, tc, HKV, D), randn(1, tc, HKV, D)
-    g = [torch.rand(1, t, 64, device=dev, dtype=bf).requires_grad_() for _ in range(3)]
-    return (lambda: nsa_attn(q, k, v, kc, vc, *g, gates_nonneg=True)), (q, k, v, kc, vc, *g)
 warm_only = sys.argv[3] == "warm"
 fwd_only = sys.argv[4] == "fwd"
 out, host = {}, {}
@@ -107,7 +79,8 @@ def worker(spec: str, cases: list[str], mode: str, timed: str) -> subprocess.Pop
     env.pop("TRITON_INTERPRET", None)
     env.update(kv.split("=", 1) for kv in settings)
     return subprocess.Popen([sys.executable, "-c", WORKER, str(Path(root).resolve()),
-                             ",".join(cases), mode, timed], stdout=subprocess.PIPE,
+                             ",".join(cases), mode, timed, str(Path(__file__).resolve().parent)],
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
 
