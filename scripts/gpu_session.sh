@@ -20,6 +20,8 @@
 #                 rounds)                                                    -> $OUT/moba-gluon/
 #   moba-routed   A/B of MoBA's routed forward, MOBA_ROUTED_IMPL=triton against =gluon, and of its
 #                 routed dQ, MOBA_ROUTED_DQ_IMPL (as moba-gluon)     -> $OUT/moba-routed/, -dq/
+#   moba-tile     A/B of MoBA's forward tile kernel, MOBA_TILE_IMPL=triton against =gluon (the
+#                 persistent one), forward and forward + backward (as moba-gluon) -> $OUT/moba-tile/
 #   moba-ncu      Nsight Compute on MoBA's dK/dV kernel at 64k (16 / 16 heads), the Triton one and
 #                 the Gluon one (MOBA_DKDV_IMPL): speed of light, memory, warp states, occupancy
 #                 (tune_moba.py --once; --clock-control none)     -> $OUT/moba-ncu/{triton,gluon}.txt
@@ -75,6 +77,7 @@ declare -A TESTS=(
   [moba-gluon]="tests/attn/moba/test_moba_dkdv_gluon.py"
   [moba-ncu]="tests/attn/moba/test_moba_dkdv_gluon.py"
   [moba-routed]="tests/attn/moba/test_moba_routed_gluon.py"
+  [moba-tile]="tests/attn/moba/test_moba_tile_gluon.py"
   [nsa]="tests/attn/nsa" [nsa-parts]="tests/attn/nsa"
   [nsa-cmp]="tests/attn/nsa/test_nsa_cmp_gluon.py tests/attn/nsa/test_nsa_cmp.py tests/attn/nsa/test_nsa_gpu.py"
   [train]=$TRAIN_TESTS [e2e]=$TRAIN_TESTS [profile]=$TRAIN_TESTS [recall]="tests/test_eval.py"
@@ -169,6 +172,12 @@ run_part() {  # run_part PART ARGS...
                     --cases moba,moba64k --mode fwdbwd --rounds 3 "$@" \
                   && bench moba-routed-dq "$limit" scripts/bench/ab_kernels.py \
                     triton=.@MOBA_ROUTED_DQ_IMPL=triton gluon=.@MOBA_ROUTED_DQ_IMPL=gluon \
+                    --cases moba,moba64k --mode fwdbwd --rounds 3 "$@" ;;
+    moba-tile)    bench moba-tile "$limit" scripts/bench/ab_kernels.py \
+                    triton=.@MOBA_TILE_IMPL=triton gluon=.@MOBA_TILE_IMPL=gluon \
+                    --cases moba,moba64k --mode fwd --rounds 3 "$@" \
+                  && bench moba-tile-fb "$limit" scripts/bench/ab_kernels.py \
+                    triton=.@MOBA_TILE_IMPL=triton gluon=.@MOBA_TILE_IMPL=gluon \
                     --cases moba,moba64k --mode fwdbwd --rounds 3 "$@" ;;
     moba-ncu)     mkdir -p "$OUT/moba-ncu"
                   for impl in ${MOBA_NCU_IMPLS:-triton gluon}; do

@@ -17,6 +17,9 @@ Memory plan (forward): registers Q tile [BLOCK_M, D] (input dtype), fp32 accumul
 (GQA: shared K/V, no copies), then the NSEL partial rows [BLOCK_M, D] fp32; writes O once and
 lse once (fp32, natural log). dQ: Q, dO, lse, delta rows resident, fp32 dQ accumulator, writes
 dQ once. Scores in the log2 domain (s2 = q·k · scale · log2 e), so every exponential is exp2.
+
+On Hopper the forward's tile step (routed blocks, no documents, 128-aligned Tq, q_offset and
+block size) runs tile_gluon.py's persistent warp-specialized kernel instead (MOBA_TILE_IMPL).
 """
 from __future__ import annotations
 
@@ -30,7 +33,13 @@ from attn.common.launch import dot_precision
 from attn.common.softmax import softmax_step
 from attn.common.softmax_bwd import dq_acc
 from attn.dispatch import INTERPRET
+from attn.flash.common import gluon_chosen, impl_setting
 from attn.moba.routed import chunk_scores, routed_dq, routed_fwd
+
+# MOBA_TILE_IMPL: the forward's tile kernel when blocks are routed, auto (default: tile_gluon.py's
+# persistent warp-specialized kernel on Hopper within its scope, _tile_kernel below otherwise),
+# triton or gluon (attn/flash/common.py's impl_setting)
+TILE_IMPL = impl_setting("MOBA_TILE_IMPL", "auto")
 
 BIG = tl.constexpr(2 ** 30)  # a key position past every key: empty windows
 
@@ -191,6 +200,15 @@ def _cfg(kind, dtype, d):
     return bm, bn, w, s
 
 
+def _tile_gluon(q, k, block_size, q_offset, has_docs) -> bool:
+    """Whether the forward's tile step runs tile_gluon.py's kernel (MOBA_TILE_IMPL); ValueError
+    when it is demanded outside its scope."""
+    def scope():
+        from attn.moba.tile_gluon import tile_scope_error
+        return tile_scope_error(q, k, block_size, q_offset, has_docs)
+    return gluon_chosen("MOBA_TILE_IMPL", TILE_IMPL, q, "MoBA Gluon tile forward", scope)
+
+
 def fwd_triton(q, k, v, sel, table, scale, q_offset, index=None, block_size=None,
                has_docs=True):
     """o [B, Tq, Hq, D] (q.dtype), lse [B, Hq, Tq] fp32, given the selection SEL and its inverse
@@ -203,6 +221,9 @@ def fwd_triton(q, k, v, sel, table, scale, q_offset, index=None, block_size=None
     routed = index is not None
     if routed:
         op, lp = routed_fwd(q, k, v, index, table, scale * LOG2E_F, nsel, block_size, has_docs)
+        if _tile_gluon(q, k, block_size, q_offset, has_docs):
+            from attn.moba.tile_gluon import tile_fwd_gluon
+            return tile_fwd_gluon(q, k, v, sel, op, lp, scale * LOG2E_F, q_offset, block_size)
     o = alloc.empty(q.shape, q.dtype, q.device)
     lse = alloc.empty((B, hq, tq), torch.float32, q.device)
     if not routed:
