@@ -4,8 +4,9 @@ each GLUON_CFG entry, of the forward's 64-key-block variants tune_flash.py sweep
 pooled-key mode (NSA's compressed branch), of each DKDV_CFG entry (flash's dK/dV kernel, NSA's
 pooled one, attn/nsa/cmp_bwd_gluon.py, MoBA's gathering one, attn/moba/dkdv_gluon.py, with
 1 and 4 producer warps), of MoBA's routed forward / dQ and tile forward, and exits non-zero
-when one fails to compile, spills or exceeds 227 KB of shared memory. Run by tests/attn/flash/test_fwd_gluon.py in a subprocess (Gluon kernels are
-compiled, never interpreted); uses the ptxas / cuobjdump that ship with the triton wheel."""
+when one fails to compile, spills or exceeds 227 KB of shared memory. Run by
+tests/attn/flash/test_fwd_gluon.py in a subprocess (Gluon kernels are compiled, never
+interpreted); uses the ptxas / cuobjdump that ship with the triton wheel."""
 from __future__ import annotations
 
 import os
