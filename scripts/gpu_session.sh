@@ -20,8 +20,9 @@
 #                 rounds)                                                    -> $OUT/moba-gluon/
 #   moba-routed   A/B of MoBA's routed forward, MOBA_ROUTED_IMPL=triton against =gluon, and of its
 #                 routed dQ, MOBA_ROUTED_DQ_IMPL (as moba-gluon)     -> $OUT/moba-routed/, -dq/
-#   moba-tile     A/B of MoBA's forward tile kernel, MOBA_TILE_IMPL=triton against =gluon (the
-#                 persistent one), forward and forward + backward (as moba-gluon) -> $OUT/moba-tile/
+#   moba-tile     A/B of MoBA's tile kernels, the Triton one against the persistent Gluon ones:
+#                 MOBA_TILE_IMPL (forward only), then MOBA_TILE_DQ_IMPL (forward + backward)
+#                 (as moba-gluon)                            -> $OUT/moba-tile/, $OUT/moba-tile-dq/
 #   moba-ncu      Nsight Compute on MoBA's dK/dV kernel at 64k (16 / 16 heads), the Triton one and
 #                 the Gluon one (MOBA_DKDV_IMPL): speed of light, memory, warp states, occupancy
 #                 (tune_moba.py --once; --clock-control none)     -> $OUT/moba-ncu/{triton,gluon}.txt
@@ -176,8 +177,8 @@ run_part() {  # run_part PART ARGS...
     moba-tile)    bench moba-tile "$limit" scripts/bench/ab_kernels.py \
                     triton=.@MOBA_TILE_IMPL=triton gluon=.@MOBA_TILE_IMPL=gluon \
                     --cases moba,moba64k --mode fwd --rounds 3 "$@" \
-                  && bench moba-tile-fb "$limit" scripts/bench/ab_kernels.py \
-                    triton=.@MOBA_TILE_IMPL=triton gluon=.@MOBA_TILE_IMPL=gluon \
+                  && bench moba-tile-dq "$limit" scripts/bench/ab_kernels.py \
+                    triton=.@MOBA_TILE_DQ_IMPL=triton gluon=.@MOBA_TILE_DQ_IMPL=gluon \
                     --cases moba,moba64k --mode fwdbwd --rounds 3 "$@" ;;
     moba-ncu)     mkdir -p "$OUT/moba-ncu"
                   for impl in ${MOBA_NCU_IMPLS:-triton gluon}; do

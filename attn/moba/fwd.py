@@ -18,8 +18,9 @@ Memory plan (forward): registers Q tile [BLOCK_M, D] (input dtype), fp32 accumul
 lse once (fp32, natural log). dQ: Q, dO, lse, delta rows resident, fp32 dQ accumulator, writes
 dQ once. Scores in the log2 domain (s2 = q·k · scale · log2 e), so every exponential is exp2.
 
-On Hopper the forward's tile step (routed blocks, no documents, 128-aligned Tq, q_offset and
-block size) runs tile_gluon.py's persistent warp-specialized kernel instead (MOBA_TILE_IMPL).
+On Hopper the tile step (routed blocks, no documents, 128-aligned Tq, q_offset and block size)
+runs tile_gluon.py's persistent warp-specialized forward instead (MOBA_TILE_IMPL); its dQ
+counterpart, tile_dq_gluon.py, is opt-in (MOBA_TILE_DQ_IMPL=auto|gluon).
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ from attn.moba.routed import chunk_scores, routed_dq, routed_fwd
 # persistent warp-specialized kernel on Hopper within its scope, _tile_kernel below otherwise),
 # triton or gluon (attn/flash/common.py's impl_setting)
 TILE_IMPL = impl_setting("MOBA_TILE_IMPL", "auto")
+# MOBA_TILE_DQ_IMPL: the same choice for the backward's tile kernel (dQ; tile_dq_gluon.py), opt-in:
+# triton by default (the Gluon one measured inside the spread of the Triton one, moba_notes.md)
+TILE_DQ_IMPL = impl_setting("MOBA_TILE_DQ_IMPL", "triton")
 
 BIG = tl.constexpr(2 ** 30)  # a key position past every key: empty windows
 
@@ -209,6 +213,15 @@ def _tile_gluon(q, k, block_size, q_offset, has_docs) -> bool:
     return gluon_chosen("MOBA_TILE_IMPL", TILE_IMPL, q, "MoBA Gluon tile forward", scope)
 
 
+def _tile_dq_gluon(q, k, block_size, q_offset, has_docs) -> bool:
+    """Whether the backward's tile step runs tile_dq_gluon.py's kernel (MOBA_TILE_DQ_IMPL)."""
+    def scope():
+        from attn.moba.tile_gluon import tile_scope_error
+        why = tile_scope_error(q, k, block_size, q_offset, has_docs)
+        return None if why is None else why.replace("tile forward", "tile dQ")
+    return gluon_chosen("MOBA_TILE_DQ_IMPL", TILE_DQ_IMPL, q, "MoBA Gluon tile dQ", scope)
+
+
 def fwd_triton(q, k, v, sel, table, scale, q_offset, index=None, block_size=None,
                has_docs=True):
     """o [B, Tq, Hq, D] (q.dtype), lse [B, Hq, Tq] fp32, given the selection SEL and its inverse
@@ -247,6 +260,10 @@ def dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index=None,
     dqp = routed_dq(do, q, k, v, lse, delta, index, table, scale * LOG2E_F, nsel,
                     block_size, has_docs) if routed \
         else lse  # dummy, never read
+    if routed and _tile_dq_gluon(q, k, block_size, q_offset, has_docs):
+        from attn.moba.tile_dq_gluon import tile_dq_gluon
+        return tile_dq_gluon(do, q, k, v, lse, delta, sel, dqp, scale, scale * LOG2E_F, q_offset,
+                             block_size)
     dq = alloc.empty(q.shape, q.dtype, q.device)
     bm, bn, w, s = _cfg("dq", q.dtype, d)
     _tile_kernel[(triton.cdiv(tq, bm), B * hq)](

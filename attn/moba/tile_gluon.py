@@ -67,8 +67,9 @@ def partial_load(p_desc, k_smem, v_smem, k_bar, v_bar, empty, r, row, col):
     """A tile's partials of one slot (OP rows row .. row + 127, columns col .. col + D) by TMA
     into ring slot r: rows 0..63 (consumer 0's) into the stage's K tile, 64..127 into its V
     tile, once both consumers have released the slot's previous use."""
-    st = r % STAGES
-    mbarrier.wait(empty.index(st), ((r // STAGES) + 1) & 1, pred=r >= STAGES)
+    NS: gl.constexpr = k_smem.shape[0]     # the ring's stages (tile_dq_gluon.py's differ)
+    st = r % NS
+    mbarrier.wait(empty.index(st), ((r // NS) + 1) & 1, pred=r >= NS)
     mbarrier.expect(k_bar.index(st), p_desc.block_type.nbytes)
     tma_load(p_desc, [row, col], k_bar.index(st), k_smem.index(st))
     mbarrier.expect(v_bar.index(st), p_desc.block_type.nbytes)

@@ -3,7 +3,7 @@ for sm_90a without a GPU: `python gluon_aot.py` prints registers, stack and shar
 each GLUON_CFG entry, of the forward's 64-key-block variants tune_flash.py sweeps, of its
 pooled-key mode (NSA's compressed branch), of each DKDV_CFG entry (flash's dK/dV kernel, NSA's
 pooled one, attn/nsa/cmp_bwd_gluon.py, MoBA's gathering one, attn/moba/dkdv_gluon.py, with
-1 and 4 producer warps), of MoBA's routed forward / dQ and tile forward, and exits non-zero
+1 and 4 producer warps), of MoBA's routed forward / dQ and tile forward / dQ, and exits non-zero
 when one fails to compile, spills or exceeds 227 KB of shared memory. Run by
 tests/attn/flash/test_fwd_gluon.py in a subprocess (Gluon kernels are compiled, never
 interpreted); uses the ptxas / cuobjdump that ship with the triton wheel."""
@@ -27,6 +27,7 @@ from attn.flash import fwd_gluon as G
 from attn.moba import dkdv_gluon as MG
 from attn.moba import routed_dq_gluon as MD
 from attn.moba import routed_gluon as MR
+from attn.moba import tile_dq_gluon as MQ
 from attn.moba import tile_gluon as MT
 from attn.nsa import cmp_bwd_gluon as CG
 
@@ -155,6 +156,18 @@ def compile_moba_tile(d: int, dtype=gl.bfloat16) -> dict:
     return _compile(MT._tile_fwd_kernel, sig, const)
 
 
+def compile_moba_tile_dq(d: int, dtype=gl.bfloat16) -> dict:
+    """MoBA's persistent tile dQ (attn/moba/tile_dq_gluon.py)."""
+    q, kv = _desc(d, G.HALF_M.value, dtype), _desc(d, MT.BLOCK_N.value, dtype)
+    sig = {"q_desc": q, "do_desc": q, "k_desc": kv, "v_desc": kv, "p_desc": kv, "dq_desc": q,
+           "LSE": "*fp32", "DELTA": "*fp32", "SEL": "*i32", "qk_scale": "fp32", "scale": "fp32",
+           "Tq": "i32", "Tk": "i32", "hq": "i32", "group": "i32", "NQT": "i32", "n_tiles": "i32",
+           "q_offset": "i32", "block_size": "i32", "nsel": "i32"}
+    const = dict(HEAD_DIM=d, STAGES=MQ.DQ_STAGES[d], CONSUMER_REGS=G.CONSUMER_REGS,
+                 PRODUCER_REGS=G.PRODUCER_REGS, num_warps=G.CONSUMER_WARPS.value)
+    return _compile(MQ._tile_dq_kernel, sig, const)
+
+
 # bytes of stack (spilled registers) each kind may take with triton 3.6's ptxas (the GPU image's):
 # the forwards spill one value (8 bytes, a few local loads of one slot) at 128-key blocks; the
 # dK/dV kernels' 64-query blocks at D = 128 spill 144 bytes (flash; measured faster than the
@@ -164,7 +177,8 @@ def compile_moba_tile(d: int, dtype=gl.bfloat16) -> dict:
 # bwd_gluon.py takes there; MoBA's routed forward 48 / 16 bytes): for them the flash forwards
 # keep the 8-byte rule and the other kernels are checked for compiling and shared memory only.
 STACK_36 = {"fwd": 8, "pooled": 8, "dkdv": 144, "pooled-dkdv": 176, "moba-dkdv": 120,
-            "moba-dkdv-pw4": 112, "moba-routed": 0, "moba-routed-dq": 0, "moba-tile": 0}
+            "moba-dkdv-pw4": 112, "moba-routed": 0, "moba-routed-dq": 0, "moba-tile": 0,
+            "moba-tile-dq": 0}
 
 
 def too_big(kind: str, r: dict) -> bool:
@@ -187,6 +201,7 @@ def main() -> int:
     jobs += [("moba-routed", d, 128, MR.BLOCK_N.value, MR.STAGES.value) for d in G.GLUON_CFG]
     jobs += [("moba-routed-dq", d, 128, MR.BLOCK_N.value, MD.DQ_STAGES[d]) for d in G.GLUON_CFG]
     jobs += [("moba-tile", d, 128, MT.BLOCK_N.value, MT.STAGES.value) for d in G.GLUON_CFG]
+    jobs += [("moba-tile-dq", d, 128, MT.BLOCK_N.value, MQ.DQ_STAGES[d]) for d in G.GLUON_CFG]
     failed = 0
     for kind, d, bm, bn, st in jobs:
         for dt in (gl.bfloat16, gl.float16):
@@ -198,6 +213,8 @@ def main() -> int:
                     r = compile_pooled_dkdv(d, bm, bn, st, dt)
                 elif kind == "moba-routed":
                     r = compile_moba_routed(d, dt)
+                elif kind == "moba-tile-dq":
+                    r = compile_moba_tile_dq(d, dt)
                 elif kind == "moba-tile":
                     r = compile_moba_tile(d, dt)
                 elif kind == "moba-routed-dq":

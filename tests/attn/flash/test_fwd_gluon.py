@@ -33,8 +33,9 @@ def test_compiles_for_sm90_without_spills():
     assert r.returncode == 0, r.stdout + r.stderr[-2000:]
     # forward: D 64 / 128 x (default config, 64-key blocks with 4 stages, pooled keys) x bf16 /
     # fp16; dK/dV (bwd_gluon.py, NSA's pooled one, MoBA's gathering one with 1 and 4 producer
-    # warps), MoBA's routed forward and dQ, MoBA's tile forward: D 64 / 128 x bf16 / fp16
-    assert r.stdout.count("regs") == 40, r.stdout
+    # warps), MoBA's routed forward and dQ, MoBA's tile forward and dQ: D 64 / 128 x bf16 /
+    # fp16
+    assert r.stdout.count("regs") == 44, r.stdout
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

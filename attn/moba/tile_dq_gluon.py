@@ -1,0 +1,233 @@
+"""MoBA's tile dQ in Gluon for Hopper (sm_90): fwd.py's _tile_kernel in dQ mode as the persistent
+warp-specialized kernel of tile_gluon.py, under MOBA_TILE_DQ_IMPL (fwd.py; opt-in: on the H200 it
+measured inside the spread of the Triton kernel, docs/moba_notes.md session 24).
+
+Programs and tiles as tile_gluon.py's (one program per SM walking 128-row tiles t = pid,
+pid + G, ...). Partitions:
+  consumer 0 (default, 4 warps) : rows 0..63 of each tile
+  consumer 1 (worker, 4 warps)  : rows 64..127
+  producer   (worker, 1 warp)   : per tile, its Q and dO halves by TMA into a ring of two tile
+      slots, the own block's K/V tiles, then the nsel routed partial dQ sums (routed.py's DQP,
+      tile_gluon.partial_load: consumer 0's rows in a stage's K tile, consumer 1's in its V tile)
+Per own-block key tile a consumer issues S = Q·Kᵀ and dP = dO·Vᵀ together (routed_dq_gluon.py's
+step), forms P = exp2(S·qk_scale − lse·log2 e) (causal mask from the tile at its first row on;
+consumer 0 skips the tile past its rows), dS = P ⊙ (dP − delta) as a register operand, and
+dQ += dS·K. Then it adds the chosen slots' partials (SEL = −1: never written, selected away),
+scales by the softmax scale once and writes dQ through its Q tile by TMA. The Q / dO slot is
+freed during the next tile's first step, by when the store has landed.
+
+Memory plan (16-bit): Q and dO rings 2 tiles x 2 halves x [64, D] each, K/V ring STAGES x (K, V)
+[64, D]: 224 KB at D = 128 (3 stages), 160 KB at D = 64 (4 stages); lse and delta per row in
+registers (loaded at the tile's start). Registers per consumer thread: dQ [64, D] fp32, S and
+dP [64, 64] fp32. HBM: Q, dO, the partials read once, dQ written once.
+
+Scope: tile_gluon.tile_scope_error's.
+"""
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                              warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from attn.common import alloc
+from attn.flash.bwd_gluon import LOG2E
+from attn.flash.common import _sm_count
+from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, HALF_M, PRODUCER_REGS,
+                                  _tile_layout, cta_sync, kv_load, kv_ring, mma_layout, tile_desc,
+                                  tma_load, tma_store)
+from attn.moba.routed_dq_gluon import DQ_STAGES
+from attn.moba.routed_gluon import chunk_barriers
+from attn.moba.tile_gluon import BLOCK_N, TILE_M, partial_load, tile_scope_error, tile_span
+
+
+@gluon.jit
+def _producer(q_desc, do_desc, k_desc, v_desc, p_desc, q_smem, do_smem, k_smem, v_smem, q_ready,
+              q_free, k_bar, v_bar, empty, Tq, Tk, hq, group, NQT, n_tiles, q_offset, block_size,
+              nsel):
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
+    r = 0                                   # K/V ring slots filled so far
+    i = 0                                   # this program's tiles so far
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        bh, q0, f, n = tile_span(t, NQT, q_offset, block_size)
+        b = bh // hq
+        h = bh % hq
+        slot = i % 2
+        # the slot's previous tile (i − 2) must have been written out by both consumers
+        mbarrier.wait(q_free.index(slot), ((i // 2) + 1) & 1, pred=i >= 2)
+        bar = q_ready.index(slot)
+        mbarrier.expect(bar, 4 * q_desc.block_type.nbytes)
+        for half in gl.static_range(2):
+            row = b * Tq + q0 + half * HALF_M
+            tma_load(q_desc, [row, h * HEAD_DIM], bar, q_smem.index(2 * slot + half))
+            tma_load(do_desc, [row, h * HEAD_DIM], bar, do_smem.index(2 * slot + half))
+        row_k = b * Tk
+        col = (h // group) * HEAD_DIM
+        for j in range(f, n):
+            kv_load(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, r, row_k + j * BLOCK_N,
+                    col)
+            r += 1
+        for s in range(nsel):               # DQP as [B·Hq·Tq, nsel·D]: the tile's rows, slot s
+            partial_load(p_desc, k_smem, v_smem, k_bar, v_bar, empty, r, bh * Tq + q0,
+                         s * HEAD_DIM)
+            r += 1
+        i += 1
+
+
+@gluon.jit
+def _consumer(dq_desc, LSE, DELTA, SEL, q_smem, do_smem, k_smem, v_smem, q_ready, q_free, k_bar,
+              v_bar, empty, qk_scale, scale, Tq, hq, NQT, n_tiles, q_offset, block_size, nsel,
+              HALF: gl.constexpr):
+    HEAD_DIM: gl.constexpr = q_smem.shape[2]
+    STAGES: gl.constexpr = k_smem.shape[0]
+    s_layout: gl.constexpr = mma_layout(BLOCK_N)
+    o_layout: gl.constexpr = mma_layout(HEAD_DIM)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    r = 0                                   # K/V ring slots consumed so far
+    i = 0                                   # this program's tiles so far
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        bh, q0, f, n = tile_span(t, NQT, q_offset, block_size)
+        qh = q0 + HALF * HALF_M             # this consumer's first row
+        rows = qh + gl.arange(0, HALF_M, layout=row_s)
+        qpos = q_offset + rows
+        # per-row inputs loaded now: their latency hides under the tile's first steps
+        lse2 = gl.load(LSE + bh.to(gl.int64) * Tq + rows) * LOG2E
+        delta = gl.load(DELTA + bh.to(gl.int64) * Tq + rows)
+        ent = (bh.to(gl.int64) * Tq + gl.arange(0, HALF_M, layout=row_o) + qh) * nsel
+        slot = i % 2
+        qs = q_smem.index(2 * slot + HALF)
+        dos = do_smem.index(2 * slot + HALF)
+        mbarrier.wait(q_ready.index(slot), (i // 2) & 1)
+        dq = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
+        # key tiles [f, d) every row sees whole, [d, ne) masked (the diagonal); consumer 0 ends
+        # one tile early: tile n − 1 lies past its last row
+        d = gl.maximum((q_offset + qh) // BLOCK_N, f)
+        ne = n - 1 + HALF
+        for j in range(f, ne):
+            st = r % STAGES
+            mbarrier.wait(k_bar.index(st), (r // STAGES) & 1)
+            s = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)),
+                              gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                              is_async=True)
+            mbarrier.wait(v_bar.index(st), (r // STAGES) & 1)
+            dp = warpgroup_mma(dos, v_smem.index(st).permute((1, 0)),
+                               gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
+                               is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))      # S done, dP may run
+            p = gl.exp2(s * qk_scale - lse2[:, None])
+            if j >= d:                      # causal: key j·BLOCK_N + c seen by rows at or past it
+                p = gl.where((j * BLOCK_N + cols)[None, :] <= qpos[:, None], p, 0.0)
+            dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))
+            ds16 = gl.convert_layout((p * (dp - delta[:, None])).to(qs.dtype), p_layout)
+            dq = warpgroup_mma(ds16, k_smem.index(st), dq, is_async=True)
+            dq, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds16))
+            cta_sync()                      # every warp of this consumer is done with the stage
+            mbarrier.arrive(empty.index(st), count=1)
+            if j == f:
+                # the previous tile's dQ store has had this step to land: free its slot
+                tma.store_wait(pendings=0)
+                cta_sync()
+                mbarrier.arrive(q_free.index(1 - slot), count=1, pred=i >= 1)
+            r += 1
+        if HALF == 0:                       # the skipped tile's stage: landed, then released
+            mbarrier.wait(k_bar.index(r % STAGES), (r // STAGES) & 1)
+            mbarrier.wait(v_bar.index(r % STAGES), (r // STAGES) & 1)
+            mbarrier.arrive(empty.index(r % STAGES), count=1)
+            r += 1
+
+        # the chosen slots' routed partial sums (unscaled Σ dS·K, like dq here)
+        for sl in range(nsel):
+            st = r % STAGES
+            ok = gl.load(SEL + ent + sl) >= 0
+            if HALF == 0:
+                mbarrier.wait(k_bar.index(st), (r // STAGES) & 1)
+                part = k_smem.index(st).load(o_layout)
+            else:
+                mbarrier.wait(v_bar.index(st), (r // STAGES) & 1)
+                part = v_smem.index(st).load(o_layout)
+            cta_sync()                      # every warp has read the stage
+            mbarrier.arrive(empty.index(st), count=1)
+            dq += gl.where(ok[:, None], part.to(gl.float32), 0.0)
+            r += 1
+
+        qs.store((dq * scale).to(qs.dtype))  # Q is no longer read: its tile stages dQ
+        fence_async_shared()
+        tma_store(dq_desc, [(bh // hq) * Tq + qh, (bh % hq) * HEAD_DIM], qs)
+        i += 1
+    tma.store_wait(pendings=0)              # the last tile's dQ has left shared memory
+
+
+# partition entry points take runtime values only (fwd_gluon.py), one per consumer half
+@gluon.jit
+def _rows_0_63(dq_desc, LSE, DELTA, SEL, q_smem, do_smem, k_smem, v_smem, q_ready, q_free, k_bar,
+               v_bar, empty, qk_scale, scale, Tq, hq, NQT, n_tiles, q_offset, block_size, nsel):
+    _consumer(dq_desc, LSE, DELTA, SEL, q_smem, do_smem, k_smem, v_smem, q_ready, q_free, k_bar,
+              v_bar, empty, qk_scale, scale, Tq, hq, NQT, n_tiles, q_offset, block_size, nsel, 0)
+
+
+@gluon.jit
+def _rows_64_127(dq_desc, LSE, DELTA, SEL, q_smem, do_smem, k_smem, v_smem, q_ready, q_free,
+                 k_bar, v_bar, empty, qk_scale, scale, Tq, hq, NQT, n_tiles, q_offset,
+                 block_size, nsel):
+    _consumer(dq_desc, LSE, DELTA, SEL, q_smem, do_smem, k_smem, v_smem, q_ready, q_free, k_bar,
+              v_bar, empty, qk_scale, scale, Tq, hq, NQT, n_tiles, q_offset, block_size, nsel, 1)
+
+
+@gluon.jit
+def _tile_dq_kernel(q_desc, do_desc, k_desc, v_desc, p_desc, dq_desc, LSE, DELTA, SEL, qk_scale,
+                    scale, Tq, Tk, hq, group, NQT, n_tiles, q_offset, block_size, nsel,
+                    HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """Persistent: program pid takes tiles pid, pid + G, ... of n_tiles = B·Hq·NQT."""
+    gl.static_assert(num_warps == CONSUMER_WARPS)
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [4, HALF_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(q_desc.dtype, [4, HALF_M, HEAD_DIM], q_desc.layout)
+    q_ready, q_free = chunk_barriers()
+    k_smem, v_smem, k_bar, v_bar, empty = kv_ring(k_desc, v_desc, STAGES)
+    fence_async_shared()
+
+    consumer_args = (dq_desc, LSE, DELTA, SEL, q_smem, do_smem, k_smem, v_smem, q_ready, q_free,
+                     k_bar, v_bar, empty, qk_scale, scale, Tq, hq, NQT, n_tiles, q_offset,
+                     block_size, nsel)
+    gl.warp_specialize([
+        (_rows_0_63, consumer_args),
+        (_rows_64_127, consumer_args),
+        (_producer, (q_desc, do_desc, k_desc, v_desc, p_desc, q_smem, do_smem, k_smem, v_smem,
+                     q_ready, q_free, k_bar, v_bar, empty, Tq, Tk, hq, group, NQT, n_tiles,
+                     q_offset, block_size, nsel)),
+    ], [CONSUMER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+# launch
+
+def tile_dq_gluon(do, q, k, v, lse, delta, sel, dqp, scale: float, scale_log2: float,
+                  q_offset: int, block_size: int, programs=None):
+    """dQ of fwd.dq_triton's contract given the routed partial sums dqp and sel, through the
+    persistent Gluon kernel; ValueError outside its scope (documents are the caller's to rule
+    out). programs: tuning override of the grid (default: one per SM)."""
+    why = tile_scope_error(q, k, block_size, q_offset, False)
+    if why is not None:
+        raise ValueError(why.replace("tile forward", "tile dQ"))
+    B, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    nsel = sel.shape[-1]
+    q, k, v, do = (t.contiguous() for t in (q, k, v, do))
+    dq = alloc.empty(q.shape, q.dtype, q.device)
+    p2 = dqp.view(B * hq * tq, nsel * d)
+    p_desc = TensorDescriptor(p2, list(p2.shape), list(p2.stride()), [HALF_M.value, d],
+                              _tile_layout(HALF_M.value, d, q.dtype == torch.bfloat16))
+    nqt = tq // TILE_M.value
+    n_tiles = B * hq * nqt
+    grid = min(programs or _sm_count(q.device.index or 0), n_tiles)
+    _tile_dq_kernel[(grid,)](
+        tile_desc(q, HALF_M.value), tile_desc(do, HALF_M.value), tile_desc(k, BLOCK_N.value),
+        tile_desc(v, BLOCK_N.value), p_desc, tile_desc(dq, HALF_M.value), lse, delta, sel,
+        scale_log2, scale, tq, tk, hq, hq // hkv, nqt, n_tiles, q_offset, block_size, nsel,
+        HEAD_DIM=d, STAGES=DQ_STAGES[d], CONSUMER_REGS=CONSUMER_REGS,
+        PRODUCER_REGS=PRODUCER_REGS, num_warps=CONSUMER_WARPS)
+    return dq
