@@ -55,14 +55,45 @@ def _producer(Q, DO, LSE, DELTA, ROWS, ROWPTR, k_desc, v_desc, q_smem, do_smem, 
 
 
 @gluon.jit
+def dq_step(dq, qs, dos, k_smem, v_smem, k_bar, v_bar, empty, r, lse2, delta, qk_scale, kpos0,
+            qpos, masked):
+    """dQ += dS·K (unscaled) over the key tile in ring slot r, then the slot released: S = Q·Kᵀ
+    and dP = dO·Vᵀ issued together, P = exp2(S·qk_scale − lse2) formed while dP runs (masked:
+    key kpos0 + c is seen by the rows with qpos >= it, P = 0 elsewhere), dS = P ⊙ (dP − delta)
+    as the register operand of the last product."""
+    STAGES: gl.constexpr = k_smem.shape[0]
+    BN: gl.constexpr = k_smem.shape[1]
+    s_layout: gl.constexpr = mma_layout(BN)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=dq.type.layout,
+                                                 k_width=2)
+    st = r % STAGES
+    mbarrier.wait(k_bar.index(st), (r // STAGES) & 1)
+    s = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)),
+                      gl.zeros([HALF_M, BN], gl.float32, s_layout), use_acc=False, is_async=True)
+    mbarrier.wait(v_bar.index(st), (r // STAGES) & 1)
+    dp = warpgroup_mma(dos, v_smem.index(st).permute((1, 0)),
+                       gl.zeros([HALF_M, BN], gl.float32, s_layout), use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))      # S done, dP may run
+    p = gl.exp2(s * qk_scale - lse2[:, None])
+    if masked:
+        kpos = kpos0 + gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+        p = gl.where(kpos[None, :] <= qpos[:, None], p, 0.0)
+    dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))
+    ds16 = gl.convert_layout((p * (dp - delta[:, None])).to(qs.dtype), p_layout)
+    dq = warpgroup_mma(ds16, k_smem.index(st), dq, is_async=True)
+    dq, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds16))
+    cta_sync()         # every warp of this consumer is done with the stage
+    mbarrier.arrive(empty.index(st), count=1)
+    return dq
+
+
+@gluon.jit
 def _consumer(DQP, ENTRIES, ROWPTR, q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem,
               q_ready, q_free, k_bar, v_bar, empty, qk_scale, Tq, NB, nsel, block_size, grp, c0,
               cstep, nch, HALF: gl.constexpr):
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
-    STAGES: gl.constexpr = k_smem.shape[0]
     s_layout: gl.constexpr = mma_layout(BLOCK_N)
     o_layout: gl.constexpr = mma_layout(HEAD_DIM)
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     rows_l: gl.constexpr = row_copy_layout(HEAD_DIM, CONSUMER_WARPS)
     n_tiles = block_size // BLOCK_N
     bh, end, first = consumer_entries(ROWPTR, grp, NB, c0, HALF)
@@ -78,24 +109,8 @@ def _consumer(DQP, ENTRIES, ROWPTR, q_smem, do_smem, lse_smem, delta_smem, k_sme
             gl.SliceLayout(1, s_layout))
         dq = gl.zeros([HALF_M, HEAD_DIM], gl.float32, o_layout)
         for t in range(n_tiles):
-            r = c * n_tiles + t
-            st = r % STAGES
-            mbarrier.wait(k_bar.index(st), (r // STAGES) & 1)
-            s = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)),
-                              gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                              is_async=True)
-            mbarrier.wait(v_bar.index(st), (r // STAGES) & 1)
-            dp = warpgroup_mma(dos, v_smem.index(st).permute((1, 0)),
-                               gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                               is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))      # S done, dP may run
-            p = gl.exp2(s * qk_scale - lse2[:, None])
-            dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))
-            ds16 = gl.convert_layout((p * (dp - delta[:, None])).to(qs.dtype), p_layout)
-            dq = warpgroup_mma(ds16, k_smem.index(st), dq, is_async=True)
-            dq, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds16))
-            cta_sync()         # every warp of this consumer is done with the stage
-            mbarrier.arrive(empty.index(st), count=1)
+            dq = dq_step(dq, qs, dos, k_smem, v_smem, k_bar, v_bar, empty, c * n_tiles + t,
+                         lse2, delta, qk_scale, 0, 0, False)
 
         # the partial Σ dS·K (unscaled) through qs (Q is no longer read)
         store_entries(DQP, ENTRIES, qs, dq, first + c * cstep * TILE, end, bh, Tq, nsel, rows_l)

@@ -28,52 +28,28 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
-                                                              warpgroup_mma, warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attn.common import alloc
 from attn.flash.bwd_gluon import LOG2E
 from attn.flash.common import _sm_count
 from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, HALF_M, PRODUCER_REGS,
-                                  _tile_layout, cta_sync, kv_load, kv_ring, mma_layout, tile_desc,
-                                  tma_load, tma_store)
-from attn.moba.routed_dq_gluon import DQ_STAGES
+                                  _tile_layout, cta_sync, kv_ring, mma_layout, tile_desc,
+                                  tma_store)
+from attn.moba.routed_dq_gluon import DQ_STAGES, dq_step
 from attn.moba.routed_gluon import chunk_barriers
-from attn.moba.tile_gluon import BLOCK_N, TILE_M, partial_load, tile_scope_error, tile_span
+from attn.moba.tile_gluon import (BLOCK_N, TILE_M, ring_partial, skip_stage, tile_producer,
+                                  tile_scope_error, tile_span)
 
 
 @gluon.jit
 def _producer(q_desc, do_desc, k_desc, v_desc, p_desc, q_smem, do_smem, k_smem, v_smem, q_ready,
               q_free, k_bar, v_bar, empty, Tq, Tk, hq, group, NQT, n_tiles, q_offset, block_size,
               nsel):
-    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
-    r = 0                                   # K/V ring slots filled so far
-    i = 0                                   # this program's tiles so far
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        bh, q0, f, n = tile_span(t, NQT, q_offset, block_size)
-        b = bh // hq
-        h = bh % hq
-        slot = i % 2
-        # the slot's previous tile (i − 2) must have been written out by both consumers
-        mbarrier.wait(q_free.index(slot), ((i // 2) + 1) & 1, pred=i >= 2)
-        bar = q_ready.index(slot)
-        mbarrier.expect(bar, 4 * q_desc.block_type.nbytes)
-        for half in gl.static_range(2):
-            row = b * Tq + q0 + half * HALF_M
-            tma_load(q_desc, [row, h * HEAD_DIM], bar, q_smem.index(2 * slot + half))
-            tma_load(do_desc, [row, h * HEAD_DIM], bar, do_smem.index(2 * slot + half))
-        row_k = b * Tk
-        col = (h // group) * HEAD_DIM
-        for j in range(f, n):
-            kv_load(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, r, row_k + j * BLOCK_N,
-                    col)
-            r += 1
-        for s in range(nsel):               # DQP as [B·Hq·Tq, nsel·D]: the tile's rows, slot s
-            partial_load(p_desc, k_smem, v_smem, k_bar, v_bar, empty, r, bh * Tq + q0,
-                         s * HEAD_DIM)
-            r += 1
-        i += 1
+    tile_producer(q_desc, do_desc, k_desc, v_desc, p_desc, q_smem, do_smem, k_smem, v_smem,
+                  q_ready, q_free, k_bar, v_bar, empty, Tq, Tk, hq, group, NQT, n_tiles, q_offset,
+                  block_size, nsel, True)
 
 
 @gluon.jit
@@ -81,13 +57,10 @@ def _consumer(dq_desc, LSE, DELTA, SEL, q_smem, do_smem, k_smem, v_smem, q_ready
               v_bar, empty, qk_scale, scale, Tq, hq, NQT, n_tiles, q_offset, block_size, nsel,
               HALF: gl.constexpr):
     HEAD_DIM: gl.constexpr = q_smem.shape[2]
-    STAGES: gl.constexpr = k_smem.shape[0]
     s_layout: gl.constexpr = mma_layout(BLOCK_N)
     o_layout: gl.constexpr = mma_layout(HEAD_DIM)
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     r = 0                                   # K/V ring slots consumed so far
     i = 0                                   # this program's tiles so far
     for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
@@ -109,49 +82,22 @@ def _consumer(dq_desc, LSE, DELTA, SEL, q_smem, do_smem, k_smem, v_smem, q_ready
         d = gl.maximum((q_offset + qh) // BLOCK_N, f)
         ne = n - 1 + HALF
         for j in range(f, ne):
-            st = r % STAGES
-            mbarrier.wait(k_bar.index(st), (r // STAGES) & 1)
-            s = warpgroup_mma(qs, k_smem.index(st).permute((1, 0)),
-                              gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                              is_async=True)
-            mbarrier.wait(v_bar.index(st), (r // STAGES) & 1)
-            dp = warpgroup_mma(dos, v_smem.index(st).permute((1, 0)),
-                               gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout), use_acc=False,
-                               is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))      # S done, dP may run
-            p = gl.exp2(s * qk_scale - lse2[:, None])
-            if j >= d:                      # causal: key j·BLOCK_N + c seen by rows at or past it
-                p = gl.where((j * BLOCK_N + cols)[None, :] <= qpos[:, None], p, 0.0)
-            dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))
-            ds16 = gl.convert_layout((p * (dp - delta[:, None])).to(qs.dtype), p_layout)
-            dq = warpgroup_mma(ds16, k_smem.index(st), dq, is_async=True)
-            dq, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds16))
-            cta_sync()                      # every warp of this consumer is done with the stage
-            mbarrier.arrive(empty.index(st), count=1)
+            dq = dq_step(dq, qs, dos, k_smem, v_smem, k_bar, v_bar, empty, r, lse2, delta,
+                         qk_scale, j * BLOCK_N, qpos, j >= d)
             if j == f:
                 # the previous tile's dQ store has had this step to land: free its slot
                 tma.store_wait(pendings=0)
                 cta_sync()
                 mbarrier.arrive(q_free.index(1 - slot), count=1, pred=i >= 1)
             r += 1
-        if HALF == 0:                       # the skipped tile's stage: landed, then released
-            mbarrier.wait(k_bar.index(r % STAGES), (r // STAGES) & 1)
-            mbarrier.wait(v_bar.index(r % STAGES), (r // STAGES) & 1)
-            mbarrier.arrive(empty.index(r % STAGES), count=1)
+        if HALF == 0:
+            skip_stage(k_bar, v_bar, empty, r)
             r += 1
 
         # the chosen slots' routed partial sums (unscaled Σ dS·K, like dq here)
         for sl in range(nsel):
-            st = r % STAGES
             ok = gl.load(SEL + ent + sl) >= 0
-            if HALF == 0:
-                mbarrier.wait(k_bar.index(st), (r // STAGES) & 1)
-                part = k_smem.index(st).load(o_layout)
-            else:
-                mbarrier.wait(v_bar.index(st), (r // STAGES) & 1)
-                part = v_smem.index(st).load(o_layout)
-            cta_sync()                      # every warp has read the stage
-            mbarrier.arrive(empty.index(st), count=1)
+            part = ring_partial(k_smem, v_smem, k_bar, v_bar, empty, r, o_layout, HALF)
             dq += gl.where(ok[:, None], part.to(gl.float32), 0.0)
             r += 1
 

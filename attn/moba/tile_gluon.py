@@ -77,9 +77,12 @@ def partial_load(p_desc, k_smem, v_smem, k_bar, v_bar, empty, r, row, col):
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, p_desc, q_smem, k_smem, v_smem, q_ready, q_free, k_bar,
-              v_bar, empty, Tq, Tk, hq, group, NQT, n_tiles, q_offset, block_size,
-              nsel):
+def tile_producer(q_desc, do_desc, k_desc, v_desc, p_desc, q_smem, do_smem, k_smem, v_smem,
+                  q_ready, q_free, k_bar, v_bar, empty, Tq, Tk, hq, group, NQT, n_tiles, q_offset,
+                  block_size, nsel, DQ: gl.constexpr):
+    """The producer of both tile kernels: per tile, its Q halves (DQ, the tile dQ: and its dO
+    halves) into the tile ring, the own block's K/V tiles, then the nsel partials (OP or DQP
+    viewed as [B·Hq·Tq, nsel·D]: the tile's rows, slot s) into the K/V ring."""
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
     r = 0                                   # K/V ring slots filled so far
     i = 0                                   # this program's tiles so far
@@ -91,20 +94,60 @@ def _producer(q_desc, k_desc, v_desc, p_desc, q_smem, k_smem, v_smem, q_ready, q
         # the slot's previous tile (i − 2) must have been written out by both consumers
         mbarrier.wait(q_free.index(slot), ((i // 2) + 1) & 1, pred=i >= 2)
         bar = q_ready.index(slot)
-        mbarrier.expect(bar, 2 * q_desc.block_type.nbytes)
-        tma_load(q_desc, [b * Tq + q0, h * HEAD_DIM], bar, q_smem.index(2 * slot))
-        tma_load(q_desc, [b * Tq + q0 + HALF_M, h * HEAD_DIM], bar, q_smem.index(2 * slot + 1))
+        mbarrier.expect(bar, (4 if DQ else 2) * q_desc.block_type.nbytes)
+        for half in gl.static_range(2):
+            row = b * Tq + q0 + half * HALF_M
+            tma_load(q_desc, [row, h * HEAD_DIM], bar, q_smem.index(2 * slot + half))
+            if DQ:
+                tma_load(do_desc, [row, h * HEAD_DIM], bar, do_smem.index(2 * slot + half))
         row_k = b * Tk
         col = (h // group) * HEAD_DIM
         for j in range(f, n):
             kv_load(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, empty, r, row_k + j * BLOCK_N,
                     col)
             r += 1
-        for s in range(nsel):               # OP as [B·Hq·Tq, nsel·D]: the tile's rows, slot s
+        for s in range(nsel):
             partial_load(p_desc, k_smem, v_smem, k_bar, v_bar, empty, r, bh * Tq + q0,
                          s * HEAD_DIM)
             r += 1
         i += 1
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, p_desc, q_smem, k_smem, v_smem, q_ready, q_free, k_bar,
+              v_bar, empty, Tq, Tk, hq, group, NQT, n_tiles, q_offset, block_size, nsel):
+    # Q only: dO and its tiles are not read (DQ false)
+    tile_producer(q_desc, q_desc, k_desc, v_desc, p_desc, q_smem, q_smem, k_smem, v_smem,
+                  q_ready, q_free, k_bar, v_bar, empty, Tq, Tk, hq, group, NQT, n_tiles, q_offset,
+                  block_size, nsel, False)
+
+
+@gluon.jit
+def skip_stage(k_bar, v_bar, empty, r):
+    """Ring slot r released unread once its K and V tiles have landed (a consumer's key tile that
+    lies past its rows)."""
+    STAGES: gl.constexpr = k_bar.shape[0]
+    mbarrier.wait(k_bar.index(r % STAGES), (r // STAGES) & 1)
+    mbarrier.wait(v_bar.index(r % STAGES), (r // STAGES) & 1)
+    mbarrier.arrive(empty.index(r % STAGES), count=1)
+
+
+@gluon.jit
+def ring_partial(k_smem, v_smem, k_bar, v_bar, empty, r, layout: gl.constexpr,
+                 HALF: gl.constexpr):
+    """This consumer's [64, D] partial tile from ring slot r (partial_load: the K tile for
+    consumer 0, the V tile for consumer 1) in registers (layout), the slot then released."""
+    STAGES: gl.constexpr = k_smem.shape[0]
+    st = r % STAGES
+    if HALF == 0:
+        mbarrier.wait(k_bar.index(st), (r // STAGES) & 1)
+        part = k_smem.index(st).load(layout)
+    else:
+        mbarrier.wait(v_bar.index(st), (r // STAGES) & 1)
+        part = v_smem.index(st).load(layout)
+    cta_sync()                              # every warp has read the stage
+    mbarrier.arrive(empty.index(st), count=1)
+    return part
 
 
 @gluon.jit
