@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from attn.common.checks import check_bwd_buffers, check_cu_values, check_qkv
+from attn.common.customop import autograd_op_or_body, op_or_body
 from attn.common.documents import key_doc_bounds
 from attn.dispatch import impl_for
 from attn.flash import common
@@ -147,16 +148,19 @@ def _bwd(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=None, dq=None)
 
 # The Triton forward and backward as PyTorch custom ops: torch.compile sees one opaque op per
 # attention call (fake implementations give the output shapes) and compiles the model around it;
-# eager runs go through the same ops, so eager and compiled runs launch the same kernels. The
-# document arrays are rebuilt from cu_seqlens in the backward (one searchsorted, no host sync).
-@torch.library.custom_op("longctx::flash_fwd", mutates_args=())
-def _flash_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+# eager calls run the same bodies without the dispatcher (attn/common/customop.py), so eager and
+# compiled runs launch the same kernels. The document arrays are rebuilt from cu_seqlens in the
+# backward (one searchsorted, no host sync).
+def _flash_fwd_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                   cu_seqlens: Optional[torch.Tensor], q_offset: int,
                   window: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
     check_cu_values(cu_seqlens, k.shape[1])
     seg = key_doc_bounds(cu_seqlens, k.shape[1])
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return fwd_kernel(q, k, v, scale, None if seg is None else seg[0], q_offset, window)
+
+
+_flash_fwd_op = torch.library.custom_op("longctx::flash_fwd", mutates_args=())(_flash_fwd_body)
 
 
 @_flash_fwd_op.register_fake
@@ -166,8 +170,7 @@ def _(q, k, v, scale, cu_seqlens, q_offset, window):
         q.new_empty((B, hq, tq), dtype=torch.float32)
 
 
-@torch.library.custom_op("longctx::flash_bwd", mutates_args=())
-def _flash_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def _flash_bwd_body(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   o: torch.Tensor, lse: torch.Tensor, scale: float,
                   cu_seqlens: Optional[torch.Tensor], q_offset: int, window: Optional[int],
                   dlse: Optional[torch.Tensor] = None
@@ -181,6 +184,10 @@ def _flash_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         from attn.common.softmax import bwd_delta
         delta = bwd_delta(o.contiguous(), do.contiguous()) - dlse.float()
     return _bwd(do, q, k, v, o, lse, scale, seg, q_offset, window, delta=delta)
+
+
+_flash_bwd_op = torch.library.custom_op("longctx::flash_bwd", mutates_args=())(_flash_bwd_body)
+_flash_bwd = op_or_body(_flash_bwd_op, _flash_bwd_body)
 
 
 @_flash_bwd_op.register_fake
@@ -201,11 +208,12 @@ def _flash_backward(ctx, do, dlse):
     scale, q_offset, window = ctx.args
     if do is None:  # only lse was used
         do = torch.zeros_like(o)
-    dq, dk, dv = _flash_bwd_op(do, q, k, v, o, lse, scale, cu_seqlens, q_offset, window, dlse)
+    dq, dk, dv = _flash_bwd(do, q, k, v, o, lse, scale, cu_seqlens, q_offset, window, dlse)
     return dq, dk, dv, None, None, None, None
 
 
 _flash_fwd_op.register_autograd(_flash_backward, setup_context=_flash_setup)
+_flash_fwd = autograd_op_or_body(_flash_fwd_op, _flash_fwd_body, _flash_setup, _flash_backward)
 
 
 def flash_attn(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, window=None,
@@ -219,5 +227,5 @@ def flash_attn(q, k, v, *, scale=None, cu_seqlens=None, q_offset: int = 0, windo
         o, lse = flash_attn_ref(q, k, v, scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset,
                                 window=window)
     else:
-        o, lse = _flash_fwd_op(q, k, v, scale, cu_seqlens, q_offset, window)
+        o, lse = _flash_fwd(q, k, v, scale, cu_seqlens, q_offset, window)
     return (o, lse) if return_lse else o

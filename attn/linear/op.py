@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from attn.common.checks import check_cu_values, check_qkv, cu_seqlens_list
+from attn.common.customop import autograd_op_or_body, op_or_body
 from attn.dispatch import impl_for
 from attn.linear import kernels as K
 from attn.linear import ref as R
@@ -159,7 +160,8 @@ def _map_grad(name: str, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- custom ops
 # The Triton forward and backward as PyTorch custom ops: torch.compile sees one opaque op per
-# attention call and compiles the model around it; eager runs go through the same ops.
+# attention call and compiles the model around it; eager calls run the same bodies without the
+# dispatcher (attn/common/customop.py).
 #
 # The backward needs the state entering every segment (st, [rows, H, D, D] fp32). The forward
 # returns it as a third output, saved for the backward, rather than the backward recomputing it
@@ -180,11 +182,10 @@ def _slopes32(slopes):
     return None if slopes is None else slopes.detach().float().contiguous()
 
 
-@torch.library.custom_op("longctx::scan_fwd", mutates_args=())
-def _scan_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 initial_state: Optional[torch.Tensor], slopes: Optional[torch.Tensor],
-                 scale: float, cu_seqlens: Optional[torch.Tensor], qk_map: str,
-                 v_map: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _scan_fwd_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   initial_state: Optional[torch.Tensor], slopes: Optional[torch.Tensor],
+                   scale: float, cu_seqlens: Optional[torch.Tensor], qk_map: str,
+                   v_map: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, final_state fp32, segment states st) of the maps applied to q, k, v."""
     B, T, H, _ = q.shape
     _checked_cu(cu_seqlens, T)
@@ -193,6 +194,9 @@ def _scan_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lay = _Layout(B, T, H, cu_seqlens, q.device)
     q, k, v = _mapped(q, k, v, (qk_map, v_map))
     return _fwd_triton(q, k, v, _slopes32(slopes), scale, initial_state, lay)
+
+
+_scan_fwd_op = torch.library.custom_op("longctx::scan_fwd", mutates_args=())(_scan_fwd_body)
 
 
 @_scan_fwd_op.register_fake
@@ -205,12 +209,11 @@ def _(q, k, v, initial_state, slopes, scale, cu_seqlens, qk_map, v_map):
             q.new_empty((rows, H, D, D), dtype=torch.float32))
 
 
-@torch.library.custom_op("longctx::scan_bwd", mutates_args=())
-def _scan_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 st: torch.Tensor, slopes: Optional[torch.Tensor], scale: float,
-                 cu_seqlens: Optional[torch.Tensor], d_final: Optional[torch.Tensor],
-                 qk_map: str, v_map: str
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _scan_bwd_body(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   st: torch.Tensor, slopes: Optional[torch.Tensor], scale: float,
+                   cu_seqlens: Optional[torch.Tensor], d_final: Optional[torch.Tensor],
+                   qk_map: str, v_map: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, d_initial_state fp32) given the forward's inputs and segment states."""
     B, T, H, _ = q.shape
     lay = _Layout(B, T, H, cu_seqlens, q.device)
@@ -219,6 +222,10 @@ def _scan_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
                                      d_final, lay)
     return (_map_grad(qk_map, dq, q), _map_grad(qk_map, dk, k), _map_grad(v_map, dv, v),
             d_init)
+
+
+_scan_bwd_op = torch.library.custom_op("longctx::scan_bwd", mutates_args=())(_scan_bwd_body)
+_scan_bwd = op_or_body(_scan_bwd_op, _scan_bwd_body)
 
 
 @_scan_bwd_op.register_fake
@@ -243,13 +250,14 @@ def _scan_backward(ctx, do, d_final, _dst):
     scale, qk_map, v_map = ctx.args
     if do is None:
         do = torch.zeros_like(q)
-    dq, dk, dv, d_init = _scan_bwd_op(do, q, k, v, st, slopes, scale, cu_seqlens, d_final,
-                                      qk_map, v_map)
+    dq, dk, dv, d_init = _scan_bwd(do, q, k, v, st, slopes, scale, cu_seqlens, d_final, qk_map,
+                                   v_map)
     d_init = None if ctx.init_dtype is None else d_init.to(ctx.init_dtype)
     return dq, dk, dv, d_init, None, None, None, None, None
 
 
 _scan_fwd_op.register_autograd(_scan_backward, setup_context=_scan_setup)
+_scan_fwd = autograd_op_or_body(_scan_fwd_op, _scan_fwd_body, _scan_setup, _scan_backward)
 
 
 
@@ -273,7 +281,7 @@ def scan_attn(fn, q, k, v, slopes, scale, initial_state, output_final_state, cu_
         o, final = form(q, k, v, slopes, scale=scale, initial_state=initial_state,
                         cu_seqlens=cu_seqlens)
     else:
-        o, final, _ = _scan_fwd_op(q, k, v, initial_state, slopes, scale, cu_seqlens, *maps)
+        o, final, _ = _scan_fwd(q, k, v, initial_state, slopes, scale, cu_seqlens, *maps)
     return o, (final if output_final_state else None)
 
 

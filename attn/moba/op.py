@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from attn.common.checks import check_cu_values, check_qkv
+from attn.common.customop import autograd_op_or_body, op_or_body
 from attn.common.documents import block_table
 from attn.dispatch import INTERPRET, impl_for
 from attn.moba.ref import moba_attn_ref
@@ -99,13 +100,14 @@ def moba_bwd(do, q, k, v, o, lse, sel, table, index, *, scale=None, q_offset: in
 
 
 # The Triton forward and backward as PyTorch custom ops: torch.compile sees one opaque op per
-# attention call and compiles the model around it; eager runs go through the same ops. A custom
-# op's outputs need shapes known from its inputs' shapes. Without documents they are: NB =
-# cdiv(Tk, block_size), so the forward also returns the inverse index (ROWPTR [B·Hq·NB + 1],
-# ENTRIES [B·Hq·Tq·NSEL]: 4 bytes per (row, slot)) and the backward reuses it. With documents
-# the block count is data-dependent: the forward returns empty index tensors and the backward
-# rebuilds table and index from sel and cu_seqlens (one counting sort over sel, a handful of
-# O(Tk) torch ops and one host sync for the table; docs/moba_notes.md).
+# attention call and compiles the model around it; eager calls run the same bodies without the
+# dispatcher (attn/common/customop.py). A custom op's outputs need shapes known from its inputs'
+# shapes. Without documents they are: NB = cdiv(Tk, block_size), so the forward also returns the
+# inverse index (ROWPTR [B·Hq·NB + 1], ENTRIES [B·Hq·Tq·NSEL]: 4 bytes per (row, slot)) and the
+# backward reuses it. With documents the block count is data-dependent: the forward returns
+# empty index tensors and the backward rebuilds table and index from sel and cu_seqlens (one
+# counting sort over sel, a handful of O(Tk) torch ops and one host sync for the table;
+# docs/moba_notes.md).
 def _index_shapes(B, tq, hq, tk, block_size, topk, has_docs):
     """Shapes of the index tensors the forward op returns (empty when the backward rebuilds)."""
     if has_docs or topk == 1:
@@ -113,8 +115,7 @@ def _index_shapes(B, tq, hq, tk, block_size, topk, has_docs):
     return (B * hq * -(-tk // block_size) + 1,), (B * hq * tq * (topk - 1),)
 
 
-@torch.library.custom_op("longctx::moba_fwd", mutates_args=())
-def _moba_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+def _moba_fwd_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                  block_size: int, topk: int, cu_seqlens: Optional[torch.Tensor],
                  q_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                          torch.Tensor]:
@@ -135,6 +136,9 @@ def _moba_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     return o, lse, sel, rowptr, entries
 
 
+_moba_fwd_op = torch.library.custom_op("longctx::moba_fwd", mutates_args=())(_moba_fwd_body)
+
+
 @_moba_fwd_op.register_fake
 def _(q, k, v, scale, block_size, topk, cu_seqlens, q_offset):
     B, tq, hq, _ = q.shape
@@ -146,8 +150,7 @@ def _(q, k, v, scale, block_size, topk, cu_seqlens, q_offset):
             q.new_empty(rowptr, dtype=torch.int32), q.new_empty(entries, dtype=torch.int32))
 
 
-@torch.library.custom_op("longctx::moba_bwd", mutates_args=())
-def _moba_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def _moba_bwd_body(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  o: torch.Tensor, lse: torch.Tensor, sel: torch.Tensor, rowptr: torch.Tensor,
                  entries: torch.Tensor, scale: float, block_size: int, topk: int,
                  cu_seqlens: Optional[torch.Tensor],
@@ -160,6 +163,10 @@ def _moba_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         index = _routed_index(sel, table, topk)
     return moba_bwd(do, q, k, v, o, lse, sel, table, index, scale=scale, q_offset=q_offset,
                     block_size=block_size, cu_seqlens=cu_seqlens)
+
+
+_moba_bwd_op = torch.library.custom_op("longctx::moba_bwd", mutates_args=())(_moba_bwd_body)
+_moba_bwd = op_or_body(_moba_bwd_op, _moba_bwd_body)
 
 
 @_moba_bwd_op.register_fake
@@ -179,12 +186,13 @@ def _moba_setup(ctx, inputs, output):
 def _moba_backward(ctx, do, _dlse, _dsel, _drowptr, _dentries):
     q, k, v, o, lse, sel, rowptr, entries, cu_seqlens = ctx.saved_tensors
     scale, block_size, topk, q_offset = ctx.args
-    dq, dk, dv = _moba_bwd_op(do, q, k, v, o, lse, sel, rowptr, entries, scale, block_size, topk,
+    dq, dk, dv = _moba_bwd(do, q, k, v, o, lse, sel, rowptr, entries, scale, block_size, topk,
                               cu_seqlens, q_offset)
     return dq, dk, dv, None, None, None, None, None
 
 
 _moba_fwd_op.register_autograd(_moba_backward, setup_context=_moba_setup)
+_moba_fwd = autograd_op_or_body(_moba_fwd_op, _moba_fwd_body, _moba_setup, _moba_backward)
 
 
 def moba_attn(q, k, v, *, block_size: int = 512, topk: int = 3, scale=None, cu_seqlens=None,
@@ -196,4 +204,4 @@ def moba_attn(q, k, v, *, block_size: int = 512, topk: int = 3, scale=None, cu_s
         return moba_attn_ref(q, k, v, block_size=block_size, topk=topk, scale=scale,
                              cu_seqlens=cu_seqlens, q_offset=q_offset)
     scale = float(q.shape[3] ** -0.5 if scale is None else scale)
-    return _moba_fwd_op(q, k, v, scale, block_size, topk, cu_seqlens, q_offset)[0]
+    return _moba_fwd(q, k, v, scale, block_size, topk, cu_seqlens, q_offset)[0]

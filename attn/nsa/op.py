@@ -36,6 +36,7 @@ import torch
 
 from attn.common import alloc
 from attn.common.checks import check_cu_seqlens, check_cu_values, check_qkv, check_triton_inputs
+from attn.common.customop import autograd_op_or_body, op_or_body
 from attn.common.documents import block_table, key_doc_bounds
 from attn.dispatch import impl_for
 from attn.nsa.ref import (cmp_block_starts, cmp_cu_seqlens, cmp_rows, nsa_attn_ref,
@@ -139,8 +140,8 @@ def nsa_attn(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block: int = 32,
     gates = torch.stack([g_cmp, g_slc, g_swa], dim=-1).to(q.dtype)
     if gates_nonneg is None and not torch.compiler.is_compiling():
         gates_nonneg = _nonneg(gates)
-    return _nsa_fwd_op(q, k, v, k_cmp, v_cmp, gates, scale, cmp_block, cmp_stride, sel_block,
-                       topk, window, cu_seqlens, q_offset, gates_nonneg)[0]
+    return _nsa_fwd(q, k, v, k_cmp, v_cmp, gates, scale, cmp_block, cmp_stride, sel_block, topk,
+                    window, cu_seqlens, q_offset, gates_nonneg)[0]
 
 
 def _nonneg(gates) -> bool:
@@ -160,20 +161,19 @@ def _geometry(q, k, k_cmp, v_cmp, scale, cmp_block, cmp_stride, sel_block, cu_se
 
 
 # The Triton layer as two PyTorch custom ops: torch.compile sees one opaque op per attention
-# call (fake implementations give the shapes) and compiles the model around it; eager runs go
-# through the same ops. The forward also returns what the backward needs (the branches' o, lse
-# and the selection; not differentiable), so that the backward can share work between the
-# branches (module docstring).
+# call (fake implementations give the shapes) and compiles the model around it; eager calls run
+# the same bodies without the dispatcher (attn/common/customop.py). The forward also returns
+# what the backward needs (the branches' o, lse and the selection; not differentiable), so that
+# the backward can share work between the branches (module docstring).
 _FWD_OUT = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                  torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-@torch.library.custom_op("longctx::nsa_fwd", mutates_args=())
-def _nsa_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor,
-                v_cmp: torch.Tensor, gates: torch.Tensor, scale: float, cmp_block: int,
-                cmp_stride: int, sel_block: int, topk: int, window: int,
-                cu_seqlens: Optional[torch.Tensor], q_offset: int,
-                gates_nonneg: Optional[bool]) -> _FWD_OUT:
+def _nsa_fwd_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.Tensor,
+                  v_cmp: torch.Tensor, gates: torch.Tensor, scale: float, cmp_block: int,
+                  cmp_stride: int, sel_block: int, topk: int, window: int,
+                  cu_seqlens: Optional[torch.Tensor], q_offset: int,
+                  gates_nonneg: Optional[bool]) -> _FWD_OUT:
     """(o, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel); gates [B, T, Hq, 3]."""
     from attn.flash.op import fwd_kernel as window_fwd
     from attn.nsa.cmp import fwd as cmp_fwd
@@ -200,6 +200,9 @@ def _nsa_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torch.
     return o, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel
 
 
+_nsa_fwd_op = torch.library.custom_op("longctx::nsa_fwd", mutates_args=())(_nsa_fwd_body)
+
+
 @_nsa_fwd_op.register_fake
 def _(q, k, v, k_cmp, v_cmp, gates, scale, cmp_block, cmp_stride, sel_block, topk, window,
       cu_seqlens, q_offset, gates_nonneg):
@@ -210,15 +213,15 @@ def _(q, k, v, k_cmp, v_cmp, gates, scale, cmp_block, cmp_stride, sel_block, top
     return o[0], o[1], lse[0], o[2], lse[1], o[3], lse[2], sel
 
 
-@torch.library.custom_op("longctx::nsa_bwd", mutates_args=())
-def _nsa_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_cmp: torch.Tensor, v_cmp: torch.Tensor, gates: torch.Tensor,
-                o_cmp: torch.Tensor, lse_cmp: torch.Tensor, o_slc: torch.Tensor,
-                lse_slc: torch.Tensor, o_swa: torch.Tensor, lse_swa: torch.Tensor,
-                sel: torch.Tensor, scale: float, cmp_block: int, cmp_stride: int,
-                sel_block: int, window: int, cu_seqlens: Optional[torch.Tensor], q_offset: int,
-                gates_nonneg: Optional[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                       torch.Tensor, torch.Tensor, torch.Tensor]:
+def _nsa_bwd_body(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  k_cmp: torch.Tensor, v_cmp: torch.Tensor, gates: torch.Tensor,
+                  o_cmp: torch.Tensor, lse_cmp: torch.Tensor, o_slc: torch.Tensor,
+                  lse_slc: torch.Tensor, o_swa: torch.Tensor, lse_swa: torch.Tensor,
+                  sel: torch.Tensor, scale: float, cmp_block: int, cmp_stride: int,
+                  sel_block: int, window: int, cu_seqlens: Optional[torch.Tensor],
+                  q_offset: int, gates_nonneg: Optional[bool]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                             torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dk_cmp, dv_cmp, dgates)."""
     from attn.flash.bwd import bwd_triton
     from attn.nsa.cmp_bwd import bwd_triton as cmp_bwd
@@ -255,6 +258,10 @@ def _nsa_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return dq, dk, dv, dk_cmp, dv_cmp, dgates
 
 
+_nsa_bwd_op = torch.library.custom_op("longctx::nsa_bwd", mutates_args=())(_nsa_bwd_body)
+_nsa_bwd = op_or_body(_nsa_bwd_op, _nsa_bwd_body)
+
+
 @_nsa_bwd_op.register_fake
 def _(do, q, k, v, k_cmp, v_cmp, gates, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel,
       scale, cmp_block, cmp_stride, sel_block, window, cu_seqlens, q_offset, gates_nonneg):
@@ -275,9 +282,10 @@ def _nsa_setup(ctx, inputs, output):
 def _nsa_backward(ctx, do, *_):
     *tensors, cu_seqlens = ctx.saved_tensors
     scale, cmp_block, cmp_stride, sel_block, window, q_offset, gates_nonneg = ctx.args
-    grads = _nsa_bwd_op(do, *tensors, scale, cmp_block, cmp_stride, sel_block, window,
-                        cu_seqlens, q_offset, gates_nonneg)
+    grads = _nsa_bwd(do, *tensors, scale, cmp_block, cmp_stride, sel_block, window, cu_seqlens,
+                     q_offset, gates_nonneg)
     return (*grads,) + (None,) * 9
 
 
 _nsa_fwd_op.register_autograd(_nsa_backward, setup_context=_nsa_setup)
+_nsa_fwd = autograd_op_or_body(_nsa_fwd_op, _nsa_fwd_body, _nsa_setup, _nsa_backward)
