@@ -2,10 +2,10 @@
 
 Every family wraps its Triton forward and backward in `torch.library` custom ops, so that
 torch.compile sees one opaque op per attention call. Outside a compiled graph the same op costs
-host time per call in the dispatcher (schema binding, the autograd kernel, output alias checks):
-~105 µs per fwd+bwd against ~73 µs for an autograd.Function around the same bodies (2-core CPU,
-bodies that only allocate; scripts/tune/dispatch_overhead.py, docs/training_notes.md). An attention layer's host time is paid per layer and
-step, and MoBA's 16k layer is host-bound on the H200. So eager calls run the op's Python body
+host time per call in the dispatcher (schema binding, the autograd kernel, output alias checks)
+that an autograd.Function around the same bodies does not (scripts/tune/dispatch_overhead.py
+measures both; docs/training_notes.md). An attention layer's host time is paid per layer and
+step, and short layers are host-bound. So eager calls run the op's Python body
 through an autograd.Function with the op's own setup_context and backward, and compiled code
 and every other tracing mechanism take the op: the same kernels either way.
 """

@@ -41,8 +41,8 @@ from attn.moba.routed import chunk_scores, routed_dq, routed_fwd
 # persistent warp-specialized kernel on Hopper within its scope, _tile_kernel below otherwise),
 # triton or gluon (attn/flash/common.py's impl_setting)
 TILE_IMPL = impl_setting("MOBA_TILE_IMPL", "auto")
-# MOBA_TILE_DQ_IMPL: the same choice for the backward's tile kernel (dQ; tile_dq_gluon.py), opt-in:
-# triton by default (the Gluon one measured inside the spread of the Triton one, moba_notes.md)
+# MOBA_TILE_DQ_IMPL: the same choice for the backward's tile kernel (dQ; tile_dq_gluon.py),
+# opt-in: triton by default (docs/moba_notes.md has why)
 TILE_DQ_IMPL = impl_setting("MOBA_TILE_DQ_IMPL", "triton")
 
 BIG = tl.constexpr(2 ** 30)  # a key position past every key: empty windows

@@ -41,7 +41,7 @@ from attn.moba.routed_gluon import (BLOCK_N, PRODUCER_WARPS, TILE, chunk_barrier
 # K/V ring stages per head dim (shared memory in the module docstring; 2 stages suffice for the
 # step's order, more let the producer run ahead)
 DQ_STAGES = {64: 4, 128: 3}
-# programs per (block, head): the H200 sweep's fastest (docs/moba_notes.md, session 23)
+# programs per (block, head): fewer leave blocks' long row lists unsplit, more re-read K/V
 DQ_SPLIT = 2
 
 

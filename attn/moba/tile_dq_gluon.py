@@ -1,6 +1,5 @@
 """MoBA's tile dQ in Gluon for Hopper (sm_90): fwd.py's _tile_kernel in dQ mode as the persistent
-warp-specialized kernel of tile_gluon.py, under MOBA_TILE_DQ_IMPL (fwd.py; opt-in: on the H200 it
-measured inside the spread of the Triton kernel, docs/moba_notes.md session 24).
+warp-specialized kernel of tile_gluon.py, under MOBA_TILE_DQ_IMPL (fwd.py; opt-in).
 
 Programs and tiles as tile_gluon.py's (one program per SM walking 128-row tiles t = pid,
 pid + G, ...). Partitions:
@@ -25,22 +24,19 @@ Scope: tile_gluon.tile_scope_error's.
 """
 from __future__ import annotations
 
-import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from attn.common import alloc
 from attn.flash.bwd_gluon import LOG2E
 from attn.flash.common import _sm_count
 from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, HALF_M, PRODUCER_REGS,
-                                  _tile_layout, cta_sync, kv_ring, mma_layout, tile_desc,
-                                  tma_store)
+                                  cta_sync, kv_ring, mma_layout, tile_desc, tma_store)
 from attn.moba.routed_dq_gluon import DQ_STAGES, dq_step
 from attn.moba.routed_gluon import chunk_barriers
-from attn.moba.tile_gluon import (BLOCK_N, TILE_M, ring_partial, skip_stage, tile_producer,
-                                  tile_scope_error, tile_span)
+from attn.moba.tile_gluon import (BLOCK_N, TILE_M, partial_desc, ring_partial, skip_stage,
+                                  tile_producer, tile_scope_error, tile_span)
 
 
 @gluon.jit
@@ -164,9 +160,7 @@ def tile_dq_gluon(do, q, k, v, lse, delta, sel, dqp, scale: float, scale_log2: f
     nsel = sel.shape[-1]
     q, k, v, do = (t.contiguous() for t in (q, k, v, do))
     dq = alloc.empty(q.shape, q.dtype, q.device)
-    p2 = dqp.view(B * hq * tq, nsel * d)
-    p_desc = TensorDescriptor(p2, list(p2.shape), list(p2.stride()), [HALF_M.value, d],
-                              _tile_layout(HALF_M.value, d, q.dtype == torch.bfloat16))
+    p_desc = partial_desc(dqp, tq, d)
     nqt = tq // TILE_M.value
     n_tiles = B * hq * nqt
     grid = min(programs or _sm_count(q.device.index or 0), n_tiles)

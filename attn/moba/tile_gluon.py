@@ -323,6 +323,14 @@ def tile_scope_error(q, k, block_size, q_offset: int, has_docs: bool) -> str | N
     return None
 
 
+def partial_desc(parts, tq: int, d: int):
+    """TMA descriptor of routed partials [B·Hq, Tq·NSEL, D] (OP or DQP) viewed as
+    [B·Hq·Tq, NSEL·D], tiles of [64, D] (one slot of one consumer's rows) in the K tiles' layout."""
+    p2 = parts.view(parts.shape[0] * tq, -1)
+    return TensorDescriptor(p2, list(p2.shape), list(p2.stride()), [HALF_M.value, d],
+                            _tile_layout(HALF_M.value, d, parts.dtype == torch.bfloat16))
+
+
 def tile_fwd_gluon(q, k, v, sel, op, lp, scale_log2: float, q_offset: int, block_size: int,
                    programs=None):
     """(o, lse) of fwd.fwd_triton's contract given the routed partials (op, lp) and sel, through
@@ -337,9 +345,7 @@ def tile_fwd_gluon(q, k, v, sel, op, lp, scale_log2: float, q_offset: int, block
     q, k, v = (t.contiguous() for t in (q, k, v))
     o = alloc.empty(q.shape, q.dtype, q.device)
     lse = alloc.empty((B, hq, tq), torch.float32, q.device)
-    p2 = op.view(B * hq * tq, nsel * d)
-    p_desc = TensorDescriptor(p2, list(p2.shape), list(p2.stride()), [HALF_M.value, d],
-                              _tile_layout(HALF_M.value, d, q.dtype == torch.bfloat16))
+    p_desc = partial_desc(op, tq, d)
     nqt = tq // TILE_M.value
     n_tiles = B * hq * nqt
     grid = min(programs or _sm_count(q.device.index or 0), n_tiles)
