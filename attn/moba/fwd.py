@@ -20,7 +20,7 @@ dQ once. Scores in the log2 domain (s2 = q·k · scale · log2 e), so every expo
 
 On Hopper the tile step (routed blocks, no documents, 128-aligned Tq, q_offset and block size)
 runs tile_gluon.py's persistent warp-specialized forward instead (MOBA_TILE_IMPL); its dQ
-counterpart, tile_dq_gluon.py, is opt-in (MOBA_TILE_DQ_IMPL=auto|gluon).
+counterpart, tile_dq_gluon.py, likewise (MOBA_TILE_DQ_IMPL).
 """
 from __future__ import annotations
 
@@ -41,9 +41,8 @@ from attn.moba.routed import chunk_scores, routed_dq, routed_fwd
 # persistent warp-specialized kernel on Hopper within its scope, _tile_kernel below otherwise),
 # triton or gluon (attn/flash/common.py's impl_setting)
 TILE_IMPL = impl_setting("MOBA_TILE_IMPL", "auto")
-# MOBA_TILE_DQ_IMPL: the same choice for the backward's tile kernel (dQ; tile_dq_gluon.py),
-# opt-in: triton by default (docs/moba_notes.md has why)
-TILE_DQ_IMPL = impl_setting("MOBA_TILE_DQ_IMPL", "triton")
+# MOBA_TILE_DQ_IMPL: the same choice for the backward's tile kernel (dQ; tile_dq_gluon.py)
+TILE_DQ_IMPL = impl_setting("MOBA_TILE_DQ_IMPL", "auto")
 
 BIG = tl.constexpr(2 ** 30)  # a key position past every key: empty windows
 

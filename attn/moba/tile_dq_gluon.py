@@ -1,8 +1,8 @@
 """MoBA's tile dQ in Gluon for Hopper (sm_90): fwd.py's _tile_kernel in dQ mode as the persistent
-warp-specialized kernel of tile_gluon.py, under MOBA_TILE_DQ_IMPL (fwd.py; opt-in).
+warp-specialized kernel of tile_gluon.py, under MOBA_TILE_DQ_IMPL (fwd.py).
 
-Programs and tiles as tile_gluon.py's (one program per SM walking 128-row tiles t = pid,
-pid + G, ...). Partitions:
+Programs and tiles as tile_gluon.py's (one program per SM walking 128-row tiles in
+tile_at's order). Partitions:
   consumer 0 (default, 4 warps) : rows 0..63 of each tile
   consumer 1 (worker, 4 warps)  : rows 64..127
   producer   (worker, 1 warp)   : per tile, its Q and dO halves by TMA into a ring of two tile
@@ -36,7 +36,8 @@ from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, HALF_M, PRODUCE
 from attn.moba.routed_dq_gluon import DQ_STAGES, dq_step
 from attn.moba.routed_gluon import chunk_barriers
 from attn.moba.tile_gluon import (BLOCK_N, TILE_M, partial_desc, ring_partial, skip_stage,
-                                  tile_producer, tile_scope_error, tile_span)
+                                  tile_at, tile_count, tile_producer, tile_scope_error,
+                                  tile_span)
 
 
 @gluon.jit
@@ -59,8 +60,8 @@ def _consumer(dq_desc, LSE, DELTA, SEL, q_smem, do_smem, k_smem, v_smem, q_ready
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     r = 0                                   # K/V ring slots consumed so far
     i = 0                                   # this program's tiles so far
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        bh, q0, f, n = tile_span(t, NQT, q_offset, block_size)
+    for k in range(tile_count(n_tiles)):
+        bh, q0, f, n = tile_span(tile_at(k), NQT, q_offset, block_size)
         qh = q0 + HALF * HALF_M             # this consumer's first row
         rows = qh + gl.arange(0, HALF_M, layout=row_s)
         qpos = q_offset + rows
@@ -125,7 +126,7 @@ def _tile_dq_kernel(q_desc, do_desc, k_desc, v_desc, p_desc, dq_desc, LSE, DELTA
                     scale, Tq, Tk, hq, group, NQT, n_tiles, q_offset, block_size, nsel,
                     HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
-    """Persistent: program pid takes tiles pid, pid + G, ... of n_tiles = B·Hq·NQT."""
+    """Persistent: program pid takes tiles tile_at(0), tile_at(1), ... of n_tiles = B·Hq·NQT."""
     gl.static_assert(num_warps == CONSUMER_WARPS)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [4, HALF_M, HEAD_DIM], q_desc.layout)
     do_smem = gl.allocate_shared_memory(q_desc.dtype, [4, HALF_M, HEAD_DIM], q_desc.layout)

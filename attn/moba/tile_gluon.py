@@ -3,9 +3,9 @@ persistent warp-specialized kernel, under MOBA_TILE_IMPL (fwd.py).
 
 fwd.py's Triton tile kernel runs one short program per 64-row tile (the own block gives a tile
 ~4 key chunks): its load latency is paid once per tile and never hidden. Here a program stays
-resident and walks tiles t = pid, pid + G, ... (G programs, one per SM; tile t is rows
-128·(t mod NQT) .. + 127 of batch·head t div NQT), and its producer loads the next tile's
-inputs while the consumers attend the current one. Partitions:
+resident and walks tiles in passes of G (G programs, one per SM; tile_at: forwards, then
+backwards; tile t is rows 128·(t mod NQT) .. + 127 of batch·head t div NQT), and its producer
+loads the next tile's inputs while the consumers attend the current one. Partitions:
   consumer 0 (default, 4 warps) : rows 0..63 of each tile
   consumer 1 (worker, 4 warps)  : rows 64..127
   producer   (worker, 1 warp)   : per tile, its Q halves by TMA into a ring of two tile slots,
@@ -51,6 +51,31 @@ STAGES = gl.constexpr(4)    # >= 3: a consumer holds tile j − 1 (its P·V in f
 
 
 @gluon.jit
+def tile_count(n_tiles):
+    """How many tiles this program walks: tile_at(k) for k below it."""
+    pid = gl.program_id(0)
+    G = gl.num_programs(0)
+    full = n_tiles // G                     # complete passes over the programs
+    rem = n_tiles % G                       # tiles of the last, partial pass
+    odd = full % 2                          # the partial pass runs backwards (tile_at)
+    return full + (1 - odd) * (pid < rem).to(gl.int32) + odd * (pid >= G - rem).to(gl.int32)
+
+
+@gluon.jit
+def tile_at(k):
+    """This program's k-th tile. Pass k covers tiles k·G .. k·G + G − 1 (G programs), given to
+    the programs forwards on even passes and backwards on odd ones. A tile's cost grows with its
+    place in its own block (tile_span: 1 to block_size / 128 key tiles) and G is often a multiple
+    of block_size / 128 (132 SMs, 4 tiles per 512-key block), so in one direction every pass
+    would give a program the same place; there and back pairs a heavy place with a light one,
+    the programs finish together and walk neighbouring tiles (one block's K/V) at the same time,
+    which L2 then serves once (docs/moba_notes.md, session 25)."""
+    pid = gl.program_id(0)
+    G = gl.num_programs(0)
+    return k * G + pid + (k % 2) * (G - 1 - 2 * pid)
+
+
+@gluon.jit
 def tile_span(t, NQT, q_offset, block_size):
     """Tile t's (batch·head, first row q0, first own-block key tile f, key tiles end n): keys
     [f·BLOCK_N, n·BLOCK_N) = [own block start, last row + 1)."""
@@ -86,8 +111,8 @@ def tile_producer(q_desc, do_desc, k_desc, v_desc, p_desc, q_smem, do_smem, k_sm
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[1]
     r = 0                                   # K/V ring slots filled so far
     i = 0                                   # this program's tiles so far
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        bh, q0, f, n = tile_span(t, NQT, q_offset, block_size)
+    for k in range(tile_count(n_tiles)):
+        bh, q0, f, n = tile_span(tile_at(k), NQT, q_offset, block_size)
         b = bh // hq
         h = bh % hq
         slot = i % 2
@@ -198,8 +223,8 @@ def _consumer(o_desc, LSE, LP, SEL, q_smem, k_smem, v_smem, q_ready, q_free, k_b
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     r = 0                                   # K/V ring slots consumed so far
     i = 0                                   # this program's tiles so far
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
-        bh, q0, f, n = tile_span(t, NQT, q_offset, block_size)
+    for k in range(tile_count(n_tiles)):
+        bh, q0, f, n = tile_span(tile_at(k), NQT, q_offset, block_size)
         qh = q0 + HALF * HALF_M             # this consumer's first row
         rows = qh + gl.arange(0, HALF_M, layout=row_s)
         qpos = q_offset + rows
@@ -289,7 +314,7 @@ def _tile_fwd_kernel(q_desc, k_desc, v_desc, p_desc, o_desc, LSE, LP, SEL, qk_sc
                      group, NQT, n_tiles, q_offset, block_size, nsel, HEAD_DIM: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr,
                      PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
-    """Persistent: program pid takes tiles pid, pid + G, ... of n_tiles = B·Hq·NQT."""
+    """Persistent: program pid takes tiles tile_at(0), tile_at(1), ... of n_tiles = B·Hq·NQT."""
     gl.static_assert(num_warps == CONSUMER_WARPS)
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [4, HALF_M, HEAD_DIM], q_desc.layout)
     q_ready, q_free = chunk_barriers()
