@@ -152,9 +152,9 @@ def _topk_kernel(Q, MK, SEL, KBLK, FIRSTB, q_offset, Tq, NB, B,
 INTERP_POOL_N = 16  # interpreter: keys per pooling chunk (small: many chunk edges)
 INTERP_TOPK_M = 16  # interpreter: query rows per top-k tile
 GPU_POOL_N = 64  # keys per pooling chunk on the GPU
-# (BLOCK_M, BLOCK_J, warps, stages) of the top-k kernel, stages of the means' parts loads
-# (docs/moba_notes.md: sweeps, shared memory per stage count)
-GPU_TOPK = (128, 32, 8, 3)
+# (BLOCK_M, BLOCK_J, warps, stages) of the top-k kernel, stages of the means' parts loads: the
+# fastest in two sweeps at 64k (docs/moba_notes.md, sessions 24-25)
+GPU_TOPK = (256, 32, 8, 2)
 
 
 def select_blocks(q, k, table, topk: int, q_offset: int):

@@ -73,7 +73,7 @@ def stage_times(T, H, Hkv, D, block, topk, warmup, rep):
     r["routed_dq"] = bench(lambda: routed.routed_dq(do, q, k, v, lse, delta, index, table,
                                                     scale * LOG2E_F, nsel, block, False))
     r["dq"] = bench(lambda: mf.dq_triton(do, q, k, v, lse, delta, sel, table, scale, 0, index,
-                                         block))
+                                         block, False))
     r["tile_dq"] = r["dq"] - r["routed_dq"]
     r["bwd"] = bench(lambda: op.moba_bwd(do, q, k, v, o, lse, sel, table, index, scale=scale,
                                          block_size=block))

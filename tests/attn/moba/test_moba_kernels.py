@@ -89,14 +89,15 @@ def test_selection_equals_ref_mask(monkeypatch):
                                                 q_offset=off))
 
 
-def test_selection_many_blocks_and_ties(monkeypatch):
+@pytest.mark.parametrize("topk", [3, 6])  # the gate's top-2 path and its general one
+def test_selection_many_blocks_and_ties(monkeypatch, topk):
     """More candidate blocks than one gate chunk (BLOCK_J = 16 here): the chunked top-k equals the
     ref's; equal scores (identical block means) go to the earliest blocks."""
     from attn.common.documents import block_table
     from attn.moba.gate import select_blocks
     from attn.moba.ref import moba_mask
     monkeypatch.setattr("attn.common.alloc.empty", nan_empty)
-    T, bs, topk = 200, 4, 6                                            # 50 blocks
+    T, bs = 200, 4                                                     # 50 blocks
     for dtype in (torch.float32, bf16):
         q, k, _, _ = make_inputs(1, T, T, 2, 1, 16, dtype, bs, topk, None, 0, "cpu")
         table = block_table(None, T, bs, "cpu")
