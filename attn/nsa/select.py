@@ -11,8 +11,9 @@ Memory plan (_select_kernel): one program per (query tile of BQ queries of ONE d
 head), rows the BQ × G (query, head) pairs (M = BQ·GP, GP = G padded to a power of 2). Registers:
 Q [M, D], lse [M]; per chunk of J blocks (CB = J·R compressed rows, read once per tile) the
 scores [M, CB], block sums by MMA with a 0/1 matrix W [CB, J] (P in two fp16 parts: fp32
-accuracy), summed over the heads into a segment [BQ, NS, J] that is merged every NS chunks into
-the running top-n [BQ, TP] (values, ids). Nothing of size T × T/stride or T × n_blocks is stored.
+accuracy; with one compressed row per block and no spill, R = 1, P itself), summed over the
+heads into a segment [BQ, NS, J] that is merged every NS chunks into the running top-n [BQ, TP]
+(values, ids). Nothing of size T × T/stride or T × n_blocks is stored.
 """
 from __future__ import annotations
 
@@ -72,13 +73,18 @@ def _chunk(jc, q, lse2, n_vis, vis_max, kc_base, w, out_c, qrel, n_chunks, run_v
     p_s = tl.math.exp2(mma(q, tl.trans(kc), None, DOT_PREC) * qk_scale - lse2[:, None])
     if MASKED:
         p_s = tl.where(c_rel[None, :] < n_vis[:, None], p_s, 0.0)          # [M, CB]
-    p_hi = p_s.to(tl.float16)
-    p_lo = (p_s - p_hi.to(tl.float32)).to(tl.float16)
-    score = mma(p_hi, w, None, "tf32")
-    score = mma(p_lo, w, score, "tf32")
-    if HAS_SPILL:
-        score += tl.where(offs_j[None, :] == 0, carry[:, None], 0.0)
-        carry = tl.sum(tl.where(out_c[None, :], p_s, 0.0), axis=1)
+    if (R == 1) and (not HAS_SPILL):
+        # one compressed row per selection block (fla's geometry): W is the identity, the
+        # block sums are P itself (exact fp32, no split, no MMA)
+        score = p_s
+    else:
+        p_hi = p_s.to(tl.float16)
+        p_lo = (p_s - p_hi.to(tl.float32)).to(tl.float16)
+        score = mma(p_hi, w, None, "tf32")
+        score = mma(p_lo, w, score, "tf32")
+        if HAS_SPILL:
+            score += tl.where(offs_j[None, :] == 0, carry[:, None], 0.0)
+            carry = tl.sum(tl.where(out_c[None, :], p_s, 0.0), axis=1)
     score = score * (1.0 / P_SCALE)                                     # [M, J] (exact rescale)
     blk = tl.sum(tl.reshape(score, [BQ, GP, J]), axis=1)          # [BQ, J]
     j_abs = j0 + offs_j
