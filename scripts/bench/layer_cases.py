@@ -7,13 +7,14 @@ sys.path gets that checkout's kernels.
   lightning  batch 4, 16 heads, ALiBi slopes    moba      16 / 4 heads, block 512, top-3
   moba64k    64k, 16 / 16 heads (bench_moba.py's layer)
   nsa        64 / 4 heads, compression 32 / 16  nsa64k    the same at 64k
+  nsa64k_b64 64k, 64 / 4 heads, fla's geometry (compression 64 / 64, selection blocks of 64)
 """
 from __future__ import annotations
 
 import torch
 
 T, H, HKV, D = 16384, 16, 4, 128
-CASES = ("flash", "flash64", "lightning", "moba", "moba64k", "nsa", "nsa64k")
+CASES = ("flash", "flash64", "lightning", "moba", "moba64k", "nsa", "nsa64k", "nsa64k_b64")
 
 
 def case(name: str):
@@ -40,12 +41,14 @@ def case(name: str):
         t, hkv = (4 * T, H) if name == "moba64k" else (T, HKV)
         q, k, v = randn(1, t, H, D), randn(1, t, hkv, D), randn(1, t, hkv, D)
         return lambda: moba_attn(q, k, v, block_size=512, topk=3), (q, k, v)
-    if name in ("nsa", "nsa64k"):
+    if name in ("nsa", "nsa64k", "nsa64k_b64"):
         from attn.nsa import nsa_attn
-        t = 4 * T if name == "nsa64k" else T
+        t = T if name == "nsa" else 4 * T
+        cb, cs = (64, 64) if name == "nsa64k_b64" else (32, 16)
         q, k, v = randn(1, t, 64, D), randn(1, t, HKV, D), randn(1, t, HKV, D)
-        tc = (t - 32) // 16 + 1
+        tc = (t - cb) // cs + 1
         kc, vc = randn(1, tc, HKV, D), randn(1, tc, HKV, D)
         g = [torch.rand(1, t, 64, device=dev, dtype=bf).requires_grad_() for _ in range(3)]
-        return (lambda: nsa_attn(q, k, v, kc, vc, *g, gates_nonneg=True)), (q, k, v, kc, vc, *g)
+        return (lambda: nsa_attn(q, k, v, kc, vc, *g, cmp_block=cb, cmp_stride=cs,
+                                 gates_nonneg=True)), (q, k, v, kc, vc, *g)
     raise ValueError(f"unknown case {name!r}; cases: {', '.join(CASES)}")

@@ -15,6 +15,7 @@ from attn.common.documents import block_table
 from attn.nsa.op import compress
 from attn.nsa.ref import (_doc_starts, _masked_softmax, cmp_attn_ref, cmp_block_starts,
                           cmp_cu_seqlens, selection_scores)
+from attn.nsa import select as select_mod
 from attn.nsa.select import check_geometry, select_blocks, work_items
 
 
@@ -47,7 +48,7 @@ def ref_sets(q, kc, T, cb, cs, sb, topk, cu, q_offset):
     return vals, idx
 
 
-@pytest.mark.parametrize("case", [
+CASES = [
     dict(T=100, hq=4, hkv=2, cb=4, cs=2, sb=8, topk=4),                  # GQA 2
     dict(B=2, T=90, hq=2, hkv=2, cb=8, cs=4, sb=16, topk=3),             # batch, G = 1
     dict(T=130, hq=4, hkv=1, cb=4, cs=2, sb=8, topk=5, cu=5),            # documents, G = 4
@@ -57,9 +58,36 @@ def ref_sets(q, kc, T, cb, cs, sb, topk, cu, q_offset):
     dict(T=260, hq=2, hkv=1, cb=6, cs=2, sb=4, topk=6, cu=3),            # cmp > sel, spills
     dict(T=50, hq=2, hkv=1, cb=4, cs=4, sb=8, topk=8),                   # fewer blocks than topk
     dict(T=120, hq=4, hkv=2, cb=8, cs=8, sb=8, topk=5, cu=4),            # fla geometry: no spill
-], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+]
+
+
+def case_id(c):
+    return "-".join(f"{k}{v}" for k, v in c.items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_selection_matches_ref(monkeypatch, case):
+    check_selection(monkeypatch, case, "rounds")
+
+
+# NSA_SELECT_MERGE=bitonic on the cases that differ for the merge: documents with a CP shard,
+# fewer blocks than topk, fla's geometry (topk 16 over 38 blocks: the test below)
+@pytest.mark.parametrize("case", [CASES[i] for i in (3, 7, 8)], ids=case_id)
+def test_selection_bitonic_merge_matches_ref(monkeypatch, case):
+    check_selection(monkeypatch, case, "bitonic")
+
+
+@pytest.mark.parametrize("merge", ["rounds", "bitonic"])
+def test_selection_merges_many_segments(monkeypatch, merge):
+    """One chunk per segment (MAX_SEG_ELEMS = BQ·J): 38 blocks merge into the running top-16 in
+    three segments, so the list built so far takes part in every merge."""
+    monkeypatch.setattr(select_mod, "MAX_SEG_ELEMS", 16 * 16)
+    check_selection(monkeypatch, CASES[5], merge)
+
+
+def check_selection(monkeypatch, case, merge):
     monkeypatch.setattr(alloc, "empty", poisoned)
+    monkeypatch.setattr(select_mod, "MERGE", merge)
     B, T, hq, hkv = case.get("B", 1), case["T"], case["hq"], case["hkv"]
     cb, cs, sb, topk, off = case["cb"], case["cs"], case["sb"], case["topk"], case.get("off", 0)
     d = 16
