@@ -19,6 +19,8 @@ heads). g = 0 gives lse +inf: P = 0, no gradient, as g·dO = 0 would.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -28,18 +30,37 @@ from attn.common.jit import cvt
 from attn.dispatch import INTERPRET
 
 
+# NSA_MIX: where the forward's gated sum runs: "separate" (default: _mix_fwd_kernel, a pass
+# over the three branch outputs) or "slc" (the selected branch's epilogue, slc.py, once o_cmp
+# and o_swa exist: o_slc is not read back); the same bits (docs/nsa_notes.md, session 25)
+MIX = os.environ.get("NSA_MIX", "separate")
+if MIX not in ("separate", "slc"):
+    raise ValueError(f"NSA_MIX={MIX!r}: must be separate or slc")
+
+
+@triton.jit
+def mix_rows(o1, o2, o3, G, grow, ok):
+    """g1·o1 + g2·o2 + g3·o3 in fp32 ([R, D] each, fp32) with the gates of rows grow (int64) of
+    G [rows, 3]; the one place of the forward's arithmetic (both NSA_MIX placements)."""
+    g1 = tl.load(G + grow * 3, mask=ok, other=0.0).to(tl.float32)
+    g2 = tl.load(G + grow * 3 + 1, mask=ok, other=0.0).to(tl.float32)
+    g3 = tl.load(G + grow * 3 + 2, mask=ok, other=0.0).to(tl.float32)
+    o = g1[:, None] * o1
+    o += g2[:, None] * o2
+    o += g3[:, None] * o3
+    return o
+
+
 @triton.jit
 def _mix_fwd_kernel(O1, O2, O3, G, OUT, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = rows < n_rows
     offs_d = tl.arange(0, HEAD_DIM)
     off = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
-    g1 = tl.load(G + rows.to(tl.int64) * 3, mask=ok, other=0.0).to(tl.float32)
-    g2 = tl.load(G + rows.to(tl.int64) * 3 + 1, mask=ok, other=0.0).to(tl.float32)
-    g3 = tl.load(G + rows.to(tl.int64) * 3 + 2, mask=ok, other=0.0).to(tl.float32)
-    o = g1[:, None] * tl.load(O1 + off, mask=ok[:, None], other=0.0).to(tl.float32)
-    o += g2[:, None] * tl.load(O2 + off, mask=ok[:, None], other=0.0).to(tl.float32)
-    o += g3[:, None] * tl.load(O3 + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    o = mix_rows(tl.load(O1 + off, mask=ok[:, None], other=0.0).to(tl.float32),
+                 tl.load(O2 + off, mask=ok[:, None], other=0.0).to(tl.float32),
+                 tl.load(O3 + off, mask=ok[:, None], other=0.0).to(tl.float32),
+                 G, rows.to(tl.int64), ok)
     tl.store(OUT + off, cvt(o, OUT.dtype.element_ty), mask=ok[:, None])
 
 

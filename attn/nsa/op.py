@@ -177,7 +177,7 @@ def _nsa_fwd_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torc
     """(o, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel); gates [B, T, Hq, 3]."""
     from attn.flash.op import fwd_kernel as window_fwd
     from attn.nsa.cmp import fwd as cmp_fwd
-    from attn.nsa.gate_mix import gate_mix_fwd
+    from attn.nsa import gate_mix
     from attn.nsa.select import select_blocks
     from attn.nsa.slc import slc_attn_fwd
     check_cu_values(cu_seqlens, k.shape[1])
@@ -192,11 +192,15 @@ def _nsa_fwd_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torc
     sel = select_blocks(q, k_cmp, lse_cmp, table, scale=scale, cmp_block=cmp_block,
                         cmp_stride=cmp_stride, sel_block=sel_block, topk=topk,
                         cu_seqlens=cu_seqlens, cu_cmp=cu_cmp, q_offset=q_offset)
-    o_slc, lse_slc = slc_attn_fwd(q, k, v, sel, table[2], table[3], scale=scale,
-                                  sel_block=sel_block, q_offset=q_offset)
     o_swa, lse_swa = window_fwd(q, k, v, scale, None if seg is None else seg[0], q_offset,
                                 window)
-    o = gate_mix_fwd(o_cmp, o_slc, o_swa, gates)
+    slc_kw = dict(scale=scale, sel_block=sel_block, q_offset=q_offset)
+    if gate_mix.MIX == "slc":   # the gated sum in the selected branch's epilogue
+        o_slc, lse_slc, o = slc_attn_fwd(q, k, v, sel, table[2], table[3],
+                                         mix=(o_cmp, o_swa, gates), **slc_kw)
+    else:
+        o_slc, lse_slc = slc_attn_fwd(q, k, v, sel, table[2], table[3], **slc_kw)
+        o = gate_mix.gate_mix_fwd(o_cmp, o_slc, o_swa, gates)
     return o, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel
 
 

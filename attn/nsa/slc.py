@@ -31,6 +31,7 @@ from attn.common.jit import LN2, LOG2E, LOG2E_F, cvt, mma
 from attn.common.launch import dot_precision, reg_cap, use_tma
 from attn.common.softmax import bwd_delta, softmax_step
 from attn.dispatch import INTERPRET
+from attn.nsa.gate_mix import mix_rows
 from attn.nsa.slc_dkdv import dkdv
 from attn.nsa.union import tile_unions
 
@@ -73,15 +74,17 @@ def _block_step(q, do, lse2, delta, acc, m_i, l_i, bad, selt, j, bs, be, K, V, k
 
 @triton.jit
 def _tile_rows(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTART, UEND, UCNT,
-               tile, n_tiles, pid_bh, scale, qk_scale, q_offset, Tq, Tk, NB,
+               OC, OW, GATES, OMIX, tile, n_tiles, pid_bh, scale, qk_scale, q_offset, Tq, Tk, NB,
                HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                NSEL: tl.constexpr, NSEL_P: tl.constexpr, GROUP_P: tl.constexpr,
                QPP: tl.constexpr, BLOCK_N: tl.constexpr, DQ: tl.constexpr,
                USE_UNION: tl.constexpr, DOT_PREC: tl.constexpr, ACC: tl.constexpr,
-               TMA: tl.constexpr):
+               TMA: tl.constexpr, MIX: tl.constexpr):
     """One tile: QPP positions from tile·QPP of (batch, KV head) pid_bh; its union list is row
     pid_bh·n_tiles + tile of UNION / USTART / UEND / UCNT. ACC (dQ only): add to the dQ rows
-    already in O instead of overwriting them."""
+    already in O instead of overwriting them. MIX (forward only): also write the layer's gated
+    sum of the rows' three branch outputs to OMIX (o_cmp in OC, o_swa in OW, [B, Tq, Hq, D];
+    GATES [B, Tq, Hq, 3]; gate_mix.mix_rows) with o_slc as stored."""
     t0 = tile * QPP
     b = pid_bh // HKV
     hkv = pid_bh % HKV
@@ -155,20 +158,31 @@ def _tile_rows(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTAR
         l_safe = tl.where(seen, l_i, 1.0)
         acc = tl.where(bad[:, None], float("nan"), acc / l_safe[:, None])
         lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("inf"))
-        tl.store(o_ptrs, cvt(acc, O.dtype.element_ty), mask=m_ok[:, None])
+        o_slc = cvt(acc, O.dtype.element_ty)
+        tl.store(o_ptrs, o_slc, mask=m_ok[:, None])
         tl.store(LSE + r_off, tl.where(bad, float("nan"), lse), mask=m_ok)
+        if MIX:
+            grow = (b.to(tl.int64) * Tq + rows) * HQ + h           # row of GATES [.., 3]
+            o = mix_rows(tl.load(OC + q_off[:, None] + offs_d[None, :], mask=m_ok[:, None],
+                                 other=0.0).to(tl.float32), o_slc.to(tl.float32),
+                         tl.load(OW + q_off[:, None] + offs_d[None, :], mask=m_ok[:, None],
+                                 other=0.0).to(tl.float32), GATES, grow, m_ok)
+            tl.store(OMIX + q_off[:, None] + offs_d[None, :], cvt(o, OMIX.dtype.element_ty),
+                     mask=m_ok[:, None])
 
 
 @triton.jit
 def _rows_kernel(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTART, UEND, UCNT,
-                 FINE, n_tiles, n_coarse, scale, qk_scale, q_offset, Tq, Tk, NB,
+                 OC, OW, GATES, OMIX, FINE, n_tiles, n_coarse, scale, qk_scale, q_offset, Tq, Tk,
+                 NB,
                  HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                  NSEL: tl.constexpr, NSEL_P: tl.constexpr, GROUP_P: tl.constexpr,
                  QPP: tl.constexpr, BLOCK_N: tl.constexpr, DQ: tl.constexpr,
                  USE_UNION: tl.constexpr, DOT_PREC: tl.constexpr, TILES: tl.constexpr,
-                 PER: tl.constexpr, SUB: tl.constexpr, ACC: tl.constexpr, TMA: tl.constexpr):
-    """DQ=False: forward, writes O and LSE. DQ=True: reads LSE, DO, DELTA, writes dQ into O
-    (ACC: adds it to what O holds).
+                 PER: tl.constexpr, SUB: tl.constexpr, ACC: tl.constexpr, TMA: tl.constexpr,
+                 MIX: tl.constexpr):
+    """DQ=False: forward, writes O and LSE (MIX: and the gated sum into OMIX, _tile_rows).
+    DQ=True: reads LSE, DO, DELTA, writes dQ into O (ACC: adds it to what O holds).
     USE_UNION: walk each tile's union list (tile_unions); else find each next block id by a
     search over the tile's selection. One program per SUB consecutive tiles of this tiling
     (grid axis 0, latest positions first) and (batch, KV head) (axis 1). TILES: 0 = one tiling,
@@ -190,9 +204,9 @@ def _rows_kernel(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, UST
         tile = top * SUB + sub
         if tile < n_tiles:
             _tile_rows(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTART, UEND,
-                       UCNT, tile, n_tiles, pid_bh, scale, qk_scale, q_offset, Tq, Tk, NB, HQ,
-                       HKV, HEAD_DIM, NSEL, NSEL_P, GROUP_P, QPP, BLOCK_N, DQ, USE_UNION,
-                       DOT_PREC, ACC, TMA)
+                       UCNT, OC, OW, GATES, OMIX, tile, n_tiles, pid_bh, scale, qk_scale,
+                       q_offset, Tq, Tk, NB, HQ, HKV, HEAD_DIM, NSEL, NSEL_P, GROUP_P, QPP,
+                       BLOCK_N, DQ, USE_UNION, DOT_PREC, ACC, TMA, MIX)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +359,8 @@ def _kv_tiles(k, v, sel_block, dq_mode):
 
 
 def _launch_rows(q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale, sel_block,
-                 q_offset, dq_mode, accumulate=False):
+                 q_offset, dq_mode, accumulate=False, mix=None):
+    """mix (forward): (o_cmp, o_swa, gates, o) for the gated sum in the epilogue, or None."""
     B, tq = q.shape[:2]
     nb = blk_start.numel()
     kt, vt, tma = _kv_tiles(k, v, sel_block, dq_mode)
@@ -360,27 +375,31 @@ def _launch_rows(q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale, s
         sub = per if tiles == 2 and not dq_mode else 1
         grid = (triton.cdiv(n_tiles, sub), B * k.shape[2])
         _rows_kernel[grid](q, kt, vt, out, lse, do, delta, sel, blk_start, blk_end,
-                           *(unions or (sel,) * 4), sel if flags is None else flags, n_tiles,
+                           *(unions or (sel,) * 4), *(mix or (q,) * 4),
+                           sel if flags is None else flags, n_tiles,
                            1 if flags is None else flags.shape[1], scale, scale * LOG2E_F,
                            q_offset, tq, k.shape[1], nb, **meta, BLOCK_N=_block_n(sel_block),
                            DQ=dq_mode, USE_UNION=unions is not None, TILES=tiles,
                            PER=per if tiles == 2 else 1, SUB=sub, ACC=accumulate,
-                           TMA=tma,
+                           TMA=tma, MIX=mix is not None,
                            num_warps=DQ_WARPS if dq_mode else FWD_WARPS,
                            **reg_cap(DQ_MAXNREG if dq_mode else None),
                            num_stages=1 if INTERPRET else stages)
 
 
-def slc_attn_fwd(q, k, v, sel, blk_start, blk_end, *, scale, sel_block, q_offset=0):
+def slc_attn_fwd(q, k, v, sel, blk_start, blk_end, *, scale, sel_block, q_offset=0, mix=None):
     """Forward primitive (no autograd): (o [B, Tq, Hq, D] in q's dtype, lse [B, Hq, Tq] fp32,
-    natural log)."""
+    natural log). mix = (o_cmp, o_swa, gates) (NSA's other branch outputs and its gates
+    [B, Tq, Hq, 3], contiguous): also the layer's output gate_mix_fwd(o_cmp, o, o_swa, gates),
+    computed in the epilogue: (o, lse, mixed)."""
     scale = _check(q, k, v, sel, blk_start, blk_end, scale, sel_block, q_offset)
     B, tq, hq, _ = q.shape
     o = alloc.empty(q.shape, q.dtype, q.device)
     lse = alloc.empty((B, hq, tq), torch.float32, q.device)
+    mixed = None if mix is None else alloc.empty(q.shape, q.dtype, q.device)
     _launch_rows(q, k, v, o, lse, q, lse, sel, blk_start, blk_end, scale, sel_block, q_offset,
-                 False)
-    return o, lse
+                 False, mix=None if mix is None else (*mix, mixed))
+    return (o, lse) if mix is None else (o, lse, mixed)
 
 
 def slc_attn_bwd(do, q, k, v, o, lse, sel, blk_start, blk_end, *, scale, sel_block, q_offset=0,

@@ -140,6 +140,30 @@ def test_nsa_matches_ref(monkeypatch, case):
             assert ea <= 2 * er + 2e-3 and ea < 2e-2, (name, ea, er)
 
 
+@pytest.mark.parametrize("case", [CASES[i] for i in (3, 4, 8)], ids=lambda c: "-".join(
+    f"{k}{v}" for k, v in c.items() if k != "kw").replace("torch.", ""))
+def test_mix_in_selected_branch_gives_the_same_bits(monkeypatch, case):
+    """NSA_MIX=slc (the gated sum in the selected branch's epilogue) against the separate mix
+    kernel: the same output bits, with documents and q_offset, in bf16 with zero gates, and at
+    16 heads per group with the coarse and the fine tiling each (both launches write o)."""
+    from attn.nsa import gate_mix, slc
+    monkeypatch.setattr(alloc, "empty", poisoned)
+    monkeypatch.setenv("ATTN_IMPL", "triton")
+    B, T, hq, hkv, kw = case.get("B", 1), case["T"], case["hq"], case["hkv"], case["kw"]
+    dtype, off = case.get("dtype", torch.float32), case.get("off", 0)
+    cu = docs(T, case["cu"]) if "cu" in case else None
+    inputs = make(B, T, hq, hkv, 16, dtype, kw, cu, off, case.get("gates", "unit"))
+    for tiles in ("coarse", "fine") if hq // hkv == 16 else ("adaptive",):
+        monkeypatch.setattr(slc, "TILES", tiles)
+        outs = []
+        for where in ("separate", "slc"):
+            monkeypatch.setattr(gate_mix, "MIX", where)
+            with torch.no_grad():
+                outs.append(nsa_attn(*inputs, **kw, cu_seqlens=cu, q_offset=off))
+        assert not torch.isnan(outs[0]).any()
+        assert torch.equal(outs[0], outs[1]), tiles
+
+
 def test_gate_mix_matches_torch(monkeypatch):
     monkeypatch.setattr(alloc, "empty", poisoned)
     os_ = [torch.randn(2, 5, 3, 16, dtype=torch.float64).float().requires_grad_() for _ in range(3)]
