@@ -56,7 +56,7 @@ def _pack(v, i):
     flipped) above 2^31 − 1 − i (ids from −1 up, so the low word stays within 32 bits)."""
     b = v.to(tl.int32, bitcast=True)
     b = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
-    return (b.to(tl.int64) << 32) | (0x7FFFFFFF - i).to(tl.int64)
+    return (b.to(tl.int64) << 32) | (0x7FFFFFFF - i.to(tl.int64))
 
 
 @triton.jit

@@ -121,6 +121,35 @@ def check_selection(monkeypatch, case, merge):
     assert skipped <= 0.02 * B * hkv * tq
 
 
+def test_packed_keys_order_and_round_trip():
+    """select._pack / _unpack (the bitonic merge's keys): int64 order is (score desc, id asc) and
+    unpacking gives back each score and id, −1 for −inf scores (empty slots, id −1 included)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(V, I, KEY, V2, I2, N: tl.constexpr):
+        n = tl.arange(0, N)
+        key = select_mod._pack(tl.load(V + n), tl.load(I + n))
+        tl.store(KEY + n, key)
+        v, i = select_mod._unpack(key)
+        tl.store(V2 + n, v)
+        tl.store(I2 + n, i)
+
+    inf = float("inf")
+    v = torch.tensor([-inf, -inf, 0.0, 0.0, 1e-30, 3.5, 3.5, inf, inf, 1e30, 2.0, -inf, 7.0,
+                      0.25, 0.25, 5.0])
+    i = torch.tensor([-1, 4, 9, 2, 0, 2 ** 31 - 2, 3, 8, 1, 5, 6, 0, 11, 12, 10, 13],
+                     dtype=torch.int32)
+    key, v2 = torch.empty(16, dtype=torch.int64), torch.empty(16)
+    i2 = torch.empty(16, dtype=torch.int32)
+    kernel[(1,)](v, i, key, v2, i2, N=16)
+    assert torch.equal(v2, v)
+    assert torch.equal(i2, torch.where(v > -inf, i, -1))
+    want = sorted(range(16), key=lambda n: (-v[n].item(), i[n].item()))
+    assert key.argsort(descending=True, stable=True).tolist() == want
+
+
 def test_block_sums_resolve_relative_gaps_of_1e5():
     """Every compressed key equal except those of block 5, whose scores are higher by 2e-5 (one
     free pick after the forced blocks 0, 8, 9): the kernel must pick block 5, not the earliest of
