@@ -14,13 +14,17 @@ Shapes: B = 1, H = 16 (Hkv = --kv-heads, default 16), D = 128, bf16, T in {8k, 1
               `--block`, top-k including the own block, routed per 128-query tile (random
               earlier blocks per (head, tile)), mask built once outside the timed region
 Times: medians of triton.testing.do_bench in ms, fwd and fwd+bwd; peak memory: the
-torch.cuda.max_memory_allocated increase over the inputs during one fwd+bwd. Writes
-bench_moba.json and bench_moba.md into --out.
+torch.cuda.max_memory_allocated increase over the inputs during one fwd+bwd. --rounds N times
+every backend N times per T, the backends taking turns within each round (all built once per
+T), and reports the medians over the rounds (every round's times in the JSON): single runs
+differ by ~1.5 % (docs/moba_notes.md), so a ratio near 1 needs rounds. Writes bench_moba.json
+and bench_moba.md into --out.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 
 import torch
 
@@ -106,10 +110,26 @@ BACKENDS = {"moba": make_moba, "flash": make_flash, "sdpa_cudnn": make_sdpa_cudn
             "flex": make_flex}
 
 
-def bench_one(name, T, H, Hkv, D, dtype, block, topk, warmup, rep):
-    fn, inputs = BACKENDS[name](T, H, Hkv, D, dtype, block, topk)
-    return dict(backend=name, T=T, H=H, Hkv=Hkv, D=D, block=block, topk=topk,
-                **time_fwd_bwd(fn, inputs, warmup, rep))
+def bench_rounds(names, T, shape, rounds, warmup, rep, skipped):
+    """Records of the backends that ran at sequence length T: medians over `rounds` rounds, in
+    each of which every backend is timed once, in turn (rounds: every round's result)."""
+    H, Hkv, D, block, topk = shape
+    made = {}
+    for name in names:
+        m = run_guarded(skipped, name, f"T={T}", lambda: BACKENDS[name](
+            T, H, Hkv, D, torch.bfloat16, block, topk))
+        if m is not None:
+            made[name] = m
+    runs = {name: [] for name in made}
+    for _ in range(rounds):
+        for name, (fn, inputs) in made.items():
+            r = run_guarded(skipped, name, f"T={T}", lambda: time_fwd_bwd(fn, inputs, warmup,
+                                                                           rep))
+            if r is not None:
+                runs[name].append(r)
+    return [dict(backend=name, T=T, H=H, Hkv=Hkv, D=D, block=block, topk=topk,
+                 **{k: statistics.median(r[k] for r in rs) for k in rs[0]}, rounds=rs)
+            for name, rs in runs.items() if rs]
 
 
 def write_outputs(out, records, meta, quiet=False):
@@ -118,7 +138,8 @@ def write_outputs(out, records, meta, quiet=False):
     lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; "
              f"B=1, H={meta['H']}, Hkv={meta['Hkv']}, D={meta['D']}, bf16; MoBA block "
              f"{meta['block']}, top-{meta['topk']} (own block included), gating included; "
-             "flex: same density routed per 128-query tile, mask precomputed.", ""]
+             "flex: same density routed per 128-query tile, mask precomputed; medians of "
+             f"{meta.get('rounds', 1)} round(s), the backends taking turns.", ""]
     for key, title in (("fwd_ms", "forward, ms"), ("fwdbwd_ms", "forward+backward, ms"),
                        ("peak_mib", "peak memory of one fwd+bwd over the inputs, MiB")):
         rows = []
@@ -145,22 +166,20 @@ def main(argv=None):
     ap.add_argument("--topk", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=25, help="ms")
     ap.add_argument("--rep", type=int, default=100, help="ms")
+    ap.add_argument("--rounds", type=int, default=1, help="timing rounds per T (module doc)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     a = ap.parse_args(argv)
     require_cuda("bench_moba.py")
     H, D, Hkv = a.heads, a.head_dim, a.kv_heads or a.heads
-    meta = run_meta(H=H, Hkv=Hkv, D=D, block=a.block, topk=a.topk)
+    meta = run_meta(H=H, Hkv=Hkv, D=D, block=a.block, topk=a.topk, rounds=a.rounds)
     records = []
     for T in [int(t) for t in a.seqlens.split(",")]:
-        for name in a.backends.split(","):
-            r = run_guarded(meta["skipped"], name, f"T={T}", lambda: bench_one(
-                name, T, H, Hkv, D, torch.bfloat16, a.block, a.topk, a.warmup, a.rep))
-            if r is None:
-                continue
+        for r in bench_rounds(a.backends.split(","), T, (H, Hkv, D, a.block, a.topk), a.rounds,
+                              a.warmup, a.rep, meta["skipped"]):
             records.append(r)
-            print(f"{name:10s} T={T:6d} fwd {r['fwd_ms']:8.3f} ms  fwd+bwd {r['fwdbwd_ms']:8.3f} "
-                  f"ms  peak {r['peak_mib']:8.1f} MiB", flush=True)
-            write_outputs(a.out, records, meta, quiet=True)  # partial results survive a crash
+            print(f"{r['backend']:10s} T={T:6d} fwd {r['fwd_ms']:8.3f} ms  fwd+bwd "
+                  f"{r['fwdbwd_ms']:8.3f} ms  peak {r['peak_mib']:8.1f} MiB", flush=True)
+        write_outputs(a.out, records, meta, quiet=True)  # partial results survive a crash
     write_outputs(a.out, records, meta)
 
 

@@ -57,6 +57,38 @@ def test_run_guarded_records_why_a_backend_was_skipped():
     assert harness.run_guarded(skipped, "fla", "T=8192", lambda: 1 / 0) is None
 
 
+def test_bench_moba_rounds_take_turns_and_report_medians(monkeypatch):
+    """bench_moba.bench_rounds: every backend built once per T, timed once per round in turn,
+    medians over the rounds (every round kept); a backend failing to build is skipped."""
+    import bench_moba
+    calls = []
+
+    def make(name):
+        def build(T, *shape):
+            if name == "broken":
+                raise RuntimeError("no kernel")
+            calls.append(("build", name))
+            return name, []
+        return build
+
+    times = {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, 4.0, 6.0])}
+
+    def timed(fn, inputs, warmup, rep):
+        calls.append(("time", fn))
+        t = next(times[fn])
+        return dict(fwd_ms=t, fwdbwd_ms=2 * t, peak_mib=7.0)
+
+    monkeypatch.setattr(bench_moba, "BACKENDS", {n: make(n) for n in ("a", "broken", "b")})
+    monkeypatch.setattr(bench_moba, "time_fwd_bwd", timed)
+    skipped = {}
+    recs = bench_moba.bench_rounds(["a", "broken", "b"], 4096, (2, 2, 16, 64, 3), 3, 1, 1,
+                                   skipped)
+    assert calls == [("build", "a"), ("build", "b")] + [("time", "a"), ("time", "b")] * 3
+    assert [(r["backend"], r["fwd_ms"], r["fwdbwd_ms"], len(r["rounds"])) for r in recs] == [
+        ("a", 2.0, 4.0, 3), ("b", 5.0, 10.0, 3)]
+    assert list(skipped) == ["broken@T=4096"]
+
+
 def test_run_meta_names_card_versions_and_command():
     meta = harness.run_meta(device="cpu", H=16)
     assert meta["device"] == "cpu" and meta["H"] == 16 and meta["skipped"] == {}
