@@ -153,7 +153,7 @@ INTERP_POOL_N = 16  # interpreter: keys per pooling chunk (small: many chunk edg
 INTERP_TOPK_M = 16  # interpreter: query rows per top-k tile
 GPU_POOL_N = 64  # keys per pooling chunk on the GPU
 # (BLOCK_M, BLOCK_J, warps, stages) of the top-k kernel, stages of the means' parts loads: the
-# fastest in two sweeps at 64k (docs/moba_notes.md, sessions 24-25)
+# sweep's fastest (docs/moba_notes.md)
 GPU_TOPK = (256, 32, 8, 2)
 
 

@@ -69,7 +69,7 @@ def tile_at(k):
     of block_size / 128 (132 SMs, 4 tiles per 512-key block), so in one direction every pass
     would give a program the same place; there and back pairs a heavy place with a light one,
     the programs finish together and walk neighbouring tiles (one block's K/V) at the same time,
-    which L2 then serves once (docs/moba_notes.md, session 25)."""
+    which L2 then serves once (docs/moba_notes.md)."""
     pid = gl.program_id(0)
     G = gl.num_programs(0)
     return k * G + pid + (k % 2) * (G - 1 - 2 * pid)

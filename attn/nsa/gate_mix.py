@@ -32,7 +32,7 @@ from attn.dispatch import INTERPRET
 
 # NSA_MIX: where the forward's gated sum runs: "separate" (default: _mix_fwd_kernel, a pass
 # over the three branch outputs) or "slc" (the selected branch's epilogue, slc.py, once o_cmp
-# and o_swa exist: o_slc is not read back); the same bits (docs/nsa_notes.md, session 25)
+# and o_swa exist: o_slc is not read back); the same bits (docs/nsa_notes.md)
 MIX = os.environ.get("NSA_MIX", "separate")
 if MIX not in ("separate", "slc"):
     raise ValueError(f"NSA_MIX={MIX!r}: must be separate or slc")

@@ -34,7 +34,7 @@ P_SCALE = tl.constexpr(16384.0)  # 2^14: probabilities scaled into fp16's normal
 P_SCALE_LOG2 = tl.constexpr(14.0)  # log2(P_SCALE), taken off the lse so exp2 returns P·P_SCALE
 # NSA_SELECT_MERGE: how a segment of block scores merges into the running top-n: "rounds"
 # (default: TOPK rounds of max and smallest id over segment and list) or "bitonic" (tl.topk over
-# (score, id) packed in int64 keys; docs/nsa_notes.md, session 25); the same selections
+# (score, id) packed in int64 keys; docs/nsa_notes.md); the same selections
 MERGE = os.environ.get("NSA_SELECT_MERGE", "rounds")
 if MERGE not in ("rounds", "bitonic"):
     raise ValueError(f"NSA_SELECT_MERGE={MERGE!r}: must be rounds or bitonic")
@@ -44,8 +44,8 @@ GPU_ROWS = 128        # (query, head) rows per program on the GPU
 GPU_WARPS = 8         # warps per program
 GPU_STAGES = 2        # software-pipeline depth of the compressed-key loads
 # registers per thread: at most 128 lets two 8-warp programs share an SM (65536 registers per
-# SM), so one's MMAs overlap the other's exp2 / block sums; under the cap ptxas (triton 3.6)
-# spills 128-304 bytes per thread at 64 / 4 heads (docs/nsa_notes.md, session 25)
+# SM), so one's MMAs overlap the other's exp2 / block sums; ptxas spills a little under the
+# cap (docs/nsa_notes.md has the sizes)
 GPU_MAXNREG = 128
 
 

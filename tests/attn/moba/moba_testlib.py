@@ -11,8 +11,7 @@ output, so this is "at most twice the output's own rounding") and < 1e-2; for dq
 max(2, 1.5 · sqrt(NSEL + 1)) when blocks are routed: dq is the sum of NSEL routed partials, each
 rounded to the input dtype (routed.partial_dtype), and the row's own part, rounded once more, and
 independent roundings add in quadrature, so its error is sqrt(NSEL + 1) × the output's rounding on
-average (measured at NSEL = 2, 100 draws of the bf16 document case: median 1.76 ×, largest 2.2 ×,
-which the plain factor 2 failed about once in 50).
+average (docs/moba_notes.md has the measured spread).
 Routing is discrete: inputs whose float64 gate scores have a near-tie at the top-(k−1) boundary
 (margin < 1e-4) are redrawn, so fp32 / float64 rounding cannot flip a selection.
 """
