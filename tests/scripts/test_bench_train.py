@@ -1,6 +1,6 @@
-"""scripts/bench/bench_train.py (and its train_report.py): planning, metric parsing, failure
-classification and the longest-T search as functions, then the whole pipeline on CPU (tiny
-model, train.py and the HF anchor as subprocesses, JSON + Markdown out)."""
+"""scripts/bench/bench_train.py (and its train_plan.py, train_report.py): planning, metric
+parsing, failure classification and the longest-T search as functions, then the whole pipeline on
+CPU (tiny model, train.py and the HF anchor as subprocesses, JSON + Markdown out)."""
 import importlib.util
 import json
 import os
@@ -15,20 +15,21 @@ BENCH = ROOT / "scripts" / "bench"
 sys.path.insert(0, str(BENCH))
 
 import bench_train as bt  # noqa: E402
+import train_plan as tp  # noqa: E402
 import train_report as tr  # noqa: E402
 
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 
 
 def test_batch_shape_keeps_tokens_per_step_and_caps_micro_batch():
-    assert bt.batch_shape(2048, 32768, 32768) == (16, 16)
-    assert bt.batch_shape(8192, 32768, 32768) == (4, 4)
-    assert bt.batch_shape(8192, 32768, 16384) == (4, 2)       # accumulation makes up the rest
-    assert bt.batch_shape(131072, 32768, 32768) == (1, 1)     # at least one row
-    assert bt.batch_shape(2048, 24576, 8192) == (12, 4)       # micro_batch divides global_batch
-    assert bt.parse_size("128k", "--x") == 131072 and bt.parse_size("2M", "--x") == 2 << 20
+    assert tp.batch_shape(2048, 32768, 32768) == (16, 16)
+    assert tp.batch_shape(8192, 32768, 32768) == (4, 4)
+    assert tp.batch_shape(8192, 32768, 16384) == (4, 2)       # accumulation makes up the rest
+    assert tp.batch_shape(131072, 32768, 32768) == (1, 1)     # at least one row
+    assert tp.batch_shape(2048, 24576, 8192) == (12, 4)       # micro_batch divides global_batch
+    assert tp.parse_size("128k", "--x") == 131072 and tp.parse_size("2M", "--x") == 2 << 20
     with pytest.raises(SystemExit, match="--seqlens"):
-        bt.parse_sizes("8k,lots", "--seqlens")
+        tp.parse_sizes("8k,lots", "--seqlens")
 
 
 def test_dry_run_prints_one_command_per_run(capsys):
@@ -219,7 +220,7 @@ def test_hf_rows_are_skipped_with_a_reason_without_transformers(monkeypatch, tmp
                         lambda name, *a: None if name == "transformers" else real(name, *a))
     a = bt.parse_args(["--device", "cpu", "--models", "tiny", "--seqlens", "64",
                        "--work-dir", str(tmp_path)])
-    spec = next(s for s in bt.plan_sweep(a) if s["impl"] == "hf")
+    spec = next(s for s in tp.plan_sweep(a) if s["impl"] == "hf")
     row = bt.Runner(a).run(spec)
     assert row["status"] == "skipped" and "pip install transformers" in row["reason"]
     assert not any(tmp_path.iterdir())  # nothing was started
