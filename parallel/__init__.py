@@ -17,6 +17,10 @@ optimizer exists, `no_sync` + `backward` per micro-batch, `clip_and_step` per st
 `full_state_dicts` / `load_full_state_dicts` for full checkpoints (whole state dicts, so a
 checkpoint written under one engine loads under any other) and `sharded_state` /
 `load_sharded` for sharded ones (torch.distributed.checkpoint; not under DeepSpeed).
+
+The run folder the loop writes is served here too: checkpoints (parallel/checkpoint.py,
+sharded_checkpoint.py), its lock, resume checks and stop signals (run_folder.py), and what it
+logs (run_log.py: metrics.jsonl, the W&B sink, summary.json, profiles).
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from attn import get_core
 from run_configs import CONFIG_DIR
 from models import Transformer
 from parallel import Mesh, parallelize
+from parallel import run_log
 from parallel.dist import DistInfo
 
 GROUPS = {g: sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("*.yaml"))
@@ -80,7 +81,7 @@ def test_optim_options_instantiate(compose, option):
 def test_logger_options_instantiate(compose, option, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = compose(f"logger={option}")
-    log = train.MetricsLog(tmp_path, cfg.logger, cfg, is_main=True)
+    log = train.open_metrics_log(tmp_path, cfg, is_main=True)
     log.log({"step": 1, "loss": 1.5})
     log.close()
     assert '"loss": 1.5' in (tmp_path / "metrics.jsonl").read_text()
@@ -149,8 +150,8 @@ def test_adamw_groups_and_schedule_keep_their_numbers(compose):
     (["optim._partial_=false"], "optim needs _target_ (what to call) and _partial_: true"),
     (["optim.warmup_steps=-1"],
      "optim.scheduler (_target_: train.warmup_cosine): warmup_steps=-1 must be >= 0"),
-    (["logger=wandb", "logger._target_=train.no_such_sink"],
-     "logger (_target_: train.no_such_sink): Error locating target"),
+    (["logger=wandb", "logger._target_=parallel.run_log.no_such_sink"],
+     "logger (_target_: parallel.run_log.no_such_sink): Error locating target"),
 ])
 def test_bad_targets_name_the_key(compose, tmp_path, override, message):
     """Optimizer, scheduler and sink are built in this order by train.run; each failure is one
@@ -160,7 +161,7 @@ def test_bad_targets_name_the_key(compose, tmp_path, override, message):
     model = Transformer(train.build_model_config(cfg, vocab=257))
     with pytest.raises(ValueError, match="^" + re.escape(message)):
         train.build_scheduler(train.build_optimizer(model, cfg.optim, torch.device("cpu")), cfg.optim)
-        train.MetricsLog(tmp_path, cfg.logger, cfg, is_main=True)
+        train.open_metrics_log(tmp_path, cfg, is_main=True)
 
 
 def test_logger_sink_gets_every_metrics_line(compose, tmp_path, monkeypatch):
@@ -172,16 +173,16 @@ def test_logger_sink_gets_every_metrics_line(compose, tmp_path, monkeypatch):
         log = staticmethod(lambda metrics, step: got.append((step, metrics)))
         finish = staticmethod(lambda: got.append("finished"))
 
-    monkeypatch.setattr(train, "wandb_run", lambda out_dir, run_cfg, **kw: got.append((out_dir, kw)) or Sink)
+    monkeypatch.setattr(run_log, "wandb_run", lambda out_dir, run_cfg, **kw: got.append((out_dir, kw)) or Sink)
     cfg = compose("logger=wandb", "logger.mode=disabled")
-    log = train.MetricsLog(tmp_path, cfg.logger, cfg, is_main=True)
+    log = train.open_metrics_log(tmp_path, cfg, is_main=True)
     log.log({"step": 3, "loss": 1.5, "mfu": None})
     log.close()
     assert got == [(tmp_path, {"project": "longctx", "entity": None, "mode": "disabled", "tags": []}),
                    (3, {"step": 3, "loss": 1.5}), "finished"]
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "loss": 1.5, "mfu": None}
     for option in ("jsonl", "none"):
-        plain = train.MetricsLog(tmp_path, compose(f"logger={option}").logger, cfg, is_main=True)
+        plain = train.open_metrics_log(tmp_path, compose(f"logger={option}"), is_main=True)
         assert plain.sink is None
         plain.close()
 

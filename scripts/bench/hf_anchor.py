@@ -20,7 +20,7 @@ and step as `train.py`, trained the way a plain HF user would, and logged in tra
 - Timing: like train.py, synchronise the device at each log step and divide the wall time of the
   window by its steps. MFU uses our model's `flops_per_token` for the same shape with softmax
   attention (models/transformer.py: 6·N + causal-half attention), so ours and HF's MFU agree
-  on the FLOP count; the peak is train.py's `peak_flops`.
+  on the FLOP count; the peak is parallel/run_log.py's `peak_flops`.
 
 Writes `<out-dir>/metrics.jsonl` (one line per log step: step, loss, lr, grad_norm,
 tokens_per_s, tgs, step_time_s, mfu, peak_mem_gb) and `<out-dir>/anchor.json` (shape,
@@ -129,7 +129,8 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
     from data.tokenizer import ByteTokenizer
     # train.py's own helpers, so MFU, memory and the LR schedule are computed identically
-    from train import lr_lambda, peak_flops, peak_memory_gb
+    from parallel.run_log import peak_flops, peak_memory_gb
+    from train import lr_lambda
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
