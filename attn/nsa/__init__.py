@@ -1,4 +1,5 @@
-"""`attn=nsa`: Native Sparse Attention (compressed, selected and sliding-window branches, gated).
+"""`attn=nsa`: Native Sparse Attention (compressed, selected and sliding-window branches, gated;
+`attn.window=0` drops the sliding-window branch: the two-branch NSA of fla's parallel_nsa).
 
 Public `nsa_attn` (Triton kernels on CUDA tensors, the dense reference on CPU: see op.py), the
 compression helper `compress`, and the layer core `NSACore`; context parallelism works through
@@ -19,7 +20,6 @@ from attn.base import SoftmaxAttention
 from attn.nsa.op import compress, nsa_attn
 from attn.nsa.ref import cmp_cu_seqlens, nsa_attn_ref
 
-N_GATES = 3  # cmp, slc, swa
 
 
 class BlockCompressor(nn.Module):
@@ -54,7 +54,8 @@ class BlockCompressor(nn.Module):
 
 
 class NSACore(SoftmaxAttention):
-    """Softmax-attention layer with the three NSA branches and sigmoid gates from the input."""
+    """Softmax-attention layer with the NSA branches (three; two with window = 0) and sigmoid
+    gates from the input, one per branch."""
 
     family = "nsa"
     cp_capabilities = frozenset({"head_parallel", "gather_kv"})
@@ -70,18 +71,22 @@ class NSACore(SoftmaxAttention):
         if topk < 3:
             raise ValueError(f"attn.topk={topk} must be >= 3 (block 0 and the two most recent "
                              "blocks are always selected)")
-        if sel_block < 1 or window < 1:
-            raise ValueError(f"attn.sel_block={sel_block} and attn.window={window} must be >= 1")
+        if sel_block < 1:
+            raise ValueError(f"attn.sel_block={sel_block} must be >= 1")
+        if window < 0:
+            raise ValueError(f"attn.window={window} must be >= 1, or 0 for no sliding-window "
+                             "branch")
         self.cmp_block, self.cmp_stride, self.sel_block = cmp_block, cmp_stride, sel_block
         self.topk, self.window = topk, window
+        self.n_gates = 3 if window else 2   # cmp, slc (, swa)
         self.compress_k = BlockCompressor(cmp_block, self.head_dim, compress)
         self.compress_v = BlockCompressor(cmp_block, self.head_dim, compress)
-        self.w_gate = nn.Linear(dim, N_GATES * n_heads, bias=False)
+        self.w_gate = nn.Linear(dim, self.n_gates * n_heads, bias=False)
 
     def gates(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, Hq, 3] in (0, 1): sigmoid gates for the cmp, slc and swa branches."""
+        """[B, T, Hq, n_gates] in (0, 1): sigmoid gates for the cmp, slc (and swa) branches."""
         B, T, _ = x.shape
-        return torch.sigmoid(self.w_gate(x)).view(B, T, self.n_heads, N_GATES)
+        return torch.sigmoid(self.w_gate(x)).view(B, T, self.n_heads, self.n_gates)
 
     def forward(self, x: torch.Tensor, rope=None, cu_seqlens=None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -106,14 +111,15 @@ class NSACore(SoftmaxAttention):
                         fn=lambda blocks, which: fns[which](blocks))
 
     def attend(self, q, k, v, cu_seqlens=None, *, q_offset=0, heads=None, gates):
-        """gates [B, Tq, Hq, 3]: this core's sigmoid gates of the cmp, slc and swa branches (so
-        non-negative). Compressed K/V come from the k, v given here. `heads` is ignored: the
+        """gates [B, Tq, Hq, n_gates]: this core's sigmoid gates of the cmp, slc (and swa) branches
+        (so non-negative). Compressed K/V come from the k, v given here. `heads` is ignored: the
         compressor is shared by all heads and the gates arrive with q's heads."""
-        if gates.shape[:3] != q.shape[:3] or gates.shape[-1] != N_GATES:
-            raise ValueError(f"gates {tuple(gates.shape)} must be [B, Tq, Hq, {N_GATES}] like "
-                             f"q {tuple(q.shape[:3])}")
+        if gates.shape[:3] != q.shape[:3] or gates.shape[-1] != self.n_gates:
+            raise ValueError(f"gates {tuple(gates.shape)} must be [B, Tq, Hq, {self.n_gates}] "
+                             f"like q {tuple(q.shape[:3])}")
         k_cmp, v_cmp = self.compress_kv(k, v, cu_seqlens)
-        return nsa_attn(q, k, v, k_cmp, v_cmp, gates[..., 0], gates[..., 1], gates[..., 2],
+        g_swa = gates[..., 2] if self.window else None
+        return nsa_attn(q, k, v, k_cmp, v_cmp, gates[..., 0], gates[..., 1], g_swa,
                         cmp_block=self.cmp_block, cmp_stride=self.cmp_stride,
                         sel_block=self.sel_block, topk=self.topk, window=self.window,
                         scale=self.scale, cu_seqlens=cu_seqlens, q_offset=q_offset,
@@ -121,9 +127,9 @@ class NSACore(SoftmaxAttention):
 
     def attention_flops_per_token(self, seq_len: int) -> float:
         """Keys per query, 4·D FLOPs each per query head: compressed (T/cmp_stride/2 on average),
-        selected (topk·sel_block, at most the causal T/2) and window (at most T/2); plus the
-        compression MLPs, per compressed block (one every cmp_stride tokens) per KV head, for k
-        and v. (The model's dense term also counts those weights once per token.)"""
+        selected (topk·sel_block, at most the causal T/2) and window (at most T/2; none at 0);
+        plus the compression MLPs, per compressed block (one every cmp_stride tokens) per KV
+        head, for k and v. (The model's dense term also counts those weights once per token.)"""
         t = float(seq_len)
         keys = (t / self.cmp_stride / 2 + min(t / 2, self.topk * self.sel_block)
                 + min(t / 2, self.window))

@@ -93,9 +93,10 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLO, CHI, GATE, scale, qk_scale, q_o
                cmp_stride, Tq, Tc,
                HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr,
-               DOT_PREC: tl.constexpr, TMA: tl.constexpr, HAS_GATE: tl.constexpr):
-    """HAS_GATE: LSE is lse − ln g (attn/nsa/gate_mix.py's folded backward), so every P here is
-    g·P and the exact delta is rowsum(g·P·dP) / g; GATE [B, Tq, HQ, 3], g in channel 0."""
+               DOT_PREC: tl.constexpr, TMA: tl.constexpr, N_GATES: tl.constexpr):
+    """N_GATES > 0: LSE is lse − ln g (attn/nsa/gate_mix.py's folded backward), so every P here
+    is g·P and the exact delta is rowsum(g·P·dP) / g; GATE [B, Tq, HQ, N_GATES], g in channel
+    0."""
     pid_bh = tl.program_id(1)  # heaviest (last) query tiles first
     rows, r_ok, q_off, kv_base, lo, hi, kv_lo, f_lo, f_hi, kv_hi = q_tile(
         tl.num_programs(0) - 1 - tl.program_id(0), pid_bh, q_offset, CLO, CHI, cmp_block,
@@ -114,8 +115,9 @@ def _dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CLO, CHI, GATE, scale, qk_scale, q_o
                              Tc, qk_scale, HKV, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_BOUNDS, True,
                              DOT_PREC, TMA)
     # delta correction (see the module docstring): dsum is the exact delta
-    if HAS_GATE:
-        g_off = ((pid_bh // HQ).to(tl.int64) * Tq + rows) * (HQ * 3) + (pid_bh % HQ) * 3
+    if N_GATES > 0:
+        g_off = ((pid_bh // HQ).to(tl.int64) * Tq + rows) * (HQ * N_GATES) \
+            + (pid_bh % HQ) * N_GATES
         g = tl.load(GATE + g_off, mask=r_ok, other=0.0).to(tl.float32)
         dsum = tl.where(g > 0, dsum / g, 0.0)  # g = 0: P, pk and dq are all 0 anyway
     dq = dq - (dsum - delta)[:, None] * pk
@@ -138,7 +140,7 @@ DQ_CFGS = {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
 
 def bwd_triton(do, q, k_cmp, v_cmp, o, lse, plan, delta=None, gates=None):
     """delta: rowsum(o·do) fp32 [B, Hq, Tq] when the caller has it (overwritten by the exact
-    one); else computed here. gates: the packed gates [B, Tq, Hq, 3] when lse is the folded
+    one); else computed here. gates: the packed gates [B, Tq, Hq, 3 or 2] when lse is the folded
     lse − ln g_cmp and delta rowsum(O·dO) of the ungated dO (attn/nsa/gate_mix.py)."""
     B, tq, hq, d, tc, hkv = plan.shape
     dq = alloc.empty(q.shape, q.dtype, q.device)
@@ -156,7 +158,8 @@ def bwd_triton(do, q, k_cmp, v_cmp, o, lse, plan, delta=None, gates=None):
     _dq_kernel[(triton.cdiv(tq, bm), B * hq)](
         q, k_cmp, v_cmp, do, lse, delta, dq, c_lo, c_hi, delta if gates is None else gates, *args,
         **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s,
-        TMA=TMA["dq"] and use_tma("dq", k_cmp, v_cmp), HAS_GATE=gates is not None)
+        TMA=TMA["dq"] and use_tma("dq", k_cmp, v_cmp),
+        N_GATES=0 if gates is None else gates.shape[-1])
     if cmp_plan.gluon_kernels(q, k_cmp, "Gluon compressed dK/dV kernel"):
         from attn.nsa.cmp_bwd_gluon import dkdv_pooled_gluon
         dk, dv = dkdv_pooled_gluon(do, q, k_cmp, v_cmp, lse, delta, plan)

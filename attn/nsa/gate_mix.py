@@ -1,21 +1,23 @@
-"""NSA's gated sum of the three branch outputs, fused: o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa.
+"""NSA's gated sum of the branch outputs, fused: o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa
+(NBR = 3 branches), or o = g_cmp·o_cmp + g_slc·o_slc (NBR = 2: a layer without the window branch,
+window = 0). The gates come as G [rows, NBR].
 
 Forward and backward are one pass each over the rows (token, head), in fp32 registers, so the
 sum is rounded once (as ref.py's fp32 math) and no fp32 [T, H, D] temporaries exist.
 
-Memory plan: one program per BLOCK_R rows of [B·T·H, D]; it loads the three branch rows
-[BLOCK_R, D] and the gates [BLOCK_R, 3] (G [.., 3] with the branches on the last axis), writes
-o [BLOCK_R, D]. Backward: dO_i = g_i·dO (three [BLOCK_R, D] stores in the input dtype) and
+Memory plan: one program per BLOCK_R rows of [B·T·H, D]; it loads the NBR branch rows
+[BLOCK_R, D] and the gates [BLOCK_R, NBR] (G [.., NBR] with the branches on the last axis), writes
+o [BLOCK_R, D]. Backward: dO_i = g_i·dO (NBR [BLOCK_R, D] stores in the input dtype) and
 dg_i = Σ_d dO·O_i (fp32, stored in the gates' dtype); optionally each branch's attention delta
-rowsum(dO_i·O_i) (fp32 [3, B, H, T], from the rounded dO_i the branch backward reads), which the
-branch kernels would otherwise compute in three more passes over O_i and dO_i.
+rowsum(dO_i·O_i) (fp32 [NBR, B, H, T], from the rounded dO_i the branch backward reads), which the
+branch kernels would otherwise compute in NBR more passes over O_i and dO_i.
 
 Folded backward (gate_mix_bwd_folded, gates >= 0): no dO_i at all. A branch's softmax backward
 with dO_i = g·dO is its backward with dO itself and P_i scaled by g per row (dV = Σ (g·P)ᵀ dO,
 dS = (g·P) ⊙ (dO Vᵀ − rowsum(dO·O_i))), and g·P = exp(s − (lse − ln g)): each branch gets the
 unchanged dO, lse_i − ln g_i as its lse and rowsum(dO·O_i) (= dg_i, unrounded) as its delta. The
-pass then writes only [3, B, H, T] rows instead of three [T, H, D] tensors (3 GB at 64k, 64
-heads). g = 0 gives lse +inf: P = 0, no gradient, as g·dO = 0 would.
+pass then writes only [NBR, B, H, T] rows instead of NBR [T, H, D] tensors (3 GB at 64k, 64
+heads, 3 branches). g = 0 gives lse +inf: P = 0, no gradient, as g·dO = 0 would.
 """
 from __future__ import annotations
 
@@ -39,39 +41,45 @@ if MIX not in ("separate", "slc"):
 
 
 @triton.jit
-def mix_rows(o1, o2, o3, G, grow, ok):
-    """g1·o1 + g2·o2 + g3·o3 in fp32 ([R, D] each, fp32) with the gates of rows grow (int64) of
-    G [rows, 3]; the one place of the forward's arithmetic (both NSA_MIX placements)."""
-    g1 = tl.load(G + grow * 3, mask=ok, other=0.0).to(tl.float32)
-    g2 = tl.load(G + grow * 3 + 1, mask=ok, other=0.0).to(tl.float32)
-    g3 = tl.load(G + grow * 3 + 2, mask=ok, other=0.0).to(tl.float32)
+def mix_rows(o1, o2, o3, G, grow, ok, NBR: tl.constexpr):
+    """g1·o1 + g2·o2 (+ g3·o3 when NBR = 3; o3 unused otherwise) in fp32 ([R, D] each, fp32)
+    with the gates of rows grow (int64) of G [rows, NBR]; the one place of the forward's
+    arithmetic (both NSA_MIX placements)."""
+    g1 = tl.load(G + grow * NBR, mask=ok, other=0.0).to(tl.float32)
+    g2 = tl.load(G + grow * NBR + 1, mask=ok, other=0.0).to(tl.float32)
     o = g1[:, None] * o1
     o += g2[:, None] * o2
-    o += g3[:, None] * o3
+    if NBR == 3:
+        g3 = tl.load(G + grow * NBR + 2, mask=ok, other=0.0).to(tl.float32)
+        o += g3[:, None] * o3
     return o
 
 
 @triton.jit
-def _mix_fwd_kernel(O1, O2, O3, G, OUT, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
+def _mix_fwd_kernel(O1, O2, O3, G, OUT, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+                    NBR: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = rows < n_rows
     offs_d = tl.arange(0, HEAD_DIM)
     off = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
-    o = mix_rows(tl.load(O1 + off, mask=ok[:, None], other=0.0).to(tl.float32),
-                 tl.load(O2 + off, mask=ok[:, None], other=0.0).to(tl.float32),
-                 tl.load(O3 + off, mask=ok[:, None], other=0.0).to(tl.float32),
-                 G, rows.to(tl.int64), ok)
+    o1 = tl.load(O1 + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    o3 = o1  # NBR = 2: not read
+    if NBR == 3:
+        o3 = tl.load(O3 + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    o = mix_rows(o1, tl.load(O2 + off, mask=ok[:, None], other=0.0).to(tl.float32), o3,
+                 G, rows.to(tl.int64), ok, NBR)
     tl.store(OUT + off, cvt(o, OUT.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
 def _mix_bwd_branch(do, O, DO_I, LSE_I, LSE_G, G, I: tl.constexpr, rows, ok, off, DG, DELTA,
-                    d_off, n_rows, HAS_DELTA: tl.constexpr, FOLD: tl.constexpr):
-    g = tl.load(G + rows.to(tl.int64) * 3 + I, mask=ok, other=0.0).to(tl.float32)
+                    d_off, n_rows, HAS_DELTA: tl.constexpr, FOLD: tl.constexpr,
+                    NBR: tl.constexpr):
+    g = tl.load(G + rows.to(tl.int64) * NBR + I, mask=ok, other=0.0).to(tl.float32)
     o = tl.load(O + off, mask=ok[:, None], other=0.0).to(tl.float32)
     dg = tl.sum(do * o, 1)
-    tl.store(DG + rows.to(tl.int64) * 3 + I, cvt(dg, DG.dtype.element_ty), mask=ok)
-    # entry of branch I in the [3, B, H, T] outputs, int64 (3·B·T·H may pass 2^31)
+    tl.store(DG + rows.to(tl.int64) * NBR + I, cvt(dg, DG.dtype.element_ty), mask=ok)
+    # entry of branch I in the [NBR, B, H, T] outputs, int64 (NBR·B·T·H may pass 2^31)
     i_off = d_off + tl.cast(n_rows, tl.int64) * I
     if FOLD:  # lse − ln g (+inf where g = 0) and delta = dg (module docstring)
         lse = tl.load(LSE_I + d_off, mask=ok, other=0.0)
@@ -88,7 +96,7 @@ def _mix_bwd_branch(do, O, DO_I, LSE_I, LSE_G, G, I: tl.constexpr, rows, ok, off
 @triton.jit
 def _mix_bwd_kernel(DO, O1, O2, O3, G, DO1, DO2, DO3, LSE1, LSE2, LSE3, LSE_G, DG, DELTA, n_rows,
                     T, H, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
-                    HAS_DELTA: tl.constexpr, FOLD: tl.constexpr):
+                    HAS_DELTA: tl.constexpr, FOLD: tl.constexpr, NBR: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = rows < n_rows
     offs_d = tl.arange(0, HEAD_DIM)
@@ -98,63 +106,82 @@ def _mix_bwd_kernel(DO, O1, O2, O3, G, DO1, DO2, DO3, LSE1, LSE2, LSE3, LSE_G, D
     d_off = ((bt // T) * H + rows % H) * T + bt % T
     do = tl.load(DO + off, mask=ok[:, None], other=0.0).to(tl.float32)
     _mix_bwd_branch(do, O1, DO1, LSE1, LSE_G, G, 0, rows, ok, off, DG, DELTA, d_off, n_rows,
-                    HAS_DELTA, FOLD)
+                    HAS_DELTA, FOLD, NBR)
     _mix_bwd_branch(do, O2, DO2, LSE2, LSE_G, G, 1, rows, ok, off, DG, DELTA, d_off, n_rows,
-                    HAS_DELTA, FOLD)
-    _mix_bwd_branch(do, O3, DO3, LSE3, LSE_G, G, 2, rows, ok, off, DG, DELTA, d_off, n_rows,
-                    HAS_DELTA, FOLD)
+                    HAS_DELTA, FOLD, NBR)
+    if NBR == 3:
+        _mix_bwd_branch(do, O3, DO3, LSE3, LSE_G, G, 2, rows, ok, off, DG, DELTA, d_off, n_rows,
+                        HAS_DELTA, FOLD, NBR)
 
 
 def _block_rows(d: int) -> int:
     return 16 if INTERPRET else max(1, 4096 // d)
 
 
+def _branches(o3, gates) -> int:
+    """NBR of a call: gates [.., 3] with o3, or [.., 2] with o3 None (no window branch)."""
+    nbr = gates.shape[-1]
+    if nbr not in (2, 3) or (o3 is None) != (nbr == 2):
+        raise ValueError(f"gates [.., {nbr}] with o3 {'None' if o3 is None else 'given'}: "
+                         "need gates [.., 3] with the third branch or [.., 2] without it")
+    return nbr
+
+
 def gate_mix_fwd(o1, o2, o3, gates):
-    """o [.., D] in o1's dtype; o1, o2, o3 [B, T, H, D] contiguous, gates [B, T, H, 3]."""
+    """o [.., D] in o1's dtype; o1, o2 (, o3) [B, T, H, D] contiguous, gates [B, T, H, NBR]
+    (o3 None when NBR = 2)."""
+    nbr = _branches(o3, gates)
     n, d = o1.numel() // o1.shape[-1], o1.shape[-1]
     out = alloc.empty(o1.shape, o1.dtype, o1.device)
     br = _block_rows(d)
-    _mix_fwd_kernel[(triton.cdiv(n, br),)](o1, o2, o3, gates, out, n, HEAD_DIM=d, BLOCK_R=br,
-                                           num_warps=4)
+    _mix_fwd_kernel[(triton.cdiv(n, br),)](o1, o2, o1 if o3 is None else o3, gates, out, n,
+                                           HEAD_DIM=d, BLOCK_R=br, NBR=nbr, num_warps=4)
     return out
 
 
 def gate_mix_bwd(do, o1, o2, o3, gates, deltas=None):
-    """(do1, do2, do3, dgates) for gate_mix_fwd. deltas: None, or a contiguous fp32
-    [3, B, H, T] tensor that receives rowsum(do_i·o_i) for each branch i."""
+    """(do1, do2, do3, dgates) for gate_mix_fwd (do3 None when o3 is). deltas: None, or a
+    contiguous fp32 [NBR, B, H, T] tensor that receives rowsum(do_i·o_i) for each branch i."""
+    nbr = _branches(o3, gates)
     B, T, H, d = o1.shape
     n = B * T * H
-    if deltas is not None and (deltas.shape != (3, B, H, T) or deltas.dtype != torch.float32
+    if deltas is not None and (deltas.shape != (nbr, B, H, T) or deltas.dtype != torch.float32
                                or not deltas.is_contiguous()):
         raise ValueError(f"deltas {tuple(deltas.shape)} {deltas.dtype} must be contiguous "
-                         f"float32 [3, B, H, T] = {(3, B, H, T)}")
-    dos = [alloc.empty(o1.shape, o1.dtype, o1.device) for _ in range(3)]
+                         f"float32 [NBR, B, H, T] = {(nbr, B, H, T)}")
+    dos = [alloc.empty(o1.shape, o1.dtype, o1.device) for _ in range(nbr)]
     dg = alloc.empty(gates.shape, gates.dtype, gates.device)
     br = _block_rows(d)
-    _mix_bwd_kernel[(triton.cdiv(n, br),)](do, o1, o2, o3, gates, *dos, dg, dg, dg, dg, dg,
+    _mix_bwd_kernel[(triton.cdiv(n, br),)](do, o1, o2, o1 if o3 is None else o3, gates,
+                                           dos[0], dos[1], dos[-1], dg, dg, dg, dg, dg,
                                            dg if deltas is None else deltas, n, T, H,
                                            HEAD_DIM=d, BLOCK_R=br,
-                                           HAS_DELTA=deltas is not None, FOLD=False, num_warps=4)
-    return (*dos, dg)
+                                           HAS_DELTA=deltas is not None, FOLD=False, NBR=nbr,
+                                           num_warps=4)
+    return dos[0], dos[1], dos[2] if nbr == 3 else None, dg
 
 
 def gate_mix_bwd_folded(do, o1, o2, o3, gates, lses):
     """(dgates, lse_g, deltas) for gate_mix_fwd with every gate >= 0 (the caller knows; a
     negative gate would count as 0): the branches' backwards then take dO itself with lse_g[i]
-    as their lse and deltas[i] as their delta (module docstring). lses: the three branches'
-    forward lse, fp32 [B, H, T] each; lse_g, deltas fp32 [3, B, H, T]."""
+    as their lse and deltas[i] as their delta (module docstring). lses: the NBR branches'
+    forward lse, fp32 [B, H, T] each; lse_g, deltas fp32 [NBR, B, H, T]."""
+    nbr = _branches(o3, gates)
     B, T, H, d = o1.shape
     n = B * T * H
+    if len(lses) != nbr:
+        raise ValueError(f"lses: {len(lses)} given for {nbr} branches")
     for i, t in enumerate(lses):
         if t.shape != (B, H, T) or t.dtype != torch.float32 or not t.is_contiguous():
             raise ValueError(f"lses[{i}] {tuple(t.shape)} {t.dtype} must be contiguous float32 "
                              f"[B, H, T] = {(B, H, T)}")
-    lse_g, deltas = (alloc.empty((3, B, H, T), torch.float32, o1.device) for _ in range(2))
+    lse_g, deltas = (alloc.empty((nbr, B, H, T), torch.float32, o1.device) for _ in range(2))
     dg = alloc.empty(gates.shape, gates.dtype, gates.device)
     br = _block_rows(d)
-    _mix_bwd_kernel[(triton.cdiv(n, br),)](do, o1, o2, o3, gates, do, do, do, *lses, lse_g, dg,
-                                           deltas, n, T, H, HEAD_DIM=d, BLOCK_R=br,
-                                           HAS_DELTA=True, FOLD=True, num_warps=4)
+    _mix_bwd_kernel[(triton.cdiv(n, br),)](do, o1, o2, o1 if o3 is None else o3, gates, do, do,
+                                           do, lses[0], lses[1], lses[-1], lse_g, dg, deltas, n,
+                                           T, H, HEAD_DIM=d, BLOCK_R=br, HAS_DELTA=True,
+                                           FOLD=True, NBR=nbr, num_warps=4)
     return dg, lse_g, deltas
 
 
@@ -171,12 +198,15 @@ class GateMixFunction(torch.autograd.Function):
 
 def gate_mix(o_cmp, o_slc, o_swa, gates):
     """Σ_i gates[..., i]·o_i (cmp, slc, swa), differentiable; every tensor contiguous
-    [B, T, H, D] and gates [B, T, H, 3] (the layout NSACore packs)."""
-    for name, t in (("o_cmp", o_cmp), ("o_slc", o_slc), ("o_swa", o_swa)):
+    [B, T, H, D] and gates [B, T, H, 3] (the layout NSACore packs); without the window branch
+    o_swa None and gates [B, T, H, 2]."""
+    named = [("o_cmp", o_cmp), ("o_slc", o_slc)] + ([] if o_swa is None else [("o_swa", o_swa)])
+    for name, t in named:
         if t.shape != o_cmp.shape or not t.is_contiguous() or t.dtype != o_cmp.dtype:
             raise ValueError(f"{name} {tuple(t.shape)} must be contiguous {tuple(o_cmp.shape)} "
                              f"{o_cmp.dtype}")
-    if gates.shape != (*o_cmp.shape[:-1], 3) or not gates.is_contiguous():
+    nbr = len(named)
+    if gates.shape != (*o_cmp.shape[:-1], nbr) or not gates.is_contiguous():
         raise ValueError(f"gates {tuple(gates.shape)} must be contiguous "
-                         f"{(*o_cmp.shape[:-1], 3)}")
+                         f"{(*o_cmp.shape[:-1], nbr)}")
     return GateMixFunction.apply(o_cmp, o_slc, o_swa, gates)

@@ -10,8 +10,9 @@ on CPU tensors; ATTN_IMPL=triton|ref forces one. The Triton path, never material
                summed over the GQA group, top-n per query and group on chip
   slc.py       attention over the selected blocks, each block loaded once for the group's heads
                (union.py: per-tile block lists; slc_dkdv.py: dK/dV)
-  flash        the sliding window (attn.flash's kernels with window=)
-  gate_mix.py  o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa, fused, fp32
+  flash        the sliding window (attn.flash's kernels with window=); window = 0: no window
+               branch (two-branch NSA, fla's parallel_nsa default; g_swa None)
+  gate_mix.py  o = g_cmp·o_cmp + g_slc·o_slc (+ g_swa·o_swa), fused, fp32
 One pair of PyTorch custom ops (`longctx::nsa_fwd` / `longctx::nsa_bwd`, opaque to
 torch.compile) runs the branches' forward and backward primitives, so the backward can share
 work between them: the gated sum's backward pass also gives each branch its delta (three fewer
@@ -87,8 +88,14 @@ def _check(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block, cmp_stride, se
     if topk < 3:
         raise ValueError(f"nsa_attn: topk={topk} must be >= 3 (block 0 and the two most recent "
                          "blocks are always selected)")
-    if window < 1:
-        raise ValueError(f"nsa_attn: window={window} must be >= 1")
+    if window < 0:
+        raise ValueError(f"nsa_attn: window={window} must be >= 1, or 0 for no sliding-window "
+                         "branch")
+    if (window == 0) != (g_swa is None):
+        raise ValueError(f"nsa_attn: window={window} with g_swa "
+                         f"{'None' if g_swa is None else 'given'}: the window branch's gate "
+                         "g_swa is given exactly when window >= 1 (window=0, g_swa=None: no "
+                         "window branch)")
     if cu_seqlens is not None:
         # with documents k_cmp is padded to the no-document count (compress's form) or exact;
         # the exact count is read from cu_seqlens, which torch.compile cannot trace: there only
@@ -107,7 +114,7 @@ def _check(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block, cmp_stride, se
                              f"{(B, tc, hkv, d)}: Tc = {rule} with cmp_block={cmp_block}, "
                              f"cmp_stride={cmp_stride}")
     for name, t in (("g_cmp", g_cmp), ("g_slc", g_slc), ("g_swa", g_swa)):
-        if tuple(t.shape) != (B, tq, hq):
+        if t is not None and tuple(t.shape) != (B, tq, hq):
             raise ValueError(f"nsa_attn: {name} {tuple(t.shape)} must be [B, Tq, Hq] = "
                              f"{(B, tq, hq)} (one gate per query and head)")
 
@@ -116,7 +123,8 @@ def nsa_attn(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block: int = 32,
              cmp_stride: int = 16, sel_block: int = 64, topk: int = 16, window: int = 512,
              scale=None, cu_seqlens=None, q_offset: int = 0, gates_nonneg=None):
     """Native Sparse Attention, [B, T, H, D] layout (see ref.py for the definition);
-    differentiable w.r.t. q, k, v, k_cmp, v_cmp and the gates.
+    differentiable w.r.t. q, k, v, k_cmp, v_cmp and the gates. window=0 with g_swa=None: the
+    compressed and selected branches only (no sliding-window branch).
 
     gates_nonneg (Triton path): True promises every gate is >= 0 (sigmoid gates, as NSACore's),
     so the backward folds the gates into the branches' lse; False takes the signed path; None
@@ -137,7 +145,7 @@ def nsa_attn(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block: int = 32,
                          f"{k.dtype}, {v.dtype}, {k_cmp.dtype}, {v_cmp.dtype}")
     q, k, v, k_cmp, v_cmp = (t.contiguous() for t in (q, k, v, k_cmp, v_cmp))
     scale = float(q.shape[3] ** -0.5 if scale is None else scale)
-    gates = torch.stack([g_cmp, g_slc, g_swa], dim=-1).to(q.dtype)
+    gates = torch.stack([g_cmp, g_slc] + ([] if window == 0 else [g_swa]), dim=-1).to(q.dtype)
     if gates_nonneg is None and not torch.compiler.is_compiling():
         gates_nonneg = _nonneg(gates)
     return _nsa_fwd(q, k, v, k_cmp, v_cmp, gates, scale, cmp_block, cmp_stride, sel_block, topk,
@@ -174,7 +182,8 @@ def _nsa_fwd_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torc
                   cmp_stride: int, sel_block: int, topk: int, window: int,
                   cu_seqlens: Optional[torch.Tensor], q_offset: int,
                   gates_nonneg: Optional[bool]) -> _FWD_OUT:
-    """(o, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel); gates [B, T, Hq, 3]."""
+    """(o, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel); gates [B, T, Hq, 3], or
+    [B, T, Hq, 2] with window = 0 (then o_swa, lse_swa are empty)."""
     from attn.flash.op import fwd_kernel as window_fwd
     from attn.nsa.cmp import fwd as cmp_fwd
     from attn.nsa import gate_mix
@@ -192,15 +201,18 @@ def _nsa_fwd_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torc
     sel = select_blocks(q, k_cmp, lse_cmp, table, scale=scale, cmp_block=cmp_block,
                         cmp_stride=cmp_stride, sel_block=sel_block, topk=topk,
                         cu_seqlens=cu_seqlens, cu_cmp=cu_cmp, q_offset=q_offset)
-    o_swa, lse_swa = window_fwd(q, k, v, scale, None if seg is None else seg[0], q_offset,
-                                window)
+    if window:
+        o_swa, lse_swa = window_fwd(q, k, v, scale, None if seg is None else seg[0], q_offset,
+                                    window)
     slc_kw = dict(scale=scale, sel_block=sel_block, q_offset=q_offset)
     if gate_mix.MIX == "slc":   # the gated sum in the selected branch's epilogue
         o_slc, lse_slc, o = slc_attn_fwd(q, k, v, sel, table[2], table[3],
-                                         mix=(o_cmp, o_swa, gates), **slc_kw)
+                                         mix=(o_cmp, o_swa if window else None, gates), **slc_kw)
     else:
         o_slc, lse_slc = slc_attn_fwd(q, k, v, sel, table[2], table[3], **slc_kw)
-        o = gate_mix.gate_mix_fwd(o_cmp, o_slc, o_swa, gates)
+        o = gate_mix.gate_mix_fwd(o_cmp, o_slc, o_swa if window else None, gates)
+    if not window:  # outputs must not alias: two empty tensors
+        o_swa, lse_swa = q.new_empty((0,)), q.new_empty((0,), dtype=torch.float32)
     return o, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel
 
 
@@ -214,6 +226,8 @@ def _(q, k, v, k_cmp, v_cmp, gates, scale, cmp_block, cmp_stride, sel_block, top
     o = [torch.empty_like(q, memory_format=torch.contiguous_format) for _ in range(4)]
     lse = [q.new_empty((B, hq, tq), dtype=torch.float32) for _ in range(3)]
     sel = q.new_empty((B, tq, k.shape[2], topk), dtype=torch.int32)
+    if not window:  # no window branch: its outputs are empty
+        o[3], lse[2] = q.new_empty((0,)), q.new_empty((0,), dtype=torch.float32)
     return o[0], o[1], lse[0], o[2], lse[1], o[3], lse[2], sel
 
 
@@ -237,17 +251,19 @@ def _nsa_bwd_body(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     plan, table, seg = _geometry(q, k, k_cmp, v_cmp, scale, cmp_block, cmp_stride, sel_block,
                                  cu_seqlens, q_offset)
     B, tq, hq, _ = q.shape
+    branch = (o_swa,) if window else (None,)        # the window branch's output, if any
+    branch_lse = (lse_cmp, lse_slc) + ((lse_swa,) if window else ())
     if _nonneg(gates) if gates_nonneg is None else gates_nonneg:
         # every branch backward takes dO itself, its lse shifted by −ln g (gate_mix.py)
-        dgates, lses, deltas = gate_mix_bwd_folded(do, o_cmp, o_slc, o_swa, gates,
-                                                   (lse_cmp, lse_slc, lse_swa))
+        dgates, lses, deltas = gate_mix_bwd_folded(do, o_cmp, o_slc, *branch, gates,
+                                                   branch_lse)
         do_cmp = do_slc = do_swa = do
         g_cmp = gates
     else:
-        deltas = alloc.empty((3, B, hq, tq), torch.float32, q.device)  # gate_mix_bwd's
-        do_cmp, do_slc, do_swa, dgates = gate_mix_bwd(do, o_cmp, o_slc, o_swa, gates,
+        deltas = alloc.empty((len(branch_lse), B, hq, tq), torch.float32, q.device)
+        do_cmp, do_slc, do_swa, dgates = gate_mix_bwd(do, o_cmp, o_slc, *branch, gates,
                                                       deltas=deltas)
-        lses, g_cmp = (lse_cmp, lse_slc, lse_swa), None
+        lses, g_cmp = branch_lse, None
     dq, dk_cmp, dv_cmp = cmp_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lses[0], plan, deltas[0],
                                  gates=g_cmp)
     del do_cmp
@@ -255,10 +271,11 @@ def _nsa_bwd_body(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                              scale=scale, sel_block=sel_block, q_offset=q_offset,
                              delta=deltas[1], dq=dq)
     del do_slc
-    _, dk_swa, dv_swa = bwd_triton(do_swa, q, k, v, o_swa, lses[2], scale, seg, q_offset,
-                                   window, deltas[2], dq)
-    dk += dk_swa
-    dv += dv_swa
+    if window:
+        _, dk_swa, dv_swa = bwd_triton(do_swa, q, k, v, o_swa, lses[2], scale, seg, q_offset,
+                                       window, deltas[2], dq)
+        dk += dk_swa
+        dv += dv_swa
     return dq, dk, dv, dk_cmp, dv_cmp, dgates
 
 

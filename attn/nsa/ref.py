@@ -13,7 +13,8 @@ Three branches over the same queries, mixed by per-query, per-head gates:
   two most recent (the block holding t and the one before); ties go to the earlier block.
   `o_slc` is softmax attention over those blocks' keys s ≤ t. With fewer causal blocks than
   topk, all are taken (full causal attention).
-- sliding window: `flash_attn_ref(window=window)`, keys t − window < s ≤ t.
+- sliding window: `flash_attn_ref(window=window)`, keys t − window < s ≤ t. window = 0: no such
+  branch (the two-branch NSA of fla's parallel_nsa default), and no g_swa.
 
 o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa, gates [B, T, Hq].
 
@@ -158,7 +159,8 @@ def selection_scores(p_cmp, tk: int, *, cmp_block, cmp_stride, sel_block, cu_seq
 def nsa_branches(q, k, v, k_cmp, v_cmp, *, cmp_block=32, cmp_stride=16, sel_block=64, topk=16,
                  window=512, scale=None, cu_seqlens=None, q_offset=0):
     """(o_cmp, o_slc, o_swa, selected): each o [B, Tq, Hq, D] in the compute dtype (fp32, or
-    float64 for float64 inputs); selected bool [B, Hkv, Tq, Tk] (the selected-branch key mask)."""
+    float64 for float64 inputs; o_swa None when window = 0); selected bool [B, Hkv, Tq, Tk] (the
+    selected-branch key mask)."""
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
@@ -199,20 +201,27 @@ def nsa_branches(q, k, v, k_cmp, v_cmp, *, cmp_block=32, cmp_stride=16, sel_bloc
     o_slc = (p_slc @ vf).transpose(1, 2)
 
     # ---- sliding window
-    o_swa = flash_attn_ref(q.to(ct), k.to(ct), v.to(ct), scale=scale, cu_seqlens=cu_seqlens,
-                           q_offset=q_offset, window=window)[0]
+    o_swa = None if window == 0 else flash_attn_ref(
+        q.to(ct), k.to(ct), v.to(ct), scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset,
+        window=window)[0]
     return o_cmp, o_slc, o_swa, sel
 
 
 def nsa_attn_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block=32, cmp_stride=16,
                  sel_block=64, topk=16, window=512, scale=None, cu_seqlens=None, q_offset=0):
-    """NSA output [B, Tq, Hq, D] in q's dtype (fp32 math, float64 for float64 inputs)."""
+    """NSA output [B, Tq, Hq, D] in q's dtype (fp32 math, float64 for float64 inputs); window=0
+    with g_swa=None: without the sliding-window branch."""
+    if (window == 0) != (g_swa is None):
+        raise ValueError(f"nsa_attn_ref: window={window} with g_swa "
+                         f"{'None' if g_swa is None else 'given'}: g_swa is given exactly when "
+                         "window >= 1")
     o_cmp, o_slc, o_swa, _ = nsa_branches(
         q, k, v, k_cmp, v_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
         topk=topk, window=window, scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset)
     ct = o_cmp.dtype
-    o = (g_cmp.to(ct)[..., None] * o_cmp + g_slc.to(ct)[..., None] * o_slc
-         + g_swa.to(ct)[..., None] * o_swa)
+    o = g_cmp.to(ct)[..., None] * o_cmp + g_slc.to(ct)[..., None] * o_slc
+    if o_swa is not None:
+        o = o + g_swa.to(ct)[..., None] * o_swa
     return o.to(q.dtype)
 
 

@@ -82,9 +82,9 @@ def _tile_rows(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTAR
                TMA: tl.constexpr, MIX: tl.constexpr):
     """One tile: QPP positions from tile·QPP of (batch, KV head) pid_bh; its union list is row
     pid_bh·n_tiles + tile of UNION / USTART / UEND / UCNT. ACC (dQ only): add to the dQ rows
-    already in O instead of overwriting them. MIX (forward only): also write the layer's gated
-    sum of the rows' three branch outputs to OMIX (o_cmp in OC, o_swa in OW, [B, Tq, Hq, D];
-    GATES [B, Tq, Hq, 3]; gate_mix.mix_rows) with o_slc as stored."""
+    already in O instead of overwriting them. MIX (forward only; 0: off): also write the layer's
+    gated sum of the rows' MIX branch outputs to OMIX (o_cmp in OC, o_swa in OW when MIX = 3,
+    [B, Tq, Hq, D]; GATES [B, Tq, Hq, MIX]; gate_mix.mix_rows) with o_slc as stored."""
     t0 = tile * QPP
     b = pid_bh // HKV
     hkv = pid_bh % HKV
@@ -161,12 +161,15 @@ def _tile_rows(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTAR
         o_slc = cvt(acc, O.dtype.element_ty)
         tl.store(o_ptrs, o_slc, mask=m_ok[:, None])
         tl.store(LSE + r_off, tl.where(bad, float("nan"), lse), mask=m_ok)
-        if MIX:
-            grow = (b.to(tl.int64) * Tq + rows) * HQ + h           # row of GATES [.., 3]
-            o = mix_rows(tl.load(OC + q_off[:, None] + offs_d[None, :], mask=m_ok[:, None],
-                                 other=0.0).to(tl.float32), o_slc.to(tl.float32),
-                         tl.load(OW + q_off[:, None] + offs_d[None, :], mask=m_ok[:, None],
-                                 other=0.0).to(tl.float32), GATES, grow, m_ok)
+        if MIX != 0:
+            grow = (b.to(tl.int64) * Tq + rows) * HQ + h           # row of GATES [.., MIX]
+            o_cmp = tl.load(OC + q_off[:, None] + offs_d[None, :], mask=m_ok[:, None],
+                            other=0.0).to(tl.float32)
+            o_swa = o_cmp  # MIX = 2 (no window branch): not read
+            if MIX == 3:
+                o_swa = tl.load(OW + q_off[:, None] + offs_d[None, :], mask=m_ok[:, None],
+                                other=0.0).to(tl.float32)
+            o = mix_rows(o_cmp, o_slc.to(tl.float32), o_swa, GATES, grow, m_ok, MIX)
             tl.store(OMIX + q_off[:, None] + offs_d[None, :], cvt(o, OMIX.dtype.element_ty),
                      mask=m_ok[:, None])
 
@@ -181,7 +184,7 @@ def _rows_kernel(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, UST
                  USE_UNION: tl.constexpr, DOT_PREC: tl.constexpr, TILES: tl.constexpr,
                  PER: tl.constexpr, SUB: tl.constexpr, ACC: tl.constexpr, TMA: tl.constexpr,
                  MIX: tl.constexpr):
-    """DQ=False: forward, writes O and LSE (MIX: and the gated sum into OMIX, _tile_rows).
+    """DQ=False: forward, writes O and LSE (MIX != 0: and the gated sum into OMIX, _tile_rows).
     DQ=True: reads LSE, DO, DELTA, writes dQ into O (ACC: adds it to what O holds).
     USE_UNION: walk each tile's union list (tile_unions); else find each next block id by a
     search over the tile's selection. One program per SUB consecutive tiles of this tiling
@@ -360,7 +363,8 @@ def _kv_tiles(k, v, sel_block, dq_mode):
 
 def _launch_rows(q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale, sel_block,
                  q_offset, dq_mode, accumulate=False, mix=None):
-    """mix (forward): (o_cmp, o_swa, gates, o) for the gated sum in the epilogue, or None."""
+    """mix (forward): (o_cmp, o_swa, gates, o) for the gated sum in the epilogue (o_swa None
+    without the window branch), or None."""
     B, tq = q.shape[:2]
     nb = blk_start.numel()
     kt, vt, tma = _kv_tiles(k, v, sel_block, dq_mode)
@@ -375,13 +379,15 @@ def _launch_rows(q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale, s
         sub = per if tiles == 2 and not dq_mode else 1
         grid = (triton.cdiv(n_tiles, sub), B * k.shape[2])
         _rows_kernel[grid](q, kt, vt, out, lse, do, delta, sel, blk_start, blk_end,
-                           *(unions or (sel,) * 4), *(mix or (q,) * 4),
+                           *(unions or (sel,) * 4),
+                           *((q,) * 4 if mix is None else
+                             (mix[0], mix[0] if mix[1] is None else mix[1], *mix[2:])),
                            sel if flags is None else flags, n_tiles,
                            1 if flags is None else flags.shape[1], scale, scale * LOG2E_F,
                            q_offset, tq, k.shape[1], nb, **meta, BLOCK_N=_block_n(sel_block),
                            DQ=dq_mode, USE_UNION=unions is not None, TILES=tiles,
                            PER=per if tiles == 2 else 1, SUB=sub, ACC=accumulate,
-                           TMA=tma, MIX=mix is not None,
+                           TMA=tma, MIX=0 if mix is None else mix[2].shape[-1],
                            num_warps=DQ_WARPS if dq_mode else FWD_WARPS,
                            **reg_cap(DQ_MAXNREG if dq_mode else None),
                            num_stages=1 if INTERPRET else stages)
@@ -390,8 +396,9 @@ def _launch_rows(q, k, v, out, lse, do, delta, sel, blk_start, blk_end, scale, s
 def slc_attn_fwd(q, k, v, sel, blk_start, blk_end, *, scale, sel_block, q_offset=0, mix=None):
     """Forward primitive (no autograd): (o [B, Tq, Hq, D] in q's dtype, lse [B, Hq, Tq] fp32,
     natural log). mix = (o_cmp, o_swa, gates) (NSA's other branch outputs and its gates
-    [B, Tq, Hq, 3], contiguous): also the layer's output gate_mix_fwd(o_cmp, o, o_swa, gates),
-    computed in the epilogue: (o, lse, mixed)."""
+    [B, Tq, Hq, 3], contiguous; o_swa None and gates [.., 2] without the window branch): also
+    the layer's output gate_mix_fwd(o_cmp, o, o_swa, gates), computed in the epilogue:
+    (o, lse, mixed)."""
     scale = _check(q, k, v, sel, blk_start, blk_end, scale, sel_block, q_offset)
     B, tq, hq, _ = q.shape
     o = alloc.empty(q.shape, q.dtype, q.device)

@@ -9,6 +9,8 @@ Shapes: B = 1, Hq = --heads, Hkv = --kv-heads, D = 128, bf16. Backends:
               pooling, inside the timed region), top-16 selection blocks of 64, window 512,
               three gates; selection (scores + top-n) inside the timed region
   nsa_b64     the same with fla's geometry for the compressed branch (blocks of 64 every 64)
+  nsa_b64_2br nsa_b64 without the window branch (window=0, two gates): the work fla_nsa does,
+              like for like
   fla_nsa     fla 0.6 parallel_nsa, compression + selection (its window branch needs flash-attn):
               mean pooling blocks of 64, top-16 blocks of 64; needs Hq/Hkv >= 16
   flash       attn.flash.flash_attn, full causal attention (our kernel)
@@ -61,19 +63,23 @@ def _gates(T, H):
     return [torch.rand(1, T, H, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
 
 
-def make_nsa(T, H, Hkv, D, cmp_block=32, cmp_stride=16):
+def make_nsa(T, H, Hkv, D, cmp_block=32, cmp_stride=16, window=512):
     from attn.nsa import compress, nsa_attn
 
-    def fn(q, k, v, g1, g2, g3):
+    def fn(q, k, v, g1, g2, g3=None):
         kc, vc = compress(k, v, cmp_block, cmp_stride)
         return nsa_attn(q, k, v, kc, vc, g1, g2, g3, cmp_block=cmp_block, cmp_stride=cmp_stride,
-                        sel_block=64, topk=16, window=512,
+                        sel_block=64, topk=16, window=window,
                         gates_nonneg=True)  # sigmoid-like gates in [0, 1): no check (host sync)
-    return fn, _qkv(T, H, Hkv, D) + _gates(T, H)
+    return fn, _qkv(T, H, Hkv, D) + _gates(T, H)[:3 if window else 2]
 
 
 def make_nsa_b64(T, H, Hkv, D):
     return make_nsa(T, H, Hkv, D, 64, 64)
+
+
+def make_nsa_b64_2br(T, H, Hkv, D):
+    return make_nsa(T, H, Hkv, D, 64, 64, window=0)
 
 
 def make_fla_nsa(T, H, Hkv, D):
@@ -105,7 +111,8 @@ def _sdpa(backend_name):
     return make
 
 
-BACKENDS = {"nsa": make_nsa, "nsa_b64": make_nsa_b64, "fla_nsa": make_fla_nsa,
+BACKENDS = {"nsa": make_nsa, "nsa_b64": make_nsa_b64, "nsa_b64_2br": make_nsa_b64_2br,
+            "fla_nsa": make_fla_nsa,
             "flash": make_flash, "sdpa_cudnn": _sdpa("CUDNN_ATTENTION"),
             "sdpa_flash": _sdpa("FLASH_ATTENTION")}
 
@@ -214,7 +221,8 @@ def write_outputs(out, records, meta, quiet=False):
     shapes = list(dict.fromkeys((r["H"], r["Hkv"]) for r in records))
     lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; "
              "B=1, D=128, bf16; nsa: compression 32/16 (mean), top-16 of 64-key blocks, window "
-             "512, gates; nsa_b64: compression 64/64; fla_nsa: compression + selection only "
+             "512, gates; nsa_b64: compression 64/64; nsa_b64_2br: that without the window "
+             "branch; fla_nsa: compression + selection only "
              f"(blocks of 64, top-16). Inputs: {meta.get('inputs', 'random')}; share of the picks "
              "the first query of the same 64-query block also made: "
              + ", ".join(f"{k} {v:.2f}" for k, v in meta.get("pick_share", {}).items()), ""]
@@ -240,7 +248,8 @@ def write_outputs(out, records, meta, quiet=False):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--backends", default="nsa,nsa_b64,fla_nsa,flash,sdpa_cudnn,sdpa_flash")
+    ap.add_argument("--backends",
+                    default="nsa,nsa_b64,nsa_b64_2br,fla_nsa,flash,sdpa_cudnn,sdpa_flash")
     ap.add_argument("--seqlens", default="16384,65536")
     ap.add_argument("--heads", default="64", help="comma list, paired with --kv-heads")
     ap.add_argument("--kv-heads", default="4")

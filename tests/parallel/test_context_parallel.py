@@ -20,6 +20,10 @@ def cases(seed):
             for layout in ("zigzag", "contiguous"):
                 for docs in (False, True):
                     out.append(("core", 1, family, strategy, layout, docs, seed, OPTIONS.get(family)))
+    if "nsa" in FAMILIES:  # without the window branch (attn.window=0: two gates)
+        for strategy in cp_cases.servable("nsa"):
+            out.append(("core", 1, "nsa", strategy, "zigzag", True, seed,
+                        {**OPTIONS["nsa"], "window": 0}))
     pattern = [f for f in ("lightning", "sdpa") if f in FAMILIES] + ["sdpa"]
     for layout in ("zigzag", "contiguous"):
         out.append(("model", 1, pattern, layout, seed + 1))

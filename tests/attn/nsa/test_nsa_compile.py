@@ -96,6 +96,21 @@ def test_compiled_equals_eager_folded_gates():
     assert_same(fwd_bwd(compiled, ts, do), fwd_bwd(fn, ts, do), NAMES)
 
 
+def test_compiled_equals_eager_without_the_window_branch():
+    """window=0 (two gates): the fake op's empty window outputs match the body's; folded gates,
+    a CP shard."""
+    T, off = 32, 8
+    kw = dict(KW, window=0)
+
+    def fn(q, k, v, kc, vc, g1, g2):
+        return nsa_attn(q, k, v, kc, vc, g1, g2, None, **kw, q_offset=off, gates_nonneg=True)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    ts = inputs(1, T, 2, 1, None, signed=False, off=off)[:7]
+    do = torch.randn_like(ts[0])
+    assert_same(fwd_bwd(compiled, ts, do), fwd_bwd(fn, ts, do), NAMES[:8])
+
+
 def test_compiled_core_with_documents():
     """The layer compiled whole: projections, sigmoid gates packed into q, compression, the op,
     the output projection. With documents the compressed-block starts are computed outside the

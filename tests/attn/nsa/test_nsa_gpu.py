@@ -16,9 +16,12 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(0.05 * b.numel() ** 0.5)).item()
 
 
-@pytest.mark.parametrize("T,hq,hkv,docs,off", [(4096, 16, 4, False, 0), (2048, 64, 4, False, 0),
-                                               (4096, 16, 4, True, 0), (4096, 8, 2, True, 1536)])
-def test_nsa_gpu_matches_ref(monkeypatch, T, hq, hkv, docs, off):
+@pytest.mark.parametrize("T,hq,hkv,docs,off,window", [
+    (4096, 16, 4, False, 0, 512), (2048, 64, 4, False, 0, 512), (4096, 16, 4, True, 0, 512),
+    (4096, 8, 2, True, 1536, 512),
+    (4096, 64, 4, True, 1536, 0),            # no window branch (two gates)
+])
+def test_nsa_gpu_matches_ref(monkeypatch, T, hq, hkv, docs, off, window):
     from attn.nsa import compress, nsa_attn
     from attn.nsa.ref import nsa_attn_ref
     torch.manual_seed(0)
@@ -29,12 +32,14 @@ def test_nsa_gpu_matches_ref(monkeypatch, T, hq, hkv, docs, off):
     v = torch.randn(1, T, hkv, d, device=dev, dtype=torch.bfloat16)
     kc, vc = compress(k, v, 32, 16, cu_seqlens=cu)
     kc, vc = kc + torch.randn_like(kc), vc + torch.randn_like(vc)
-    gates = [torch.rand(1, T - off, hq, device=dev, dtype=torch.bfloat16) for _ in range(3)]
+    gates = [torch.rand(1, T - off, hq, device=dev, dtype=torch.bfloat16)
+             for _ in range(3 if window else 2)]
     do = torch.randn_like(q)
 
     def run(fn, ts):
         ts = [t.detach().clone().requires_grad_(True) for t in ts]
-        o = fn(*ts, **KW, cu_seqlens=cu, q_offset=off)
+        o = fn(*ts, *([] if window else [None]), **dict(KW, window=window), cu_seqlens=cu,
+               q_offset=off)
         o.backward(do.to(o.dtype))
         return [o.detach()] + [t.grad for t in ts]
 
@@ -47,8 +52,9 @@ def test_nsa_gpu_matches_ref(monkeypatch, T, hq, hkv, docs, off):
     assert all(e < 2e-2 for e in errs.values()), errs
 
 
-@pytest.mark.parametrize("geometry", [(32, 16), (64, 64)])  # the paper's, fla's (R = 1)
-def test_gpu_opt_in_forwards_same_bits(monkeypatch, geometry):
+# the paper's geometry, fla's (R = 1), and fla's without the window branch
+@pytest.mark.parametrize("geometry,window", [((32, 16), 512), ((64, 64), 512), ((64, 64), 0)])
+def test_gpu_opt_in_forwards_same_bits(monkeypatch, geometry, window):
     """The opt-in forward variants against the defaults at 8k, 64 / 4 heads, with documents:
     NSA_SELECT_MERGE=bitonic (the same selections, so the same output) and NSA_MIX=slc (the gated
     sum in the selected branch's epilogue): the layer's output bit for bit."""
@@ -61,7 +67,9 @@ def test_gpu_opt_in_forwards_same_bits(monkeypatch, geometry):
     k, v = (torch.randn(1, T, hkv, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
     kc, vc = compress(k, v, cb, cs, cu_seqlens=cu)
     gates = [torch.rand(1, T, hq, device=dev, dtype=torch.bfloat16) for _ in range(3)]
-    kw = dict(KW, cmp_block=cb, cmp_stride=cs, cu_seqlens=cu)
+    if not window:
+        gates[2] = None
+    kw = dict(KW, cmp_block=cb, cmp_stride=cs, cu_seqlens=cu, window=window)
     outs = {}
     for merge, mix in (("rounds", "separate"), ("bitonic", "separate"), ("rounds", "slc")):
         monkeypatch.setattr(select, "MERGE", merge)

@@ -1,8 +1,9 @@
 """NSA end to end through the Triton path (compressed attention, on-chip selection, selected
 blocks, window via flash, fused gate mix) against the dense definition ref.py, under the Triton
 interpreter (ATTN_IMPL=triton): output and the gradients of q, k, v, k_cmp, v_cmp and the three
-gates; GQA group sizes 1, 3, 4, 16; documents (uneven, one of length 1); q_offset shards; short
-sequences with fewer blocks than topk (and none compressed); bf16.
+gates (two with window = 0: no window branch); GQA group sizes 1, 3, 4, 16; documents (uneven,
+one of length 1); q_offset shards; short sequences with fewer blocks than topk (and none
+compressed); bf16.
 
 Error measure: relative norm ||x − x64|| / ||x64|| (floored at an rms of 0.05) against ref.py in
 float64. fp32: kernel error <= max(4 · ref.py's own fp32 error, 2e-5); bf16: <= 2 · ref.py's
@@ -84,6 +85,8 @@ def make(B, T, hq, hkv, d, dtype, kw, cu, off, gates="unit"):
         kc, vc = kc + 0.5 * torch.randn_like(kc), vc + 0.5 * torch.randn_like(vc)
         if min_gap(q, kc.to(dtype), T, kw, cu, off) > 1e-4:
             gates = draw_gates(B, tq, hq, gates)
+            if kw["window"] == 0:                       # no window branch: g_swa None
+                return [t.to(dtype) for t in (q, k, v, kc, vc, *gates[:2])] + [None]
             return [t.to(dtype) for t in (q, k, v, kc, vc, *gates)]
     raise AssertionError("could not draw inputs without a near-tie in the selection")
 
@@ -106,6 +109,12 @@ CASES = [
                                                     topk=4, window=10)),
     dict(T=80, hq=4, hkv=1, cu=3, gates="zeros", dtype=bf16,
          kw=dict(cmp_block=4, cmp_stride=2, sel_block=8, topk=4, window=10)),
+    # window = 0: the compressed and selected branches only (fla's two-branch NSA)
+    dict(T=100, hq=4, hkv=2, kw=dict(cmp_block=4, cmp_stride=2, sel_block=8, topk=4, window=0)),
+    dict(T=140, hq=2, hkv=1, cu=4, off=60, gates="signed",
+         kw=dict(cmp_block=4, cmp_stride=2, sel_block=8, topk=4, window=0)),
+    dict(T=96, hq=4, hkv=2, cu=3, dtype=bf16, gates="zeros",
+         kw=dict(cmp_block=8, cmp_stride=4, sel_block=16, topk=3, window=0)),
 ]
 
 
@@ -121,15 +130,16 @@ def test_nsa_matches_ref(monkeypatch, case):
 
     def run(impl, ts):
         monkeypatch.setenv("ATTN_IMPL", impl)
-        ts = [t.detach().clone().requires_grad_(True) for t in ts]
+        ts = [t.detach().clone().requires_grad_(True) for t in ts if t is not None]
         fn = nsa_attn if impl == "triton" else nsa_attn_ref
-        o = fn(*ts, **kw, cu_seqlens=cu, q_offset=off)
+        o = fn(*ts, *[None] * (8 - len(ts)), **kw, cu_seqlens=cu, q_offset=off)  # g_swa None
         o.backward(do.to(o.dtype))
         return [o.detach()] + [t.grad for t in ts]
 
     got = run("triton", inputs)
     ref = run("ref", inputs)
-    exact = run("ref", [t.double() for t in inputs])
+    exact = run("ref", [None if t is None else t.double() for t in inputs])
+    assert len(got) == (9 if kw["window"] else 8)    # o and every gradient, dg_swa if any
     names = ["o", "dq", "dk", "dv", "dk_cmp", "dv_cmp", "dg_cmp", "dg_slc", "dg_swa"]
     for name, a, r, x in zip(names, got, ref, exact):
         assert not torch.isnan(a).any(), name
@@ -140,12 +150,13 @@ def test_nsa_matches_ref(monkeypatch, case):
             assert ea <= 2 * er + 2e-3 and ea < 2e-2, (name, ea, er)
 
 
-@pytest.mark.parametrize("case", [CASES[i] for i in (3, 4, 8)], ids=lambda c: "-".join(
+@pytest.mark.parametrize("case", [CASES[i] for i in (3, 4, 8, 10)], ids=lambda c: "-".join(
     f"{k}{v}" for k, v in c.items() if k != "kw").replace("torch.", ""))
 def test_mix_in_selected_branch_gives_the_same_bits(monkeypatch, case):
     """NSA_MIX=slc (the gated sum in the selected branch's epilogue) against the separate mix
     kernel: the same output bits, with documents and q_offset, in bf16 with zero gates, and at
-    16 heads per group with the coarse and the fine tiling each (both launches write o)."""
+    16 heads per group with the coarse and the fine tiling each (both launches write o), and
+    without the window branch (two gates)."""
     from attn.nsa import gate_mix, slc
     monkeypatch.setattr(alloc, "empty", poisoned)
     monkeypatch.setenv("ATTN_IMPL", "triton")
@@ -211,3 +222,47 @@ def test_padded_and_exact_compressed_layouts_agree(monkeypatch):
             assert torch.equal(a[:, n:], torch.zeros_like(a[:, n:]))
             a = a[:, :n]
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), i
+
+
+def test_gate_mix_two_branches(monkeypatch):
+    """Without the window branch (o_swa None, gates [.., 2]): forward, gradients and the two
+    branch deltas against torch; a gates / o_swa mismatch is refused."""
+    monkeypatch.setattr(alloc, "empty", poisoned)
+    os_ = [torch.randn(2, 5, 3, 16).requires_grad_() for _ in range(2)]
+    g = torch.rand(2, 5, 3, 2).requires_grad_()
+    o = gate_mix(*os_, None, g)
+    do = torch.randn_like(o)
+    o.backward(do)
+    want = g[..., 0, None] * os_[0] + g[..., 1, None] * os_[1]
+    assert torch.allclose(o, want, atol=1e-6)
+    grads = torch.autograd.grad(want, [*os_, g], do)
+    for a, b in zip([t.grad for t in os_] + [g.grad], grads):
+        assert torch.allclose(a, b, atol=1e-5)
+    deltas = poisoned((2, 2, 3, 5), torch.float32, "cpu")
+    do1, do2, do3, _ = gate_mix_bwd(do, *(t.detach() for t in os_), None, g.detach(),
+                                    deltas=deltas)
+    assert do3 is None
+    for i, do_i in enumerate((do1, do2)):
+        want = (do_i * os_[i].detach()).sum(-1).transpose(1, 2)
+        assert torch.allclose(deltas[i], want, atol=1e-5), i
+    with pytest.raises(ValueError, match="gates"):
+        gate_mix(*os_, None, torch.rand(2, 5, 3, 3))
+    with pytest.raises(ValueError, match="gates"):
+        gate_mix(*os_, os_[0].detach(), g.detach())
+
+
+def test_window_and_g_swa_must_agree():
+    """window >= 1 needs g_swa, window = 0 takes none: one message naming both, on both paths."""
+    q = torch.randn(1, 40, 2, 16)
+    k = v = torch.randn(1, 40, 1, 16)
+    kc, vc = compress(k, v, 4, 2)
+    g = torch.rand(1, 40, 2)
+    kw = dict(cmp_block=4, cmp_stride=2, sel_block=8, topk=4)
+    with pytest.raises(ValueError, match="window=0 with g_swa given"):
+        nsa_attn(q, k, v, kc, vc, g, g, g, **kw, window=0)
+    with pytest.raises(ValueError, match="window=16 with g_swa None"):
+        nsa_attn(q, k, v, kc, vc, g, g, None, **kw, window=16)
+    with pytest.raises(ValueError, match="window=-1 must be >= 1, or 0"):
+        nsa_attn(q, k, v, kc, vc, g, g, None, **kw, window=-1)
+    with pytest.raises(ValueError, match="g_swa is given exactly when window >= 1"):
+        nsa_attn_ref(q, k, v, kc, vc, g, g, g, **kw, window=0)

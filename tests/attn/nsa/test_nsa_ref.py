@@ -101,6 +101,22 @@ def test_branches_and_gated_sum_match_brute_force(B, T, hq, hkv, opts):
         assert rel(a, b) < 1e-10, name
 
 
+def test_without_the_window_branch():
+    """window=0: ref.py's output is g_cmp·o_cmp + g_slc·o_slc of the brute force (the window
+    branch's window does not enter the other two), without and with documents and a q_offset."""
+    cu = torch.tensor([0, 9, 10, 45], dtype=torch.int32)
+    for docs, off in ((None, 0), (cu, 0), (cu, 17)):
+        x = inputs(1, 45, 8, 2, 8, 4, 2, docs)
+        want = brute_force(*x, **SMALL, cu=docs)
+        opts = {**SMALL, "window": 0}
+        q, k, v, kc, vc, gates = x
+        got = nsa_attn(q[:, off:], k, v, kc, vc, gates[:, off:, :, 0], gates[:, off:, :, 1], None,
+                       **opts, cu_seqlens=docs, q_offset=off)
+        two = gates[..., 0, None] * want[0] + gates[..., 1, None] * want[1]
+        assert rel(got, two[:, off:]) < 1e-10, (docs, off)
+        assert nsa_branches(*x[:5], **opts, cu_seqlens=docs)[2] is None
+
+
 def test_selection_is_shared_by_the_group():
     x = inputs(1, 40, 16, 1, 8, 4, 2)
     sel = nsa_branches(*x[:5], **SMALL)[3]
@@ -185,7 +201,8 @@ def test_bad_arguments():
         (dict(topk=2), "topk=2"),
         (dict(cmp_stride=8), "cmp_stride=8"),
         (dict(sel_block=0), "sel_block=0"),
-        (dict(window=0), "window=0"),
+        (dict(window=0), "window=0 with g_swa given"),      # window=0 takes g_swa=None
+        (dict(window=-1, g_swa=None), "window=-1 must be >= 1, or 0"),
         (dict(cu_seqlens=torch.tensor([0, 16], dtype=torch.int64)), "cu_seqlens"),
         # with documents k_cmp has the exact (5) or the padded (7) row count, nothing between
         (dict(cu_seqlens=torch.tensor([0, 9, 16], dtype=torch.int32), k_cmp=kc[:, :6],
@@ -218,6 +235,24 @@ def test_compress_layout_and_core(kind):
     # keys per query: 64/2/2 compressed + 3·8 selected + 6 window, 4·D·Hq FLOPs each, + MLPs
     mlp = 0.0 if kind == "mean" else 2 * 2 * (4 * 16 * 16 + 16 * 16) * 2 / 2
     assert core.attention_flops_per_token(64) == 4 * 16 * 4 * (16 + 24 + 6) + mlp
+
+
+def test_core_without_the_window_branch():
+    """attn.window=0: two gates per head (cmp, slc), every parameter gets a gradient, no window
+    term in the FLOPs, and gates for three branches are refused."""
+    core = NSACore(64, 4, 2, **{**SMALL, "window": 0}, compress="mean")
+    assert core.w_gate.out_features == 2 * 4
+    x = torch.randn(1, 40, 64, requires_grad=True)
+    core(x).square().sum().backward()
+    for name, p in core.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert core.attention_flops_per_token(64) == 4 * 16 * 4 * (16 + 24)
+    q = torch.randn(1, 40, 4, 16)
+    kv = torch.randn(1, 40, 2, 16)
+    with pytest.raises(ValueError, match=r"must be \[B, Tq, Hq, 2\]"):
+        core.attend(q, kv, kv, gates=torch.rand(1, 40, 4, 3))
+    with pytest.raises(ValueError, match="attn.window=-1"):
+        NSACore(64, 4, 2, **{**SMALL, "window": -1})
 
 
 def test_core_cp_invariants():
