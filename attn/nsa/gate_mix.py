@@ -47,10 +47,12 @@ def mix_rows(o1, o2, o3, G, grow, ok, NBR: tl.constexpr):
     arithmetic (both NSA_MIX placements)."""
     g1 = tl.load(G + grow * NBR, mask=ok, other=0.0).to(tl.float32)
     g2 = tl.load(G + grow * NBR + 1, mask=ok, other=0.0).to(tl.float32)
+    g3 = g2  # NBR = 2: not used
+    if NBR == 3:
+        g3 = tl.load(G + grow * NBR + 2, mask=ok, other=0.0).to(tl.float32)
     o = g1[:, None] * o1
     o += g2[:, None] * o2
     if NBR == 3:
-        g3 = tl.load(G + grow * NBR + 2, mask=ok, other=0.0).to(tl.float32)
         o += g3[:, None] * o3
     return o
 
@@ -63,11 +65,11 @@ def _mix_fwd_kernel(O1, O2, O3, G, OUT, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R:
     offs_d = tl.arange(0, HEAD_DIM)
     off = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
     o1 = tl.load(O1 + off, mask=ok[:, None], other=0.0).to(tl.float32)
-    o3 = o1  # NBR = 2: not read
+    o2 = tl.load(O2 + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    o3 = o2  # NBR = 2: not read
     if NBR == 3:
         o3 = tl.load(O3 + off, mask=ok[:, None], other=0.0).to(tl.float32)
-    o = mix_rows(o1, tl.load(O2 + off, mask=ok[:, None], other=0.0).to(tl.float32), o3,
-                 G, rows.to(tl.int64), ok, NBR)
+    o = mix_rows(o1, o2, o3, G, rows.to(tl.int64), ok, NBR)
     tl.store(OUT + off, cvt(o, OUT.dtype.element_ty), mask=ok[:, None])
 
 
