@@ -204,15 +204,17 @@ def _nsa_fwd_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torc
     if window:
         o_swa, lse_swa = window_fwd(q, k, v, scale, None if seg is None else seg[0], q_offset,
                                     window)
+        o_win = o_swa
+    else:  # no window branch: its outputs are two empty tensors (outputs must not alias)
+        o_swa, lse_swa = q.new_empty((0,)), q.new_empty((0,), dtype=torch.float32)
+        o_win = None
     slc_kw = dict(scale=scale, sel_block=sel_block, q_offset=q_offset)
     if gate_mix.MIX == "slc":   # the gated sum in the selected branch's epilogue
         o_slc, lse_slc, o = slc_attn_fwd(q, k, v, sel, table[2], table[3],
-                                         mix=(o_cmp, o_swa if window else None, gates), **slc_kw)
+                                         mix=(o_cmp, o_win, gates), **slc_kw)
     else:
         o_slc, lse_slc = slc_attn_fwd(q, k, v, sel, table[2], table[3], **slc_kw)
-        o = gate_mix.gate_mix_fwd(o_cmp, o_slc, o_swa if window else None, gates)
-    if not window:  # outputs must not alias: two empty tensors
-        o_swa, lse_swa = q.new_empty((0,)), q.new_empty((0,), dtype=torch.float32)
+        o = gate_mix.gate_mix_fwd(o_cmp, o_slc, o_win, gates)
     return o, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel
 
 
@@ -251,17 +253,16 @@ def _nsa_bwd_body(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     plan, table, seg = _geometry(q, k, k_cmp, v_cmp, scale, cmp_block, cmp_stride, sel_block,
                                  cu_seqlens, q_offset)
     B, tq, hq, _ = q.shape
-    branch = (o_swa,) if window else (None,)        # the window branch's output, if any
+    o_win = o_swa if window else None               # the window branch's output, if any
     branch_lse = (lse_cmp, lse_slc) + ((lse_swa,) if window else ())
     if _nonneg(gates) if gates_nonneg is None else gates_nonneg:
         # every branch backward takes dO itself, its lse shifted by −ln g (gate_mix.py)
-        dgates, lses, deltas = gate_mix_bwd_folded(do, o_cmp, o_slc, *branch, gates,
-                                                   branch_lse)
+        dgates, lses, deltas = gate_mix_bwd_folded(do, o_cmp, o_slc, o_win, gates, branch_lse)
         do_cmp = do_slc = do_swa = do
         g_cmp = gates
     else:
         deltas = alloc.empty((len(branch_lse), B, hq, tq), torch.float32, q.device)
-        do_cmp, do_slc, do_swa, dgates = gate_mix_bwd(do, o_cmp, o_slc, *branch, gates,
+        do_cmp, do_slc, do_swa, dgates = gate_mix_bwd(do, o_cmp, o_slc, o_win, gates,
                                                       deltas=deltas)
         lses, g_cmp = branch_lse, None
     dq, dk_cmp, dv_cmp = cmp_bwd(do_cmp, q, k_cmp, v_cmp, o_cmp, lses[0], plan, deltas[0],
