@@ -40,8 +40,8 @@ from attn.common.checks import check_cu_seqlens, check_cu_values, check_qkv, che
 from attn.common.customop import autograd_op_or_body, op_or_body
 from attn.common.documents import block_table, key_doc_bounds
 from attn.dispatch import impl_for
-from attn.nsa.ref import (cmp_block_starts, cmp_cu_seqlens, cmp_rows, nsa_attn_ref,
-                          num_cmp_blocks)
+from attn.nsa.ref import (check_window, cmp_block_starts, cmp_cu_seqlens, cmp_rows,
+                          nsa_attn_ref, num_cmp_blocks)
 
 _HEAD_DIMS = (16, 32, 64, 128)
 
@@ -88,14 +88,7 @@ def _check(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, cmp_block, cmp_stride, se
     if topk < 3:
         raise ValueError(f"nsa_attn: topk={topk} must be >= 3 (block 0 and the two most recent "
                          "blocks are always selected)")
-    if window < 0:
-        raise ValueError(f"nsa_attn: window={window} must be >= 1, or 0 for no sliding-window "
-                         "branch")
-    if (window == 0) != (g_swa is None):
-        raise ValueError(f"nsa_attn: window={window} with g_swa "
-                         f"{'None' if g_swa is None else 'given'}: the window branch's gate "
-                         "g_swa is given exactly when window >= 1 (window=0, g_swa=None: no "
-                         "window branch)")
+    check_window(window, g_swa, "nsa_attn")
     if cu_seqlens is not None:
         # with documents k_cmp is padded to the no-document count (compress's form) or exact;
         # the exact count is read from cu_seqlens, which torch.compile cannot trace: there only

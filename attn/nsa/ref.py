@@ -207,14 +207,21 @@ def nsa_branches(q, k, v, k_cmp, v_cmp, *, cmp_block=32, cmp_stride=16, sel_bloc
     return o_cmp, o_slc, o_swa, sel
 
 
+def check_window(window: int, g_swa, fn: str) -> None:
+    """window >= 1 with its gate g_swa, or window = 0 (no window branch) with g_swa None."""
+    if window < 0:
+        raise ValueError(f"{fn}: window={window} must be >= 1, or 0 for no sliding-window branch")
+    if (window == 0) != (g_swa is None):
+        raise ValueError(f"{fn}: window={window} with g_swa "
+                         f"{'None' if g_swa is None else 'given'}: g_swa is given exactly when "
+                         "window >= 1 (window=0, g_swa=None: no window branch)")
+
+
 def nsa_attn_ref(q, k, v, k_cmp, v_cmp, g_cmp, g_slc, g_swa, *, cmp_block=32, cmp_stride=16,
                  sel_block=64, topk=16, window=512, scale=None, cu_seqlens=None, q_offset=0):
     """NSA output [B, Tq, Hq, D] in q's dtype (fp32 math, float64 for float64 inputs); window=0
     with g_swa=None: without the sliding-window branch."""
-    if (window == 0) != (g_swa is None):
-        raise ValueError(f"nsa_attn_ref: window={window} with g_swa "
-                         f"{'None' if g_swa is None else 'given'}: g_swa is given exactly when "
-                         "window >= 1")
+    check_window(window, g_swa, "nsa_attn_ref")
     o_cmp, o_slc, o_swa, _ = nsa_branches(
         q, k, v, k_cmp, v_cmp, cmp_block=cmp_block, cmp_stride=cmp_stride, sel_block=sel_block,
         topk=topk, window=window, scale=scale, cu_seqlens=cu_seqlens, q_offset=q_offset)

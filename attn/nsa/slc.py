@@ -163,16 +163,14 @@ def _tile_rows(Q, K, V, O, LSE, DO, DELTA, SEL, BLK_START, BLK_END, UNION, USTAR
         tl.store(LSE + r_off, tl.where(bad, float("nan"), lse), mask=m_ok)
         if MIX != 0:
             grow = (b.to(tl.int64) * Tq + rows) * HQ + h           # row of GATES [.., MIX]
+            o_cmp = tl.load(OC + q_off[:, None] + offs_d[None, :], mask=m_ok[:, None],
+                            other=0.0).to(tl.float32)
+            o_slc32 = o_slc.to(tl.float32)
+            o_swa = o_slc32  # MIX = 2 (no window branch): not read
             if MIX == 3:
-                o = mix_rows(tl.load(OC + q_off[:, None] + offs_d[None, :], mask=m_ok[:, None],
-                                     other=0.0).to(tl.float32), o_slc.to(tl.float32),
-                             tl.load(OW + q_off[:, None] + offs_d[None, :], mask=m_ok[:, None],
-                                     other=0.0).to(tl.float32), GATES, grow, m_ok, 3)
-            else:  # no window branch: the third operand is not read
-                o_slc32 = o_slc.to(tl.float32)
-                o = mix_rows(tl.load(OC + q_off[:, None] + offs_d[None, :], mask=m_ok[:, None],
-                                     other=0.0).to(tl.float32), o_slc32, o_slc32, GATES, grow,
-                             m_ok, 2)
+                o_swa = tl.load(OW + q_off[:, None] + offs_d[None, :], mask=m_ok[:, None],
+                                other=0.0).to(tl.float32)
+            o = mix_rows(o_cmp, o_slc32, o_swa, GATES, grow, m_ok, MIX)
             tl.store(OMIX + q_off[:, None] + offs_d[None, :], cvt(o, OMIX.dtype.element_ty),
                      mask=m_ok[:, None])
 
