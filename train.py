@@ -481,7 +481,9 @@ def _hydra_main():
     @hydra.main(config_path="configs", config_name="train", version_base="1.3")
     def main(cfg: DictConfig) -> float:
         try:
-            return run(cfg, HydraConfig.get().runtime.output_dir)
+            result = run(cfg, HydraConfig.get().runtime.output_dir)
+            shutdown(together=True)
+            return result
         except (ValueError, FloatingPointError, RunFolderInUse) as err:  # config, input, folder
             if os.environ.get("LONGCTX_TRACEBACK"):
                 raise
@@ -490,7 +492,7 @@ def _hydra_main():
             print(stopped, file=sys.stderr)
             sys.exit(EXIT_PREEMPTED)
         finally:
-            shutdown()
+            shutdown()  # the error paths (no-op after the normal one)
 
     main()
 

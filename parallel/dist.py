@@ -80,6 +80,12 @@ def broadcast_object(obj, src: int = 0):
     return obj
 
 
-def shutdown() -> None:
+def shutdown(together: bool = False) -> None:
+    """Tear the process group down (no-op without one). together: every rank got here normally,
+    so they meet at a barrier first; a rank that tears gloo down while a peer is still in its
+    last collective can abort at exit ("terminate called without an active exception"). Error
+    paths pass False: a peer that failed would never reach the barrier."""
     if dist.is_initialized():
+        if together and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
