@@ -28,6 +28,9 @@
 #   moba-tile     A/B of MoBA's tile kernels, the Triton one against the persistent Gluon ones:
 #                 MOBA_TILE_IMPL (forward only), then MOBA_TILE_DQ_IMPL (forward + backward)
 #                 (as moba-gluon)                            -> $OUT/moba-tile/, $OUT/moba-tile-dq/
+#   moba-heads    A/B of MoBA's head pieces under GQA, MOBA_HEAD_CHUNKS=1 (one call over all heads)
+#                 against auto (attn/moba/heads.py), forward + backward, moba (16k) and moba64k_gqa
+#                 (64k), both 16 / 4 heads (as moba-gluon)              -> $OUT/moba-heads/
 #   moba-ncu      Nsight Compute on MoBA's dK/dV kernel at 64k (16 / 16 heads), the Triton one and
 #                 the Gluon one (MOBA_DKDV_IMPL): speed of light, memory, warp states, occupancy
 #                 (tune_moba.py --once; --clock-control none)     -> $OUT/moba-ncu/{triton,gluon}.txt
@@ -84,6 +87,7 @@ declare -A TESTS=(
   [moba-ncu]="tests/attn/moba/test_moba_dkdv_gluon.py"
   [moba-routed]="tests/attn/moba/test_moba_routed_gluon.py"
   [moba-tile]="tests/attn/moba/test_moba_tile_gluon.py"
+  [moba-heads]="tests/attn/moba/test_moba_heads.py tests/attn/moba/test_moba_gpu.py"
   [nsa]="tests/attn/nsa" [nsa-parts]="tests/attn/nsa"
   [nsa-select]="tests/attn/nsa/test_nsa_select.py tests/attn/nsa/test_nsa_gpu.py"
   [nsa-mix]="tests/attn/nsa/test_nsa_op.py tests/attn/nsa/test_nsa_gpu.py"
@@ -193,6 +197,9 @@ run_part() {  # run_part PART ARGS...
                   && bench moba-tile-dq "$limit" scripts/bench/ab_kernels.py \
                     triton=.@MOBA_TILE_DQ_IMPL=triton gluon=.@MOBA_TILE_DQ_IMPL=gluon \
                     --cases moba,moba64k --mode fwdbwd --rounds 3 "$@" ;;
+    moba-heads)   bench moba-heads "$limit" scripts/bench/ab_kernels.py \
+                    one=.@MOBA_HEAD_CHUNKS=1 pieces=.@MOBA_HEAD_CHUNKS=auto \
+                    --cases moba,moba64k_gqa --mode fwdbwd --rounds 3 "$@" ;;
     moba-ncu)     mkdir -p "$OUT/moba-ncu"
                   for impl in ${MOBA_NCU_IMPLS:-triton gluon}; do
                     MOBA_DKDV_IMPL=$impl timeout "$limit" ncu --clock-control none \

@@ -394,8 +394,9 @@ def _tile_layout(rows: int, d: int, bf16: bool):
 
 
 def tile_desc(t, rows: int):
-    """TMA descriptor of a contiguous [B, T, H, D] 16-bit tensor viewed as [B·T, H·D], tiles of
-    [rows, D] in the default swizzled shared layout."""
+    """TMA descriptor of a [B, T, H, D] 16-bit tensor viewed as [B·T, H·D], tiles of [rows, D]
+    in the default swizzled shared layout: a contiguous tensor, or a view whose (B, T) and
+    (H, D) dims merge (MoBA's head pieces, attn/moba/heads.py: the full tensor's token stride)."""
     B, T, H, d = t.shape
     t2 = t.view(B * T, H * d)
     return TensorDescriptor(t2, list(t2.shape), list(t2.stride()), [rows, d],

@@ -35,6 +35,7 @@ from attn.common.softmax import softmax_step
 from attn.common.softmax_bwd import dq_acc
 from attn.dispatch import INTERPRET
 from attn.flash.common import gluon_chosen, impl_setting
+from attn.moba.heads import head_pieces, token_stride
 from attn.moba.routed import chunk_scores, routed_dq, routed_fwd
 
 # MOBA_TILE_IMPL: the forward's tile kernel when blocks are routed, auto (default: tile_gluon.py's
@@ -124,18 +125,19 @@ def _sum_partials(dq, SEL, DQP, ent, m_ok, HEAD_DIM: tl.constexpr, NSEL: tl.cons
 def _tile_kernel(Q, K, V, O, LSE, DO, DELTA, DQ, SEL, OP, LP, KBLK, BLK_START, scale, qk_scale,
                  q_offset, Tq, Tk,
                  HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 STRIDE_QT: tl.constexpr, STRIDE_KT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSEL: tl.constexpr,
                  ROUTED: tl.constexpr, DQ_MODE: tl.constexpr, DOT_PREC: tl.constexpr):
     """Own block of BLOCK_M query rows, merged with the rows' routed partials (routed.py).
     DQ_MODE=False: forward, OP/LP = normalised partial outputs and their log2 lse; writes O, LSE.
-    DQ_MODE=True: dQ, OP = partial dQ sums (LP unused); reads LSE, DELTA, DO; writes DQ."""
+    DQ_MODE=True: dQ, OP = partial dQ sums (LP unused); reads LSE, DELTA, DO; writes DQ.
+    STRIDE_QT / STRIDE_KT: token strides of Q, O, DO, DQ / K, V (heads.py's pieces are views
+    of the full tensors)."""
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # long rows first
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
     hkv = h // (HQ // HKV)
-    STRIDE_QT: tl.constexpr = HQ * HEAD_DIM
-    STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
     k_base = K + b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
     v_base = V + b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -225,7 +227,20 @@ def fwd_triton(q, k, v, sel, table, scale, q_offset, index=None, block_size=None
                has_docs=True):
     """o [B, Tq, Hq, D] (q.dtype), lse [B, Hq, Tq] fp32, given the selection SEL and its inverse
     index (routed.routed_entries; None when nothing is routed, topk == 1); has_docs (unknown:
-    True) whether the blocks restart at documents."""
+    True) whether the blocks restart at documents. The routed and tile steps run per head piece
+    (heads.py), each piece's partials freed before the next."""
+    B, tq, hq, d = q.shape
+    o = alloc.empty(q.shape, q.dtype, q.device)
+    lse = alloc.empty((B, hq, tq), torch.float32, q.device)
+    nb = table[2].numel()
+    for p in head_pieces(B, hq, k.shape[2], sel.shape[-1], index is not None):
+        _fwd_piece(p.q(q), p.kv(k), p.kv(v), p.heads(sel), table, scale, q_offset,
+                   p.index(index, hq, nb), block_size, has_docs, p.q(o), p.heads(lse))
+    return o, lse
+
+
+def _fwd_piece(q, k, v, sel, table, scale, q_offset, index, block_size, has_docs, o, lse):
+    """fwd_triton on one head piece: q, k, v, o views, sel, lse and the index its slices."""
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     kblk, _, blk_start, _ = table
@@ -235,22 +250,35 @@ def fwd_triton(q, k, v, sel, table, scale, q_offset, index=None, block_size=None
         op, lp = routed_fwd(q, k, v, index, table, scale * LOG2E_F, nsel, block_size, has_docs)
         if _tile_gluon(q, k, block_size, q_offset, has_docs):
             from attn.moba.tile_gluon import tile_fwd_gluon
-            return tile_fwd_gluon(q, k, v, sel, op, lp, scale * LOG2E_F, q_offset, block_size)
-    o = alloc.empty(q.shape, q.dtype, q.device)
-    lse = alloc.empty((B, hq, tq), torch.float32, q.device)
-    if not routed:
+            tile_fwd_gluon(q, k, v, sel, op, lp, scale * LOG2E_F, q_offset, block_size,
+                           out=(o, lse))
+            return
+    else:
         op, lp = lse, lse  # dummies, never read
     bm, bn, w, s = _cfg("fwd", q.dtype, d)
     _tile_kernel[(triton.cdiv(tq, bm), B * hq)](
         q, k, v, o, lse, q, lse, q, sel, op, lp, kblk, blk_start, scale, scale * LOG2E_F,
-        q_offset, tq, tk, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel,
-        ROUTED=routed, DQ_MODE=False, DOT_PREC=dot_precision(q.dtype),
-        num_warps=w, num_stages=s)
-    return o, lse
+        q_offset, tq, tk, HQ=hq, HKV=hkv, HEAD_DIM=d, STRIDE_QT=token_stride(q, o),
+        STRIDE_KT=token_stride(k, v), BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel, ROUTED=routed,
+        DQ_MODE=False, DOT_PREC=dot_precision(q.dtype), num_warps=w, num_stages=s)
 
 
 def dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index=None,
               block_size=None, has_docs=True):
+    """dq [B, Tq, Hq, D]: the routed dQ partials and the tile dQ per head piece (heads.py)."""
+    B, tq, hq, d = q.shape
+    dq = alloc.empty(q.shape, q.dtype, q.device)
+    nb = table[2].numel()
+    for p in head_pieces(B, hq, k.shape[2], sel.shape[-1], index is not None):
+        _dq_piece(p.q(do), p.q(q), p.kv(k), p.kv(v), p.heads(lse), p.heads(delta),
+                  p.heads(sel), table, scale, q_offset, p.index(index, hq, nb), block_size,
+                  has_docs, p.q(dq))
+    return dq
+
+
+def _dq_piece(do, q, k, v, lse, delta, sel, table, scale, q_offset, index, block_size, has_docs,
+              dq):
+    """dq_triton on one head piece (as _fwd_piece)."""
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     kblk, _, blk_start, _ = table
@@ -261,13 +289,12 @@ def dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index=None,
         else lse  # dummy, never read
     if routed and _tile_dq_gluon(q, k, block_size, q_offset, has_docs):
         from attn.moba.tile_dq_gluon import tile_dq_gluon
-        return tile_dq_gluon(do, q, k, v, lse, delta, sel, dqp, scale, scale * LOG2E_F, q_offset,
-                             block_size)
-    dq = alloc.empty(q.shape, q.dtype, q.device)
+        tile_dq_gluon(do, q, k, v, lse, delta, sel, dqp, scale, scale * LOG2E_F, q_offset,
+                      block_size, out=dq)
+        return
     bm, bn, w, s = _cfg("dq", q.dtype, d)
     _tile_kernel[(triton.cdiv(tq, bm), B * hq)](
         q, k, v, q, lse, do, delta, dq, sel, dqp, lse, kblk, blk_start, scale, scale * LOG2E_F,
-        q_offset, tq, tk, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel,
-        ROUTED=routed, DQ_MODE=True, DOT_PREC=dot_precision(q.dtype),
-        num_warps=w, num_stages=s)
-    return dq
+        q_offset, tq, tk, HQ=hq, HKV=hkv, HEAD_DIM=d, STRIDE_QT=token_stride(q, do, dq),
+        STRIDE_KT=token_stride(k, v), BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel, ROUTED=routed,
+        DQ_MODE=True, DOT_PREC=dot_precision(q.dtype), num_warps=w, num_stages=s)

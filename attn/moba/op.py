@@ -14,7 +14,8 @@ the kernels on CPU tensors). The Triton path, never materialising T × T:
   routed.py  per block, its gathered routed rows attend it in full
              (partial output + lse, partial dQ per (row, slot))
   fwd.py     per query tile: own block (causal) merged with the row's routed partials (forward
-             through the lse, dQ by summation)
+             through the lse, dQ by summation); routed and tile steps per head piece (heads.py:
+             the partials within dk + dv's bytes under GQA)
   bwd.py     delta, dK/dV per key tile over own-block rows and the routed rows of its blocks
 No gradient flows through the gate (the selection is piecewise constant; ref.py likewise).
 """

@@ -39,6 +39,7 @@ from attn.common.softmax import softmax_step
 from attn.common.softmax_bwd import dq_acc
 from attn.dispatch import INTERPRET
 from attn.flash.common import gluon_chosen, impl_setting
+from attn.moba.heads import token_stride
 
 # MOBA_ROUTED_IMPL: the routed forward, auto (default: routed_gluon.py's warp-specialized kernel
 # on Hopper within its scope, _routed_fwd_kernel below otherwise), triton or gluon
@@ -104,6 +105,7 @@ def chunk_scores(q, k_base, v_base, start_n, offs_n, end, qk_scale, STRIDE_KT: t
 @triton.jit
 def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_scale, Tq, Tk, NB,
                        HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       STRIDE_QT: tl.constexpr, STRIDE_KT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSEL: tl.constexpr,
                        SPLIT: tl.constexpr, EVEN: tl.constexpr, DOT_PREC: tl.constexpr):
     # the SPLIT programs of one (block, head) are neighbours on grid axis 0, so they run at the
@@ -115,8 +117,6 @@ def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_
     b = pid_bh // HQ
     h = pid_bh % HQ
     hkv = h // (HQ // HKV)
-    STRIDE_QT: tl.constexpr = HQ * HEAD_DIM
-    STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
     q_base = Q + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
     k_base = K + b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
     v_base = V + b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
@@ -166,6 +166,7 @@ def _routed_fwd_kernel(Q, K, V, OP, LP, ROWPTR, ENTRIES, BLK_START, BLK_END, qk_
 def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, BLK_END,
                       qk_scale, Tq, Tk, NB,
                       HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      STRIDE_QT: tl.constexpr, STRIDE_KT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NSEL: tl.constexpr,
                       SPLIT: tl.constexpr, EVEN: tl.constexpr, DOT_PREC: tl.constexpr):
     j = tl.program_id(0) // SPLIT  # (block, split) pairs on axis 0: see the forward
@@ -174,8 +175,6 @@ def _routed_dq_kernel(Q, K, V, DO, LSE, DELTA, DQP, ROWPTR, ENTRIES, BLK_START, 
     b = pid_bh // HQ
     h = pid_bh % HQ
     hkv = h // (HQ // HKV)
-    STRIDE_QT: tl.constexpr = HQ * HEAD_DIM
-    STRIDE_KT: tl.constexpr = HKV * HEAD_DIM
     q_base = Q + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
     do_base = DO + b.to(tl.int64) * Tq * STRIDE_QT + h * HEAD_DIM
     k_base = K + b.to(tl.int64) * Tk * STRIDE_KT + hkv * HEAD_DIM
@@ -257,7 +256,8 @@ def _routed_gluon(q, k, block_size, has_docs) -> bool:
 def routed_fwd(q, k, v, index, table, scale_log2, nsel: int, block_size=None, has_docs=True):
     """(OP, LP): normalised partial output and log2 lse of every (row, slot) entry. block_size
     (None: unknown) lets the kernel drop the key mask when its key chunk divides the block;
-    has_docs (unknown: True) whether the blocks restart at documents."""
+    has_docs (unknown: True) whether the blocks restart at documents. q, k, v may be a head
+    piece's views (heads.py), index its slice."""
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     _, _, blk_start, blk_end = table
@@ -272,7 +272,8 @@ def routed_fwd(q, k, v, index, table, scale_log2, nsel: int, block_size=None, ha
     split = INTERP_SPLIT if INTERPRET else GPU_SPLIT
     _routed_fwd_kernel[(nb * split, B * hq)](
         q, k, v, op, lp, rowptr, entries, blk_start, blk_end, scale_log2, tq, tk, nb, HQ=hq,
-        HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel, SPLIT=split,
+        HKV=hkv, HEAD_DIM=d, STRIDE_QT=token_stride(q), STRIDE_KT=token_stride(k, v),
+        BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel, SPLIT=split,
         EVEN=even_blocks(block_size, bn), DOT_PREC=dot_precision(q.dtype), num_warps=w,
         num_stages=s)
     return op, lp
@@ -305,7 +306,8 @@ def routed_dq(do, q, k, v, lse, delta, index, table, scale_log2, nsel: int, bloc
     split = INTERP_SPLIT if INTERPRET else GPU_SPLIT
     _routed_dq_kernel[(nb * split, B * hq)](
         q, k, v, do, lse, delta, dqp, rowptr, entries, blk_start, blk_end, scale_log2, tq, tk,
-        nb, HQ=hq, HKV=hkv, HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel, SPLIT=split,
+        nb, HQ=hq, HKV=hkv, HEAD_DIM=d, STRIDE_QT=token_stride(q, do),
+        STRIDE_KT=token_stride(k, v), BLOCK_M=bm, BLOCK_N=bn, NSEL=nsel, SPLIT=split,
         EVEN=even_blocks(block_size, bn), DOT_PREC=dot_precision(q.dtype), num_warps=w,
         num_stages=s)
     return dqp

@@ -34,6 +34,7 @@ from attn.flash.bwd_gluon import LOG2E
 from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, HALF_M, PRODUCER_REGS, cta_sync,
                                   kv_ring, mma_layout, tile_desc)
 from attn.moba.dkdv_gluon import row_copy_layout
+from attn.moba.heads import gather_heads, token_stride
 from attn.moba.routed_gluon import (BLOCK_N, PRODUCER_WARPS, TILE, chunk_barriers,
                                     chunk_producer, consumer_entries, routed_scope_error,
                                     routed_work, store_entries)
@@ -184,12 +185,13 @@ def routed_dq_gluon(do, q, k, v, lse, delta, index, nb: int, nsel: int, scale_lo
     tk, hkv = k.shape[1], k.shape[2]
     rowptr, entries = index
     rows = entries // nsel     # the entries' query rows: no division in the producer
-    q, k, v, do = (t.contiguous() for t in (q, k, v, do))
+    token_stride(k, v)
     split = splits or DQ_SPLIT
+    # the producer's hq: the full tensor's head count, also for a head piece (heads.gather_heads)
     _routed_dq_kernel[(nb * split, B * hq)](
         q, do, lse, delta, tile_desc(q, HALF_M.value), tile_desc(k, BLOCK_N.value),
-        tile_desc(v, BLOCK_N.value), dqp, entries, rows, rowptr, scale_log2, tq, tk, nb, hq,
-        hq // hkv, nsel, split, block_size, HEAD_DIM=d, STAGES=DQ_STAGES[d],
+        tile_desc(v, BLOCK_N.value), dqp, entries, rows, rowptr, scale_log2, tq, tk, nb,
+        gather_heads(q, do), hq // hkv, nsel, split, block_size, HEAD_DIM=d, STAGES=DQ_STAGES[d],
         CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS, num_warps=CONSUMER_WARPS,
         PRODUCER_WARPS=PRODUCER_WARPS)
     return dqp

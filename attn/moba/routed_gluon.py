@@ -38,6 +38,7 @@ from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, HALF_M, PRODUCE
                                   fwd_step, kv_load, kv_ring, mma_layout, online_softmax,
                                   scope_error, tile_desc)
 from attn.moba.dkdv_gluon import SUB_M, cp_async, row_copy_layout
+from attn.moba.heads import gather_heads, token_stride
 
 TILE = gl.constexpr(128)    # entries per chunk: 64 per consumer
 BLOCK_N = gl.constexpr(64)  # keys per K/V ring stage (128-key stages leave no room for the Q ring)
@@ -90,7 +91,8 @@ def chunk_producer(Q, DO, LSE, DELTA, ROWS, ROWPTR, k_desc, v_desc, q_smem, do_s
                    group, NB, block_size, grp, c0, cstep, nch, DQ: gl.constexpr):
     """The producer of both routed kernels: per chunk c0 + c·cstep of group grp, its rows into
     the chunk ring (gather_chunk; row ids loaded a chunk ahead), then the block's K/V tiles into
-    the K/V ring (slots counted across chunks)."""
+    the K/V ring (slots counted across chunks). hq: Q's head count in memory (its token stride
+    / D; for a head piece the full tensor's, heads.gather_heads)."""
     HEAD_DIM: gl.constexpr = k_desc.block_type.shape[1]
     PW: gl.constexpr = gl.num_warps()
     SPT: gl.constexpr = TILE // (32 * PW) if TILE >= 32 * PW else 1
@@ -305,11 +307,12 @@ def routed_fwd_gluon(q, k, v, index, nb: int, nsel: int, scale_log2: float, bloc
     tk, hkv = k.shape[1], k.shape[2]
     rowptr, entries = index
     rows = entries // nsel     # the entries' query rows: no division in the producer
-    q, k, v = (t.contiguous() for t in (q, k, v))
+    token_stride(k, v)
     split = splits or SPLIT
+    # the producer's hq: the full tensor's head count, also for a head piece (heads.gather_heads)
     _routed_fwd_kernel[(nb * split, B * hq)](
         q, tile_desc(q, HALF_M.value), tile_desc(k, BLOCK_N.value), tile_desc(v, BLOCK_N.value),
-        op, lp, entries, rows, rowptr, scale_log2, tq, tk, nb, hq, hq // hkv, nsel, split,
-        block_size, HEAD_DIM=d, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
+        op, lp, entries, rows, rowptr, scale_log2, tq, tk, nb, gather_heads(q), hq // hkv, nsel,
+        split, block_size, HEAD_DIM=d, CONSUMER_REGS=CONSUMER_REGS, PRODUCER_REGS=PRODUCER_REGS,
         num_warps=CONSUMER_WARPS, PRODUCER_WARPS=PRODUCER_WARPS)
     return op, lp

@@ -34,6 +34,7 @@ from attn.flash.common import _sm_count
 from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, HALF_M, PRODUCER_REGS,
                                   cta_sync, kv_ring, mma_layout, tile_desc, tma_store)
 from attn.moba.routed_dq_gluon import DQ_STAGES, dq_step
+from attn.moba.heads import token_stride
 from attn.moba.routed_gluon import chunk_barriers
 from attn.moba.tile_gluon import (BLOCK_N, TILE_M, partial_desc, ring_partial, skip_stage,
                                   tile_at, tile_count, tile_producer, tile_scope_error,
@@ -149,18 +150,20 @@ def _tile_dq_kernel(q_desc, do_desc, k_desc, v_desc, p_desc, dq_desc, LSE, DELTA
 # launch
 
 def tile_dq_gluon(do, q, k, v, lse, delta, sel, dqp, scale: float, scale_log2: float,
-                  q_offset: int, block_size: int, programs=None):
+                  q_offset: int, block_size: int, programs=None, out=None):
     """dQ of fwd.dq_triton's contract given the routed partial sums dqp and sel, through the
     persistent Gluon kernel; ValueError outside its scope (documents are the caller's to rule
-    out). programs: tuning override of the grid (default: one per SM)."""
+    out). programs: tuning override of the grid (default: one per SM); out: the dq to write (a
+    head piece's view, heads.py), else a new one."""
     why = tile_scope_error(q, k, block_size, q_offset, False)
     if why is not None:
         raise ValueError(why.replace("tile forward", "tile dQ"))
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     nsel = sel.shape[-1]
-    q, k, v, do = (t.contiguous() for t in (q, k, v, do))
-    dq = alloc.empty(q.shape, q.dtype, q.device)
+    dq = alloc.empty(q.shape, q.dtype, q.device) if out is None else out
+    token_stride(q, do, dq)
+    token_stride(k, v)
     p_desc = partial_desc(dqp, tq, d)
     nqt = tq // TILE_M.value
     n_tiles = B * hq * nqt

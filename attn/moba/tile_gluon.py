@@ -43,6 +43,7 @@ from attn.flash.common import _sm_count
 from attn.flash.fwd_gluon import (CONSUMER_REGS, CONSUMER_WARPS, HALF_M, LN2, PRODUCER_REGS,
                                   _tile_layout, cta_sync, fwd_step, kv_load, kv_ring, mma_layout,
                                   online_softmax, scope_error, tile_desc, tma_load, tma_store)
+from attn.moba.heads import token_stride
 from attn.moba.routed_gluon import chunk_barriers
 
 TILE_M = gl.constexpr(128)  # rows per tile: 64 per consumer
@@ -357,19 +358,23 @@ def partial_desc(parts, tq: int, d: int):
 
 
 def tile_fwd_gluon(q, k, v, sel, op, lp, scale_log2: float, q_offset: int, block_size: int,
-                   programs=None):
+                   programs=None, out=None):
     """(o, lse) of fwd.fwd_triton's contract given the routed partials (op, lp) and sel, through
     the persistent Gluon kernel; ValueError outside its scope (documents are the caller's to
-    rule out). programs: tuning override of the grid (default: one per SM)."""
+    rule out). programs: tuning override of the grid (default: one per SM); out: (o, lse) to
+    write (a head piece's views, heads.py), else new ones."""
     why = tile_scope_error(q, k, block_size, q_offset, False)
     if why is not None:
         raise ValueError(why)
     B, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     nsel = sel.shape[-1]
-    q, k, v = (t.contiguous() for t in (q, k, v))
-    o = alloc.empty(q.shape, q.dtype, q.device)
-    lse = alloc.empty((B, hq, tq), torch.float32, q.device)
+    if out is None:
+        out = alloc.empty(q.shape, q.dtype, q.device), \
+            alloc.empty((B, hq, tq), torch.float32, q.device)
+    o, lse = out
+    token_stride(q, o)
+    token_stride(k, v)
     p_desc = partial_desc(op, tq, d)
     nqt = tq // TILE_M.value
     n_tiles = B * hq * nqt

@@ -16,7 +16,8 @@ host's time per call (enqueued behind a sleeping GPU: a case whose host time nea
 is launch-bound). Cases (scripts/bench/layer_cases.py, shared with scripts/tune/host_profile.py):
 flash (causal, GQA 16/4, D 128), flash64 (16 heads, D 64: the 350m model's layer), lightning
 (batch 4), MoBA, NSA (64 / 4 heads) at 16k tokens per sequence; on request moba64k (16 / 16
-heads: bench_moba.py's layer), nsa64k and nsa64k_b64 (fla's geometry) at 64k;
+heads: bench_moba.py's layer), moba64k_gqa (16 / 4), nsa64k and nsa64k_b64 (fla's geometry) at
+64k;
 bf16, autotuning off (FLASH_AUTOTUNE=0, LINEAR_AUTOTUNE=0: the default configs).
 Writes <out>/ab_kernels.json and .md.
 """
@@ -30,7 +31,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-CASES = ("flash", "lightning", "moba", "nsa")  # default; flash64, moba64k, nsa64k(_b64) on request
+CASES = ("flash", "lightning", "moba", "nsa")  # default; flash64, moba64k(_gqa), nsa64k(_b64)
+# on request
 
 # one process: import attn from sys.argv[1], time every case, print {case: ms} as JSON
 WORKER = r"""

@@ -5,7 +5,7 @@ sys.path gets that checkout's kernels.
 
   flash      causal, GQA 16 / 4, D 128          flash64   2 x 8k, 16 heads, D 64 (the 350m layer)
   lightning  batch 4, 16 heads, ALiBi slopes    moba      16 / 4 heads, block 512, top-3
-  moba64k    64k, 16 / 16 heads (bench_moba.py's layer)
+  moba64k    64k, 16 / 16 heads (bench_moba.py's layer)   moba64k_gqa  64k, 16 / 4 heads
   nsa        64 / 4 heads, compression 32 / 16  nsa64k    the same at 64k
   nsa64k_b64 64k, 64 / 4 heads, fla's geometry (compression 64 / 64, selection blocks of 64)
 """
@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 T, H, HKV, D = 16384, 16, 4, 128
-CASES = ("flash", "flash64", "lightning", "moba", "moba64k", "nsa", "nsa64k", "nsa64k_b64")
+CASES = ("flash", "flash64", "lightning", "moba", "moba64k", "moba64k_gqa", "nsa", "nsa64k",
+         "nsa64k_b64")
 
 
 def case(name: str):
@@ -36,9 +37,10 @@ def case(name: str):
         q, k, v = (randn(4, T, H, D) for _ in range(3))  # one sequence: launch-bound, +-10 %
         slopes = torch.linspace(0.01, 0.5, H, device=dev)
         return lambda: lightning_attn(q, k, v, slopes)[0], (q, k, v)
-    if name in ("moba", "moba64k"):
+    if name in ("moba", "moba64k", "moba64k_gqa"):
         from attn.moba import moba_attn
-        t, hkv = (4 * T, H) if name == "moba64k" else (T, HKV)
+        t = T if name == "moba" else 4 * T
+        hkv = H if name == "moba64k" else HKV
         q, k, v = randn(1, t, H, D), randn(1, t, hkv, D), randn(1, t, hkv, D)
         return lambda: moba_attn(q, k, v, block_size=512, topk=3), (q, k, v)
     if name in ("nsa", "nsa64k", "nsa64k_b64"):

@@ -3,7 +3,8 @@ block 512, topk 3. T = 8k: output and gradients against the float64 dense defini
 rules as the CPU tests, moba_testlib.py). T = 32k: the dense oracle does not fit, so the last
 1024 queries are checked through q_offset (routing is per query, so a query's output does not
 depend on which other queries are in the call), and the backward must be finite and
-deterministic."""
+deterministic. With GQA (16 / 4): the head pieces (attn/moba/heads.py) bit for bit against one
+call, and the forward + backward's peak memory against flash's."""
 from __future__ import annotations
 
 import pytest
@@ -119,3 +120,61 @@ def test_gpu_tokens_heads_dim_past_2_31(monkeypatch):
     about 45 GB at the peak."""
     monkeypatch.setenv("ATTN_IMPL", "triton")
     print(big_moba_case("cuda", T=2 ** 20 + 1024, H=16, D=128, bs=512, topk=3, R=64))
+
+
+def _gqa_inputs(T, hq=16, hkv=4, d=128):
+    torch.manual_seed(0)
+    q = torch.randn(1, T, hq, d, device="cuda", dtype=bf16, requires_grad=True)
+    k = torch.randn(1, T, hkv, d, device="cuda", dtype=bf16, requires_grad=True)
+    v = torch.randn(1, T, hkv, d, device="cuda", dtype=bf16, requires_grad=True)
+    return q, k, v, torch.randn_like(q)
+
+
+def test_gpu_head_pieces_bit_for_bit(monkeypatch):
+    """16 / 4 heads at 8k, top-3: the four head pieces (heads.py; the Gluon routed and tile
+    kernels on views of the full tensors) give one call's bits, output and every gradient."""
+    from attn.moba import heads
+    monkeypatch.setenv("ATTN_IMPL", "triton")
+    q, k, v, do = _gqa_inputs(8192)
+    assert len(heads.head_pieces(1, 16, 4, 2, True, 0)) == 4
+    runs = []
+    for setting in (1, 0):
+        monkeypatch.setattr(heads, "HEAD_CHUNKS", setting)
+        o = moba_attn(q, k, v, block_size=512, topk=3)
+        runs.append((o, *torch.autograd.grad(o, (q, k, v), do)))
+    for name, a, b in zip(("o", "dq", "dk", "dv"), *runs):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name
+
+
+def _peak_mib(fn, q, k, v, do):
+    """Peak memory of one forward + backward above what was allocated before it, MiB."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    o = fn(q, k, v)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    torch.cuda.synchronize()
+    del o, grads
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def test_gpu_gqa_peak_memory_within_flash(monkeypatch):
+    """32k, 16 / 4 heads, D 128, top-3: MoBA's forward + backward peak at most 5 % over flash's
+    (o, dq, dk, dv: 320 MiB; MoBA adds its selection and inverse index, 8 MiB). One call over
+    all heads holds the routed dQ partials of 16 heads (2 × o) and sits ~1.6 × flash
+    (docs/moba_notes.md); the head pieces must bring it down."""
+    from attn.flash import flash_attn
+    from attn.moba import heads
+    monkeypatch.setenv("ATTN_IMPL", "triton")
+    q, k, v, do = _gqa_inputs(32768)
+    moba = lambda a, b, c: moba_attn(a, b, c, block_size=512, topk=3)  # noqa: E731
+    for fn in (flash_attn, moba):          # compile and warm the allocator first
+        _peak_mib(fn, q, k, v, do)
+    flash = _peak_mib(flash_attn, q, k, v, do)
+    monkeypatch.setattr(heads, "HEAD_CHUNKS", 0)
+    pieces = _peak_mib(moba, q, k, v, do)
+    monkeypatch.setattr(heads, "HEAD_CHUNKS", 1)
+    one_call = _peak_mib(moba, q, k, v, do)
+    print(f"peak MiB: flash {flash:.1f}, moba in pieces {pieces:.1f}, in one call {one_call:.1f}")
+    assert pieces <= 1.05 * flash, (pieces, flash)
+    assert one_call > 1.3 * flash, (one_call, flash)   # what the pieces are for
