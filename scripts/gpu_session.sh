@@ -29,8 +29,9 @@
 #                 MOBA_TILE_IMPL (forward only), then MOBA_TILE_DQ_IMPL (forward + backward)
 #                 (as moba-gluon)                            -> $OUT/moba-tile/, $OUT/moba-tile-dq/
 #   moba-heads    A/B of MoBA's head pieces under GQA, MOBA_HEAD_CHUNKS=1 (one call over all heads)
-#                 against auto (attn/moba/heads.py), forward + backward, moba (16k) and moba64k_gqa
-#                 (64k), both 16 / 4 heads (as moba-gluon)              -> $OUT/moba-heads/
+#                 against =4 (one KV head per piece, auto's choice from 64k; attn/moba/heads.py),
+#                 forward + backward, moba (16k) and moba64k_gqa (64k), both 16 / 4 heads (as
+#                 moba-gluon)                                            -> $OUT/moba-heads/
 #   moba-ncu      Nsight Compute on MoBA's dK/dV kernel at 64k (16 / 16 heads), the Triton one and
 #                 the Gluon one (MOBA_DKDV_IMPL): speed of light, memory, warp states, occupancy
 #                 (tune_moba.py --once; --clock-control none)     -> $OUT/moba-ncu/{triton,gluon}.txt
@@ -198,7 +199,7 @@ run_part() {  # run_part PART ARGS...
                     triton=.@MOBA_TILE_DQ_IMPL=triton gluon=.@MOBA_TILE_DQ_IMPL=gluon \
                     --cases moba,moba64k --mode fwdbwd --rounds 3 "$@" ;;
     moba-heads)   bench moba-heads "$limit" scripts/bench/ab_kernels.py \
-                    one=.@MOBA_HEAD_CHUNKS=1 pieces=.@MOBA_HEAD_CHUNKS=auto \
+                    one=.@MOBA_HEAD_CHUNKS=1 pieces=.@MOBA_HEAD_CHUNKS=4 \
                     --cases moba,moba64k_gqa --mode fwdbwd --rounds 3 "$@" ;;
     moba-ncu)     mkdir -p "$OUT/moba-ncu"
                   for impl in ${MOBA_NCU_IMPLS:-triton gluon}; do

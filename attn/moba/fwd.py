@@ -35,7 +35,7 @@ from attn.common.softmax import softmax_step
 from attn.common.softmax_bwd import dq_acc
 from attn.dispatch import INTERPRET
 from attn.flash.common import gluon_chosen, impl_setting
-from attn.moba.heads import head_pieces, token_stride
+from attn.moba.heads import pieces_of, token_stride
 from attn.moba.routed import chunk_scores, routed_dq, routed_fwd
 
 # MOBA_TILE_IMPL: the forward's tile kernel when blocks are routed, auto (default: tile_gluon.py's
@@ -233,7 +233,7 @@ def fwd_triton(q, k, v, sel, table, scale, q_offset, index=None, block_size=None
     o = alloc.empty(q.shape, q.dtype, q.device)
     lse = alloc.empty((B, hq, tq), torch.float32, q.device)
     nb = table[2].numel()
-    for p in head_pieces(B, hq, k.shape[2], sel.shape[-1], index is not None):
+    for p in pieces_of(q, k, sel.shape[-1], index is not None):
         _fwd_piece(p.q(q), p.kv(k), p.kv(v), p.heads(sel), table, scale, q_offset,
                    p.index(index, hq, nb), block_size, has_docs, p.q(o), p.heads(lse))
     return o, lse
@@ -269,7 +269,7 @@ def dq_triton(do, q, k, v, lse, delta, sel, table, scale, q_offset, index=None,
     B, tq, hq, d = q.shape
     dq = alloc.empty(q.shape, q.dtype, q.device)
     nb = table[2].numel()
-    for p in head_pieces(B, hq, k.shape[2], sel.shape[-1], index is not None):
+    for p in pieces_of(q, k, sel.shape[-1], index is not None):
         _dq_piece(p.q(do), p.q(q), p.kv(k), p.kv(v), p.heads(lse), p.heads(delta),
                   p.heads(sel), table, scale, q_offset, p.index(index, hq, nb), block_size,
                   has_docs, p.q(dq))

@@ -7,9 +7,9 @@ OP in the forward, DQP in the backward, NSEL × the size of o. Without GQA at to
 flash's backward). With GQA, dk and dv shrink by the group size G = Hq / Hkv and the partials do
 not: at 16 / 4 heads the dQ phase held 1.6 × flash's peak (docs/moba_notes.md). So the steps that
 make and consume partials run per piece, a piece's partials at most 2·B·Hkv rows per token (the
-rows of dk + dv), about G · NSEL / 2 pieces. One KV head of one sequence, with its whole query
-group, is the smallest piece: when its G · NSEL rows alone pass the bound, the partials stay at
-G · NSEL / (2·B·Hkv) × dk + dv.
+rows of dk + dv), about G · NSEL / 2 pieces, or PIECE_FLOOR bytes when that is more. One KV head
+of one sequence, with its whole query group, is the smallest piece: when its G · NSEL rows alone
+pass the bound, the partials stay at G · NSEL / (2·B·Hkv) × dk + dv.
 
 A piece is whole sequences b0 .. b1 − 1 with every head, or one sequence with the KV heads
 g0 .. g1 − 1 and their query heads. Either way every per-(batch, head) tensor of the piece is a
@@ -37,6 +37,10 @@ def _setting(value: str) -> int:
 
 
 HEAD_CHUNKS = _setting(os.environ.get("MOBA_HEAD_CHUNKS", "auto"))
+# bytes of routed partials a piece may hold whatever dk + dv's: smaller pieces would add launches
+# (host time per piece and direction) to save little memory. At 16 / 4 heads, D 128, bf16 the
+# dk + dv bound takes over from 64k tokens on (one piece at 16k, two at 32k, four from 64k)
+PIECE_FLOOR = 128 * 2 ** 20
 
 
 @dataclass(frozen=True)
@@ -71,12 +75,19 @@ class Piece:
         return rowptr[bh0 * nb:bh1 * nb + 1], entries
 
 
+def pieces_of(q, k, nsel: int, routed: bool) -> list[Piece]:
+    """head_pieces for q [B, Tq, Hq, D] and k [B, Tk, Hkv, D], PIECE_FLOOR in rows per token."""
+    B, tq, hq, d = q.shape
+    floor_rows = PIECE_FLOOR // max(1, tq * d * q.element_size())
+    return head_pieces(B, hq, k.shape[2], nsel, routed, floor_rows=floor_rows)
+
+
 def head_pieces(B: int, hq: int, hkv: int, nsel: int, routed: bool,
-                setting: int | None = None) -> list[Piece]:
+                setting: int | None = None, floor_rows: int = 0) -> list[Piece]:
     """The pieces the routed and tile steps run over (module docstring): auto (setting 0) as
     many whole sequences per piece, or else KV heads of one sequence, as keep a piece's partials
-    within 2·B·Hkv rows per token; setting N: about N equal pieces. One piece covering
-    everything when nothing is routed."""
+    within max(2·B·Hkv, floor_rows) rows per token; setting N: about N equal pieces. One piece
+    covering everything when nothing is routed."""
     setting = HEAD_CHUNKS if setting is None else setting
     group = hq // hkv
     one = [Piece(0, B, 0, hkv, group)]
@@ -87,7 +98,7 @@ def head_pieces(B: int, hq: int, hkv: int, nsel: int, routed: bool,
         per_seq = -(-B // n) if n <= B else 0
         per_kv = -(-hkv // -(-n // B))
     else:
-        budget = 2 * B * hkv                 # dk + dv's rows per token
+        budget = max(2 * B * hkv, floor_rows)     # dk + dv's rows per token, or the floor
         per_seq = budget // (hq * nsel)      # whole sequences within it (0: not even one)
         per_kv = max(1, budget // (group * nsel))
     if per_seq >= B:

@@ -51,6 +51,7 @@ def test_pieces_cover_every_head_once_and_bound_the_partials():
 
 def _grads(monkeypatch, setting, q, k, v, do, **kw):
     monkeypatch.setattr(heads, "HEAD_CHUNKS", setting)
+    monkeypatch.setattr(heads, "PIECE_FLOOR", 0)   # auto pieces at these tiny sizes
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     o = moba_attn(*leaves, **kw)
     return (o, *torch.autograd.grad(o, leaves, do))
@@ -105,6 +106,18 @@ def test_partial_buffers_are_per_piece(monkeypatch):
     assert heads.head_pieces(1, 8, 2, 2, True, 0) == [heads.Piece(0, 1, 0, 1, 4),
                                                       heads.Piece(0, 1, 1, 2, 4)]
     assert moba_routed.partial_dtype(torch.float32) == torch.float32
+
+
+@pytest.mark.parametrize("T, hkv, want", [(16384, 4, 1), (32768, 4, 2), (65536, 4, 4),
+                                           (131072, 4, 4), (65536, 16, 1), (65536, 2, 2)])
+def test_pieces_at_training_sizes(T, hkv, want):
+    """16 query heads, D 128, bf16, top-3: below PIECE_FLOOR (128 MiB of partials) one call;
+    from 64k on at 16 / 4 the dk + dv bound (one KV head per piece)."""
+    q = torch.empty(1, T, 16, 128, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(1, T, hkv, 128, dtype=torch.bfloat16, device="meta")
+    pieces = heads.pieces_of(q, k, 2, True)
+    assert len(pieces) == want, pieces
+    assert heads.pieces_of(q, k, 2, False) == [heads.Piece(0, 1, 0, hkv, 16 // hkv)]
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", ""])
