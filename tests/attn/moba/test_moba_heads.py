@@ -132,6 +132,8 @@ def test_token_stride_refuses_views_the_kernels_cannot_address():
     assert heads.token_stride(q) == 64
     assert heads.token_stride(q[:1, :, 2:4]) == 64          # one sequence, two heads
     assert heads.token_stride(q[:, :, 2:4]) == 64           # (not a piece: lse's slice is not)
+    # one sequence: the batch stride is never used (a CP shard's rows of a longer sequence)
+    assert heads.token_stride(q[:1, :4], torch.zeros(1, 4, 4, 16)) == 64
     with pytest.raises(ValueError, match="token_stride"):
         heads.token_stride(torch.zeros(8, 2, 4, 16).transpose(0, 1))  # sequence-major tokens
     with pytest.raises(ValueError, match="token_stride"):
