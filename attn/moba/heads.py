@@ -15,7 +15,8 @@ A piece is whole sequences b0 .. b1 − 1 with every head, or one sequence with 
 g0 .. g1 − 1 and their query heads. Either way every per-(batch, head) tensor of the piece is a
 contiguous slice (lse, delta [B, H, T], sel [B, Hq, T, NSEL], the inverse index's ROWPTR), and
 q, k, v, dO, o, dq are views with the full tensor's token stride that the kernels read and write
-in place (their STRIDE_QT / STRIDE_KT and the TMA descriptors take the view's strides). Each
+in place (the Triton kernels' STRIDE_QT / STRIDE_KT and the Gluon kernels' TMA descriptors take
+the view's strides, the Gluon routed producers the full head count: gather_heads). Each
 (batch, head)'s work is independent of the others, so the pieces give the same bits as one call.
 
 MOBA_HEAD_CHUNKS (read at import): auto (the rule above, the default) or a number of pieces
