@@ -302,8 +302,7 @@ def run(cfg: DictConfig, out_dir: str | Path) -> float:
         lock.release()
 
 
-def _run(cfg, out_dir, tr, device, info, autocast, cp, blocks, mesh, accum, lock,
-         stops) -> float:
+def _run(cfg, out_dir, tr, device, info, autocast, cp, blocks, mesh, accum, lock, stops) -> float:
     """The run after its settings are checked and its folder is held (see `run`)."""
     from data import build_data
 
