@@ -15,11 +15,6 @@
 #   nsa-cmp       A/B of NSA's compressed-branch kernels: NSA_CMP_IMPL=triton against =gluon
 #                 (ab_kernels.py, the whole NSA layer at 16k and 64k, 64 / 4 heads, forward and
 #                 forward + backward, 3 alternating rounds each)              -> $OUT/nsa-cmp/
-#   nsa-select    A/B of NSA's selection merges: NSA_SELECT_MERGE=rounds against =bitonic
-#                 (ab_kernels.py, the layer's forward at 64k, 64 / 4 heads, fla's geometry
-#                 (nsa64k_b64) and the paper's (nsa64k), 3 alternating rounds)  -> $OUT/nsa-select/
-#   nsa-mix       A/B of where NSA's gated sum runs: NSA_MIX=separate against =slc (the selected
-#                 branch's epilogue) (as nsa-select)                          -> $OUT/nsa-mix/
 #   moba-gluon    A/B of MoBA's dK/dV kernels, MOBA_DKDV_IMPL=triton against =gluon (ab_kernels.py,
 #                 forward + backward, moba (16k, GQA 16/4) and moba64k (64k, 16/16), 3 alternating
 #                 rounds)                                                    -> $OUT/moba-gluon/
@@ -90,8 +85,6 @@ declare -A TESTS=(
   [moba-tile]="tests/attn/moba/test_moba_tile_gluon.py"
   [moba-heads]="tests/attn/moba/test_moba_heads.py tests/attn/moba/test_moba_gpu.py"
   [nsa]="tests/attn/nsa" [nsa-parts]="tests/attn/nsa"
-  [nsa-select]="tests/attn/nsa/test_nsa_select.py tests/attn/nsa/test_nsa_gpu.py"
-  [nsa-mix]="tests/attn/nsa/test_nsa_op.py tests/attn/nsa/test_nsa_gpu.py"
   [nsa-cmp]="tests/attn/nsa/test_nsa_cmp_gluon.py tests/attn/nsa/test_nsa_cmp.py tests/attn/nsa/test_nsa_gpu.py"
   [train]=$TRAIN_TESTS [e2e]=$TRAIN_TESTS [profile]=$TRAIN_TESTS [recall]="tests/test_eval.py"
 )
@@ -178,12 +171,6 @@ run_part() {  # run_part PART ARGS...
                       triton=.@NSA_CMP_IMPL=triton gluon=.@NSA_CMP_IMPL=gluon --cases nsa,nsa64k \
                       --mode $mode --rounds 3 "$@" || return 1
                   done ;;
-    nsa-select)   bench nsa-select "$limit" scripts/bench/ab_kernels.py \
-                    rounds=.@NSA_SELECT_MERGE=rounds bitonic=.@NSA_SELECT_MERGE=bitonic \
-                    --cases nsa64k_b64,nsa64k --mode fwd --rounds 3 "$@" ;;
-    nsa-mix)      bench nsa-mix "$limit" scripts/bench/ab_kernels.py \
-                    separate=.@NSA_MIX=separate slc=.@NSA_MIX=slc \
-                    --cases nsa64k_b64,nsa64k --mode fwd --rounds 3 "$@" ;;
     moba-gluon)   bench moba-gluon "$limit" scripts/bench/ab_kernels.py triton=.@MOBA_DKDV_IMPL=triton \
                     gluon=.@MOBA_DKDV_IMPL=gluon --cases moba,moba64k --mode fwdbwd --rounds 3 "$@" ;;
     moba-routed)  bench moba-routed "$limit" scripts/bench/ab_kernels.py \

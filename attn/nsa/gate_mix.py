@@ -1,13 +1,15 @@
-"""NSA's gated sum of the branch outputs, fused: o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa
-(NBR = 3 branches), or o = g_cmp·o_cmp + g_slc·o_slc (NBR = 2: a layer without the window branch,
+"""NSA's gated sum of the branch outputs: o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa (NBR = 3
+branches), or o = g_cmp·o_cmp + g_slc·o_slc (NBR = 2: a layer without the window branch,
 window = 0). The gates come as G [rows, NBR].
 
-Forward and backward are one pass each over the rows (token, head), in fp32 registers, so the
-sum is rounded once (as ref.py's fp32 math) and no fp32 [T, H, D] temporaries exist.
+Forward: mix_rows, in the selected branch's epilogue (slc.py; it runs last, so o_cmp and o_swa
+exist, and o_slc is mixed from registers as stored instead of being read back by another pass).
+The backward is one pass over the rows (token, head). Both work in fp32 registers, so the sum
+is rounded once (as ref.py's fp32 math) and no fp32 [T, H, D] temporaries exist.
 
-Memory plan: one program per BLOCK_R rows of [B·T·H, D]; it loads the NBR branch rows
-[BLOCK_R, D] and the gates [BLOCK_R, NBR] (G [.., NBR] with the branches on the last axis), writes
-o [BLOCK_R, D]. Backward: dO_i = g_i·dO (NBR [BLOCK_R, D] stores in the input dtype) and
+Backward memory plan: one program per BLOCK_R rows of [B·T·H, D]; it loads dO, the NBR branch
+rows [BLOCK_R, D] and the gates [BLOCK_R, NBR] (G [.., NBR] with the branches on the last
+axis); it writes dO_i = g_i·dO (NBR [BLOCK_R, D] stores in the input dtype) and
 dg_i = Σ_d dO·O_i (fp32, stored in the gates' dtype); optionally each branch's attention delta
 rowsum(dO_i·O_i) (fp32 [NBR, B, H, T], from the rounded dO_i the branch backward reads), which the
 branch kernels would otherwise compute in NBR more passes over O_i and dO_i.
@@ -21,8 +23,6 @@ heads, 3 branches). g = 0 gives lse +inf: P = 0, no gradient, as g·dO = 0 would
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -32,19 +32,11 @@ from attn.common.jit import cvt
 from attn.dispatch import INTERPRET
 
 
-# NSA_MIX: where the forward's gated sum runs: "separate" (default: _mix_fwd_kernel, a pass
-# over the three branch outputs) or "slc" (the selected branch's epilogue, slc.py, once o_cmp
-# and o_swa exist: o_slc is not read back); the same bits (docs/nsa_notes.md)
-MIX = os.environ.get("NSA_MIX", "separate")
-if MIX not in ("separate", "slc"):
-    raise ValueError(f"NSA_MIX={MIX!r}: must be separate or slc")
-
-
 @triton.jit
 def mix_rows(o1, o2, o3, G, grow, ok, NBR: tl.constexpr):
     """g1·o1 + g2·o2 (+ g3·o3 when NBR = 3; o3 unused otherwise) in fp32 ([R, D] each, fp32)
     with the gates of rows grow (int64) of G [rows, NBR]; the one place of the forward's
-    arithmetic (both NSA_MIX placements)."""
+    arithmetic."""
     g1 = tl.load(G + grow * NBR, mask=ok, other=0.0).to(tl.float32)
     g2 = tl.load(G + grow * NBR + 1, mask=ok, other=0.0).to(tl.float32)
     g3 = g2  # NBR = 2: not used
@@ -55,22 +47,6 @@ def mix_rows(o1, o2, o3, G, grow, ok, NBR: tl.constexpr):
     if NBR == 3:
         o += g3[:, None] * o3
     return o
-
-
-@triton.jit
-def _mix_fwd_kernel(O1, O2, O3, G, OUT, n_rows, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
-                    NBR: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ok = rows < n_rows
-    offs_d = tl.arange(0, HEAD_DIM)
-    off = rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :]
-    o1 = tl.load(O1 + off, mask=ok[:, None], other=0.0).to(tl.float32)
-    o2 = tl.load(O2 + off, mask=ok[:, None], other=0.0).to(tl.float32)
-    o3 = o2  # NBR = 2: not read
-    if NBR == 3:
-        o3 = tl.load(O3 + off, mask=ok[:, None], other=0.0).to(tl.float32)
-    o = mix_rows(o1, o2, o3, G, rows.to(tl.int64), ok, NBR)
-    tl.store(OUT + off, cvt(o, OUT.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
@@ -129,21 +105,11 @@ def _branches(o3, gates) -> int:
     return nbr
 
 
-def gate_mix_fwd(o1, o2, o3, gates):
-    """o [.., D] in o1's dtype; o1, o2 (, o3) [B, T, H, D] contiguous, gates [B, T, H, NBR]
-    (o3 None when NBR = 2)."""
-    nbr = _branches(o3, gates)
-    n, d = o1.numel() // o1.shape[-1], o1.shape[-1]
-    out = alloc.empty(o1.shape, o1.dtype, o1.device)
-    br = _block_rows(d)
-    _mix_fwd_kernel[(triton.cdiv(n, br),)](o1, o2, o1 if o3 is None else o3, gates, out, n,
-                                           HEAD_DIM=d, BLOCK_R=br, NBR=nbr, num_warps=4)
-    return out
-
-
 def gate_mix_bwd(do, o1, o2, o3, gates, deltas=None):
-    """(do1, do2, do3, dgates) for gate_mix_fwd (do3 None when o3 is). deltas: None, or a
-    contiguous fp32 [NBR, B, H, T] tensor that receives rowsum(do_i·o_i) for each branch i."""
+    """(do1, do2, do3, dgates) for o = Σ_i gates[..., i]·o_i; o1, o2 (, o3) contiguous
+    [B, T, H, D] (o3 None when gates are [.., 2]), do like them (do3 None when o3 is).
+    deltas: None, or a contiguous fp32 [NBR, B, H, T] tensor that receives rowsum(do_i·o_i)
+    for each branch i."""
     nbr = _branches(o3, gates)
     B, T, H, d = o1.shape
     n = B * T * H
@@ -164,7 +130,7 @@ def gate_mix_bwd(do, o1, o2, o3, gates, deltas=None):
 
 
 def gate_mix_bwd_folded(do, o1, o2, o3, gates, lses):
-    """(dgates, lse_g, deltas) for gate_mix_fwd with every gate >= 0 (the caller knows; a
+    """(dgates, lse_g, deltas) for the same sum with every gate >= 0 (the caller knows; a
     negative gate would count as 0): the branches' backwards then take dO itself with lse_g[i]
     as their lse and deltas[i] as their delta (module docstring). lses: the NBR branches'
     forward lse, fp32 [B, H, T] each; lse_g, deltas fp32 [NBR, B, H, T]."""
@@ -185,30 +151,3 @@ def gate_mix_bwd_folded(do, o1, o2, o3, gates, lses):
                                            T, H, HEAD_DIM=d, BLOCK_R=br, HAS_DELTA=True,
                                            FOLD=True, NBR=nbr, num_warps=4)
     return dg, lse_g, deltas
-
-
-class GateMixFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, o1, o2, o3, gates):
-        ctx.save_for_backward(o1, o2, o3, gates)
-        return gate_mix_fwd(o1, o2, o3, gates)
-
-    @staticmethod
-    def backward(ctx, do):
-        return gate_mix_bwd(do.contiguous(), *ctx.saved_tensors)
-
-
-def gate_mix(o_cmp, o_slc, o_swa, gates):
-    """Σ_i gates[..., i]·o_i (cmp, slc, swa), differentiable; every tensor contiguous
-    [B, T, H, D] and gates [B, T, H, 3] (the layout NSACore packs); without the window branch
-    o_swa None and gates [B, T, H, 2]."""
-    named = [("o_cmp", o_cmp), ("o_slc", o_slc)] + ([] if o_swa is None else [("o_swa", o_swa)])
-    for name, t in named:
-        if t.shape != o_cmp.shape or not t.is_contiguous() or t.dtype != o_cmp.dtype:
-            raise ValueError(f"{name} {tuple(t.shape)} must be contiguous {tuple(o_cmp.shape)} "
-                             f"{o_cmp.dtype}")
-    nbr = len(named)
-    if gates.shape != (*o_cmp.shape[:-1], nbr) or not gates.is_contiguous():
-        raise ValueError(f"gates {tuple(gates.shape)} must be contiguous "
-                         f"{(*o_cmp.shape[:-1], nbr)}")
-    return GateMixFunction.apply(o_cmp, o_slc, o_swa, gates)

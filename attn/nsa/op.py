@@ -12,7 +12,7 @@ on CPU tensors; ATTN_IMPL=triton|ref forces one. The Triton path, never material
                (union.py: per-tile block lists; slc_dkdv.py: dK/dV)
   flash        the sliding window (attn.flash's kernels with window=); window = 0: no window
                branch (two-branch NSA, fla's parallel_nsa default; g_swa None)
-  gate_mix.py  o = g_cmp·o_cmp + g_slc·o_slc (+ g_swa·o_swa), fused, fp32
+  gate_mix.py  o = g_cmp·o_cmp + g_slc·o_slc (+ g_swa·o_swa) in fp32, in slc.py's epilogue
 One pair of PyTorch custom ops (`longctx::nsa_fwd` / `longctx::nsa_bwd`, opaque to
 torch.compile) runs the branches' forward and backward primitives, so the backward can share
 work between them: the gated sum's backward pass also gives each branch its delta (three fewer
@@ -179,7 +179,6 @@ def _nsa_fwd_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torc
     [B, T, Hq, 2] with window = 0 (then o_swa, lse_swa are empty)."""
     from attn.flash.op import fwd_kernel as window_fwd
     from attn.nsa.cmp import fwd as cmp_fwd
-    from attn.nsa import gate_mix
     from attn.nsa.select import select_blocks
     from attn.nsa.slc import slc_attn_fwd
     check_cu_values(cu_seqlens, k.shape[1])
@@ -201,13 +200,10 @@ def _nsa_fwd_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: torc
     else:  # no window branch: its outputs are two empty tensors (outputs must not alias)
         o_swa, lse_swa = q.new_empty((0,)), q.new_empty((0,), dtype=torch.float32)
         o_win = None
-    slc_kw = dict(scale=scale, sel_block=sel_block, q_offset=q_offset)
-    if gate_mix.MIX == "slc":   # the gated sum in the selected branch's epilogue
-        o_slc, lse_slc, o = slc_attn_fwd(q, k, v, sel, table[2], table[3],
-                                         mix=(o_cmp, o_win, gates), **slc_kw)
-    else:
-        o_slc, lse_slc = slc_attn_fwd(q, k, v, sel, table[2], table[3], **slc_kw)
-        o = gate_mix.gate_mix_fwd(o_cmp, o_slc, o_win, gates)
+    # the selected branch runs last: its epilogue writes the gated sum as well (gate_mix.py)
+    o_slc, lse_slc, o = slc_attn_fwd(q, k, v, sel, table[2], table[3], scale=scale,
+                                     sel_block=sel_block, q_offset=q_offset,
+                                     mix=(o_cmp, o_win, gates))
     return o, o_cmp, lse_cmp, o_slc, lse_slc, o_swa, lse_swa, sel
 
 

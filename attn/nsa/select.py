@@ -17,8 +17,6 @@ heads into a segment [BQ, NS, J] that is merged every NS chunks into the running
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -32,12 +30,6 @@ from attn.dispatch import INTERPRET
 NEG_INF = tl.constexpr(float("-inf"))
 P_SCALE = tl.constexpr(16384.0)  # 2^14: probabilities scaled into fp16's normal range (see kernel)
 P_SCALE_LOG2 = tl.constexpr(14.0)  # log2(P_SCALE), taken off the lse so exp2 returns P·P_SCALE
-# NSA_SELECT_MERGE: how a segment of block scores merges into the running top-n: "rounds"
-# (default: TOPK rounds of max and smallest id over segment and list) or "bitonic" (tl.topk over
-# (score, id) packed in int64 keys; docs/nsa_notes.md); the same selections
-MERGE = os.environ.get("NSA_SELECT_MERGE", "rounds")
-if MERGE not in ("rounds", "bitonic"):
-    raise ValueError(f"NSA_SELECT_MERGE={MERGE!r}: must be rounds or bitonic")
 # Launch constants: the sweep's fastest (docs/nsa_notes.md, "Selection launch")
 MAX_SEG_ELEMS = 4096  # block scores a program keeps in registers (BQ × NS × J fp32)
 GPU_ROWS = 128        # (query, head) rows per program on the GPU
@@ -50,30 +42,11 @@ GPU_MAXNREG = 128
 
 
 @triton.jit
-def _pack(v, i):
-    """int64 keys ordered as (score v descending, block id i ascending) when sorted descending:
-    v's fp32 bits made order-preserving as an int32 (negative values have their magnitude bits
-    flipped) above 2^31 − 1 − i (ids from −1 up, so the low word stays within 32 bits)."""
-    b = v.to(tl.int32, bitcast=True)
-    b = tl.where(b >= 0, b, b ^ 0x7FFFFFFF)
-    return (b.to(tl.int64) << 32) | (0x7FFFFFFF - i.to(tl.int64))
-
-
-@triton.jit
-def _unpack(key):
-    """(scores, ids) of _pack's keys; −1 for the ids of −inf scores (no block)."""
-    b = (key >> 32).to(tl.int32)
-    v = tl.where(b >= 0, b, b ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
-    i = (0x7FFFFFFF - (key & 0xFFFFFFFF)).to(tl.int32)
-    return v, tl.where(v > NEG_INF, i, -1)
-
-
-@triton.jit
 def _chunk(jc, q, lse2, n_vis, vis_max, kc_base, w, out_c, qrel, n_chunks, run_v, run_i, seg_v,
            carry, qk_scale, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, BQ: tl.constexpr,
            GP: tl.constexpr, J: tl.constexpr, R: tl.constexpr, NS: tl.constexpr,
            TOPK: tl.constexpr, TP: tl.constexpr, HAS_SPILL: tl.constexpr, MASKED: tl.constexpr,
-           DOT_PREC: tl.constexpr, BITONIC: tl.constexpr):
+           DOT_PREC: tl.constexpr):
     """One chunk of J selection blocks (J·R compressed rows): scores, block sums, segment slot,
     and every NS chunks (or at the last one) the merge into the running top-n. MASKED: some
     row of the tile does not see every compressed row of the chunk (the kernel's last chunks);
@@ -122,15 +95,7 @@ def _chunk(jc, q, lse2, n_vis, vis_max, kc_base, w, out_c, qrel, n_chunks, run_v
     seg_v = tl.where(slot_s[None, :, None] == s, blk[:, None, :], seg_v)
     if (s == NS - 1) | (jc == n_chunks - 1):
         seg_i = (jc - s) * J + slot_s[None, :, None] * J + offs_j[None, None, :]  # [1, NS, J]
-        if BITONIC:
-            # the segment's best TP by a bitonic top-k (descending, so in rank order), then the
-            # best TP of those and the running list's (two sorted TP-lists, one more top-k)
-            seg_k = _pack(seg_v, tl.broadcast_to(seg_i, [BQ, NS, J]))
-            best = tl.topk(tl.reshape(seg_k, [BQ, NS * J]), TP)
-            both = tl.reshape(tl.join(_pack(run_v, run_i), best), [BQ, 2 * TP])
-            run_v, run_i = _unpack(tl.topk(both, TP))
-        else:
-            run_v, run_i = _merge_rounds(seg_v, seg_i, run_v, run_i, BQ, TOPK, TP)
+        run_v, run_i = _merge_rounds(seg_v, seg_i, run_v, run_i, BQ, TOPK, TP)
         seg_v = tl.full([BQ, NS, J], NEG_INF, tl.float32)
     return run_v, run_i, seg_v, carry
 
@@ -163,8 +128,7 @@ def _select_kernel(Q, KC, LSE, SEL, ITEM_START, ITEM_END, DSTART, CMP0, FIRSTB,
                    BQ: tl.constexpr, HEAD_DIM: tl.constexpr, J: tl.constexpr, R: tl.constexpr,
                    NS: tl.constexpr, TOPK: tl.constexpr, TP: tl.constexpr,
                    CMP_BLOCK: tl.constexpr, CMP_STRIDE: tl.constexpr, SEL_BLOCK: tl.constexpr,
-                   HAS_SPILL: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PREC: tl.constexpr,
-                   BITONIC: tl.constexpr):
+                   HAS_SPILL: tl.constexpr, HAS_DOCS: tl.constexpr, DOT_PREC: tl.constexpr):
     start = tl.load(ITEM_START + tl.program_id(0))
     if start < 0:                       # spare work item (documents give fewer tiles)
         return
@@ -236,12 +200,12 @@ def _select_kernel(Q, KC, LSE, SEL, ITEM_START, ITEM_END, DSTART, CMP0, FIRSTB,
         run_v, run_i, seg_v, carry = _chunk(
             jc, q, lse2, n_vis, vis_max, kc_base, w, out_c, qrel, n_chunks, run_v, run_i, seg_v,
             carry, qk_scale, HKV, HEAD_DIM, BQ, GP, J, R, NS, TOPK, TP, HAS_SPILL, False,
-            DOT_PREC, BITONIC)
+            DOT_PREC)
     for jc in range(n_whole, n_chunks):
         run_v, run_i, seg_v, carry = _chunk(
             jc, q, lse2, n_vis, vis_max, kc_base, w, out_c, qrel, n_chunks, run_v, run_i, seg_v,
             carry, qk_scale, HKV, HEAD_DIM, BQ, GP, J, R, NS, TOPK, TP, HAS_SPILL, True,
-            DOT_PREC, BITONIC)
+            DOT_PREC)
     out = tl.where(run_i >= 0, fb + run_i, -1)
     sel_ptr = SEL + ((b.to(tl.int64) * Tq + (pos_q - q_offset)) * HKV + hkv)[:, None] * TOPK \
         + slot_t[None, :]
@@ -324,8 +288,6 @@ def select_blocks(q, k_cmp, lse, table, *, scale: float, cmp_block: int, cmp_str
         TP=triton.next_power_of_2(topk), CMP_BLOCK=cmp_block, CMP_STRIDE=cmp_stride,
         SEL_BLOCK=sel_block, HAS_SPILL=(r - 1) * cmp_stride + cmp_block > sel_block,
         HAS_DOCS=has_docs, DOT_PREC=dot_precision(q.dtype),
-        # a segment shorter than the list (few short documents' blocks) merges by rounds
-        BITONIC=MERGE == "bitonic" and ns * j >= triton.next_power_of_2(topk),
         num_warps=GPU_WARPS, num_stages=GPU_STAGES,
         **reg_cap(GPU_MAXNREG))
     return sel

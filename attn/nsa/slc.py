@@ -398,7 +398,7 @@ def slc_attn_fwd(q, k, v, sel, blk_start, blk_end, *, scale, sel_block, q_offset
     """Forward primitive (no autograd): (o [B, Tq, Hq, D] in q's dtype, lse [B, Hq, Tq] fp32,
     natural log). mix = (o_cmp, o_swa, gates) (NSA's other branch outputs and its gates
     [B, Tq, Hq, 3], contiguous; o_swa None and gates [.., 2] without the window branch): also
-    the layer's output gate_mix_fwd(o_cmp, o, o_swa, gates), computed in the epilogue:
+    the layer's output Σ gates·(o_cmp, o, o_swa) (gate_mix.mix_rows), computed in the epilogue:
     (o, lse, mixed)."""
     scale = _check(q, k, v, sel, blk_start, blk_end, scale, sel_block, q_offset)
     B, tq, hq, _ = q.shape

@@ -126,7 +126,8 @@ def main() -> None:
                 for name in runs}
     base, *others = roots
     mode = "fwd+bwd" if a.mode == "fwdbwd" else "fwd"
-    rows = [f"| case (16k, bf16, {mode}) | " + " | ".join(f"{n} ms" for n in roots)
+    rows = [f"| case (bf16, {mode}; 16k, 64k where named) | "
+            + " | ".join(f"{n} ms" for n in roots)
             + "".join(f" | {n} / {base}" for n in others)
             + "".join(f" | {n} host ms" for n in roots) + " |",
             "|---" * (2 * len(roots) + len(others) + 1) + "|"]

@@ -155,15 +155,17 @@ def bench_parts(T, H, Hkv, D, cmp_block, cmp_stride, warmup, rep):
     from attn.flash import flash_attn
     from attn.nsa import compress
     from attn.nsa.cmp import cmp_attn
-    from attn.nsa.gate_mix import gate_mix
+    from attn.nsa.gate_mix import gate_mix_bwd_folded
     from attn.nsa.select import select_blocks
     from attn.nsa.slc import slc_attn
     q, k, v = [t.requires_grad_() for t in _qkv(T, H, Hkv, D)]
     scale = D ** -0.5
     kc, vc, lse, table, sel = _selection(q, k, v, cmp_block, cmp_stride)
     kc, vc = kc.requires_grad_(), vc.requires_grad_()
-    os_ = [torch.randn_like(q).requires_grad_() for _ in range(3)]
-    gates = torch.rand(1, T, H, 3, device="cuda", dtype=q.dtype).requires_grad_()
+    os_ = [torch.randn_like(q) for _ in range(3)]
+    gates = torch.rand(1, T, H, 3, device="cuda", dtype=q.dtype)
+    lses = [torch.randn(1, H, T, device="cuda") for _ in range(3)]
+    do_mix = torch.randn_like(q)
     stages = {
         "compress": (lambda: compress(k, v, cmp_block, cmp_stride)[0], None),
         "cmp_attn": (lambda: cmp_attn(q, kc, vc, scale=scale, cmp_block=cmp_block,
@@ -173,7 +175,8 @@ def bench_parts(T, H, Hkv, D, cmp_block, cmp_stride, warmup, rep):
         "slc_attn": (lambda: slc_attn(q, k, v, sel, table[2], table[3], scale=scale,
                                       sel_block=64), [q, k, v]),
         "window": (lambda: flash_attn(q, k, v, scale=scale, window=512), [q, k, v]),
-        "gate_mix": (lambda: gate_mix(*os_, gates), [*os_, gates]),
+        # the gated sum's backward pass alone (its forward is slc_attn's epilogue in the layer)
+        "mix_bwd": (lambda: gate_mix_bwd_folded(do_mix, *os_, gates, lses), None),
     }
     res = {}
     for name, (fn, grads) in stages.items():
@@ -190,7 +193,7 @@ def bench_parts(T, H, Hkv, D, cmp_block, cmp_stride, warmup, rep):
     return res
 
 
-PART_NAMES = ["compress", "cmp_attn", "select", "slc_attn", "window", "gate_mix"]
+PART_NAMES = ["compress", "cmp_attn", "select", "slc_attn", "window", "mix_bwd"]
 
 
 def main_parts(a, meta):
@@ -212,7 +215,8 @@ def main_parts(a, meta):
                  for n in PART_NAMES]
         table.append((f"Hq={r['H']} Hkv={r['Hkv']} T={r['T'] // 1024}k {r['cmp']}", cells))
     lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; "
-             "ms, fwd / fwd+bwd", ""] + md_table("shape", PART_NAMES, table) + skipped_line(meta)
+             "ms, fwd / fwd+bwd; mix_bwd: the gated sum's backward pass (its forward runs in "
+             "the selected branch's epilogue)", ""] + md_table("shape", PART_NAMES, table) + skipped_line(meta)
     write_report(a.out, "bench_nsa_parts", dict(meta=meta, results=rows),
                  "\n".join(lines) + "\n", quiet=False)
 

@@ -52,36 +52,6 @@ def test_nsa_gpu_matches_ref(monkeypatch, T, hq, hkv, docs, off, window):
     assert all(e < 2e-2 for e in errs.values()), errs
 
 
-# the paper's geometry, fla's (R = 1), and fla's without the window branch
-@pytest.mark.parametrize("geometry,window", [((32, 16), 512), ((64, 64), 512), ((64, 64), 0)])
-def test_gpu_opt_in_forwards_same_bits(monkeypatch, geometry, window):
-    """The opt-in forward variants against the defaults at 8k, 64 / 4 heads, with documents:
-    NSA_SELECT_MERGE=bitonic (the same selections, so the same output) and NSA_MIX=slc (the gated
-    sum in the selected branch's epilogue): the layer's output bit for bit."""
-    from attn.nsa import compress, gate_mix, nsa_attn, select
-    torch.manual_seed(0)
-    T, hq, hkv, d, dev = 8192, 64, 4, 128, "cuda"
-    cb, cs = geometry
-    cu = torch.tensor([0, 700, 701, 5000, T], dtype=torch.int32, device=dev)
-    q = torch.randn(1, T, hq, d, device=dev, dtype=torch.bfloat16)
-    k, v = (torch.randn(1, T, hkv, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
-    kc, vc = compress(k, v, cb, cs, cu_seqlens=cu)
-    gates = [torch.rand(1, T, hq, device=dev, dtype=torch.bfloat16) for _ in range(3)]
-    if not window:
-        gates[2] = None
-    kw = dict(KW, cmp_block=cb, cmp_stride=cs, cu_seqlens=cu, window=window)
-    outs = {}
-    for merge, mix in (("rounds", "separate"), ("bitonic", "separate"), ("rounds", "slc")):
-        monkeypatch.setattr(select, "MERGE", merge)
-        monkeypatch.setattr(gate_mix, "MIX", mix)
-        with torch.no_grad():
-            outs[merge, mix] = nsa_attn(q, k, v, kc, vc, *gates, **kw)
-    base = outs["rounds", "separate"]
-    assert torch.isfinite(base).all()
-    for key, o in outs.items():
-        assert torch.equal(o, base), key
-
-
 # ---------------------------------------------------------------------------------------------
 # T·H·D past 2^31 (the kernels' int64 base offsets): the compressed and selected branches with a
 # few queries at the end of a long key sequence, forward + backward over the whole of it, checked
