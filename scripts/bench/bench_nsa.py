@@ -216,7 +216,8 @@ def main_parts(a, meta):
         table.append((f"Hq={r['H']} Hkv={r['Hkv']} T={r['T'] // 1024}k {r['cmp']}", cells))
     lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; "
              "ms, fwd / fwd+bwd; mix_bwd: the gated sum's backward pass (its forward runs in "
-             "the selected branch's epilogue)", ""] + md_table("shape", PART_NAMES, table) + skipped_line(meta)
+             "the selected branch's epilogue)", ""]
+    lines += md_table("shape", PART_NAMES, table) + skipped_line(meta)
     write_report(a.out, "bench_nsa_parts", dict(meta=meta, results=rows),
                  "\n".join(lines) + "\n", quiet=False)
 
